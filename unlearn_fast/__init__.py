@@ -1,0 +1,14 @@
+"""unlearn_fast: fast, measured machine unlearning for PyTorch."""
+from . import ops
+from .backends import backends, use_backend
+from .ops import (
+    dequantize_axpy_,
+    dequantize_blockwise,
+    lbfgs_compact,
+    lbfgs_matvec,
+    qn_step_,
+    quantize_blockwise,
+    quantize_rows,
+)
+
+__version__ = "0.1.0"
