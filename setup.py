@@ -25,7 +25,7 @@ def _want_cuda():
 
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off"]
     # -march=native: vectorised inner loops for the machine that builds (CI builds where it runs).
     if os.environ.get("UNLEARN_FAST_PORTABLE") != "1":
         cxx.append("-march=native")

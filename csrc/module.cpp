@@ -10,10 +10,14 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "unlearn_fast compiled kernels";
-  unlearn_fast::cpu::bind(m);
+  unlearn_fast::cpu::bind_codec(m);
+  unlearn_fast::cpu::bind_lbfgs(m);
+  unlearn_fast::cpu::bind_softmax_linear_hvp(m);
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
-  unlearn_fast::cuda::bind(m);
+  unlearn_fast::cuda::bind_codec(m);
+  unlearn_fast::cuda::bind_lbfgs(m);
+  unlearn_fast::cuda::bind_softmax_linear_hvp(m);
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -1,5 +1,5 @@
 #include "kernels.h"
 
 namespace unlearn_fast::cpu {
-void bind(pybind11::module_& m) {}
+void bind_codec(pybind11::module_& m) {}
 }  // namespace unlearn_fast::cpu
