@@ -12,3 +12,7 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
+from .history import GradientHistory, HistoryPolicy, HistoryRecorder
+from .unlearn import UnlearnResult, unlearn
+from . import metrics
+from .metrics import audit

@@ -314,3 +314,54 @@ def quantize_rows(X, blocksize=256, bits=8, stochastic=False, seed=0):
     """Quantize each row of a 2-D tensor on its own: the layout qn_step_ takes for S and Y."""
     pairs = [quantize_blockwise(row, blocksize, bits, stochastic, seed + i) for i, row in enumerate(X)]
     return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+# ============================================================================= softmax_linear_hvp (issue 5)
+# Exact Hessian-vector products of mean softmax cross-entropy for a linear layer, k directions at
+# once, never forming the (c d) x (c d) Hessian. Appended as its own section: schema, checks, fake
+# kernel, device dispatch and public wrapper.
+LIB.define("softmax_linear_hvp(Tensor X, Tensor W, Tensor V) -> Tensor")
+
+
+def check_softmax_linear_hvp(X, W, V):
+    op = "softmax_linear_hvp"
+    _require(X.dim() == 2, f"{op}: X must be (n, d), got shape {tuple(X.shape)}")
+    _require(W.dim() == 2, f"{op}: W must be (c, d), got shape {tuple(W.shape)}")
+    _require(V.dim() == 3, f"{op}: V must be (k, c, d), one direction per leading index; got shape {tuple(V.shape)}")
+    _require(X.shape[0] >= 1 and X.shape[1] >= 1, f"{op}: X is empty (shape {tuple(X.shape)})")
+    _require(W.shape[0] >= 1, f"{op}: W has no classes (shape {tuple(W.shape)})")
+    _require(W.shape[1] == X.shape[1], f"{op}: W has {W.shape[1]} columns, X has d = {X.shape[1]}")
+    _require(
+        tuple(V.shape[1:]) == tuple(W.shape),
+        f"{op}: V must be (k, {W.shape[0]}, {W.shape[1]}) like W, got shape {tuple(V.shape)}",
+    )
+    _require(V.shape[0] >= 1, f"{op}: V holds no directions (k = 0)")
+    _require(X.dtype in (torch.float32, torch.float64), f"{op}: X must be float32 or float64, got {X.dtype}")
+    _require(W.dtype == X.dtype, f"{op}: W dtype {W.dtype} differs from X dtype {X.dtype}")
+    _require(V.dtype == X.dtype, f"{op}: V dtype {V.dtype} differs from X dtype {X.dtype}")
+    _same_device(op, X.device, W=W, V=V)
+
+
+@torch.library.register_fake("unlearn_fast::softmax_linear_hvp")
+def _(X, W, V):
+    check_softmax_linear_hvp(X, W, V)
+    return torch.empty_like(V, memory_format=torch.contiguous_format)
+
+
+def _softmax_linear_hvp(X, W, V):
+    check_softmax_linear_hvp(X, W, V)
+    fn = backends.kernel("softmax_linear_hvp", X.device.type)
+    return fn(X.contiguous(), W.contiguous(), V.contiguous())
+
+
+LIB.impl("softmax_linear_hvp", _softmax_linear_hvp, "CompositeExplicitAutograd")
+
+
+def softmax_linear_hvp(X, W, V):
+    """H V_j, j < k, for H the Hessian w.r.t. W (c, d) of mean softmax cross-entropy of X W' (X: (n, d)).
+
+    H V_j = X' (P * Z_j - P (P * Z_j) 1 1') / n with P = softmax(X W') and Z_j = X V_j' (both (n, c)),
+    * elementwise. Returns (k, c, d) in V's dtype (float32 or float64). The labels do not enter.
+    For a bias, append a ones column to X and the bias as a last column of W (and of every V_j).
+    """
+    return torch.ops.unlearn_fast.softmax_linear_hvp(X, W, V)

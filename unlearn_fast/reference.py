@@ -63,9 +63,11 @@ def quantize_blockwise(x, blocksize, bits, stochastic, seed):
     blocks, n = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
     finite = torch.isfinite(blocks).all(dim=1)
-    scales = absmax / qmax
+    # Tensor / tensor: CUDA turns division by a Python scalar into a multiply by its reciprocal.
+    scales = absmax / torch.full_like(absmax, qmax)
     # Multiply by a per-block reciprocal (both divisions correctly rounded in every backend).
-    inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+    # A tensor divisor, not `qmax / absmax`: Python's reflected division is reciprocal(absmax) * qmax.
+    inv = torch.where(absmax > 0, torch.full_like(absmax, qmax) / absmax, torch.zeros_like(absmax))
     v = blocks * inv[:, None]
     if stochastic:
         index = torch.arange(blocks.numel(), device=x.device, dtype=torch.int64).view_as(blocks)
@@ -164,3 +166,21 @@ def qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam,
     step = eta * g
     w.copy_(w64 - step)
     return torch.linalg.vector_norm(step).to(f64)
+
+
+# ----------------------------------------------------------------------------- softmax_linear_hvp (issue 5)
+def softmax_linear_hvp(X, W, V):
+    """H V_j for the Hessian H of mean softmax cross-entropy of logits X W' with respect to W.
+
+    With p_i = softmax(W x_i) and z_ij = V_j x_i (both (c,)), the directional derivative of the
+    gradient (1/n) sum_i (p_i - e_{y_i}) x_i' along V_j is (1/n) sum_i (diag(p_i) - p_i p_i') z_ij x_i',
+    so H V_j = R_j' X / n with R_j[i] = p_i * z_ij - p_i (p_i . z_ij). The labels drop out.
+    Computed in float64 and cast back: this is the definition the fast backends are checked against.
+    """
+    f64 = torch.float64
+    X64, W64, V64 = X.to(f64), W.to(f64), V.to(f64)
+    P = torch.softmax(X64 @ W64.T, dim=1)  # (n, c)
+    Z = torch.einsum("nd,kcd->knc", X64, V64)  # (k, n, c)
+    PZ = P * Z
+    R = PZ - P * PZ.sum(dim=-1, keepdim=True)
+    return (torch.einsum("knc,nd->kcd", R, X64) / X.shape[0]).to(X.dtype)

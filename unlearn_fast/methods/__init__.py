@@ -1,0 +1,1 @@
+"""Unlearning methods for models trained with a recorded GradientHistory; one module per method."""

@@ -1,0 +1,261 @@
+"""End-to-end unlearning benchmark: retrain vs DeltaGrad vs Mini-Unlearning on real data.
+
+Data: MNIST-1D (generated locally by the mnist1d package) and scikit-learn's bundled digits.
+Models: multinomial logistic regression with L2, and a 2-layer MLP; plain SGD with a cosine schedule.
+Forget sets: random, and label-flipped (the forget set's labels are flipped before training).
+For every (data, model, forget kind, ratio, method): wall time and speed-up over retrain (same run),
+test accuracy, MIA AUC (loss threshold and logistic-regression attacks, forget vs held-out), parameter
+distance relative to |w_original - w_retrained|, history bytes read, gradient evaluations, poison recovery.
+
+  python benchmarks/end_to_end.py            # full grid, writes benchmarks/results/end_to_end.{md,json,png}
+  python benchmarks/end_to_end.py --quick    # digits only, 3 ratios (what `make demo` runs)
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import unlearn_fast as uf
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("retrain", "deltagrad", "mini")
+
+
+def load_data(name):
+    """(X_train, y_train, X_test, y_test), features standardised with training statistics."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        X, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
+        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+        tr, te = perm[:1437], perm[1437:]
+        Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
+    elif name == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        d = make_dataset(get_dataset_args())  # generated from templates, no download
+        Xtr, ytr = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"])
+        Xte, yte = torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"])
+    else:
+        raise ValueError(f"unknown data set {name!r}")
+    mu, sd = Xtr.mean(0), Xtr.std(0).clamp(min=1e-6)
+    return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte
+
+
+def make_model(kind, d, c, seed):
+    torch.manual_seed(seed)
+    if kind == "logistic":
+        return torch.nn.Linear(d, c)
+    return torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, c))
+
+
+CONFIG = {"epochs": 30, "batch_size": 64, "lr": 0.2, "lr_min": 0.002, "weight_decay": 1e-3}
+
+
+def train(model, train_set, policy=None, seed=0, **cfg):
+    """SGD with a cosine learning-rate schedule; records a GradientHistory when a policy is given."""
+    cfg = {**CONFIG, **cfg}
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    n, bs = len(train_set), cfg["batch_size"]
+    steps = cfg["epochs"] * (n // bs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"])
+    rec = uf.HistoryRecorder(model, opt, policy) if policy else None
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = torch.nn.functional.cross_entropy
+    start = time.perf_counter()
+    for _ in range(cfg["epochs"]):
+        order = torch.randperm(n, generator=gen)
+        for b in range(n // bs):
+            idx = order[b * bs : (b + 1) * bs]
+            x, y = train_set[idx]
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            if rec:
+                rec.record(idx)
+            opt.step()
+            sched.step()
+    train_seconds = time.perf_counter() - start
+    history = rec.finish(train_set, loss_fn) if rec else None
+    return history, train_seconds, time.perf_counter() - start - train_seconds
+
+
+def flip_labels(y, idx, classes, seed):
+    y = y.clone()
+    shift = torch.randint(1, classes, (len(idx),), generator=torch.Generator().manual_seed(seed))
+    y[idx] = (y[idx] + shift) % classes
+    return y
+
+
+def run_case(data, model_kind, kind, ratio, tensors, seed, bar):
+    Xtr, ytr, Xte, yte = tensors
+    n, c = len(Xtr), int(ytr.max()) + 1
+    forget = torch.randperm(n, generator=torch.Generator().manual_seed(seed + int(ratio * 1000)))[: max(1, int(ratio * n))]
+    y_used = flip_labels(ytr, forget, c, seed) if kind == "flipped" else ytr
+    train_set = torch.utils.data.TensorDataset(Xtr, y_used)
+    original = make_model(model_kind, Xtr.shape[1], c, seed)
+    history, train_s, finish_s = train(original, train_set, uf.HistoryPolicy(kind="full"), seed=seed)
+    loss_fn = torch.nn.functional.cross_entropy
+    results = {m: uf.unlearn(original, history, forget, train_set, loss_fn, method=m) for m in METHODS}
+    retrained = results["retrain"].model
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[forget] = False
+    rows = []
+    for method, res in results.items():
+        rep = uf.audit(
+            original, res.model, retrained, test=(Xte, yte), forget=(Xtr[forget], y_used[forget]),
+            heldout=(Xte, yte), retain=(Xtr[mask], y_used[mask]), poisoned=kind == "flipped",
+        )
+        rows.append({
+            "data": data, "model": model_kind, "forget_kind": kind, "ratio": ratio, "method": method,
+            "seconds": res.seconds, "speedup": results["retrain"].seconds / res.seconds,
+            "test_accuracy": rep["unlearned"]["test_accuracy"], "original_test_accuracy": rep["original"]["test_accuracy"],
+            "mia_auc": rep["unlearned"]["mia_auc_loss"], "mia_auc_logistic": rep["unlearned"]["mia_auc_logistic"],
+            "relative_distance": rep["relative_distance"], "poison_recovery": rep.get("poison_recovery"),
+            "history_bytes": res.stats.get("history_bytes_read"), "gradient_evaluations": res.stats.get("gradient_evaluations"),
+            "iterations": res.stats.get("iterations"), "contraction_factor": res.stats.get("contraction_factor"),
+            "error_bound": res.stats.get("error_bound"), "train_seconds": train_s, "finish_seconds": finish_s,
+        })
+        bar.update(1)
+    return rows
+
+
+def recording_overhead(tensors, model_kind, seed=0, repeats=3):
+    """Median training time with and without the recorder (same run), kind="full" and "minimal"."""
+    Xtr, ytr = tensors[0], tensors[1]
+    train_set = torch.utils.data.TensorDataset(Xtr, ytr)
+    c = int(ytr.max()) + 1
+    times = {"plain": [], "full": [], "minimal": []}
+    for _ in range(repeats):
+        for key in times:
+            policy = None if key == "plain" else uf.HistoryPolicy(kind=key)
+            _, seconds, finish = train(make_model(model_kind, Xtr.shape[1], c, seed), train_set, policy, seed=seed)
+            times[key].append(seconds + finish)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"plain_s": med["plain"], "full_s": med["full"], "minimal_s": med["minimal"],
+            "full_overhead": med["full"] / med["plain"] - 1, "minimal_overhead": med["minimal"] / med["plain"] - 1}
+
+
+def summarise(rows):
+    """Goal checks for logistic regression at 10% and 30% random deletion (issue 3)."""
+    lines = []
+    for data in sorted({r["data"] for r in rows}):
+        for ratio in (0.1, 0.3):
+            sel = {r["method"]: r for r in rows if r["data"] == data and r["model"] == "logistic" and r["forget_kind"] == "random" and r["ratio"] == ratio}
+            if len(sel) < 3:
+                continue
+            mini, dg, rt = sel["mini"], sel["deltagrad"], sel["retrain"]
+            checks = {
+                "acc within 0.5 pp": abs(mini["test_accuracy"] - rt["test_accuracy"]) <= 0.005,
+                "MIA AUC within 0.02": abs(mini["mia_auc"] - rt["mia_auc"]) <= 0.02,
+                "distance below DeltaGrad": mini["relative_distance"] < dg["relative_distance"],
+                ">= 10x faster than retrain": mini["speedup"] >= 10,
+                "<= 10% of DeltaGrad bytes": mini["history_bytes"] <= 0.1 * dg["history_bytes"],
+            }
+            detail = (f"acc {mini['test_accuracy']:.4f} vs {rt['test_accuracy']:.4f}, AUC {mini['mia_auc']:.3f} vs {rt['mia_auc']:.3f}, "
+                      f"dist {mini['relative_distance']:.3f} vs DeltaGrad {dg['relative_distance']:.3f}, speed-up {mini['speedup']:.1f}x, "
+                      f"bytes {mini['history_bytes'] / dg['history_bytes']:.1%} of DeltaGrad")
+            lines.append(f"- {data} logistic {ratio:.0%}: " + ", ".join(f"{k}: {'PASS' if v else 'MISS'}" for k, v in checks.items()) + f" ({detail})")
+    for data in sorted({r["data"] for r in rows}):
+        for ratio in (0.1, 0.3):
+            sel = [r for r in rows if r["data"] == data and r["model"] == "logistic" and r["forget_kind"] == "flipped" and r["ratio"] == ratio and r["method"] == "mini"]
+            if sel and sel[0]["poison_recovery"] is not None:
+                pr = sel[0]["poison_recovery"]
+                lines.append(f"- {data} logistic {ratio:.0%} label-flipped: poison recovery {pr:.2f} ({'PASS' if pr >= 0.9 else 'MISS'} >= 0.9)")
+    return lines
+
+
+def write_outputs(rows, overhead, args, elapsed, stem):
+    os.makedirs(RESULTS, exist_ok=True)
+    header = [
+        f"# End-to-end unlearning benchmark{' (quick)' if args.quick else ''}",
+        "",
+        f"Command: `{' '.join(['python'] + sys.argv)}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, backends {uf.backends()['active']}  ",
+        f"Training: SGD, {CONFIG}; all methods start from the same recorded run. Wall time {elapsed:.0f} s.  ",
+        "Speed-up is retrain's wall time over the method's, measured in the same run. Relative distance is",
+        "|w - w_retrained| / |w_original - w_retrained|. MIA AUC: loss-threshold attack, forget vs held-out (test) samples.",
+        "",
+        "## Goal checks (issue 3)",
+        *summarise(rows),
+        "",
+        "## Recording overhead (median of 3 trainings, logistic regression)",
+        *[f"- {d}: plain {o['plain_s']:.2f} s, full history +{o['full_overhead']:.0%}, minimal history +{o['minimal_overhead']:.0%}" for d, o in overhead.items()],
+        "",
+        "## All rows",
+        "| data | model | forget | ratio | method | seconds | speed-up | test acc | MIA AUC | MIA AUC (LR) | rel. dist | poison rec. | history bytes | grad evals |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        header.append(
+            f"| {r['data']} | {r['model']} | {r['forget_kind']} | {r['ratio']:.0%} | {r['method']} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
+            f"{r['test_accuracy']:.4f} | {r['mia_auc']:.3f} | {r['mia_auc_logistic']:.3f} | {r['relative_distance']:.3f} | "
+            f"{fmt(r['poison_recovery'], '.2f')} | {r['history_bytes']:,} | {r['gradient_evaluations']:,} |"
+        )
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+        f.write("\n".join(header) + "\n")
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "config": CONFIG, "overhead": overhead, "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(RESULTS, stem + ".png"))
+    return "\n".join(header)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(r["data"], r["model"]) for r in rows})
+    fig, axes = plt.subplots(2, len(combos), figsize=(4.2 * len(combos), 7), squeeze=False)
+    for j, (data, model) in enumerate(combos):
+        for method, style in (("deltagrad", "s-"), ("mini", "o-")):
+            sel = sorted((r for r in rows if (r["data"], r["model"], r["method"], r["forget_kind"]) == (data, model, method, "random")), key=lambda r: r["ratio"])
+            ratios = [100 * r["ratio"] for r in sel]
+            axes[0, j].plot(ratios, [r["speedup"] for r in sel], style, label=method)
+            axes[1, j].plot(ratios, [r["relative_distance"] for r in sel], style, label=method)
+        axes[0, j].set_title(f"{data} / {model} (random forget)")
+        axes[0, j].set_ylabel("speed-up over retrain (x)")
+        axes[0, j].set_yscale("log")
+        axes[1, j].set_ylabel("|w - w_retrain| / |w_orig - w_retrain|")
+        axes[1, j].set_xlabel("unlearning ratio (%)")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="digits only, ratios 1/10/30%% (make demo)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    datasets = ["digits"] if args.quick else ["digits", "mnist1d"]
+    ratios = (0.01, 0.1, 0.3) if args.quick else (0.01, 0.05, 0.1, 0.2, 0.3)
+    models, kinds = ("logistic", "mlp"), ("random", "flipped")
+    start = time.perf_counter()
+    data = {name: load_data(name) for name in datasets}
+    rows = []
+    total = len(datasets) * len(models) * len(kinds) * len(ratios) * len(METHODS)
+    with tqdm(total=total, desc="unlearning runs", unit="run") as bar:
+        for name in datasets:
+            for model_kind in models:
+                for kind in kinds:
+                    for ratio in ratios:
+                        bar.set_postfix_str(f"{name}/{model_kind}/{kind}/{ratio:.0%}")
+                        rows.extend(run_case(name, model_kind, kind, ratio, data[name], args.seed, bar))
+    overhead = {name: recording_overhead(data[name], "logistic") for name in tqdm(datasets, desc="recording overhead")}
+    text = write_outputs(rows, overhead, args, time.perf_counter() - start, "end_to_end_quick" if args.quick else "end_to_end")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""DeltaGrad (Wu, Dobriban, Davidson, ICML 2020): replay SGD without the forgotten samples, with
+quasi-Newton approximations of the retained-batch gradient on all but every T0-th step.
+
+Needs plain SGD (no momentum, no dampening, no Nesterov), one weight decay lambda, and the full
+trajectory (HistoryPolicy(kind="full")). Step t with batch B_t, deleted part D_t, remainder R_t:
+  exact (t < j0 or (t - j0) % T0 == 0): gradients of R_t and D_t at w; new curvature pair
+      s = w - w_t, y = (|R_t| g_R + |D_t| g_D)/|B_t| - g_t + lambda s; w <- w - eta (g_R + lambda w)
+  approximate: one fused ops.qn_step_ with the compact L-BFGS matrix of the last m pairs; only the
+      |D_t| deleted samples need a fresh gradient.
+With T0 = 1 every step is exact and the result equals `retrain` to rounding.
+"""
+import torch
+
+from .. import ops
+from ..history import fetch, flat_grads, set_flat_params
+from ._common import batch_loss, check_history, remaining
+
+
+def check_plain_sgd(meta, method):
+    cls = meta["optimizer"]["class"]
+    groups = meta["optimizer"]["groups"]
+    if cls != "torch.optim.sgd.SGD":
+        raise ValueError(f"{method}: needs torch.optim.SGD (it models the SGD update exactly), history was recorded with {cls}")
+    for g in groups:
+        if g.get("momentum", 0) or g.get("nesterov", False) or g.get("dampening", 0):
+            raise ValueError(f"{method}: needs plain SGD without momentum/nesterov/dampening, got {g}")
+    decays = {g.get("weight_decay", 0.0) for g in groups}
+    if len(decays) != 1:
+        raise ValueError(f"{method}: needs one weight_decay for every parameter group, got {sorted(decays)}")
+    if len({g["lr"] for g in groups}) > 1:
+        raise ValueError(f"{method}: needs one learning rate for every parameter group")
+    return decays.pop()
+
+
+def _mean_grad(model, loss_fn, train_set, idx, w):
+    set_flat_params(model, w)
+    model.zero_grad(set_to_none=True)
+    batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
+    return flat_grads(model)
+
+
+def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
+    check_history(history, model, forget, "deltagrad")
+    history.require("trajectory", "deltagrad")
+    lam = check_plain_sgd(history.meta, "deltagrad")
+    if T0 < 1 or j0 < 0 or m < 1:
+        raise ValueError(f"deltagrad: need T0 >= 1, j0 >= 0, m >= 1; got T0={T0}, j0={j0}, m={m}")
+    forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
+    forget_mask[forget] = True
+    traj = history.trajectory
+    w = history.schedule["w0"].clone()
+    S, Y = [], []
+    compact = None
+    exact_steps = approx_steps = evals = 0
+    for t, batch in enumerate(history.schedule["batches"]):
+        if progress is not None:
+            progress.update(1)
+        rem = remaining(batch, forget_mask)
+        if rem.numel() == 0:
+            continue
+        deleted = batch[forget_mask[batch]]
+        eta = float(history.schedule["lrs"][t, 0])
+        w_t, g_t = traj["w"].row(t), traj["g"].row(t)
+        if t < j0 or (t - j0) % T0 == 0 or compact is None:
+            g_rem = _mean_grad(model, loss_fn, train_set, rem, w)
+            g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
+            evals += batch.numel()
+            s = w - w_t
+            y = (rem.numel() * g_rem + deleted.numel() * g_del) / batch.numel() - g_t + lam * s
+            if float(s @ y) > 0:
+                S, Y = (S + [s])[-m:], (Y + [y])[-m:]
+                S_mat, Y_mat = torch.stack(S), torch.stack(Y)
+                compact = ops.lbfgs_compact(S_mat, Y_mat, skip_bad_pairs=True)
+            w = w - eta * (g_rem + lam * w)
+            exact_steps += 1
+        else:
+            g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
+            evals += deleted.numel()
+            ops.qn_step_(
+                w, w_t, g_t, g_del, S_mat, Y_mat, *compact, eta,
+                batch.numel() / rem.numel(), deleted.numel() / rem.numel(), lam,
+            )
+            approx_steps += 1
+    set_flat_params(model, w)
+    if not bool(torch.isfinite(w).all()):
+        raise RuntimeError("deltagrad: the replay diverged (non-finite parameters); try a smaller T0 or a larger j0")
+    stats = {
+        "exact_steps": exact_steps,
+        "approx_steps": approx_steps,
+        "gradient_evaluations": evals,
+        "history_bytes_read": history.nbytes("trajectory") + history.nbytes("schedule"),
+    }
+    return model, stats

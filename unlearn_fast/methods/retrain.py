@@ -1,0 +1,47 @@
+"""Exact retraining: replay the recorded schedule from w_0 without the forgotten samples (the gold standard).
+
+Same initial weights, batch order, learning rates and optimizer hyper-parameters (any torch.optim
+optimizer: it is rebuilt from the recorded class and groups). A batch made only of forgotten samples is
+skipped. Forgetting nothing reproduces the original final weights bit for bit on CPU.
+"""
+import importlib
+
+import torch
+
+from ..history import fetch, set_flat_params
+from ._common import batch_loss, check_history, remaining
+
+
+def build_optimizer(model, meta):
+    module, _, name = meta["optimizer"]["class"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for gi, hyper in enumerate(meta["optimizer"]["groups"]):
+        group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyper.items()}
+        group["params"] = [p for p, g in zip(params, meta["group_of_param"]) if g == gi]
+        groups.append(group)
+    return cls(groups)
+
+
+def run(model, history, forget, train_set, loss_fn, progress=None):
+    check_history(history, model, forget, "retrain")
+    set_flat_params(model, history.schedule["w0"])
+    optimizer = build_optimizer(model, history.meta)
+    forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
+    forget_mask[forget] = True
+    evals = steps = 0
+    for t, batch in enumerate(history.schedule["batches"]):
+        rem = remaining(batch, forget_mask)
+        if progress is not None:
+            progress.update(1)
+        if rem.numel() == 0:
+            continue
+        for group, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        optimizer.step()
+        evals += rem.numel()
+        steps += 1
+    return model, {"steps": steps, "gradient_evaluations": evals, "history_bytes_read": history.nbytes("schedule")}

@@ -1,0 +1,113 @@
+"""Evaluation of an unlearned model against the original and the retrained one (uf.metrics, uf.audit).
+
+Membership inference follows the unlearning literature: the attack separates forget samples from
+held-out samples; success for unlearning is an AUC close to the retrained model's (not below it).
+"""
+import json
+import os
+
+import torch
+
+from .history import flat_params
+
+
+@torch.no_grad()
+def per_sample_losses(model, X, y, loss=torch.nn.functional.cross_entropy, batch_size=4096):
+    model.eval()
+    out = [loss(model(X[i : i + batch_size]), y[i : i + batch_size], reduction="none") for i in range(0, len(X), batch_size)]
+    return torch.cat(out).double()
+
+
+@torch.no_grad()
+def accuracy(model, X, y, batch_size=4096):
+    model.eval()
+    hits = sum(int((model(X[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum()) for i in range(0, len(X), batch_size))
+    return hits / len(X)
+
+
+def auc(scores_pos, scores_neg):
+    """Area under the ROC curve: P(score_pos > score_neg) + P(tie)/2 (Mann-Whitney U, average ranks)."""
+    scores = torch.cat([scores_pos, scores_neg]).double()
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(scores_pos), len(scores_neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mia_auc_loss_threshold(member_losses, nonmember_losses):
+    """Loss-threshold attack (Yeom et al. 2018): lower loss means member."""
+    return auc(-member_losses, -nonmember_losses)
+
+
+def mia_auc_logistic(member_losses, nonmember_losses, folds=5, seed=0):
+    """Logistic regression on per-sample losses with stratified k-fold CV (NeurIPS 2023 unlearning kit); mean AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    gen = torch.Generator().manual_seed(seed)
+    n = min(len(member_losses), len(nonmember_losses))
+    if n < folds:
+        raise ValueError(f"mia_auc_logistic: need at least {folds} members and non-members, got {n}")
+    # balance the classes so chance is 0.5
+    m = member_losses[torch.randperm(len(member_losses), generator=gen)[:n]]
+    h = nonmember_losses[torch.randperm(len(nonmember_losses), generator=gen)[:n]]
+    losses = torch.cat([m, h])
+    X = torch.stack([losses, torch.log(losses.clamp(min=0) + 1e-12)], dim=1).numpy()
+    labels = torch.cat([torch.ones(n), torch.zeros(n)]).numpy()
+    scores = []
+    for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, labels):
+        clf = LogisticRegression().fit(X[train], labels[train])
+        scores.append(roc_auc_score(labels[test], clf.predict_proba(X[test])[:, 1]))
+    return float(sum(scores) / len(scores))
+
+
+def relative_distance(model, retrained, original):
+    """|w_model - w_retrained| / |w_original - w_retrained|: 0 is perfect, 1 is no better than not unlearning."""
+    w, wr, wo = flat_params(model).double(), flat_params(retrained).double(), flat_params(original).double()
+    gap = torch.linalg.vector_norm(wo - wr)
+    return float(torch.linalg.vector_norm(w - wr) / gap) if gap > 0 else 0.0
+
+
+def poison_recovery(acc_unlearned, acc_original, acc_retrained):
+    """(acc_unlearned - acc_original) / (acc_retrained - acc_original): 1 recovers all retraining gains."""
+    gain = acc_retrained - acc_original
+    return float("nan") if gain == 0 else (acc_unlearned - acc_original) / gain
+
+
+def audit(original, unlearned, retrained, test, forget, heldout, retain=None, poisoned=False, path=None):
+    """All metrics for one unlearning result; (X, y) pairs for test, forget, held-out and retain data.
+
+    Returns {"original": {...}, "unlearned": {...}, "retrained": {...}, "relative_distance": ...,
+    "poison_recovery": ... (when poisoned)}. With `path`, also writes the dict as JSON.
+    """
+    report = {}
+    for name, model in (("original", original), ("unlearned", unlearned), ("retrained", retrained)):
+        f_loss = per_sample_losses(model, *forget)
+        h_loss = per_sample_losses(model, *heldout)
+        row = {
+            "test_accuracy": accuracy(model, *test),
+            "forget_accuracy": accuracy(model, *forget),
+            "mia_auc_loss": mia_auc_loss_threshold(f_loss, h_loss),
+            "mia_auc_logistic": mia_auc_logistic(f_loss, h_loss) if min(len(f_loss), len(h_loss)) >= 5 else float("nan"),
+            "forget_loss": float(f_loss.mean()),
+        }
+        if retain is not None:
+            row["retain_accuracy"] = accuracy(model, *retain)
+        report[name] = row
+    report["relative_distance"] = relative_distance(unlearned, retrained, original)
+    if poisoned:
+        report["poison_recovery"] = poison_recovery(
+            report["unlearned"]["test_accuracy"], report["original"]["test_accuracy"], report["retrained"]["test_accuracy"]
+        )
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
