@@ -1,0 +1,306 @@
+"""Unlearning engine: recorder, history storage, retrain / deltagrad / mini, metrics and bad input."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from unlearn_fast.history import flat_params
+from unlearn_fast.methods import deltagrad, mini, retrain
+
+LOSS = torch.nn.functional.cross_entropy
+
+
+def make_data(n=240, d=12, c=4, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(c, d, generator=gen, dtype=dtype) * 1.5
+    y = torch.randint(0, c, (n,), generator=gen)
+    X = centers[y] + torch.randn(n, d, generator=gen, dtype=dtype)
+    return torch.utils.data.TensorDataset(X, y)
+
+
+def train(train_set, policy, epochs=4, batch=32, lr=0.3, wd=1e-2, model=None, optimizer="sgd", seed=0, decay=0.9):
+    X, _ = train_set.tensors
+    torch.manual_seed(seed)
+    model = model or torch.nn.Linear(X.shape[1], 4).to(X.dtype)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=wd)
+    rec = uf.HistoryRecorder(model, opt, policy)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_set), generator=gen)
+        for b in range(0, len(train_set), batch):
+            idx = order[b : b + batch]
+            x, y = train_set[idx]
+            opt.zero_grad()
+            LOSS(model(x), y).backward()
+            rec.record(idx)
+            opt.step()
+        for g in opt.param_groups:  # a per-epoch schedule the replay must follow
+            g["lr"] *= decay
+    return model, rec.finish(train_set, LOSS)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = make_data()
+    model, history = train(data, uf.HistoryPolicy(kind="full", rank=8), epochs=8)
+    return data, model, history
+
+
+def forget_set(n, ratio, seed=1):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: int(ratio * n)]
+
+
+# ----------------------------------------------------------------------------- retrain and deltagrad
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_replay_without_forgetting_reproduces_training_exactly(optimizer):
+    data = make_data(dtype=torch.float32)
+    model, history = train(data, uf.HistoryPolicy(kind="full", rank=4), optimizer=optimizer)
+    replayed, stats = retrain.run(copy.deepcopy(model), history, torch.zeros(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replayed), flat_params(model))
+    assert stats["steps"] == history.num_steps
+
+
+def test_retrain_matches_independent_training_on_retained_data(trained):
+    data, model, history = trained
+    forget = forget_set(len(data), 0.1)
+    result = uf.unlearn(model, history, forget, data, LOSS, method="retrain")
+    # independent re-implementation of the schedule: plain SGD with L2, batches minus forgotten samples
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[forget] = False
+    w = history.schedule["w0"].clone()
+    ref = copy.deepcopy(model)
+    for t, batch in enumerate(history.schedule["batches"]):
+        rem = batch[keep[batch]]
+        if rem.numel() == 0:
+            continue
+        uf.history.set_flat_params(ref, w)
+        ref.zero_grad()
+        LOSS(ref(data.tensors[0][rem]), data.tensors[1][rem]).backward()
+        lr = float(history.schedule["lrs"][t, 0])
+        w = w - lr * (uf.history.flat_grads(ref) + 1e-2 * w)
+    torch.testing.assert_close(flat_params(result.model), w, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(flat_params(result.model), flat_params(model))
+
+
+def test_deltagrad_with_T0_1_equals_retrain(trained):
+    data, model, history = trained
+    forget = forget_set(len(data), 0.2)
+    exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=1, j0=0)
+    assert dg.stats["approx_steps"] == 0
+    torch.testing.assert_close(flat_params(dg.model), flat_params(exact), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_deltagrad_approximates_retrain(trained, codec):
+    data, model, _ = trained
+    model, history = train(data, uf.HistoryPolicy(kind="full", codec=codec, rank=4))
+    forget = forget_set(len(data), 0.05)
+    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    dist = {}
+    for T0 in (2, 10):
+        dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=T0, j0=5, m=2)
+        assert dg.stats["approx_steps"] > 0
+        dist[T0] = uf.metrics.relative_distance(dg.model, retrained, model)
+    # more exact steps, closer to retraining; both far better than not unlearning (distance 1)
+    assert dist[2] < 0.1 and dist[2] < dist[10] < 0.3, dist
+
+
+def test_deltagrad_rejects_adam():
+    data = make_data(dtype=torch.float32)
+    model, history = train(data, uf.HistoryPolicy(kind="full", rank=4), optimizer="adam")
+    with pytest.raises(ValueError, match="torch.optim.SGD"):
+        uf.unlearn(model, history, [0, 1], data, LOSS, method="deltagrad")
+
+
+# ----------------------------------------------------------------------------- mini
+def test_mini_on_converged_strongly_convex_problem_is_near_the_retrained_optimum():
+    data = make_data(n=200)
+    # full-batch gradient descent, long enough to converge: the SGD endpoints are the optima
+    model, history = train(data, uf.HistoryPolicy(kind="minimal", rank=52), epochs=400, batch=200, lr=1.0, wd=5e-2, decay=1.0)
+    forget = forget_set(len(data), 0.05)
+    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    # the retrained optimum itself: polish with many more full-batch steps on the retained data
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[forget] = False
+    X, y = data.tensors[0][keep], data.tensors[1][keep]
+    opt = torch.optim.LBFGS(retrained.parameters(), max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = LOSS(retrained(X), y) + 0.5 * 5e-2 * flat_params(retrained).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    assert result.stats["converged"], result.stats
+    dist = uf.metrics.relative_distance(result.model, retrained, model)
+    assert dist < 0.05, dist
+    assert result.stats["history_bytes_read"] == history.nbytes("summary")
+
+
+def test_mini_history_is_small_and_mini_beats_doing_nothing(trained):
+    data, model, history = trained
+    assert history.nbytes("summary") < 0.1 * history.nbytes("trajectory")
+    forget = forget_set(len(data), 0.3)
+    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    assert uf.metrics.relative_distance(result.model, retrained, model) < 0.6
+    assert 0 <= result.stats["contraction_factor"] < 1
+    assert result.stats["gradient_evaluations"] == result.stats["iterations"] * forget.numel()
+
+
+# ----------------------------------------------------------------------------- storage
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "int4"])
+def test_history_save_load_round_trip(tmp_path, trained, codec):
+    data, _, _ = trained
+    model, history = train(data, uf.HistoryPolicy(kind="full", codec=codec, rank=4), epochs=1)
+    path = history.save(str(tmp_path / "h"))
+    loaded = uf.GradientHistory.load(path)
+    assert loaded.meta == json.loads(json.dumps(history.meta))
+    assert torch.equal(loaded.schedule["w0"], history.schedule["w0"])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.schedule["batches"], history.schedule["batches"]))
+    for t in (0, history.num_steps - 1):
+        assert torch.equal(loaded.trajectory["g"].row(t), history.trajectory["g"].row(t))
+    assert loaded.nbytes("trajectory") == history.nbytes("trajectory")
+    forget = forget_set(len(data), 0.1)
+    a = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    b = uf.unlearn(model, loaded, forget, data, LOSS, method="retrain").model
+    assert torch.equal(flat_params(a), flat_params(b))
+
+
+def test_compressed_codecs_shrink_the_trajectory(trained):
+    data, _, _ = trained
+    sizes = {c: train(data, uf.HistoryPolicy(kind="full", codec=c, rank=4), epochs=1)[1].nbytes("trajectory") for c in ("fp32", "int8", "int4")}
+    # float64 model: fp32 codec keeps float64 (8 bytes), int8 ~1 byte + scales, int4 ~0.5 byte + scales
+    assert sizes["int8"] < sizes["fp32"] / 6 and sizes["int4"] < sizes["int8"] * 0.6
+
+
+def test_corrupted_or_missing_history_files_are_detected(tmp_path, trained):
+    _, _, history = trained
+    path = history.save(str(tmp_path / "h"))
+    target = os.path.join(path, "trajectory.g.values.pt")
+    raw = bytearray(open(target, "rb").read())
+    raw[-20] ^= 0xFF
+    open(target, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match="corrupted"):
+        uf.GradientHistory.load(path)
+    os.remove(target)
+    with pytest.raises(ValueError, match="missing"):
+        uf.GradientHistory.load(path)
+    open(os.path.join(path, "manifest.json"), "w").write("{not json")
+    with pytest.raises(ValueError, match="manifest.json"):
+        uf.GradientHistory.load(path)
+    with pytest.raises(ValueError, match="no manifest"):
+        uf.GradientHistory.load(str(tmp_path / "nothing"))
+
+
+def test_save_over_existing_history_replaces_it_atomically(tmp_path, trained):
+    _, _, history = trained
+    path = str(tmp_path / "h")
+    history.save(path)
+    history.save(path)
+    assert uf.GradientHistory.load(path).num_steps == history.num_steps
+    assert sorted(os.listdir(tmp_path)) == ["h"]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_forget_sets(trained):
+    data, model, history = trained
+    n = len(data)
+    with pytest.raises(ValueError, match="out of range"):
+        uf.unlearn(model, history, [n], data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="out of range"):
+        uf.unlearn(model, history, [-1], data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="duplicated"):
+        uf.unlearn(model, history, [3, 3], data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="whole training set"):
+        uf.unlearn(model, history, list(range(n)), data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="integer"):
+        uf.unlearn(model, history, [0.5], data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="method must be"):
+        uf.unlearn(model, history, [0], data, LOSS, method="magic")
+    before = flat_params(model).clone()
+    empty = uf.unlearn(model, history, [], data, LOSS, method="mini")
+    assert torch.equal(flat_params(empty.model), before) and empty.model is not model
+
+
+def test_indices_never_seen_and_foreign_models(trained):
+    data, model, _ = trained
+    # train on the first 200 samples only: indices 200.. were never seen
+    sub = torch.utils.data.TensorDataset(*data.tensors)
+    opt_model = torch.nn.Linear(12, 4).double()
+    opt = torch.optim.SGD(opt_model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(opt_model, opt, uf.HistoryPolicy(kind="full", rank=2))
+    for b in range(0, 200, 50):
+        idx = torch.arange(b, b + 50)
+        opt.zero_grad()
+        LOSS(opt_model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+        rec.record(idx)
+        opt.step()
+    history = rec.finish(sub, LOSS)
+    with pytest.raises(ValueError, match="never appear"):
+        uf.unlearn(opt_model, history, [210], sub, LOSS, method="retrain")
+    other = torch.nn.Linear(12, 5).double()
+    with pytest.raises(ValueError, match="another model"):
+        uf.unlearn(other, history, [0], sub, LOSS, method="retrain")
+    minimal = train(data, uf.HistoryPolicy(kind="minimal", rank=2), epochs=1)
+    with pytest.raises(ValueError, match="trajectory"):
+        uf.unlearn(minimal[0], minimal[1], [0], data, LOSS, method="deltagrad")
+
+
+def test_recorder_bad_input():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        uf.HistoryRecorder(model, opt)
+    with pytest.raises(ValueError, match="kind"):
+        uf.HistoryPolicy(kind="everything")
+    with pytest.raises(ValueError, match="codec"):
+        uf.HistoryPolicy(codec="fp8")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt)
+    with pytest.raises(ValueError, match="nothing was recorded"):
+        rec.finish(make_data(n=8, d=3, dtype=torch.float32), LOSS)
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        rec.record([0, 1])
+    assert len(rec.ws) == 0
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_auc_matches_sklearn_and_mia_attacks():
+    from sklearn.metrics import roc_auc_score
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randn(300, generator=gen, dtype=torch.float64) + 0.7
+    neg = torch.randn(500, generator=gen, dtype=torch.float64)
+    pos[:20] = neg[:20]  # ties
+    expected = roc_auc_score([1] * 300 + [0] * 500, torch.cat([pos, neg]).numpy())
+    assert abs(uf.metrics.auc(pos, neg) - expected) < 1e-12
+    # members have lower loss: both attacks must see it
+    member, nonmember = torch.rand(400, generator=gen, dtype=torch.float64) * 0.5, torch.rand(400, generator=gen, dtype=torch.float64) + 0.25
+    assert uf.metrics.mia_auc_loss_threshold(member, nonmember) > 0.85
+    assert uf.metrics.mia_auc_logistic(member, nonmember) > 0.85
+    same = torch.rand(400, generator=gen, dtype=torch.float64)
+    assert abs(uf.metrics.mia_auc_loss_threshold(same, same.flip(0)) - 0.5) < 1e-12
+
+
+def test_audit_report(tmp_path, trained):
+    data, model, history = trained
+    forget = forget_set(len(data), 0.1)
+    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    X, y = data.tensors
+    path = tmp_path / "report.json"
+    report = uf.audit(model, retrained, retrained, test=(X, y), forget=(X[forget], y[forget]), heldout=(X[:50], y[:50]), poisoned=True, path=str(path))
+    assert report["relative_distance"] == 0.0
+    assert report["unlearned"] == report["retrained"]
+    assert json.loads(path.read_text())["relative_distance"] == 0.0
+    assert uf.metrics.poison_recovery(0.8, 0.6, 0.7) == pytest.approx(2.0)
