@@ -27,25 +27,24 @@ METHODS = ("retrain", "deltagrad", "mini")
 
 
 def load_data(name):
-    """(X_train, y_train, X_test, y_test), features standardised with training statistics."""
+    """(X_train, y_train, X_test, y_test)."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        X, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
+        X, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
         perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
         tr, te = perm[:1437], perm[1437:]
-        Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
+        return X[tr], y[tr], X[te], y[te]  # pixel intensities in [0, 1]; many pixels are constant 0
     elif name == "mnist1d":
         from mnist1d.data import get_dataset_args, make_dataset
 
         d = make_dataset(get_dataset_args())  # generated from templates, no download
         Xtr, ytr = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"])
         Xte, yte = torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"])
-    else:
-        raise ValueError(f"unknown data set {name!r}")
-    mu, sd = Xtr.mean(0), Xtr.std(0).clamp(min=1e-6)
-    return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte
+        mu, sd = Xtr.mean(0), Xtr.std(0)
+        return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte  # standardised with training statistics
+    raise ValueError(f"unknown data set {name!r}")
 
 
 def make_model(kind, d, c, seed):
