@@ -112,11 +112,13 @@ def test_deltagrad_approximates_retrain(trained, codec):
     assert dist[2] < 0.1 and dist[2] < dist[10] < 0.3, dist
 
 
-def test_deltagrad_rejects_adam():
+def test_sgd_methods_reject_adam_but_retrain_replays_it():
     data = make_data(dtype=torch.float32)
     model, history = train(data, uf.HistoryPolicy(kind="full", rank=4), optimizer="adam")
-    with pytest.raises(ValueError, match="torch.optim.SGD"):
-        uf.unlearn(model, history, [0, 1], data, LOSS, method="deltagrad")
+    for method in ("deltagrad", "mini"):
+        with pytest.raises(ValueError, match="torch.optim.SGD|SGD training"):
+            uf.unlearn(model, history, [0, 1], data, LOSS, method=method)
+    assert uf.unlearn(model, history, [0, 1], data, LOSS, method="retrain").stats["steps"] == history.num_steps
 
 
 # ----------------------------------------------------------------------------- mini

@@ -93,11 +93,20 @@ def final_summary(model, train_set, loss_fn, policy, batch_size=1024, progress=F
 
 
 # ----------------------------------------------------------------------------- unlearning side
-def weight_decay(meta, method):
-    decays = {g.get("weight_decay", 0.0) for g in meta["optimizer"]["groups"]}
-    if len(decays) != 1 or "AdamW" in meta["optimizer"]["class"]:
-        raise ValueError(f"{method}: needs one L2 weight decay for all parameters (not decoupled AdamW decay), got {sorted(decays)}")
-    return decays.pop()
+def sgd_settings(meta, method):
+    """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError.
+
+    With heavy-ball momentum beta the gradient flow runs 1 / (1 - beta) times faster than the raw
+    learning rates say.
+    """
+    cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
+    if cls != "torch.optim.sgd.SGD":
+        raise ValueError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with {cls}")
+    settings = {(g.get("weight_decay", 0.0), g.get("momentum", 0.0)) for g in groups}
+    if len(settings) != 1:
+        raise ValueError(f"{method}: needs one weight_decay and momentum for every parameter group, got {sorted(settings)}")
+    decay, momentum = settings.pop()
+    return decay, 1.0 / (1.0 - momentum)
 
 
 def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
@@ -115,7 +124,7 @@ def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
 def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
     check_history(history, model, forget, "mini")
     history.require("summary", "mini")
-    lam = weight_decay(history.meta, "mini")
+    lam, lr_scale = sgd_settings(history.meta, "mini")
     s = history.summary
     w_star, g_star = s["w_star"], s["g_star"]
     U = torch.linalg.qr(s["eigvecs"].all().T).Q  # re-orthonormalise after lossy codecs
@@ -125,7 +134,7 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_r
     rho = eig[-1]
     n, r = history.n_train, forget.numel()
 
-    tau = float(history.schedule["lrs"][:, 0].sum())  # total SGD "time": sum of learning rates
+    tau = lr_scale * float(history.schedule["lrs"][:, 0].sum())  # training "time": sum of learning rates
 
     def H_hat(v):
         c = U.T @ v
