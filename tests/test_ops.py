@@ -1,0 +1,568 @@
+"""The unlearn_fast ops on CPU, for the pure-torch reference and the C++ backend.
+
+Codes, scales and dequantized values must equal the reference bit for bit (deterministic and
+stochastic rounding). Everything is also checked against independent definitions written here:
+the half-step error bound, unbiasedness of stochastic rounding over many seeds, a hand-written
+nibble decoder, a dense quasi-Hessian and the BFGS recursion in float64. Floating-point results
+that may differ in the last bits are compared with the dtype table in tests/tolerances.py.
+"""
+import math
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from unlearn_fast import ops, reference
+from unlearn_fast.backends import kernel
+from tolerances import TOLERANCE, assert_close
+
+BACKENDS = ("reference", "cpp")
+SIZES = (1, 255, 257, 4097, 1_000_003)
+BLOCKSIZES = (32, 128, 1024, 4096)
+HALF_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+QMAX = {8: 127, 4: 7}
+F64 = torch.float64
+
+
+def thin(n, options):
+    """All options below 10^5 elements, the first one at the largest size: keeps the file fast."""
+    return options if n < 100_000 else options[:1]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    # No skip when the extension is missing: `make test` builds it, so a missing cpp backend is a failure.
+    if request.param == "cpp":
+        assert uf.backends()["backends"]["cpp"] == "available", uf.backends()["backends"]["cpp"]
+    with uf.use_backend(request.param):
+        yield request.param
+
+
+def randn(n, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    # Mixed magnitudes, so blocks get different scales.
+    x = torch.randn(n, generator=g) * (scale * torch.exp(torch.randn(n, generator=g)))
+    return x.to(dtype)
+
+
+def unpack_codes(codes, bits, numel):
+    """Signed codes from the stored layout, written independently of reference.unpack_nibbles."""
+    if bits == 8:
+        return codes.to(torch.int64)
+    values = torch.empty(2 * codes.numel(), dtype=torch.int64)
+    values[0::2] = (codes & 0x0F).to(torch.int64) - 8  # element 2j: low nibble
+    values[1::2] = (codes >> 4).to(torch.int64) - 8
+    return values[:numel]
+
+
+def dequantize_f64(codes, scales, blocksize, bits, numel):
+    q = unpack_codes(codes, bits, numel).to(F64)
+    return q * scales.to(F64).repeat_interleave(blocksize)[:numel]
+
+
+# ----------------------------------------------------------------------------- quantize_blockwise
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", HALF_FLOATS)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_quantize_codes_equal_reference(n, dtype, bits):
+    x = randn(n, dtype, seed=n)
+    for blocksize in thin(n, BLOCKSIZES):
+        for stochastic in (False, True):
+            expected = reference.quantize_blockwise(x, blocksize, bits, stochastic, 7)
+            with uf.use_backend("cpp"):
+                codes, scales = uf.quantize_blockwise(x, blocksize, bits, stochastic, 7)
+            assert torch.equal(codes, expected[0]), (blocksize, stochastic)
+            assert torch.equal(scales, expected[1]), (blocksize, stochastic)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_quantize_error_within_half_step(backend, n, bits):
+    qmax = QMAX[bits]
+    for dtype in thin(n, HALF_FLOATS):
+        x = randn(n, dtype, seed=n + 1)
+        x64 = x.to(F64)
+        for blocksize in (32, 4096):
+            codes, scales = uf.quantize_blockwise(x, blocksize, bits)
+            nblocks = -(-n // blocksize)
+            assert codes.dtype == ops.CODE_DTYPE[bits] and codes.numel() == (n if bits == 8 else (n + 1) // 2)
+            assert scales.dtype == torch.float32 and scales.numel() == nblocks
+            padded = torch.nn.functional.pad(x64.abs(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+            torch.testing.assert_close(scales.to(F64), padded.amax(1) / qmax, rtol=1e-6, atol=0)
+            q = unpack_codes(codes, bits, n)
+            assert int(q.abs().max()) <= qmax
+            step = scales.to(F64).repeat_interleave(blocksize)[:n]
+            error = (q.to(F64) * step - x64).abs()
+            # Half a step, plus float32 rounding of x * (qmax / absmax) (|v| <= qmax).
+            assert bool((error <= step * (0.5 + 1e-4)).all()), float((error / step).max())
+
+
+def test_quantize_4bit_layout_and_partial_block(backend):
+    x = torch.tensor([7.0, -7.0, 3.0, 0.0, -1.0])  # one block, absmax 7: scale 1, codes = x
+    codes, scales = uf.quantize_blockwise(x, 32, 4)
+    assert scales.tolist() == [1.0]
+    # Byte j = (code[2j] + 8) | (code[2j+1] + 8) << 4; the odd tail's pad nibble holds code 0.
+    assert codes.tolist() == [15 | (1 << 4), 11 | (8 << 4), 7 | (8 << 4)]
+    codes8, _ = uf.quantize_blockwise(torch.arange(-127.0, 128.0), 256, 8)
+    assert torch.equal(codes8, torch.arange(-127, 128, dtype=torch.int8))
+
+
+def test_quantize_rounds_half_up_and_handles_zero_blocks(backend):
+    x = torch.zeros(96)
+    x[32:64] = torch.tensor([127.0] + [0.5, -0.5, 1.5, -1.5, 2.4] + [0.0] * 26)
+    codes, scales = uf.quantize_blockwise(x, 32, 8)
+    assert scales.tolist() == [0.0, 1.0, 0.0]
+    assert codes[32:38].tolist() == [127, 1, 0, 2, -1, 2]  # floor(v + 0.5)
+    assert not bool(codes[:32].any()) and not bool(codes[64:].any())
+
+
+@pytest.mark.parametrize("stochastic", (False, True))
+def test_quantize_tiny_blocks_equal_reference(stochastic):
+    # absmax below ~1e-36: qmax / absmax overflows to inf, so v is +-inf (or NaN for zeros).
+    x = torch.zeros(64)
+    x[:4] = torch.tensor([1e-39, -5e-40, 3e-38, -1e-45])
+    for bits in (4, 8):
+        expected = reference.quantize_blockwise(x, 32, bits, stochastic, 1)
+        with uf.use_backend("cpp"):
+            codes, scales = uf.quantize_blockwise(x, 32, bits, stochastic, 1)
+        assert torch.equal(codes, expected[0]) and torch.equal(scales, expected[1])
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_stochastic_rounding_is_unbiased(backend, bits):
+    n, seeds = 2048, 400
+    x = randn(n, seed=3)
+    total = torch.zeros(n, dtype=F64)
+    total_sq = torch.zeros(n, dtype=F64)
+    for seed in range(seeds):
+        codes, scales = uf.quantize_blockwise(x, 128, bits, stochastic=True, seed=seed)
+        error = dequantize_f64(codes, scales, 128, bits, n) - x.to(F64)
+        total += error
+        total_sq += error**2
+    step = scales.to(F64).repeat_interleave(128)[:n]  # scales do not depend on the seed
+    mean = total / seeds
+    # Each draw errs by less than a step, so the mean over `seeds` draws has std <= step / (2 sqrt(seeds)).
+    assert bool((mean.abs() <= 5 * step / (2 * math.sqrt(seeds))).all())
+    assert abs(float((mean / step).mean())) <= 5 / (2 * math.sqrt(seeds * n))
+    # Round-to-nearest would pass neither bound: its error is a fixed offset of up to step / 2.
+    assert float((total_sq / seeds).mean()) <= float((step**2).mean()) / 4
+
+
+def test_stochastic_rounding_is_deterministic_for_a_seed(backend):
+    x = randn(10_000, seed=4)
+    first = uf.quantize_blockwise(x, 256, 8, stochastic=True, seed=11)
+    again = uf.quantize_blockwise(x, 256, 8, stochastic=True, seed=11)
+    other = uf.quantize_blockwise(x, 256, 8, stochastic=True, seed=12)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_counter_hash_known_values():
+    # The documented hash, rewritten here with Python integers: any backend change to it is caught.
+    def fmix(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    index = torch.tensor([0, 1, 2**32 + 5, 2**40 + 3])
+    seed = 123
+    expected = [
+        (fmix((i & 0xFFFFFFFF) ^ fmix((i >> 32) ^ ((seed * 0x9E3779B9) & 0xFFFFFFFF))) >> 8) / 2**24
+        for i in index.tolist()
+    ]
+    assert reference.uniform_from_counter(seed, index).tolist() == expected
+
+
+# ----------------------------------------------------------------------------- dequantize_blockwise
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_dequantize_equals_reference_and_independent_decode(backend, n, bits):
+    x = randn(n, seed=n + 2)
+    for blocksize in thin(n, (32, 256, 4096)):
+        codes, scales = reference.quantize_blockwise(x, blocksize, bits, False, 0)
+        exact32 = dequantize_f64(codes, scales, blocksize, bits, n).to(torch.float32)  # code * scale is exact in f64
+        for dtype in FLOATS:
+            out = uf.dequantize_blockwise(codes, scales, blocksize, bits, n, dtype)
+            assert out.dtype == dtype and out.shape == (n,)
+            assert torch.equal(out, reference.dequantize_blockwise(codes, scales, blocksize, bits, n, dtype))
+            assert torch.equal(out, exact32.to(dtype))
+
+
+# ----------------------------------------------------------------------------- dequantize_axpy_
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_axpy_equals_reference(backend, n, bits):
+    x = randn(n, seed=n + 3)
+    for blocksize in thin(n, (32, 1024)):
+        codes, scales = reference.quantize_blockwise(x, blocksize, bits, True, 5)
+        # The op's dequantized value is the float32 product code * scale (correctly rounded).
+        deq = dequantize_f64(codes, scales, blocksize, bits, n).to(torch.float32).to(F64)
+        for dtype in thin(n, FLOATS):
+            y0 = randn(n, dtype, seed=9)
+            y = y0.clone()
+            out = uf.dequantize_axpy_(y, codes, scales, -0.37, blocksize, bits)
+            assert out is y
+            expected = y0.clone()
+            reference.dequantize_axpy_(expected, codes, scales, -0.37, blocksize, bits)
+            assert torch.equal(y, expected)
+            # Independent float64 check within the dtype's tolerance.
+            assert_close(y, y0.to(F64) - 0.37 * deq, dtype=dtype, scale=float(deq.abs().max()) + 1)
+
+
+# ----------------------------------------------------------------------------- L-BFGS
+def curvature_pairs(m, p, dtype=F64, seed=0):
+    """Pairs from a random SPD quadratic's gradients: s'y > 0, well conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(m, p, generator=g, dtype=F64)
+    diag = 0.5 + torch.rand(p, generator=g, dtype=F64)  # Hessian diag(0.5..1.5)
+    Y = S * diag + 0.01 * torch.randn(m, p, generator=g, dtype=F64)
+    return S.to(dtype), Y.to(dtype)
+
+
+def dense_b(S, Y, sigma, Minv):
+    S, Y = S.to(F64), Y.to(F64)
+    W = torch.cat([Y.T, sigma * S.T], 1)  # (p, 2m)
+    return sigma * torch.eye(S.shape[1], dtype=F64) - W @ Minv @ W.T
+
+
+def bfgs_recursion(S, Y, sigma):
+    """B_{k+1} = B_k - B_k s s' B_k / s'B_k s + y y' / y's from B_0 = sigma I, oldest pair first."""
+    S, Y = S.to(F64), Y.to(F64)
+    B = float(sigma) * torch.eye(S.shape[1], dtype=F64)
+    for s, y in zip(S, Y):
+        Bs = B @ s
+        B = B - torch.outer(Bs, Bs) / (s @ Bs) + torch.outer(y, y) / (y @ s)
+    return B
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, F64))
+def test_lbfgs_gram_and_compact(backend, dtype):
+    for p in SIZES:
+        m = min(4, p)
+        S, Y = curvature_pairs(m, p, dtype, seed=p)
+        SS, SY = kernel("lbfgs_gram", "cpu")(S, Y)  # the forced backend's kernel
+        S64, Y64 = S.to(F64), Y.to(F64)
+        scale = float(S64.norm() * Y64.norm())
+        assert_close(SS, S64 @ S64.T, dtype=F64, scale=scale)
+        assert_close(SY, S64 @ Y64.T, dtype=F64, scale=scale)
+        sigma, Minv = uf.lbfgs_compact(S, Y)
+        ref_sigma, ref_Minv = reference.lbfgs_compact_from_gram(*reference.lbfgs_gram(S, Y), False, 1e-3)
+        assert_close(sigma, ref_sigma, dtype=F64)
+        assert_close(Minv, ref_Minv, dtype=F64, scale=float(ref_Minv.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, F64))
+def test_lbfgs_matvec_equals_reference(backend, dtype):
+    for p in SIZES:
+        m = min(3, p)
+        S, Y = curvature_pairs(m, p, dtype, seed=p + 1)
+        sigma, Minv = uf.lbfgs_compact(S, Y)
+        for V in (randn(p, dtype, seed=1), randn(p * 3, dtype, seed=2).view(p, 3)):
+            BV = uf.lbfgs_matvec(S, Y, sigma, Minv, V)
+            assert BV.shape == V.shape and BV.dtype == V.dtype
+            expected = reference.lbfgs_matvec(S, Y, sigma, Minv, V)
+            assert_close(BV, expected, scale=float(expected.abs().max()))
+
+
+def test_lbfgs_matvec_against_dense_b_and_bfgs_recursion(backend):
+    p, m = 40, 5
+    S, Y = curvature_pairs(m, p, seed=7)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    B = dense_b(S, Y, sigma, Minv)
+    B_recursion = bfgs_recursion(S, Y, sigma)
+    assert_close(B, B_recursion, dtype=F64, scale=10.0)
+    V = randn(p * 4, F64, seed=5).view(p, 4)
+    assert_close(uf.lbfgs_matvec(S, Y, sigma, Minv, V), B_recursion @ V, dtype=F64, scale=10.0)
+    assert_close(uf.lbfgs_matvec(S, Y, sigma, Minv, V[:, 0]), B_recursion @ V[:, 0], dtype=F64, scale=10.0)
+    # Secant equation of the newest pair; sigma is its s'y / s's.
+    assert_close(uf.lbfgs_matvec(S, Y, sigma, Minv, S[-1]), Y[-1], dtype=F64, scale=10.0)
+    assert_close(sigma, (S[-1] @ Y[-1]) / (S[-1] @ S[-1]), dtype=F64)
+
+
+def test_lbfgs_skip_bad_pairs(backend):
+    p = 300
+    S, Y = curvature_pairs(4, p, seed=8)
+    Y[1] = -Y[1]  # s'y < 0
+    with pytest.raises(ValueError, match=r"pairs \[1\].*skip_bad_pairs"):
+        uf.lbfgs_compact(S, Y)
+    sigma, Minv = uf.lbfgs_compact(S, Y, skip_bad_pairs=True)
+    keep = torch.tensor([0, 2, 3])
+    sigma_kept, Minv_kept = uf.lbfgs_compact(S[keep], Y[keep])
+    assert_close(sigma, sigma_kept, dtype=F64)
+    V = randn(p, F64, seed=3)
+    assert_close(
+        uf.lbfgs_matvec(S, Y, sigma, Minv, V),
+        bfgs_recursion(S[keep], Y[keep], sigma_kept) @ V,
+        dtype=F64,
+        scale=10.0,
+    )
+    Y[:] = -Y.abs() * S.sign()
+    with pytest.raises(ValueError, match="no pair"):
+        uf.lbfgs_compact(S, Y, skip_bad_pairs=True)
+
+
+# ----------------------------------------------------------------------------- qn_step_
+def qn_inputs(p, m, dtype, seed=0):
+    S, Y = curvature_pairs(m, p, dtype, seed=seed)
+    w = randn(p, dtype, seed=seed + 1)
+    w_ref = (w.to(F64) + 0.1 * randn(p, F64, seed=seed + 2)).to(dtype)
+    g_ref, g_extra = randn(p, dtype, seed=seed + 3), randn(p, dtype, seed=seed + 4)
+    return w, w_ref, g_ref, g_extra, S, Y
+
+
+COEFFS = dict(eta=0.05, alpha=1.3, beta=0.3, lam=1e-2)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", (torch.float32, F64))
+def test_qn_step_equals_reference(backend, n, dtype):
+    m = min(3, n)
+    w0, w_ref, g_ref, g_extra, S, Y = qn_inputs(n, m, dtype, seed=n)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    w = w0.clone()
+    norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, **COEFFS)
+    expected_w = w0.clone()
+    expected_norm = reference.qn_step_(expected_w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, *COEFFS.values(), None, None, 256, 8)
+    assert norm.dtype == F64 and norm.dim() == 0
+    assert_close(w, expected_w, scale=float(expected_w.abs().max()))
+    assert_close(norm, expected_norm, dtype=dtype)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", (4, 8))
+def test_qn_step_quantized_pairs_equals_reference(backend, n, bits):
+    m = min(3, n) if n < 100_000 else 2
+    for dtype, blocksize in thin(n, ((torch.float32, 64), (F64, 4096))):
+        w0, w_ref, g_ref, g_extra, S, Y = qn_inputs(n, m, dtype, seed=n + 5)
+        S_codes, S_scales = uf.quantize_rows(S.float(), blocksize, bits)
+        Y_codes, Y_scales = uf.quantize_rows(Y.float(), blocksize, bits)
+        S_hat = reference.dequantize_rows(S_codes, S_scales, blocksize, bits, n)
+        Y_hat = reference.dequantize_rows(Y_codes, Y_scales, blocksize, bits, n)
+        sigma, Minv = uf.lbfgs_compact(S_hat, Y_hat, skip_bad_pairs=True)
+        w = w0.clone()
+        norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S_codes, Y_codes, sigma, Minv, **COEFFS,
+                           S_scales=S_scales, Y_scales=Y_scales, blocksize=blocksize, bits=bits)
+        # The same step with the dequantized pairs given densely.
+        expected_w = w0.clone()
+        expected_norm = reference.qn_step_(expected_w, w_ref, g_ref, g_extra, S_hat.to(dtype), Y_hat.to(dtype),
+                                           sigma, Minv, *COEFFS.values(), None, None, 256, 8)
+        assert_close(w, expected_w, scale=float(expected_w.abs().max()))
+        assert_close(norm, expected_norm, dtype=dtype)
+
+
+def test_qn_step_against_dense_formula(backend):
+    p, m = 50, 4
+    w0, w_ref, g_ref, g_extra, S, Y = qn_inputs(p, m, F64, seed=21)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    B = bfgs_recursion(S, Y, sigma)
+    eta, alpha, beta, lam = COEFFS.values()
+    g = alpha * (B @ (w0 - w_ref) + g_ref + lam * w_ref) - beta * (g_extra + lam * w0)
+    w = w0.clone()
+    norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam)
+    assert_close(w, w0 - eta * g, dtype=F64, scale=10.0)
+    assert_close(norm, torch.linalg.vector_norm(eta * g), dtype=F64)
+
+
+# ----------------------------------------------------------------------------- opcheck and compile
+def op_samples():
+    x = randn(1000, seed=1)
+    codes, scales = reference.quantize_blockwise(x, 64, 8, False, 0)
+    codes4, scales4 = reference.quantize_blockwise(x, 64, 4, False, 0)
+    w, w_ref, g_ref, g_extra, S, Y = qn_inputs(1000, 3, torch.float32, seed=2)
+    sigma, Minv = reference.lbfgs_compact_from_gram(*reference.lbfgs_gram(S, Y), False, 1e-3)
+    Sc, Ss = uf.quantize_rows(S, 128, 4)
+    Yc, Ys = uf.quantize_rows(Y, 128, 4)
+    return [
+        ("quantize_blockwise", (x, 64, 8, False, 0)),
+        ("quantize_blockwise", (x.to(torch.bfloat16), 128, 4, True, 3)),
+        ("dequantize_blockwise", (codes, scales, 64, 8, 1000, torch.float32)),
+        ("dequantize_blockwise", (codes4, scales4, 64, 4, 1000, torch.float16)),
+        ("dequantize_axpy_", (randn(1000, seed=5), codes, scales, 0.5, 64, 8)),
+        ("lbfgs_compact", (S, Y, False, 1e-3)),
+        ("lbfgs_matvec", (S, Y, sigma, Minv, randn(1000 * 2, seed=6).view(1000, 2))),
+        ("qn_step_", (w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, 0.1, 1.0, 0.2, 0.01)),
+        ("qn_step_", (w, w_ref, g_ref, g_extra, Sc, Yc, sigma, Minv, 0.1, 1.0, 0.2, 0.01, Ss, Ys, 128, 4)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_opcheck(backend, index):
+    name, args = op_samples()[index]
+    torch.library.opcheck(getattr(torch.ops.unlearn_fast, name).default, args)
+
+
+def test_ops_under_torch_compile_fullgraph(backend):
+    def replay(x, y, S, Y, V, w, w_ref, g_ref, g_extra):
+        codes, scales = torch.ops.unlearn_fast.quantize_blockwise(x * 2.0, 128, 8, True, 1)
+        x_hat = torch.ops.unlearn_fast.dequantize_blockwise(codes, scales, 128, 8, x.numel(), torch.float32)
+        y = y.clone()
+        torch.ops.unlearn_fast.dequantize_axpy_(y, codes, scales, 0.5, 128, 8)
+        sigma, Minv = torch.ops.unlearn_fast.lbfgs_compact(S, Y)
+        BV = torch.ops.unlearn_fast.lbfgs_matvec(S, Y, sigma, Minv, V)
+        w = w.clone()
+        norm = torch.ops.unlearn_fast.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, 0.1, 1.0, 0.2, 0.01)
+        return x_hat + 1.0, y, BV * 2.0, w, norm
+
+    w, w_ref, g_ref, g_extra, S, Y = qn_inputs(3000, 3, torch.float32, seed=4)
+    args = (randn(3000, seed=1), randn(3000, seed=2), S, Y, randn(3000, seed=3), w, w_ref, g_ref, g_extra)
+    torch._dynamo.reset()
+    compiled = torch.compile(replay, fullgraph=True)
+    for actual, expected in zip(compiled(*args), replay(*args)):
+        assert_close(actual, expected, scale=float(expected.abs().max()))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_quantize(backend):
+    x = randn(100)
+    cases = [
+        (dict(x=x.to(torch.int32)), "x must be float32"),
+        (dict(x=x.to(F64)), "x must be float32"),
+        (dict(x=torch.empty(0)), "x is empty"),
+        (dict(x=x, blocksize=48), "blocksize must be a power of two"),
+        (dict(x=x, blocksize=16), "blocksize"),
+        (dict(x=x, blocksize=8192), "blocksize"),
+        (dict(x=x, bits=3), "bits must be 4 or 8"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            uf.quantize_blockwise(**kwargs)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x_bad = x.clone()
+        x_bad[70] = bad
+        with pytest.raises(ValueError, match=r"x contains NaN or Inf \(first in block 1, elements 64\.\.99\)"):
+            uf.quantize_blockwise(x_bad, 64, 8)
+
+
+def test_non_contiguous_inputs_are_handled(backend):
+    x = randn(2000, seed=1)
+    strided = x[::2]
+    assert not strided.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(uf.quantize_blockwise(strided, 64), uf.quantize_blockwise(strided.clone(), 64)))
+    S, Y = curvature_pairs(3, 1000, torch.float32)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    V = randn(2000, seed=2).view(1000, 2)
+    assert torch.equal(uf.lbfgs_matvec(S, Y, sigma, Minv, V[:, 0]), uf.lbfgs_matvec(S, Y, sigma, Minv, V[:, 0].clone()))
+    # In-place outputs must be contiguous: said plainly rather than silently copied.
+    codes, scales = uf.quantize_blockwise(x[:1000], 64)
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        uf.dequantize_axpy_(x[::2], codes, scales, 1.0, 64, 8)
+
+
+def test_bad_input_dequantize_and_axpy(backend):
+    x = randn(1000)
+    codes, scales = uf.quantize_blockwise(x, 64, 8)
+    dq = uf.dequantize_blockwise
+    cases = [
+        (lambda: dq(codes.to(torch.uint8), scales, 64, 8, 1000), "codes must be torch.int8"),
+        (lambda: dq(codes, scales.to(F64), 64, 8, 1000), "scales must be float32"),
+        (lambda: dq(codes, scales, 64, 8, 999), "codes has 1000 elements"),
+        (lambda: dq(codes[:999], scales[:15], 64, 4, 1000), "codes must be torch.uint8"),
+        (lambda: dq(codes, scales[:10], 64, 8, 1000), "scales has 10 elements"),
+        (lambda: dq(codes, scales, 64, 8, 0), "numel must be positive"),
+        (lambda: dq(codes, scales, 64, 8, 1000, torch.int32), "dtype must be one of"),
+        (lambda: dq(codes, scales, 96, 8, 1000), "blocksize"),
+        (lambda: dq(codes, scales, 64, 2, 1000), "bits"),
+        (lambda: dq(codes, scales.to("meta"), 64, 8, 1000), "scales is on meta"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    y = randn(1000, seed=2)
+    y0 = y.clone()
+    axpy_cases = [
+        (lambda: uf.dequantize_axpy_(y.to(torch.int32), codes, scales, 1.0, 64, 8), "y must be one of"),
+        (lambda: uf.dequantize_axpy_(torch.empty(0), codes, scales, 1.0, 64, 8), "y is empty"),
+        (lambda: uf.dequantize_axpy_(y, codes[:999], scales, 1.0, 64, 8), "codes has 999 elements"),
+        (lambda: uf.dequantize_axpy_(y, codes, scales[:3], 1.0, 64, 8), "scales has 3 elements"),
+        (lambda: uf.dequantize_axpy_(y, codes, scales, 1.0, 128, 8), "scales has 16 elements"),
+        (lambda: uf.dequantize_axpy_(y, codes, scales, 1.0, 64, 4), "codes must be torch.uint8"),
+        (lambda: uf.dequantize_axpy_(y, codes.to("meta"), scales, 1.0, 64, 8), "codes is on meta"),
+    ]
+    for call, message in axpy_cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert torch.equal(y, y0)
+
+
+def test_bad_input_lbfgs(backend):
+    S, Y = curvature_pairs(3, 100)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    V = randn(100, F64)
+    cases = [
+        (lambda: uf.lbfgs_compact(S[0], Y[0]), r"S must be \(m, p\)"),
+        (lambda: uf.lbfgs_compact(S, Y[:2]), "Y shape"),
+        (lambda: uf.lbfgs_compact(S.to(torch.int64), Y.to(torch.int64)), "S must be float32 or float64"),
+        (lambda: uf.lbfgs_compact(S, Y.float()), "Y dtype"),
+        (lambda: uf.lbfgs_compact(S[:0], Y[:0]), "at least one curvature pair"),
+        (lambda: uf.lbfgs_compact(S, Y.to("meta")), "Y is on meta"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma, Minv, V[:99]), "V has 99 rows"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma, Minv, V.view(1, 100, 1)), "V must be"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma, Minv, V.to(torch.int64)), "V must be float32 or float64"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma.float(), Minv, V), "sigma must be"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma, Minv[:4, :4], V), "Minv must be"),
+        (lambda: uf.lbfgs_matvec(S, Y, sigma, Minv, torch.empty(0, dtype=F64)), "V has 0 rows"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_bad_input_qn_step_leaves_w_unchanged(backend):
+    p = 300
+    w, w_ref, g_ref, g_extra, S, Y = qn_inputs(p, 3, torch.float32)
+    sigma, Minv = uf.lbfgs_compact(S, Y)
+    Sc, Ss = uf.quantize_rows(S, 64, 8)
+    Yc, Ys = uf.quantize_rows(Y, 64, 8)
+    w0 = w.clone()
+    c = tuple(COEFFS.values())
+
+    def step(**changes):
+        args = dict(w=w, w_ref=w_ref, g_ref=g_ref, g_extra=g_extra, S=S, Y=Y, sigma=sigma, Minv=Minv)
+        extra = {k: v for k, v in changes.items() if k not in args}  # S_scales, Y_scales, blocksize, bits
+        args.update({k: v for k, v in changes.items() if k in args})
+        return lambda: uf.qn_step_(*args.values(), *c, **extra)
+
+    quantized = dict(S=Sc, Y=Yc, S_scales=Ss, Y_scales=Ys, blocksize=64, bits=8)
+    cases = [
+        (step(w_ref=w_ref[:-1]), "w_ref shape"),
+        (step(g_ref=g_ref.double()), "g_ref dtype"),
+        (step(g_extra=g_extra.to("meta")), "g_extra is on meta"),
+        (step(S=S.double(), Y=Y.double()), "S dtype"),
+        (step(S=S[:, :-1], Y=Y[:, :-1]), "S has 299 columns"),
+        (step(Y=Y[:2]), "Y shape"),
+        (step(Minv=Minv[:2]), "Minv must be"),
+        (step(w=torch.empty(0)), "w must be a non-empty"),
+        (step(w=w.to(torch.float16)), "w must be float32 or float64"),
+        (lambda: uf.qn_step_(torch.randn(600)[::2], w_ref, g_ref, g_extra, S, Y, sigma, Minv, *c), "w must be contiguous"),
+        (step(**{**quantized, "Y_scales": None}), "give both S_scales and Y_scales"),
+        (step(**{**quantized, "bits": 5}), "bits must be 4 or 8"),
+        (step(**{**quantized, "blocksize": 100}), "blocksize must be a power of two"),
+        (step(**{**quantized, "bits": 4}), "quantized S must be torch.uint8"),
+        (step(**{**quantized, "S_scales": Ss[:, :2]}), "S_scales must be float32 of shape"),
+        (step(**{**quantized, "Y": Yc[:, :-1], "S": Sc[:, :-1]}), "quantized S rows hold 299 bytes"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert torch.equal(w, w0)
+
+
+def test_cpp_kernels_reject_bad_input_without_crashing():
+    from unlearn_fast import _C  # direct calls bypass ops.py's checks
+    x = randn(100)
+    codes, scales = reference.quantize_blockwise(x, 64, 8, False, 0)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        _C.quantize_blockwise_cpu(x, 64, 3, False, 0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        _C.quantize_blockwise_cpu(torch.randn(200)[::2], 64, 8, False, 0)
+    with pytest.raises(RuntimeError, match="codes has the wrong number"):
+        _C.dequantize_blockwise_cpu(codes[:50], scales, 64, 8, 100, torch.float32)
+    with pytest.raises(RuntimeError, match="S and Y must be"):
+        _C.lbfgs_gram_cpu(torch.randn(2, 5), torch.randn(2, 6))
+    S, Y = curvature_pairs(2, 10)
+    sigma, Minv = reference.lbfgs_compact_from_gram(*reference.lbfgs_gram(S, Y), False, 1e-3)
+    with pytest.raises(RuntimeError, match="Minv must be"):
+        _C.lbfgs_matvec_cpu(S, Y, sigma, Minv[:2, :2].contiguous(), torch.randn(10, dtype=F64))
