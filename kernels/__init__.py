@@ -5,3 +5,4 @@ Installed as unlearn_fast.kernels. Functions are named after the ops and take th
 """
 from .codec import dequantize_axpy_, dequantize_blockwise, quantize_blockwise
 from .lbfgs import lbfgs_gram, lbfgs_matvec, qn_step_
+from .softmax_linear_hvp import softmax_linear_hvp

@@ -1,6 +1,7 @@
 """unlearn_fast: fast, measured machine unlearning for PyTorch."""
 from . import ops
 from .backends import backends, use_backend
+from .influence import hvp, ihvp, influence, self_influence, tracin  # influence.py re-exports hvp, ihvp
 from .ops import (
     dequantize_axpy_,
     dequantize_blockwise,

@@ -3,8 +3,8 @@
 hvp(loss_fn, model, vectors, batch) returns H v_j for k vectors at once, H the Hessian (or the
 Gauss-Newton matrix) of the mean loss loss_fn(model(inputs), targets) over batch = (inputs, targets)
 with respect to the trainable parameters. The forward pass and the first backward pass are shared
-by all k vectors: they are computed once (torch.func.vjp of the gradient, or linearize for the
-forward-over-reverse mode) and the k vectors are pushed through the resulting linear map with vmap.
+by all k vectors: torch.func.vjp of the gradient runs them once and keeps the graph, through which vmap
+pushes the k vectors (forward-over-reverse: vmap of jvp of the gradient, where only tangents are batched).
 ihvp solves (H + damping I) x_j = v_j for all j with batched conjugate gradients or LiSSA and
 reports how far it got.
 """
@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 import torch
-from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 MODES = ("rev-rev", "fwd-rev")
 KINDS = ("hessian", "ggn")
@@ -164,49 +164,63 @@ def _data_chunks(batch, data_chunk_size, op):
 
 
 # ----------------------------------------------------------------------------- the batched product
-def _hessian_products(problem, batch, V, mode):
-    """H v for every row of V (k, p) on one data chunk; forward and first backward computed once."""
+def _hessian_map(problem, batch, mode):
+    """The linear map v -> H v on one data chunk, vmapped over a leading k; forward and first backward run here, once."""
     loss_grad = grad(lambda prims: problem.loss_of(prims, batch))
     if mode == "rev-rev":
         # H is symmetric, so the vector-Jacobian product of the gradient map is H v.
         _, pull = vjp(loss_grad, problem.primals)
-        return vmap(lambda *v: pull(v)[0])(*_split(problem, V))
-    _, push = linearize(loss_grad, problem.primals)
-    return vmap(lambda *v: push(v))(*_split(problem, V))
+        return vmap(lambda *v: pull(v)[0])
+    # Forward-over-reverse: inside vmap only the tangents carry the batch dimension, so the primal
+    # forward and backward run once per call for all k vectors (torch.func.linearize, which would
+    # also reuse them across calls, costs more in tracing than it saves here: see the benchmark).
+    return vmap(lambda *v: jvp(loss_grad, (problem.primals,), (v,))[1])
 
 
-def _ggn_products(problem, batch, V, mode):
-    """J' H_L J v: J the Jacobian of the model outputs, H_L the Hessian of the loss in the outputs."""
+def _ggn_map(problem, batch, mode):
+    """v -> J' H_L J v: J the Jacobian of the model outputs, H_L the Hessian of the loss in the outputs."""
     if problem.output_of is None:
         raise ValueError("hvp: kind='ggn' needs an nn.Module (model outputs), not a dict of parameters")
     inputs, targets = batch
-    outputs, pull_outputs = vjp(lambda prims: problem.output_of(prims, inputs), problem.primals)
+    outputs_of = lambda prims: problem.output_of(prims, inputs)
+    outputs, pull_outputs = vjp(outputs_of, problem.primals)
     if mode == "rev-rev":
-        push_outputs = lambda *v: jvp(lambda prims: problem.output_of(prims, inputs), (problem.primals,), (v,))[1]
+        # J v as the transpose of the saved pullback (a vjp of the vjp): no new forward pass.
+        zeros = torch.zeros_like(outputs)
+        _, pull_transpose = vjp(lambda u: pull_outputs(u)[0], zeros)
+        push_outputs = lambda *v: pull_transpose(v)[0]
     else:
-        _, push_linear = linearize(lambda prims: problem.output_of(prims, inputs), problem.primals)
-        push_outputs = lambda *v: push_linear(v)
-    Jv = vmap(push_outputs)(*_split(problem, V))
+        push_outputs = lambda *v: jvp(outputs_of, (problem.primals,), (v,))[1]
     _, pull_loss = vjp(grad(lambda out: problem.loss_of_output(out, targets)), outputs.detach())
-    HJv = vmap(lambda u: pull_loss(u)[0])(Jv)
-    return vmap(lambda u: pull_outputs(u)[0])(HJv)
+    push_all, pull_loss_all = vmap(push_outputs), vmap(lambda u: pull_loss(u)[0])
+    pull_all = vmap(lambda u: pull_outputs(u)[0])
+    return lambda *v: pull_all(pull_loss_all(push_all(*v)))
 
 
-def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=None, data_chunk_size=None, op="hvp"):
-    """(k, p) -> (k, p): H V' row by row, chunked over k (chunk_size) and over the data (data_chunk_size)."""
+def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=None, data_chunk_size=None, op="hvp", cache=None):
+    """(k, p) -> (k, p): H V' row by row, chunked over k (chunk_size) and over the data (data_chunk_size).
+
+    cache: a dict that keeps each data chunk's linear map (its saved forward/backward graph) for later
+    calls at the same parameters, as the iterative solvers make; None rebuilds it every call.
+    """
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
     if kind not in KINDS:
         raise ValueError(f"{op}: kind must be one of {KINDS}, got {kind!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1 or None, got {chunk_size}")
-    products = _hessian_products if kind == "hessian" else _ggn_products
+    build = _hessian_map if kind == "hessian" else _ggn_map
     k = V.shape[0]
     step = chunk_size or k
     out = torch.zeros_like(V)
-    for weight, sub in _data_chunks(batch, data_chunk_size, op):
+    for index, (weight, sub) in enumerate(_data_chunks(batch, data_chunk_size, op)):
+        linear_map = cache.get(index) if cache is not None else None
+        if linear_map is None:
+            linear_map = build(problem, sub, mode)
+            if cache is not None:
+                cache[index] = linear_map
         for s in range(0, k, step):
-            hv = products(problem, sub, V[s : s + step], mode)
+            hv = linear_map(*_split(problem, V[s : s + step]))
             out[s : s + step].add_(_cat(hv, hv[0].shape[0]), alpha=weight)
     bad = ~torch.isfinite(out).all(dim=1)
     if bool(bad.any()):
@@ -221,7 +235,7 @@ def hvp(loss_fn, model_or_params, vectors, batch, mode="rev-rev", kind="hessian"
     model_or_params: an nn.Module (loss = loss_fn(model(inputs), targets), batch = (inputs, targets)) or a
     dict name -> tensor (loss = loss_fn(params_dict, batch)). vectors: a (k, p) or (p,) tensor, parameters
     flattened in named_parameters order, or a dict name -> (k, *param.shape); the result has the same form.
-    mode: "rev-rev" (vjp of the gradient) or "fwd-rev" (jvp of the gradient, via linearize).
+    mode: "rev-rev" (vjp of the gradient, graph kept) or "fwd-rev" (vmap of jvp of the gradient).
     kind: "hessian" or "ggn" (Gauss-Newton J' H_L J; Modules only).
     chunk_size: vectors per pass (memory grows with it); data_chunk_size: samples per pass, valid when
     the loss is a mean over samples (chunk results are weighted by chunk size).
@@ -409,8 +423,11 @@ def ihvp(
     problem = make_problem(loss_fn, model_or_params, "ihvp")
     B, form = _to_flat(problem, vectors, "ihvp")
 
+    # The parameters stay fixed during a solve: keep the saved graphs unless the data is chunked to save memory.
+    cache = {} if data_chunk_size is None else None
+
     def matvec(V):
-        return flat_products(problem, batch, V, mode, kind, chunk_size, data_chunk_size, op="ihvp")
+        return flat_products(problem, batch, V, mode, kind, chunk_size, data_chunk_size, op="ihvp", cache=cache)
 
     if solver == "cg":
         X, report = batched_cg(matvec, B, damping, tol, max_iter or 100, on_failure)
