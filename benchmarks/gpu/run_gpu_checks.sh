@@ -80,11 +80,12 @@ for s in "${STEPS[@]}"; do
   case $s in
     build) step build 540 bash -c build || status=1 ;;
     nvcc) step nvcc_check 120 bash tests/nvcc_check.sh || status=1 ;;
-    cuda) step cuda_tests 420 "$PY" -m pytest tests/test_cuda_ops.py -q -rs -p no:cacheprovider \
-            --junitxml="$OUT/cuda_tests.xml" || status=1 ;;
+    cuda) step cuda_tests 420 "$PY" -m pytest tests/test_cuda_ops.py tests/test_hvp.py -k "cuda or CUDA" -q -rs \
+            -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" || status=1 ;;
     triton) step triton_tests 420 "$PY" -m pytest tests/triton -q -rs -p no:cacheprovider \
               --junitxml="$OUT/triton_tests.xml" || status=1 ;;
-    bench) step bench 480 "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} || status=1 ;;
+    bench) step bench 480 "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} || status=1
+           step bench_hvp 300 "$PY" benchmarks/bench_hvp.py --device cuda --out "$OUT/hvp_gpu" || status=1 ;;
     *) log "unknown step '$s' (steps: build nvcc cuda triton bench)"; status=1 ;;
   esac
 done
