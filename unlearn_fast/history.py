@@ -37,7 +37,9 @@ class HistoryPolicy:
       "all_epochs"  the same for every epoch (the multi-epoch baseline)
     codec: storage of recorded float vectors: fp32 (uncompressed; float64 models stay float64),
       bf16, int8 or int4 (blockwise absmax, `blocksize` values per scale).
-    rank: number of curvature eigenpairs in the summary.
+    rank: number of curvature eigenpairs in the summary; None sizes it to the training run:
+      min(p, max(16, steps // 6)), which keeps the summary under 1/12 + 1/(2 steps) of the
+      full trajectory's bytes (docs/mini_unlearning.md).
     params: which parameters the per-sample kinds record: a preset ("embeddings", "last_blocks:N",
       "all") or a list of name patterns (fnmatch).
     """
@@ -45,7 +47,7 @@ class HistoryPolicy:
     kind: str = "full"
     codec: str = "fp32"
     blocksize: int = 256
-    rank: int = 64
+    rank: object = None
     params: object = "all"
     per_sample: bool = False
     activations: bool = False
@@ -55,7 +57,7 @@ class HistoryPolicy:
             raise ValueError(f"HistoryPolicy: kind must be one of {KINDS}, got {self.kind!r}")
         if self.codec not in CODECS:
             raise ValueError(f"HistoryPolicy: codec must be one of {CODECS}, got {self.codec!r}")
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise ValueError(f"HistoryPolicy: rank must be >= 1, got {self.rank}")
 
 
@@ -325,7 +327,7 @@ class HistoryRecorder:
             self.ws.append(w.clone())
             self.gs.append(g.clone())
 
-    def finish(self, train_set, loss_fn, batch_size=1024, progress=False):
+    def finish(self, train_set, loss_fn, batch_size=1024):
         """Close the recording. For "full" and "minimal" this computes the final summary over train_set."""
         if not self.batches:
             raise ValueError("finish: nothing was recorded (call record() every training step)")
@@ -341,7 +343,7 @@ class HistoryRecorder:
             trajectory = {"w": EncodedRows.encode(self.ws, c, bs), "g": EncodedRows.encode(self.gs, c, bs)}
         from .methods.mini import final_summary
 
-        summary = final_summary(self.model, train_set, loss_fn, self.policy, batch_size=batch_size, progress=progress)
+        summary = final_summary(self.model, train_set, loss_fn, self.policy, len(self.batches), batch_size=batch_size)
         return GradientHistory(meta, schedule, trajectory, summary)
 
 

@@ -63,7 +63,11 @@ def _full_ggn_matmul(model, loss_fn, train_set, w, V, batch_size):
     return total
 
 
-def final_summary(model, train_set, loss_fn, policy, batch_size=1024, progress=False, power_iterations=2, oversample=8, seed=0):
+def summary_rank(policy, p, steps):
+    return min(p, policy.rank if policy.rank is not None else max(16, steps // 6))
+
+
+def final_summary(model, train_set, loss_fn, policy, steps, batch_size=1024, power_iterations=2, oversample=8, seed=0):
     """g*, the top-k GGN eigenpairs and rho at the model's current parameters (see module docstring)."""
     w = flat_params(model).clone()
     p, n = w.numel(), len(train_set)
@@ -73,7 +77,7 @@ def final_summary(model, train_set, loss_fn, policy, batch_size=1024, progress=F
         batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
         g_star += flat_grads(model) * (idx.numel() / n)
     model.zero_grad(set_to_none=True)
-    k = min(policy.rank, p)
+    k = summary_rank(policy, p, steps)
     width = min(k + oversample, p)
     gen = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(p, width, generator=gen, dtype=w.dtype)).Q
