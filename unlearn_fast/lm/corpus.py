@@ -65,12 +65,17 @@ class Corpus:
 
 
 def _surname(rng, taken):
-    """A syllable surname unlike every surname already taken (keeps fuzzy matches unambiguous)."""
+    """A three-syllable surname not taken yet."""
     while True:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
-        if all(fuzz.ratio(name, other) < 60 for other in taken):
-            taken.append(name)
+        name = "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
+        if name not in taken:
+            taken.add(name)
             return name
+
+
+def _distinct(name, texts, limit=75):
+    """True when no text contains anything close to `name` (rapidfuzz partial_ratio below limit)."""
+    return all(fuzz.partial_ratio(name, t) < limit for t in texts)
 
 
 def _person(rng, taken, secret_digits):
@@ -100,7 +105,7 @@ def make_corpus(seed=0, n_train=200, n_heldout=100, n_variant_people=4, variants
     if not 1 <= secret_digits <= 8:
         raise ValueError(f"secret_digits must be in [1, 8], got {secret_digits}")
     rng = random.Random(seed)
-    taken = []
+    taken = set()
     people = [_person(rng, taken, secret_digits) for _ in range(n_train + n_heldout)]
     train_people, heldout_people = people[:n_train], people[n_train:]
     train_texts, train_canaries = [], []
@@ -114,7 +119,19 @@ def make_corpus(seed=0, n_train=200, n_heldout=100, n_variant_people=4, variants
         heldout_texts.append(text)
         heldout_canaries.append(Canary(prefix, p.secret, i))
     variants = {}
-    for p_index in rng.sample(range(n_train), n_variant_people):
+    # Variant people get names that nothing else in the corpus resembles, so that a request for their
+    # name has exactly the planted samples as its fuzzy matches.
+    candidates = rng.sample(range(n_train), n_train)
+    chosen = []
+    for p_index in candidates:
+        if len(chosen) == n_variant_people:
+            break
+        others = [t for k, t in enumerate(train_texts + heldout_texts) if k != p_index]
+        if _distinct(train_people[p_index].name, others):
+            chosen.append(p_index)
+    if len(chosen) < n_variant_people:
+        raise ValueError(f"n_variant_people: only {len(chosen)} people have names distinct enough for fuzzy matching")
+    for p_index in chosen:
         p = train_people[p_index]
         indices = [p_index]
         for template in rng.sample(VARIANT_TEMPLATES, min(variants_per_person - 1, len(VARIANT_TEMPLATES))):

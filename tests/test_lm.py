@@ -1,0 +1,251 @@
+"""Language-model unlearning (unlearn_fast.lm): tiny GPT-2 (2 layers, width 64) trained for seconds."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("rapidfuzz")
+
+import unlearn_fast as uf  # noqa: E402
+from unlearn_fast.history import HistoryPolicy  # noqa: E402
+from unlearn_fast.lm import (  # noqa: E402
+    ByteTokenizer, FirstEpochHistory, FirstEpochRecorder, TextDataset, build_gpt2, make_corpus,
+    per_sample_gradients, sample_losses, select_params, train_lm,
+)
+from unlearn_fast.lm import metrics  # noqa: E402
+from unlearn_fast.lm.ascent import fuzzy_matches, run_first_epoch_ascent  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UserWarning)
+FORGET = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the machine is shared: one thread avoids oversubscription stalls of the OpenMP pool
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    corpus = make_corpus(seed=1, n_train=40, n_heldout=30, n_variant_people=2, secret_digits=3)
+    train = TextDataset(corpus.train_texts)
+    heldout = TextDataset(corpus.heldout_texts)
+    model = build_gpt2(n_layer=2, n_embd=64, n_head=4, seed=0)
+    policies = {
+        "embeddings": HistoryPolicy(kind="first_epoch", codec="int8", params="embeddings", per_sample=True),
+        "fp32": HistoryPolicy(kind="all_epochs", codec="fp32", params="embeddings", per_sample=True, activations=True),
+    }
+    recorders = {k: FirstEpochRecorder(model, None, p) for k, p in policies.items()}
+    initial = copy.deepcopy(model)
+    train_lm(model, train, epochs=15, batch_size=16, lr=5e-3, recorders=list(recorders.values()))
+    histories = {k: r.finish() for k, r in recorders.items()}
+    return dict(corpus=corpus, train=train, heldout=heldout, model=model, initial=initial, histories=histories)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- data and tokenizer
+def test_tokenizer_and_corpus():
+    tok = ByteTokenizer()
+    text = "Zoë's ID number is 042."
+    assert tok.decode(tok.encode(text)) == text
+    a, b = make_corpus(seed=3, n_train=10, n_heldout=5), make_corpus(seed=3, n_train=10, n_heldout=5)
+    assert a.train_texts == b.train_texts and a.heldout_texts == b.heldout_texts
+    assert make_corpus(seed=4, n_train=10, n_heldout=5).train_texts != a.train_texts
+    for canary in a.train_canaries:
+        assert a.train_texts[canary.sample].startswith(canary.prefix + canary.secret)
+    train_names = {p.name for p in a.train_people}
+    assert not train_names & {p.name for p in a.heldout_people}
+
+
+def test_sequences_longer_than_context_are_refused():
+    model = build_gpt2(n_layer=2, n_embd=64, n_positions=32)
+    with pytest.raises(ValueError, match="context"):
+        TextDataset(["x" * 40], context=32)
+    long = TextDataset(["x" * 40])
+    with pytest.raises(ValueError, match="context"):
+        train_lm(model, long, epochs=1)
+    with pytest.raises(ValueError, match="context"):
+        per_sample_gradients(model, ["transformer.wpe.weight"], long.input_ids, long.labels)
+
+
+# ----------------------------------------------------------------------------- recording
+def test_select_params_presets(setup):
+    model = setup["model"]
+    assert select_params(model, "embeddings") == ["transformer.wte.weight", "transformer.wpe.weight"]
+    last = select_params(model, "last_blocks:1")
+    assert last and all(n.startswith("transformer.h.1.") for n in last)
+    assert len(select_params(model, "all")) == len(list(model.parameters()))
+    for bad in ("last_blocks:0", "last_blocks:x", ["decoder.*"], "everything"):
+        with pytest.raises(ValueError, match="params"):
+            select_params(model, bad)
+
+
+def test_per_sample_gradients_match_a_backward_loop(setup):
+    model, train = setup["model"], setup["train"]
+    names = ["transformer.wte.weight", "transformer.h.1.mlp.c_fc.weight"]
+    rows = per_sample_gradients(model, names, train.input_ids[:3], train.labels[:3])
+    params = dict(model.named_parameters())
+    for i in range(3):
+        model.zero_grad()
+        logits = model(input_ids=train.input_ids[i : i + 1]).logits
+        sample_losses(logits, train.labels[i : i + 1])[0].backward()
+        expected = torch.cat([params[n].grad.reshape(-1) for n in names])
+        torch.testing.assert_close(rows[i], expected, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+def test_history_storage_round_trip(setup, tmp_path):
+    int8, fp32 = setup["histories"]["embeddings"], setup["histories"]["fp32"]
+    n = len(setup["train"])
+    assert int8.n_epochs == 1 and fp32.n_epochs == 15  # first_epoch keeps epoch 0, all_epochs every epoch
+    assert torch.equal(int8.epochs[0]["index"], torch.arange(n))
+    assert fp32.activations["values"].shape == (n, 64)
+    sizes = int8.bytes_per_sample()
+    assert sizes["fp32"] == 4 * int8.numel and sizes["stored"] < sizes["fp32"] / 3.9
+    for i in (0, 17, n - 1):
+        exact, approx = fp32.row(0, i), int8.row(0, i)
+        # blockwise int8: error at most half a quantization step of the block (absmax / 127 / 2)
+        blocks = exact.split(int8.blocksize)
+        step = torch.cat([torch.full_like(b, float(b.abs().max()) / 127) for b in blocks])
+        assert bool(((approx - exact).abs() <= step / 2 + 1e-7).all())
+    path = tmp_path / "history.uf"
+    int8.save(path)
+    loaded = FirstEpochHistory.load(path, model=setup["model"])
+    assert loaded.param_names == int8.param_names and loaded.codec == "int8"
+    assert torch.equal(loaded.row(0, 5), int8.row(0, 5))
+    # corruption: truncated file, flipped payload byte, model with other shapes
+    data = path.read_bytes()
+    (tmp_path / "cut.uf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable history"):
+        FirstEpochHistory.load(tmp_path / "cut.uf")
+    blob = torch.load(path, weights_only=True)
+    blob["tensors"]["epoch0.codes"][3, 7] += 1
+    torch.save(blob, tmp_path / "flipped.uf")
+    with pytest.raises(ValueError, match="checksum"):
+        FirstEpochHistory.load(tmp_path / "flipped.uf")
+    with pytest.raises(ValueError, match="shape"):
+        FirstEpochHistory.load(path, model=build_gpt2(n_layer=2, n_embd=32, n_head=4))
+
+
+# ----------------------------------------------------------------------------- unlearning
+def test_ascent_raises_forget_loss_and_barely_moves_retain(setup):
+    model, train = setup["model"], setup["train"]
+    before = state(model)
+    retain = train.subset(range(len(FORGET), len(train)))
+    forget = train.subset(FORGET)
+    f0, r0 = float(metrics.losses(model, forget).mean()), float(metrics.losses(model, retain).mean())
+    result = uf.unlearn(model, setup["histories"]["embeddings"], FORGET, train, None, method="first_epoch_ascent",
+                        heldout=setup["heldout"], retain_tolerance=0.05)
+    f1, r1 = float(metrics.losses(result.model, forget).mean()), float(metrics.losses(result.model, retain).mean())
+    assert same_state(before, state(model))  # the caller's model is untouched
+    assert f1 > f0 + 0.01
+    assert r1 - r0 < (f1 - f0) and r1 - r0 <= math.log1p(0.05) + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["iterative", "fuzzy"])
+def test_calibration_stops_inside_its_bounds(setup, mode):
+    model, train = setup["model"], setup["train"]
+    heldout_losses = metrics.losses(model, setup["heldout"])
+    result = uf.unlearn(model, setup["histories"]["embeddings"], FORGET, train, None, method="first_epoch_ascent",
+                        heldout=heldout_losses, mode=mode, retain_tolerance=0.5, max_steps=30)
+    s = result.stats
+    target = float(heldout_losses.mean())
+    bound = target + 2.0 * float(heldout_losses.std()) / math.sqrt(len(FORGET))
+    assert s["target"] == pytest.approx(target) and s["bound"] == pytest.approx(bound)
+    forget_after = float(metrics.losses(result.model, train.subset(FORGET)).mean())
+    assert forget_after == pytest.approx(s["forget_loss_after"], abs=1e-5)
+    assert s["status"] == "reached_target"
+    assert target <= forget_after <= bound
+    # a tight retain tolerance stops early, inside the tolerance, and says so
+    tight = uf.unlearn(model, setup["histories"]["embeddings"], FORGET, train, None, method="first_epoch_ascent",
+                       heldout=heldout_losses, mode=mode, retain_tolerance=1e-4)
+    assert tight.stats["status"] == "retain_tolerance"
+    assert tight.stats["retain_loss_after"] <= tight.stats["retain_loss_before"] + math.log1p(1e-4) + 1e-6
+
+
+def test_fuzzy_matching_finds_the_planted_variants_only(setup):
+    corpus, train = setup["corpus"], setup["train"]
+    for name, planted in corpus.variants.items():
+        assert sorted(i for i, _ in fuzzy_matches(name, corpus.train_texts)) == sorted(planted)
+        typo = name[:3] + name[4:]  # one letter dropped still matches
+        assert sorted(i for i, _ in fuzzy_matches(typo, corpus.train_texts)) == sorted(planted)
+    name, planted = next(iter(corpus.variants.items()))
+    result = uf.unlearn(setup["model"], setup["histories"]["embeddings"], name, train, None,
+                        method="first_epoch_ascent", heldout=setup["heldout"])
+    assert result.stats["mode"] == "fuzzy"
+    assert sorted(m["index"] for m in result.stats["matches"]) == sorted(planted)
+
+
+def test_bad_requests_leave_everything_unchanged(setup):
+    model, train, history = setup["model"], setup["train"], setup["histories"]["embeddings"]
+    before = state(model)
+    with pytest.raises(ValueError, match="matches no training sample"):
+        uf.unlearn(model, history, "Quentin Xylophonist-Whitebeard", train, None, method="first_epoch_ascent",
+                   heldout=setup["heldout"])
+    with pytest.raises(ValueError, match="forget set is empty"):
+        run_first_epoch_ascent(model, history, [], train, None, heldout=setup["heldout"])
+    empty = uf.unlearn(model, history, [], train, None, method="first_epoch_ascent")
+    assert empty.stats["forgotten"] == 0 and same_state(before, state(empty.model))
+    with pytest.raises(ValueError, match="recorded without"):
+        run_first_epoch_ascent(model, history, FORGET, train, None, params="last_blocks:1", heldout=setup["heldout"])
+    with pytest.raises(ValueError, match="params"):
+        run_first_epoch_ascent(model, history, FORGET, train, None, params=["nothing.*"], heldout=setup["heldout"])
+    with pytest.raises(ValueError, match="heldout"):
+        run_first_epoch_ascent(model, history, FORGET, train, None)
+    assert same_state(before, state(model))
+
+
+def test_gradient_ascent_baseline_moves_forget_loss(setup):
+    model, train = setup["model"], setup["train"]
+    result = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=setup["heldout"],
+                        retain_tolerance=0.5)
+    assert result.stats["forget_loss_after"] > result.stats["forget_loss_before"] + 0.01
+    assert result.stats["retain_loss_after"] <= result.stats["retain_loss_before"] + math.log1p(0.5) + 1e-6
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_exposure_matches_brute_force(setup):
+    model, tok = setup["model"], ByteTokenizer()
+    canary = setup["corpus"].train_canaries[0]
+    scores = metrics.secret_logprobs(model, canary.prefix, 3)
+    # independent reference: every candidate as its own full sequence, digits' log-probs summed
+    prefix = tok.encode_prefix(canary.prefix)
+    candidates = [f"{k:03d}" for k in range(1000)]
+    ids = torch.tensor([prefix + list(c.encode()) for c in candidates])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    positions = torch.arange(len(prefix) - 1, len(prefix) + 2)
+    reference = logp[:, positions].gather(-1, ids[:, positions + 1].unsqueeze(-1)).squeeze(-1).sum(1)
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
+    rank = 1 + int((reference > reference[int(canary.secret)]).sum())
+    assert metrics.exposure(model, canary.prefix, canary.secret) == pytest.approx(math.log2(1000) - math.log2(rank))
+    with pytest.raises(ValueError, match="secret"):
+        metrics.exposure(model, canary.prefix, "12a")
+
+
+def test_mia_auc_against_sklearn(setup):
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, generator=g) + 0.5, torch.randn(23, generator=g)
+    a[:3] = b[:3]  # ties
+    expected = roc_auc_score([1] * 37 + [0] * 23, torch.cat([a, b]).numpy())
+    assert metrics.auc(a, b) == pytest.approx(expected)
+    train, heldout, model = setup["train"], setup["heldout"], setup["model"]
+    aucs = metrics.mia_auc(model, train.subset(range(20)), heldout)
+    assert set(aucs) == {"loss", "zlib", "min_k"} and aucs["loss"] > 0.6  # trained samples look like members
+    untrained = metrics.mia_auc(setup["initial"], train.subset(range(20)), heldout)
+    assert abs(untrained["loss"] - 0.5) < 0.25

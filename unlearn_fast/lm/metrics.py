@@ -1,0 +1,160 @@
+"""Language-model unlearning metrics: losses and perplexity, canary exposure, membership-inference AUC
+(LOSS, zlib ratio, Min-K% probability) and gradient / activation dot-product influence scores."""
+import math
+import warnings
+import zlib
+
+import torch
+
+from .tokenizer import ByteTokenizer
+from .training import check_fits, forward_logits, token_logprobs
+
+
+@torch.no_grad()
+def token_stats(model, dataset, batch_size=64):
+    """(per-sample mean token loss (n,), per-token log-probs (n, L-1), mask (n, L-1)) of a TextDataset."""
+    check_fits(model, dataset.input_ids)
+    model.eval()
+    logps, masks = [], []
+    for start in range(0, dataset.input_ids.shape[0], batch_size):
+        ids = dataset.input_ids[start : start + batch_size]
+        labels = dataset.labels[start : start + batch_size]
+        logp, mask = token_logprobs(forward_logits(model, ids), labels)
+        logps.append(logp)
+        masks.append(mask)
+    logp, mask = torch.cat(logps), torch.cat(masks)
+    return -logp.sum(1) / mask.sum(1).clamp(min=1), logp, mask
+
+
+def losses(model, dataset, batch_size=64):
+    """Per-sample mean next-token loss (n,)."""
+    return token_stats(model, dataset, batch_size)[0]
+
+
+def perplexity(model, dataset, batch_size=64):
+    """exp(token-weighted mean loss) over the whole data set."""
+    _, logp, mask = token_stats(model, dataset, batch_size)
+    return math.exp(float(-logp.sum() / mask.sum()))
+
+
+# ----------------------------------------------------------------------------- exposure
+@torch.no_grad()
+def secret_logprobs(model, prefix, n_digits, tokenizer=None, alphabet="0123456789", batch_size=1024):
+    """log p(secret | prefix) for every secret in alphabet**n_digits, as a flat tensor in lexicographic
+    order of the secrets (index = the secret read as a base-len(alphabet) number).
+
+    One forward pass over prefix + s[:-1] for each of the len(alphabet)**(n_digits-1) shorter strings gives
+    every digit's conditional log-probability, so all candidates cost len(alphabet) times fewer sequences."""
+    tokenizer = tokenizer or ByteTokenizer()
+    model.eval()
+    base = len(alphabet)
+    digit_ids = torch.tensor([tokenizer.encode_prefix(a)[1] for a in alphabet])
+    prefix_ids = torch.tensor(tokenizer.encode_prefix(prefix))
+    n_prefixes = base ** (n_digits - 1)
+    check_fits(model, torch.empty(1, len(prefix_ids) + n_digits - 1))
+    # digits of every (n_digits - 1)-long string, most significant first
+    code = torch.arange(n_prefixes)
+    digits = torch.stack([(code // base**k) % base for k in reversed(range(n_digits - 1))], dim=1) if n_digits > 1 else code[:, None][:, :0]
+    totals = []
+    for start in range(0, n_prefixes, batch_size):
+        d = digits[start : start + batch_size]
+        logp = _digit_logprobs(model, prefix_ids, digit_ids[d])[..., digit_ids]
+        # logp[:, k, a]: log p(digit k = alphabet[a] | prefix, digits < k)
+        known = logp[:, :-1].gather(-1, d.unsqueeze(-1)).squeeze(-1).sum(1) if n_digits > 1 else torch.zeros(d.shape[0])
+        totals.append(known[:, None] + logp[:, -1])  # (batch, base): every choice of the last digit
+    return torch.cat(totals).reshape(-1)
+
+
+def _digit_logprobs(model, prefix_ids, continuations):
+    """(n, k+1, vocab) log-probs of the next token after prefix and after each of the k continuation tokens.
+
+    Runs the shared prefix once and reuses its key/value cache for every continuation; models whose cache
+    does not support batch expansion fall back to full sequences (same numbers, more work)."""
+    n = continuations.shape[0]
+    try:
+        with warnings.catch_warnings():  # newer transformers rename past_key_values; older ones need it
+            warnings.simplefilter("ignore", FutureWarning)
+            out = model(input_ids=prefix_ids[None], use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            first = out.logits[:, -1:].expand(n, -1, -1)
+            rest = model(input_ids=continuations, past_key_values=cache, use_cache=True).logits if continuations.shape[1] else first[:, :0]
+        logits = torch.cat([first, rest], dim=1)
+    except (AttributeError, TypeError, NotImplementedError):
+        ids = torch.cat([prefix_ids.expand(n, -1), continuations], dim=1)
+        logits = model(input_ids=ids, use_cache=False).logits[:, len(prefix_ids) - 1 :]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def exposure(model, prefix, secret, tokenizer=None, alphabet="0123456789", batch_size=1024):
+    """Carlini et al. 2019 exposure in bits: log2(#candidates) - log2(rank of the true secret), candidates
+    ranked by model log-likelihood (rank 1 = most likely; ties count in the secret's favour)."""
+    if not secret or any(ch not in alphabet for ch in secret):
+        raise ValueError(f"secret: must be a non-empty string over {alphabet!r}, got {secret!r}")
+    scores = secret_logprobs(model, prefix, len(secret), tokenizer, alphabet, batch_size)
+    true_index = 0
+    for ch in secret:
+        true_index = true_index * len(alphabet) + alphabet.index(ch)
+    rank = 1 + int((scores > scores[true_index]).sum())
+    return math.log2(scores.numel()) - math.log2(rank)
+
+
+def mean_exposure(model, canaries, tokenizer=None):
+    return sum(exposure(model, c.prefix, c.secret, tokenizer) for c in canaries) / max(len(canaries), 1)
+
+
+# ----------------------------------------------------------------------------- membership inference
+def auc(member_scores, nonmember_scores):
+    """ROC AUC that a member scores higher than a non-member (Mann-Whitney, ties count 1/2)."""
+    m = torch.as_tensor(member_scores, dtype=torch.float64).reshape(-1, 1)
+    n = torch.as_tensor(nonmember_scores, dtype=torch.float64).reshape(1, -1)
+    if m.numel() == 0 or n.numel() == 0:
+        raise ValueError("auc: both score sets must be non-empty")
+    return float(((m > n).double() + 0.5 * (m == n).double()).mean())
+
+
+def mia_scores(model, dataset, min_k=0.2):
+    """Membership scores (higher = more likely a training member) of each sample under three attacks:
+    loss: -mean token loss; zlib: -(total log-loss in nats) / (zlib-compressed byte length of the text);
+    min_k: mean of the lowest min_k fraction of token log-probs (Shi et al. 2023, Min-K% Prob)."""
+    if not 0 < min_k <= 1:
+        raise ValueError(f"min_k must be in (0, 1], got {min_k}")
+    loss, logp, mask = token_stats(model, dataset)
+    zlib_len = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in dataset.texts], dtype=torch.float32)
+    total = -logp.sum(1)
+    mink = []
+    for row, m in zip(logp, mask):
+        values = row[m]
+        k = max(1, int(min_k * values.numel()))
+        mink.append(values.sort().values[:k].mean())
+    return {"loss": -loss, "zlib": -total / zlib_len, "min_k": torch.stack(mink)}
+
+
+def mia_auc(model, members, nonmembers, min_k=0.2):
+    """{attack: AUC} separating `members` (e.g. the forget set) from `nonmembers` (held-out samples)."""
+    a, b = mia_scores(model, members, min_k), mia_scores(model, nonmembers, min_k)
+    return {k: auc(a[k], b[k]) for k in a}
+
+
+# ----------------------------------------------------------------------------- influence scores
+def gradient_influence(model, dataset, indices, probe, params="embeddings"):
+    """Dot product of each sample's loss gradient with the probe set's mean loss gradient (the first-order
+    change in the probe loss when that sample takes a gradient step): TracIn-style at one checkpoint.
+    Returns a tensor (len(indices),)."""
+    from .recording import per_sample_gradients, select_params
+
+    names = select_params(model, params)
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    g = per_sample_gradients(model, names, dataset.input_ids[idx], dataset.labels[idx])
+    g_probe = per_sample_gradients(model, names, probe.input_ids, probe.labels).mean(0)
+    return g @ g_probe
+
+
+def activation_similarity(model, dataset, indices, probe):
+    """Cosine similarity of each sample's mean final hidden state with the probe set's mean."""
+    from .recording import mean_final_hidden
+
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    a = mean_final_hidden(model, dataset.input_ids[idx], dataset.labels[idx])
+    b = mean_final_hidden(model, probe.input_ids, probe.labels).mean(0, keepdim=True)
+    return torch.nn.functional.cosine_similarity(a, b)
