@@ -236,6 +236,7 @@ def plot(rows, path):
         axes[0, j].set_ylabel("speed-up over retrain (x)")
         axes[0, j].set_yscale("log")
         axes[1, j].set_ylabel("|w - w_retrain| / |w_orig - w_retrain|")
+        axes[1, j].set_yscale("log")  # DeltaGrad diverges on some MLP runs
         axes[1, j].set_xlabel("unlearning ratio (%)")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
