@@ -308,3 +308,27 @@ def test_audit_report(tmp_path, trained):
     assert report["unlearned"] == report["retrained"]
     assert json.loads(path.read_text())["relative_distance"] == 0.0
     assert uf.metrics.poison_recovery(0.8, 0.6, 0.7) == pytest.approx(2.0)
+
+
+def test_manifest_with_missing_entries_is_a_value_error(tmp_path, trained):
+    _, _, history = trained
+    path = history.save(str(tmp_path / "h"))
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    del manifest["files"]["schedule.lrs"]
+    open(os.path.join(path, "manifest.json"), "w").write(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lacks or mangles"):
+        uf.GradientHistory.load(path)
+
+
+def test_metrics_restore_training_mode_and_handle_a_zero_gap():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
+    model.train()
+    X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    uf.metrics.accuracy(model, X, y)
+    uf.metrics.per_sample_losses(model, X, y)
+    assert model.training
+    other = copy.deepcopy(model)
+    assert uf.metrics.relative_distance(model, model, model) == 0.0
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    assert uf.metrics.relative_distance(other, model, model) == float("inf")

@@ -6,8 +6,8 @@ bytes it read):
              optimizer's class and hyper-parameters (what `retrain` replays).
   trajectory kind="full": every step's parameters w_t and batch gradient g_t (what DeltaGrad reads).
   summary    kind="full" or "minimal": at the final parameters w*, the full-data loss gradient g* and a
-             rank-k sketch of the loss curvature (Gauss-Newton eigenpairs U, Lambda, plus the mean
-             remaining eigenvalue rho): what Mini-Unlearning reads (docs/mini_unlearning.md).
+             rank-k sketch of the loss curvature (Gauss-Newton eigenpairs U, Lambda; Mini-Unlearning
+             models the rest by the smallest kept eigenvalue): what it reads (docs/mini_unlearning.md).
 Float vectors are stored through a codec (fp32, bf16, int8, int4; int codecs use the blockwise ops).
 """
 import dataclasses
@@ -139,7 +139,7 @@ class GradientHistory:
         self.meta = meta  # policy, param_spec, optimizer, n_train, weight_decay, momentum
         self.schedule = schedule  # {"w0": (p,), "batches": [LongTensor], "lrs": (T, groups) float64}
         self.trajectory = trajectory  # {"w": EncodedRows, "g": EncodedRows} or None
-        self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals", "rho"} or None
+        self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals"} or None
 
     # -- facts methods rely on
     @property
@@ -204,6 +204,7 @@ class GradientHistory:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".history-", dir=parent)
+        old = None
         try:
             files = {}
             for name, tensor in arrays.items():
@@ -213,7 +214,6 @@ class GradientHistory:
             manifest = {"format_version": FORMAT_VERSION, "meta": self.meta, "encoded": encoded, "files": files}
             with open(os.path.join(tmp, "manifest.json"), "w") as f:
                 json.dump(manifest, f, indent=1)
-            old = None
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix=".history-old-", dir=parent)
                 os.replace(path, os.path.join(old, "h"))
@@ -222,6 +222,9 @@ class GradientHistory:
                 shutil.rmtree(old)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old and not os.path.exists(path) and os.path.exists(os.path.join(old, "h")):
+                os.replace(os.path.join(old, "h"), path)  # put the previous history back
+                shutil.rmtree(old, ignore_errors=True)
             raise
         return path
 
@@ -236,8 +239,16 @@ class GradientHistory:
                 manifest = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"history: manifest.json in {path!r} is corrupted ({err})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"history: format_version {manifest.get('format_version')} in {path!r}, expected {FORMAT_VERSION}")
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise ValueError(f"history: format_version {version} in {path!r}, expected {FORMAT_VERSION}")
+        try:
+            return cls._from_manifest(path, manifest)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"history: manifest.json in {path!r} lacks or mangles entry {err!r}") from None
+
+    @classmethod
+    def _from_manifest(cls, path, manifest):
         arrays = {}
         for name, entry in manifest["files"].items():
             fpath = os.path.join(path, entry["file"])
@@ -318,14 +329,15 @@ class HistoryRecorder:
         idx = torch.as_tensor(batch_indices, dtype=torch.int64).reshape(-1).cpu().clone()
         if idx.numel() == 0:
             raise ValueError("record: batch_indices is empty")
-        self.batches.append(idx)
-        self.lrs.append([g["lr"] for g in self.optimizer.param_groups])
         if self.policy.kind == "full":
+            # Check before appending anything, so a rejected step leaves batches, lrs, ws and gs aligned.
             w, g = flat_params(self.model), flat_grads(self.model)
             if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"record: step {len(self.batches) - 1} has non-finite gradients; history not extended")
+                raise ValueError(f"record: step {len(self.batches)} has non-finite gradients; history not extended")
             self.ws.append(w.clone())
             self.gs.append(g.clone())
+        self.batches.append(idx)
+        self.lrs.append([g["lr"] for g in self.optimizer.param_groups])
 
     def finish(self, train_set, loss_fn, batch_size=1024):
         """Close the recording. For "full" and "minimal" this computes the final summary over train_set."""

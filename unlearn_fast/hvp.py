@@ -129,11 +129,7 @@ def _from_flat(problem, flat, form):
         return flat[0]
     if form == "flat":
         return flat
-    out, start = {}, 0
-    for name, prim in zip(problem.names, problem.primals):
-        out[name] = flat[:, start : start + prim.numel()].reshape(flat.shape[0], *prim.shape)
-        start += prim.numel()
-    return out
+    return dict(zip(problem.names, _split(problem, flat)))
 
 
 def _split(problem, flat):
@@ -161,6 +157,16 @@ def _data_chunks(batch, data_chunk_size, op):
     if data_chunk_size < 1:
         raise ValueError(f"{op}: data_chunk_size must be >= 1, got {data_chunk_size}")
     return [(min(data_chunk_size, n - s) / n, type(batch)(t[s : s + data_chunk_size] for t in batch)) for s in range(0, n, data_chunk_size)]
+
+
+def mean_gradient(problem, batch, data_chunk_size=None, op="mean_gradient"):
+    """(p,) gradient of the mean loss over batch, summed over data chunks weighted by their size."""
+    total = None
+    for weight, sub in _data_chunks(batch, data_chunk_size, op):
+        g = grad(lambda prims: problem.loss_of(prims, sub))(problem.primals)
+        part = _cat(tuple(t[None] for t in g), 1)[0] * weight
+        total = part if total is None else total + part
+    return total
 
 
 # ----------------------------------------------------------------------------- the batched product

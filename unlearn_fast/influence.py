@@ -9,7 +9,7 @@ training batch). See docs/hvp.md.
 import torch
 from torch.func import grad, vmap
 
-from .hvp import _cat, hvp, ihvp, make_problem  # noqa: F401  (hvp re-exported: uf imports it from here)
+from .hvp import _cat, hvp, ihvp, make_problem, mean_gradient  # noqa: F401  (hvp re-exported: uf imports it from here)
 
 
 def _rows(batch):
@@ -37,12 +37,6 @@ def per_sample_gradients(loss_fn, model, batch, chunk_size=256):
     return torch.cat(parts)
 
 
-def _mean_gradient(loss_fn, model, batch):
-    problem = make_problem(loss_fn, model, "influence")
-    g = grad(lambda prims: problem.loss_of(prims, batch))(problem.primals)
-    return _cat(tuple(t[None] for t in g), 1)
-
-
 def influence(loss_fn, model, train_batch, test_batch, damping=0.0, hessian_batch=None, per_test=False, return_report=False, **solver_options):
     """Koh & Liang influence of every training sample on the test loss -> (n_train,) scores.
 
@@ -53,7 +47,7 @@ def influence(loss_fn, model, train_batch, test_batch, damping=0.0, hessian_batc
     if per_test:
         test_grads = per_sample_gradients(loss_fn, model, test_batch)
     else:
-        test_grads = _mean_gradient(loss_fn, model, test_batch)
+        test_grads = mean_gradient(make_problem(loss_fn, model, "influence"), test_batch)[None]
     s_test, report = ihvp(loss_fn, model, test_grads, hessian_batch, damping=damping, **solver_options)
     scores = -s_test @ per_sample_gradients(loss_fn, model, train_batch).T
     scores = scores if per_test else scores[0]
@@ -118,4 +112,6 @@ def tracin_self_influence(train_grads, learning_rates=None):
     """TracIn self-influence sum_t lr_t |g_t(z_i)|^2 -> (n,)."""
     train = [train_grads] if isinstance(train_grads, torch.Tensor) else list(train_grads)
     lrs = [1.0] * len(train) if learning_rates is None else list(learning_rates)
+    if len(lrs) != len(train) or not train:
+        raise ValueError(f"tracin_self_influence: learning_rates has {len(lrs)} entries for {len(train)} checkpoints (need one per checkpoint, at least one)")
     return sum(lr * (g * g).sum(1) for lr, g in zip(lrs, train))

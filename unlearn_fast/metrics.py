@@ -11,18 +11,23 @@ import torch
 from .history import flat_params
 
 
-@torch.no_grad()
+def _evaluate(model, X, batch_size, fn):
+    """fn(outputs, slice) over batches in eval mode and without grad; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [fn(model(X[i : i + batch_size]), slice(i, i + batch_size)) for i in range(0, len(X), batch_size)]
+    finally:
+        model.train(was_training)
+
+
 def per_sample_losses(model, X, y, loss=torch.nn.functional.cross_entropy, batch_size=4096):
-    model.eval()
-    out = [loss(model(X[i : i + batch_size]), y[i : i + batch_size], reduction="none") for i in range(0, len(X), batch_size)]
-    return torch.cat(out).double()
+    return torch.cat(_evaluate(model, X, batch_size, lambda out, s: loss(out, y[s], reduction="none"))).double()
 
 
-@torch.no_grad()
 def accuracy(model, X, y, batch_size=4096):
-    model.eval()
-    hits = sum(int((model(X[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum()) for i in range(0, len(X), batch_size))
-    return hits / len(X)
+    return sum(_evaluate(model, X, batch_size, lambda out, s: int((out.argmax(-1) == y[s]).sum()))) / len(X)
 
 
 def auc(scores_pos, scores_neg):
@@ -71,8 +76,10 @@ def mia_auc_logistic(member_losses, nonmember_losses, folds=5, seed=0):
 def relative_distance(model, retrained, original):
     """|w_model - w_retrained| / |w_original - w_retrained|: 0 is perfect, 1 is no better than not unlearning."""
     w, wr, wo = flat_params(model).double(), flat_params(retrained).double(), flat_params(original).double()
-    gap = torch.linalg.vector_norm(wo - wr)
-    return float(torch.linalg.vector_norm(w - wr) / gap) if gap > 0 else 0.0
+    gap, dist = torch.linalg.vector_norm(wo - wr), torch.linalg.vector_norm(w - wr)
+    if gap == 0:  # nothing to unlearn: only the retrained model itself is at distance 0
+        return 0.0 if dist == 0 else float("inf")
+    return float(dist / gap)
 
 
 def poison_recovery(acc_unlearned, acc_original, acc_retrained):

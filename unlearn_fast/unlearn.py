@@ -22,6 +22,8 @@ METHODS = {
     "first_epoch_ascent": "unlearn_fast.lm.ascent:run_first_epoch_ascent",
     "gradient_ascent": "unlearn_fast.lm.ascent:run_gradient_ascent",
 }
+# methods that resolve a text request (forget given as a string) themselves
+TEXT_METHODS = ("first_epoch_ascent", "gradient_ascent")
 
 
 @dataclasses.dataclass
@@ -64,6 +66,8 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options
     (x, y); loss_fn(outputs, targets) the mean training loss. See docs/ for each method's options.
     """
     run = _method(method)
+    if isinstance(forget, str) and method not in TEXT_METHODS:
+        raise ValueError(f"forget: a text request works only with methods {TEXT_METHODS}; method {method!r} needs training-set indices")
     if not isinstance(forget, str):
         forget = check_forget(forget, len(train_set))
     start = time.perf_counter()

@@ -86,6 +86,13 @@ def _retain_indices(n, forget, count, seed):
     return pool[order[:count]]
 
 
+def _shift_(params, direction, eta):
+    """params += eta * direction, direction flat in the order of params."""
+    with torch.no_grad():
+        for p, chunk in zip(params, direction.split([p.numel() for p in params])):
+            p.add_(chunk.view_as(p).to(p.dtype), alpha=eta)
+
+
 class _Calibrator:
     """Moves theta along directions and keeps the forget/retain checks (see the module docstring)."""
 
@@ -115,9 +122,7 @@ class _Calibrator:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def shift_(self, direction, eta):
-        with torch.no_grad():
-            for p, chunk in zip(self.params, direction.split([p.numel() for p in self.params])):
-                p.add_(chunk.view_as(p).to(p.dtype), alpha=eta)
+        _shift_(self.params, direction, eta)
 
     def evaluate(self):
         self.evaluations += 1
@@ -234,9 +239,7 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
         before = float(losses(model, forget_probe).mean())
         direction = fixed_direction_fn()
         params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, chunk in zip(names, direction.split([params[n].numel() for n in names])):
-                params[n].add_(chunk.view_as(params[n]).to(params[n].dtype), alpha=scale)
+        _shift_([params[n] for n in names], direction, scale)
         stats.update(status="fixed_scale", scale=scale, forget_loss_before=before,
                      forget_loss_after=float(losses(model, forget_probe).mean()))
         return model, stats

@@ -6,6 +6,8 @@ import zlib
 
 import torch
 
+from ..metrics import auc
+
 from .tokenizer import ByteTokenizer
 from .training import check_fits, forward_logits, token_logprobs
 
@@ -104,15 +106,6 @@ def mean_exposure(model, canaries, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------- membership inference
-def auc(member_scores, nonmember_scores):
-    """ROC AUC that a member scores higher than a non-member (Mann-Whitney, ties count 1/2)."""
-    m = torch.as_tensor(member_scores, dtype=torch.float64).reshape(-1, 1)
-    n = torch.as_tensor(nonmember_scores, dtype=torch.float64).reshape(1, -1)
-    if m.numel() == 0 or n.numel() == 0:
-        raise ValueError("auc: both score sets must be non-empty")
-    return float(((m > n).double() + 0.5 * (m == n).double()).mean())
-
-
 def mia_scores(model, dataset, min_k=0.2):
     """Membership scores (higher = more likely a training member) of each sample under three attacks:
     loss: -mean token loss; zlib: -(total log-loss in nats) / (zlib-compressed byte length of the text);
@@ -133,7 +126,7 @@ def mia_scores(model, dataset, min_k=0.2):
 def mia_auc(model, members, nonmembers, min_k=0.2):
     """{attack: AUC} separating `members` (e.g. the forget set) from `nonmembers` (held-out samples)."""
     a, b = mia_scores(model, members, min_k), mia_scores(model, nonmembers, min_k)
-    return {k: auc(a[k], b[k]) for k in a}
+    return {k: auc(torch.as_tensor(a[k], dtype=torch.float64), torch.as_tensor(b[k], dtype=torch.float64)) for k in a}
 
 
 # ----------------------------------------------------------------------------- influence scores

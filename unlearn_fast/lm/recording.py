@@ -151,7 +151,7 @@ class FirstEpochHistory:
         index = record["index"]
         wanted = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         pos = torch.searchsorted(index, wanted).clamp(max=max(index.numel() - 1, 0))
-        missing = wanted[(index.numel() == 0) | (index[pos] != wanted)] if index.numel() else wanted
+        missing = wanted[index[pos] != wanted] if index.numel() else wanted
         if missing.numel():
             raise ValueError(f"forget: samples {missing[:10].tolist()} were not recorded in epoch {epoch} of the history")
         return pos

@@ -68,7 +68,7 @@ def summary_rank(policy, p, steps):
 
 
 def final_summary(model, train_set, loss_fn, policy, steps, batch_size=1024, power_iterations=2, oversample=8, seed=0):
-    """g*, the top-k GGN eigenpairs and rho at the model's current parameters (see module docstring)."""
+    """g* and the top-k GGN eigenpairs at the model's current parameters (see module docstring)."""
     w = flat_params(model).clone()
     p, n = w.numel(), len(train_set)
     g_star = torch.zeros_like(w)
@@ -110,6 +110,8 @@ def sgd_settings(meta, method):
     if len(settings) != 1:
         raise ValueError(f"{method}: needs one weight_decay and momentum for every parameter group, got {sorted(settings)}")
     decay, momentum = settings.pop()
+    if not 0 <= momentum < 1:
+        raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {momentum}")
     return decay, 1.0 / (1.0 - momentum)
 
 
@@ -127,6 +129,8 @@ def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
 
 def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
     check_history(history, model, forget, "mini")
+    if max_iter < 1 or batch_size < 1:
+        raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
     history.require("summary", "mini")
     lam, lr_scale = sgd_settings(history.meta, "mini")
     s = history.summary
@@ -147,7 +151,8 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_r
     def response(v):
         """Phi v: the gradient-flow filter (I - exp(-tau A)) A^-1 with A = H_hat + lam I."""
         c = U.T @ v
-        phi = lambda a: -torch.expm1(-tau * a) / a  # noqa: E731
+        # phi(a) -> tau as a -> 0: exact zero eigenvalues occur (softmax logit-shift directions) when lam = 0.
+        phi = lambda a: torch.where(a > 0, -torch.expm1(-tau * a) / a, torch.full_like(a, tau))  # noqa: E731
         return U @ (phi(eig + lam) * c) + phi(rho + lam) * (v - U @ c)
 
     def residual(w):

@@ -10,9 +10,9 @@ steps (steps > 1) are exact Newton steps on F_R, with its gradient computed on t
 noise > 0 adds Gaussian noise N(0, noise^2 I) to the result (certified-removal style).
 """
 import torch
-from torch.func import grad
 
-from ..hvp import _cat, ihvp, make_problem
+from ..history import set_flat_params
+from ..hvp import ihvp, make_problem, mean_gradient
 
 
 def _gather(train_set, indices):
@@ -22,29 +22,6 @@ def _gather(train_set, indices):
         return tensors[0][indices], tensors[1][indices]
     items = [train_set[int(i)] for i in indices]
     return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
-
-
-def _mean_gradient(problem, batch, data_chunk_size):
-    inputs, targets = batch
-    n = inputs.shape[0]
-    step = data_chunk_size or n
-    total = None
-    for s in range(0, n, step):
-        sub = (inputs[s : s + step], targets[s : s + step])
-        g = grad(lambda prims: problem.loss_of(prims, sub))(problem.primals)
-        part = _cat(tuple(t[None] for t in g), 1)[0] * (sub[0].shape[0] / n)
-        total = part if total is None else total + part
-    return total
-
-
-def _set_flat(model, names, flat):
-    params = dict(model.named_parameters())
-    start = 0
-    with torch.no_grad():
-        for name in names:
-            p = params[name]
-            p.copy_(flat[start : start + p.numel()].view_as(p))
-            start += p.numel()
 
 
 def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.0, steps=1, noise=0.0, seed=0,
@@ -72,25 +49,25 @@ def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.
     for step in range(steps):
         if step == 0:
             # sum_{i in R} (grad l_i + weight_decay w) / (n - r): the mean forget gradient scaled by r / (n - r).
-            g_forget = _mean_gradient(problem, forget_batch, data_chunk_size) + weight_decay * w
+            g_forget = mean_gradient(problem, forget_batch, data_chunk_size, "newton") + weight_decay * w
             rhs = g_forget * (n_forget / n_retain)
         else:
-            rhs = -(_mean_gradient(problem, retain_batch, data_chunk_size) + weight_decay * w)
+            rhs = -(mean_gradient(problem, retain_batch, data_chunk_size, "newton") + weight_decay * w)
         delta, report = ihvp(
             loss_fn, model, rhs[None], retain_batch, solver=solver, damping=weight_decay + damping,
             tol=tol, max_iter=max_iter, data_chunk_size=data_chunk_size, mode=mode,
         )
         w = w + delta[0]
-        _set_flat(model, problem.names, w)
+        set_flat_params(model, w)
         problem = make_problem(loss_fn, model, "newton")
         stats["cg_iterations"].append(report.iterations)
         stats["residuals"].append(float(report.residuals.max()))
         stats["step_norms"].append(float(torch.linalg.vector_norm(delta)))
-    retained_gradient = _mean_gradient(problem, retain_batch, data_chunk_size) + weight_decay * w
+    retained_gradient = mean_gradient(problem, retain_batch, data_chunk_size, "newton") + weight_decay * w
     stats["retained_gradient_norm"] = float(torch.linalg.vector_norm(retained_gradient))
     if noise > 0:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         w = w + noise * torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype).to(w.device)
-        _set_flat(model, problem.names, w)
+        set_flat_params(model, w)
     stats["noise"] = noise
     return model, stats
