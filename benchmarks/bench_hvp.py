@@ -7,7 +7,9 @@ against its baseline (max relative difference reported). Writes <out>.md and <ou
 """
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
@@ -194,7 +196,7 @@ def bench_cg(device, repeats, k=32, damping=1e-2, tol=1e-6):
 
 
 def to_markdown(results):
-    lines = [f"# HVP benchmarks ({results['device']})", "", results["machine"], ""]
+    lines = [f"# HVP benchmarks ({results['device']})", "", f"Command: `{results['command']}`  ", results["machine"], ""]
     for section in ("mlp_hvp", "fused_softmax_linear_hvp", "cg"):
         block = results[section]
         lines += [f"## {block['setup']}", ""]
@@ -222,7 +224,9 @@ def main():
         torch.set_num_threads(args.threads)
     results = {
         "device": args.device,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        "command": " ".join(["python"] + sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average before {tuple(round(x, 2) for x in os.getloadavg())}"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
     }
     for key, bench in (("mlp_hvp", bench_mlp), ("fused_softmax_linear_hvp", bench_fused), ("cg", bench_cg)):
