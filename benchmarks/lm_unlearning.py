@@ -162,6 +162,7 @@ def write(results):
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731
     lines = [
         "# Language-model unlearning benchmark", "",
+        f"Command: `{' '.join(['python'] + sys.argv)}`  ",
         f"Tiny GPT-2 ({cfg['n_layer']} layers, width {cfg['n_embd']}, byte tokenizer), {len(results['forget'])} forget samples "
         f"({len(results['forget']) - len(results['fuzzy_planted']) + 1} people with canaries of 4 digits, 10^4 candidates), "
         f"{cfg['epochs']} epochs, Adam lr {cfg['lr']}, seed {cfg['seed']}{', --quick' if cfg['quick'] else ''}. CPU, 1 thread.",
