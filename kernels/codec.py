@@ -61,6 +61,9 @@ def _round_to_codes(x, inv, finite, index, seed_mixed, QMAX: tl.constexpr, STOCH
         q = tl.floor(v + _uniform_from_counter(seed_mixed, index))
     else:
         q = tl.floor(v + 0.5)
+    # NaN (0 * inf when qmax / absmax overflows, absmax below ~1e-36) is code 0, as the reference's
+    # cast gives; compiled tl.maximum would return -QMAX for it.
+    q = tl.where(q == q, q, 0.0)
     q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     q = tl.where(finite[:, None], q, 0.0)
     return q.to(tl.int32)

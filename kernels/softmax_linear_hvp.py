@@ -42,11 +42,12 @@ def _rows_times(x_ptr, m_ptr, rows, row_mask, cols, col_mask, n_cols_d,
 
 
 @triton.jit
-def _rows_kernel(x_ptr, w_ptr, v_ptr, r_ptr, n, d, c, k, inv_n,
+def _rows_kernel(x_ptr, w_ptr, v_ptr, r_ptr, inv_n_ptr, n, d, c, k,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
-    cols = tl.arange(0, BLOCK_C)
+    inv_n = tl.load(inv_n_ptr)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)  # int64: W and V offsets (cols * d, j c d) may pass 2^31
     col_mask = cols < c
     logits = _rows_times(x_ptr, w_ptr, rows, row_mask, cols, col_mask, d, BLOCK_N, BLOCK_C, BLOCK_D, ACC)
     logits = tl.where(col_mask[None, :], logits, float("-inf"))
@@ -55,7 +56,7 @@ def _rows_kernel(x_ptr, w_ptr, v_ptr, r_ptr, n, d, c, k, inv_n,
     p = e / tl.sum(e, axis=1)[:, None]
     out_mask = row_mask[:, None] & col_mask[None, :]
     for j in range(0, k):
-        z = _rows_times(x_ptr, v_ptr + j * c * d, rows, row_mask, cols, col_mask, d, BLOCK_N, BLOCK_C, BLOCK_D, ACC)
+        z = _rows_times(x_ptr, v_ptr + j * c * tl.cast(d, tl.int64), rows, row_mask, cols, col_mask, d, BLOCK_N, BLOCK_C, BLOCK_D, ACC)
         pz = p * z
         r = (pz - p * tl.sum(pz, axis=1)[:, None]) * inv_n
         tl.store(r_ptr + rows[:, None] * (k * c) + j * c + cols[None, :], r, mask=out_mask)
@@ -89,8 +90,10 @@ def softmax_linear_hvp(X, W, V):
     # Tiles no wider than the data (but >= 16, tl.dot's minimum): narrow d or k c waste no work.
     block_d, block_kc = min(BLOCK_D, _pow2(d)), min(BLOCK_KC, _pow2(k * c))
     R = torch.empty(n, k * c, dtype=X.dtype, device=X.device)
+    # Triton passes Python floats as float32; a one-element tensor carries 1 / n in X's dtype.
+    inv_n = torch.full((1,), 1.0 / n, dtype=X.dtype, device=X.device)
     _rows_kernel[(triton.cdiv(n, ROWS_BLOCK_N),)](
-        X, W, V, R, n, d, c, k, 1.0 / n, BLOCK_N=ROWS_BLOCK_N, BLOCK_C=block_c, BLOCK_D=block_d, ACC=acc
+        X, W, V, R, inv_n, n, d, c, k, BLOCK_N=ROWS_BLOCK_N, BLOCK_C=block_c, BLOCK_D=block_d, ACC=acc
     )
     out = torch.empty(k * c, d, dtype=X.dtype, device=X.device)
     grid = (triton.cdiv(k * c, block_kc), triton.cdiv(d, block_d))

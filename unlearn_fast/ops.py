@@ -145,6 +145,7 @@ def check_qn_step(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, S_scales, Y_scale
         _require(S_scales is not None and Y_scales is not None, f"{op}: give both S_scales and Y_scales, or neither")
         _check_codec(op, blocksize, bits)
         _require(S.dim() == 2 and S.shape == Y.shape, f"{op}: quantized S and Y must be (m, bytes_per_row) of one shape")
+        _require(S.shape[0] >= 1, f"{op}: S must hold at least one curvature pair")
         for name, codes, scales in (("S", S, S_scales), ("Y", Y, Y_scales)):
             _require(codes.dtype == CODE_DTYPE[bits], f"{op}: quantized {name} must be {CODE_DTYPE[bits]}, got {codes.dtype}")
             _require(

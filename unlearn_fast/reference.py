@@ -47,7 +47,7 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Signed 4-bit codes in [-7, 7] -> bytes, element 2j in the low nibble of byte j (offset 8)."""
     u = (q.to(torch.int16) + 8).to(torch.uint8)
     if u.numel() % 2:
-        u = torch.cat([u, u.new_zeros(1) - 8])  # pad nibble 0: never read back
+        u = torch.cat([u, u.new_full((1,), 8)])  # pad with code 0 (nibble 8), as every backend writes it
     u = u.view(-1, 2)
     return u[:, 0] | (u[:, 1] << 4)
 

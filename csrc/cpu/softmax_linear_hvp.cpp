@@ -67,6 +67,8 @@ torch::Tensor softmax_linear_hvp_cpu(const torch::Tensor& X, const torch::Tensor
 }  // namespace
 
 void bind_softmax_linear_hvp(pybind11::module_& m) {
-  m.def("softmax_linear_hvp_cpu", &softmax_linear_hvp_cpu, "H V for softmax cross-entropy of a linear layer (X, W, V)");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("softmax_linear_hvp_cpu", &softmax_linear_hvp_cpu, "H V for softmax cross-entropy of a linear layer (X, W, V)",
+        release());
 }
 }  // namespace unlearn_fast::cpu

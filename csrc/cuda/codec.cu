@@ -151,7 +151,10 @@ __global__ void __launch_bounds__(512) quantize_kernel(const T* __restrict__ x, 
     for (int k = 0; k < kVec; ++k) {
       const float v = __fmul_rn(vals[j][k], inv);
       const float u = stochastic ? uniform_from_counter(seed_mixed, i + k) : 0.5f;
-      const float r = fminf(fmaxf(floorf(__fadd_rn(v, u)), -qf), qf);
+      const float t = __fadd_rn(v, u);
+      // NaN (0 * inf when qmax / absmax overflows, absmax below ~1e-36) must give code 0 as in the
+      // reference and the CPU kernel; fmaxf would turn it into -qmax.
+      const float r = t == t ? fminf(fmaxf(floorf(t), -qf), qf) : 0.f;
       q[k] = finite ? static_cast<int>(r) : 0;
     }
     if (!packed) {
