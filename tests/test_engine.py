@@ -112,6 +112,23 @@ def test_deltagrad_approximates_retrain(trained, codec):
     assert dist[2] < 0.1 and dist[2] < dist[10] < 0.3, dist
 
 
+def test_deltagrad_rejects_param_groups_with_different_learning_rates():
+    data = make_data(dtype=torch.float32)
+    model = torch.nn.Linear(12, 4)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.05}], lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", rank=2))
+    for b in range(0, 64, 32):
+        idx = torch.arange(b, b + 32)
+        opt.zero_grad()
+        LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+        rec.record(idx)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    assert model.weight.grad is not None  # finish() leaves the trainer's gradients in place
+    with pytest.raises(ValueError, match="one learning rate"):
+        uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
+
+
 def test_sgd_methods_reject_adam_but_retrain_replays_it():
     data = make_data(dtype=torch.float32)
     model, history = train(data, uf.HistoryPolicy(kind="full", rank=4), optimizer="adam")

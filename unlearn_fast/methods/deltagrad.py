@@ -16,7 +16,9 @@ from ..history import fetch, flat_grads, set_flat_params
 from ._common import batch_loss, check_history, remaining
 
 
-def check_plain_sgd(meta, method):
+def check_plain_sgd(history, method):
+    """lambda of a plain-SGD history with one weight decay and one learning rate per step; else ValueError."""
+    meta = history.meta
     cls = meta["optimizer"]["class"]
     groups = meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
@@ -27,8 +29,9 @@ def check_plain_sgd(meta, method):
     decays = {g.get("weight_decay", 0.0) for g in groups}
     if len(decays) != 1:
         raise ValueError(f"{method}: needs one weight_decay for every parameter group, got {sorted(decays)}")
-    if len({g["lr"] for g in groups}) > 1:
-        raise ValueError(f"{method}: needs one learning rate for every parameter group")
+    lrs = history.schedule["lrs"]
+    if not bool((lrs == lrs[:, :1]).all()):
+        raise ValueError(f"{method}: needs one learning rate for every parameter group at every step")
     return decays.pop()
 
 
@@ -42,7 +45,7 @@ def _mean_grad(model, loss_fn, train_set, idx, w):
 def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
     check_history(history, model, forget, "deltagrad")
     history.require("trajectory", "deltagrad")
-    lam = check_plain_sgd(history.meta, "deltagrad")
+    lam = check_plain_sgd(history, "deltagrad")
     if T0 < 1 or j0 < 0 or m < 1:
         raise ValueError(f"deltagrad: need T0 >= 1, j0 >= 0, m >= 1; got T0={T0}, j0={j0}, m={m}")
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)

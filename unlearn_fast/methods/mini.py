@@ -72,11 +72,13 @@ def final_summary(model, train_set, loss_fn, policy, steps, batch_size=1024, pow
     w = flat_params(model).clone()
     p, n = w.numel(), len(train_set)
     g_star = torch.zeros_like(w)
+    saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad is put back afterwards
     for idx in _chunks(n, batch_size):
         model.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
         g_star += flat_grads(model) * (idx.numel() / n)
-    model.zero_grad(set_to_none=True)
+    for q, g in zip(model.parameters(), saved_grads):
+        q.grad = g
     k = summary_rank(policy, p, steps)
     width = min(k + oversample, p)
     gen = torch.Generator().manual_seed(seed)
