@@ -45,6 +45,18 @@ def train(train_set, policy, epochs=4, batch=32, lr=0.3, wd=1e-2, model=None, op
     return model, rec.finish(train_set, LOSS)
 
 
+def record_in_order(model, opt, data, stop, batch):
+    """One pass over samples 0..stop-1 in order, recording a full history."""
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", rank=2))
+    for b in range(0, stop, batch):
+        idx = torch.arange(b, b + batch)
+        opt.zero_grad()
+        LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+        rec.record(idx)
+        opt.step()
+    return rec.finish(data, LOSS)
+
+
 @pytest.fixture(scope="module")
 def trained():
     data = make_data()
@@ -116,14 +128,7 @@ def test_deltagrad_rejects_param_groups_with_different_learning_rates():
     data = make_data(dtype=torch.float32)
     model = torch.nn.Linear(12, 4)
     opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.05}], lr=0.1)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", rank=2))
-    for b in range(0, 64, 32):
-        idx = torch.arange(b, b + 32)
-        opt.zero_grad()
-        LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
-        rec.record(idx)
-        opt.step()
-    history = rec.finish(data, LOSS)
+    history = record_in_order(model, opt, data, stop=64, batch=32)
     assert model.weight.grad is not None  # finish() leaves the trainer's gradients in place
     with pytest.raises(ValueError, match="one learning rate"):
         uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
@@ -259,14 +264,7 @@ def test_indices_never_seen_and_foreign_models(trained):
     sub = torch.utils.data.TensorDataset(*data.tensors)
     opt_model = torch.nn.Linear(12, 4).double()
     opt = torch.optim.SGD(opt_model.parameters(), lr=0.1)
-    rec = uf.HistoryRecorder(opt_model, opt, uf.HistoryPolicy(kind="full", rank=2))
-    for b in range(0, 200, 50):
-        idx = torch.arange(b, b + 50)
-        opt.zero_grad()
-        LOSS(opt_model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
-        rec.record(idx)
-        opt.step()
-    history = rec.finish(sub, LOSS)
+    history = record_in_order(opt_model, opt, sub, stop=200, batch=50)
     with pytest.raises(ValueError, match="never appear"):
         uf.unlearn(opt_model, history, [210], sub, LOSS, method="retrain")
     other = torch.nn.Linear(12, 5).double()
