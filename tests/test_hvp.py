@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from unlearn_fast import ops, reference
 from unlearn_fast.backends import use_backend
 from unlearn_fast.hvp import ConvergenceError, batched_cg, hvp, ihvp, lissa
-from tolerances import assert_close
+from tolerances import assert_close, sum_magnitude
 
 F64 = torch.float64
 
@@ -259,14 +259,6 @@ def test_softmax_linear_hvp_matches_module_hvp():
         model.weight.copy_(W)
     y = torch.randint(0, 4, (17,))
     assert_close(ops.softmax_linear_hvp(X, W, V).reshape(3, -1), hvp(F.cross_entropy, model, V.reshape(3, -1), (X, y)))
-
-
-def sum_magnitude(X, W, V):
-    X, W, V = X.double(), W.double(), V.double()
-    P = torch.softmax(X @ W.T, dim=1)
-    Z = torch.einsum("nd,kcd->knc", X, V)
-    R = P * Z - P * (P * Z).sum(-1, keepdim=True)
-    return float((torch.einsum("knc,nd->kcd", R.abs(), X.abs()) / X.shape[0]).max())
 
 
 SIZES = [(1, 1, 1, 1), (255, 7, 3, 2), (257, 33, 10, 5), (4097, 5, 2, 3), (1_000_003, 2, 2, 1)]

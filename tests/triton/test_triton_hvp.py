@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tolerances import assert_close
+from tolerances import assert_close, sum_magnitude
 from unlearn_fast import ops, reference
 from unlearn_fast.backends import use_backend
 import importlib
@@ -23,15 +23,6 @@ def random_slh(n, d, c, k, dtype, seed=0):
     W = torch.randn(c, d, generator=g, dtype=torch.float64) / d**0.5
     V = torch.randn(k, c, d, generator=g, dtype=torch.float64)
     return (t.to(dtype).to(DEVICE) for t in (X, W, V))
-
-
-def sum_magnitude(X, W, V):
-    """max over outputs of sum_i |r_ia| |x_id| / n: the scale of the rounding error of the cancelling sums."""
-    X, W, V = X.double(), W.double(), V.double()
-    P = torch.softmax(X @ W.T, dim=1)
-    Z = torch.einsum("nd,kcd->knc", X, V)
-    R = P * Z - P * (P * Z).sum(-1, keepdim=True)
-    return float((torch.einsum("knc,nd->kcd", R.abs(), X.abs()) / X.shape[0]).max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,17 +11,8 @@ noise > 0 adds Gaussian noise N(0, noise^2 I) to the result (certified-removal s
 """
 import torch
 
-from ..history import set_flat_params
+from ..history import fetch, set_flat_params
 from ..hvp import ihvp, make_problem, mean_gradient
-
-
-def _gather(train_set, indices):
-    """(inputs, targets) of the given training-set indices."""
-    tensors = getattr(train_set, "tensors", None)
-    if tensors is not None and len(tensors) == 2:
-        return tensors[0][indices], tensors[1][indices]
-    items = [train_set[int(i)] for i in indices]
-    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
 def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.0, steps=1, noise=0.0, seed=0,
@@ -39,8 +30,8 @@ def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.
     n = len(train_set)
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False
-    retain_batch = _gather(train_set, torch.nonzero(keep).reshape(-1))
-    forget_batch = _gather(train_set, forget)
+    retain_batch = fetch(train_set, torch.nonzero(keep).reshape(-1))
+    forget_batch = fetch(train_set, forget)
     n_retain, n_forget = int(keep.sum()), forget.numel()
 
     problem = make_problem(loss_fn, model, "newton")
