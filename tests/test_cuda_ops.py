@@ -104,6 +104,17 @@ def test_zero_block_and_extremes():
         assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_tiny_absmax_blocks_match_reference(stochastic):
+    # absmax below ~1e-36: qmax / absmax overflows to inf; zeros then give NaN, which must become code 0.
+    x = torch.zeros(64)
+    x[:4] = torch.tensor([1e-39, -5e-40, 3e-38, -1e-45])
+    for bits in (4, 8):
+        codes, scales = uf.quantize_blockwise(x.to(CUDA), 32, bits, stochastic, 1)
+        ref_codes, ref_scales = reference.quantize_blockwise(x, 32, bits, stochastic, 1)
+        assert torch.equal(codes.cpu(), ref_codes) and torch.equal(scales.cpu(), ref_scales)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_raises_naming_x(bad):
     x = _random(1000, torch.float32, seed=1)
@@ -220,6 +231,15 @@ def test_matvec_matches_reference(p, pair_dtype, v_dtype, k):
     expected = reference.lbfgs_matvec(S, Y, sigma, Minv, V)
     assert out.dtype == v_dtype and out.shape == V.shape
     assert_close(out.cpu(), expected, scale=float(expected.abs().max()))
+
+
+def test_matvec_with_no_columns_returns_empty():
+    S, Y = _pairs(3, 100, torch.float32, seed=1)
+    sigma, Minv = _compact_factors(3, seed=1)
+    V = torch.empty(100, 0)
+    out = uf.lbfgs_matvec(S.to(CUDA), Y.to(CUDA), sigma.to(CUDA), Minv.to(CUDA), V.to(CUDA))
+    assert out.shape == (100, 0) and out.device.type == "cuda"
+    assert reference.lbfgs_matvec(S, Y, sigma, Minv, V).shape == (100, 0)
 
 
 def test_matvec_float64_against_dense_B():

@@ -191,6 +191,26 @@ def test_dequantize_equals_reference_and_independent_decode(backend, n, bits):
             assert torch.equal(out, exact32.to(dtype))
 
 
+def test_cpp_large_outputs_reuse_cached_blocks_correctly():
+    # Outputs of 8 MiB and more come from a cache of freed blocks (csrc/cpu/codec.cpp): a reused
+    # block must hold the new result only, and releasing the cache frees exactly what it held.
+    n = (1 << 21) + 3  # float32 output just over 8 MiB
+    uf.release_output_cache()
+    with uf.use_backend("cpp"):
+        first = uf.quantize_blockwise(randn(n, seed=1), 256, 8)
+        second = reference.quantize_blockwise(randn(n, seed=2), 256, 8, False, 0)
+        out = uf.dequantize_blockwise(*first, 256, 8, n, torch.float32)
+        out_ptr = out.data_ptr()
+        del out  # its block goes back to the cache ...
+        again = uf.dequantize_blockwise(*second, 256, 8, n, torch.float32)
+        assert again.data_ptr() == out_ptr  # ... and serves the next output of the same size
+        assert torch.equal(again, dequantize_f64(*second, 256, 8, n).to(torch.float32))
+        del again
+    block = ((4 * n + (2 << 20) - 1) // (2 << 20)) * (2 << 20)  # rounded up to 2 MiB
+    assert uf.release_output_cache() == block
+    assert uf.release_output_cache() == 0
+
+
 # ----------------------------------------------------------------------------- dequantize_axpy_
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("bits", (4, 8))

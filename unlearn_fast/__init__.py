@@ -1,6 +1,6 @@
 """unlearn_fast: fast, measured machine unlearning for PyTorch."""
 from . import ops
-from .backends import backends, use_backend
+from .backends import backends, release_output_cache, use_backend
 from .influence import hvp, ihvp, influence, self_influence, tracin  # influence.py re-exports hvp, ihvp
 from .ops import (
     dequantize_axpy_,

@@ -92,3 +92,9 @@ def backends():
     for device, order in FALLBACK.items():
         active[device] = next(n for n in order if _load(n)[0] is not None)
     return {"forced": forced(), "active": active, "backends": report}
+
+
+def release_output_cache():
+    """Free the large CPU output blocks the C++ codec keeps for reuse (see csrc/cpu/codec.cpp); returns bytes freed."""
+    ext = _load("cpp")[0]
+    return 0 if ext is None else int(ext.release_output_cache())

@@ -80,7 +80,7 @@ at::Tensor lbfgs_matvec_cuda(const at::Tensor& S, const at::Tensor& Y, const at:
   TORCH_CHECK(V.scalar_type() == at::kFloat || V.scalar_type() == at::kDouble, op, ": V must be float32 or float64");
   TORCH_CHECK(V.device() == S.device() && V.is_contiguous(), op, ": V must be a contiguous tensor on ", S.device());
   const int64_t k = V.dim() == 2 ? V.size(1) : 1;
-  TORCH_CHECK(k >= 1, op, ": V has no columns");
+  if (k == 0) return at::empty_like(V, at::MemoryFormat::Contiguous);  // (p, 0): nothing to multiply, as on CPU
   const c10::cuda::CUDAGuard guard(S.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const UfRows rows = dense_rows(S, Y);

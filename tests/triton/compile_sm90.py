@@ -7,17 +7,21 @@ each kernel variant, "ok" or the error, and for the quantize kernel the PTX fact
 depends on (correctly rounded division, no fused multiply-add). It must run WITHOUT
 TRITON_INTERPRET=1; tests/triton/test_triton_compile.py runs it in a subprocess.
 """
+import importlib
 import json
 import os
 import re
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compile_sm90.py compiles kernels: run it without TRITON_INTERPRET=1"
 
 from unlearn_fast.kernels import codec, lbfgs  # noqa: E402  (after the check above)
+
+hvp_kernels = importlib.import_module("unlearn_fast.kernels.softmax_linear_hvp")  # the package re-exports a function of that name
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -72,6 +76,17 @@ def _variants():
         types = dict(common, w_ptr="*fp64", w_ref_ptr="*fp64", g_ref_ptr="*fp64", g_extra_ptr="*fp64", coef_ptr="*fp64", square_ptr="*fp64")
         const = dict(flags, TILE=lbfgs.UPDATE_TILE)
         yield f"qn update quantized={quantized} packed={packed}", lbfgs._qn_update_kernel, _signature(names, types), const, dict(num_warps=lbfgs.NUM_WARPS)
+
+    for dtype, acc in (("*fp32", "fp32"), ("*fp64", "fp64")):
+        acc_type = tl.float32 if acc == "fp32" else tl.float64
+        names = ["x_ptr", "w_ptr", "v_ptr", "r_ptr", "inv_n_ptr", "n", "d", "c", "k", "BLOCK_N", "BLOCK_C", "BLOCK_D", "ACC"]
+        types = dict(x_ptr=dtype, w_ptr=dtype, v_ptr=dtype, r_ptr=dtype, inv_n_ptr=dtype, n="i32", d="i32", c="i32", k="i32")
+        const = dict(BLOCK_N=hvp_kernels.ROWS_BLOCK_N, BLOCK_C=16, BLOCK_D=hvp_kernels.BLOCK_D, ACC=acc_type)
+        yield f"softmax-linear rows {dtype}", hvp_kernels._rows_kernel, _signature(names, types), const, {}
+        names = ["r_ptr", "x_ptr", "out_ptr", "n", "d", "kc", "BLOCK_N", "BLOCK_KC", "BLOCK_D", "ACC"]
+        types = dict(r_ptr=dtype, x_ptr=dtype, out_ptr=dtype, n="i32", d="i32", kc="i32")
+        const = dict(BLOCK_N=hvp_kernels.OUTER_BLOCK_N, BLOCK_KC=hvp_kernels.BLOCK_KC, BLOCK_D=hvp_kernels.BLOCK_D, ACC=acc_type)
+        yield f"softmax-linear outer {dtype}", hvp_kernels._outer_kernel, _signature(names, types), const, {}
 
 
 def reference_qmax(bits):
