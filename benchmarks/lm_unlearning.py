@@ -23,6 +23,7 @@ from unlearn_fast.lm import FirstEpochRecorder, TextDataset, build_gpt2, make_co
 from unlearn_fast.lm import metrics  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+BLOCKSIZE = 4096  # int8 store: one float32 scale per 4096 values (3.996x vs fp32; 256 gives 3.94x)
 warnings.filterwarnings("ignore")
 
 
@@ -53,15 +54,40 @@ def evaluate(model, ctx):
     }
 
 
+# Two training regimes of the same model and corpus generator:
+#   memorising: 208 samples for 60 epochs; every training sample ends memorised (train loss 0.25, every
+#               sample's MIA AUC ~1), the regime the first results were taken in;
+#   realistic:  1012 samples for 20 epochs (more steps in all, fewer passes over each sample); the template
+#               generalises (held-out loss ~ training loss) and only what is specific to a person is memorised,
+#               closer to a language model that sees its data a few times.
+SCENARIOS = {
+    "memorising": dict(n_train=200, epochs=60),
+    "realistic": dict(n_train=1000, epochs=20),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model and corpus (a few minutes)")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "both"], default="both")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the CPU is shared; more threads stall more than they help at this size
-    cfg = dict(n_layer=2, n_embd=64, n_train=80, n_heldout=60, epochs=30, n_forget=12) if args.quick else \
-        dict(n_layer=2, n_embd=64, n_train=200, n_heldout=100, epochs=60, n_forget=20)
-    cfg.update(n_head=4, batch_size=16, lr=3e-3, seed=args.seed, quick=args.quick)
+    names = list(SCENARIOS) if args.scenario == "both" else [args.scenario]
+    scenarios = {}
+    for name in names:
+        cfg = dict(n_layer=2, n_embd=64, n_heldout=100, n_forget=20, **SCENARIOS[name])
+        if args.quick:
+            cfg.update(n_train=cfg["n_train"] // 2, epochs=cfg["epochs"] // 2, n_heldout=60, n_forget=12)
+        cfg.update(n_head=4, batch_size=16, lr=3e-3, seed=args.seed, quick=args.quick, scenario=name)
+        print(f"== scenario {name}: {cfg}")
+        scenarios[name] = run_scenario(cfg, args, full=name == names[0])
+    write(scenarios)
+
+
+def run_scenario(cfg, args, full):
+    """Train, record, retrain, unlearn with every method; full=False skips the rows that only study the store
+    (blocksizes, looser retain budgets)."""
     last_preset = f"last_blocks:{min(2, cfg['n_layer'] - 1)}"
 
     corpus = make_corpus(args.seed, cfg["n_train"], cfg["n_heldout"], n_variant_people=4)
@@ -74,15 +100,21 @@ def main():
     people = plain + [fuzzy_samples[0]]  # the fuzzy person's canary last
     retain_idx = [i for i in range(len(train)) if i not in set(forget)]
     ctx = dict(forget_set=train.subset(forget), retain_set=train.subset(retain_idx), heldout=heldout,
-               forget_canaries=[corpus.train_canaries[i] for i in people])
+               forget_canaries=[corpus.train_canaries[i] for i in people],
+               heldout_canaries=corpus.heldout_canaries[: len(people)])
 
-    policy = lambda kind, params: HistoryPolicy(kind=kind, codec="int8", params=params, per_sample=True)  # noqa: E731
+    # int8 rows with one float32 scale per BLOCKSIZE values (see the blocksize table in the results)
+    policy = lambda kind, params, codec="int8", blocksize=BLOCKSIZE: HistoryPolicy(  # noqa: E731
+        kind=kind, codec=codec, params=params, per_sample=True, blocksize=blocksize)
     model = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=args.seed)
     recorders = {
         "embeddings": FirstEpochRecorder(model, None, policy("all_epochs", "embeddings")),
         last_preset: FirstEpochRecorder(model, None, policy("first_epoch", last_preset)),
         "all": FirstEpochRecorder(model, None, policy("first_epoch", "all")),
     }
+    if full:  # for the blocksize study only: the same first-epoch rows at fp32 and at the codecs' usual 256
+        recorders["embeddings fp32"] = FirstEpochRecorder(model, None, policy("first_epoch", "embeddings", "fp32"))
+        recorders["embeddings int8/256"] = FirstEpochRecorder(model, None, policy("first_epoch", "embeddings", blocksize=256))
     print(f"training the original model ({cfg['epochs']} epochs, {len(train)} samples) with recorders ...")
     trained = train_lm(model, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], args.seed,
                        recorders=list(recorders.values()), progress=True)
@@ -97,6 +129,8 @@ def main():
 
     lr = cfg["lr"]
     H_emb, H_last, H_all = histories["embeddings"], histories[last_preset], histories["all"]
+    H_fp32, H_256 = histories.get("embeddings fp32"), histories.get("embeddings int8/256")
+    fisher = dict(retain_guard="fisher", retain_batch=64)
     runs = [  # (label, method, history, forget, options)
         ("first-epoch, embeddings, iterative", "first_epoch_ascent", H_emb, forget, dict(epochs=[0])),
         ("first-epoch, embeddings, iterative, centered", "first_epoch_ascent", H_emb, forget, dict(epochs=[0], center=True)),
@@ -114,13 +148,51 @@ def main():
            dict(retain_tolerance=t)) for t in (0.2, 1.0)],
         *[(f"whole-model gradient ascent, iterative, retain tol {t:.0%}", "gradient_ascent", None, forget,
            dict(retain_tolerance=t)) for t in (0.2, 1.0)],
+        # retain-preserving and per-sample variants (stored gradients only)
+        ("first-epoch, embeddings, iterative, per-sample calibration", "first_epoch_ascent", H_emb, forget,
+         dict(epochs=[0], calibration="per_sample")),
+        ("first-epoch, embeddings, iterative, retain guard: difference", "first_epoch_ascent", H_emb, forget,
+         dict(epochs=[0], retain_guard="difference")),
+        ("first-epoch, embeddings, iterative, retain guard: project (rank 8)", "first_epoch_ascent", H_emb, forget,
+         dict(epochs=[0], retain_guard="project", retain_rank=8)),
+        ("first-epoch, embeddings, iterative, retain guard: project (rank 64)", "first_epoch_ascent", H_emb, forget,
+         dict(epochs=[0], retain_guard="project", retain_rank=64)),
+        ("first-epoch, embeddings, iterative, retain guard: fisher", "first_epoch_ascent", H_emb, forget,
+         dict(epochs=[0], retain_guard="fisher")),
+        ("first-epoch, all params, iterative, retain guard: project (rank 64)", "first_epoch_ascent", H_all, forget,
+         dict(retain_guard="project", retain_rank=64)),
+        ("first-epoch, embeddings, iterative, fp32 store", "first_epoch_ascent", H_fp32, forget, {}),
+        ("first-epoch, embeddings, iterative, int8 blocksize 256 store", "first_epoch_ascent", H_256, forget, {}),
+        # (rows with "retain tol" or "store" in the label run in the first scenario only)
+        # the same budget of 5 steps: stored vs fresh gradients
+        ("first-epoch, embeddings, iterative, 5 steps", "first_epoch_ascent", H_emb, forget, dict(epochs=[0], max_steps=5)),
+        ("whole-model gradient ascent, iterative, 5 steps", "gradient_ascent", None, forget, dict(max_steps=5)),
+        # fresh-gradient variants
+        ("gradient ascent, per-sample calibration", "gradient_ascent", None, forget, dict(calibration="per_sample")),
+        ("gradient ascent, retain guard: difference", "gradient_ascent", None, forget, dict(retain_guard="difference")),
+        ("gradient ascent, retain guard: project", "gradient_ascent", None, forget, dict(retain_guard="project")),
+        ("gradient ascent, retain guard: fisher", "gradient_ascent", None, forget, fisher),
+        ("gradient ascent, retain guard: fisher, per-sample", "gradient_ascent", None, forget,
+         dict(fisher, calibration="per_sample")),
+        *[(f"gradient ascent, retain guard: fisher, retain tol {t:.0%}", "gradient_ascent", None, forget,
+           dict(fisher, retain_tolerance=t)) for t in (0.2, 1.0)],
+        ("gradient ascent, tokens below a retain-only 5-gram", "gradient_ascent", None, forget, dict(tokens="reference")),
+        ("descent to a retain-only 5-gram's distributions (reference_kl)", "gradient_ascent", None, forget,
+         dict(objective="reference_kl")),
         (f"fuzzy request {fuzzy_name!r} (one shift)", "first_epoch_ascent", H_emb, fuzzy_name, dict(epochs=[0])),
         (f"iterative on {fuzzy_name!r}'s samples", "first_epoch_ascent", H_emb, fuzzy_samples, dict(epochs=[0], mode="iterative")),
     ]
-    results = {"config": cfg, "forget": forget, "fuzzy_request": fuzzy_name, "fuzzy_planted": fuzzy_samples}
+    if not full:
+        runs = [r for r in runs if "retain tol" not in r[0] and "store" not in r[0]]
+    results = {"config": cfg, "forget": forget, "fuzzy_request": fuzzy_name, "fuzzy_planted": fuzzy_samples,
+               "n_train_samples": len(train)}
     print("evaluating original and retrained models ...")
     results["original"] = evaluate(model, ctx)
     results["retrain"] = {**evaluate(retrained, ctx), "seconds": retrain_stats["seconds"]}
+    # canaries never trained on: the exposure of secrets a model cannot know (its spread is the metric's noise)
+    for key, m in (("original", model), ("retrain", retrained)):
+        values = [metrics.exposure(m, c.prefix, c.secret) for c in ctx["heldout_canaries"]]
+        results[key]["heldout_exposure"] = sum(values) / len(values)
     results["methods"] = []
     # Held-out losses of the original model: computed once per model and shared by every request.
     start = time.perf_counter()
@@ -133,14 +205,59 @@ def main():
         row["speedup_vs_retrain"] = retrain_stats["seconds"] / out.seconds
         results["methods"].append(row)
 
-    storage = {k: {**h.bytes_per_sample(), "numel": h.numel} for k, h in histories.items()}
+    results["gradient_alignment"] = gradient_alignment(model, train, forget, retain_idx, histories)
+    if H_fp32 is not None:
+        results["blocksizes"] = blocksize_study(H_fp32)
+    storage = {k: {**h.bytes_per_sample(), "numel": h.numel} for k, h in histories.items() if k in ("embeddings", last_preset, "all")}
     storage["embeddings_over_all_fp32"] = storage["embeddings"]["fp32"] / storage["all"]["fp32"]
     storage["int8_compression"] = storage["embeddings"]["fp32"] / storage["embeddings"]["stored"]
     storage["gpt2_small"] = gpt2_small_storage()
     results["storage"] = storage
     results["recording"] = {"plain_train_seconds": plain_train_seconds, "record_seconds": record_seconds,
                             "epochs_recorded": {k: h.n_epochs for k, h in histories.items()}}
-    write(results)
+    return results
+
+
+def gradient_alignment(model, train, forget, retain_idx, histories):
+    """Cosine of the stored first-epoch directions with fresh gradients at the trained model, per preset:
+    how much of today's loss gradient the stored rows still point along."""
+    from unlearn_fast.lm import per_sample_gradients
+
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    out = {}
+    f = torch.tensor(forget)
+    r = torch.tensor(retain_idx[:64])
+    for key in ("embeddings", "all"):
+        h = histories[key]
+        fresh = per_sample_gradients(model, h.param_names, train.input_ids[f], train.labels[f])
+        fresh_r = per_sample_gradients(model, h.param_names, train.input_ids[r], train.labels[r]).mean(0)
+        stored = torch.stack([h.row(0, int(i)) for i in f])
+        stored_r = torch.stack([h.row(0, int(i)) for i in r]).mean(0)
+        out[key] = {
+            "per_sample_stored_vs_fresh": float(torch.nn.functional.cosine_similarity(stored, fresh).mean()),
+            "forget_mean_stored_vs_fresh": cos(stored.mean(0), fresh.mean(0)),
+            "stored_forget_vs_stored_retain": cos(stored.mean(0), stored_r),
+            "fresh_forget_vs_fresh_retain": cos(fresh.mean(0), fresh_r),
+        }
+    return out
+
+
+def blocksize_study(history_fp32):
+    """int8 storage and round-trip error of the first-epoch embedding rows for several blocksizes."""
+    from unlearn_fast import ops
+
+    rows = torch.stack([history_fp32.row(0, i) for i in history_fp32.epochs[0]["index"].tolist()])
+    out = {}
+    for blocksize in (256, 1024, 4096):
+        codes, scales = ops.quantize_rows(rows, blocksize, 8)
+        back = torch.stack([ops.dequantize_blockwise(c, sc, blocksize, 8, rows.shape[1]) for c, sc in zip(codes, scales)])
+        stored = codes[0].numel() * codes.element_size() + scales[0].numel() * scales.element_size()
+        out[blocksize] = {
+            "bytes": stored, "ratio": 4 * rows.shape[1] / stored,
+            "relative_l2_error": float(((back - rows).norm(dim=1) / rows.norm(dim=1)).mean()),
+            "nonzero_to_zero": float(((back == 0) & (rows != 0)).float().mean()),
+        }
+    return out
 
 
 def goals(row, retrain, original):
@@ -151,21 +268,33 @@ def goals(row, retrain, original):
             "mia_gap": mia_gap, "mia_ok": mia_gap <= 0.03, "speed_ok": row.get("speedup_vs_retrain", 0) >= 20}
 
 
-def write(results):
+def write(scenarios):
     os.makedirs(RESULTS, exist_ok=True)
-    original, retrain = results["original"], results["retrain"]
-    for row in results["methods"]:
-        row["goals"] = goals(row, retrain, original)
+    lines = ["# Language-model unlearning benchmark", "", f"Command: `{' '.join(['python'] + sys.argv)}`  ",
+             "Goals (issue 4), per row: exposure within 10% of retrain's / retain perplexity rise <= 5% / MIA AUC (loss) "
+             "within 0.03 of retrain's / at least 20x faster than retraining.", ""]
+    for results in scenarios.values():
+        for row in results["methods"]:
+            row["goals"] = goals(row, results["retrain"], results["original"])
     with open(os.path.join(RESULTS, "lm_unlearning.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+        json.dump(scenarios, f, indent=1, default=str)
+    for name, results in scenarios.items():
+        lines += [f"## Scenario: {name}", ""] + render(results) + [""]
+    with open(os.path.join(RESULTS, "lm_unlearning.md"), "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    plot(scenarios)
+    print("\n".join(lines))
+
+
+def render(results):
+    original, retrain = results["original"], results["retrain"]
     cfg, st, rec = results["config"], results["storage"], results["recording"]
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731
     lines = [
-        "# Language-model unlearning benchmark", "",
-        f"Command: `{' '.join(['python'] + sys.argv)}`  ",
         f"Tiny GPT-2 ({cfg['n_layer']} layers, width {cfg['n_embd']}, byte tokenizer), {len(results['forget'])} forget samples "
         f"({len(results['forget']) - len(results['fuzzy_planted']) + 1} people with canaries of 4 digits, 10^4 candidates), "
-        f"{cfg['epochs']} epochs, Adam lr {cfg['lr']}, seed {cfg['seed']}{', --quick' if cfg['quick'] else ''}. CPU, 1 thread.",
+        f"{results['n_train_samples']} training samples, {cfg['epochs']} epochs, Adam lr {cfg['lr']}, seed {cfg['seed']}"
+        f"{', --quick' if cfg['quick'] else ''}. CPU, 1 thread.",
         "Calibrated runs: target = mean held-out loss, bound = target + 2 sd/sqrt(n), retain perplexity may rise 5%. "
         f"Held-out losses computed once per model ({results['heldout_loss_seconds']:.2f} s, not in the per-request times).", "",
         "| model / method | s | speed-up | status | forget loss | retain ppl (rise) | exposure (bits) | MIA AUC loss / zlib / min-k | self-influence | goals: exp / ppl / MIA / 20x |",
@@ -189,7 +318,12 @@ def write(results):
         f"{[(m['index'], m['score']) for m in fuzzy['stats'].get('matches', [])]}, planted {results['fuzzy_planted']}. "
         f"Exposure of that person's canary: original {original['exposure_fuzzy_person']:.2f}, retrain {retrain['exposure_fuzzy_person']:.2f}, "
         + ", ".join(f"{r['label']} {r['exposure_fuzzy_person']:.2f}" for r in results["methods"] if results["fuzzy_request"] in r["label"]) + ".",
-        "", "## Storage per sample and epoch", "",
+        "", f"Exposure of {len(results['forget']) - len(results['fuzzy_planted']) + 1} held-out canaries (never trained on): "
+        f"original {original['heldout_exposure']:.2f}, retrain {retrain['heldout_exposure']:.2f} bits. A secret at a "
+        "uniformly random rank has exposure 1.44 bits on average with a standard deviation of 1.44, so a mean over "
+        f"{len(results['forget']) - len(results['fuzzy_planted']) + 1} canaries has a sampling spread of about "
+        f"{1.4427 / (len(results['forget']) - len(results['fuzzy_planted']) + 1) ** 0.5:.2f} bits.",
+        "", "### Storage per sample and epoch", "",
         "| preset | parameters | fp32 bytes | int8 bytes (codes + scales) |", "|---|---|---|---|",
     ]
     for k in [k for k in st if isinstance(st[k], dict) and "fp32" in st[k]]:
@@ -198,27 +332,49 @@ def write(results):
     lines += [
         "", f"Embeddings / all parameters before compression: {st['embeddings_over_all_fp32']:.3f} here "
         f"(goal <= 1/3: {yes(st['embeddings_over_all_fp32'] <= 1 / 3)}); GPT-2 small (124M): {g2['ratio']:.3f} "
-        f"({g2['embedding_params']} of {g2['all_params']}). int8 vs fp32: {st['int8_compression']:.2f}x smaller "
-        f"(goal >= 4x: {yes(st['int8_compression'] >= 4)}; the per-block float32 scale costs 4 bytes per 256 values).",
-        "", "## Recording overhead", "",
+        f"({g2['embedding_params']} of {g2['all_params']}). int8 vs fp32: {st['int8_compression']:.3f}x smaller "
+        f"(goal >= 4x: {yes(st['int8_compression'] >= 4)}; int8 codes alone are exactly 4x and every per-block float32 "
+        f"scale adds 4 bytes, so no blockwise int8 store reaches 4.00x; blocksize {BLOCKSIZE} comes closest).",
+    ]
+    if "blocksizes" in results:
+        lines += [
+            "", "### int8 blocksize (first-epoch embedding rows)", "",
+            "| blocksize | bytes per sample | fp32 / int8 | relative L2 error | nonzero values stored as 0 |", "|---|---|---|---|---|",
+            *[f"| {b} | {v['bytes']} | {v['ratio']:.3f}x | {v['relative_l2_error']:.4f} | {v['nonzero_to_zero']:.3f} |"
+              for b, v in results["blocksizes"].items()],
+            "", f"Unlearning from the fp32, int8/256 and int8/{BLOCKSIZE} stores: compare the rows 'fp32 store' and "
+            f"'int8 blocksize 256 store' with 'first-epoch, embeddings, iterative' (int8/{BLOCKSIZE}).",
+        ]
+    lines += [
+        "", "### Stored first-epoch gradients vs fresh gradients at the trained model", "",
+        "| preset | cos(stored, fresh) per forget sample | cos of forget means | cos(stored forget, stored retain) | cos(fresh forget, fresh retain) |",
+        "|---|---|---|---|---|",
+        *[f"| {k} | {v['per_sample_stored_vs_fresh']:.3f} | {v['forget_mean_stored_vs_fresh']:.3f} | "
+          f"{v['stored_forget_vs_stored_retain']:.3f} | {v['fresh_forget_vs_fresh_retain']:.3f} |"
+          for k, v in results["gradient_alignment"].items()],
+        "", "### Recording overhead", "",
         f"Plain training {rec['plain_train_seconds']:.1f} s; per-sample gradient recording "
         + ", ".join(f"{k} {v:.1f} s ({rec['epochs_recorded'][k]} epoch(s))" for k, v in rec["record_seconds"].items()) + ".",
     ]
-    with open(os.path.join(RESULTS, "lm_unlearning.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot(results)
-    print("\n".join(lines))
+    return lines
 
 
-def plot(results):
+def plot(scenarios):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, grid = plt.subplots(len(scenarios), 3, figsize=(18, 10 * len(scenarios)), squeeze=False)
+    for axes, (name, results) in zip(grid, scenarios.items()):
+        plot_scenario(axes, name, results)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "lm_unlearning.png"), dpi=90)
+
+
+def plot_scenario(axes, name, results):
     rows = results["methods"]
     labels = [r["label"][:64] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 8), sharey=True)
     y = range(len(rows))
     panels = [("exposure (bits)", [r["exposure"] for r in rows], "exposure"),
               ("MIA AUC (loss attack)", [r["mia_auc"]["loss"] for r in rows], None),
@@ -233,13 +389,14 @@ def plot(results):
             ax.axvline(results["original"]["mia_auc"]["loss"], color="tab:red", ls=":", label="original")
         else:
             ax.axvline(5, color="black", ls="--", label="5% budget")
-        ax.set_title(title)
+        ax.set_title(f"{name}: {title}")
         ax.legend(fontsize=8)
-    axes[0].set_yticks(list(y))
+        ax.set_yticks(list(y))
+        ax.invert_yaxis()
     axes[0].set_yticklabels(labels, fontsize=7)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
     axes[2].set_xscale("symlog")
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "lm_unlearning.png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -249,3 +249,164 @@ def test_mia_auc_against_sklearn(setup):
     assert set(aucs) == {"loss", "zlib", "min_k"} and aucs["loss"] > 0.6  # trained samples look like members
     untrained = metrics.mia_auc(setup["initial"], train.subset(range(20)), heldout)
     assert abs(untrained["loss"] - 0.5) < 0.25
+
+
+# ----------------------------------------------------------------------------- retain guards, calibration, tokens
+def _params_flat(model, names):
+    named = dict(model.named_parameters())
+    return torch.cat([named[n].detach().reshape(-1) for n in names])
+
+
+def test_top_directions_span_the_top_singular_vectors():
+    from unlearn_fast.lm.ascent import _top_directions
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 300, generator=g) * torch.linspace(5, 0.1, 12)[:, None]
+    basis = _top_directions(rows, 4)
+    _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    reference = vh[:4].T
+    torch.testing.assert_close(basis.double() @ basis.double().T, reference @ reference.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("guard", ["difference", "project", "fisher"])
+def test_stored_retain_guards_shift_by_the_guarded_direction(setup, guard):
+    """Fixed-scale shift with a guard == scale * guarded(sum of forget rows), rebuilt here from the fp32 rows."""
+    model, train, history = setup["model"], setup["train"], setup["histories"]["fp32"]
+    names = history.param_names
+    retain_set = train.subset(range(len(FORGET), 10))
+    result = uf.unlearn(model, history, FORGET, train, None, method="first_epoch_ascent", epochs=[0], calibrate=False,
+                        scale=0.01, retain_guard=guard, retain_weight=0.5, retain_rank=3, retain_rows=1000,
+                        retain=retain_set)
+    delta = _params_flat(result.model, names) - _params_flat(model, names)
+    forget_sum = sum(history.row(0, i) for i in FORGET)
+    retain_rows = torch.stack([history.row(0, i) for i in range(len(train)) if i not in FORGET])
+    if guard == "difference":
+        expected = forget_sum - 0.5 * retain_rows.mean(0)
+    elif guard == "fisher":
+        second = (retain_rows ** 2).mean(0)
+        expected = forget_sum / (second + 0.5 * second.mean())
+    else:
+        _, _, vh = torch.linalg.svd(retain_rows.double(), full_matrices=False)
+        top = vh[:3].T
+        expected = (forget_sum.double() - top @ (top.T @ forget_sum.double())).float()
+        assert float((top.T.float() @ delta).abs().max()) < 1e-6 * float(delta.abs().max()) * delta.numel() ** 0.5
+    torch.testing.assert_close(delta, 0.01 * expected, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("guard", ["difference", "fisher"])
+def test_fresh_retain_guards_shift_by_the_guarded_gradient(setup, guard):
+    """gradient_ascent fixed-scale shift with a guard, against gradients from plain backward passes."""
+    model, train = setup["model"], setup["train"]
+    names = select_params(model, "embeddings")
+    retain_idx = [i for i in range(len(train)) if i not in FORGET]
+    out = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", params="embeddings", calibrate=False,
+                     scale=0.01, retain_guard=guard, retain_weight=0.5, retain_batch=len(retain_idx),
+                     retain=train.subset(range(len(FORGET), 10)))
+    delta = _params_flat(out.model, names) - _params_flat(model, names)
+    named = dict(model.named_parameters())
+
+    def grad_of(indices):
+        rows = []
+        for i in indices:
+            model.zero_grad()
+            sample_losses(model(input_ids=train.input_ids[i : i + 1]).logits, train.labels[i : i + 1])[0].backward()
+            rows.append(torch.cat([named[n].grad.reshape(-1).clone() for n in names]))
+        model.zero_grad()
+        return torch.stack(rows)
+
+    forget_sum = grad_of(FORGET).sum(0)
+    retain_rows = grad_of(retain_idx)
+    if guard == "difference":
+        expected = forget_sum - 0.5 * retain_rows.mean(0)
+    else:
+        fisher = (retain_rows ** 2).mean(0)
+        expected = forget_sum / (fisher + 0.5 * fisher.mean())
+    torch.testing.assert_close(delta, 0.01 * expected, rtol=2e-3, atol=1e-7)
+
+
+def test_per_sample_calibration_targets_heldout_quantiles(setup):
+    import numpy as np
+
+    model, train = setup["model"], setup["train"]
+    heldout_losses = metrics.losses(model, setup["heldout"])
+    result = uf.unlearn(model, setup["histories"]["embeddings"], FORGET, train, None, method="first_epoch_ascent",
+                        heldout=heldout_losses, calibration="per_sample", retain_tolerance=0.5, max_steps=30)
+    s = result.stats
+    before = metrics.losses(model, train.subset(FORGET)).numpy()
+    levels = np.quantile(heldout_losses.numpy(), (np.arange(len(FORGET)) + 0.5) / len(FORGET))
+    expected = np.empty(len(FORGET))
+    expected[np.argsort(before, kind="stable")] = levels
+    np.testing.assert_allclose(s["sample_targets"], expected, rtol=1e-5)
+    # reached: the mean shortfall below the per-sample targets is at most 0.1 held-out sd; no sample rose past
+    # max(own target, own start) by more than the bound's margin on average
+    after = metrics.losses(result.model, train.subset(FORGET)).numpy()
+    sd = float(heldout_losses.std())
+    assert s["status"] == "reached_target"
+    assert np.clip(expected - after, 0, None).mean() <= 0.1 * sd + 1e-6
+    assert np.clip(after - np.maximum(expected, before), 0, None).mean() <= s["bound"] - s["target"] + 1e-6
+    assert after.mean() > before.mean() + 0.01
+
+
+def test_ngram_reference_against_hand_counts():
+    from unlearn_fast.lm.reference import NgramReference
+
+    tok = ByteTokenizer()
+    ids, labels = tok.batch(["abab", "abba"])
+    ref = NgramReference(ids, labels, order=2, beta=2.0, vocab_size=tok.vocab_size)
+    # hand counts: every sequence is [B, ..., B] (B = boundary); predicted tokens are positions 1..end
+    seqs = [[256, 97, 98, 97, 98, 256], [256, 97, 98, 98, 97, 256]]
+    unigram, bigram, context = {}, {}, {}
+    for seq in seqs:
+        for a, b in zip(seq, seq[1:]):
+            unigram[b] = unigram.get(b, 0) + 1
+            bigram[(a, b)] = bigram.get((a, b), 0) + 1
+            context[a] = context.get(a, 0) + 1
+    total = sum(unigram.values())
+
+    def expected(a, b):
+        p0 = (unigram.get(b, 0) + 1) / (total + tok.vocab_size)
+        return -math.log((bigram.get((a, b), 0) + 2.0 * p0) / (context[a] + 2.0))
+
+    losses_ = ref.token_losses(ids, labels)
+    for i, seq in enumerate(seqs):
+        for pos in range(1, len(seq)):
+            assert losses_[i, pos - 1].item() == pytest.approx(expected(seq[pos - 1], seq[pos]), rel=1e-5)
+    dist = ref.distributions(ids, labels)
+    torch.testing.assert_close(dist.sum(-1), torch.ones(2, ids.shape[1] - 1))
+    picked = -dist.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).log()
+    torch.testing.assert_close(picked, losses_, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="order"):
+        NgramReference(ids, labels, order=0)
+
+
+@pytest.mark.parametrize("options", [dict(tokens="reference"), dict(objective="reference_kl"),
+                                     dict(retain_guard="difference", calibration="per_sample")])
+def test_fresh_variants_raise_forget_loss_within_the_retain_tolerance(setup, options):
+    model, train = setup["model"], setup["train"]
+    result = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=setup["heldout"],
+                        retain_tolerance=0.3, **options)
+    s = result.stats
+    forget_after = float(metrics.losses(result.model, train.subset(FORGET)).mean())
+    assert forget_after == pytest.approx(s["forget_loss_after"], abs=1e-5)
+    assert forget_after > s["forget_loss_before"] + 0.01
+    assert s["retain_loss_after"] <= s["retain_loss_before"] + math.log1p(0.3) + 1e-6
+
+
+def test_bad_guard_options_are_refused(setup):
+    model, train, history = setup["model"], setup["train"], setup["histories"]["embeddings"]
+    before = state(model)
+    stored = [(dict(retain_guard="orthogonal"), "retain_guard"), (dict(retain_weight=-1.0), "retain_weight"),
+              (dict(retain_rank=0), "retain_rank"), (dict(retain_rows=0), "retain_rows"),
+              (dict(calibration="median"), "calibration")]
+    for options, name in stored:
+        with pytest.raises(ValueError, match=name):
+            run_first_epoch_ascent(model, history, FORGET, train, None, heldout=setup["heldout"], **options)
+    fresh = [(dict(tokens="names"), "tokens"), (dict(objective="npo"), "objective"),
+             (dict(objective="reference_kl", tokens="reference"), "tokens"), (dict(retain_batch=0), "retain_batch"),
+             (dict(tokens="reference", loss_fn=lambda logits, labels: logits.sum()), "loss_fn")]
+    for options, name in fresh:
+        loss_fn = options.pop("loss_fn", None)
+        with pytest.raises(ValueError, match=name):
+            uf.unlearn(model, None, FORGET, train, loss_fn, method="gradient_ascent", heldout=setup["heldout"], **options)
+    assert same_state(before, state(model))

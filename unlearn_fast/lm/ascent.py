@@ -18,6 +18,12 @@ training samples with rapidfuzz (partial_ratio >= threshold); the matches are re
 one shift along one fixed direction whose length is found by bracketing and bisection.
 calibrate=False: one fixed-scale shift, theta += scale * sum of the forget gradients (scale defaults to
 the recorded learning rate), for comparison.
+
+Options of ours (off by default; measured in benchmarks/results/lm_unlearning.md): calibration="per_sample"
+(each forget sample aims at the held-out loss quantile of its rank), retain_guard="difference" | "project" |
+"fisher" (keep the step off what the retain samples outside the probe need: stored rows for
+first_epoch_ascent, fresh gradients for gradient_ascent), and for gradient_ascent tokens="reference" /
+objective="reference_kl" (target the tokens a retain-only n-gram cannot explain; see reference.py).
 """
 import math
 import types
@@ -26,9 +32,13 @@ import torch
 
 from .metrics import losses
 from .recording import FirstEpochHistory, select_params
-from .training import check_fits, forward_logits, lm_loss
+from .training import check_fits, forward_logits, sample_losses, token_logprobs
 
 MODES = ("iterative", "fuzzy")
+GUARDS = (None, "project", "difference", "fisher")
+CALIBRATIONS = ("mean", "per_sample")
+TOKEN_MODES = ("all", "reference")
+OBJECTIVES = ("ascent", "reference_kl")
 
 
 # ----------------------------------------------------------------------------- fuzzy requests
@@ -93,10 +103,29 @@ def _shift_(params, direction, eta):
             p.add_(chunk.view_as(p).to(p.dtype), alpha=eta)
 
 
+def _split_retain(n, forget, probe_size, seed):
+    """Shuffled retain indices (training samples outside the forget set): the first probe_size form the retain
+    probe (the calibration's check); the rest is the pool the retain guard may descend on."""
+    pool = _retain_indices(n, forget, n, seed)
+    return pool[:probe_size], pool[probe_size:]
+
+
+def _top_directions(rows, rank):
+    """(p, k) orthonormal basis of the top-`rank` right singular vectors of rows (m, p), from the m x m Gram
+    matrix (cheap when m << p)."""
+    gram = rows @ rows.T
+    values, vectors = torch.linalg.eigh(gram.double())
+    keep = values.flip(0)[:rank]
+    keep_vectors = vectors.flip(1)[:, :rank]
+    good = keep > keep[0] * 1e-10
+    basis = (rows.T.double() @ keep_vectors[:, good]) / keep[good].sqrt()
+    return basis.float()
+
+
 class _Calibrator:
     """Moves theta along directions and keeps the forget/retain checks (see the module docstring)."""
 
-    def __init__(self, model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma):
+    def __init__(self, model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration):
         params = dict(model.named_parameters())
         self.model = model
         self.params = [params[n] for n in names]
@@ -105,12 +134,21 @@ class _Calibrator:
         if heldout.numel() < 2:
             raise ValueError("heldout: calibration needs at least two held-out samples")
         self.heldout_median = float(heldout.median())
+        self.heldout_sd = float(heldout.std())
         self.target = float(heldout.mean())
         n_forget = forget_probe.input_ids.shape[0]
         self.bound = self.target + bound_sigma * float(heldout.std()) / math.sqrt(n_forget)
         self.forget = self.forget_before = self._losses(forget_probe)
         self.retain = self.retain_before = float(self._losses(retain_probe).mean())
         self.retain_limit = self.retain_before + math.log1p(retain_tolerance)
+        self.calibration = calibration
+        # per-sample targets: the forget samples, ranked by their loss, take the held-out losses' quantiles at the
+        # same ranks (so that, reached, the forget losses are distributed like the held-out ones)
+        quantiles = (torch.arange(n_forget, dtype=torch.float32) + 0.5) / n_forget
+        levels = torch.quantile(heldout, quantiles)
+        self.sample_targets = torch.empty(n_forget)
+        self.sample_targets[torch.argsort(self.forget, stable=True)] = levels
+        self.sample_floor = torch.maximum(self.sample_targets, self.forget)  # rising past this is overshooting
         self.evaluations = 0
         self.retain_rejections = 0
         self.trace = [(0.0, float(self.forget.mean()), self.retain)]
@@ -133,26 +171,58 @@ class _Calibrator:
     def ok_retain(self, retain):
         return retain <= self.retain_limit
 
-    def first_guess(self, direction, steps_hint):
-        """eta so that the first-order forget-loss rise along `direction` is (target - now) / steps_hint."""
-        gap = max(self.target - float(self.forget.mean()), 1e-3)
-        return gap / (steps_hint * max(float(direction @ direction), 1e-12))
+    def weights(self):
+        """Weights of the forget samples in the next ascent direction (summing to 1).
+
+        mean: the samples still below the held-out median, equally; per_sample: each sample still below its own
+        target, by its distance to it (a sample at or above its target is left alone)."""
+        if self.calibration == "per_sample":
+            gap = (self.sample_targets - self.forget).clamp(min=0)
+            if float(gap.sum()) > 0:
+                return gap / gap.sum()
+        active = self.forget < self.heldout_median
+        if not bool(active.any()):
+            active = torch.ones_like(active)
+        return active.float() / active.sum()
+
+    def gap(self, forget):
+        """How far the forget losses are from their goal: target - mean (mean), or the mean shortfall of the
+        samples below their own targets (per_sample)."""
+        if self.calibration == "per_sample":
+            return float((self.sample_targets - forget).clamp(min=0).mean())
+        return self.target - float(forget.mean())
+
+    def reached(self, forget):
+        """mean: the mean forget loss is at the target; per_sample: the mean shortfall is below 0.1 held-out sd."""
+        if self.calibration == "per_sample":
+            return self.gap(forget) <= 0.1 * self.heldout_sd
+        return float(forget.mean()) >= self.target
+
+    def overshot(self, forget):
+        """mean: the mean is beyond the bound; per_sample: the samples rose past max(own target, own start) by
+        more than (bound - target) on average (the same Streisand margin, measured per sample)."""
+        if self.calibration == "per_sample":
+            return float((forget - self.sample_floor).clamp(min=0).mean()) > self.bound - self.target
+        return float(forget.mean()) > self.bound
+
+    def first_guess(self, direction, raw, steps_hint):
+        """eta so that the first-order forget-loss rise along `direction` (taking `raw`, the unguarded ascent
+        direction, as the forget gradient) is gap / steps_hint."""
+        gap = max(self.gap(self.forget), 1e-3)
+        return gap / (steps_hint * max(float(raw @ direction), 1e-12 * max(float(direction @ direction), 1e-12)))
 
 
 def _iterative(cal, direction_fn, max_steps):
     eta, status, shrinks = None, "max_steps", 0
-    if float(cal.forget.mean()) >= cal.target:
+    if cal.reached(cal.forget):
         return "already_at_target"
     for step in range(max_steps):
-        mean = float(cal.forget.mean())
-        if mean >= cal.target:
+        gap = cal.gap(cal.forget)
+        if cal.reached(cal.forget):
             status = "reached_target"
             break
-        active = cal.forget < cal.heldout_median
-        if not bool(active.any()):
-            active = torch.ones_like(active)
-        direction = direction_fn(active)
-        eta = cal.first_guess(direction, 4) if eta is None else eta
+        direction, raw = direction_fn(cal.weights())
+        eta = cal.first_guess(direction, raw, 4) if eta is None else eta
         cal.shift_(direction, eta)
         forget, retain = cal.evaluate()
         if not cal.ok_retain(retain):  # undo; retry up to 3 shorter steps, then stop
@@ -164,26 +234,25 @@ def _iterative(cal, direction_fn, max_steps):
                 break
             eta /= 4
             continue
-        if float(forget.mean()) > cal.bound:  # overshot: undo and take a shorter step
+        if cal.overshot(forget):  # overshot: undo and take a shorter step
             cal.shift_(direction, -eta)
             eta /= 2
             continue
-        rise = float(forget.mean()) - mean
-        wanted = cal.target - mean
-        eta *= 2.0 if rise <= 0 else min(2.0, max(0.5, wanted / rise))
+        rise = gap - cal.gap(forget)
+        eta *= 2.0 if rise <= 0 else min(2.0, max(0.5, gap / rise))
         cal.forget, cal.retain = forget, retain
         cal.trace.append((eta, float(forget.mean()), retain))
         shrinks = 0
     else:
-        if float(cal.forget.mean()) >= cal.target:
+        if cal.reached(cal.forget):
             status = "reached_target"
         elif cal.retain_rejections:  # ran out of steps while the retain tolerance kept cutting them short
             status = "retain_tolerance"
     return status
 
 
-def _one_shift(cal, direction, max_evaluations):
-    """Find eta with the forget mean in [target, bound] and retain within tolerance; apply it once."""
+def _one_shift(cal, direction, raw, max_evaluations):
+    """Find eta that reaches the target without overshooting and keeps retain within tolerance; apply it once."""
     origin = cal.flat()
 
     def at(eta):
@@ -194,16 +263,15 @@ def _one_shift(cal, direction, max_evaluations):
         return forget, retain
 
     low, high, best = 0.0, None, None  # best: (eta, forget, retain) inside all the bounds
-    if float(cal.forget.mean()) >= cal.target:
+    if cal.reached(cal.forget):
         return "already_at_target"  # the samples already look like non-members: ascending would overshoot
-    eta = cal.first_guess(direction, 1)
+    eta = cal.first_guess(direction, raw, 1)
     status = "max_steps"
     for _ in range(max_evaluations):
         forget, retain = at(eta)
-        mean = float(forget.mean())
-        if not cal.ok_retain(retain) or mean > cal.bound:
+        if not cal.ok_retain(retain) or cal.overshot(forget):
             high = eta
-        elif mean >= cal.target:
+        elif cal.reached(forget):
             best, status = (eta, forget, retain), "reached_target"
             break
         else:
@@ -223,18 +291,36 @@ def _one_shift(cal, direction, max_evaluations):
     return status
 
 
+def _check_options(retain_guard, retain_weight, retain_rank, calibration):
+    if retain_guard not in GUARDS:
+        raise ValueError(f"retain_guard must be one of {GUARDS}, got {retain_guard!r}")
+    if not (isinstance(retain_weight, (int, float)) and math.isfinite(retain_weight) and retain_weight >= 0):
+        raise ValueError(f"retain_weight must be a finite number >= 0, got {retain_weight!r}")
+    if not (isinstance(retain_rank, int) and retain_rank >= 1):
+        raise ValueError(f"retain_rank must be an integer >= 1, got {retain_rank!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+
+
 def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matches, *, mode, heldout, retain,
-         calibrate, scale, retain_tolerance, bound_sigma, max_steps, retain_probe_size, seed, verbose):
+         calibrate, scale, retain_tolerance, bound_sigma, max_steps, retain_probe_size, seed, verbose, calibration,
+         setup_guard=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     forget_probe = _probe(train_set, forget)
     check_fits(model, forget_probe.input_ids)
-    stats = {"params": names, "mode": mode, "forgotten": int(forget.numel()), "calibrated": bool(calibrate)}
+    stats = {"params": names, "mode": mode, "forgotten": int(forget.numel()), "calibrated": bool(calibrate),
+             "calibration": calibration}
     if matches is not None:
         stats["matches"] = matches
         if verbose:
             for m in matches:
                 print(f"  match {m['index']:>5} score {m['score']:5.1f}: {m['text']}")
+    probe_idx, guard_pool = _split_retain(len(train_set), forget, retain_probe_size, seed)
+    if retain is not None or guard_pool.numel() == 0:  # the probe is the caller's (or everything): guard on all
+        guard_pool = torch.cat([probe_idx, guard_pool])
+    if setup_guard is not None:  # the retain guard uses retain samples outside the retain probe
+        stats.update(setup_guard(guard_pool))
     if not calibrate:
         before = float(losses(model, forget_probe).mean())
         direction = fixed_direction_fn()
@@ -246,13 +332,14 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
     if heldout is None:
         raise ValueError("heldout: calibration needs held-out samples (a TextDataset or their per-sample losses)")
     heldout_losses = heldout if torch.is_tensor(heldout) else losses(model, heldout)
-    retain_probe = retain if retain is not None else _probe(
-        train_set, _retain_indices(len(train_set), forget, retain_probe_size, seed))
-    cal = _Calibrator(model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma)
+    retain_probe = retain if retain is not None else _probe(train_set, probe_idx)
+    cal = _Calibrator(model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration)
     if mode == "iterative":
         status = _iterative(cal, direction_fn, max_steps)
     else:
-        status = _one_shift(cal, direction_fn(torch.ones(forget.numel(), dtype=torch.bool)), max_steps)
+        status = _one_shift(cal, *direction_fn(torch.full((forget.numel(),), 1.0 / forget.numel())), max_steps)
+    if calibration == "per_sample":
+        stats["sample_targets"] = cal.sample_targets.tolist()
     stats.update(
         status=status, target=cal.target, bound=cal.bound, evaluations=cal.evaluations,
         retain_rejections=cal.retain_rejections,
@@ -266,15 +353,24 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
 # ----------------------------------------------------------------------------- the two methods
 def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, mode=None, params=None, epochs=None,
                            heldout=None, retain=None, calibrate=True, scale=None, retain_tolerance=0.05,
-                           center=False, bound_sigma=2.0, max_steps=20, threshold=85.0, retain_probe_size=48, seed=0, verbose=False):
+                           center=False, retain_guard=None, retain_weight=1.0, retain_rank=8, retain_rows=128,
+                           calibration="mean", bound_sigma=2.0, max_steps=20, threshold=85.0, retain_probe_size=48,
+                           seed=0, verbose=False):
     """Ascent along stored per-sample gradients. history: FirstEpochHistory (or a path to one);
     params: subset of the recorded parameters (default all recorded); epochs: recorded epochs to use
-    (default all: only epoch 0 for a first_epoch history). Other options: see the module docstring."""
+    (default all: only epoch 0 for a first_epoch history). retain_guard (stored rows of retain samples
+    outside the retain probe, at most retain_rows of them): "project" removes from the ascent direction its
+    component in the span of their top retain_rank directions; "difference" subtracts retain_weight x their
+    mean row; "fisher" divides it by their mean squared row + retain_weight x its mean. calibration: "mean"
+    or "per_sample". Other options: see the module docstring."""
     if isinstance(history, str):
         history = FirstEpochHistory.load(history)
     if not isinstance(history, FirstEpochHistory):
         raise ValueError(f"history: first_epoch_ascent needs a FirstEpochHistory (HistoryPolicy kind 'first_epoch' "
                          f"or 'all_epochs'), got {type(history).__name__}")
+    _check_options(retain_guard, retain_weight, retain_rank, calibration)
+    if not (isinstance(retain_rows, int) and retain_rows >= 1):
+        raise ValueError(f"retain_rows must be an integer >= 1, got {retain_rows!r}")
     forget, matches = _resolve_forget(forget, train_set, threshold)
     mode = mode or ("fuzzy" if matches is not None else "iterative")
     names = history.param_names if params is None else select_params(model, params)
@@ -285,50 +381,182 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
         history._rows(e, forget)
     spans = history.slices(names)
 
-    def stored_sum(indices, weight):
+    def stored_sum(indices, weights):
         full = torch.zeros(history.numel)
-        history.accumulate_(full, indices, weight, epochs)
+        if isinstance(weights, float):
+            history.accumulate_(full, indices, weights, epochs)
+        else:
+            for i, w in zip(indices.tolist(), weights.tolist()):
+                if w:
+                    history.accumulate_(full, [i], w, epochs)
         return torch.cat([full[a:b] for a, b in spans])
 
     # center=True removes the component shared by all training samples (the mean stored row), keeping what
     # is specific to the forget samples; ascending the shared part raises every sample's loss alike.
     recorded = history.epochs[0]["index"]
     shared = stored_sum(recorded, 1.0 / recorded.numel()) if center else None
+    guard = {}
 
-    def direction_fn(active):
-        chosen = forget[active]
-        direction = stored_sum(chosen, 1.0 / chosen.numel())
-        return direction - shared if center else direction
+    def setup_guard(pool):
+        recorded_pool = pool[torch.isin(pool, recorded)][:retain_rows]
+        if recorded_pool.numel() == 0:
+            raise ValueError("retain_guard: no retain sample outside the retain probe was recorded in the history")
+        if retain_guard == "difference":
+            guard["mean"] = stored_sum(recorded_pool, 1.0 / recorded_pool.numel())
+        elif retain_guard == "fisher":
+            second = torch.zeros(sum(b - a for a, b in spans))
+            for k in range(recorded_pool.numel()):
+                second += stored_sum(recorded_pool[k : k + 1], 1.0) ** 2
+            second /= recorded_pool.numel()
+            guard["inverse"] = 1.0 / (second + retain_weight * float(second.mean()))
+        else:
+            rows = torch.stack([stored_sum(recorded_pool[k : k + 1], 1.0) for k in range(recorded_pool.numel())])
+            guard["basis"] = _top_directions(rows, retain_rank)
+        return {"retain_guard_rows": int(recorded_pool.numel())}
+
+    def guarded(direction):
+        if center:
+            direction = direction - shared
+        if retain_guard == "difference":
+            return direction - retain_weight * guard["mean"]
+        if retain_guard == "fisher":
+            return direction * guard["inverse"]
+        if retain_guard == "project":
+            basis = guard["basis"]
+            return direction - basis @ (basis.T @ direction)
+        return direction
+
+    def direction_fn(weights):
+        raw = stored_sum(forget, weights)
+        return guarded(raw), raw
 
     scale = history.lrs[0] if scale is None and history.lrs else (1.0 if scale is None else scale)
-    model, stats = _run(model, names, direction_fn, lambda: stored_sum(forget, 1.0), forget, train_set, matches,
+    model, stats = _run(model, names, direction_fn, lambda: guarded(stored_sum(forget, 1.0)), forget, train_set, matches,
                         mode=mode, heldout=heldout, retain=retain, calibrate=calibrate, scale=scale,
                         retain_tolerance=retain_tolerance, bound_sigma=bound_sigma, max_steps=max_steps,
-                        retain_probe_size=retain_probe_size, seed=seed, verbose=verbose)
+                        retain_probe_size=retain_probe_size, seed=seed, verbose=verbose, calibration=calibration,
+                        setup_guard=setup_guard if retain_guard else None)
     stats["epochs"] = list(range(history.n_epochs)) if epochs is None else list(epochs)
-    stats["center"] = bool(center)
+    stats.update(center=bool(center), retain_guard=retain_guard)
     return model, stats
 
 
 def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode="iterative", params="all",
                         heldout=None, retain=None, calibrate=True, scale=1e-3, retain_tolerance=0.05,
-                        bound_sigma=2.0, max_steps=20, threshold=85.0, retain_probe_size=48, seed=0, verbose=False):
+                        retain_guard=None, retain_weight=1.0, retain_batch=32, calibration="mean",
+                        tokens="all", objective="ascent", reference_order=5, bound_sigma=2.0, max_steps=20,
+                        threshold=85.0, retain_probe_size=48, seed=0, verbose=False):
     """Baseline: ascent along fresh gradients of the forget loss, recomputed at every step, on `params`
-    (default the whole model); history is not used. loss_fn(logits, labels) defaults to lm_loss."""
+    (default the whole model); history is not used. loss_fn(logits, labels) is a batch-mean loss (default:
+    the per-sample mean token loss). retain_guard, from retain_batch retain samples outside the retain probe:
+    "difference" adds a descent step on their loss (a new batch each step), weighted retain_weight (gradient
+    difference); "project" drops the ascent direction's component along their mean gradient when it would
+    raise their loss; "fisher" divides the direction by their diagonal empirical Fisher (mean squared
+    per-sample gradient, once at the start) + retain_weight x its mean. tokens="reference" weights each
+    forget token by how far its loss is below a retain-only n-gram reference (order reference_order);
+    objective="reference_kl" moves the forget tokens towards that reference's distributions instead of
+    ascending (see docs/lm_unlearning.md)."""
+    _check_options(retain_guard, retain_weight, 1, calibration)
+    if not (isinstance(retain_batch, int) and retain_batch >= 1):
+        raise ValueError(f"retain_batch must be an integer >= 1, got {retain_batch!r}")
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "reference_kl" and tokens != "all":
+        raise ValueError("tokens: objective='reference_kl' chooses its tokens itself; leave tokens='all'")
+    if (tokens == "reference" or objective == "reference_kl") and loss_fn is not None:
+        raise ValueError("loss_fn: tokens='reference' and objective='reference_kl' build the forget loss per token "
+                         "themselves; leave loss_fn None")
     forget, matches = _resolve_forget(forget, train_set, threshold)
     names = select_params(model, params)
     named = dict(model.named_parameters())
-    loss_fn = loss_fn or lm_loss
+    custom_loss = loss_fn
+    reference = target = None
+    if tokens == "reference" or objective == "reference_kl":  # retain-only n-gram reference (see reference.py)
+        from .reference import NgramReference
 
-    def fresh(indices, total):
+        keep = torch.ones(len(train_set), dtype=torch.bool)
+        keep[forget] = False
+        retain_all = _probe(train_set, torch.nonzero(keep).reshape(-1))
+        counts = NgramReference(retain_all.input_ids, retain_all.labels, order=reference_order,
+                                vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
+        forget_batch = _probe(train_set, forget)
+        if objective == "reference_kl":
+            # target distribution per forget token: the reference's where the reference predicts the true token
+            # worse than the model does (content the model can only know from the forget sample), else the
+            # model's own (unchanged)
+            ref = counts.distributions(forget_batch.input_ids, forget_batch.labels)
+            with torch.no_grad():
+                own = torch.softmax(forward_logits(model, forget_batch.input_ids)[:, :-1].float(), dim=-1)
+            truth = forget_batch.labels[:, 1:].clamp(min=0).unsqueeze(-1)
+            learned = ref.gather(-1, truth) < own.gather(-1, truth)
+            target = torch.where(learned, ref, own)
+            target_mask = (forget_batch.labels[:, 1:] != -100).float()
+        else:
+            reference = counts.token_losses(forget_batch.input_ids, forget_batch.labels)
+
+    def fresh(indices, weights, targeted=False):
+        """Gradient of sum_i weights_i * loss_i over the samples `indices` (targeted: the forget samples with
+        token weights from the reference)."""
         probe = _probe(train_set, indices)
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(forward_logits(model, probe.input_ids), probe.labels)
-        grads = torch.autograd.grad(loss * (len(indices) if total else 1.0), [named[n] for n in names])
+        logits = forward_logits(model, probe.input_ids)
+        if targeted and target is not None:
+            # minus the KL(target || model) per sample: ascending it moves the model towards the targets
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            kl = (target * (target.clamp(min=1e-12).log() - logp)).sum(-1) * target_mask
+            loss = -((kl.sum(1) / target_mask.sum(1).clamp(min=1)) * weights).sum()
+        elif targeted and reference is not None:
+            # token-targeted: each token weighted by how far its loss is below the retain-only reference
+            logp, mask = token_logprobs(logits, probe.labels)
+            excess = (reference + logp.detach()).clamp(min=0) * mask
+            per_sample = -(excess * logp).sum(1) / mask.sum(1).clamp(min=1)
+            loss = (per_sample * weights).sum()
+        elif custom_loss is None:
+            loss = (sample_losses(logits, probe.labels) * weights).sum()
+        else:  # a user loss is a batch mean: weight the samples through one call per sample group
+            loss = sum(w * custom_loss(logits[k : k + 1], probe.labels[k : k + 1]) for k, w in enumerate(weights.tolist()) if w)
+        grads = torch.autograd.grad(loss, [named[n] for n in names])
         return torch.cat([g.reshape(-1) for g in grads]).detach()
 
-    model, stats = _run(model, names, lambda active: fresh(forget[active], False), lambda: fresh(forget, True),
-                        forget, train_set, matches, mode=mode, heldout=heldout, retain=retain, calibrate=calibrate,
-                        scale=scale, retain_tolerance=retain_tolerance, bound_sigma=bound_sigma, max_steps=max_steps,
-                        retain_probe_size=retain_probe_size, seed=seed, verbose=verbose)
+    guard = {"step": 0}
+
+    def setup_guard(pool):
+        guard["pool"] = pool
+        if retain_guard == "fisher":  # diagonal empirical Fisher of retain samples at the current parameters
+            from .recording import per_sample_gradients
+
+            batch = _probe(train_set, pool[:retain_batch])
+            rows = per_sample_gradients(model, names, batch.input_ids, batch.labels)
+            fisher = (rows ** 2).mean(0)
+            guard["inverse"] = 1.0 / (fisher + retain_weight * float(fisher.mean()))
+        return {"retain_guard_pool": int(pool.numel())}
+
+    def direction_fn(weights):
+        raw = fresh(forget, weights, targeted=True)
+        if retain_guard is None:
+            return raw, raw
+        if retain_guard == "fisher":  # move least where retain samples are most sensitive
+            return raw * guard["inverse"], raw
+        pool = guard["pool"]
+        start = (guard["step"] * retain_batch) % pool.numel()
+        batch = torch.cat([pool, pool])[start : start + min(retain_batch, pool.numel())]
+        guard["step"] += 1
+        g_retain = fresh(batch, torch.full((batch.numel(),), 1.0 / batch.numel()))
+        if retain_guard == "difference":
+            return raw - retain_weight * g_retain, raw
+        dot = float(raw @ g_retain)
+        if dot > 0:  # ascending would raise the retain batch's loss to first order: drop that component
+            raw_guarded = raw - dot / max(float(g_retain @ g_retain), 1e-30) * g_retain
+            return raw_guarded, raw
+        return raw, raw
+
+    n = forget.numel()
+    model, stats = _run(model, names, direction_fn, lambda: direction_fn(torch.ones(n))[0], forget, train_set, matches,
+                        mode=mode, heldout=heldout, retain=retain, calibrate=calibrate, scale=scale,
+                        retain_tolerance=retain_tolerance, bound_sigma=bound_sigma, max_steps=max_steps,
+                        retain_probe_size=retain_probe_size, seed=seed, verbose=verbose, calibration=calibration,
+                        setup_guard=setup_guard if retain_guard else None)
+    stats.update(retain_guard=retain_guard, tokens=tokens, objective=objective)
     return model, stats
