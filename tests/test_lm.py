@@ -410,3 +410,114 @@ def test_bad_guard_options_are_refused(setup):
         with pytest.raises(ValueError, match=name):
             uf.unlearn(model, None, FORGET, train, loss_fn, method="gradient_ascent", heldout=setup["heldout"], **options)
     assert same_state(before, state(model))
+
+
+# ----------------------------------------------------------------------------- Min-K% calibration statistic
+def _min_k_by_hand(model, dataset, fraction):
+    """Min-K% loss of each sample from a plain forward pass per sample: minus the mean of its int(fraction x n)
+    (at least 1) lowest next-token log-probabilities."""
+    values = []
+    model.eval()
+    with torch.no_grad():
+        for ids, labels in zip(dataset.input_ids, dataset.labels):
+            keep = labels[1:] != -100
+            logits = model(input_ids=ids[None]).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1).gather(-1, labels[1:].clamp(min=0)[:, None])[:, 0][keep]
+            k = max(1, int(fraction * logp.numel()))
+            values.append(-sum(sorted(logp.tolist())[:k]) / k)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_min_k_statistic_against_a_loop(setup):
+    from unlearn_fast.lm.ascent import calibration_statistic
+
+    model, heldout = setup["model"], setup["heldout"]
+    for fraction in (0.1, 0.2, 1.0):
+        got = calibration_statistic(model, heldout, "min_k", fraction).double()
+        torch.testing.assert_close(got, _min_k_by_hand(model, heldout, fraction), rtol=1e-4, atol=1e-5)
+    # the same numbers as the Min-K% membership attack's scores, sign flipped; fraction 1 is the mean loss
+    torch.testing.assert_close(calibration_statistic(model, heldout, "min_k", 0.2),
+                               -metrics.mia_scores(model, heldout, 0.2)["min_k"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(calibration_statistic(model, heldout, "min_k", 1.0), metrics.losses(model, heldout),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,mode,calibration", [("first_epoch_ascent", "iterative", "mean"),
+                                                     ("first_epoch_ascent", "fuzzy", "per_sample"),
+                                                     ("gradient_ascent", "iterative", "per_sample"),
+                                                     ("gradient_ascent", "fuzzy", "mean")])
+def test_min_k_calibration_uses_the_heldout_min_k_distribution(setup, method, mode, calibration):
+    import numpy as np
+
+    model, train = setup["model"], setup["train"]
+    history = setup["histories"]["embeddings"] if method == "first_epoch_ascent" else None
+    heldout_mk = _min_k_by_hand(model, setup["heldout"], 0.2).numpy()
+    before = _min_k_by_hand(model, train.subset(FORGET), 0.2).numpy()
+    result = uf.unlearn(model, history, FORGET, train, None, method=method, mode=mode, heldout=setup["heldout"],
+                        calibration=calibration, statistic="min_k", min_k=0.2, retain_tolerance=0.5, max_steps=30)
+    s = result.stats
+    assert s["statistic"] == "min_k" and s["min_k"] == 0.2
+    # target and bound from the held-out samples' Min-K% losses (not their mean losses)
+    assert s["target"] == pytest.approx(heldout_mk.mean(), rel=1e-4)
+    assert s["bound"] == pytest.approx(heldout_mk.mean() + 2 * heldout_mk.std(ddof=1) / math.sqrt(len(FORGET)), rel=1e-4)
+    assert s["forget_statistic_before"] == pytest.approx(before.mean(), rel=1e-4)
+    after = _min_k_by_hand(result.model, train.subset(FORGET), 0.2).numpy()
+    assert s["forget_statistic_after"] == pytest.approx(after.mean(), rel=1e-4, abs=1e-5)
+    assert float(metrics.losses(result.model, train.subset(FORGET)).mean()) == pytest.approx(s["forget_loss_after"], abs=1e-5)
+    assert after.mean() > before.mean() + 0.01
+    assert s["retain_loss_after"] <= s["retain_loss_before"] + math.log1p(0.5) + 1e-6
+    if calibration == "per_sample":
+        levels = np.quantile(heldout_mk, (np.arange(len(FORGET)) + 0.5) / len(FORGET))
+        expected = np.empty(len(FORGET))
+        expected[np.argsort(before, kind="stable")] = levels
+        np.testing.assert_allclose(s["sample_targets"], expected, rtol=1e-4)
+        if s["status"] == "reached_target":
+            assert np.clip(expected - after, 0, None).mean() <= 0.1 * heldout_mk.std(ddof=1) + 1e-4
+    elif s["status"] == "reached_target":
+        assert s["target"] - 1e-4 <= after.mean() <= s["bound"] + 1e-4
+
+
+def test_min_k_tokens_ascend_the_lowest_probability_tokens(setup):
+    model, train = setup["model"], setup["train"]
+    named = dict(model.named_parameters())
+    names = select_params(model, "embeddings")
+    # independent gradient of sum_i MinK%-loss_i: pick each sample's lowest-probability tokens by hand
+    probe = copy.deepcopy(model)
+    probe.zero_grad()
+    total = 0.0
+    for i in FORGET:
+        ids, labels = train.input_ids[i], train.labels[i]
+        keep = labels[1:] != -100
+        logp = torch.log_softmax(probe(input_ids=ids[None]).logits[0, :-1].float(), -1)
+        logp = logp.gather(-1, labels[1:].clamp(min=0)[:, None])[:, 0][keep]
+        k = max(1, int(0.2 * logp.numel()))
+        total = total - logp[torch.argsort(logp.detach(), stable=True)[:k]].sum() / k
+    total.backward()
+    probe_named = dict(probe.named_parameters())
+    expected = torch.cat([probe_named[n].grad.reshape(-1) for n in names])
+    before = torch.cat([named[n].detach().reshape(-1) for n in names]).clone()
+    result = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", params="embeddings",
+                        calibrate=False, scale=0.01, tokens="min_k", min_k=0.2)
+    after = torch.cat([dict(result.model.named_parameters())[n].detach().reshape(-1) for n in names])
+    torch.testing.assert_close(after - before, 0.01 * expected, rtol=2e-3, atol=1e-7)
+
+
+def test_bad_statistic_options_are_refused(setup):
+    model, train, history = setup["model"], setup["train"], setup["histories"]["embeddings"]
+    before = state(model)
+    bad = [(dict(statistic="median"), "statistic"), (dict(statistic="min_k", min_k=0.0), "min_k"),
+           (dict(statistic="min_k", min_k=1.5), "min_k"), (dict(statistic="min_k", min_k=float("nan")), "min_k"),
+           (dict(min_k="0.2"), "min_k"), (dict(min_k=True), "min_k")]
+    for options, name in bad:
+        with pytest.raises(ValueError, match=name):
+            run_first_epoch_ascent(model, history, FORGET, train, None, heldout=setup["heldout"], **options)
+        with pytest.raises(ValueError, match=name):
+            uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=setup["heldout"], **options)
+    with pytest.raises(ValueError, match="loss_fn"):
+        uf.unlearn(model, None, FORGET, train, lambda logits, labels: logits.sum(), method="gradient_ascent",
+                   heldout=setup["heldout"], tokens="min_k")
+    from unlearn_fast.lm.ascent import calibration_statistic
+
+    with pytest.raises(ValueError, match="min_k"):
+        calibration_statistic(model, setup["heldout"], "min_k", -0.1)
+    assert same_state(before, state(model))

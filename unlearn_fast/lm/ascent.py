@@ -24,6 +24,14 @@ Options of ours (off by default; measured in benchmarks/results/lm_unlearning.md
 "fisher" (keep the step off what the retain samples outside the probe need: stored rows for
 first_epoch_ascent, fresh gradients for gradient_ascent), and for gradient_ascent tokens="reference" /
 objective="reference_kl" (target the tokens a retain-only n-gram cannot explain; see reference.py).
+
+statistic="min_k" (ours): the calibration measures each sample by its Min-K% loss instead of its mean token loss:
+minus the mean of its min_k fraction of lowest token log-probabilities (k = max(1, int(min_k x #tokens)), the
+same statistic as the Min-K% Prob membership attack in metrics.mia_scores, sign flipped so that higher means
+less member-like). Target, bound, per-sample targets and gaps are then computed on that statistic of the forget
+samples against the same statistic of the held-out samples; the retain check stays on the mean loss. It sees a
+few memorised tokens (a secret) that barely move a sample's mean loss. For gradient_ascent, tokens="min_k"
+ascends only on each forget sample's min_k fraction of lowest-probability tokens (chosen afresh each step).
 """
 import math
 import types
@@ -37,7 +45,8 @@ from .training import check_fits, forward_logits, sample_losses, token_logprobs
 MODES = ("iterative", "fuzzy")
 GUARDS = (None, "project", "difference", "fisher")
 CALIBRATIONS = ("mean", "per_sample")
-TOKEN_MODES = ("all", "reference")
+STATISTICS = ("loss", "min_k")
+TOKEN_MODES = ("all", "reference", "min_k")
 OBJECTIVES = ("ascent", "reference_kl")
 
 
@@ -57,6 +66,45 @@ def fuzzy_matches(request, texts, threshold=85.0):
     found = process.extract(request, texts, scorer=fuzz.partial_ratio, processor=utils.default_process,
                             score_cutoff=threshold, limit=None)
     return sorted(((int(i), float(s)) for _, s, i in found), key=lambda m: (-m[1], m[0]))
+
+
+# ----------------------------------------------------------------------------- calibration statistic
+def min_k_count(n_tokens, min_k):
+    """k = max(1, int(min_k * n)) per sample (as in metrics.mia_scores), from a tensor of token counts."""
+    return torch.tensor([max(1, int(min_k * int(n))) for n in n_tokens], dtype=torch.int64)
+
+
+def min_k_select(logp, mask, min_k):
+    """(n, L-1) float mask of each sample's min_k fraction of lowest token log-probabilities (ties by position)."""
+    k = min_k_count(mask.sum(1), min_k)
+    order = logp.detach().masked_fill(~mask, float("inf")).argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return (ranks < k[:, None]).float(), k
+
+
+def min_k_losses(logp, mask, min_k):
+    """Per-sample Min-K% loss (n,): minus the mean of the min_k fraction of lowest token log-probabilities."""
+    select, k = min_k_select(logp, mask, min_k)
+    return -(logp * select).sum(1) / k
+
+
+def _check_statistic(statistic, min_k):
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if isinstance(min_k, bool) or not (isinstance(min_k, (int, float)) and math.isfinite(min_k) and 0 < min_k <= 1):
+        raise ValueError(f"min_k must be a number in (0, 1], got {min_k!r}")
+
+
+def calibration_statistic(model, dataset, statistic="loss", min_k=0.2):
+    """Per-sample values (n,) of the calibration statistic (higher = less member-like) of a data set with
+    input_ids and labels: "loss" the mean token loss, "min_k" the Min-K% loss. Pass the held-out samples' values
+    as `heldout` to share them between requests."""
+    from .metrics import token_stats
+
+    _check_statistic(statistic, min_k)
+    loss, logp, mask = token_stats(model, dataset)
+    return loss if statistic == "loss" else min_k_losses(logp, mask, min_k)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -125,8 +173,10 @@ def _top_directions(rows, rank):
 class _Calibrator:
     """Moves theta along directions and keeps the forget/retain checks (see the module docstring)."""
 
-    def __init__(self, model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration):
+    def __init__(self, model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration,
+                 statistic="loss", min_k=0.2):
         params = dict(model.named_parameters())
+        self.statistic, self.min_k = statistic, min_k
         self.model = model
         self.params = [params[n] for n in names]
         self.forget_probe, self.retain_probe = forget_probe, retain_probe
@@ -139,7 +189,7 @@ class _Calibrator:
         n_forget = forget_probe.input_ids.shape[0]
         self.bound = self.target + bound_sigma * float(heldout.std()) / math.sqrt(n_forget)
         self.forget = self.forget_before = self._losses(forget_probe)
-        self.retain = self.retain_before = float(self._losses(retain_probe).mean())
+        self.retain = self.retain_before = float(losses(model, retain_probe).mean())
         self.retain_limit = self.retain_before + math.log1p(retain_tolerance)
         self.calibration = calibration
         # per-sample targets: the forget samples, ranked by their loss, take the held-out losses' quantiles at the
@@ -154,7 +204,8 @@ class _Calibrator:
         self.trace = [(0.0, float(self.forget.mean()), self.retain)]
 
     def _losses(self, probe):
-        return losses(self.model, probe)
+        """The calibration statistic of the forget samples (mean token loss, or Min-K% loss)."""
+        return calibration_statistic(self.model, probe, self.statistic, self.min_k)
 
     def flat(self):
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -165,7 +216,7 @@ class _Calibrator:
     def evaluate(self):
         self.evaluations += 1
         forget = self._losses(self.forget_probe)
-        retain = float(self._losses(self.retain_probe).mean())
+        retain = float(losses(self.model, self.retain_probe).mean())
         return forget, retain
 
     def ok_retain(self, retain):
@@ -291,7 +342,7 @@ def _one_shift(cal, direction, raw, max_evaluations):
     return status
 
 
-def _check_options(retain_guard, retain_weight, retain_rank, calibration):
+def _check_options(retain_guard, retain_weight, retain_rank, calibration, statistic="loss", min_k=0.2):
     if retain_guard not in GUARDS:
         raise ValueError(f"retain_guard must be one of {GUARDS}, got {retain_guard!r}")
     if not (isinstance(retain_weight, (int, float)) and math.isfinite(retain_weight) and retain_weight >= 0):
@@ -300,17 +351,20 @@ def _check_options(retain_guard, retain_weight, retain_rank, calibration):
         raise ValueError(f"retain_rank must be an integer >= 1, got {retain_rank!r}")
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    _check_statistic(statistic, min_k)
 
 
 def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matches, *, mode, heldout, retain,
          calibrate, scale, retain_tolerance, bound_sigma, max_steps, retain_probe_size, seed, verbose, calibration,
-         setup_guard=None):
+         statistic="loss", min_k=0.2, setup_guard=None):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     forget_probe = _probe(train_set, forget)
     check_fits(model, forget_probe.input_ids)
     stats = {"params": names, "mode": mode, "forgotten": int(forget.numel()), "calibrated": bool(calibrate),
-             "calibration": calibration}
+             "calibration": calibration, "statistic": statistic}
+    if statistic == "min_k":
+        stats["min_k"] = min_k
     if matches is not None:
         stats["matches"] = matches
         if verbose:
@@ -331,9 +385,12 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
         return model, stats
     if heldout is None:
         raise ValueError("heldout: calibration needs held-out samples (a TextDataset or their per-sample losses)")
-    heldout_losses = heldout if torch.is_tensor(heldout) else losses(model, heldout)
+    # a tensor holds the held-out samples' values of the statistic (calibration_statistic), else it is computed here
+    heldout_losses = heldout if torch.is_tensor(heldout) else calibration_statistic(model, heldout, statistic, min_k)
     retain_probe = retain if retain is not None else _probe(train_set, probe_idx)
-    cal = _Calibrator(model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration)
+    forget_loss_before = losses(model, forget_probe) if statistic != "loss" else None
+    cal = _Calibrator(model, names, forget_probe, retain_probe, heldout_losses, retain_tolerance, bound_sigma, calibration,
+                      statistic, min_k)
     if mode == "iterative":
         status = _iterative(cal, direction_fn, max_steps)
     else:
@@ -343,8 +400,10 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
     stats.update(
         status=status, target=cal.target, bound=cal.bound, evaluations=cal.evaluations,
         retain_rejections=cal.retain_rejections,
-        forget_loss_before=float(cal.forget_before.mean()), forget_loss_after=float(cal.forget.mean()),
+        forget_loss_before=float(cal.forget_before.mean()) if statistic == "loss" else float(forget_loss_before.mean()),
+        forget_loss_after=float(cal.forget.mean()) if statistic == "loss" else float(losses(model, forget_probe).mean()),
         retain_loss_before=cal.retain_before, retain_loss_after=cal.retain,
+        forget_statistic_before=float(cal.forget_before.mean()), forget_statistic_after=float(cal.forget.mean()),
         trace=[tuple(round(v, 6) for v in t) for t in cal.trace],
     )
     return model, stats
@@ -354,21 +413,22 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
 def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, mode=None, params=None, epochs=None,
                            heldout=None, retain=None, calibrate=True, scale=None, retain_tolerance=0.05,
                            center=False, retain_guard=None, retain_weight=1.0, retain_rank=8, retain_rows=128,
-                           calibration="mean", bound_sigma=2.0, max_steps=20, threshold=85.0, retain_probe_size=48,
-                           seed=0, verbose=False):
+                           calibration="mean", statistic="loss", min_k=0.2, bound_sigma=2.0, max_steps=20,
+                           threshold=85.0, retain_probe_size=48, seed=0, verbose=False):
     """Ascent along stored per-sample gradients. history: FirstEpochHistory (or a path to one);
     params: subset of the recorded parameters (default all recorded); epochs: recorded epochs to use
     (default all: only epoch 0 for a first_epoch history). retain_guard (stored rows of retain samples
     outside the retain probe, at most retain_rows of them): "project" removes from the ascent direction its
     component in the span of their top retain_rank directions; "difference" subtracts retain_weight x their
     mean row; "fisher" divides it by their mean squared row + retain_weight x its mean. calibration: "mean"
-    or "per_sample". Other options: see the module docstring."""
+    or "per_sample"; statistic: "loss" or "min_k" (fraction min_k), what the calibration measures. Other options:
+    see the module docstring."""
     if isinstance(history, str):
         history = FirstEpochHistory.load(history)
     if not isinstance(history, FirstEpochHistory):
         raise ValueError(f"history: first_epoch_ascent needs a FirstEpochHistory (HistoryPolicy kind 'first_epoch' "
                          f"or 'all_epochs'), got {type(history).__name__}")
-    _check_options(retain_guard, retain_weight, retain_rank, calibration)
+    _check_options(retain_guard, retain_weight, retain_rank, calibration, statistic, min_k)
     if not (isinstance(retain_rows, int) and retain_rows >= 1):
         raise ValueError(f"retain_rows must be an integer >= 1, got {retain_rows!r}")
     forget, matches = _resolve_forget(forget, train_set, threshold)
@@ -435,7 +495,7 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
                         mode=mode, heldout=heldout, retain=retain, calibrate=calibrate, scale=scale,
                         retain_tolerance=retain_tolerance, bound_sigma=bound_sigma, max_steps=max_steps,
                         retain_probe_size=retain_probe_size, seed=seed, verbose=verbose, calibration=calibration,
-                        setup_guard=setup_guard if retain_guard else None)
+                        statistic=statistic, min_k=min_k, setup_guard=setup_guard if retain_guard else None)
     stats["epochs"] = list(range(history.n_epochs)) if epochs is None else list(epochs)
     stats.update(center=bool(center), retain_guard=retain_guard)
     return model, stats
@@ -443,8 +503,8 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
 
 def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode="iterative", params="all",
                         heldout=None, retain=None, calibrate=True, scale=1e-3, retain_tolerance=0.05,
-                        retain_guard=None, retain_weight=1.0, retain_batch=32, calibration="mean",
-                        tokens="all", objective="ascent", reference_order=5, bound_sigma=2.0, max_steps=20,
+                        retain_guard=None, retain_weight=1.0, retain_batch=32, calibration="mean", statistic="loss",
+                        min_k=0.2, tokens="all", objective="ascent", reference_order=5, bound_sigma=2.0, max_steps=20,
                         threshold=85.0, retain_probe_size=48, seed=0, verbose=False):
     """Baseline: ascent along fresh gradients of the forget loss, recomputed at every step, on `params`
     (default the whole model); history is not used. loss_fn(logits, labels) is a batch-mean loss (default:
@@ -455,8 +515,9 @@ def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode
     per-sample gradient, once at the start) + retain_weight x its mean. tokens="reference" weights each
     forget token by how far its loss is below a retain-only n-gram reference (order reference_order);
     objective="reference_kl" moves the forget tokens towards that reference's distributions instead of
-    ascending (see docs/lm_unlearning.md)."""
-    _check_options(retain_guard, retain_weight, 1, calibration)
+    ascending; tokens="min_k" ascends on each forget sample's min_k fraction of lowest-probability tokens only.
+    statistic: "loss" or "min_k", what the calibration measures (see docs/lm_unlearning.md)."""
+    _check_options(retain_guard, retain_weight, 1, calibration, statistic, min_k)
     if not (isinstance(retain_batch, int) and retain_batch >= 1):
         raise ValueError(f"retain_batch must be an integer >= 1, got {retain_batch!r}")
     if tokens not in TOKEN_MODES:
@@ -465,9 +526,9 @@ def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "reference_kl" and tokens != "all":
         raise ValueError("tokens: objective='reference_kl' chooses its tokens itself; leave tokens='all'")
-    if (tokens == "reference" or objective == "reference_kl") and loss_fn is not None:
-        raise ValueError("loss_fn: tokens='reference' and objective='reference_kl' build the forget loss per token "
-                         "themselves; leave loss_fn None")
+    if (tokens != "all" or objective == "reference_kl") and loss_fn is not None:
+        raise ValueError("loss_fn: tokens='reference' / 'min_k' and objective='reference_kl' build the forget loss "
+                         "per token themselves; leave loss_fn None")
     forget, matches = _resolve_forget(forget, train_set, threshold)
     names = select_params(model, params)
     named = dict(model.named_parameters())
@@ -507,6 +568,11 @@ def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             kl = (target * (target.clamp(min=1e-12).log() - logp)).sum(-1) * target_mask
             loss = -((kl.sum(1) / target_mask.sum(1).clamp(min=1)) * weights).sum()
+        elif targeted and tokens == "min_k":
+            # Min-K%-targeted: the mean loss of each sample's lowest-probability tokens (chosen at this step)
+            logp, mask = token_logprobs(logits, probe.labels)
+            select, k = min_k_select(logp, mask, min_k)
+            loss = ((-(logp * select).sum(1) / k) * weights).sum()
         elif targeted and reference is not None:
             # token-targeted: each token weighted by how far its loss is below the retain-only reference
             logp, mask = token_logprobs(logits, probe.labels)
@@ -557,6 +623,6 @@ def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode
                         mode=mode, heldout=heldout, retain=retain, calibrate=calibrate, scale=scale,
                         retain_tolerance=retain_tolerance, bound_sigma=bound_sigma, max_steps=max_steps,
                         retain_probe_size=retain_probe_size, seed=seed, verbose=verbose, calibration=calibration,
-                        setup_guard=setup_guard if retain_guard else None)
+                        statistic=statistic, min_k=min_k, setup_guard=setup_guard if retain_guard else None)
     stats.update(retain_guard=retain_guard, tokens=tokens, objective=objective)
     return model, stats
