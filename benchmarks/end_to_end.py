@@ -12,6 +12,7 @@ distance relative to |w_original - w_retrained|, history bytes read, gradient ev
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -87,7 +88,14 @@ def train(model, train_set, policy=None, seed=0, **cfg):
 
 def flip_labels(y, idx, classes):
     """Systematic poison: every flipped sample of class c is labelled c + 1 (a random relabelling
-    barely moves these models, so poison recovery would be undefined)."""
+    barely moves these models, so poison recovery would be undefined).
+
+    Even this poison does not hurt logistic regression on digits at small ratios (at 10 % the poisoned
+    model is one test sample better than the retrained one). uf.metrics.poison_recovery then reports
+    NaN: a gain under 10 test samples cannot resolve the 0.9 goal (one sample is 0.1 of the ratio or
+    more). A stronger single-target poison (every flipped sample labelled 0, or 1 if it was 0) was
+    measured too: it moves digits 10 % by only 5 test samples and makes every method's task harder
+    (docs/mini_unlearning.md), so the benchmark keeps this one."""
     y = y.clone()
     y[idx] = (y[idx] + 1) % classes
     return y
@@ -126,6 +134,7 @@ def run_case(data, model_kind, kind, ratio, tensors, seed, bar):
             "history_bytes": res.stats.get("history_bytes_read"), "gradient_evaluations": res.stats.get("gradient_evaluations"),
             "iterations": res.stats.get("iterations"), "contraction_factor": res.stats.get("contraction_factor"),
             "error_bound": res.stats.get("error_bound"), "train_seconds": train_s, "finish_seconds": finish_s,
+            "test_samples": len(yte), "checkpoints": res.stats.get("checkpoints"),
             "reshuffled_retrain_distance": noise_floor,
         })
         bar.update(1)
@@ -179,8 +188,14 @@ def summarise(rows):
         for ratio in (0.1, 0.3):
             sel = [r for r in rows if r["data"] == data and r["model"] == "logistic" and r["forget_kind"] == "flipped" and r["ratio"] == ratio and r["method"] == "mini"]
             if sel and sel[0]["poison_recovery"] is not None:
-                pr = sel[0]["poison_recovery"]
-                lines.append(f"- {data} logistic {ratio:.0%} label-flipped: poison recovery {pr:.2f} ({'PASS' if pr >= 0.9 else 'MISS'} >= 0.9)")
+                pr, row = sel[0]["poison_recovery"], sel[0]
+                if math.isnan(pr):  # uf.metrics.poison_recovery: retraining's gain is under POISON_MIN_SAMPLES test samples
+                    rt = next(r for r in rows if r["data"] == data and r["model"] == "logistic" and r["forget_kind"] == "flipped" and r["ratio"] == ratio and r["method"] == "retrain")
+                    gain = (rt["test_accuracy"] - row["original_test_accuracy"]) * row["test_samples"]
+                    lines.append(f"- {data} logistic {ratio:.0%} label-flipped: poison recovery undefined: retraining changes test accuracy by "
+                                 f"{gain:+.0f} of {row['test_samples']} test samples (< {uf.metrics.POISON_MIN_SAMPLES}), the poison does not hurt this model")
+                else:
+                    lines.append(f"- {data} logistic {ratio:.0%} label-flipped: poison recovery {pr:.2f} ({'PASS' if pr >= 0.9 else 'MISS'} >= 0.9)")
     return lines
 
 

@@ -1,6 +1,7 @@
 """Unlearning engine: recorder, history storage, retrain / deltagrad / mini, metrics and bad input."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -171,16 +172,93 @@ def test_mini_on_converged_strongly_convex_problem_is_near_the_retrained_optimum
 
 
 def test_mini_history_is_small_and_mini_beats_doing_nothing(trained):
-    data, model, history = trained
+    data, _, _ = trained
+    # the default policy (rank sized to the run); the fixture's rank 8 of 52 is below what the trajectory basis needs
+    model, history = train(data, uf.HistoryPolicy(kind="full"), epochs=8)
     assert history.nbytes("summary") < 0.1 * history.nbytes("trajectory")
     forget = forget_set(len(data), 0.3)
     retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
     result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
     assert uf.metrics.relative_distance(result.model, retrained, model) < 0.6
     assert 0 <= result.stats["contraction_factor"] < 1
-    # a convex model contracts without backtracking: one forget-set pass per iteration plus the first residual
+    # a convex model contracts without backtracking: one batched pass over the forget set at the checkpoints and
+    # the end point, then one pass per iteration
     assert result.stats["relaxation"] == 1.0
-    assert result.stats["gradient_evaluations"] == (result.stats["iterations"] + 1) * forget.numel()
+    assert result.stats["checkpoints"] == len(history.summary["ckpt_steps"]) > 0
+    assert result.stats["gradient_evaluations"] == (result.stats["iterations"] + 1 + result.stats["checkpoints"]) * forget.numel()
+
+
+def test_propagation_weights_match_a_step_by_step_replay():
+    gen = torch.Generator().manual_seed(0)
+    T, m, decay = 37, 5, 0.01
+    lrs = torch.rand(T, generator=gen, dtype=torch.float64) * 0.3
+    for points in ([0, 5, 11, 30, T], [7, 20, T], [T]):
+        curv = torch.rand(len(points), m, generator=gen, dtype=torch.float64) * 2
+        src = torch.randn(len(points), m, generator=gen, dtype=torch.float64)
+        W = mini.propagation_weights(lrs, points, curv, decay)
+        e = torch.zeros(m, dtype=torch.float64)
+        for t in range(T):  # the replay written out: curvature and source linear in t between points, constant before the first
+            j = max([i for i in range(len(points) - 1) if points[i] <= t], default=None)
+            if j is None:
+                a_t, s_t = curv[0], src[0]
+            else:
+                f = (t - points[j]) / (points[j + 1] - points[j])
+                a_t, s_t = (1 - f) * curv[j] + f * curv[j + 1], (1 - f) * src[j] + f * src[j + 1]
+            e = e - lrs[t] * ((a_t + decay) * e + s_t)
+        torch.testing.assert_close(-(W * src).sum(0), e, rtol=1e-12, atol=1e-12)
+
+
+def test_mini_is_exact_on_a_linear_least_squares_run_with_every_step_checkpointed(monkeypatch):
+    # Full-batch gradient descent on a quadratic (so the replay is linear and mean-field is exact), and a forget set
+    # whose curvature equals the whole set's (its samples are the negatives of the retained ones): then the linear
+    # replay Mini models, with every step a checkpoint and the full rank, IS the retraining, up to rounding.
+    monkeypatch.setattr(mini, "checkpoint_capacity", lambda steps: 10**6)
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    X = torch.cat([A, -A])
+    Y = torch.cat([A @ torch.randn(5, 2, generator=gen, dtype=torch.float64), torch.randn(40, 2, generator=gen, dtype=torch.float64)])
+    data = torch.utils.data.TensorDataset(X, Y)
+    sq = lambda out, y: ((out - y) ** 2).sum(-1).mean()  # noqa: E731
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-2)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=10, summary_codec="fp32"))
+    for _ in range(25):
+        opt.zero_grad()
+        sq(model(X), Y).backward()
+        rec.record(torch.arange(80))
+        opt.step()
+        opt.param_groups[0]["lr"] *= 0.97
+    history = rec.finish(data, sq)
+    assert history.summary["ckpt_steps"].tolist() == list(range(25))
+    forget = torch.arange(40, 80)
+    retrained = uf.unlearn(model, history, forget, data, sq, method="retrain").model
+    result = uf.unlearn(model, history, forget, data, sq, method="mini", tol=1e-12)
+    assert uf.metrics.relative_distance(result.model, retrained, model) < 1e-6
+
+
+def test_recorder_keeps_early_and_evenly_spaced_checkpoints():
+    data = make_data(n=64)
+    model, history = train(data, uf.HistoryPolicy(kind="minimal", rank=4), epochs=150, batch=8, decay=1.0, lr=0.01)
+    steps = history.summary["ckpt_steps"].tolist()
+    T = history.num_steps  # 1200
+    spacing = math.gcd(*[s for s in steps if s & (s - 1)])  # the grid: steps that are not powers of two
+    grid = list(range(0, T, spacing))
+    assert steps == sorted(steps) and steps[:4] == [0, 1, 2, 4]
+    assert sorted(set(grid) | {2**i for i in range(11) if 2**i < T}) == steps
+    assert mini.checkpoint_capacity(T) // 2 <= len(grid) <= mini.checkpoint_capacity(T)
+    assert history.summary["response"].shape == (len(steps) + 1, len(history.summary["eigvals"]) + 1)
+    with pytest.raises(ValueError, match="summary_codec"):
+        uf.HistoryPolicy(summary_codec="fp8")
+
+
+def test_mini_after_save_and_load_is_identical(tmp_path, trained):
+    data, model, history = trained
+    loaded = uf.GradientHistory.load(history.save(str(tmp_path / "h")))
+    forget = forget_set(len(data), 0.2)
+    a = uf.unlearn(model, history, forget, data, LOSS, method="mini").model
+    b = uf.unlearn(model, loaded, forget, data, LOSS, method="mini").model
+    assert torch.equal(flat_params(a), flat_params(b))
 
 
 # ----------------------------------------------------------------------------- storage
@@ -323,6 +401,11 @@ def test_audit_report(tmp_path, trained):
     assert report["unlearned"] == report["retrained"]
     assert json.loads(path.read_text())["relative_distance"] == 0.0
     assert uf.metrics.poison_recovery(0.8, 0.6, 0.7) == pytest.approx(2.0)
+    # undefined when retraining gains fewer than 10 test samples: one sample would be 0.1 or more of the ratio
+    assert uf.metrics.poison_recovery(0.8, 0.6, 0.7, n_test=100) == pytest.approx(2.0)
+    assert math.isnan(uf.metrics.poison_recovery(0.61, 0.6, 0.69, n_test=100))
+    assert math.isnan(uf.metrics.poison_recovery(0.61, 0.6, 0.6))
+    assert math.isnan(report["poison_recovery"])  # retrained vs itself: no gain
 
 
 def test_manifest_with_missing_entries_is_a_value_error(tmp_path, trained):

@@ -6,8 +6,10 @@ bytes it read):
              optimizer's class and hyper-parameters (what `retrain` replays).
   trajectory kind="full": every step's parameters w_t and batch gradient g_t (what DeltaGrad reads).
   summary    kind="full" or "minimal": at the final parameters w*, the full-data loss gradient g* and a
-             rank-k sketch of the loss curvature (Gauss-Newton eigenpairs U, Lambda; Mini-Unlearning
-             models the rest by the smallest kept eigenvalue): what it reads (docs/mini_unlearning.md).
+             rank-k sketch of the loss curvature (Gauss-Newton eigenpairs U, Lambda, and the mean
+             curvature left off their span); plus a few evenly spaced parameter checkpoints with the
+             full-data gradient and the curvature along U there: what Mini-Unlearning reads
+             (docs/mini_unlearning.md).
 Float vectors are stored through a codec (fp32, bf16, int8, int4; int codecs use the blockwise ops).
 """
 import dataclasses
@@ -38,8 +40,10 @@ class HistoryPolicy:
     codec: storage of recorded float vectors: fp32 (uncompressed; float64 models stay float64),
       bf16, int8 or int4 (blockwise absmax, `blocksize` values per scale).
     rank: number of curvature eigenpairs in the summary; None sizes it to the training run:
-      min(p, max(16, steps // 6)), which keeps the summary under 1/12 + 1/(2 steps) of the
-      full trajectory's bytes (docs/mini_unlearning.md).
+      min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/24 of the full trajectory's
+      bytes (docs/mini_unlearning.md).
+    summary_codec: storage of the summary's eigenvectors and parameter checkpoints (int8 default;
+      both are decoded and re-orthonormalised / re-evaluated consistently, docs/mini_unlearning.md).
     params: which parameters the per-sample kinds record: a preset ("embeddings", "last_blocks:N",
       "all") or a list of name patterns (fnmatch).
     """
@@ -48,6 +52,7 @@ class HistoryPolicy:
     codec: str = "fp32"
     blocksize: int = 256
     rank: object = None
+    summary_codec: str = "int8"
     params: object = "all"
     per_sample: bool = False
     activations: bool = False
@@ -57,6 +62,8 @@ class HistoryPolicy:
             raise ValueError(f"HistoryPolicy: kind must be one of {KINDS}, got {self.kind!r}")
         if self.codec not in CODECS:
             raise ValueError(f"HistoryPolicy: codec must be one of {CODECS}, got {self.codec!r}")
+        if self.summary_codec not in CODECS:
+            raise ValueError(f"HistoryPolicy: summary_codec must be one of {CODECS}, got {self.summary_codec!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"HistoryPolicy: rank must be >= 1, got {self.rank}")
 
@@ -139,7 +146,7 @@ class GradientHistory:
         self.meta = meta  # policy, param_spec, optimizer, n_train, weight_decay, momentum
         self.schedule = schedule  # {"w0": (p,), "batches": [LongTensor], "lrs": (T, groups) float64}
         self.trajectory = trajectory  # {"w": EncodedRows, "g": EncodedRows} or None
-        self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals"} or None
+        self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals", "rho", checkpoints, "response"} or None
 
     # -- facts methods rely on
     @property
@@ -318,6 +325,7 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
         self.batches, self.lrs, self.ws, self.gs = [], [], [], []
+        self.checkpoints, self.checkpoint_every = [], 1  # (step, w_step): a few evenly spaced parameter snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
             "param_spec": param_spec(model),
@@ -336,8 +344,23 @@ class HistoryRecorder:
                 raise ValueError(f"record: step {len(self.batches)} has non-finite gradients; history not extended")
             self.ws.append(w.clone())
             self.gs.append(g.clone())
+        if self.policy.kind in ("full", "minimal"):
+            self._keep_checkpoint(len(self.batches))
         self.batches.append(idx)
         self.lrs.append([g["lr"] for g in self.optimizer.param_groups])
+
+    def _keep_checkpoint(self, step):
+        """Snapshots without knowing the run's length: every power-of-two step (training moves fastest at the
+        start) and an even grid of spacing `checkpoint_every`; when the grid holds more than
+        checkpoint_capacity(steps) points, every other one is dropped and the spacing doubles."""
+        from .methods.mini import checkpoint_capacity
+
+        early = lambda s: s & (s - 1) == 0  # noqa: E731  (0, 1, 2, 4, 8, ...)
+        if step % self.checkpoint_every == 0 or early(step):
+            self.checkpoints.append((step, flat_params(self.model).clone()))
+        while sum(s % self.checkpoint_every == 0 for s, _ in self.checkpoints) > checkpoint_capacity(step + 1):
+            self.checkpoint_every *= 2
+            self.checkpoints = [(s, w) for s, w in self.checkpoints if s % self.checkpoint_every == 0 or early(s)]
 
     def finish(self, train_set, loss_fn, batch_size=1024):
         """Close the recording. For "full" and "minimal" this computes the final summary over train_set."""
@@ -353,9 +376,15 @@ class HistoryRecorder:
         if self.policy.kind == "full":
             c, bs = self.policy.codec, self.policy.blocksize
             trajectory = {"w": EncodedRows.encode(self.ws, c, bs), "g": EncodedRows.encode(self.gs, c, bs)}
-        from .methods.mini import final_summary
+        from .methods.mini import final_summary, sgd_settings
 
-        summary = final_summary(self.model, train_set, loss_fn, self.policy, len(self.batches), batch_size=batch_size)
+        try:
+            sgd = sgd_settings(meta, "mini")
+        except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
+            sgd = None
+        summary = final_summary(
+            self.model, train_set, loss_fn, self.policy, len(self.batches), self.checkpoints, schedule["lrs"][:, 0], sgd, batch_size=batch_size
+        )
         return GradientHistory(meta, schedule, trajectory, summary)
 
 

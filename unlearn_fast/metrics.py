@@ -82,10 +82,20 @@ def relative_distance(model, retrained, original):
     return float(dist / gap)
 
 
-def poison_recovery(acc_unlearned, acc_original, acc_retrained):
-    """(acc_unlearned - acc_original) / (acc_retrained - acc_original): 1 recovers all retraining gains."""
+POISON_MIN_SAMPLES = 10
+
+
+def poison_recovery(acc_unlearned, acc_original, acc_retrained, n_test=None, min_samples=POISON_MIN_SAMPLES):
+    """(acc_unlearned - acc_original) / (acc_retrained - acc_original): 1 recovers all retraining gains.
+
+    Undefined (NaN) when retraining gains nothing, and, given the test-set size n_test, when its gain is
+    below `min_samples` test samples: one sample is then 1 / min_samples = 0.1 or more of the ratio, too
+    coarse for a 0.9 goal (a gain of -1 or +1 sample makes the ratio 0, 1 or 2 by itself).
+    """
     gain = acc_retrained - acc_original
-    return float("nan") if gain == 0 else (acc_unlearned - acc_original) / gain
+    if gain == 0 or (n_test is not None and abs(gain) * n_test < min_samples - 1e-9):
+        return float("nan")
+    return (acc_unlearned - acc_original) / gain
 
 
 def audit(original, unlearned, retrained, test, forget, heldout, retain=None, poisoned=False, path=None):
@@ -111,7 +121,7 @@ def audit(original, unlearned, retrained, test, forget, heldout, retain=None, po
     report["relative_distance"] = relative_distance(unlearned, retrained, original)
     if poisoned:
         report["poison_recovery"] = poison_recovery(
-            report["unlearned"]["test_accuracy"], report["original"]["test_accuracy"], report["retrained"]["test_accuracy"]
+            report["unlearned"]["test_accuracy"], report["original"]["test_accuracy"], report["retrained"]["test_accuracy"], n_test=len(test[0])
         )
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,22 +1,29 @@
 """Mini-Unlearning (our reconstruction; derivation and measurements in docs/mini_unlearning.md).
 
-Minimal history (the "summary" section, written once when training ends), nothing per step:
-  w*      the final parameters (the model itself),
-  g*      the full-data mean loss gradient at w*,
-  U, Lam  the top-k eigenpairs of the full-data Gauss-Newton matrix G(w*) (randomized subspace
-          iteration with batched GGN-vector products),
-  tau     the sum of the learning rates (the schedule's "training time").
-H_hat = U diag(Lam) U' + Lam_k (I - U U') models the loss curvature and A = H_hat + lam I.
-
-Removing R (r of n samples) adds d(w) = r (grad L(w) - mean_R grad l_i(w)) / (n - r) to the gradient of
-the training objective. Gradient flow run for time tau responds to a constant gradient change d with
-the shift -Phi d, Phi = (I - exp(-tau A)) A^-1 (= A^-1 once training has converged), so we solve
-  w = T(w) = w* - Phi d(w),   d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r),
-with the forget-set gradients EXACT at the current w (one batched pass over R per iteration: the only
-data touched). The Jacobian of T is Phi (sum_R H_i - r H_hat) / (n - r): small when the forget set's
-curvature is close to its share of the total, so T contracts even at 30 % deletion. The observed
-residual ratio q estimates the contraction factor, and |w - w_fix| <= |T(w) - w| / (1 - q) is both
-the reported error bound and the stopping rule.
+Minimal history (the "summary" section, computed once when training ends), nothing per step but a few
+parameter snapshots:
+  w*, g*        the final parameters and the full-data mean loss gradient there,
+  U             k basis vectors (8-bit): top eigenvectors of (G(w*) + sum_j share_j G(w_j)) / 2, G the
+                Gauss-Newton matrix, w_j the checkpoints, share_j the fraction of the steps each starts,
+  Lam, rho      the curvature at w* along U (u' G(w*) u) and its mean off span(U) (Hutchinson),
+  w_j, gbar_j   K checkpoints (8-bit; every power-of-two step and an even grid of T / 96 to T / 48 points) and the
+                full-data gradient at each (decoded) checkpoint,
+  W             response weights of the schedule ((K + 1) x (k + 1)), from the learning rates and the
+                curvature along U at every checkpoint, interpolated linearly in between.
+Removing R (r of n samples) changes the gradient of the training objective at w by
+  d(w) = (r gbar(w) - sum_R grad l_i(w)) / (n - r)            (gbar: the full-data mean gradient).
+SGD answers a gradient change s_t at step t, to first order, with the linear replay
+  e_{t+1} = e_t - eta_t ((A_t + lam) e_t + s_t),
+with A_t diagonal in the basis U (plus rho off it) and s_t linear in t between checkpoints; W holds its
+solution e_T = -sum_j W_j s_j for sources s_j at the checkpoints and the end. Mini evaluates the forget
+set's gradients at all checkpoints in one vmapped pass, then solves the fixed point
+  w = T(w) = w* - offset - Phi d_hat(w),   Phi = sum_j W_j,
+  offset = sum_{j<K} W_j (d_j - d_hat(w*)),   d_j = (r gbar_j - sum_R grad l_i(w_j)) / (n - r),
+  d_hat(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r),   H_hat = U' Lam U + rho (I - U'U),
+with the forget gradients exact at the iterate (one pass over R per iteration). The Jacobian of T is
+Phi (sum_R H_i - r H_hat) / (n - r): small when the forget set's curvature is close to its share of the
+total. Krasnoselskii-Mann with backtracking; the residual ratio q estimates the contraction factor and
+|w - w_fix| <= |T(w) - w| / (1 - q) is the reported error bound and the stopping rule.
 """
 import math
 
@@ -33,17 +40,22 @@ def _chunks(n, size):
         yield torch.arange(start, min(start + size, n))
 
 
-def _ggn_matmul(model, loss_fn, batch, w, V):
-    """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p)."""
+def _outputs_fn(model, x):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
     sizes = [math.prod(s) for s in shapes]
-    x, y = batch
 
     def outputs(flat):
         params = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
         return functional_call(model, params, (x,))
 
+    return outputs
+
+
+def _ggn_matmul(model, loss_fn, batch, w, V):
+    """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p)."""
+    x, y = batch
+    outputs = _outputs_fn(model, x)
     out, pullback = vjp(outputs, w)
     loss_grad = grad(lambda o: loss_fn(o, y))
 
@@ -51,6 +63,21 @@ def _ggn_matmul(model, loss_fn, batch, w, V):
         _, Jv = jvp(outputs, (w,), (v,))
         _, HJv = jvp(loss_grad, (out,), (Jv,))
         return pullback(HJv)[0]
+
+    return vmap(one)(V)
+
+
+def _ggn_quadratic(model, loss_fn, batch, w, V):
+    """v' G v for every row v of V (forward mode only: (J v)' H_out (J v))."""
+    x, y = batch
+    outputs = _outputs_fn(model, x)
+    out = outputs(w)
+    loss_grad = grad(lambda o: loss_fn(o, y))
+
+    def one(v):
+        _, Jv = jvp(outputs, (w,), (v,))
+        _, HJv = jvp(loss_grad, (out,), (Jv,))
+        return (Jv * HJv).sum()
 
     return vmap(one)(V)
 
@@ -63,39 +90,184 @@ def _full_ggn_matmul(model, loss_fn, train_set, w, V, batch_size):
     return total
 
 
-def summary_rank(policy, p, steps):
-    return min(p, policy.rank if policy.rank is not None else max(16, steps // 6))
+def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
+    """(diag(U G U'), tr(P G P) / (p - rank)) at w over the training set, P the projection off the rank-`rank`
+    eigenbasis and Z its Hutchinson probes (rows, already projected; empty when rank = p). U may be empty."""
+    n, p = len(train_set), w.numel()
+    V = torch.cat([U, Z])
+    quad = torch.zeros(V.shape[0], dtype=w.dtype)
+    for idx in _chunks(n, batch_size):
+        quad += _ggn_quadratic(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
+    diag = quad[: U.shape[0]].clamp(min=0)
+    rho = quad[U.shape[0] :].mean().clamp(min=0) / (p - rank) if Z.shape[0] else None
+    return diag, rho
 
 
-def final_summary(model, train_set, loss_fn, policy, steps, batch_size=1024, power_iterations=2, oversample=8, seed=0):
-    """g* and the top-k GGN eigenpairs at the model's current parameters (see module docstring)."""
-    w = flat_params(model).clone()
-    p, n = w.numel(), len(train_set)
-    g_star = torch.zeros_like(w)
-    saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad is put back afterwards
+def _full_gradient(model, loss_fn, train_set, w, batch_size):
+    set_flat_params(model, w)
+    n, g = len(train_set), torch.zeros_like(w)
     for idx in _chunks(n, batch_size):
         model.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
-        g_star += flat_grads(model) * (idx.numel() / n)
-    for q, g in zip(model.parameters(), saved_grads):
-        q.grad = g
+        g += flat_grads(model) * (idx.numel() / n)
+    return g
+
+
+def summary_rank(policy, p, steps):
+    """Default rank: the eigenvectors are stored as 8-bit codes (summary_codec), so steps // 3 of them cost
+    about 1/24 of the full trajectory's 2 x steps fp32 vectors (docs/mini_unlearning.md)."""
+    if policy.rank is not None:
+        return min(p, policy.rank)
+    per_vector = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[policy.summary_codec]
+    return min(p, max(16, int(steps / (3 * per_vector))))
+
+
+def checkpoint_capacity(steps):
+    """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 24, 4..24
+    (it keeps between half of that and that many, evenly spaced)."""
+    return max(4, min(24, steps // 48))
+
+
+def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size, seed=0):
+    """An unbiased estimate of sum_j shares[j] G(points[j]) V for the price of one full-data product: the
+    training set, in a seeded random order, is cut into parts of about shares[j] n samples, and part j is
+    evaluated at points[j] (shares sum to 1)."""
+    n = len(train_set)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    bounds = torch.round(torch.cumsum(torch.tensor([0.0] + list(shares), dtype=torch.float64), 0) * n).long().clamp(max=n)
+    bounds[-1] = n
+    total = torch.zeros_like(V)
+    for j in range(len(points)):
+        part = order[bounds[j] : bounds[j + 1]]
+        for start in range(0, part.numel(), batch_size):
+            idx = part[start : start + batch_size]
+            total += _ggn_matmul(model, loss_fn, fetch(train_set, idx), points[j], V) * (idx.numel() / n)
+    return total
+
+
+def _subset(train_set, size, gen):
+    """`size` samples of train_set drawn without replacement (all of it when it is not larger)."""
+    n = len(train_set)
+    if n <= size:
+        return train_set
+    idx = torch.randperm(n, generator=gen)[:size]
+    if isinstance(train_set, torch.utils.data.TensorDataset):
+        return torch.utils.data.TensorDataset(*(t[idx] for t in train_set.tensors))
+    return torch.utils.data.Subset(train_set, idx.tolist())
+
+
+def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
+                  power_iterations=2, oversample=8, probes=8, repeats=4, curvature_samples=1024, seed=0):
+    """The minimal history at the end of training (see the module docstring).
+
+    checkpoints: [(step, w_step)] kept by the recorder while training (parameters before that step's update).
+    lrs, sgd: the recorded learning rates (T,) and (weight decay, learning-rate multiplier) of plain or
+    heavy-ball SGD; with them the checkpoints' gradients and curvature and the response weights of the
+    schedule are computed here, once. Without them (other optimizers, which mini refuses) only the end point.
+    """
+    w = flat_params(model).clone()
+    p = w.numel()
+    saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad and parameters are put back afterwards
+    g_star = _full_gradient(model, loss_fn, train_set, w, batch_size)
     k = summary_rank(policy, p, steps)
+    checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
+    ckpt_w = EncodedRows.encode(torch.stack([c.to(w.dtype) for _, c in checkpoints]), policy.summary_codec, policy.blocksize) if checkpoints else None
+    ckpts = decode_rows(ckpt_w, w.dtype) if checkpoints else None  # the DECODED checkpoints: the points the unlearning side uses
+    # The basis: top-k eigenvectors of M = (G(w*) + sum_j share_j G(w_j)) / 2, share_j the fraction of the steps
+    # that checkpoint j starts: half the end point, where the fixed point is solved, half the trajectory, along
+    # which the replay is modelled with curvature diagonal in this basis. Randomized subspace iteration
+    # (k + oversample probes, power iterations); the trajectory half splits the data over the checkpoints
+    # so that it costs one full-data GGN product (averaged over `repeats` random splits).
     width = min(k + oversample, p)
     gen = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(p, width, generator=gen, dtype=w.dtype)).Q
-    G = lambda M: _full_ggn_matmul(model, loss_fn, train_set, w, M.T.contiguous(), batch_size).T  # noqa: E731
+
+    if ckpts is not None:
+        marks = [c for c, _ in checkpoints] + [steps]
+        share = [(b - a) / steps for a, b in zip(marks[:-1], marks[1:])]
+
+    def M(X):
+        out = _full_ggn_matmul(model, loss_fn, train_set, w, X.T.contiguous(), batch_size)
+        if ckpts is not None:
+            Xt = X.T.contiguous()
+            out = 0.5 * out + 0.5 / repeats * sum(
+                _shared_ggn_matmul(model, loss_fn, train_set, ckpts, share, Xt, batch_size, seed + i) for i in range(repeats))
+        return out.T
+
     for _ in range(power_iterations):
-        Q = torch.linalg.qr(G(Q)).Q
-    GQ = G(Q)
-    evals, evecs = torch.linalg.eigh(Q.T @ GQ)
-    order = torch.argsort(evals, descending=True)[:k]
-    lam, U = evals[order].clamp(min=0), Q @ evecs[:, order]
-    return {
-        "w_star": w,
-        "g_star": g_star,
-        "eigvecs": EncodedRows.encode(U.T.contiguous(), policy.codec, policy.blocksize),
-        "eigvals": lam,
-    }
+        Q = torch.linalg.qr(M(Q)).Q
+    ritz, vecs = torch.linalg.eigh(Q.T @ M(Q))
+    U = (Q @ vecs[:, torch.argsort(ritz, descending=True)[:k]]).T.contiguous()
+    eigvecs = EncodedRows.encode(U, policy.summary_codec, policy.blocksize)
+    Ud = decode_basis(eigvecs, w.dtype)  # what the unlearning side will see
+    # Hutchinson probes for the curvature left off span(U): Rademacher vectors projected off the span
+    Z = (torch.randint(0, 2, (probes if k < p else 0, p), generator=gen) * 2 - 1).to(w.dtype)
+    Z = Z - (Z @ Ud.T) @ Ud
+    lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
+    rho = lam[-1] if rho is None else rho
+    summary = {"w_star": w, "g_star": g_star, "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
+    if sgd is not None and lrs is not None:
+        grads, curv = [], []
+        # Curvature at each checkpoint from its own random subset of the data: unbiased, a fraction of the
+        # cost, and the subsets' errors average out along the schedule (measured on MNIST-1D logistic: finish()
+        # 6.7 s -> 3.9 s with the same distances; one subset shared by all checkpoints did worse).
+        for wk in ckpts if ckpts is not None else []:
+            grads.append(_full_gradient(model, loss_fn, train_set, wk, batch_size))
+            dk, rk = _full_curvature(model, loss_fn, _subset(train_set, curvature_samples, gen), wk, Ud, Z, k, batch_size)
+            curv.append(torch.cat([dk, (dk[-1] if rk is None else rk).reshape(1)]))
+        # gradients and response weights in float32 unless the summary is stored uncompressed (float64 models stay float64)
+        store = w.dtype if policy.summary_codec == "fp32" else torch.float32
+        if checkpoints:
+            summary.update({"ckpt_steps": torch.tensor([s for s, _ in checkpoints], dtype=torch.int64), "ckpt_w": ckpt_w, "ckpt_g": torch.stack(grads).to(store)})
+        # the schedule's response weights (docs/mini_unlearning.md): they depend on the training run only
+        decay, lr_scale = sgd
+        points = [s for s, _ in checkpoints] + [steps]
+        curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
+        summary["response"] = propagation_weights(lr_scale * lrs.to(w.dtype), points, curv, decay).to(store)
+    set_flat_params(model, w)
+    for q, g in zip(model.parameters(), saved_grads):
+        q.grad = g
+    return summary
+
+
+def decode_rows(rows, dtype):
+    """All rows of an EncodedRows at once (int8: code x block scale, the float32 product the codec op computes)."""
+    t = rows.tensors
+    if rows.codec != "int8":
+        return rows.all().to(dtype)
+    scale = t["scales"].repeat_interleave(rows.blocksize, dim=1)[:, : rows.p]
+    return (t["codes"].to(torch.float32) * scale).to(dtype)
+
+
+def decode_basis(eigvecs, dtype):
+    """(k, p) orthonormal rows from the stored eigenvectors (re-orthonormalised after lossy codecs)."""
+    U = decode_rows(eigvecs, dtype)
+    return U if eigvecs.codec == "fp32" else torch.linalg.qr(U.T).Q.T.contiguous()
+
+
+class _Basis:
+    """The orthonormal basis U = L^-1 V of the decoded rows V (L L' = V V', the Cholesky factor), used
+    implicitly: coordinates U x and back-projections U' c cost a k x p product and a k x k triangular
+    solve, cheaper than orthonormalising V (the same span and, up to signs, the same rows as a QR)."""
+
+    def __init__(self, eigvecs, dtype):
+        self.V = decode_rows(eigvecs, dtype)
+        self.L = None if eigvecs.codec == "fp32" else torch.linalg.cholesky(self.V @ self.V.T)
+
+    def coords(self, x):
+        """U x for x (p,) or U x_i for the rows of x (m, p)."""
+        c = self.V @ x.T if x.dim() == 2 else (self.V @ x)[:, None]
+        if self.L is not None:
+            c = torch.linalg.solve_triangular(self.L, c, upper=False)
+        return c.T if x.dim() == 2 else c[:, 0]
+
+    def back(self, c):
+        """U' c for c (k,) or the rows of c (m, k)."""
+        cc = c.T if c.dim() == 2 else c[:, None]
+        if self.L is not None:
+            cc = torch.linalg.solve_triangular(self.L.T, cc, upper=True)
+        out = (self.V.T @ cc).T
+        return out if c.dim() == 2 else out[0]
 
 
 # ----------------------------------------------------------------------------- unlearning side
@@ -129,7 +301,52 @@ def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
     return total
 
 
-def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
+def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
+    """sum_{i in R} grad l_i(w) for every row w of `points`, all points in one vmapped pass per forget chunk."""
+    total = torch.zeros_like(points)
+    try:
+        for start in range(0, forget.numel(), batch_size):
+            idx = forget[start : start + batch_size]
+            x, y = fetch(train_set, idx)
+            outputs = _outputs_fn(model, x)
+            total += vmap(grad(lambda flat: loss_fn(outputs(flat), y)))(points) * idx.numel()
+    except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
+        total = torch.stack([forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size) for w in points])
+    return total
+
+
+def propagation_weights(lrs, points, curvature, decay):
+    """Weights W (len(points), m) such that the linear replay
+
+        e_{t+1} = e_t - eta_t ((a_t + decay) e_t + s_t),   t = 0 .. T-1,  e_0 = 0,
+
+    with curvature a_t and source s_t interpolated linearly in t between the values at `points`
+    (sorted step indices, the last one T = len(lrs)), ends at e_T = -sum_j W_j s_j, coordinate-wise.
+    curvature: (len(points), m), one row per point; every coordinate is an independent direction.
+    """
+    T = lrs.numel()
+    pts = torch.as_tensor(points, dtype=torch.int64)
+    t = torch.arange(T)
+    seg = (torch.searchsorted(pts, t, right=True) - 1).clamp(min=0, max=max(len(pts) - 2, 0))
+    if len(pts) > 1:
+        start, stop = pts[seg], pts[seg + 1]
+        alpha = ((t - start).clamp(min=0).to(lrs.dtype) / (stop - start).to(lrs.dtype))[:, None]
+        nxt = seg + 1
+    else:  # only the final point: constant curvature and source
+        alpha, nxt = torch.zeros(T, 1, dtype=lrs.dtype), seg
+    a = (1 - alpha) * curvature[seg] + alpha * curvature[nxt] + decay
+    factors = 1 - lrs[:, None] * a
+    after = torch.ones_like(factors)  # prod_{s > t} factors_s
+    if T > 1:
+        after[:-1] = factors.flip(0).cumprod(0).flip(0)[1:]
+    step = lrs[:, None] * after
+    W = torch.zeros(len(pts), curvature.shape[1], dtype=lrs.dtype)
+    W.index_add_(0, seg, step * (1 - alpha))
+    W.index_add_(0, nxt, step * alpha)
+    return W
+
+
+def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
     check_history(history, model, forget, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
@@ -137,31 +354,58 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_r
     lam, lr_scale = sgd_settings(history.meta, "mini")
     s = history.summary
     w_star, g_star = s["w_star"], s["g_star"]
-    U = torch.linalg.qr(s["eigvecs"].all().T).Q  # re-orthonormalise after lossy codecs
-    eig = s["eigvals"].to(w_star.dtype)
-    # Curvature off span(U) is modelled by the smallest kept eigenvalue, an upper bound of what is
-    # left there: it under-moves in flat directions but keeps T contracting (docs/mini_unlearning.md).
-    rho = eig[-1]
-    n, r = history.n_train, forget.numel()
+    dtype = w_star.dtype
+    basis = _Basis(s["eigvecs"], dtype)
+    eig = s["eigvals"].to(dtype)
+    # curvature off span(U): the Hutchinson mean of what is left there (older summaries: the smallest kept eigenvalue)
+    rho = s["rho"].to(dtype).reshape(()) if "rho" in s else eig[-1]
+    n, r, T = history.n_train, forget.numel(), history.num_steps
+    has_ckpt = "ckpt_steps" in s and "response" in s
+    K = len(s["ckpt_steps"]) if has_ckpt else 0
+    if "response" in s:
+        W = s["response"].to(dtype)
+    else:  # a summary without the schedule response: constant curvature over the whole schedule
+        lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
+        W = propagation_weights(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam)
+        has_ckpt = False
 
-    tau = lr_scale * float(history.schedule["lrs"][:, 0].sum())  # training "time": sum of learning rates
+    def apply(weights, v):
+        """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
+        return basis.back((weights[:-1] - weights[-1]) * basis.coords(v)) + weights[-1] * v
 
     def H_hat(v):
-        c = U.T @ v
-        return U @ (eig * c) + rho * (v - U @ c)
+        return basis.back((eig - rho) * basis.coords(v)) + rho * v
 
-    def response(v):
-        """Phi v: the gradient-flow filter (I - exp(-tau A)) A^-1 with A = H_hat + lam I."""
-        c = U.T @ v
-        # phi(a) -> tau as a -> 0: exact zero eigenvalues occur (softmax logit-shift directions) when lam = 0.
-        phi = lambda a: torch.where(a > 0, -torch.expm1(-tau * a) / a, torch.full_like(a, tau))  # noqa: E731
-        return U @ (phi(eig + lam) * c) + phi(rho + lam) * (v - U @ c)
+    Phi = W.sum(0)  # the whole schedule's response to a constant gradient change (time-varying curvature)
 
-    def residual(w):
-        """T(w) - w, where T(w) = w* - Phi d(w) and d is the gradient the retained objective adds."""
-        g_forget = forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size)
-        d = (r * (g_star + H_hat(w - w_star)) - g_forget) / (n - r)
-        res = w_star - response(d) - w
+    def d_of(w, g_forget):
+        """d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r): the gradient the retained objective adds at the end."""
+        return (r * (g_star + H_hat(w - w_star)) - g_forget) / (n - r)
+
+    # Trajectory correction: at each checkpoint w_j the change is (r gbar_j - sum_R grad l_i(w_j)) / (n - r); its
+    # difference from the end point's change, propagated through the rest of the schedule, is a constant offset.
+    points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
+    sums = forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size)
+    forget_at_star = sums[-1]
+    d_star = d_of(w_star, forget_at_star)
+    offset = torch.zeros_like(w_star)
+    if has_ckpt:
+        D = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star  # (K, p)
+        C = basis.coords(D)  # (K, k) coordinates on span(U)
+        offset = basis.back(((W[:-1, :-1] - W[:-1, -1:]) * C).sum(0)) + (W[:-1, -1:] * D).sum(0)
+
+    # T(w) = w* - offset - Phi d(w) = base - (r / (n - r)) Phi H_hat (w - w*) + Phi sum_R grad l_i(w) / (n - r); Phi and
+    # Phi H_hat are diagonal in the basis, so one projection of [w - w*; sum_R] and one back-projection per step.
+    base = w_star - offset - apply(Phi, g_star) * (r / (n - r))
+    a_x, a_f = -(r / (n - r)) * Phi * torch.cat([eig, rho.reshape(1)]), Phi / (n - r)
+
+    def residual(w, g_forget=None):
+        """T(w) - w."""
+        if g_forget is None:
+            g_forget = forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size)
+        x = w - w_star
+        c = basis.coords(torch.stack([x, g_forget]))
+        res = base + basis.back((a_x[:-1] - a_x[-1]) * c[0] + (a_f[:-1] - a_f[-1]) * c[1]) + a_x[-1] * x + a_f[-1] * g_forget - w
         if not bool(torch.isfinite(res).all()):
             raise RuntimeError("mini: non-finite fixed-point residual; the forget set may be too large for the curvature model")
         return res
@@ -170,7 +414,7 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_r
     # the residual shrinks (relax halves otherwise), so a weakly or non-contracting T (non-convex
     # models) is damped instead of diverging. q = |res_new| / |res| estimates the contraction factor
     # and |w - w_fix| <= |T(w) - w| / (1 - q) is the error bound and stopping rule.
-    w, res = w_star.clone(), residual(w_star)
+    w, res = w_star.clone(), residual(w_star, forget_at_star)
     res_norm, relax, q, bound, converged, evals = float(torch.linalg.vector_norm(res)), 1.0, float("nan"), float("inf"), False, 1
     for it in range(1, max_iter + 1):
         w_new = w + relax * res
@@ -193,7 +437,8 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-4, max_iter=50, min_r
     set_flat_params(model, w)
     stats = {
         "iterations": it,
-        "gradient_evaluations": evals * r,
+        "checkpoints": K,
+        "gradient_evaluations": (evals + K) * r,
         "contraction_factor": q,
         "error_bound": bound,
         "converged": converged,
