@@ -252,6 +252,18 @@ def test_recorder_keeps_early_and_evenly_spaced_checkpoints():
         uf.HistoryPolicy(summary_codec="fp8")
 
 
+def test_policy_defaults_per_kind_and_blocksize_check():
+    assert (uf.HistoryPolicy(kind="full").codec, uf.HistoryPolicy(kind="full").blocksize) == ("fp32", 256)
+    assert (uf.HistoryPolicy(kind="minimal").codec, uf.HistoryPolicy(kind="minimal").blocksize) == ("fp32", 256)
+    for kind in ("first_epoch", "all_epochs"):  # per-sample rows: int8 with a scale per 4096 values
+        policy = uf.HistoryPolicy(kind=kind, per_sample=True)
+        assert (policy.codec, policy.blocksize) == ("int8", 4096)
+    assert uf.HistoryPolicy(kind="first_epoch", per_sample=True, codec="fp32", blocksize=64).blocksize == 64
+    for bad in (16, 100, 8192, 256.0):
+        with pytest.raises(ValueError, match="blocksize"):
+            uf.HistoryPolicy(blocksize=bad)
+
+
 def test_mini_after_save_and_load_is_identical(tmp_path, trained):
     data, model, history = trained
     loaded = uf.GradientHistory.load(history.save(str(tmp_path / "h")))

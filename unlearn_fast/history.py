@@ -38,7 +38,11 @@ class HistoryPolicy:
       "first_epoch" per-sample gradients of `params` during the first epoch (language-model ascent)
       "all_epochs"  the same for every epoch (the multi-epoch baseline)
     codec: storage of recorded float vectors: fp32 (uncompressed; float64 models stay float64),
-      bf16, int8 or int4 (blockwise absmax, `blocksize` values per scale).
+      bf16, int8 or int4 (blockwise absmax, `blocksize` values per scale). None: fp32 for the
+      trajectory kinds (DeltaGrad replays them), int8 for the per-sample kinds.
+    blocksize: values per scale for the int codecs. None: 256, or 4096 for the per-sample kinds,
+      whose rows are long (one float32 scale per 4096 values makes int8 3.996x smaller than fp32;
+      256 gives 3.94x; benchmarks/results/lm_unlearning.md measures both).
     rank: number of curvature eigenpairs in the summary; None sizes it to the training run:
       min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/24 of the full trajectory's
       bytes (docs/mini_unlearning.md).
@@ -49,8 +53,8 @@ class HistoryPolicy:
     """
 
     kind: str = "full"
-    codec: str = "fp32"
-    blocksize: int = 256
+    codec: str = None
+    blocksize: int = None
     rank: object = None
     summary_codec: str = "int8"
     params: object = "all"
@@ -60,6 +64,14 @@ class HistoryPolicy:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"HistoryPolicy: kind must be one of {KINDS}, got {self.kind!r}")
+        per_sample_kind = self.kind in ("first_epoch", "all_epochs")
+        if self.codec is None:
+            object.__setattr__(self, "codec", "int8" if per_sample_kind else "fp32")
+        if self.blocksize is None:
+            object.__setattr__(self, "blocksize", 4096 if per_sample_kind else 256)
+        bs = self.blocksize
+        if not (isinstance(bs, int) and 32 <= bs <= 4096 and bs & (bs - 1) == 0):
+            raise ValueError(f"HistoryPolicy: blocksize must be a power of two in [32, 4096], got {bs!r}")
         if self.codec not in CODECS:
             raise ValueError(f"HistoryPolicy: codec must be one of {CODECS}, got {self.codec!r}")
         if self.summary_codec not in CODECS:
