@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -262,6 +263,17 @@ def test_policy_defaults_per_kind_and_blocksize_check():
     for bad in (16, 100, 8192, 256.0):
         with pytest.raises(ValueError, match="blocksize"):
             uf.HistoryPolicy(blocksize=bad)
+
+
+def test_mini_warns_when_it_stops_unconverged(trained):
+    data, model, history = trained
+    forget = forget_set(len(data), 0.2)
+    with pytest.warns(RuntimeWarning, match="mini: the fixed-point iteration stopped unconverged after 1 iterations"):
+        result = uf.unlearn(model, history, forget, data, LOSS, method="mini", max_iter=1, tol=1e-12)
+    assert result.stats["converged"] is False and result.stats["iterations"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the default run converges quietly
+        assert uf.unlearn(model, history, forget, data, LOSS, method="mini").stats["converged"] is True
 
 
 def test_mini_after_save_and_load_is_identical(tmp_path, trained):

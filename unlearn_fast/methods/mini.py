@@ -26,6 +26,7 @@ total. Krasnoselskii-Mann with backtracking; the residual ratio q estimates the 
 |w - w_fix| <= |T(w) - w| / (1 - q) is the reported error bound and the stopping rule.
 """
 import math
+import warnings
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -435,6 +436,14 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
             converged = True
             break
     set_flat_params(model, w)
+    if not converged:
+        moved = float(torch.linalg.vector_norm(w - w_star))
+        warnings.warn(
+            f"mini: the fixed-point iteration stopped unconverged after {it} iterations (contraction estimate {q:.3g}, "
+            f"error bound {bound:.3g}, parameters moved {moved:.3g}{': none, this is the original model' if moved == 0 else ''}); "
+            "the result may be far from retraining: see result.stats, or use method='retrain' or 'deltagrad'",
+            RuntimeWarning, stacklevel=3,
+        )
     stats = {
         "iterations": it,
         "checkpoints": K,
