@@ -42,16 +42,20 @@ class NgramReference:
             p = (table[token] + self.beta * p) / (sum(table.values()) + self.beta)
         return math.log(p)
 
-    def token_losses(self, input_ids, labels):
-        """(n, L-1) reference loss of each next token (aligned with training.token_logprobs; 0 on padding)."""
-        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+    def _contexts(self, input_ids, labels):
+        """(sample, position, context, token) for every labelled next token; context: the unpadded order - 1 before it."""
         for i, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist())):
             for pos in range(1, len(ids)):
                 if lab[pos] == -100:
                     continue
                 lo = max(0, pos - self.order + 1)
-                context = [t for t, y in zip(ids[lo:pos], lab[lo:pos]) if y != -100]
-                out[i, pos - 1] = -self.logprob(context, ids[pos])
+                yield i, pos, [t for t, y in zip(ids[lo:pos], lab[lo:pos]) if y != -100], ids[pos]
+
+    def token_losses(self, input_ids, labels):
+        """(n, L-1) reference loss of each next token (aligned with training.token_logprobs; 0 on padding)."""
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+        for i, pos, context, token in self._contexts(input_ids, labels):
+            out[i, pos - 1] = -self.logprob(context, token)
         return out
 
     def _unigram(self):
@@ -64,21 +68,16 @@ class NgramReference:
         """(n, L-1, vocab) reference distribution of each next token given its context (0 on padding)."""
         base = self._unigram()
         out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, self.vocab_size)
-        for i, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist())):
-            for pos in range(1, len(ids)):
-                if lab[pos] == -100:
-                    continue
-                lo = max(0, pos - self.order + 1)
-                context = [t for t, y in zip(ids[lo:pos], lab[lo:pos]) if y != -100]
-                p = base.clone()
-                for j in range(1, min(self.order - 1, len(context)) + 1):
-                    table = self.counts[j].get(tuple(context[len(context) - j :]))
-                    if table is None:
-                        break
-                    tokens = torch.tensor(list(table.keys()))
-                    counts = torch.tensor(list(table.values()), dtype=torch.float32)
-                    p = p * self.beta
-                    p.index_add_(0, tokens, counts)
-                    p /= counts.sum() + self.beta
-                out[i, pos - 1] = p
+        for i, pos, context, _ in self._contexts(input_ids, labels):
+            p = base.clone()
+            for j in range(1, min(self.order - 1, len(context)) + 1):
+                table = self.counts[j].get(tuple(context[len(context) - j :]))
+                if table is None:
+                    break
+                tokens = torch.tensor(list(table.keys()))
+                counts = torch.tensor(list(table.values()), dtype=torch.float32)
+                p = p * self.beta
+                p.index_add_(0, tokens, counts)
+                p /= counts.sum() + self.beta
+            out[i, pos - 1] = p
         return out
