@@ -111,6 +111,23 @@ def test_deltagrad_with_T0_1_equals_retrain(trained):
     torch.testing.assert_close(flat_params(dg.model), flat_params(exact), rtol=1e-10, atol=1e-12)
 
 
+def test_deltagrad_redoes_runaway_approximate_steps_exactly(trained, monkeypatch):
+    # A quasi-Newton step far longer than the recorded one is undone and taken exactly. Here every
+    # approximate step runs away, so the replay must equal retraining although T0 = 5.
+    data, model, history = trained
+    forget = forget_set(len(data), 0.2)
+
+    def runaway(w, *args):
+        w.add_(1e3)
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(deltagrad.ops, "qn_step_", runaway)
+    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=5, j0=2)
+    assert dg.stats["approx_steps"] == 0 and dg.stats["guarded_steps"] > 0
+    exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    torch.testing.assert_close(flat_params(dg.model), flat_params(exact), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_deltagrad_approximates_retrain(trained, codec):
     data, model, _ = trained

@@ -9,11 +9,16 @@ trajectory (HistoryPolicy(kind="full")). Step t with batch B_t, deleted part D_t
       |D_t| deleted samples need a fresh gradient.
 With T0 = 1 every step is exact and the result equals `retrain` to rounding.
 """
+import math
+
 import torch
 
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
 from ._common import batch_loss, check_history, remaining
+
+
+STEP_GUARD = 3.0  # an approximate step longer than this many recorded steps is redone exactly (3 and 2 measured alike; 10 let an MLP replay drift to 1.3x the gap)
 
 
 def check_plain_sgd(history, method):
@@ -54,7 +59,7 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
     w = history.schedule["w0"].clone()
     S, Y = [], []
     compact = None
-    exact_steps = approx_steps = evals = 0
+    exact_steps = approx_steps = guarded_steps = evals = 0
     for t, batch in enumerate(history.schedule["batches"]):
         if progress is not None:
             progress.update(1)
@@ -64,32 +69,39 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
         deleted = batch[forget_mask[batch]]
         eta = float(history.schedule["lrs"][t, 0])
         w_t, g_t = traj["w"].row(t), traj["g"].row(t)
-        if t < j0 or (t - j0) % T0 == 0 or compact is None:
-            g_rem = _mean_grad(model, loss_fn, train_set, rem, w)
-            g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
-            evals += batch.numel()
-            s = w - w_t
-            y = (rem.numel() * g_rem + deleted.numel() * g_del) / batch.numel() - g_t + lam * s
-            if float(s @ y) > 0:
-                S, Y = (S + [s])[-m:], (Y + [y])[-m:]
-                S_mat, Y_mat = torch.stack(S), torch.stack(Y)
-                compact = ops.lbfgs_compact(S_mat, Y_mat, skip_bad_pairs=True)
-            w = w - eta * (g_rem + lam * w)
-            exact_steps += 1
-        else:
-            g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
-            evals += deleted.numel()
-            ops.qn_step_(
+        g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
+        evals += deleted.numel()
+        if not (t < j0 or (t - j0) % T0 == 0 or compact is None):
+            w_before = w.clone()
+            step = float(ops.qn_step_(
                 w, w_t, g_t, g_del, S_mat, Y_mat, *compact, eta,
                 batch.numel() / rem.numel(), deleted.numel() / rem.numel(), lam,
-            )
-            approx_steps += 1
+            ))
+            # Guard: an approximate step far longer than the recorded one means the quasi-Newton model broke
+            # down here (non-convex losses); without it the replay can diverge while staying finite
+            # (measured on an MNIST-1D MLP at 1% deletion: relative distance 2.7e7, 0.87 with the guard). Such a step is redone exactly.
+            if math.isfinite(step) and step <= STEP_GUARD * eta * float(torch.linalg.vector_norm(g_t + lam * w_t)):
+                approx_steps += 1
+                continue
+            w = w_before
+            guarded_steps += 1
+        g_rem = _mean_grad(model, loss_fn, train_set, rem, w)
+        evals += rem.numel()
+        s = w - w_t
+        y = (rem.numel() * g_rem + deleted.numel() * g_del) / batch.numel() - g_t + lam * s
+        if float(s @ y) > 0:
+            S, Y = (S + [s])[-m:], (Y + [y])[-m:]
+            S_mat, Y_mat = torch.stack(S), torch.stack(Y)
+            compact = ops.lbfgs_compact(S_mat, Y_mat, skip_bad_pairs=True)
+        w = w - eta * (g_rem + lam * w)
+        exact_steps += 1
     set_flat_params(model, w)
     if not bool(torch.isfinite(w).all()):
         raise RuntimeError("deltagrad: the replay diverged (non-finite parameters); try a smaller T0 or a larger j0")
     stats = {
         "exact_steps": exact_steps,
         "approx_steps": approx_steps,
+        "guarded_steps": guarded_steps,
         "gradient_evaluations": evals,
         "history_bytes_read": history.nbytes("trajectory") + history.nbytes("schedule"),
     }
