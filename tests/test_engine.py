@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
-from unlearn_fast.history import flat_params
+from unlearn_fast.history import EncodedRows, flat_params
 from unlearn_fast.methods import deltagrad, mini, retrain
 
 LOSS = torch.nn.functional.cross_entropy
@@ -253,6 +253,18 @@ def test_mini_is_exact_on_a_linear_least_squares_run_with_every_step_checkpointe
     retrained = uf.unlearn(model, history, forget, data, sq, method="retrain").model
     result = uf.unlearn(model, history, forget, data, sq, method="mini", tol=1e-12)
     assert uf.metrics.relative_distance(result.model, retrained, model) < 1e-6
+
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "int4"])
+def test_rows_encoded_one_by_one_and_concatenated_equal_rows_encoded_together(codec):
+    # The recorder encodes each checkpoint when it takes it; the summary must be what encoding them all at once gives.
+    rows = torch.randn(5, 1001, generator=torch.Generator().manual_seed(0))
+    together = EncodedRows.encode(rows, codec, 256)
+    apart = EncodedRows.cat([EncodedRows.encode(r[None], codec, 256) for r in rows])
+    assert together.tensors.keys() == apart.tensors.keys()
+    for key in together.tensors:
+        assert torch.equal(together.tensors[key], apart.tensors[key])
+    assert torch.equal(together.all(), apart.all())
 
 
 def test_recorder_keeps_early_and_evenly_spaced_checkpoints():

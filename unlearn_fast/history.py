@@ -112,6 +112,13 @@ class EncodedRows:
         self.tensors, self.codec, self.blocksize, self.p, self.dtype = tensors, codec, blocksize, p, dtype
 
     @classmethod
+    def cat(cls, parts):
+        """The rows of several EncodedRows of one codec, blocksize and width, in order (rows are encoded independently)."""
+        first = parts[0]
+        tensors = {key: torch.cat([part.tensors[key] for part in parts]) for key in first.tensors}
+        return cls(tensors, first.codec, first.blocksize, first.p, first.dtype)
+
+    @classmethod
     def encode(cls, rows, codec, blocksize):
         rows = rows if isinstance(rows, torch.Tensor) else torch.stack(rows)
         p, dtype = rows.shape[1], rows.dtype
@@ -337,7 +344,7 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
         self.batches, self.lrs, self.ws, self.gs = [], [], [], []
-        self.checkpoints, self.checkpoint_every = [], 1  # (step, w_step): a few evenly spaced parameter snapshots for the summary
+        self.checkpoints, self.checkpoint_every = [], 1  # (step, EncodedRows of w_step): a few evenly spaced parameter snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
             "param_spec": param_spec(model),
@@ -369,7 +376,9 @@ class HistoryRecorder:
 
         early = lambda s: s & (s - 1) == 0  # noqa: E731  (0, 1, 2, 4, 8, ...)
         if step % self.checkpoint_every == 0 or early(step):
-            self.checkpoints.append((step, flat_params(self.model).clone()))
+            # encoded now (the summary stores them through summary_codec anyway): an int8 snapshot holds a quarter of the memory
+            w = flat_params(self.model)
+            self.checkpoints.append((step, EncodedRows.encode(w[None], self.policy.summary_codec, self.policy.blocksize)))
         while sum(s % self.checkpoint_every == 0 for s, _ in self.checkpoints) > checkpoint_capacity(step + 1):
             self.checkpoint_every *= 2
             self.checkpoints = [(s, w) for s, w in self.checkpoints if s % self.checkpoint_every == 0 or early(s)]

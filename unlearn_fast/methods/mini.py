@@ -161,7 +161,8 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
                   power_iterations=2, oversample=8, probes=8, repeats=4, curvature_samples=1024, seed=0):
     """The minimal history at the end of training (see the module docstring).
 
-    checkpoints: [(step, w_step)] kept by the recorder while training (parameters before that step's update).
+    checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
+    step's update, encoded with policy.summary_codec).
     lrs, sgd: the recorded learning rates (T,) and (weight decay, learning-rate multiplier) of plain or
     heavy-ball SGD; with them the checkpoints' gradients and curvature and the response weights of the
     schedule are computed here, once. Without them (other optimizers, which mini refuses) only the end point.
@@ -172,7 +173,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     g_star = _full_gradient(model, loss_fn, train_set, w, batch_size)
     k = summary_rank(policy, p, steps)
     checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
-    ckpt_w = EncodedRows.encode(torch.stack([c.to(w.dtype) for _, c in checkpoints]), policy.summary_codec, policy.blocksize) if checkpoints else None
+    ckpt_w = EncodedRows.cat([c for _, c in checkpoints]) if checkpoints else None
     ckpts = decode_rows(ckpt_w, w.dtype) if checkpoints else None  # the DECODED checkpoints: the points the unlearning side uses
     # The basis: top-k eigenvectors of M = (G(w*) + sum_j share_j G(w_j)) / 2, share_j the fraction of the steps
     # that checkpoint j starts: half the end point, where the fixed point is solved, half the trajectory, along
