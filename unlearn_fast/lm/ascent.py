@@ -38,7 +38,7 @@ import types
 
 import torch
 
-from .metrics import losses
+from .metrics import losses, min_k_losses, min_k_select, token_stats
 from .recording import FirstEpochHistory, select_params
 from .training import check_fits, forward_logits, sample_losses, token_logprobs
 
@@ -69,26 +69,6 @@ def fuzzy_matches(request, texts, threshold=85.0):
 
 
 # ----------------------------------------------------------------------------- calibration statistic
-def min_k_count(n_tokens, min_k):
-    """k = max(1, int(min_k * n)) per sample (as in metrics.mia_scores), from a tensor of token counts."""
-    return torch.tensor([max(1, int(min_k * int(n))) for n in n_tokens], dtype=torch.int64)
-
-
-def min_k_select(logp, mask, min_k):
-    """(n, L-1) float mask of each sample's min_k fraction of lowest token log-probabilities (ties by position)."""
-    k = min_k_count(mask.sum(1), min_k)
-    order = logp.detach().masked_fill(~mask, float("inf")).argsort(dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
-    return (ranks < k[:, None]).float(), k
-
-
-def min_k_losses(logp, mask, min_k):
-    """Per-sample Min-K% loss (n,): minus the mean of the min_k fraction of lowest token log-probabilities."""
-    select, k = min_k_select(logp, mask, min_k)
-    return -(logp * select).sum(1) / k
-
-
 def _check_statistic(statistic, min_k):
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -100,8 +80,6 @@ def calibration_statistic(model, dataset, statistic="loss", min_k=0.2):
     """Per-sample values (n,) of the calibration statistic (higher = less member-like) of a data set with
     input_ids and labels: "loss" the mean token loss, "min_k" the Min-K% loss. Pass the held-out samples' values
     as `heldout` to share them between requests."""
-    from .metrics import token_stats
-
     _check_statistic(statistic, min_k)
     loss, logp, mask = token_stats(model, dataset)
     return loss if statistic == "loss" else min_k_losses(logp, mask, min_k)

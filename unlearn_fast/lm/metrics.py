@@ -106,6 +106,26 @@ def mean_exposure(model, canaries, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------- membership inference
+def min_k_count(n_tokens, min_k):
+    """k = max(1, int(min_k * n)) per sample, from a tensor of token counts."""
+    return torch.tensor([max(1, int(min_k * int(n))) for n in n_tokens], dtype=torch.int64)
+
+
+def min_k_select(logp, mask, min_k):
+    """(n, L-1) float mask of each sample's min_k fraction of lowest token log-probabilities (ties by position)."""
+    k = min_k_count(mask.sum(1), min_k)
+    order = logp.detach().masked_fill(~mask, float("inf")).argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return (ranks < k[:, None]).float(), k
+
+
+def min_k_losses(logp, mask, min_k):
+    """Per-sample Min-K% loss (n,): minus the mean of the min_k fraction of lowest token log-probabilities."""
+    select, k = min_k_select(logp, mask, min_k)
+    return -(logp * select).sum(1) / k
+
+
 def mia_scores(model, dataset, min_k=0.2):
     """Membership scores (higher = more likely a training member) of each sample under three attacks:
     loss: -mean token loss; zlib: -(total log-loss in nats) / (zlib-compressed byte length of the text);
@@ -115,12 +135,7 @@ def mia_scores(model, dataset, min_k=0.2):
     loss, logp, mask = token_stats(model, dataset)
     zlib_len = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in dataset.texts], dtype=torch.float32)
     total = -logp.sum(1)
-    mink = []
-    for row, m in zip(logp, mask):
-        values = row[m]
-        k = max(1, int(min_k * values.numel()))
-        mink.append(values.sort().values[:k].mean())
-    return {"loss": -loss, "zlib": -total / zlib_len, "min_k": torch.stack(mink)}
+    return {"loss": -loss, "zlib": -total / zlib_len, "min_k": -min_k_losses(logp, mask, min_k)}
 
 
 def mia_auc(model, members, nonmembers, min_k=0.2):
