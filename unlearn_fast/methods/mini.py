@@ -105,13 +105,9 @@ def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
 
 
 def _full_gradient(model, loss_fn, train_set, w, batch_size):
-    set_flat_params(model, w)
-    n, g = len(train_set), torch.zeros_like(w)
-    for idx in _chunks(n, batch_size):
-        model.zero_grad(set_to_none=True)
-        batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
-        g += flat_grads(model) * (idx.numel() / n)
-    return g
+    """The full-data mean loss gradient at w."""
+    n = len(train_set)
+    return forget_gradient_sum(model, loss_fn, train_set, torch.arange(n), w, batch_size) / n
 
 
 def summary_rank(policy, p, steps):
