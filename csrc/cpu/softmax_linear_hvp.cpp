@@ -3,8 +3,13 @@
 //
 // The two large products (Z = X [V_1; ...; V_k]' and X' R) go to BLAS; between them one fused pass
 // per row turns the logits into softmax probabilities and Z into R in place, already scaled by 1/n.
-// Z is laid out (rows, k c) so both products are plain GEMMs with no transposed copy, and the rows
+// Z is laid out (rows, k m) so both products are plain GEMMs with no transposed copy, and the rows
 // are taken in blocks so each block's Z is still in cache when the second product reads it.
+//
+// Both GEMMs run on m = c - 1 classes, not c: diag(p) - p p' annihilates the all-ones vector, so
+// shifting every class row of V_j by the last one changes nothing (that class's z becomes 0), and
+// the rows of R sum to zero, so the last class's output is minus the sum of the others. That is
+// (c - 1) / c of the floating-point work (0.9 for c = 10, half for two classes).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,6 +22,7 @@ namespace {
 
 template <typename scalar_t>
 void softmax_jacobian_rows(scalar_t* logits, scalar_t* Z, int64_t n, int64_t c, int64_t k, double inv_n) {
+  const int64_t m = c - 1;  // Z holds the shifted classes 0 .. c - 2; the last one's z is 0
   // Reductions in double: c can be a vocabulary (tens of thousands) for language models.
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -32,10 +38,10 @@ void softmax_jacobian_rows(scalar_t* logits, scalar_t* Z, int64_t n, int64_t c, 
       const double inv_total = 1.0 / total;
       for (int64_t a = 0; a < c; ++a) p[a] = static_cast<scalar_t>(static_cast<double>(p[a]) * inv_total);
       for (int64_t j = 0; j < k; ++j) {
-        scalar_t* z = Z + (i * k + j) * c;
+        scalar_t* z = Z + (i * k + j) * m;
         double pz = 0.0;
-        for (int64_t a = 0; a < c; ++a) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
-        for (int64_t a = 0; a < c; ++a) {
+        for (int64_t a = 0; a < m; ++a) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
+        for (int64_t a = 0; a < m; ++a) {
           z[a] = static_cast<scalar_t>(static_cast<double>(p[a]) * (static_cast<double>(z[a]) - pz) * inv_n);
         }
       }
@@ -48,20 +54,25 @@ constexpr int64_t kRowBlock = 512;
 
 // Arguments arrive validated and contiguous from unlearn_fast/ops.py.
 torch::Tensor softmax_linear_hvp_cpu(const torch::Tensor& X, const torch::Tensor& W, const torch::Tensor& V) {
-  const int64_t n = X.size(0), d = X.size(1), c = W.size(0), k = V.size(0);
-  const torch::Tensor V_rows = V.view({k * c, d});
-  torch::Tensor out = at::zeros({k * c, d}, X.options());  // row j c + a is (H V_j)[a, :]
+  const int64_t n = X.size(0), d = X.size(1), c = W.size(0), k = V.size(0), m = c - 1;
+  torch::Tensor out = at::empty({k, c, d}, X.options());
+  if (m == 0) return out.zero_();  // one class: the softmax is constant, so is the loss
+  const torch::Tensor V_rows = (V.narrow(1, 0, m) - V.narrow(1, m, 1)).reshape({k * m, d});
+  torch::Tensor out_rows = at::zeros({k * m, d}, X.options());  // row j m + a is (H V_j)[a, :]
   for (int64_t start = 0; start < n; start += kRowBlock) {
     const torch::Tensor Xb = X.narrow(0, start, std::min(kRowBlock, n - start));
     torch::Tensor logits = at::mm(Xb, W.t()).contiguous();  // (rows, c)
-    torch::Tensor Z = at::mm(Xb, V_rows.t()).contiguous();  // (rows, k c)
+    torch::Tensor Z = at::mm(Xb, V_rows.t()).contiguous();  // (rows, k m)
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "softmax_linear_hvp_cpu", [&] {
       softmax_jacobian_rows<scalar_t>(logits.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), Xb.size(0), c, k,
                                       1.0 / static_cast<double>(n));
     });
-    out.addmm_(Z.t(), Xb);
+    out_rows.addmm_(Z.t(), Xb);
   }
-  return out.view({k, c, d});
+  const torch::Tensor shifted = out_rows.view({k, m, d});
+  out.narrow(1, 0, m).copy_(shifted);
+  out.select(1, m).copy_(shifted.sum(1)).neg_();  // the rows of R sum to zero
+  return out;
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // CUDA kernel for the middle step of softmax_linear_hvp (torch-free; softmax_linear_hvp_glue.cpp
 // does the two GEMMs with torch / cuBLAS around it):
 //   logits (n, c) -> P = softmax(logits) in place,
-//   Z (n, k c)    -> R in place, R[i, j c + a] = P[i, a] (Z[i, j c + a] - sum_b P[i, b] Z[i, j c + b]) / n.
+//   Z (n, k m)    -> R in place, R[i, j m + a] = P[i, a] (Z[i, j m + a] - sum_b P[i, b] Z[i, j m + b]) / n,
+//                    a, b < m: the glue passes m = c - 1 shifted classes (the last class's z is 0).
 // One warp per row (grid-stride over rows), lanes strided over the c classes: warp-shuffle reductions
 // only, no shared memory or block barriers, and any c (a vocabulary of tens of thousands included).
 // Reductions accumulate in double for float32 too, like the CPU kernel.
@@ -25,8 +26,8 @@ __device__ __forceinline__ double warp_max(double v) {
 }
 
 template <typename T>
-__global__ void softmax_jacobian_rows(T* __restrict__ logits, T* __restrict__ Z, int64_t n, int64_t c, int64_t k,
-                                      double inv_n) {
+__global__ void softmax_jacobian_rows(T* __restrict__ logits, T* __restrict__ Z, int64_t n, int64_t c, int64_t m,
+                                      int64_t k, double inv_n) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps_per_block = blockDim.x / kWarp;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarp;
@@ -46,11 +47,11 @@ __global__ void softmax_jacobian_rows(T* __restrict__ logits, T* __restrict__ Z,
     // Each lane rescales only the entries it wrote, so no barrier is needed before reading them back.
     for (int64_t a = lane; a < c; a += kWarp) p[a] = static_cast<T>(static_cast<double>(p[a]) * inv_total);
     for (int64_t j = 0; j < k; ++j) {
-      T* z = Z + (i * k + j) * c;
+      T* z = Z + (i * k + j) * m;
       double pz = 0.0;
-      for (int64_t a = lane; a < c; a += kWarp) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
+      for (int64_t a = lane; a < m; a += kWarp) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
       pz = warp_sum(pz);
-      for (int64_t a = lane; a < c; a += kWarp) {
+      for (int64_t a = lane; a < m; a += kWarp) {
         z[a] = static_cast<T>(static_cast<double>(p[a]) * (static_cast<double>(z[a]) - pz) * inv_n);
       }
     }
@@ -58,11 +59,13 @@ __global__ void softmax_jacobian_rows(T* __restrict__ logits, T* __restrict__ Z,
 }
 
 template <typename T>
-cudaError_t launch(void* logits, void* Z, int64_t n, int64_t c, int64_t k, double inv_n, cudaStream_t stream) {
+cudaError_t launch(void* logits, void* Z, int64_t n, int64_t c, int64_t m, int64_t k, double inv_n,
+                   cudaStream_t stream) {
   const int64_t warps_per_block = kThreads / kWarp;
   const int64_t blocks_needed = (n + warps_per_block - 1) / warps_per_block;
   const unsigned blocks = static_cast<unsigned>(blocks_needed < 65535 ? blocks_needed : 65535);
-  softmax_jacobian_rows<T><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(logits), static_cast<T*>(Z), n, c, k, inv_n);
+  softmax_jacobian_rows<T><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(logits), static_cast<T*>(Z), n, c, m, k,
+                                                                   inv_n);
   return cudaGetLastError();
 }
 
@@ -70,12 +73,12 @@ cudaError_t launch(void* logits, void* Z, int64_t n, int64_t c, int64_t k, doubl
 
 extern "C" {
 
-// dtype: 0 float32, 1 float64 (UfDType of codec.h). logits (n, c) and Z (n, k c) contiguous, updated in place.
-cudaError_t uf_softmax_jacobian_rows(void* logits, void* Z, int dtype, int64_t n, int64_t c, int64_t k, double inv_n,
-                                     cudaStream_t stream) {
-  if (n <= 0 || c <= 0 || k <= 0) return cudaSuccess;
-  if (dtype == 0) return launch<float>(logits, Z, n, c, k, inv_n, stream);
-  if (dtype == 1) return launch<double>(logits, Z, n, c, k, inv_n, stream);
+// dtype: 0 float32, 1 float64 (UfDType of codec.h). logits (n, c) and Z (n, k m) contiguous, updated in place.
+cudaError_t uf_softmax_jacobian_rows(void* logits, void* Z, int dtype, int64_t n, int64_t c, int64_t m, int64_t k,
+                                     double inv_n, cudaStream_t stream) {
+  if (n <= 0 || c <= 0 || m <= 0 || m > c || k <= 0) return m > c ? cudaErrorInvalidValue : cudaSuccess;
+  if (dtype == 0) return launch<float>(logits, Z, n, c, m, k, inv_n, stream);
+  if (dtype == 1) return launch<double>(logits, Z, n, c, m, k, inv_n, stream);
   return cudaErrorInvalidValue;
 }
 }

@@ -1,15 +1,17 @@
 // Torch glue for softmax_linear_hvp on CUDA: softmax_linear_hvp_cuda(X, W, V) -> (k, c, d).
 // The two large products go to torch (cuBLAS) on the current stream; between them the torch-free
 // kernel of softmax_linear_hvp.cu turns the logits into probabilities and Z = X [V_1; ...; V_k]'
-// into R / n in place (one warp per row). Z is (n, k c), so both products are plain GEMMs.
+// into R / n in place (one warp per row). Z is (n, k m), so both products are plain GEMMs.
+// As on the CPU (csrc/cpu/softmax_linear_hvp.cpp), the GEMMs run on m = c - 1 classes shifted by the
+// last one, whose output is minus the sum of the others.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "bindings.h"
 
-extern "C" cudaError_t uf_softmax_jacobian_rows(void* logits, void* Z, int dtype, int64_t n, int64_t c, int64_t k,
-                                                double inv_n, cudaStream_t stream);  // softmax_linear_hvp.cu
+extern "C" cudaError_t uf_softmax_jacobian_rows(void* logits, void* Z, int dtype, int64_t n, int64_t c, int64_t m,
+                                                int64_t k, double inv_n, cudaStream_t stream);  // softmax_linear_hvp.cu
 
 namespace unlearn_fast::cuda {
 namespace {
@@ -27,14 +29,20 @@ at::Tensor softmax_linear_hvp_cuda(const at::Tensor& X, const at::Tensor& W, con
               ": X, W and V must be CUDA tensors on one device");
   const c10::cuda::CUDAGuard guard(X.device());
   const at::Tensor Xc = X.contiguous(), Wc = W.contiguous(), Vc = V.contiguous();
-  const int64_t n = Xc.size(0), d = Xc.size(1), c = Wc.size(0), k = Vc.size(0);
-  at::Tensor logits = at::mm(Xc, Wc.t()).contiguous();              // (n, c)
-  at::Tensor Z = at::mm(Xc, Vc.view({k * c, d}).t()).contiguous();  // (n, k c)
+  const int64_t n = Xc.size(0), d = Xc.size(1), c = Wc.size(0), k = Vc.size(0), m = c - 1;
+  at::Tensor out = at::empty({k, c, d}, X.options());
+  if (m == 0) return out.zero_();  // one class: the softmax is constant, so is the loss
+  at::Tensor logits = at::mm(Xc, Wc.t()).contiguous();  // (n, c)
+  const at::Tensor V_rows = (Vc.narrow(1, 0, m) - Vc.narrow(1, m, 1)).reshape({k * m, d});
+  at::Tensor Z = at::mm(Xc, V_rows.t()).contiguous();  // (n, k m)
   const int dtype = X.scalar_type() == at::kFloat ? 0 : 1;
-  const cudaError_t err = uf_softmax_jacobian_rows(logits.data_ptr(), Z.data_ptr(), dtype, n, c, k,
+  const cudaError_t err = uf_softmax_jacobian_rows(logits.data_ptr(), Z.data_ptr(), dtype, n, c, m, k,
                                                    1.0 / static_cast<double>(n), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-  return at::mm(Z.t(), Xc).view({k, c, d});  // row j c + a of (k c, d) is (H V_j)[a, :]
+  const at::Tensor shifted = at::mm(Z.t(), Xc).view({k, m, d});  // row j m + a is (H V_j)[a, :]
+  out.narrow(1, 0, m).copy_(shifted);
+  out.select(1, m).copy_(shifted.sum(1)).neg_();  // the rows of R sum to zero
+  return out;
 }
 
 }  // namespace
