@@ -189,8 +189,11 @@ class GradientHistory:
         part = getattr(self, section)
         return 0 if part is None else sum(size(v) for v in part.values())
 
-    def seen_indices(self):
-        return torch.unique(torch.cat(self.schedule["batches"]))
+    def seen_mask(self):
+        """(n_train,) bool: which samples some recorded batch contains."""
+        seen = torch.zeros(self.n_train, dtype=torch.bool)
+        seen[torch.cat(self.schedule["batches"])] = True  # scatter, not unique: no sort (0.1 vs 0.7 ms on digits)
+        return seen
 
     def check_model(self, model):
         """Raise ValueError if this history was recorded for a model with other parameters."""

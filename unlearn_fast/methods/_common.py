@@ -20,8 +20,6 @@ def check_history(history, model, forget, method):
     history.check_model(model)
     if forget.numel() and int(forget.max()) >= history.n_train:
         raise ValueError(f"forget: index {int(forget.max())} is beyond the {history.n_train} samples the history was recorded on")
-    seen = torch.zeros(history.n_train, dtype=torch.bool)
-    seen[history.seen_indices()] = True
-    unseen = forget[~seen[forget]]
+    unseen = forget[~history.seen_mask()[forget]]
     if unseen.numel():
         raise ValueError(f"forget: indices {unseen[:10].tolist()} never appear in the recorded history (never trained on)")
