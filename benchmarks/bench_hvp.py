@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/bench_hvp.py [--device cpu|cuda] [--repeats 3] [--out benchmarks/results/hvp_cpu]
 
-Every timing is the minimum over --repeats runs after one warm-up run; every fast path is checked
-against its baseline (max relative difference reported). Writes <out>.md and <out>.json.
+Every timing is the median over --repeats interleaved runs after one warm-up run (the minimum is
+reported too); every fast path is checked against its baseline (max relative difference reported).
+Writes <out>.md and <out>.json.
 """
 import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -22,24 +24,24 @@ from unlearn_fast.hvp import batched_cg, flat_products, make_problem
 
 
 def race(cases, repeats, device):
-    """{name: (best seconds, result)}: one warm-up each, then `repeats` rounds over all cases in turn,
-    so load from other processes on a shared machine hits every case alike; the minimum is kept."""
+    """{name: (median seconds, result, min seconds)}: one warm-up each, then `repeats` rounds over all
+    cases in turn, so load from other processes on a shared machine hits every case alike."""
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    results = {}
+    results, times = {}, {name: [] for name in cases}
     for name, fn in cases.items():
-        results[name] = [float("inf"), fn()]  # warm-up; its result is the one checked
+        results[name] = fn()  # warm-up; its result is the one checked
         sync()
     for _ in range(repeats):
         for name, fn in cases.items():
             start = time.perf_counter()
             fn()
             sync()
-            results[name][0] = min(results[name][0], time.perf_counter() - start)
-    return {name: tuple(v) for name, v in results.items()}
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name], min(times[name])) for name in cases}
 
 
 def rel_diff(a, b):
@@ -101,8 +103,9 @@ def bench_mlp(device, repeats, k=32, batch=256):
     timings = race(cases, repeats, device)
     baseline = timings["loop of torch.autograd.functional.hvp"]
     rows = [
-        {"case": name, "seconds": s, "speedup_vs_loop": baseline[0] / s, "max_rel_diff": rel_diff(r, baseline[1])}
-        for name, (s, r) in timings.items()
+        {"case": name, "seconds": s, "min_seconds": s_min, "speedup_vs_loop": baseline[0] / s,
+         "max_rel_diff": rel_diff(r, baseline[1])}
+        for name, (s, r, s_min) in timings.items()
     ]
     return {"setup": f"MLP 256-1024-512-10 ({p} params), batch {batch}, k = {k}, float32", "rows": rows}
 
@@ -126,26 +129,26 @@ def bench_fused(device, repeats, n=4096, d=512, c=10, k=32):
         loss = lambda w: F.cross_entropy(X @ w.T, y)
         return torch.stack([torch.autograd.functional.hvp(loss, W, v)[1] for v in V])
 
-    def gemms_only():  # the two n x d x (k c) products every method needs: a floor, not a method
+    def gemms_only():  # the two n x d x (k c) products of the eager composition: its floor, not a method
         return (X @ V.view(k * c, d).T).T @ X
 
     fast_backend = "cuda" if device == "cuda" else "cpp"
     cases = {
         "loop of torch.autograd.functional.hvp": loop_autograd,
         "eager closed-form composition": lambda: eager_composition(X, W, V),
-        "the two GEMMs alone (lower bound, wrong result)": gemms_only,
+        "the two full-width GEMMs alone (eager's floor, wrong result)": gemms_only,
         "reference backend (float64 math)": lambda: _with_backend("reference", X, W, V),
         f"{fast_backend} backend": lambda: _with_backend(fast_backend, X, W, V),
     }
     if device == "cuda":
         cases["triton backend"] = lambda: _with_backend("triton", X, W, V)
     times = race(cases, repeats, device)
-    loop_s, loop_r = times["loop of torch.autograd.functional.hvp"]
+    loop_s, loop_r, _ = times["loop of torch.autograd.functional.hvp"]
     eager_s = times["eager closed-form composition"][0]
     rows = []
-    for name, (seconds, result) in times.items():
+    for name, (seconds, result, min_seconds) in times.items():
         rows.append({
-            "case": name, "seconds": seconds, "speedup_vs_loop": loop_s / seconds,
+            "case": name, "seconds": seconds, "min_seconds": min_seconds, "speedup_vs_loop": loop_s / seconds,
             "speedup_vs_eager": eager_s / seconds,
             "max_rel_diff": None if "GEMMs" in name else rel_diff(result, loop_r),
         })
@@ -184,7 +187,7 @@ def bench_cg(device, repeats, k=32, damping=1e-2, tol=1e-6):
         return torch.stack(sols)
 
     timings = race({"separate": separate, "batched": batched}, repeats, device)
-    (t_sep, x_sep), (t_bat, x_bat) = timings["separate"], timings["batched"]
+    (t_sep, x_sep, _), (t_bat, x_bat, _) = timings["separate"], timings["batched"]
     return {
         "setup": f"CG on (G + {damping} I) x = b, G the Gauss-Newton matrix, MLP 64-256-10 ({problem.numel} params), batch 512, k = {k}, tol {tol}, float32",
         "rows": [
