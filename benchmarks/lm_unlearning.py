@@ -4,7 +4,10 @@ each against retraining without the forget samples (the gold standard).
 Tiny GPT-2 (transformers, trained from scratch on the package's canary corpus, CPU). Writes
 benchmarks/results/lm_unlearning.{md,json,png}. `--quick` runs a smaller model and corpus in a few minutes.
 
-    .venv/bin/python benchmarks/lm_unlearning.py [--quick]
+    .venv/bin/python benchmarks/lm_unlearning.py [--quick] [--scenario ...] [--pool-seeds 1,2,3]
+
+The exposure goal is judged on canaries pooled over several seeds (realistic scenario; see pooled_study):
+18 canaries of one seed scatter by ~0.34 bits, three times the goal's 10% window.
 """
 import argparse
 import json
@@ -13,6 +16,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -42,17 +46,27 @@ def gpt2_small_storage():
 def evaluate(model, ctx):
     forget_set, retain_set, heldout = ctx["forget_set"], ctx["retain_set"], ctx["heldout"]
     exposures = [metrics.exposure(model, c.prefix, c.secret) for c in ctx["forget_canaries"]]
+    if ctx.get("light"):  # the pooled-seed runs: no influence scores
+        return light_metrics(model, ctx, exposures)
     influence = metrics.gradient_influence(model, forget_set, range(len(forget_set)), forget_set)
     return {
         "forget_loss": float(metrics.losses(model, forget_set).mean()),
         "retain_ppl": metrics.perplexity(model, retain_set),
         "heldout_ppl": metrics.perplexity(model, heldout),
         "exposure": sum(exposures) / len(exposures),
+        "exposures": exposures,  # per canary, in ctx["forget_canaries"] order (the fuzzy person's last)
         "exposure_fuzzy_person": exposures[-1],
         "mia_auc": metrics.mia_auc(model, forget_set, heldout),
         "self_influence": float(influence.mean()),
         "activation_similarity": float(metrics.activation_similarity(model, forget_set, range(len(forget_set)), forget_set).mean()),
     }
+
+
+def light_metrics(model, ctx, exposures):
+    return {"forget_loss": float(metrics.losses(model, ctx["forget_set"]).mean()),
+            "retain_ppl": metrics.perplexity(model, ctx["retain_set"]), "exposure": sum(exposures) / len(exposures),
+            "exposures": exposures, "exposure_fuzzy_person": exposures[-1],
+            "mia_auc": metrics.mia_auc(model, ctx["forget_set"], ctx["heldout"])}
 
 
 # Two training regimes of the same model and corpus generator:
@@ -72,7 +86,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller model and corpus (a few minutes)")
     parser.add_argument("--scenario", choices=[*SCENARIOS, "both"], default="both")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool-seeds", default=None,
+                        help="extra seeds (comma-separated; 'none' for none) whose realistic-scenario canaries are pooled "
+                             "with --seed's for the exposure goal (default 1,2,3; with --quick: none)")
     args = parser.parse_args()
+    if args.pool_seeds is None:
+        args.pool_seeds = "none" if args.quick else "1,2,3"
+    pool_seeds = [] if args.pool_seeds == "none" else [int(x) for x in args.pool_seeds.split(",")]
     torch.set_num_threads(1)  # the CPU is shared; more threads stall more than they help at this size
     names = list(SCENARIOS) if args.scenario == "both" else [args.scenario]
     scenarios = {}
@@ -83,6 +103,8 @@ def main():
         cfg.update(n_head=4, batch_size=16, lr=3e-3, seed=args.seed, quick=args.quick, scenario=name)
         print(f"== scenario {name}: {cfg}")
         scenarios[name] = run_scenario(cfg, args, full=name == names[0])
+        if name == "realistic" and pool_seeds:
+            scenarios[name]["pooled"] = pooled_study(cfg, scenarios[name], pool_seeds)
     write(scenarios)
 
 
@@ -94,11 +116,7 @@ def run_scenario(cfg, args, full):
     corpus = make_corpus(args.seed, cfg["n_train"], cfg["n_heldout"], n_variant_people=4)
     train = TextDataset(corpus.train_texts)
     heldout = TextDataset(corpus.heldout_texts)
-    fuzzy_name, fuzzy_samples = next(iter(corpus.variants.items()))
-    variant_samples = {i for v in corpus.variants.values() for i in v}
-    plain = [i for i in range(cfg["n_train"]) if i not in variant_samples][: cfg["n_forget"] - len(fuzzy_samples)]
-    forget = sorted(plain + fuzzy_samples)
-    people = plain + [fuzzy_samples[0]]  # the fuzzy person's canary last
+    fuzzy_name, fuzzy_samples, forget, people = forget_split(corpus, cfg)  # the fuzzy person's canary last
     retain_idx = [i for i in range(len(train)) if i not in set(forget)]
     ctx = dict(forget_set=train.subset(forget), retain_set=train.subset(retain_idx), heldout=heldout,
                forget_canaries=[corpus.train_canaries[i] for i in people],
@@ -205,6 +223,7 @@ def run_scenario(cfg, args, full):
         (f"iterative on {fuzzy_name!r}'s samples, gradient ascent on Min-K% tokens, fisher, Min-K% calibration",
          "gradient_ascent", None, fuzzy_samples, dict(fisher, tokens="min_k", **MINK)),
     ]
+    runs += [r for r in pooled_runs(H_emb, forget, fuzzy_name) if r[0] not in {x[0] for x in runs}]
     if not full:
         runs = [r for r in runs if "retain tol" not in r[0] and "store" not in r[0]]
     results = {"config": cfg, "forget": forget, "fuzzy_request": fuzzy_name, "fuzzy_planted": fuzzy_samples,
@@ -243,6 +262,133 @@ def run_scenario(cfg, args, full):
     results["recording"] = {"plain_train_seconds": plain_train_seconds, "record_seconds": record_seconds,
                             "epochs_recorded": {k: h.n_epochs for k, h in histories.items()}}
     return results
+
+
+# ----------------------------------------------------------------------------- pooled exposure study
+FISHER = dict(retain_guard="fisher", retain_batch=64)
+MINK = dict(statistic="min_k", min_k=0.2)
+# Rows re-run on every pooled seed (label template, method, forget: "set" = the 20 forget samples or "person" =
+# the fuzzy request for the first variant person, options). The same labels are rows of the main table.
+POOLED_ROWS = [
+    ("first-epoch, embeddings, iterative, retain guard: fisher, Min-K% calibration", "first_epoch_ascent", "set",
+     dict(epochs=[0], retain_guard="fisher", **MINK)),
+    ("gradient ascent, Min-K% calibration", "gradient_ascent", "set", dict(MINK)),
+    ("gradient ascent, retain guard: fisher, Min-K% calibration", "gradient_ascent", "set", dict(FISHER, **MINK)),
+    ("gradient ascent, retain guard: fisher, per-sample", "gradient_ascent", "set", dict(FISHER, calibration="per_sample")),
+    ("gradient ascent, retain guard: fisher, per-sample Min-K% calibration", "gradient_ascent", "set",
+     dict(FISHER, calibration="per_sample", **MINK)),
+    ("gradient ascent on Min-K% tokens, retain guard: fisher, Min-K% calibration", "gradient_ascent", "set",
+     dict(FISHER, tokens="min_k", **MINK)),
+    ("gradient ascent, retain guard: fisher, floor Min-K% calibration", "gradient_ascent", "set",
+     dict(FISHER, calibration="floor", **MINK)),
+    ("gradient ascent, retain guard: fisher, floor Min-K% (5%) calibration", "gradient_ascent", "set",
+     dict(FISHER, calibration="floor", statistic="min_k", min_k=0.05)),
+    ("fuzzy request {name!r}, gradient ascent, fisher, floor Min-K% (10%) calibration", "gradient_ascent", "person",
+     dict(FISHER, mode="fuzzy", calibration="floor", statistic="min_k", min_k=0.1)),
+    ("fuzzy request {name!r} (one shift), floor Min-K% (10%) calibration", "first_epoch_ascent", "person",
+     dict(epochs=[0], calibration="floor", statistic="min_k", min_k=0.1)),
+]
+
+
+def pooled_runs(history, forget, fuzzy_name):
+    """(label, method, history, forget, options) of POOLED_ROWS for one seed."""
+    return [(label.format(name=fuzzy_name), method, history if method == "first_epoch_ascent" else None,
+             forget if what == "set" else fuzzy_name, dict(options)) for label, method, what, options in POOLED_ROWS]
+
+
+def forget_split(corpus, cfg):
+    """The forget set of a scenario: the first n_forget - 3 plain biographies + the 3 samples of the first variant
+    person (a fuzzy request's target); people (canary owners) with the fuzzy person last."""
+    fuzzy_name, fuzzy_samples = next(iter(corpus.variants.items()))
+    variant_samples = {i for v in corpus.variants.values() for i in v}
+    plain = [i for i in range(cfg["n_train"]) if i not in variant_samples][: cfg["n_forget"] - len(fuzzy_samples)]
+    return fuzzy_name, fuzzy_samples, sorted(plain + fuzzy_samples), plain + [fuzzy_samples[0]]
+
+
+def pool_seed(cfg, seed):
+    """One extra seed of a scenario: new corpus, initial weights and batch order; train (recording first-epoch
+    embedding rows), retrain without the forget set, run POOLED_ROWS; per-canary exposures of everything."""
+    corpus = make_corpus(seed, cfg["n_train"], cfg["n_heldout"], n_variant_people=4)
+    train, heldout = TextDataset(corpus.train_texts), TextDataset(corpus.heldout_texts)
+    fuzzy_name, fuzzy_samples, forget, people = forget_split(corpus, cfg)
+    retain_idx = [i for i in range(len(train)) if i not in set(forget)]
+    ctx = dict(forget_set=train.subset(forget), retain_set=train.subset(retain_idx), heldout=heldout, light=True,
+               forget_canaries=[corpus.train_canaries[i] for i in people])
+    model = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=seed)
+    recorder = FirstEpochRecorder(model, None, HistoryPolicy(kind="first_epoch", codec="int8", params="embeddings",
+                                                             per_sample=True, blocksize=BLOCKSIZE))
+    print(f"pooled seed {seed}: training and retraining ...")
+    train_lm(model, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], seed, recorders=[recorder])
+    history = recorder.finish()
+    retrained = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=seed)
+    retrain_seconds = train_lm(retrained, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], seed, exclude=forget)["seconds"]
+    out = {"seed": seed, "fuzzy_request": fuzzy_name, "original": evaluate(model, ctx),
+           "retrain": {**evaluate(retrained, ctx), "seconds": retrain_seconds}, "methods": []}
+    held = {}  # the held-out samples' calibration statistic, once per (statistic, min_k)
+    for label, method, hist, what, options in pooled_runs(history, forget, fuzzy_name):
+        key = (options.get("statistic", "loss"), options.get("min_k", 0.2))
+        held[key] = held[key] if key in held else calibration_statistic(model, heldout, *key)
+        res = uf.unlearn(model, hist, what, train, None, method=method, heldout=held[key], **options)
+        row = {"label": label, "seconds": res.seconds, "status": res.stats.get("status"), **evaluate(res.model, ctx)}
+        row["speedup_vs_retrain"] = retrain_seconds / res.seconds
+        out["methods"].append(row)
+    return out
+
+
+def bootstrap_means(pairs, draws=10000, seed=0):
+    """Bootstrap over canaries (pairs resampled together): (mean unlearned - mean retrained, and that over the
+    mean retrained) for each draw."""
+    pairs = np.asarray(pairs, dtype=np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(pairs), size=(draws, len(pairs)))
+    a, b = pairs[pick, 0].mean(1), pairs[pick, 1].mean(1)
+    return a - b, (a - b) / b
+
+
+def pooled_study(cfg, main, seeds):
+    """Pool the per-canary exposures of the main seed's POOLED_ROWS with those of `seeds`.
+
+    Decision rule (the goal, not moved): met when the pooled mean exposure of the forgotten canaries is within 10%
+    of the pooled mean under the retrained models. The bootstrap 95% interval of the relative difference says how
+    sure that is: 'met (interval inside +-10%)', 'missed (interval outside)', else 'undecided'."""
+    per_seed = [{"seed": cfg["seed"], "fuzzy_request": main["fuzzy_request"], "original": main["original"],
+                 "retrain": main["retrain"],
+                 "methods": [r for r in main["methods"] if r["label"] in
+                             {x[0] for x in pooled_runs(None, None, main["fuzzy_request"])}]}]
+    for seed in seeds:
+        per_seed.append(pool_seed(cfg, seed))
+    rows = []
+    for k, (template, method, what, _) in enumerate(POOLED_ROWS):
+        pairs, person, mia, mia_retrain, rises, speed, statuses = [], [], [], [], [], [], []
+        for run in per_seed:
+            label = template.format(name=run["fuzzy_request"])
+            row = next(r for r in run["methods"] if r["label"] == label)
+            pairs += list(zip(row["exposures"], run["retrain"]["exposures"]))
+            person.append((run["original"]["exposure_fuzzy_person"], run["retrain"]["exposure_fuzzy_person"],
+                           row["exposure_fuzzy_person"]))
+            mia.append(row["mia_auc"]["loss"])
+            mia_retrain.append(run["retrain"]["mia_auc"]["loss"])
+            rises.append(row["retain_ppl"] / run["original"]["retain_ppl"] - 1)
+            speed.append(row["speedup_vs_retrain"])
+            statuses.append(row.get("status") or row["stats"].get("status"))
+        diff, rel = bootstrap_means(pairs)
+        un, re_ = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+        lo, hi = np.percentile(rel, [2.5, 97.5])
+        verdict = "met" if -0.1 <= lo and hi <= 0.1 else "missed" if hi < -0.1 or lo > 0.1 else "undecided"
+        rows.append({
+            "label": template.format(name="<first variant person>"), "target": what, "canaries": len(pairs),
+            "exposure": un, "retrain_exposure": re_, "paired_diff": un - re_,
+            "paired_diff_ci": [float(x) for x in np.percentile(diff, [2.5, 97.5])],
+            "relative_diff": (un - re_) / re_, "relative_diff_ci": [float(lo), float(hi)],
+            "goal_met": abs(un - re_) <= 0.1 * re_, "interval_verdict": verdict,
+            "person_exposure": person, "mia_auc": mia, "mia_auc_retrain": mia_retrain,
+            "mia_gap_mean": float(np.mean(np.abs(np.subtract(mia, mia_retrain)))),
+            "mia_pooled_gap": float(abs(np.mean(mia) - np.mean(mia_retrain))),
+            "retain_rise": rises, "speedup": speed, "statuses": statuses,
+        })
+    original = [e for run in per_seed for e in run["original"]["exposures"]]
+    retrain = [e for run in per_seed for e in run["retrain"]["exposures"]]
+    return {"seeds": [run["seed"] for run in per_seed], "rows": rows, "original_exposure": float(np.mean(original)),
+            "retrain_exposure": float(np.mean(retrain)), "per_seed": per_seed}
 
 
 def gradient_alignment(model, train, forget, retain_idx, histories):
@@ -352,6 +498,10 @@ def render(results):
         "uniformly random rank has exposure 1.44 bits on average with a standard deviation of 1.44, so a mean over "
         f"{len(results['forget']) - len(results['fuzzy_planted']) + 1} canaries has a sampling spread of about "
         f"{1.4427 / (len(results['forget']) - len(results['fuzzy_planted']) + 1) ** 0.5:.2f} bits.",
+    ]
+    if "pooled" in results:
+        lines += render_pooled(results["pooled"])
+    lines += [
         "", "### Storage per sample and epoch", "",
         "| preset | parameters | fp32 bytes | int8 bytes (codes + scales) |", "|---|---|---|---|",
     ]
@@ -385,6 +535,49 @@ def render(results):
         f"Plain training {rec['plain_train_seconds']:.1f} s; per-sample gradient recording "
         + ", ".join(f"{k} {v:.1f} s ({rec['epochs_recorded'][k]} epoch(s))" for k, v in rec["record_seconds"].items()) + ".",
     ]
+    return lines
+
+
+def render_pooled(pooled):
+    n_seeds = len(pooled["seeds"])
+    rows = pooled["rows"]
+    lines = [
+        "", f"### Exposure goal over {n_seeds} seeds (seeds {', '.join(map(str, pooled['seeds']))}; canaries pooled)", "",
+        "Each seed draws a new corpus, initial weights and batch order; the original model is trained and the retrained "
+        "model retrained from them as above, and the rows below re-run. Decision rule (the goal unchanged): the exposure "
+        "goal is met when the pooled mean exposure of the forgotten canaries is within 10% of the pooled mean under the "
+        "retrained models (same canaries). Paired difference: unlearned minus retrained exposure of the same canary; "
+        "95% intervals from 10,000 bootstrap resamples of the canaries. Interval verdict: 'met' if the whole interval of "
+        "the relative difference lies inside +-10%, 'missed' if outside, else 'undecided'. "
+        f"Pooled exposure of the original models {pooled['original_exposure']:.2f} bits, of the retrained models "
+        f"{pooled['retrain_exposure']:.2f} bits. MIA AUC (loss), retain rise and speed-up: mean over seeds "
+        "(min-max); the MIA goal per seed is a gap <= 0.03.", "",
+        "| row | canaries | exposure: unlearned / retrain | paired diff (95% CI) | relative (95% CI) | exposure goal | interval | MIA AUC, mean over seeds (retrain) | MIA goal on the means | mean per-seed MIA gap | seeds with MIA gap <= 0.03 | retain rise | seeds with rise <= 5% | speed-up | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [r for r in rows if r["target"] == "set"]:  # a single-person request: its own list below
+        d, rel = r["paired_diff_ci"], r["relative_diff_ci"]
+        gaps = [abs(a - b) for a, b in zip(r["mia_auc"], r["mia_auc_retrain"])]
+        status_text = ", ".join(f"{st} x{r['statuses'].count(st)}" for st in sorted(set(r["statuses"])))
+        lines.append(
+            f"| {r['label']} | {r['canaries']} | {r['exposure']:.2f} / {r['retrain_exposure']:.2f} | "
+            f"{r['paired_diff']:+.2f} ({d[0]:+.2f}, {d[1]:+.2f}) | {r['relative_diff']:+.0%} ({rel[0]:+.0%}, {rel[1]:+.0%}) | "
+            f"{'met' if r['goal_met'] else 'missed'} | {r['interval_verdict']} | "
+            f"{np.mean(r['mia_auc']):.3f} ({np.mean(r['mia_auc_retrain']):.3f}) | "
+            f"{'met' if r['mia_pooled_gap'] <= 0.03 else 'missed'} ({r['mia_pooled_gap']:.3f}) | {r['mia_gap_mean']:.3f} | "
+            f"{sum(g <= 0.03 for g in gaps)}/{len(gaps)} | {np.mean(r['retain_rise']):+.1%} ({min(r['retain_rise']):+.1%} to "
+            f"{max(r['retain_rise']):+.1%}) | {sum(x <= 0.05 for x in r['retain_rise'])}/{len(gaps)} | {np.mean(r['speedup']):.0f}x ({min(r['speedup']):.0f}-{max(r['speedup']):.0f}) | "
+            f"{status_text} |")
+    lines += ["", "Fuzzy request for one person (the first variant person of each seed: a biography with the canary + 2 other "
+              "samples naming them), exposure of that person's canary, original / retrain / unlearned, per seed:", ""]
+    for r in rows:
+        if r["target"] == "person":
+            lines.append(f"- {r['label']}: " + "; ".join(
+                f"seed {seed}: {o:.2f} / {t:.2f} / {u:.2f}" for seed, (o, t, u) in zip(pooled["seeds"], r["person_exposure"]))
+                + f" (mean {np.mean([u for _, _, u in r['person_exposure']]):.2f}, retrain "
+                f"{np.mean([t for _, t, _ in r['person_exposure']]):.2f}, original {np.mean([o for o, _, _ in r['person_exposure']]):.2f}); "
+                f"retain rise {', '.join(f'{x:+.1%}' for x in r['retain_rise'])}; speed-up "
+                f"{', '.join(f'{x:.0f}x' for x in r['speedup'])}; status {', '.join(r['statuses'])}")
     return lines
 
 

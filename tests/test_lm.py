@@ -521,3 +521,60 @@ def test_bad_statistic_options_are_refused(setup):
     with pytest.raises(ValueError, match="min_k"):
         calibration_statistic(model, setup["heldout"], "min_k", -0.1)
     assert same_state(before, state(model))
+
+
+# ----------------------------------------------------------------------------- floor calibration
+def test_floor_calibration_lifts_every_sample_to_the_heldout_mean(setup):
+    import numpy as np
+
+    model, train = setup["model"], setup["train"]
+    heldout_mk = _min_k_by_hand(model, setup["heldout"], 0.2).numpy()
+    before = _min_k_by_hand(model, train.subset(FORGET), 0.2).numpy()
+    result = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=setup["heldout"],
+                        calibration="floor", statistic="min_k", min_k=0.2, retain_tolerance=0.5, max_steps=30)
+    s = result.stats
+    target, sd = heldout_mk.mean(), heldout_mk.std(ddof=1)
+    # every sample's target is the held-out mean of the statistic (not a quantile)
+    np.testing.assert_allclose(s["sample_targets"], np.full(len(FORGET), target), rtol=1e-4)
+    assert (before < target).any()
+    after = _min_k_by_hand(result.model, train.subset(FORGET), 0.2).numpy()
+    assert s["status"] == "reached_target"
+    # reached: the samples that started below the held-out mean are, on average, within 0.1 held-out sd of it
+    assert np.clip(target - after, 0, None)[before < target].mean() <= 0.1 * sd + 1e-4
+    # not overshot: the mean rise past max(target, own start) is within the bound's margin
+    assert np.clip(after - np.maximum(target, before), 0, None).mean() <= s["bound"] - s["target"] + 1e-4
+    assert s["retain_loss_after"] <= s["retain_loss_before"] + math.log1p(0.5) + 1e-6
+
+
+def test_fuzzy_one_shift_weights_the_matches_by_their_shortfall(setup):
+    """A fuzzy request with floor calibration moves once along sum_i w_i g_i, w_i proportional to how far sample i
+    is below the target (0 for a sample above it), with g_i the stored rows, rebuilt here from the fp32 store."""
+    import numpy as np
+
+    model, train, history = setup["model"], setup["train"], setup["histories"]["fp32"]
+    name, planted = next(iter(setup["corpus"].variants.items()))
+    planted = sorted(planted)
+    values = _min_k_by_hand(model, train.subset(planted), 0.2).numpy()
+    ordered = np.sort(values)
+    # held-out statistic with its mean between the second and third highest match: one sample starts above target
+    middle, spread = (ordered[-2] + ordered[-1]) / 2, 0.05
+    heldout = torch.tensor([middle - spread, middle + spread])
+    result = uf.unlearn(model, history, name, train, None, method="first_epoch_ascent", epochs=[0], heldout=heldout,
+                        calibration="floor", statistic="min_k", min_k=0.2, retain_tolerance=1.0, max_steps=30)
+    s = result.stats
+    assert s["mode"] == "fuzzy" and sorted(m["index"] for m in s["matches"]) == planted
+    shortfall = np.clip(middle - values, 0, None)
+    assert (shortfall == 0).sum() == 1 and (shortfall > 0).sum() == len(planted) - 1
+    expected = sum(float(w) * history.row(0, i) for w, i in zip(shortfall / shortfall.sum(), planted))
+    names = history.param_names
+    delta = _params_flat(result.model, names) - _params_flat(model, names)
+    eta = float(delta @ expected) / float(expected @ expected)
+    assert eta > 0
+    torch.testing.assert_close(delta, eta * expected, rtol=1e-3, atol=1e-6 * float(delta.abs().max()))
+    # the uniform direction (the mean calibration's) is measurably different
+    uniform = sum(history.row(0, i) for i in planted) / len(planted)
+    assert float(torch.nn.functional.cosine_similarity(uniform, expected, dim=0)) < 0.999
+    after = _min_k_by_hand(result.model, train.subset(planted), 0.2).numpy()
+    if s["status"] == "reached_target":
+        below = values < middle
+        assert np.clip(middle - after, 0, None)[below].mean() <= 0.1 * float(heldout.std()) + 1e-4

@@ -15,12 +15,15 @@ mode="iterative": repeated small steps with a check after each; the direction is
 forget samples still below the held-out median, and the step size adapts to the measured progress; stops
 when the mean forget loss is in [target, bound]. mode="fuzzy": `forget` may be a text request, matched to
 training samples with rapidfuzz (partial_ratio >= threshold); the matches are reported, and removed in
-one shift along one fixed direction whose length is found by bracketing and bisection.
+one shift along one fixed direction whose length is found by bracketing and bisection (the direction weights
+the matches equally for calibration="mean", by their shortfall below their own targets for "per_sample" / "floor").
 calibrate=False: one fixed-scale shift, theta += scale * sum of the forget gradients (scale defaults to
 the recorded learning rate), for comparison.
 
 Options of ours (off by default; measured in benchmarks/results/lm_unlearning.md): calibration="per_sample"
-(each forget sample aims at the held-out loss quantile of its rank), retain_guard="difference" | "project" |
+(each forget sample aims at the held-out loss quantile of its rank), calibration="floor" (every forget sample
+below the held-out mean must reach it; samples above it are left alone: for small requests whose other samples
+already look like non-members), retain_guard="difference" | "project" |
 "fisher" (keep the step off what the retain samples outside the probe need: stored rows for
 first_epoch_ascent, fresh gradients for gradient_ascent), and for gradient_ascent tokens="reference" /
 objective="reference_kl" (target the tokens a retain-only n-gram cannot explain; see reference.py).
@@ -44,7 +47,7 @@ from .training import check_fits, forward_logits, sample_losses, token_logprobs
 
 MODES = ("iterative", "fuzzy")
 GUARDS = (None, "project", "difference", "fisher")
-CALIBRATIONS = ("mean", "per_sample")
+CALIBRATIONS = ("mean", "per_sample", "floor")
 STATISTICS = ("loss", "min_k")
 TOKEN_MODES = ("all", "reference", "min_k")
 OBJECTIVES = ("ascent", "reference_kl")
@@ -176,6 +179,9 @@ class _Calibrator:
         levels = torch.quantile(heldout, quantiles)
         self.sample_targets = torch.empty(n_forget)
         self.sample_targets[torch.argsort(self.forget, stable=True)] = levels
+        if calibration == "floor":  # every sample must reach at least the held-out mean (samples above it stay)
+            self.sample_targets = torch.full((n_forget,), self.target)
+        self.below = self.forget < self.sample_targets  # the samples that start short of their targets
         self.sample_floor = torch.maximum(self.sample_targets, self.forget)  # rising past this is overshooting
         self.evaluations = 0
         self.retain_rejections = 0
@@ -203,9 +209,9 @@ class _Calibrator:
     def weights(self):
         """Weights of the forget samples in the next ascent direction (summing to 1).
 
-        mean: the samples still below the held-out median, equally; per_sample: each sample still below its own
-        target, by its distance to it (a sample at or above its target is left alone)."""
-        if self.calibration == "per_sample":
+        mean: the samples still below the held-out median, equally; per_sample / floor: each sample still below its
+        own target, by its distance to it (a sample at or above its target is left alone)."""
+        if self.calibration != "mean":
             gap = (self.sample_targets - self.forget).clamp(min=0)
             if float(gap.sum()) > 0:
                 return gap / gap.sum()
@@ -216,21 +222,26 @@ class _Calibrator:
 
     def gap(self, forget):
         """How far the forget losses are from their goal: target - mean (mean), or the mean shortfall of the
-        samples below their own targets (per_sample)."""
+        samples below their own targets (per_sample), or over the samples that started below the held-out mean
+        (floor: samples already above it do not dilute the shortfall of the others)."""
+        if self.calibration == "floor":
+            short = (self.sample_targets - forget).clamp(min=0)
+            return float(short[self.below].mean()) if bool(self.below.any()) else 0.0
         if self.calibration == "per_sample":
             return float((self.sample_targets - forget).clamp(min=0).mean())
         return self.target - float(forget.mean())
 
     def reached(self, forget):
-        """mean: the mean forget loss is at the target; per_sample: the mean shortfall is below 0.1 held-out sd."""
-        if self.calibration == "per_sample":
+        """mean: the mean forget loss is at the target; per_sample / floor: the mean shortfall (gap) is at most 0.1
+        held-out sd."""
+        if self.calibration != "mean":
             return self.gap(forget) <= 0.1 * self.heldout_sd
         return float(forget.mean()) >= self.target
 
     def overshot(self, forget):
-        """mean: the mean is beyond the bound; per_sample: the samples rose past max(own target, own start) by
+        """mean: the mean is beyond the bound; per_sample / floor: the samples rose past max(own target, own start) by
         more than (bound - target) on average (the same Streisand margin, measured per sample)."""
-        if self.calibration == "per_sample":
+        if self.calibration != "mean":
             return float((forget - self.sample_floor).clamp(min=0).mean()) > self.bound - self.target
         return float(forget.mean()) > self.bound
 
@@ -372,8 +383,10 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
     if mode == "iterative":
         status = _iterative(cal, direction_fn, max_steps)
     else:
-        status = _one_shift(cal, *direction_fn(torch.full((forget.numel(),), 1.0 / forget.numel())), max_steps)
-    if calibration == "per_sample":
+        # mean: all matched samples alike; per_sample / floor: weighted by how far each is below its own target
+        weights = torch.full((forget.numel(),), 1.0 / forget.numel()) if calibration == "mean" else cal.weights()
+        status = _one_shift(cal, *direction_fn(weights), max_steps)
+    if calibration != "mean":
         stats["sample_targets"] = cal.sample_targets.tolist()
     stats.update(
         status=status, target=cal.target, bound=cal.bound, evaluations=cal.evaluations,
@@ -398,9 +411,9 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
     (default all: only epoch 0 for a first_epoch history). retain_guard (stored rows of retain samples
     outside the retain probe, at most retain_rows of them): "project" removes from the ascent direction its
     component in the span of their top retain_rank directions; "difference" subtracts retain_weight x their
-    mean row; "fisher" divides it by their mean squared row + retain_weight x its mean. calibration: "mean"
-    or "per_sample"; statistic: "loss" or "min_k" (fraction min_k), what the calibration measures. Other options:
-    see the module docstring."""
+    mean row; "fisher" divides it by their mean squared row + retain_weight x its mean. calibration: "mean",
+    "per_sample" or "floor"; statistic: "loss" or "min_k" (fraction min_k), what the calibration measures. Other
+    options: see the module docstring."""
     if isinstance(history, str):
         history = FirstEpochHistory.load(history)
     if not isinstance(history, FirstEpochHistory):
