@@ -24,69 +24,12 @@ import torch
 from tqdm import tqdm
 
 import unlearn_fast as uf
+from unlearn_fast.workloads import CONFIG, load_data, make_model, train
 
 LOAD_BEFORE = tuple(round(x, 2) for x in os.getloadavg())
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("retrain", "deltagrad", "mini")
 TIMING_ROUNDS = 5  # each method is timed this many times, interleaved; the median is reported
-
-
-def load_data(name):
-    """(X_train, y_train, X_test, y_test)."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        X, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
-        perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-        tr, te = perm[:1437], perm[1437:]
-        return X[tr], y[tr], X[te], y[te]  # pixel intensities in [0, 1]; many pixels are constant 0
-    elif name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        d = make_dataset(get_dataset_args())  # generated from templates, no download
-        Xtr, ytr = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"])
-        Xte, yte = torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"])
-        mu, sd = Xtr.mean(0), Xtr.std(0)
-        return (Xtr - mu) / sd, ytr, (Xte - mu) / sd, yte  # standardised with training statistics
-    raise ValueError(f"unknown data set {name!r}")
-
-
-def make_model(kind, d, c, seed):
-    torch.manual_seed(seed)
-    if kind == "logistic":
-        return torch.nn.Linear(d, c)
-    return torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, c))
-
-
-CONFIG = {"epochs": 30, "batch_size": 64, "lr": 0.2, "lr_min": 0.002, "weight_decay": 1e-3}
-
-
-def train(model, train_set, policy=None, seed=0, **cfg):
-    """SGD with a cosine learning-rate schedule; records a GradientHistory when a policy is given."""
-    cfg = {**CONFIG, **cfg}
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    n, bs = len(train_set), cfg["batch_size"]
-    steps = cfg["epochs"] * (n // bs)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"])
-    rec = uf.HistoryRecorder(model, opt, policy) if policy else None
-    gen = torch.Generator().manual_seed(seed)
-    loss_fn = torch.nn.functional.cross_entropy
-    start = time.perf_counter()
-    for _ in range(cfg["epochs"]):
-        order = torch.randperm(n, generator=gen)
-        for b in range(n // bs):
-            idx = order[b * bs : (b + 1) * bs]
-            x, y = train_set[idx]
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            if rec:
-                rec.record(idx)
-            opt.step()
-            sched.step()
-    train_seconds = time.perf_counter() - start
-    history = rec.finish(train_set, loss_fn) if rec else None
-    return history, train_seconds, time.perf_counter() - start - train_seconds
 
 
 def flip_labels(y, idx, classes):
