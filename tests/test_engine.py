@@ -447,6 +447,21 @@ def test_indices_never_seen_and_foreign_models(trained):
         uf.unlearn(minimal[0], minimal[1], [0], data, LOSS, method="deltagrad")
 
 
+@pytest.mark.parametrize("method", ["retrain", "deltagrad", "mini"])
+def test_nan_weights_or_losses_stop_unlearning_with_nothing_returned(trained, method):
+    data, model, history = trained
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model: parameters \['weight'\] hold NaN"):
+        uf.unlearn(broken, history, [0, 1], data, LOSS, method=method)
+    before = [p.clone() for p in model.parameters()]
+    nan_loss = lambda out, y: LOSS(out, y) * float("nan")  # every gradient the method computes is NaN
+    with pytest.raises((RuntimeError, ValueError), match="NaN|non-finite"):
+        uf.unlearn(model, history, [0, 1], data, nan_loss, method=method)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the input model is untouched
+
+
 def test_recorder_bad_input():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)

@@ -97,7 +97,7 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
         exact_steps += 1
     set_flat_params(model, w)
     if not bool(torch.isfinite(w).all()):
-        raise RuntimeError("deltagrad: the replay diverged (non-finite parameters); try a smaller T0 or a larger j0")
+        raise RuntimeError("deltagrad: non-finite parameters: a NaN or infinite loss or gradient, or a diverging replay (then try a smaller T0 or a larger j0); no model is returned")
     stats = {
         "exact_steps": exact_steps,
         "approx_steps": approx_steps,

@@ -523,7 +523,7 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
         c = basis.coords(torch.stack([x, g_forget]))
         res = base + basis.back((a_x[:-1] - a_x[-1]) * c[0] + (a_f[:-1] - a_f[-1]) * c[1]) + a_x[-1] * x + a_f[-1] * g_forget - w
         if not bool(torch.isfinite(res).all()):
-            raise RuntimeError("mini: non-finite fixed-point residual; the forget set may be too large for the curvature model")
+            raise RuntimeError("mini: non-finite fixed-point residual: a NaN or infinite loss or gradient, or a forget set too large for the curvature model; no model is returned")
         return res, g_forget
 
     # Krasnoselskii-Mann iteration w <- w + relax (T(w) - w) with backtracking: a step is kept only if
