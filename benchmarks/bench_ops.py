@@ -30,6 +30,9 @@ def data():
         x=x, codes=codes, scales=scales, y=torch.randn(P, generator=gen), S=S, Y=Y, sigma=sigma, Minv=Minv,
         w=w, w_ref=w + 1e-2 * torch.randn(P, generator=gen), g_ref=torch.randn(P, generator=gen),
         g_extra=torch.randn(P, generator=gen), V=torch.randn(P, generator=gen),
+        # softmax_linear_hvp at the size (n 4096, d 512, c 10, k 32), not scaled with P
+        X=torch.randn(4096, 512, generator=gen), W=torch.randn(10, 512, generator=gen) / 512**0.5,
+        Vs=torch.randn(32, 10, 512, generator=gen),
     )
 
 
@@ -43,6 +46,7 @@ OPS = {
     "qn_step_": lambda d: uf.qn_step_(
         d["w"], d["w_ref"], d["g_ref"], d["g_extra"], d["S"], d["Y"], d["sigma"], d["Minv"], 1e-4, 1.0, 0.1, 1e-3
     ),
+    "softmax_linear_hvp": lambda d: uf.softmax_linear_hvp(d["X"], d["W"], d["Vs"]),
 }
 
 

@@ -356,6 +356,11 @@ def pooled_study(cfg, main, seeds):
                              {x[0] for x in pooled_runs(None, None, main["fuzzy_request"])}]}]
     for seed in seeds:
         per_seed.append(pool_seed(cfg, seed))
+    return pool(per_seed)
+
+
+def pool(per_seed):
+    """The pooled rows (see pooled_study) of a list of per-seed results (pool_seed's form)."""
     rows = []
     for k, (template, method, what, _) in enumerate(POOLED_ROWS):
         pairs, person, mia, mia_retrain, rises, speed, statuses = [], [], [], [], [], [], []
@@ -369,7 +374,7 @@ def pooled_study(cfg, main, seeds):
             mia_retrain.append(run["retrain"]["mia_auc"]["loss"])
             rises.append(row["retain_ppl"] / run["original"]["retain_ppl"] - 1)
             speed.append(row["speedup_vs_retrain"])
-            statuses.append(row.get("status") or row["stats"].get("status"))
+            statuses.append(row.get("status") or row.get("stats", {}).get("status"))
         diff, rel = bootstrap_means(pairs)
         un, re_ = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
         lo, hi = np.percentile(rel, [2.5, 97.5])

@@ -10,6 +10,7 @@ from .ops import (
     qn_step_,
     quantize_blockwise,
     quantize_rows,
+    softmax_linear_hvp,
 )
 
 __version__ = "0.1.0"
