@@ -578,3 +578,34 @@ def test_fuzzy_one_shift_weights_the_matches_by_their_shortfall(setup):
     if s["status"] == "reached_target":
         below = values < middle
         assert np.clip(middle - after, 0, None)[below].mean() <= 0.1 * float(heldout.std()) + 1e-4
+
+
+# ----------------------------------------------------------------------------- Hessian influence
+def test_hvp_influence_matches_a_dense_hessian_solve(setup):
+    model, train = setup["model"], setup["train"]
+    names = select_params(model, ["transformer.h.1.ln_2.*"])  # 128 parameters: a dense Hessian is cheap
+    probe, samples = train.subset([4, 5, 6, 7, 8, 9]), [0, 1, 2, 3]
+    params = dict(model.named_parameters())
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def loss_at(flat, ids, labels):
+        chosen = {n: t.view_as(params[n]) for n, t in zip(names, torch.split(flat, sizes))}
+        others = {n: p.detach() for n, p in params.items() if n not in chosen}
+        logits = torch.func.functional_call(model, {**others, **chosen}, (), {"input_ids": ids, "use_cache": False}).logits
+        return uf.lm.lm_loss(logits, labels)
+
+    H = torch.autograd.functional.hessian(lambda f: loss_at(f, probe.input_ids, probe.labels), flat0).double()
+    damping = max(0.0, -float(torch.linalg.eigvalsh(H)[0])) + 0.5  # shifted to positive definite: CG applies
+    one = lambda ids, labels: torch.func.grad(loss_at)(flat0, ids[None], labels[None]).double()  # noqa: E731
+    g = torch.stack([one(train.input_ids[i], train.labels[i]) for i in samples])
+    g_probe = torch.stack([one(ids, labels) for ids, labels in zip(probe.input_ids, probe.labels)]).mean(0)  # per-sample mean
+    expected = -(g @ torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), g_probe))
+    before = state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    scores, report = metrics.hvp_influence(model, train, samples, probe, params=names, damping=damping, kind="hessian", tol=1e-7)
+    assert report.converged
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-3, atol=1e-6 * float(expected.abs().max()))
+    assert same_state(before, state(model)) and flags == [p.requires_grad for p in model.parameters()]
+    ggn, ggn_report = metrics.hvp_influence(model, train, samples, probe, params=names, damping=1e-3)  # the default, PSD
+    assert ggn_report.converged and torch.isfinite(ggn).all()

@@ -1,5 +1,7 @@
 """Language-model unlearning metrics: losses and perplexity, canary exposure, membership-inference AUC
-(LOSS, zlib ratio, Min-K% probability) and gradient / activation dot-product influence scores."""
+(LOSS, zlib ratio, Min-K% probability), Hessian (inverse-HVP) influence and gradient / activation dot-product
+influence scores."""
+import copy
 import math
 import warnings
 import zlib
@@ -156,6 +158,45 @@ def gradient_influence(model, dataset, indices, probe, params="embeddings"):
     g = per_sample_gradients(model, names, dataset.input_ids[idx], dataset.labels[idx])
     g_probe = per_sample_gradients(model, names, probe.input_ids, probe.labels).mean(0)
     return g @ g_probe
+
+
+class _Logits(torch.nn.Module):
+    """model(input_ids) -> logits: the plain tensor output the HVP machinery differentiates."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def hvp_influence(model, dataset, indices, probe, params="embeddings", hessian_set=None, damping=1e-3, kind="ggn",
+                  tol=1e-5, max_iter=500):
+    """Koh & Liang influence of each sample on the probe set's loss (the mean of its samples' losses), in the
+    parameters `params`:
+    I_i = -g_probe' (H + damping I)^-1 g_i, with H the curvature of the mean loss over `hessian_set` (default the
+    probe) by batched Hessian-vector products and conjugate gradients (unlearn_fast.ihvp): kind="ggn", the
+    Gauss-Newton matrix (positive semi-definite for any network, so CG applies), or "hessian". Negative: up-weighting
+    the sample lowers the probe loss. One solve for all samples. Returns ((len(indices),) float32, the solve report);
+    raises ConvergenceError if CG does not converge. The model is not changed."""
+    from ..hvp import ihvp
+    from .recording import per_sample_gradients, select_params
+    from .training import eager_attention, lm_loss
+
+    names = select_params(model, params)
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    g = per_sample_gradients(model, names, dataset.input_ids[idx], dataset.labels[idx])
+    g_probe = per_sample_gradients(model, names, probe.input_ids, probe.labels).mean(0)
+    wrapped = _Logits(copy.deepcopy(model))  # only `names` are differentiated, in the same (model) order as g
+    for name, p in wrapped.model.named_parameters():
+        p.requires_grad_(name in names)
+    batch = hessian_set if hessian_set is not None else probe
+    check_fits(model, batch.input_ids)
+    with eager_attention(wrapped.model):
+        solved, report = ihvp(lm_loss, wrapped, g_probe[None], (batch.input_ids, batch.labels),
+                              damping=damping, kind=kind, tol=tol, max_iter=max_iter)
+    return -(g @ solved[0]), report
 
 
 def activation_similarity(model, dataset, indices, probe):
