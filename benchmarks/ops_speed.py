@@ -23,19 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import unlearn_fast as uf  # noqa: E402
+from unlearn_fast.cli import median_seconds  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GOALS = {"quantize_blockwise": 4.0, "dequantize_blockwise": 3.0, "dequantize_axpy_": 3.0, "qn_step_": 2.5}
-
-
-def median_seconds(fn, reps):
-    fn()  # warm-up: first touch of outputs, thread pool start
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def median_cold_seconds(fn, reps):

@@ -78,8 +78,9 @@ def demo(args):
 
 
 # ----------------------------------------------------------------------------- bench
-def _time(fn, reps):
-    fn()  # warm-up
+def median_seconds(fn, reps):
+    """Median wall time of `reps` calls after one warm-up (first touch of outputs, thread pool start)."""
+    fn()
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -122,7 +123,7 @@ def bench(args):
         got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
         for a, b in zip(got, want):  # the backend must agree with the reference before its time means anything
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: backend differs from the reference: {m}")
-        t_fast, t_ref = _time(fast, args.reps), _time(slow, args.reps)
+        t_fast, t_ref = median_seconds(fast, args.reps), median_seconds(slow, args.reps)
         rows.append({"op": name, "seconds": t_fast, "reference_seconds": t_ref, "speedup": t_ref / t_fast})
     print(f"\n{'op':<44} {'backend ms':>10} {'reference ms':>12} {'speed-up':>8}")
     for r in rows:
