@@ -59,6 +59,11 @@ def check_forget(forget, n_train):
     return unique
 
 
+def non_finite_parameters(model):
+    """Names of the parameters holding NaN or infinite values."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options):
     """Remove the training samples `forget` from `model`; returns UnlearnResult(model, seconds, stats).
 
@@ -70,7 +75,7 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options
         raise ValueError(f"forget: a text request works only with methods {TEXT_METHODS}; method {method!r} needs training-set indices")
     if not isinstance(forget, str):
         forget = check_forget(forget, len(train_set))
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = non_finite_parameters(model)
     if bad:
         raise ValueError(f"model: parameters {bad[:5]} hold NaN or infinite values; nothing to unlearn from")
     start = time.perf_counter()
@@ -79,7 +84,7 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
     new_model, stats = run(new_model, history, forget, train_set, loss_fn, **options)
     seconds = time.perf_counter() - start
-    bad = [name for name, p in new_model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = non_finite_parameters(new_model)
     if bad:  # e.g. a loss that went NaN during a replay: stop and say so rather than return a broken model
         raise RuntimeError(f"{method}: the unlearned parameters {bad[:5]} are NaN or infinite (a non-finite loss or a "
                            "diverging step); no model is returned")

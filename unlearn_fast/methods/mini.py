@@ -295,16 +295,27 @@ def sgd_settings(meta, method):
     return decay, 1.0 / (1.0 - momentum)
 
 
-def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
-    """sum_{i in R} grad l_i(w): the forget set in a few large batches (loss_fn returns batch means)."""
+def batches_of(train_set, indices, batch_size):
+    """(batch, size) for the samples `indices` in batches of at most batch_size, fetched one at a time."""
+    for start in range(0, indices.numel(), batch_size):
+        idx = indices[start : start + batch_size]
+        yield fetch(train_set, idx), idx.numel()
+
+
+def gradient_sum(model, loss_fn, batches, w):
+    """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means)."""
     set_flat_params(model, w)
     total = torch.zeros_like(w)
-    for start in range(0, forget.numel(), batch_size):
-        idx = forget[start : start + batch_size]
+    for batch, size in batches:
         model.zero_grad(set_to_none=True)
-        batch_loss(model, loss_fn, fetch(train_set, idx)).backward()
-        total += flat_grads(model) * idx.numel()
+        batch_loss(model, loss_fn, batch).backward()
+        total += flat_grads(model) * size
     return total
+
+
+def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
+    """sum_{i in R} grad l_i(w): the forget set (or any index set) in a few large batches."""
+    return gradient_sum(model, loss_fn, batches_of(train_set, forget, batch_size), w)
 
 
 def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
@@ -400,16 +411,11 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
     retained = keep.nonzero()[:, 0]
     linear = split(linear)
 
-    batches = [(fetch(train_set, retained[i : i + batch_size]), min(batch_size, retained.numel() - i)) for i in range(0, retained.numel(), batch_size)]
+    batches = list(batches_of(train_set, retained, batch_size))  # the retained set, fetched once for every pass
 
     def source(j, z):
         """grad L_R(w_j + e) - gbar_j - (curvature) e: the change of the training gradient beyond the replay's linear term."""
-        set_flat_params(model, points[j] + full(z))
-        g = torch.zeros_like(z[k:])
-        for batch, size in batches:  # the retained set, fetched once
-            model.zero_grad(set_to_none=True)
-            batch_loss(model, loss_fn, batch).backward()
-            g += flat_grads(model) * (size / (n - r))
+        g = gradient_sum(model, loss_fn, batches, points[j] + full(z)) / (n - r)
         return split(g - gbars[j]) - curv * z
 
     norm = torch.linalg.vector_norm
