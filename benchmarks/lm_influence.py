@@ -20,13 +20,11 @@ import lm_pooled  # noqa: E402
 import lm_unlearning as lm  # noqa: E402
 
 import unlearn_fast as uf  # noqa: E402
-from unlearn_fast.lm import TextDataset, build_gpt2, make_corpus, metrics, train_lm  # noqa: E402
+from unlearn_fast.lm import RECOMMENDED, TextDataset, build_gpt2, make_corpus, metrics, train_lm  # noqa: E402
 from unlearn_fast.lm.ascent import calibration_statistic  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DAMPING = 1e-2
-# the configuration that meets the goals on the pooled means (benchmarks/results/lm_pooled.md)
-BEST = dict(lm.FISHER, calibration="floor", statistic="min_k", min_k=0.2)
 
 
 def scores(model, train, forget, probe, curvature):
@@ -56,7 +54,7 @@ def main():
     retrained = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=args.seed)
     train_lm(retrained, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], args.seed, exclude=forget)
     held = calibration_statistic(model, heldout, "min_k", 0.2)
-    unlearned = uf.unlearn(model, None, forget, train, None, method="gradient_ascent", heldout=held, **BEST).model
+    unlearned = uf.unlearn(model, None, forget, train, None, method="gradient_ascent", heldout=held, **RECOMMENDED).model
     out = {}
     for name, m in (("original", model), ("unlearned", unlearned), ("retrained", retrained)):
         print(f"scores: {name} ...", flush=True)

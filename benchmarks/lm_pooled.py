@@ -6,7 +6,9 @@
 One seed's canaries (18) cannot resolve the issue's 10 % exposure window or its 0.03 MIA AUC window (a
 mean over 18 canaries spreads by about 0.34 bits, an AUC over 20 forget samples by about 0.07); pooling
 seeds can. Each seed's result is kept in benchmarks/results/lm_pooled/seed_N.json as soon as it is done
-(a re-run reuses them), then everything is pooled into benchmarks/results/lm_pooled.{md,json,png}.
+(a re-run reuses them), then everything is pooled into benchmarks/results/lm_pooled.{md,json,png}. The trained
+and retrained models are kept in .cache/lm_pooled/ (git-ignored): after a change to the unlearning methods,
+delete the seed JSONs and re-run; only the unlearning rows are computed again.
 """
 import argparse
 import json
@@ -23,6 +25,8 @@ import lm_unlearning as lm  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CACHE = os.path.join(RESULTS, "lm_pooled")
+# trained and retrained models of each seed (git-ignored): delete a seed's JSON in CACHE to re-run its rows only
+MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "lm_pooled")
 
 
 def config(seed):
@@ -38,7 +42,7 @@ def one_seed(seed):
             return json.load(f)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    out = lm.pool_seed(config(seed), seed)
+    out = lm.pool_seed(config(seed), seed, MODELS)
     out["wall_seconds"] = time.perf_counter() - start
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
@@ -101,7 +105,9 @@ def main():
         f"Command: `python benchmarks/lm_pooled.py --seeds {args.seeds} --workers {args.workers}`  ",
         f"Realistic scenario of benchmarks/lm_unlearning.py ({config(0)}), one torch thread per seed; "
         f"wall time {time.perf_counter() - start:.0f} s (seeds already in benchmarks/results/lm_pooled/ were reused). "
-        "Speed-ups are per seed, each against that seed's retraining in the same process.",
+        "Speed-ups are per seed, each against that seed's retraining (timed when its models were trained and cached "
+        "in .cache/lm_pooled/, under the same two-worker load); each unlearning time is the median of "
+        f"{lm.TIMING_RUNS} runs.",
         *lm.render_pooled(pooled),
     ]
     text = "\n".join(lines) + "\n"

@@ -176,6 +176,22 @@ def test_calibration_stops_inside_its_bounds(setup, mode):
     assert tight.stats["retain_loss_after"] <= tight.stats["retain_loss_before"] + math.log1p(1e-4) + 1e-6
 
 
+@pytest.mark.parametrize("mode", ["iterative", "fuzzy"])
+def test_retain_check_bounds_the_probe_mean_rise_from_above(setup, mode):
+    # the retain check is a one-sided 95% upper bound of the mean per-sample loss rise on the retain probe
+    model, train = setup["model"], setup["train"]
+    probe = train.subset(range(len(FORGET), len(FORGET) + 12))
+    tolerance = 0.02
+    result = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=setup["heldout"],
+                        retain=probe, mode=mode, retain_tolerance=tolerance, max_steps=30)
+    rise = metrics.losses(result.model, probe) - metrics.losses(model, probe)
+    bound = float(rise.mean()) + 1.645 * float(rise.std()) / math.sqrt(12)
+    s = result.stats
+    assert s["retain_rise_bound"] == pytest.approx(bound, abs=1e-5)
+    assert bound <= math.log1p(tolerance) + 1e-6
+    assert s["forget_loss_after"] > s["forget_loss_before"]  # it did move, inside the bound
+
+
 def test_fuzzy_matching_finds_the_planted_variants_only(setup):
     corpus, train = setup["corpus"], setup["train"]
     for name, planted in corpus.variants.items():

@@ -78,9 +78,11 @@ def select_params(model, spec):
 
 
 # ----------------------------------------------------------------------------- per-sample gradients
-def per_sample_gradients(model, names, input_ids, labels, chunk_size=None):
+def per_sample_gradients(model, names, input_ids, labels, chunk_size=16):
     """(n, p) float32: row i is the gradient of sample i's mean token loss over the parameters `names`,
-    flattened and concatenated in the order of `names`. torch.func, batched with vmap."""
+    flattened and concatenated in the order of `names`. torch.func, batched with vmap over chunks of chunk_size
+    samples (64 samples of the 2-layer test GPT-2: 0.34 s in chunks of 16 against 0.59 s in one vmap on this CPU;
+    a larger chunk's per-sample intermediates fall out of cache)."""
     check_fits(model, input_ids)
     params = dict(model.named_parameters())
     chosen = {n: params[n].detach() for n in names}
@@ -275,7 +277,7 @@ class FirstEpochRecorder:
     gradients are those at the parameters the batch saw), end_epoch() after each epoch, finish() at the end.
     inputs are input_ids (n, L); targets the labels (-100 on padding), inputs when None."""
 
-    def __init__(self, model, optimizer, policy, chunk_size=None):
+    def __init__(self, model, optimizer, policy, chunk_size=16):
         if policy.kind not in PER_SAMPLE_KINDS:
             raise ValueError(f"policy: FirstEpochRecorder records kinds {PER_SAMPLE_KINDS}, got {policy.kind!r}")
         if not policy.per_sample:
