@@ -25,8 +25,6 @@ import lm_unlearning as lm  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CACHE = os.path.join(RESULTS, "lm_pooled")
-# trained and retrained models of each seed (git-ignored): delete a seed's JSON in CACHE to re-run its rows only
-MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "lm_pooled")
 
 
 def config(seed):
@@ -42,7 +40,7 @@ def one_seed(seed):
             return json.load(f)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    out = lm.pool_seed(config(seed), seed, MODELS)
+    out = lm.pool_seed(config(seed), seed, lm.MODEL_CACHE)  # delete a seed's JSON to re-run its rows only
     out["wall_seconds"] = time.perf_counter() - start
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)

@@ -10,6 +10,7 @@ The exposure goal is judged on canaries pooled over several seeds (realistic sce
 18 canaries of one seed scatter by ~0.34 bits, three times the goal's 10% window.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ from unlearn_fast.lm import metrics  # noqa: E402
 from unlearn_fast.lm.ascent import calibration_statistic  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# trained and retrained models of the pooled seeds (git-ignored), see trained_pair
+MODEL_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "lm_pooled")
 BLOCKSIZE = 4096  # int8 store: one float32 scale per 4096 values (3.996x vs fp32; 256 gives 3.94x)
 warnings.filterwarnings("ignore")
 
@@ -310,9 +313,12 @@ TIMING_RUNS = 3  # each pooled row is run this many times per seed; its median t
 
 def trained_pair(cfg, seed, train, forget, cache_dir=None):
     """(original model, its first-epoch embedding history, model retrained without `forget`, retraining seconds)
-    of one seed. With cache_dir, kept there (seed_N.pt + seed_N.history) and reused, so that the unlearning rows
+    of one seed. With cache_dir, kept there (seed_N_<config digest>.pt and .history) and reused, so that the unlearning rows
     can be re-run without training again (training dominates a seed's time)."""
-    path = os.path.join(cache_dir, f"seed_{seed}") if cache_dir else None
+    shape = {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_train", "n_heldout", "n_forget", "epochs",
+                                 "batch_size", "lr")}
+    digest = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"seed_{seed}_{digest}") if cache_dir else None  # another config: another file
     model = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=seed)
     retrained = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=seed)
     if path and os.path.exists(path + ".pt"):
@@ -382,7 +388,7 @@ def pooled_study(cfg, main, seeds):
                  "methods": [r for r in main["methods"] if r["label"] in
                              {x[0] for x in pooled_runs(None, None, main["fuzzy_request"])}]}]
     for seed in seeds:
-        per_seed.append(pool_seed(cfg, seed))
+        per_seed.append(pool_seed(cfg, seed, MODEL_CACHE))
     return pool(per_seed)
 
 
