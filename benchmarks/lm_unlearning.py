@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import unlearn_fast as uf  # noqa: E402
 from unlearn_fast.history import HistoryPolicy  # noqa: E402
-from unlearn_fast.lm import RECOMMENDED, FirstEpochHistory, FirstEpochRecorder, TextDataset, build_gpt2, make_corpus, train_lm  # noqa: E402
+from unlearn_fast.lm import (RECOMMENDED, FirstEpochHistory, FirstEpochRecorder, TextDataset, build_gpt2,  # noqa: E402
+                             make_corpus, train_lm)
 from unlearn_fast.lm import metrics  # noqa: E402
 from unlearn_fast.lm.ascent import calibration_statistic  # noqa: E402
 
@@ -313,8 +314,8 @@ TIMING_RUNS = 3  # each pooled row is run this many times per seed; its median t
 
 def trained_pair(cfg, seed, train, forget, cache_dir=None):
     """(original model, its first-epoch embedding history, model retrained without `forget`, retraining seconds)
-    of one seed. With cache_dir, kept there (seed_N_<config digest>.pt and .history) and reused, so that the unlearning rows
-    can be re-run without training again (training dominates a seed's time)."""
+    of one seed. With cache_dir, kept there (seed_N_<config digest>.pt and .history) and reused, so that the
+    unlearning rows can be re-run without training again (training dominates a seed's time)."""
     shape = {k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_train", "n_heldout", "n_forget", "epochs",
                                  "batch_size", "lr")}
     digest = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]

@@ -274,7 +274,7 @@ def _iterative(cal, direction_fn, max_steps):
     eta, status, shrinks, direction = None, "max_steps", 0, None
     # after a retain rejection steps no longer grow (a longer one would be rejected again), and the run stops once
     # the retain budget left is smaller than what the last step used (the next one would be rejected)
-    retain_bound = False
+    retain_limited = False
     if cal.reached(cal.forget):
         return "already_at_target"
     for step in range(max_steps):
@@ -295,7 +295,7 @@ def _iterative(cal, direction_fn, max_steps):
                 status = "retain_tolerance"
                 break
             eta /= 4
-            retain_bound = True
+            retain_limited = True
             continue
         if cal.overshot(forget):  # overshot: undo and take a shorter step
             cal.shift_(direction, -eta)
@@ -303,12 +303,13 @@ def _iterative(cal, direction_fn, max_steps):
             continue
         rise = gap - cal.gap(forget)
         growth = 2.0 if rise <= 0 else min(2.0, max(0.5, gap / rise))
-        eta *= min(growth, 1.0) if retain_bound else growth
-        used = cal.retain_rise_bound(retain) - cal.retain_rise_bound(cal.retain_samples)
+        eta *= min(growth, 1.0) if retain_limited else growth
+        bound = cal.retain_rise_bound(retain)
+        used = bound - cal.retain_rise_bound(cal.retain_samples)
         cal.accept(forget, retain)
         cal.trace.append((eta, float(forget.mean()), cal.retain))
         shrinks, direction = 0, None
-        if retain_bound and not cal.reached(forget) and cal.retain_rise_bound(retain) + used > cal.retain_limit:
+        if retain_limited and not cal.reached(forget) and bound + used > cal.retain_limit:
             status = "retain_tolerance"
             break
     else:
