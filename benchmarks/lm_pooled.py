@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -71,7 +72,7 @@ def plot(pooled, path):
     ax1.errorbar(rel * 100, y, xerr=[(rel - ci[:, 0]) * 100, (ci[:, 1] - rel) * 100], fmt="o", capsize=3)
     ax1.axvspan(-10, 10, color="tab:green", alpha=0.15, label="goal: within 10 %")
     ax1.set_xlabel("exposure vs retrained, % (95% bootstrap CI)")
-    ax1.set_yticks(y, [r["label"] for r in rows], fontsize=7)
+    ax1.set_yticks(y, [textwrap.fill(r["label"], 48) for r in rows], fontsize=7)
     ax1.legend(fontsize=7)
     gap = np.array([np.mean(r["mia_auc"]) - np.mean(r["mia_auc_retrain"]) for r in rows])
     se = np.array([np.std(np.subtract(r["mia_auc"], r["mia_auc_retrain"]), ddof=1) / np.sqrt(len(r["mia_auc"])) for r in rows])
