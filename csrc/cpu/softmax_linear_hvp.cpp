@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 
@@ -23,8 +24,10 @@ namespace {
 template <typename scalar_t>
 void softmax_jacobian_rows(scalar_t* logits, scalar_t* Z, int64_t n, int64_t c, int64_t k, double inv_n) {
   const int64_t m = c - 1;  // Z holds the shifted classes 0 .. c - 2; the last one's z is 0
-  // Reductions in double: c can be a vocabulary (tens of thousands) for language models.
+  // Reductions in double: c can be a vocabulary (tens of thousands) for language models. The per-element
+  // update runs in scalar_t with p pre-scaled by 1/n, so it vectorises (it was 10% of the op in double).
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> p_over_n(c);
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* p = logits + i * c;
       double row_max = -INFINITY;
@@ -36,14 +39,20 @@ void softmax_jacobian_rows(scalar_t* logits, scalar_t* Z, int64_t n, int64_t c, 
         total += e;
       }
       const double inv_total = 1.0 / total;
-      for (int64_t a = 0; a < c; ++a) p[a] = static_cast<scalar_t>(static_cast<double>(p[a]) * inv_total);
+      for (int64_t a = 0; a < c; ++a) {
+        const double probability = static_cast<double>(p[a]) * inv_total;
+        p[a] = static_cast<scalar_t>(probability);
+        p_over_n[a] = static_cast<scalar_t>(probability * inv_n);
+      }
+      const scalar_t* scaled = p_over_n.data();
       for (int64_t j = 0; j < k; ++j) {
         scalar_t* z = Z + (i * k + j) * m;
         double pz = 0.0;
+#pragma omp simd reduction(+ : pz)
         for (int64_t a = 0; a < m; ++a) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
-        for (int64_t a = 0; a < m; ++a) {
-          z[a] = static_cast<scalar_t>(static_cast<double>(p[a]) * (static_cast<double>(z[a]) - pz) * inv_n);
-        }
+        const scalar_t shift = static_cast<scalar_t>(pz);
+#pragma omp simd
+        for (int64_t a = 0; a < m; ++a) z[a] = scaled[a] * (z[a] - shift);
       }
     }
   });
