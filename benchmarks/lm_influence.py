@@ -20,7 +20,7 @@ import lm_pooled  # noqa: E402
 import lm_unlearning as lm  # noqa: E402
 
 import unlearn_fast as uf  # noqa: E402
-from unlearn_fast.lm import RECOMMENDED, TextDataset, build_gpt2, make_corpus, metrics, train_lm  # noqa: E402
+from unlearn_fast.lm import RECOMMENDED, TextDataset, make_corpus, metrics  # noqa: E402
 from unlearn_fast.lm.ascent import calibration_statistic  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -48,11 +48,8 @@ def main():
     _, _, forget, _ = lm.forget_split(corpus, cfg)
     retain = [i for i in range(len(train)) if i not in set(forget)]
     probe, curvature = train.subset(forget), train.subset(retain[:64])
-    print("training and retraining ...", flush=True)
-    model = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=args.seed)
-    train_lm(model, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], args.seed)
-    retrained = build_gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], seed=args.seed)
-    train_lm(retrained, train, cfg["epochs"], cfg["batch_size"], cfg["lr"], args.seed, exclude=forget)
+    # the pooled study's models of this seed (trained and cached once, see lm_unlearning.trained_pair)
+    model, _, retrained, _ = lm.trained_pair(cfg, args.seed, train, forget, lm.MODEL_CACHE)
     held = calibration_statistic(model, heldout, "min_k", 0.2)
     unlearned = uf.unlearn(model, None, forget, train, None, method="gradient_ascent", heldout=held, **RECOMMENDED).model
     out = {}
