@@ -95,9 +95,9 @@ def bench_mlp(device, repeats, k=32, batch=256):
         "loop of torch.autograd.functional.hvp": loop_functional_hvp,
         "loop of double-backward HVP": loop_double_backward,
         "plain vmap(jvp(grad))": plain_vmap,
-        "uf.hvp rev-rev": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="rev-rev"),
+        "uf.hvp rev-rev (default: 8 vectors per pass)": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="rev-rev"),
         "uf.hvp fwd-rev": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="fwd-rev"),
-        "uf.hvp rev-rev chunk_size=8": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="rev-rev", chunk_size=8),
+        "uf.hvp rev-rev chunk_size=None (all 32 in one pass)": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="rev-rev", chunk_size=None),
         "uf.hvp rev-rev data_chunk_size=64": lambda: uf.hvp(F.cross_entropy, model, V, (X, y), mode="rev-rev", data_chunk_size=64),
     }
     timings = race(cases, repeats, device)
@@ -120,6 +120,18 @@ def eager_composition(X, W, V):
     return torch.einsum("knc,nd->kcd", R, X) / X.shape[0]
 
 
+def eager_composition_onednn(X, W, V):
+    """The eager composition with its two large products through oneDNN, as csrc/cpu/gemm.h routes
+    the kernel's: how much of the kernel's lead over eager is the GEMM library's (CPU only)."""
+    linear = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # a b'
+    (n, d), (k, c, _) = X.shape, V.shape
+    P = torch.softmax(X @ W.T, dim=1).unsqueeze(1)
+    Z = linear(X, V.reshape(k * c, d)).view(n, k, c)
+    PZ = P * Z
+    R = PZ - P * PZ.sum(dim=-1, keepdim=True)
+    return linear(R.reshape(n, k * c).T, X.T).view(k, c, d) / n
+
+
 def bench_fused(device, repeats, n=4096, d=512, c=10, k=32):
     torch.manual_seed(0)
     X, W, V = torch.randn(n, d, device=device), torch.randn(c, d, device=device) / d**0.5, torch.randn(k, c, d, device=device)
@@ -133,13 +145,23 @@ def bench_fused(device, repeats, n=4096, d=512, c=10, k=32):
         return (X @ V.view(k * c, d).T).T @ X
 
     fast_backend = "cuda" if device == "cuda" else "cpp"
+    layer = torch.nn.Linear(d, c, bias=False).to(device)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    flat_V = V.reshape(k, c * d)
     cases = {
         "loop of torch.autograd.functional.hvp": loop_autograd,
         "eager closed-form composition": lambda: eager_composition(X, W, V),
         "the two full-width GEMMs alone (eager's floor, wrong result)": gemms_only,
         "reference backend (float64 math)": lambda: _with_backend("reference", X, W, V),
         f"{fast_backend} backend": lambda: _with_backend(fast_backend, X, W, V),
+        "uf.hvp on the nn.Linear (routed to the op)": lambda: uf.hvp(F.cross_entropy, layer, flat_V, (X, y)).view(k, c, d),
+        "uf.hvp on nn.Sequential(that layer) (generic torch.func path)":
+            lambda: uf.hvp(F.cross_entropy, torch.nn.Sequential(layer), flat_V, (X, y)).view(k, c, d),
     }
+    if device == "cpu":  # attribution: the GEMM library alone, and the kernel without it
+        cases["eager closed form, GEMMs through oneDNN"] = lambda: eager_composition_onednn(X, W, V)
+        cases["cpp backend, oneDNN off (GEMMs by at::mm)"] = lambda: _with_mkldnn_off("cpp", X, W, V)
     if device == "cuda":
         cases["triton backend"] = lambda: _with_backend("triton", X, W, V)
     times = race(cases, repeats, device)
@@ -150,7 +172,7 @@ def bench_fused(device, repeats, n=4096, d=512, c=10, k=32):
         rows.append({
             "case": name, "seconds": seconds, "min_seconds": min_seconds, "speedup_vs_loop": loop_s / seconds,
             "speedup_vs_eager": eager_s / seconds,
-            "max_rel_diff": None if "GEMMs" in name else rel_diff(result, loop_r),
+            "max_rel_diff": None if name.startswith("the two full-width GEMMs") else rel_diff(result, loop_r),
         })
     return {"setup": f"softmax_linear_hvp n = {n}, d = {d}, c = {c}, k = {k}, float32", "rows": rows}
 
@@ -158,6 +180,11 @@ def bench_fused(device, repeats, n=4096, d=512, c=10, k=32):
 def _with_backend(name, X, W, V):
     with use_backend(name):
         return ops.softmax_linear_hvp(X, W, V)
+
+
+def _with_mkldnn_off(name, X, W, V):
+    with torch.backends.mkldnn.flags(enabled=False):
+        return _with_backend(name, X, W, V)
 
 
 # ----------------------------------------------------------------------------- batched CG

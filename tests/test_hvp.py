@@ -58,6 +58,59 @@ def test_hvp_matches_dense_hessian(mode):
     assert_close(hvp(F.cross_entropy, model, V, batch, mode=mode), V @ H)
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records the V shape of every call of the fused op (unlearn_fast.hvp looks it up in ops at call time)."""
+    calls, op = [], ops.softmax_linear_hvp
+    monkeypatch.setattr(ops, "softmax_linear_hvp", lambda *a: calls.append(a[2].shape) or op(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode,kind", [("rev-rev", "hessian"), ("fwd-rev", "hessian"), ("rev-rev", "ggn")])
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, torch.nn.CrossEntropyLoss()])
+def test_hvp_of_linear_softmax_model_uses_fused_op(bias, mode, kind, loss_fn, fused_calls):
+    torch.manual_seed(5)
+    model = torch.nn.Linear(6, 4, bias=bias).to(F64)
+    batch = (torch.randn(23, 6, dtype=F64), torch.randint(0, 4, (23,)))
+    H = dense_hessian(model, F.cross_entropy, batch)
+    V = torch.randn(11, H.shape[0], dtype=F64)
+    assert_close(hvp(loss_fn, model, V, batch, mode=mode, kind=kind), V @ H)
+    assert fused_calls and all(shape[1:] == (4, 6 + bias) for shape in fused_calls)
+
+
+@pytest.mark.parametrize("case", ["soft targets", "ignore_index", "label smoothing", "frozen bias", "mlp"])
+def test_hvp_outside_the_fused_structure_goes_the_generic_way(case, fused_calls):
+    torch.manual_seed(6)
+    model = torch.nn.Linear(6, 4).to(F64)
+    X, y = torch.randn(23, 6, dtype=F64), torch.randint(0, 4, (23,))
+    loss_fn = F.cross_entropy
+    if case == "soft targets":
+        y = torch.softmax(torch.randn(23, 4, dtype=F64), dim=1) * 0.7  # rows sum to 0.7: H scales by 0.7
+    elif case == "ignore_index":
+        y[:5] = -100
+    elif case == "label smoothing":
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    elif case == "frozen bias":
+        model.bias.requires_grad_(False)
+    else:
+        model = torch.nn.Sequential(model)
+    if case == "frozen bias":  # the trainable parameters are the weight alone
+        bias = model.bias.detach()
+        H = torch.autograd.functional.hessian(lambda w: F.cross_entropy(X @ w.view(4, 6).T + bias, y), model.weight.detach().reshape(-1))
+    else:
+        H = dense_hessian(model, loss_fn, (X, y))
+    V = torch.randn(3, H.shape[0], dtype=F64)
+    assert_close(hvp(loss_fn, model, V, (X, y)), V @ H)
+    assert fused_calls == []
+
+
+def test_hvp_of_linear_softmax_model_rejects_out_of_range_labels():
+    model = torch.nn.Linear(3, 2).to(F64)
+    with pytest.raises((IndexError, RuntimeError), match="[Tt]arget"):
+        hvp(F.cross_entropy, model, torch.randn(2, 8, dtype=F64), (torch.randn(5, 3, dtype=F64), torch.tensor([0, 1, 2, 0, 1])))
+
+
 @pytest.mark.parametrize("mode", ["rev-rev", "fwd-rev"])
 def test_hvp_dict_form_and_single_vector(mode):
     model, batch = small_mlp(), small_batch()
@@ -261,7 +314,7 @@ def test_softmax_linear_hvp_matches_module_hvp():
     assert_close(ops.softmax_linear_hvp(X, W, V).reshape(3, -1), hvp(F.cross_entropy, model, V.reshape(3, -1), (X, y)))
 
 
-SIZES = [(1, 1, 1, 1), (255, 7, 3, 2), (257, 33, 10, 5), (4097, 5, 2, 3), (1_000_003, 2, 2, 1)]
+SIZES = [(1, 1, 1, 1), (255, 7, 3, 2), (257, 33, 10, 5), (130, 20, 301, 2), (4097, 5, 2, 3), (1_000_003, 2, 2, 1)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
@@ -276,6 +329,28 @@ def test_softmax_linear_hvp_backends(backend, dtype, size):
     # Each output is a sum of n terms that cancel: rounding error grows like sqrt(n) times the
     # magnitude sum_i |r_ia| |x_id| / n, so atol is scaled by that (not by the cancelled result).
     assert_close(out, expected, dtype, scale=sum_magnitude(X, W, V) * X.shape[0] ** 0.5 + 1.0)
+
+
+@pytest.mark.parametrize("size", [(255, 7, 3, 2), (1100, 33, 10, 5)])
+def test_softmax_linear_hvp_cpp_without_onednn(size):
+    """float32 GEMMs go to oneDNN when torch has it (csrc/cpu/gemm.h); with torch's oneDNN switch off
+    they go to at::mm. Both must give the reference's numbers."""
+    X, W, V = random_slh(*size, torch.float32, seed=3)
+    expected = reference.softmax_linear_hvp(X.double(), W.double(), V.double())
+    scale = sum_magnitude(X, W, V) * X.shape[0] ** 0.5 + 1.0
+    with use_backend("cpp"):
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert_close(ops.softmax_linear_hvp(X, W, V), expected, torch.float32, scale=scale)
+        assert_close(ops.softmax_linear_hvp(X, W, V), expected, torch.float32, scale=scale)
+
+
+def test_softmax_linear_hvp_cpp_repeated_calls_same_shapes():
+    """New values in tensors of the same shapes (the GEMM library may cache per shape) give new results."""
+    with use_backend("cpp"):
+        for seed in range(3):
+            X, W, V = random_slh(300, 16, 5, 4, torch.float32, seed=seed)
+            expected = reference.softmax_linear_hvp(X.double(), W.double(), V.double())
+            assert_close(ops.softmax_linear_hvp(X, W, V), expected, torch.float32, scale=sum_magnitude(X, W, V) * 300**0.5 + 1.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

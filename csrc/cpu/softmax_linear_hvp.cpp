@@ -1,10 +1,11 @@
-// softmax_linear_hvp on the CPU: H V_j = X' R_j / n for the Hessian of mean softmax cross-entropy
+// softmax_linear_hvp on the CPU: H V_j = R_j' X / n for the Hessian of mean softmax cross-entropy
 // of logits X W' with respect to W, with R_j = P * Z_j - P (P * Z_j) 1 1' and Z_j = X V_j'.
 //
-// The two large products (Z = X [V_1; ...; V_k]' and X' R) go to BLAS; between them one fused pass
-// per row turns the logits into softmax probabilities and Z into R in place, already scaled by 1/n.
-// Z is laid out (rows, k m) so both products are plain GEMMs with no transposed copy, and the rows
-// are taken in blocks so each block's Z is still in cache when the second product reads it.
+// Samples are taken in blocks of kSampleBlock. Per block, one GEMM gives the logits and every Z_j
+// together, transposed ([W; V_1; ...; V_k] X_b', classes x samples, so a class's values over the
+// block's samples are contiguous); one fused pass over the samples, vectorised across them, forms the
+// softmax and turns Z' into R' / n in place; a second GEMM adds R' X_b. Blocking bounds the
+// workspace at kSampleBlock (c + k (c - 1)) values; the GEMMs go through matmul_nt (gemm.h).
 //
 // Both GEMMs run on m = c - 1 classes, not c: diag(p) - p p' annihilates the all-ones vector, so
 // shifting every class row of V_j by the last one changes nothing (that class's z becomes 0), and
@@ -16,67 +17,85 @@
 #include <cmath>
 #include <vector>
 
+#include "gemm.h"
 #include "kernels.h"
 
 namespace unlearn_fast::cpu {
 namespace {
 
+constexpr int64_t kSampleBlock = 1024;
+constexpr int64_t kLanes = 64;  // samples per task of the fused pass; its double accumulators stay in L1
+
+// G: (c + k m, b), one sample block: the c logits rows, then Z_j' for j = 0 .. k - 1 (m rows each).
+// For the w <= kLanes samples from `begin`: logits become probabilities and each Z_j' becomes R_j' / n.
+// Sums in double: c can be a vocabulary (tens of thousands) for language models. The per-element
+// update runs in scalar_t with p pre-scaled by 1/n, so it vectorises.
 template <typename scalar_t>
-void softmax_jacobian_rows(scalar_t* logits, scalar_t* Z, int64_t n, int64_t c, int64_t k, double inv_n) {
-  const int64_t m = c - 1;  // Z holds the shifted classes 0 .. c - 2; the last one's z is 0
-  // Reductions in double: c can be a vocabulary (tens of thousands) for language models. The per-element
-  // update runs in scalar_t with p pre-scaled by 1/n, so it vectorises (it was 10% of the op in double).
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p_over_n(c);
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* p = logits + i * c;
-      double row_max = -INFINITY;
-      for (int64_t a = 0; a < c; ++a) row_max = std::max(row_max, static_cast<double>(p[a]));
-      double total = 0.0;
-      for (int64_t a = 0; a < c; ++a) {
-        double e = std::exp(static_cast<double>(p[a]) - row_max);
-        p[a] = static_cast<scalar_t>(e);
-        total += e;
-      }
-      const double inv_total = 1.0 / total;
-      for (int64_t a = 0; a < c; ++a) {
-        const double probability = static_cast<double>(p[a]) * inv_total;
-        p[a] = static_cast<scalar_t>(probability);
-        p_over_n[a] = static_cast<scalar_t>(probability * inv_n);
-      }
-      const scalar_t* scaled = p_over_n.data();
-      for (int64_t j = 0; j < k; ++j) {
-        scalar_t* z = Z + (i * k + j) * m;
-        double pz = 0.0;
-#pragma omp simd reduction(+ : pz)
-        for (int64_t a = 0; a < m; ++a) pz += static_cast<double>(p[a]) * static_cast<double>(z[a]);
-        const scalar_t shift = static_cast<scalar_t>(pz);
+void softmax_jacobian_lanes(scalar_t* G, int64_t b, int64_t c, int64_t k, double inv_n, int64_t begin, int64_t w) {
+  const int64_t m = c - 1;
+  scalar_t* P = G + begin;          // P[a * b + i]: class a, sample begin + i
+  scalar_t* Z = G + c * b + begin;  // Z[(j m + a) * b + i]
+  double row_max[kLanes], inv_total[kLanes], pz[kLanes];
+  scalar_t p_over_n[kLanes];
+  std::fill(row_max, row_max + w, -INFINITY);
+  std::fill(inv_total, inv_total + w, 0.0);
+  for (int64_t a = 0; a < c; ++a) {
+    for (int64_t i = 0; i < w; ++i) row_max[i] = std::max(row_max[i], static_cast<double>(P[a * b + i]));
+  }
+  for (int64_t a = 0; a < c; ++a) {
+    for (int64_t i = 0; i < w; ++i) {
+      const double e = std::exp(static_cast<double>(P[a * b + i]) - row_max[i]);
+      P[a * b + i] = static_cast<scalar_t>(e);
+      inv_total[i] += e;
+    }
+  }
+  for (int64_t i = 0; i < w; ++i) inv_total[i] = 1.0 / inv_total[i];
+  for (int64_t a = 0; a < c; ++a) {
+    for (int64_t i = 0; i < w; ++i) P[a * b + i] = static_cast<scalar_t>(static_cast<double>(P[a * b + i]) * inv_total[i]);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    scalar_t* Zj = Z + j * m * b;
+    std::fill(pz, pz + w, 0.0);
+    for (int64_t a = 0; a < m; ++a) {
 #pragma omp simd
-        for (int64_t a = 0; a < m; ++a) z[a] = scaled[a] * (z[a] - shift);
-      }
+      for (int64_t i = 0; i < w; ++i) pz[i] += static_cast<double>(P[a * b + i]) * static_cast<double>(Zj[a * b + i]);
+    }
+    for (int64_t a = 0; a < m; ++a) {
+      for (int64_t i = 0; i < w; ++i) p_over_n[i] = static_cast<scalar_t>(static_cast<double>(P[a * b + i]) * inv_n);
+      scalar_t* z = Zj + a * b;
+#pragma omp simd
+      for (int64_t i = 0; i < w; ++i) z[i] = p_over_n[i] * (z[i] - static_cast<scalar_t>(pz[i]));
+    }
+  }
+}
+
+template <typename scalar_t>
+void softmax_jacobian_columns(scalar_t* G, int64_t b, int64_t c, int64_t k, double inv_n) {
+  // parallel_for's grain is a minimum task size, not a maximum: each task walks its range kLanes at a time.
+  at::parallel_for(0, b, kLanes, [&](int64_t first, int64_t last) {
+    for (int64_t begin = first; begin < last; begin += kLanes) {
+      softmax_jacobian_lanes(G, b, c, k, inv_n, begin, std::min(kLanes, last - begin));
     }
   });
 }
-
-// Rows per block: the block's Z (rows x k c) stays in cache between the two products.
-constexpr int64_t kRowBlock = 512;
 
 // Arguments arrive validated and contiguous from unlearn_fast/ops.py.
 torch::Tensor softmax_linear_hvp_cpu(const torch::Tensor& X, const torch::Tensor& W, const torch::Tensor& V) {
   const int64_t n = X.size(0), d = X.size(1), c = W.size(0), k = V.size(0), m = c - 1;
   torch::Tensor out = at::empty({k, c, d}, X.options());
   if (m == 0) return out.zero_();  // one class: the softmax is constant, so is the loss
+  // Row j m + a of V_rows is V_j's class a minus its last class; stacked under W for one GEMM per block.
   const torch::Tensor V_rows = (V.narrow(1, 0, m) - V.narrow(1, m, 1)).reshape({k * m, d});
-  torch::Tensor out_rows = at::zeros({k * m, d}, X.options());  // row j m + a is (H V_j)[a, :]
-  for (int64_t start = 0; start < n; start += kRowBlock) {
-    const torch::Tensor Xb = X.narrow(0, start, std::min(kRowBlock, n - start));
-    torch::Tensor logits = at::mm(Xb, W.t()).contiguous();  // (rows, c)
-    torch::Tensor Z = at::mm(Xb, V_rows.t()).contiguous();  // (rows, k m)
+  const torch::Tensor WV = at::cat({W, V_rows});
+  torch::Tensor out_rows;  // row j m + a is (H V_j)[a, :]
+  for (int64_t start = 0; start < n; start += kSampleBlock) {
+    const torch::Tensor Xb = X.narrow(0, start, std::min(kSampleBlock, n - start));
+    torch::Tensor G = matmul_nt(WV, Xb).contiguous();  // (c + k m, rows)
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "softmax_linear_hvp_cpu", [&] {
-      softmax_jacobian_rows<scalar_t>(logits.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), Xb.size(0), c, k,
-                                      1.0 / static_cast<double>(n));
+      softmax_jacobian_columns<scalar_t>(G.data_ptr<scalar_t>(), Xb.size(0), c, k, 1.0 / static_cast<double>(n));
     });
-    out_rows.addmm_(Z.t(), Xb);
+    torch::Tensor block = matmul_nt(G.narrow(0, c, k * m), Xb.t());
+    out_rows = out_rows.defined() ? out_rows.add_(block) : block;
   }
   const torch::Tensor shifted = out_rows.view({k, m, d});
   out.narrow(1, 0, m).copy_(shifted);
