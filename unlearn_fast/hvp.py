@@ -223,6 +223,7 @@ def _softmax_linear_map(problem, batch):
         HV = ops.softmax_linear_hvp(X, W, V)
         return (HV[..., :-1], HV[..., -1]) if has_bias else (HV,)
 
+    products.fused = True
     return products
 
 
@@ -266,7 +267,6 @@ def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=
         raise ValueError(f"{op}: chunk_size must be >= 1 or None, got {chunk_size}")
     build = _hessian_map if kind == "hessian" else _ggn_map
     k = V.shape[0]
-    step = chunk_size or k
     out = torch.zeros_like(V)
     for index, (weight, sub) in enumerate(_data_chunks(batch, data_chunk_size, op)):
         linear_map = cache.get(index) if cache is not None else None
@@ -274,6 +274,8 @@ def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=
             linear_map = (problem.linear is not None and _softmax_linear_map(problem, sub)) or build(problem, sub, mode)
             if cache is not None:
                 cache[index] = linear_map
+        # The fused op blocks its own workspace, and one call shares its logits among all k vectors.
+        step = k if getattr(linear_map, "fused", False) else chunk_size or k
         for s in range(0, k, step):
             hv = linear_map(*_split(problem, V[s : s + step]))
             out[s : s + step].add_(_cat(hv, hv[0].shape[0]), alpha=weight)

@@ -1,11 +1,10 @@
 // softmax_linear_hvp on the CPU: H V_j = R_j' X / n for the Hessian of mean softmax cross-entropy
 // of logits X W' with respect to W, with R_j = P * Z_j - P (P * Z_j) 1 1' and Z_j = X V_j'.
 //
-// Samples are taken in blocks of kSampleBlock. Per block, one GEMM gives the logits and every Z_j
-// together, transposed ([W; V_1; ...; V_k] X_b', classes x samples, so a class's values over the
-// block's samples are contiguous); one fused pass over the samples, vectorised across them, forms the
-// softmax and turns Z' into R' / n in place; a second GEMM adds R' X_b. Blocking bounds the
-// workspace at kSampleBlock (c + k (c - 1)) values; the GEMMs go through matmul_nt (gemm.h).
+// Samples are taken in blocks. Per block, one GEMM gives the logits and every Z_j together,
+// transposed ([W; V_1; ...; V_k] X_b', classes x samples, so a class's values over the block's samples
+// are contiguous); one fused pass over the samples, vectorised across them, forms the softmax and turns
+// Z' into R' / n in place; a second GEMM adds R' X_b. The GEMMs go through matmul_nt (gemm.h).
 //
 // Both GEMMs run on m = c - 1 classes, not c: diag(p) - p p' annihilates the all-ones vector, so
 // shifting every class row of V_j by the last one changes nothing (that class's z becomes 0), and
@@ -23,7 +22,13 @@
 namespace unlearn_fast::cpu {
 namespace {
 
-constexpr int64_t kSampleBlock = 1024;
+// Samples per block: up to 1024 (larger blocks gained nothing at n = 4096, d = 512, c = 10, k = 32), fewer
+// when c + k (c - 1) is large (a vocabulary-sized c) so the block's workspace stays near 16 MB of floats,
+// but never under 64.
+int64_t sample_block(int64_t c, int64_t k) {
+  constexpr int64_t kWorkspaceValues = int64_t{1} << 22;
+  return std::clamp<int64_t>(kWorkspaceValues / (c + k * (c - 1)), 64, 1024);
+}
 constexpr int64_t kLanes = 64;  // samples per task of the fused pass; its double accumulators stay in L1
 
 // G: (c + k m, b), one sample block: the c logits rows, then Z_j' for j = 0 .. k - 1 (m rows each).
@@ -88,8 +93,9 @@ torch::Tensor softmax_linear_hvp_cpu(const torch::Tensor& X, const torch::Tensor
   const torch::Tensor V_rows = (V.narrow(1, 0, m) - V.narrow(1, m, 1)).reshape({k * m, d});
   const torch::Tensor WV = at::cat({W, V_rows});
   torch::Tensor out_rows;  // row j m + a is (H V_j)[a, :]
-  for (int64_t start = 0; start < n; start += kSampleBlock) {
-    const torch::Tensor Xb = X.narrow(0, start, std::min(kSampleBlock, n - start));
+  const int64_t block = sample_block(c, k);
+  for (int64_t start = 0; start < n; start += block) {
+    const torch::Tensor Xb = X.narrow(0, start, std::min(block, n - start));
     torch::Tensor G = matmul_nt(WV, Xb).contiguous();  // (c + k m, rows)
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "softmax_linear_hvp_cpu", [&] {
       softmax_jacobian_columns<scalar_t>(G.data_ptr<scalar_t>(), Xb.size(0), c, k, 1.0 / static_cast<double>(n));
