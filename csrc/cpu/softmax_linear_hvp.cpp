@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "gemm.h"
 #include "kernels.h"
@@ -93,15 +92,15 @@ torch::Tensor softmax_linear_hvp_cpu(const torch::Tensor& X, const torch::Tensor
   const torch::Tensor V_rows = (V.narrow(1, 0, m) - V.narrow(1, m, 1)).reshape({k * m, d});
   const torch::Tensor WV = at::cat({W, V_rows});
   torch::Tensor out_rows;  // row j m + a is (H V_j)[a, :]
-  const int64_t block = sample_block(c, k);
-  for (int64_t start = 0; start < n; start += block) {
-    const torch::Tensor Xb = X.narrow(0, start, std::min(block, n - start));
+  const int64_t rows_per_block = sample_block(c, k);
+  for (int64_t start = 0; start < n; start += rows_per_block) {
+    const torch::Tensor Xb = X.narrow(0, start, std::min(rows_per_block, n - start));
     torch::Tensor G = matmul_nt(WV, Xb).contiguous();  // (c + k m, rows)
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "softmax_linear_hvp_cpu", [&] {
       softmax_jacobian_columns<scalar_t>(G.data_ptr<scalar_t>(), Xb.size(0), c, k, 1.0 / static_cast<double>(n));
     });
-    torch::Tensor block = matmul_nt(G.narrow(0, c, k * m), Xb.t());
-    out_rows = out_rows.defined() ? out_rows.add_(block) : block;
+    torch::Tensor partial = matmul_nt(G.narrow(0, c, k * m), Xb.t());
+    out_rows = out_rows.defined() ? out_rows.add_(partial) : partial;
   }
   const torch::Tensor shifted = out_rows.view({k, m, d});
   out.narrow(1, 0, m).copy_(shifted);
