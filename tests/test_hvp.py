@@ -376,6 +376,18 @@ def test_softmax_linear_hvp_bad_inputs():
         ops.softmax_linear_hvp(X.half(), W.half(), V.half())
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("culprit,value", [("X", float("nan")), ("W", float("inf")), ("V", float("nan"))])
+def test_softmax_linear_hvp_non_finite_inputs_are_named(backend, culprit, value):
+    tensors = dict(zip("XWV", random_slh(40, 4, 3, 2, torch.float32)))
+    tensors[culprit].view(-1)[5] = value
+    with use_backend(backend), pytest.raises(ValueError, match=f"{culprit} contains NaN or Inf"):
+        ops.softmax_linear_hvp(*tensors.values())
+    X, W, V = random_slh(40, 4, 3, 2, torch.float32)
+    with use_backend(backend), pytest.raises(RuntimeError, match="overflowed"):
+        ops.softmax_linear_hvp(X * 1e20, W / 1e20, V * 1e20)  # same logits, products past float32
+
+
 # ----------------------------------------------------------------------------- influence
 def test_influence_matches_dense_formula():
     from unlearn_fast.influence import influence, per_sample_gradients, self_influence

@@ -352,7 +352,14 @@ def _(X, W, V):
 def _softmax_linear_hvp(X, W, V):
     check_softmax_linear_hvp(X, W, V)
     fn = backends.kernel("softmax_linear_hvp", X.device.type)
-    return fn(X.contiguous(), W.contiguous(), V.contiguous())
+    out = fn(X.contiguous(), W.contiguous(), V.contiguous())
+    # A NaN or Inf anywhere in X, W or V reaches the (small) output, so checking it is the cheap test;
+    # the inputs are only scanned, to name the culprit, once it fails.
+    if not bool(torch.isfinite(out).all()):
+        for name, t in (("X", X), ("W", W), ("V", V)):
+            _require(bool(torch.isfinite(t).all()), f"softmax_linear_hvp: {name} contains NaN or Inf")
+        raise RuntimeError("softmax_linear_hvp: the product overflowed float range although X, W and V are finite; scale X or V down")
+    return out
 
 
 LIB.impl("softmax_linear_hvp", _softmax_linear_hvp, "CompositeExplicitAutograd")
