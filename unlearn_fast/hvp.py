@@ -39,7 +39,7 @@ class Problem:
     loss_of: object  # (primals, batch) -> scalar loss
     output_of: object = None  # (primals, inputs) -> model outputs; Modules only (for kind="ggn")
     loss_of_output: object = None  # (outputs, targets) -> scalar loss
-    linear: object = None  # the nn.Linear when the loss is its softmax cross-entropy (fused op; see _softmax_linear_map)
+    softmax_linear: bool = False  # an nn.Linear under plain cross-entropy: products can use the fused op
 
     @property
     def numel(self):
@@ -77,8 +77,7 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
             return loss_of_output(output_of(primals, inputs), targets)
 
         primals = tuple(trainable[name].detach() for name in names)
-        linear = model if _is_softmax_linear(model, loss_fn, names) else None
-        return Problem(names, primals, loss_of, output_of, loss_of_output, linear)
+        return Problem(names, primals, loss_of, output_of, loss_of_output, _is_softmax_linear(model, loss_fn, names))
     if isinstance(model_or_params, dict):
         if not model_or_params:
             raise ValueError(f"{op}: model_or_params is an empty dict; there are no parameters to differentiate")
@@ -271,7 +270,7 @@ def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=
     for index, (weight, sub) in enumerate(_data_chunks(batch, data_chunk_size, op)):
         linear_map = cache.get(index) if cache is not None else None
         if linear_map is None:
-            linear_map = (problem.linear is not None and _softmax_linear_map(problem, sub)) or build(problem, sub, mode)
+            linear_map = (problem.softmax_linear and _softmax_linear_map(problem, sub)) or build(problem, sub, mode)
             if cache is not None:
                 cache[index] = linear_map
         # The fused op blocks its own workspace, and one call shares its logits among all k vectors.
