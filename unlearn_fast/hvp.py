@@ -247,7 +247,7 @@ def _ggn_map(problem, batch, mode):
 
 
 # Vectors per vmapped pass by default. The batched second pass holds chunk x activations; on the
-# 793k-parameter MLP of benchmarks/bench_hvp.py, 8 at a time ran 1.2-1.4x faster than all 32 at once
+# 793k-parameter MLP of benchmarks/bench_hvp.py, 8 at a time ran 1.17-1.41x faster than all 32 at once
 # (cache), and on a 20-10 toy it cost 0.5 ms. None pushes all k vectors in one pass.
 DEFAULT_CHUNK_SIZE = 8
 
