@@ -178,10 +178,13 @@ def write_outputs(rows, overhead, args, elapsed, stem):
         ],
         "",
         "## All rows",
+        f"'poison rec.' is undef. where retraining changes test accuracy by fewer than {uf.metrics.POISON_MIN_SAMPLES} samples (see the goal checks).",
+        "",
         "| data | model | forget | ratio | method | seconds | speed-up | test acc | MIA AUC | MIA AUC (LR) | rel. dist | reshuffled | poison rec. | history bytes | grad evals |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    # poison recovery: "-" where there is no poison, "undef." where retraining's gain is too small to divide by
+    fmt = lambda v, f: "-" if v is None else "undef." if math.isnan(v) else format(v, f)  # noqa: E731
     for r in rows:
         header.append(
             f"| {r['data']} | {r['model']} | {r['forget_kind']} | {r['ratio']:.0%} | {r['method']}{' (unconverged)' if r.get('converged') is False else ''} | {r['seconds']:.3f} | {r['speedup']:.1f}x | "
