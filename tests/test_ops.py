@@ -414,6 +414,37 @@ def test_opcheck(backend, index):
     torch.library.opcheck(getattr(torch.ops.unlearn_fast, name).default, args)
 
 
+def _requiring_grad(args):
+    return tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
+                 for a in args)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_ops_refuse_to_differentiate(backend, index):
+    """No op has a derivative: backward through a functional op raises, and the in-place ops refuse
+    tensors that require grad, rather than leaving gradients silently wrong."""
+    name, args = op_samples()[index]
+    op = getattr(torch.ops.unlearn_fast, name)
+    if name.endswith("_"):
+        with pytest.raises(ValueError, match="requires grad, and this in-place op has no derivative"):
+            op(*_requiring_grad(args))
+        with torch.no_grad():
+            op(*_requiring_grad(args))  # without grad mode they are plain tensors
+        return
+    out = op(*_requiring_grad(args))
+    floats = [t for t in (out if isinstance(out, tuple) else (out,)) if t.dtype.is_floating_point]
+    with pytest.raises(RuntimeError, match=f"unlearn_fast::{name} has no derivative"):
+        sum(t.sum() for t in floats).backward()
+
+
+def test_softmax_linear_hvp_refuses_to_differentiate(backend):
+    g = torch.Generator().manual_seed(0)
+    X, W, V = torch.randn(50, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    out = torch.ops.unlearn_fast.softmax_linear_hvp(*_requiring_grad((X, W, V)))
+    with pytest.raises(RuntimeError, match="softmax_linear_hvp has no derivative"):
+        out.sum().backward()
+
+
 def test_ops_under_torch_compile_fullgraph(backend):
     def replay(x, y, S, Y, V, w, w_ref, g_ref, g_extra):
         codes, scales = torch.ops.unlearn_fast.quantize_blockwise(x * 2.0, 128, 8, True, 1)

@@ -223,8 +223,17 @@ def _dequantize(codes, scales, blocksize, bits, numel, dtype):
     return fn(codes.contiguous(), scales.contiguous(), blocksize, bits, numel, dtype)
 
 
+def _require_no_grad(op, **tensors):
+    """The in-place ops write through raw pointers, which autograd cannot see."""
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            _require(t is None or not t.requires_grad,
+                     f"{op}: {name} requires grad, and this in-place op has no derivative; detach it or call under torch.no_grad()")
+
+
 def _axpy(y, codes, scales, alpha, blocksize, bits):
     check_axpy(y, codes, scales, blocksize, bits)
+    _require_no_grad("dequantize_axpy_", y=y, scales=scales)
     backends.kernel("dequantize_axpy_", y.device.type)(y, codes.contiguous(), scales.contiguous(), alpha, blocksize, bits)
 
 
@@ -242,6 +251,8 @@ def _matvec(S, Y, sigma, Minv, V):
 
 def _qn_step(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam, S_scales=None, Y_scales=None, blocksize=256, bits=8):
     check_qn_step(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, S_scales, Y_scales, blocksize, bits)
+    _require_no_grad("qn_step_", w=w, w_ref=w_ref, g_ref=g_ref, g_extra=g_extra, S=S, Y=Y, sigma=sigma, Minv=Minv,
+                     S_scales=S_scales, Y_scales=Y_scales)
     fn = backends.kernel("qn_step_", w.device.type)
     args = [_contig(t) for t in (w_ref, g_ref, g_extra, S, Y)]
     return fn(w, *args, sigma, Minv.contiguous(), eta, alpha, beta, lam, _contig(S_scales), _contig(Y_scales), blocksize, bits)
@@ -258,6 +269,26 @@ IMPLS = {
 for _name, _impl in IMPLS.items():
     # CompositeExplicitAutograd covers CPU, CUDA and every other device; backends.kernel picks per device.
     LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+
+
+def _declare_no_derivative(name):
+    """The ops have no derivatives. Without an autograd registration, a call on tensors that require grad
+    ran the kernel under autograd: the ATen calls inside a C++ kernel were recorded, its raw-pointer writes
+    were not, and backward gave silently wrong gradients. Now the forward runs below autograd and backward
+    raises. (The in-place ops refuse such tensors instead, _require_no_grad: register_autograd takes no
+    mutable op.)"""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"unlearn_fast::{name} has no derivative; differentiate its pure-torch reference "
+            f"(unlearn_fast.reference.{name}) instead, or detach the inputs"
+        )
+
+    torch.library.register_autograd(f"unlearn_fast::{name}", backward)
+
+
+for _name in ("quantize_blockwise", "dequantize_blockwise", "lbfgs_compact", "lbfgs_matvec"):
+    _declare_no_derivative(_name)
 
 
 # ----------------------------------------------------------------------------- public wrappers
@@ -363,6 +394,7 @@ def _softmax_linear_hvp(X, W, V):
 
 
 LIB.impl("softmax_linear_hvp", _softmax_linear_hvp, "CompositeExplicitAutograd")
+_declare_no_derivative("softmax_linear_hvp")
 
 
 def softmax_linear_hvp(X, W, V):
