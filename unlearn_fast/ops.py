@@ -272,11 +272,10 @@ for _name, _impl in IMPLS.items():
 
 
 def _declare_no_derivative(name):
-    """The ops have no derivatives. Without an autograd registration, a call on tensors that require grad
-    ran the kernel under autograd: the ATen calls inside a C++ kernel were recorded, its raw-pointer writes
-    were not, and backward gave silently wrong gradients. Now the forward runs below autograd and backward
-    raises. (The in-place ops refuse such tensors instead, _require_no_grad: register_autograd takes no
-    mutable op.)"""
+    """No op is differentiable: the forward runs below autograd and backward raises. Left to autograd, a
+    C++ kernel's inner ATen calls would be recorded and its raw-pointer writes not: wrong gradients,
+    silently. (The in-place ops refuse such tensors instead, _require_no_grad: register_autograd takes
+    no mutable op.)"""
 
     def backward(ctx, *grads):
         raise RuntimeError(
