@@ -16,7 +16,7 @@ from ..hvp import ihvp, make_problem, mean_gradient
 
 
 def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.0, steps=1, noise=0.0, seed=0,
-        tol=1e-8, max_iter=200, solver="cg", data_chunk_size=None, mode="rev-rev"):
+        tol=None, max_iter=200, solver="cg", data_chunk_size=None, mode="rev-rev"):
     """Newton / influence removal of `forget` from `model` (modified in place and returned) -> (model, stats).
 
     history is not used. weight_decay is the L2 coefficient of the training objective (lambda/2 |w|^2).
@@ -36,6 +36,8 @@ def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.
 
     problem = make_problem(loss_fn, model, "newton")
     w = torch.cat([p.reshape(-1) for p in problem.primals])
+    if tol is None:  # CG's relative residual: float32 products stall near 1e-7, so 1e-8 is for float64 only
+        tol = 1e-8 if w.dtype == torch.float64 else 1e-6
     stats = {"steps": steps, "cg_iterations": [], "residuals": [], "step_norms": []}
     for step in range(steps):
         if step == 0:
