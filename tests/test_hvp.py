@@ -107,6 +107,18 @@ def test_hvp_outside_the_fused_structure_goes_the_generic_way(case, fused_calls)
     assert fused_calls == []
 
 
+def test_hvp_refuses_batchnorm_in_training_mode_and_leaves_its_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).to(F64)
+    batch = (torch.randn(32, 5, dtype=F64), torch.randint(0, 3, (32,)))
+    V = torch.randn(2, sum(t.numel() for t in model.parameters()), dtype=F64)
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BatchNorm1d '1' in training mode"):
+        hvp(F.cross_entropy, model, V, batch)
+    assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+    model.eval()  # running statistics: a plain function of the parameters
+    assert_close(hvp(F.cross_entropy, model, V, batch), V @ dense_hessian(model, F.cross_entropy, batch))
+
+
 def test_hvp_of_linear_softmax_model_rejects_out_of_range_labels():
     model = torch.nn.Linear(3, 2).to(F64)
     with pytest.raises((IndexError, RuntimeError), match="[Tt]arget"):

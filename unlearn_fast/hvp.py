@@ -59,6 +59,15 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
     """Module: loss_fn(model(inputs), targets). Dict of tensors: loss_fn(params_dict, batch)."""
     if isinstance(model_or_params, torch.nn.Module):
         model = model_or_params
+        for name, module in model.named_modules():
+            # Their forward would update running statistics in place: torch.func refuses (and the model's stored
+            # statistics must not change).
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+                raise ValueError(
+                    f"{op}: model_or_params has {type(module).__name__} {name!r} in training mode, which updates its running "
+                    "statistics in every forward pass; call model.eval() (running statistics) or build it with "
+                    "track_running_stats=False (batch statistics)"
+                )
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(f"{op}: model_or_params has no trainable parameters (none with requires_grad=True)")
