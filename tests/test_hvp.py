@@ -107,6 +107,16 @@ def test_hvp_outside_the_fused_structure_goes_the_generic_way(case, fused_calls)
     assert fused_calls == []
 
 
+@pytest.mark.parametrize("mode", ["rev-rev", "fwd-rev"])
+def test_hvp_refuses_dropout_in_training_mode(mode):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Dropout(0.3), torch.nn.Linear(5, 3)).to(F64)
+    batch, V = small_batch(), torch.randn(2, 43, dtype=F64)
+    with pytest.raises(ValueError, match="Dropout '1' .* in training mode"):
+        hvp(F.cross_entropy, model, V, batch, mode=mode)
+    model.eval()
+    assert_close(hvp(F.cross_entropy, model, V, batch, mode=mode), V @ dense_hessian(model, F.cross_entropy, batch))
+
+
 def test_hvp_refuses_batchnorm_in_training_mode_and_leaves_its_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).to(F64)
     batch = (torch.randn(32, 5, dtype=F64), torch.randint(0, 3, (32,)))

@@ -59,15 +59,7 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
     """Module: loss_fn(model(inputs), targets). Dict of tensors: loss_fn(params_dict, batch)."""
     if isinstance(model_or_params, torch.nn.Module):
         model = model_or_params
-        for name, module in model.named_modules():
-            # Their forward would update running statistics in place: torch.func refuses (and the model's stored
-            # statistics must not change).
-            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
-                raise ValueError(
-                    f"{op}: model_or_params has {type(module).__name__} {name!r} in training mode, which updates its running "
-                    "statistics in every forward pass; call model.eval() (running statistics) or build it with "
-                    "track_running_stats=False (batch statistics)"
-                )
+        _check_training_mode_layers(model, op)
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(f"{op}: model_or_params has no trainable parameters (none with requires_grad=True)")
@@ -100,6 +92,25 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
 
         return Problem(names, tuple(model_or_params[n].detach() for n in names), loss_of)
     raise ValueError(f"{op}: model_or_params must be an nn.Module or a dict of parameter tensors, got {type(model_or_params).__name__}")
+
+
+def _check_training_mode_layers(model, op):
+    """Layers whose training-mode forward has no single Hessian: batch norm updates its stored running
+    statistics in place (torch.func refuses, and they must not change); dropout draws a new mask per pass."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            raise ValueError(
+                f"{op}: model_or_params has {type(module).__name__} {name!r} in training mode, which updates its running "
+                "statistics in every forward pass; call model.eval() (running statistics) or build it with "
+                "track_running_stats=False (batch statistics)"
+            )
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ValueError(
+                f"{op}: model_or_params has {type(module).__name__} {name!r} (p = {module.p}) in training mode: each "
+                "forward pass draws a new mask, so the loss has no single Hessian; call model.eval()"
+            )
 
 
 def _is_softmax_linear(model, loss_fn, names):
