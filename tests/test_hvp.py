@@ -117,6 +117,31 @@ def test_hvp_refuses_dropout_in_training_mode(mode):
     assert_close(hvp(F.cross_entropy, model, V, batch, mode=mode), V @ dense_hessian(model, F.cross_entropy, batch))
 
 
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_vectors_are_refused_not_solved(solver, bad):
+    """A NaN right-hand side used to pass for converged after 0 iterations (its NaN residual is not above
+    tol) and came back as zeros."""
+    model, batch = small_mlp(), small_batch()
+    V = torch.randn(3, 43, dtype=F64)
+    V[1, 7] = bad
+    with pytest.raises(ValueError, match=r"ihvp: vectors hold NaN or Inf \(rows \[1\]\)"):
+        ihvp(F.cross_entropy, model, V, batch, damping=0.1, kind="ggn", solver=solver)
+    with pytest.raises(ValueError, match=r"hvp: vectors hold NaN or Inf \(rows \[1\]\)"):
+        hvp(F.cross_entropy, model, V, batch)
+    with pytest.raises(ValueError, match=f"ihvp \\({solver}\\): right-hand sides hold NaN or Inf"):
+        if solver == "cg":
+            batched_cg(lambda M: M, V)
+        else:
+            lissa(lambda M: M, V, scale=1.0)
+
+
+def test_hvp_batch_must_be_a_pair():
+    model, batch = small_mlp(), small_batch()
+    with pytest.raises(ValueError, match=r"hvp: batch must be a pair \(inputs, targets\)"):
+        hvp(F.cross_entropy, model, torch.randn(2, 43, dtype=F64), batch[0])
+
+
 def test_hvp_refuses_batchnorm_in_training_mode_and_leaves_its_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).to(F64)
     batch = (torch.randn(32, 5, dtype=F64), torch.randint(0, 3, (32,)))

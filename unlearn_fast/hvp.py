@@ -74,6 +74,8 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
             return _check_scalar(loss_fn(outputs, targets))
 
         def loss_of(primals, batch):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"{op}: batch must be a pair (inputs, targets) for an nn.Module, got {type(batch).__name__}")
             inputs, targets = batch
             return loss_of_output(output_of(primals, inputs), targets)
 
@@ -136,7 +138,9 @@ def _to_flat(problem, vectors, op):
             raise ValueError(f"{op}: vectors are on {vectors.device}, the parameters on {ref.device}")
         if vectors.dim() == 2 and vectors.shape[0] == 0:
             raise ValueError(f"{op}: vectors holds no vectors (k = 0)")
-        return vectors.reshape(-1, p), ("flat1" if vectors.dim() == 1 else "flat")
+        flat = vectors.reshape(-1, p)
+        _finite_rows_or_raise(flat, f"{op}: vectors")
+        return flat, ("flat1" if vectors.dim() == 1 else "flat")
     if isinstance(vectors, dict):
         if set(vectors) != set(problem.names):
             missing, extra = set(problem.names) - set(vectors), set(vectors) - set(problem.names)
@@ -153,7 +157,9 @@ def _to_flat(problem, vectors, op):
             if v.dtype != prim.dtype or v.device != prim.device:
                 raise ValueError(f"{op}: vectors[{name!r}] is {v.dtype} on {v.device}, the parameter is {prim.dtype} on {prim.device}")
             parts.append(v.reshape(k, -1))
-        return torch.cat(parts, dim=1), "dict"
+        flat = torch.cat(parts, dim=1)
+        _finite_rows_or_raise(flat, f"{op}: vectors")
+        return flat, "dict"
     raise ValueError(f"{op}: vectors must be a (k, p) tensor or a dict of parameter-shaped tensors, got {type(vectors).__name__}")
 
 
@@ -301,7 +307,7 @@ def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=
     bad = ~torch.isfinite(out).all(dim=1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).reshape(-1)[:10].tolist()
-        raise RuntimeError(f"{op}: the {kind} vector product is not finite (NaN or Inf) for vectors {rows}; check the loss and the parameters for NaN/Inf")
+        raise RuntimeError(f"{op}: the {kind} vector product is not finite (NaN or Inf) for vectors {rows}; check the parameters and the batch for NaN/Inf")
     return out
 
 
@@ -356,6 +362,14 @@ def _finish(report, on_failure):
     return report
 
 
+def _finite_rows_or_raise(V, what):
+    """NaN or Inf in V would pass for converged (a NaN residual is not above tol) or spread silently."""
+    bad = ~torch.isfinite(V).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).reshape(-1)[:10].tolist()
+        raise ValueError(f"{what} hold NaN or Inf (rows {rows})")
+
+
 def batched_cg(matvec, B, damping=0.0, tol=1e-6, max_iter=100, on_failure="raise"):
     """Solve (A + damping I) x_j = b_j for every row of B (k, p) by conjugate gradients, all at once.
 
@@ -364,6 +378,7 @@ def batched_cg(matvec, B, damping=0.0, tol=1e-6, max_iter=100, on_failure="raise
     convergence the true residual is recomputed and CG restarts from it for any vector it does not
     confirm. Returns (X, SolveReport). Curvature p'(A + damping I)p <= 0 raises: A must be PSD.
     """
+    _finite_rows_or_raise(B, "ihvp (cg): right-hand sides")
     k = B.shape[0]
     X = torch.zeros_like(B)
     b_norm = torch.linalg.vector_norm(B, dim=1)
@@ -434,6 +449,7 @@ def lissa(matvec, B, damping=0.0, scale=None, tol=1e-6, max_iter=1000, on_failur
     convergence check) comes with every product. Converges when 0 < eig(A + damping I) < 2 scale;
     scale defaults to 1.05 times a power-iteration estimate of the largest eigenvalue. Returns (X, SolveReport).
     """
+    _finite_rows_or_raise(B, "ihvp (lissa): right-hand sides")
     k, p = B.shape
     if scale is None:
         scale = 1.05 * (largest_eigenvalue(matvec, p, B.dtype, B.device) + damping)
