@@ -473,6 +473,18 @@ def test_tracin_and_random_projection():
     assert P2.shape == (6, 2048)
     with pytest.raises(ValueError, match="checkpoints"):
         tracin(train, test[:1])
+    poisoned = [train[0].clone(), train[1]]
+    poisoned[0][4, 17] = float("nan")
+    with pytest.raises(ValueError, match=r"tracin: train_grads\[0\] hold NaN or Inf \(rows \[4\]\)"):
+        tracin(poisoned, test)
+    with pytest.raises(ValueError, match=r"tracin: test_grads\[1\] hold NaN"):
+        tracin(train, [test[0], test[1] / 0.0 * 0.0])
+    with pytest.raises(ValueError, match=r"tracin_self_influence: train_grads\[0\] hold NaN"):
+        tracin_self_influence(poisoned)
+    with pytest.raises(ValueError, match="random_projection: grads hold NaN"):
+        random_projection(poisoned[0], 16)
+    with pytest.raises(ValueError, match=r"random_projection: grads must be \(n, p\)"):
+        random_projection(train[0][0], 16)
 
 
 # ----------------------------------------------------------------------------- method="newton"

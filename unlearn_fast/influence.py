@@ -9,7 +9,7 @@ training batch). See docs/hvp.md.
 import torch
 from torch.func import grad, vmap
 
-from .hvp import _cat, hvp, ihvp, make_problem, mean_gradient  # noqa: F401  (hvp re-exported: uf imports it from here)
+from .hvp import _cat, _finite_rows_or_raise, hvp, ihvp, make_problem, mean_gradient  # noqa: F401  (hvp re-exported: uf imports it from here)
 
 
 def _rows(batch):
@@ -74,6 +74,9 @@ def random_projection(grads, dim, seed=0, block=4096):
     """
     if dim < 1:
         raise ValueError(f"random_projection: dim must be >= 1, got {dim}")
+    if grads.dim() != 2:
+        raise ValueError(f"random_projection: grads must be (n, p), one row per sample; got shape {tuple(grads.shape)}")
+    _finite_rows_or_raise(grads, "random_projection: grads")
     n, p = grads.shape
     out = torch.zeros(n, dim, dtype=grads.dtype, device=grads.device)
     gen = torch.Generator(device="cpu")
@@ -100,9 +103,11 @@ def tracin(train_grads, test_grads, learning_rates=None):
     if len(lrs) != len(train):
         raise ValueError(f"tracin: learning_rates has {len(lrs)} entries for {len(train)} checkpoints")
     total = None
-    for lr, tr, te in zip(lrs, train, test):
+    for t, (lr, tr, te) in enumerate(zip(lrs, train, test)):
         if tr.dim() != 2 or te.dim() != 2 or tr.shape[1] != te.shape[1]:
             raise ValueError(f"tracin: gradients must be (n, p) with one p, got {tuple(tr.shape)} and {tuple(te.shape)}")
+        _finite_rows_or_raise(tr, f"tracin: train_grads[{t}]")
+        _finite_rows_or_raise(te, f"tracin: test_grads[{t}]")
         term = lr * (te @ tr.T)
         total = term if total is None else total + term
     return total
@@ -114,4 +119,8 @@ def tracin_self_influence(train_grads, learning_rates=None):
     lrs = [1.0] * len(train) if learning_rates is None else list(learning_rates)
     if len(lrs) != len(train) or not train:
         raise ValueError(f"tracin_self_influence: learning_rates has {len(lrs)} entries for {len(train)} checkpoints (need one per checkpoint, at least one)")
+    for t, g in enumerate(train):
+        if g.dim() != 2:
+            raise ValueError(f"tracin_self_influence: train_grads[{t}] must be (n, p), got shape {tuple(g.shape)}")
+        _finite_rows_or_raise(g, f"tracin_self_influence: train_grads[{t}]")
     return sum(lr * (g * g).sum(1) for lr, g in zip(lrs, train))
