@@ -448,6 +448,16 @@ def test_indices_never_seen_and_foreign_models(trained):
 
 
 @pytest.mark.parametrize("method", ["retrain", "deltagrad", "mini"])
+def test_a_training_set_other_than_the_recorded_one_is_refused(trained, method):
+    """The history's batches index the recorded training set: with fewer samples mini ran on silently."""
+    data, model, history = trained
+    n = len(data)
+    for other in (torch.utils.data.Subset(data, range(n - 10)), torch.utils.data.ConcatDataset([data, data])):
+        with pytest.raises(ValueError, match=f"train_set: has {len(other)} samples, the history was recorded on a training set of {n}"):
+            uf.unlearn(model, history, [0, 1], other, LOSS, method=method)
+
+
+@pytest.mark.parametrize("method", ["retrain", "deltagrad", "mini"])
 def test_nan_weights_or_losses_stop_unlearning_with_nothing_returned(trained, method):
     data, model, history = trained
     broken = copy.deepcopy(model)

@@ -11,15 +11,18 @@ def remaining(batch, forget_mask):
     return batch[~forget_mask[batch]]
 
 
-def check_history(history, model, forget, method):
-    """The history must match the model and must have seen every forgotten sample."""
+def check_history(history, model, forget, train_set, method):
+    """The history must match the model and the training set, and must have seen every forgotten sample."""
     from ..history import GradientHistory
 
     if not isinstance(history, GradientHistory):
         raise ValueError(f"{method}: history must be a GradientHistory (from HistoryRecorder.finish or GradientHistory.load), got {type(history).__name__}")
     history.check_model(model)
-    if forget.numel() and int(forget.max()) >= history.n_train:
-        raise ValueError(f"forget: index {int(forget.max())} is beyond the {history.n_train} samples the history was recorded on")
+    if len(train_set) != history.n_train:  # its batches are indices into the recorded training set
+        raise ValueError(
+            f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}; "
+            "pass the same data set (a torch.utils.data.Subset of its first samples if data was appended since)"
+        )
     unseen = forget[~history.seen_mask()[forget]]
     if unseen.numel():
         raise ValueError(f"forget: indices {unseen[:10].tolist()} never appear in the recorded history (never trained on)")

@@ -48,7 +48,7 @@ def _mean_grad(model, loss_fn, train_set, idx, w):
 
 
 def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
-    check_history(history, model, forget, "deltagrad")
+    check_history(history, model, forget, train_set, "deltagrad")
     history.require("trajectory", "deltagrad")
     lam = check_plain_sgd(history, "deltagrad")
     if T0 < 1 or j0 < 0 or m < 1:

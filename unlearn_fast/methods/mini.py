@@ -469,7 +469,7 @@ def marks_of(history):
 
 
 def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
-    check_history(history, model, forget, "mini")
+    check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
     history.require("summary", "mini")

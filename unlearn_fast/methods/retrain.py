@@ -25,7 +25,7 @@ def build_optimizer(model, meta):
 
 
 def run(model, history, forget, train_set, loss_fn, progress=None):
-    check_history(history, model, forget, "retrain")
+    check_history(history, model, forget, train_set, "retrain")
     set_flat_params(model, history.schedule["w0"])
     optimizer = build_optimizer(model, history.meta)
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
