@@ -221,6 +221,9 @@ def test_bad_requests_leave_everything_unchanged(setup):
         run_first_epoch_ascent(model, history, FORGET, train, None, params=["nothing.*"], heldout=setup["heldout"])
     with pytest.raises(ValueError, match="heldout"):
         run_first_epoch_ascent(model, history, FORGET, train, None)
+    shorter = torch.utils.data.Subset(train, range(max(FORGET) + 1))  # the forget samples exist, the others not
+    with pytest.raises(ValueError, match=f"train_set: has {len(shorter)} samples, but the history recorded sample"):
+        run_first_epoch_ascent(model, history, FORGET, shorter, None, heldout=setup["heldout"])
     assert same_state(before, state(model))
 
 

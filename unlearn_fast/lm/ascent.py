@@ -456,6 +456,10 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
     mode = mode or ("fuzzy" if matches is not None else "iterative")
     names = history.param_names if params is None else select_params(model, params)
     history.check_params(model, names)
+    top = max((int(e["index"].max()) for e in history.epochs if e["index"].numel()), default=-1)
+    if top >= len(train_set):  # the stored rows are indexed by position in the recorded training set
+        raise ValueError(f"train_set: has {len(train_set)} samples, but the history recorded sample {top}; "
+                         "pass the training set the history was recorded on")
     for e in range(history.n_epochs) if epochs is None else epochs:  # unrecorded samples fail before any change
         if not 0 <= e < history.n_epochs:
             raise ValueError(f"epochs: epoch {e} not recorded (history has {history.n_epochs})")
