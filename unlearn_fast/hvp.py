@@ -125,6 +125,18 @@ def _is_softmax_linear(model, loss_fn, names):
             and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100)
 
 
+def _non_finite_rows(V):
+    """The first (up to 10) rows of a (k, p) tensor that hold NaN or Inf."""
+    return torch.nonzero(~torch.isfinite(V).all(dim=1)).reshape(-1)[:10].tolist()
+
+
+def _finite_rows_or_raise(V, what):
+    """NaN or Inf in V would pass for converged (a NaN residual is not above tol) or spread silently."""
+    rows = _non_finite_rows(V)
+    if rows:
+        raise ValueError(f"{what} hold NaN or Inf (rows {rows})")
+
+
 def _to_flat(problem, vectors, op):
     """vectors -> ((k, p) tensor, how to give results back)."""
     ref = problem.primals[0]
@@ -304,9 +316,8 @@ def flat_products(problem, batch, V, mode="rev-rev", kind="hessian", chunk_size=
         for s in range(0, k, step):
             hv = linear_map(*_split(problem, V[s : s + step]))
             out[s : s + step].add_(_cat(hv, hv[0].shape[0]), alpha=weight)
-    bad = ~torch.isfinite(out).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).reshape(-1)[:10].tolist()
+    rows = _non_finite_rows(out)
+    if rows:
         raise RuntimeError(f"{op}: the {kind} vector product is not finite (NaN or Inf) for vectors {rows}; check the parameters and the batch for NaN/Inf")
     return out
 
@@ -360,14 +371,6 @@ def _finish(report, on_failure):
         if on_failure == "raise":
             raise ConvergenceError(f"ihvp: {report}; raise max_iter, damping or tol, or pass on_failure='return'", report)
     return report
-
-
-def _finite_rows_or_raise(V, what):
-    """NaN or Inf in V would pass for converged (a NaN residual is not above tol) or spread silently."""
-    bad = ~torch.isfinite(V).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).reshape(-1)[:10].tolist()
-        raise ValueError(f"{what} hold NaN or Inf (rows {rows})")
 
 
 def batched_cg(matvec, B, damping=0.0, tol=1e-6, max_iter=100, on_failure="raise"):
