@@ -14,7 +14,8 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
-from .history import GradientHistory, HistoryPolicy, HistoryRecorder
+from .history import GradientHistory, HistoryPolicy
+from .recording import HistoryRecorder
 from .unlearn import UnlearnResult, unlearn
 from . import metrics
 from .metrics import audit

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .history import HistoryRecorder
+from .recording import HistoryRecorder
 
 DATASETS = ("digits", "mnist1d")
 MODELS = ("logistic", "mlp")
