@@ -11,21 +11,23 @@ bytes it read):
              full-data gradient and the curvature along U there: what Mini-Unlearning reads
              (docs/mini_unlearning.md).
 Float vectors are stored through a codec (fp32, bf16, int8, int4; int codecs use the blockwise ops).
+save() / load() go through store.py (crash-safe versions, checksummed end to end, no pickle;
+docs/storage.md); format-1 directories (torch.save files + manifest.json) are still read, read-only.
 """
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import shutil
-import tempfile
+import re
 
 import torch
 
-from . import ops
+from . import ops, store
 
 CODECS = ("fp32", "bf16", "int8", "int4")
 KINDS = ("full", "minimal", "first_epoch", "all_epochs")
-FORMAT_VERSION = 1
+ROW_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +182,17 @@ class GradientHistory:
         self._seen = None  # seen_mask(), computed on first use (the schedule does not change after recording)
         # deletion requests served from this history, oldest first: {"forget": [int], "method": str, "model_digest": str}
         self.requests = []
+        self.path = None  # the directory this history was saved to or loaded from; append_request logs there
+        self._content = None  # store digest of the history at `path` (append_request checks it is still there)
 
     def append_request(self, forget, method, model_digest):
-        """Log a served request (append-only). In memory here; persisted by save()."""
-        self.requests.append({"forget": [int(i) for i in forget], "method": str(method), "model_digest": str(model_digest)})
+        """Log a served request (append-only): durably in the history's directory when it was saved to
+        or loaded from one (self.path; a crash never loses earlier entries), else in memory."""
+        request = {"forget": [int(i) for i in forget], "method": str(method), "model_digest": str(model_digest)}
+        if self.path is None:
+            self.requests.append(request)
+        else:
+            self.requests = store.append(self.path, "GradientHistory", request, self._content)
 
     # -- facts methods rely on
     @property
@@ -248,92 +257,119 @@ class GradientHistory:
         return arrays, encoded
 
     def save(self, path):
-        """Write to directory `path` atomically: one file per array plus manifest.json with sha256 checksums."""
+        """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle),
+        with the request log; later append_request calls log there. Returns path."""
         arrays, encoded = self._arrays()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".history-", dir=parent)
-        old = None
-        try:
-            files = {}
-            for name, tensor in arrays.items():
-                fname = name + ".pt"
-                torch.save(tensor.contiguous().cpu(), os.path.join(tmp, fname))
-                files[name] = {"file": fname, "sha256": _sha256(os.path.join(tmp, fname)), "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
-            manifest = {"format_version": FORMAT_VERSION, "meta": self.meta, "encoded": encoded, "files": files}
-            with open(os.path.join(tmp, "manifest.json"), "w") as f:
-                json.dump(manifest, f, indent=1)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=".history-old-", dir=parent)
-                os.replace(path, os.path.join(old, "h"))
-            os.replace(tmp, path)
-            if old:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old and not os.path.exists(path) and os.path.exists(os.path.join(old, "h")):
-                os.replace(os.path.join(old, "h"), path)  # put the previous history back
-                shutil.rmtree(old, ignore_errors=True)
-            raise
+        self._content = store.write(path, "GradientHistory", {"meta": self.meta, "encoded": encoded}, arrays, self.requests)
+        self.path = path
         return path
 
     @classmethod
     def load(cls, path):
-        """Read a history written by save(); ValueError on a missing, corrupted or unknown file."""
-        manifest_path = os.path.join(path, "manifest.json")
-        if not os.path.isfile(manifest_path):
-            raise ValueError(f"history: {path!r} has no manifest.json (not a saved GradientHistory)")
+        """Read a history written by save(); ValueError on a missing, corrupted, inconsistent or crafted
+        one (nothing in the files is executed). A format-1 directory is read read-only (path stays None)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path: must be a str or os.PathLike naming a history directory, got {type(path).__name__}")
+        if os.path.isfile(os.path.join(path, "manifest.json")) and not os.path.lexists(os.path.join(path, store.CURRENT)):
+            return cls._load_format1(path)
+        snap = store.read(path, "GradientHistory")
         try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        except json.JSONDecodeError as err:
+            history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], snap.tensors, f"{path!r}")
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"history: manifest in {path!r} lacks or mangles entry {err!r}") from None
+        history.requests, history.path, history._content = snap.requests, path, snap.content
+        return history
+
+    @classmethod
+    def _load_format1(cls, path):
+        """Format 1: manifest.json (no checksum of its own) naming one torch.save file per array with its
+        sha256. Names are confined to `path`, each file is read once and hashed from those bytes, and
+        torch.load runs with weights_only=True on them (no code from the file)."""
+        try:
+            manifest = json.loads(store._read_once(os.path.join(path, "manifest.json")))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"history: manifest.json in {path!r} is corrupted ({err})") from None
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
             version = manifest.get("format_version") if isinstance(manifest, dict) else None
-            raise ValueError(f"history: format_version {version} in {path!r}, expected {FORMAT_VERSION}")
+            raise ValueError(f"history: format_version {version!r} in {path!r}, expected {store.FORMAT_VERSION} (or 1)")
         try:
-            return cls._from_manifest(path, manifest)
+            arrays = {}
+            for name, entry in manifest["files"].items():
+                fname = entry["file"]
+                if not (isinstance(fname, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", fname)):
+                    raise ValueError(f"history: file name {fname!r:.200} in {path!r}/manifest.json is not a plain name inside the history")
+                fpath = os.path.join(path, fname)
+                try:
+                    raw = store._read_once(fpath)
+                except FileNotFoundError:
+                    raise ValueError(f"history: file {fname} listed in the manifest is missing from {path!r}") from None
+                if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+                    raise ValueError(f"history: file {fpath} is corrupted (sha256 mismatch)")
+                try:
+                    tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on foreign bytes
+                    raise ValueError(f"history: file {fpath} is not a tensor saved by format 1 ({type(err).__name__})") from None
+                if not isinstance(tensor, torch.Tensor) or list(tensor.shape) != entry["shape"] or str(tensor.dtype) != entry["dtype"]:
+                    raise ValueError(f"history: file {fpath} does not hold the {entry['dtype']} tensor of shape {entry['shape']} its manifest lists")
+                arrays[name] = tensor
+            return cls._from_arrays(manifest["meta"], manifest["encoded"], arrays, f"{path!r}")
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"history: manifest.json in {path!r} lacks or mangles entry {err!r}") from None
 
     @classmethod
-    def _from_manifest(cls, path, manifest):
-        arrays = {}
-        for name, entry in manifest["files"].items():
-            fpath = os.path.join(path, entry["file"])
-            if not os.path.isfile(fpath):
-                raise ValueError(f"history: file {entry['file']} listed in the manifest is missing from {path!r}")
-            if _sha256(fpath) != entry["sha256"]:
-                raise ValueError(f"history: file {entry['file']} in {path!r} is corrupted (sha256 mismatch)")
-            arrays[name] = torch.load(fpath, weights_only=True)
-        sizes = arrays["schedule.batch_sizes"].tolist()
-        schedule = {
-            "w0": arrays["schedule.w0"],
-            "lrs": arrays["schedule.lrs"],
-            "batches": list(torch.split(arrays["schedule.batch_indices"], sizes)) if sizes else [],
-        }
+    def _from_arrays(cls, meta, encoded, arrays, where):
+        """The history of stored arrays, checked for consistency (a crafted file gets a ValueError naming
+        the array, not an IndexError deep inside a method)."""
+        if not isinstance(meta, dict) or not isinstance(encoded, dict):
+            raise ValueError(f"history: {where}: meta and encoded must be JSON objects")
+        ints, floats = (torch.int64,), tuple(ROW_DTYPES.values())
+        sizes = store.check_tensor(arrays, "schedule.batch_sizes", where, ints, 1)
+        indices = store.check_tensor(arrays, "schedule.batch_indices", where, ints, 1)
+        lrs = store.check_tensor(arrays, "schedule.lrs", where, (torch.float64,), 2)
+        w0 = store.check_tensor(arrays, "schedule.w0", where, floats, 1)
+        n_params = sum(int(torch.Size(shape).numel()) for _, shape, _ in meta["param_spec"])
+        n_train = meta["n_train"]
+        if bool((sizes < 0).any()) or int(sizes.sum()) != indices.numel() or lrs.shape[0] != sizes.numel():
+            raise ValueError(f"history: {where}: schedule.batch_sizes ({sizes.numel()} steps, {int(sizes.sum())} samples) disagrees with schedule.batch_indices ({indices.numel()}) or schedule.lrs ({lrs.shape[0]} steps)")
+        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < n_train):
+            raise ValueError(f"history: {where}: schedule.batch_indices reaches outside the {n_train} training samples")
+        if w0.numel() != n_params:
+            raise ValueError(f"history: {where}: schedule.w0 has {w0.numel()} values, the recorded parameters {n_params}")
+        schedule = {"w0": w0, "lrs": lrs, "batches": list(torch.split(indices, sizes.tolist())) if sizes.numel() else []}
         sections = {}
         for section in ("trajectory", "summary"):
             keys = {n.split(".")[1] for n in arrays if n.startswith(section + ".")}
             part = {}
             for key in keys:
                 full = f"{section}.{key}"
-                if full in manifest["encoded"]:
-                    m = manifest["encoded"][full]
-                    tensors = {n.split(".")[2]: t for n, t in arrays.items() if n.startswith(full + ".")}
-                    part[key] = EncodedRows(tensors, m["codec"], m["blocksize"], m["p"], getattr(torch, m["dtype"]))
+                if full in encoded:
+                    part[key] = _encoded_rows(full, encoded[full], {n.split(".")[2]: t for n, t in arrays.items() if n.startswith(full + ".")}, where)
                 else:
                     part[key] = arrays[full]
             sections[section] = part or None
-        return cls(manifest["meta"], schedule, sections["trajectory"], sections["summary"])
+        for key, rows in (sections["trajectory"] or {}).items():
+            if len(rows) != sizes.numel() or rows.p != n_params:
+                raise ValueError(f"history: {where}: trajectory.{key} has {len(rows)} rows of {rows.p} values, expected {sizes.numel()} of {n_params}")
+        return cls(meta, schedule, sections["trajectory"], sections["summary"])
 
 
-def _sha256(fpath):
-    h = hashlib.sha256()
-    with open(fpath, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _encoded_rows(name, m, tensors, where):
+    """EncodedRows of stored tensors and their metadata `m`, checked against each other."""
+    if not (isinstance(m, dict) and m.get("codec") in CODECS and m.get("dtype") in ROW_DTYPES and type(m.get("p")) is int and type(m.get("blocksize")) is int):
+        raise ValueError(f"history: {where}: {name} has invalid codec metadata {m!r:.200}")
+    p, bs = m["p"], m["blocksize"]
+    if m["codec"] in ("fp32", "bf16"):
+        values = store.check_tensor(tensors, "values", f"{where} ({name})", (torch.float32, torch.float64, torch.bfloat16), 2)
+        ok = set(tensors) == {"values"} and values.shape[1] == p
+    else:
+        codes = store.check_tensor(tensors, "codes", f"{where} ({name})", (torch.int8, torch.uint8), 2)
+        scales = store.check_tensor(tensors, "scales", f"{where} ({name})", (torch.float32,), 2)
+        blocks = -(-p // bs) if bs > 0 else -1
+        width = p if m["codec"] == "int8" else (p + 1) // 2  # int4: two codes a byte
+        ok = set(tensors) == {"codes", "scales"} and codes.shape[0] == scales.shape[0] and scales.shape[1] == blocks and codes.shape[1] == width
+    if not ok:
+        raise ValueError(f"history: {where}: the tensors of {name} ({ {k: list(t.shape) for k, t in tensors.items()} }) do not fit its codec {m['codec']} with p={p}, blocksize={bs}")
+    return EncodedRows(tensors, m["codec"], bs, p, ROW_DTYPES[m["dtype"]])
 
 
 def fetch(train_set, indices):

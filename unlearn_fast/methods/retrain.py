@@ -4,24 +4,27 @@ Same initial weights, batch order, learning rates and optimizer hyper-parameters
 optimizer: it is rebuilt from the recorded class and groups). A batch made only of forgotten samples is
 skipped. Forgetting nothing reproduces the original final weights bit for bit on CPU.
 """
-import importlib
-
 import torch
 
 from ..history import fetch, set_flat_params
+from ..optimizers import optimizer_class
 from ._common import batch_loss, check_history, remaining
 
 
 def build_optimizer(model, meta):
-    module, _, name = meta["optimizer"]["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    """The recorded optimizer over `model`'s parameters; its class comes from the allow-list in
+    optimizers.py (a history names it as text and may be crafted)."""
+    cls = optimizer_class(meta["optimizer"]["class"])
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for gi, hyper in enumerate(meta["optimizer"]["groups"]):
         group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyper.items()}
         group["params"] = [p for p, g in zip(params, meta["group_of_param"]) if g == gi]
         groups.append(group)
-    return cls(groups)
+    try:
+        return cls(groups)
+    except (TypeError, ValueError) as err:  # hyper-parameters from the file that the class refuses
+        raise ValueError(f"history: optimizer {meta['optimizer']['class']} refuses the recorded hyper-parameters ({err})") from None
 
 
 def run(model, history, forget, train_set, loss_fn, progress=None):

@@ -1,0 +1,327 @@
+"""Crash-safe, hostile-file-proof storage of a history: named tensors + JSON facts + a request log.
+
+GradientHistory and the language-model FirstEpochHistory both save through this module. A history
+is a directory (docs/storage.md):
+
+    path/CURRENT        pointer: one line of JSON {"format", "format_version", "manifest": <sha256>},
+                        a newline, the sha256 of that line, a newline
+    path/objects/<sha>  immutable files named by the sha256 of their bytes: the manifest (JSON) and
+                        the data (one safetensors file with every tensor)
+    path/LOCK           flock()ed by writers; path/tmp/ holds files being written
+
+The chain CURRENT -> manifest -> data is checksummed end to end, so any changed byte is a ValueError;
+object names are 64 hex digits checked before use, so no name read from a file can leave the
+directory; tensors are read by safetensors (never pickle) and checked against the manifest's dtypes
+and shapes.
+
+Writing (under LOCK, which serialises writers): new objects are written to tmp/, fsync'd and renamed
+into objects/; then CURRENT is replaced by rename and the directory fsync'd. The new version becomes
+visible only at that rename, the previous one stays readable until then, and a crash at any moment
+leaves one of the two. Leftovers of crashed writers (tmp/ files, objects no longer named by CURRENT)
+are removed by the next writer, under the lock.
+
+Reading takes no lock: each file is read once into memory and hashed from those same bytes; objects
+are never modified in place, only removed by a later writer, so a reader that finds one gone re-reads
+CURRENT and starts over. A load returns one version whole or raises ValueError.
+
+The manifest's "requests" (the deletion requests served from the history) grow by append(): a new
+manifest that differs from the current one only by one more request, written like any version, so a
+crash never loses earlier entries. The "content" digest (the manifest without its requests)
+identifies a history; append() refuses to extend a log whose history was replaced meanwhile.
+"""
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+import uuid
+
+import safetensors.torch
+import torch
+
+FORMAT = "unlearn_fast.store"
+FORMAT_VERSION = 2
+CURRENT, LOCK, OBJECTS, TMP = "CURRENT", "LOCK", "objects", "tmp"
+HEX64 = re.compile(r"[0-9a-f]{64}")
+READ_ATTEMPTS = 20  # a reader whose version is replaced mid-read starts over at most this often
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """One stored version: what a history's save() wrote and its load() gets back."""
+
+    kind: str  # which class wrote it ("GradientHistory", "FirstEpochHistory")
+    info: dict  # that class's JSON facts
+    tensors: dict  # name -> tensor
+    requests: list  # [{"forget": [int], "method": str, "model_digest": str}], oldest first
+    content: str  # sha256 of the manifest without its requests: names the history across appends
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _content_digest(manifest):
+    return _sha256(_canonical({k: v for k, v in manifest.items() if k != "requests"}))
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_once(fpath):
+    """The bytes of a regular file, read once; links are not followed (a name inside the history must
+    not lead outside it) and devices or pipes are refused (they could block or never end)."""
+    fd = os.open(fpath, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"history: {fpath} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 24):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def check_request(request, where):
+    """A request log entry as stored: ValueError naming `where` unless it has the documented shape."""
+    ok = (
+        isinstance(request, dict)
+        and set(request) == {"forget", "method", "model_digest"}
+        and isinstance(request["forget"], list)
+        and all(type(i) is int for i in request["forget"])
+        and isinstance(request["method"], str)
+        and isinstance(request["model_digest"], str)
+    )
+    if not ok:
+        raise ValueError(f"history: {where}: a request must be {{'forget': [int], 'method': str, 'model_digest': str}}, got {request!r:.200}")
+    return request
+
+
+def _as_dir(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: must be a str or os.PathLike naming a directory, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+# ----------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def _writer(path):
+    """Hold `path`'s LOCK, with objects/ and tmp/ present and tmp/ emptied of crashed writers' files."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a file, not a history directory (format-1 language-model histories were single files: re-record them)")
+    if os.path.isdir(path):
+        names = set(os.listdir(path))
+        if names and not names & {LOCK, CURRENT}:
+            what = "a format-1 history (load it and save it to a new path)" if "manifest.json" in names else "other files"
+            raise ValueError(f"path: {path!r} holds {what}; refusing to write a history into it")
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    if created:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for sub in (OBJECTS, TMP):
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        _fsync_dir(path)
+        tmp = os.path.join(path, TMP)
+        for name in os.listdir(tmp):  # only the lock holder writes here: these are a crashed writer's
+            os.unlink(os.path.join(tmp, name))
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_durably(path, data):
+    """A new file in tmp/ holding `data`, flushed to disk; returns its name."""
+    tmp = os.path.join(path, TMP, uuid.uuid4().hex)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _put_object(path, data):
+    digest = _sha256(data)
+    os.replace(_write_durably(path, data), os.path.join(path, OBJECTS, digest))
+    return digest
+
+
+def _commit(path, manifest, keep=()):
+    """Make `manifest` the current version, then remove every object it does not name."""
+    manifest_digest = _put_object(path, _canonical(manifest))
+    _fsync_dir(os.path.join(path, OBJECTS))  # the objects are durable before CURRENT names them
+    body = _canonical({"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest_digest})
+    os.replace(_write_durably(path, body + b"\n" + _sha256(body).encode() + b"\n"), os.path.join(path, CURRENT))
+    _fsync_dir(path)
+    live = {manifest_digest, manifest["data"]}
+    objects = os.path.join(path, OBJECTS)
+    for name in os.listdir(objects):
+        if name not in live:
+            os.unlink(os.path.join(objects, name))
+
+
+def write(path, kind, info, tensors, requests=()):
+    """Store a new version at directory `path` (created if needed); returns its Snapshot.content."""
+    path = _as_dir(path)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    seen = set()
+    for name, t in tensors.items():  # safetensors refuses tensors that share memory: give each its own
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            tensors[name] = t.clone()
+        seen.add(tensors[name].untyped_storage().data_ptr())
+    requests = [check_request(r, "requests") for r in requests]
+    try:
+        _canonical(info)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"history: meta must be JSON-able to be saved ({err})") from None
+    data = safetensors.torch.save(tensors)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "info": info, "data": _sha256(data),
+        "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()},
+        "requests": requests,
+    }
+    with _writer(path):
+        _put_object(path, data)
+        _commit(path, manifest)
+    return _content_digest(manifest)
+
+
+def append(path, kind, request, content):
+    """Append `request` to the log of the history at `path`, which must still be the one named by
+    `content`; returns the whole log as now stored."""
+    path = _as_dir(path)
+    request = check_request(request, "request")
+    if not os.path.isdir(path):
+        raise ValueError(f"history: {path!r} no longer exists; the request was not logged there")
+    with _writer(path):
+        try:
+            manifest = _manifest_of(path, _current(path), kind)[0]
+        except FileNotFoundError as err:  # nobody else writes while we hold the lock: this is damage
+            raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
+        if _content_digest(manifest) != content:
+            raise ValueError(f"history: {path!r} was replaced by another history since this one was loaded or saved; the request was not logged there")
+        manifest["requests"].append(request)
+        _commit(path, manifest)
+    return manifest["requests"]
+
+
+# ----------------------------------------------------------------------------- reading
+def _current(path):
+    """The bytes of `path`/CURRENT; ValueError if there is none."""
+    try:
+        return _read_once(os.path.join(path, CURRENT))
+    except FileNotFoundError:
+        hint = "a save was interrupted before its first version was complete" if os.path.isdir(os.path.join(path, OBJECTS)) else "not written by save()"
+        raise ValueError(f"history: {path!r} holds no history (no manifest: {hint})") from None
+
+
+def _manifest_of(path, raw, kind):
+    """(manifest, its file) named by CURRENT's bytes `raw`; FileNotFoundError if the object is gone."""
+    body, _, checksum = raw[:-1].rpartition(b"\n")
+    if not (raw.endswith(b"\n") and checksum == _sha256(body).encode()):
+        raise ValueError(f"history: {path}/{CURRENT} is corrupted (its checksum does not match)")
+    try:
+        pointer = json.loads(body)
+        if not (isinstance(pointer, dict) and pointer.get("format") == FORMAT and pointer.get("format_version") == FORMAT_VERSION):
+            raise ValueError(f"history: {path}/{CURRENT} is format {pointer!r:.200}, expected {FORMAT} version {FORMAT_VERSION}")
+        digest = pointer.get("manifest")
+        if not (isinstance(digest, str) and HEX64.fullmatch(digest)):
+            raise ValueError(f"history: {path}/{CURRENT} names no valid manifest object")
+        data, fpath = _read_object(path, digest)
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"history: {path!r} has an unreadable pointer or manifest ({type(err).__name__}: {err})") from None
+    _check_manifest(manifest, kind, fpath)
+    return manifest, fpath
+
+
+def _read_object(path, digest):
+    fpath = os.path.join(path, OBJECTS, digest)  # digest is 64 hex digits: the name stays inside path
+    data = _read_once(fpath)
+    if _sha256(data) != digest:
+        raise ValueError(f"history: {fpath} is corrupted (sha256 mismatch)")
+    return data, fpath
+
+
+def _check_manifest(manifest, kind, where):
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"history: manifest {where} {what}")
+
+    need(isinstance(manifest, dict), "is not a JSON object")
+    need(manifest.get("format") == FORMAT and manifest.get("format_version") == FORMAT_VERSION, f"has format {manifest.get('format')!r} version {manifest.get('format_version')!r}")
+    need(manifest.get("kind") == kind, f"holds a {manifest.get('kind')!r}, not a {kind}")
+    need(isinstance(manifest.get("info"), dict), "lacks its 'info' object")
+    need(isinstance(manifest.get("data"), str) and HEX64.fullmatch(manifest["data"]), "names no valid data object")
+    tensors = manifest.get("tensors")
+    need(isinstance(tensors, dict), "lacks its 'tensors' object")
+    for name, entry in tensors.items():
+        need(
+            isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+            and all(type(s) is int and s >= 0 for s in entry["shape"]),
+            f"describes tensor {name!r} without a dtype and a shape of non-negative ints",
+        )
+    need(isinstance(manifest.get("requests"), list), "lacks its 'requests' list")
+    for request in manifest["requests"]:
+        check_request(request, f"manifest {where}")
+
+
+def read(path, kind):
+    """The current version at `path` as a Snapshot; ValueError if it is missing, corrupted or not a `kind`."""
+    path = _as_dir(path)
+    for _ in range(READ_ATTEMPTS):
+        raw = _current(path)
+        try:
+            manifest, fpath = _manifest_of(path, raw, kind)
+            data, data_path = _read_object(path, manifest["data"])
+        except FileNotFoundError as err:
+            if _current(path) != raw:
+                continue  # a writer replaced this version while we read it: read the new one
+            raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
+        return Snapshot(manifest["kind"], manifest["info"], decode(data, manifest["tensors"], data_path), manifest["requests"], _content_digest(manifest))
+    raise ValueError(f"history: {path!r} was replaced {READ_ATTEMPTS} times while being read; try again")
+
+
+def decode(data, expected, where):
+    """Tensors of safetensors bytes `data`, which must hold exactly the names, dtypes and shapes of
+    `expected` ({name: {"dtype", "shape"}}); ValueError naming `where` and the tensor otherwise."""
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as err:  # safetensors raises its own error types for every malformed header
+        raise ValueError(f"history: {where} is not a valid safetensors file ({type(err).__name__}: {err})") from None
+    if set(tensors) != set(expected):
+        raise ValueError(f"history: {where} holds tensors {sorted(tensors)[:8]}, the manifest lists {sorted(expected)[:8]}")
+    for name, t in tensors.items():
+        dtype, shape = str(t.dtype).replace("torch.", ""), list(t.shape)
+        if dtype != expected[name]["dtype"] or shape != expected[name]["shape"]:
+            raise ValueError(f"history: tensor {name} in {where} is {dtype} {shape}, the manifest says {expected[name]['dtype']} {expected[name]['shape']}")
+    return tensors
+
+
+def check_tensor(tensors, name, where, dtypes, ndim):
+    """tensors[name], which must exist with one of `dtypes` and `ndim` dimensions; ValueError naming it."""
+    t = tensors.get(name)
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() != ndim:
+        got = f"{t.dtype} with shape {list(t.shape)}" if isinstance(t, torch.Tensor) else "missing"
+        raise ValueError(f"history: tensor {name} in {where} must be {ndim}-D {'/'.join(str(d) for d in dtypes)}, got {got}")
+    return t
