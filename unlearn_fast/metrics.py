@@ -4,7 +4,10 @@ Membership inference follows the unlearning literature: the attack separates for
 held-out samples; success for unlearning is an AUC close to the retrained model's (not below it).
 """
 import json
+import math
+import numbers
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -98,12 +101,79 @@ def poison_recovery(acc_unlearned, acc_original, acc_retrained, n_test=None, min
     return (acc_unlearned - acc_original) / gain
 
 
-def audit(original, unlearned, retrained, test, forget, heldout, retain=None, poisoned=False, path=None):
+NOT_UNLEARNED_DISTANCE = 0.9
+
+
+def verdict(stats=None, relative_distance=None, threshold=NOT_UNLEARNED_DISTANCE):
+    """(unlearned, reason): whether a result may be reported as an unlearned model at all.
+
+    Every report (the demo table, `audit`, the benchmarks) asks this before printing a speed-up, so
+    that a method that gave up is never credited with being fast. The rule, in order:
+
+    1. `stats` (the method's result.stats) says so: ``stats["unlearned"] is False`` (reason from
+       ``stats["reason"]`` when it is a string), or, when the method sets no "unlearned" key,
+       ``stats["converged"] is False`` (Mini's stopped-unconverged flag). An explicit "unlearned"
+       key wins over "converged".
+    2. The model is essentially the original: `relative_distance` (|w - w_retrained| /
+       |w_original - w_retrained|, see relative_distance) is >= `threshold` (0.9), or is NaN
+       (nothing shows that it moved towards the retrained model).
+
+    Otherwise the result counts as unlearned. Either argument may be None (not known); with both
+    None the answer is (True, ...) with a reason that says nothing was checked.
+    """
+    if stats is not None and not isinstance(stats, Mapping):
+        raise TypeError(f"verdict: stats must be a dict (the method's result.stats) or None, got {type(stats).__name__}")
+    if relative_distance is not None and (isinstance(relative_distance, bool) or not isinstance(relative_distance, numbers.Real)):
+        raise TypeError(f"verdict: relative_distance must be a real number or None, got {relative_distance!r}")
+    if not (isinstance(threshold, numbers.Real) and 0 < threshold <= 1):
+        raise ValueError(f"verdict: threshold must be in (0, 1], got {threshold!r}")
+    stats = stats or {}
+    if "unlearned" in stats:
+        if stats["unlearned"] is False:
+            reason = stats.get("reason")
+            return False, reason if isinstance(reason, str) and reason else "the method reports that it did not unlearn"
+    elif stats.get("converged") is False:
+        return False, "the method stopped unconverged"
+    if relative_distance is not None:
+        d = float(relative_distance)
+        if math.isnan(d):
+            return False, "relative distance to the retrained model is undefined (NaN)"
+        if d >= threshold:
+            return False, f"essentially the original model: relative distance {d:.3g} >= {threshold:g}"
+    checked = (["method stats"] if stats else []) + ([f"relative distance {float(relative_distance):.3g} < {threshold:g}"]
+                                                     if relative_distance is not None else [])
+    return True, ("passed: " + ", ".join(checked)) if checked else "nothing checked: neither stats nor relative distance given"
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None, recursively, so that json.dump
+    writes valid JSON (the standard has no NaN; Python's default writes a bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path):
+    """Write obj as strict JSON (non-finite floats as null) to path, creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(json_safe(obj), f, indent=1, allow_nan=False)
+
+
+def audit(original, unlearned, retrained, test, forget, heldout, retain=None, poisoned=False, path=None, stats=None):
     """All metrics for one unlearning result; (X, y) pairs for test, forget, held-out and retain data.
 
     Returns {"original": {...}, "unlearned": {...}, "retrained": {...}, "relative_distance": ...,
-    "poison_recovery": ... (when poisoned)}. With `path`, also writes the dict as JSON.
+    "poison_recovery": ... (when poisoned), "verdict": {"unlearned": bool, "reason": str}}; the verdict
+    is verdict(stats, relative_distance), so pass the method's result.stats when you have them. With
+    `path`, also writes the dict as strict JSON (NaN and inf as null).
     """
+    if stats is not None and not isinstance(stats, Mapping):  # before the metrics, which take a while
+        raise TypeError(f"audit: stats must be a dict (the method's result.stats) or None, got {type(stats).__name__}")
     report = {}
     for name, model in (("original", original), ("unlearned", unlearned), ("retrained", retrained)):
         f_loss = per_sample_losses(model, *forget)
@@ -123,8 +193,8 @@ def audit(original, unlearned, retrained, test, forget, heldout, retain=None, po
         report["poison_recovery"] = poison_recovery(
             report["unlearned"]["test_accuracy"], report["original"]["test_accuracy"], report["retrained"]["test_accuracy"], n_test=len(test[0])
         )
+    unlearned_ok, reason = verdict(stats, report["relative_distance"])
+    report["verdict"] = {"unlearned": unlearned_ok, "reason": reason}
     if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, path)
     return report
