@@ -84,7 +84,12 @@ def _fsync_dir(path):
 def _read_once(fpath):
     """The bytes of a regular file, read once; links are not followed (a name inside the history must
     not lead outside it) and devices or pipes are refused (they could block or never end)."""
-    fd = os.open(fpath, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fd = os.open(fpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise  # callers tell a replaced version from a missing file
+    except OSError as err:  # a link (ELOOP), no permission, ...
+        raise ValueError(f"history: cannot read {fpath} ({err.strerror})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"history: {fpath} is not a regular file")
@@ -230,8 +235,13 @@ def _current(path):
     """The bytes of `path`/CURRENT; ValueError if there is none."""
     try:
         return _read_once(os.path.join(path, CURRENT))
-    except FileNotFoundError:
-        hint = "a save was interrupted before its first version was complete" if os.path.isdir(os.path.join(path, OBJECTS)) else "not written by save()"
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.isfile(path):
+            hint = "a file, not a history directory; format-1 language-model histories were single files: re-record them"
+        elif os.path.isdir(os.path.join(path, OBJECTS)):
+            hint = "a save was interrupted before its first version was complete"
+        else:
+            hint = "not written by save()"
         raise ValueError(f"history: {path!r} holds no history (no manifest: {hint})") from None
 
 
@@ -294,7 +304,7 @@ def read(path, kind):
         try:
             manifest, fpath = _manifest_of(path, raw, kind)
             data, data_path = _read_object(path, manifest["data"])
-        except FileNotFoundError as err:
+        except (FileNotFoundError, NotADirectoryError) as err:
             if _current(path) != raw:
                 continue  # a writer replaced this version while we read it: read the new one
             raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None

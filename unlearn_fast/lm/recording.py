@@ -4,22 +4,19 @@ During training, FirstEpochRecorder computes each sample's gradient of its own m
 torch.func (functional_call + vmap(grad)) over the selected parameters only, flattens it (parameters
 concatenated in model order) and stores it through the codecs (ops.quantize_blockwise, one row per sample,
 int8 by default). "first_epoch" keeps epoch 0 only; "all_epochs" keeps every epoch (the multi-epoch
-baseline). FirstEpochHistory holds the rows and is saved/loaded with a checksummed manifest.
+baseline). FirstEpochHistory holds the rows; save/load go through store.py (a directory of crash-safe,
+checksummed versions, no pickle; docs/storage.md). Single-file histories of format 1 are not read.
 """
 import fnmatch
-import hashlib
-import json
 import os
-import tempfile
 import time
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .. import ops
+from .. import ops, store
 from .training import check_fits, eager_attention, sample_losses
 
-FORMAT = "unlearn_fast.lm.history/1"
 CODEC_BITS = {"int8": 8, "int4": 4}
 PER_SAMPLE_KINDS = ("first_epoch", "all_epochs")
 
@@ -111,12 +108,6 @@ def _encode(rows, codec, blocksize):
         codes, scales = ops.quantize_rows(rows.contiguous(), blocksize, CODEC_BITS[codec])
         return {"codes": codes, "scales": scales}
     return {"values": rows.to(torch.bfloat16 if codec == "bf16" else torch.float32).clone()}
-
-
-def _checksum(t):
-    t = t.contiguous()
-    data = t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
 class FirstEpochHistory:
@@ -215,58 +206,63 @@ class FirstEpochHistory:
         return tensors
 
     def save(self, path):
-        """Write one file atomically (temporary file + rename): manifest (JSON) + tensors, each checksummed."""
-        tensors = self._tensors()
-        manifest = {
-            "format": FORMAT, "kind": self.kind, "codec": self.codec, "blocksize": self.blocksize,
+        """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle)."""
+        info = {
+            "kind": self.kind, "codec": self.codec, "blocksize": self.blocksize,
             "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in zip(self.param_names, self.shapes, self.dtypes)],
             "n_epochs": self.n_epochs, "lrs": self.lrs, "record_seconds": self.record_seconds,
-            "checksums": {k: _checksum(t) for k, t in tensors.items()},
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".history-", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"manifest": json.dumps(manifest), "tensors": tensors}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        store.write(path, "FirstEpochHistory", info, self._tensors())
         return path
 
     @classmethod
     def load(cls, path, model=None):
-        """Read a saved history; ValueError on a corrupted file, a checksum mismatch, or (with model) a
-        recorded parameter the model lacks or has with another shape."""
+        """Read a saved history; ValueError on a missing, corrupted, inconsistent or crafted one, or (with
+        model) a recorded parameter the model lacks or has with another shape."""
+        snap = store.read(path, "FirstEpochHistory")
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            manifest = json.loads(blob["manifest"])
-            tensors = blob["tensors"]
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise ValueError(f"path: {path} is not a readable history file ({type(error).__name__}: {error})") from None
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"path: {path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-        if set(tensors) != set(manifest["checksums"]):
-            raise ValueError(f"path: {path} tensors {sorted(tensors)} differ from the manifest's {sorted(manifest['checksums'])}")
-        for key, t in tensors.items():
-            if _checksum(t) != manifest["checksums"][key]:
-                raise ValueError(f"path: {path} is corrupted: checksum of {key} does not match the manifest")
-        epochs = []
-        for e in range(manifest["n_epochs"]):
-            prefix = f"epoch{e}."
-            epochs.append({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
-        activations = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith("activations.")} or None
-        params = manifest["params"]
-        history = cls(
-            manifest["kind"], manifest["codec"], manifest["blocksize"], [p["name"] for p in params],
-            [p["shape"] for p in params], [p["dtype"] for p in params], epochs, manifest["lrs"], activations,
-            manifest.get("record_seconds", 0.0),
-        )
+            history = cls._from_snapshot(snap, repr(os.fspath(path)))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"path: manifest of {path} lacks or mangles entry {err!r}") from None
         if model is not None:
             history.check_params(model, history.param_names)
         return history
+
+    @classmethod
+    def _from_snapshot(cls, snap, where):
+        """The history of a stored version, checked so that a crafted one is a ValueError naming the
+        tensor, not an IndexError in a later method."""
+        info, tensors = snap.info, snap.tensors
+        params = info["params"]
+        if info["kind"] not in PER_SAMPLE_KINDS or info["codec"] not in ("int8", "int4", "fp32", "bf16") or type(info["blocksize"]) is not int:
+            raise ValueError(f"path: {where}: kind {info['kind']!r}, codec {info['codec']!r} or blocksize {info['blocksize']!r} is invalid")
+        numel = sum(int(torch.Size(p["shape"]).numel()) for p in params)
+        epochs = []
+        for e in range(info["n_epochs"]):
+            prefix = f"epoch{e}."
+            record = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            index = store.check_tensor(record, "index", where, (torch.int64,), 1)
+            if info["codec"] in CODEC_BITS:
+                codes = store.check_tensor(record, "codes", where, (torch.int8, torch.uint8), 2)
+                scales = store.check_tensor(record, "scales", where, (torch.float32,), 2)
+                width = numel if info["codec"] == "int8" else (numel + 1) // 2  # int4: two codes a byte
+                ok = set(record) == {"index", "codes", "scales"} and codes.shape == (index.numel(), width) and scales.shape[0] == index.numel()
+                ok = ok and scales.shape[1] == -(-numel // max(info["blocksize"], 1))
+            else:
+                values = store.check_tensor(record, "values", where, (torch.float32, torch.bfloat16), 2)
+                ok = set(record) == {"index", "values"} and values.shape == (index.numel(), numel)
+            if not ok or bool((index[1:] <= index[:-1]).any()):
+                raise ValueError(f"path: {where}: the tensors of epoch {e} ({ {k: list(t.shape) for k, t in record.items()} }) do not fit "
+                                 f"{numel} recorded values per row in codec {info['codec']} with sorted, distinct indices")
+            epochs.append(record)
+        activations = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith("activations.")} or None
+        known = {f"epoch{e}.{k}" for e, r in enumerate(epochs) for k in r} | {f"activations.{k}" for k in activations or ()}
+        if set(tensors) != known:
+            raise ValueError(f"path: {where} holds tensors the manifest does not explain: {sorted(set(tensors) - known)[:5]}")
+        return cls(
+            info["kind"], info["codec"], info["blocksize"], [p["name"] for p in params], [p["shape"] for p in params],
+            [p["dtype"] for p in params], epochs, info["lrs"], activations, info.get("record_seconds", 0.0),
+        )
 
 
 # ----------------------------------------------------------------------------- recorder

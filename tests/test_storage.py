@@ -1,0 +1,518 @@
+"""History storage (store.py, docs/storage.md): round trips, crashes, concurrency, hostile files, optimizer allow-list.
+
+The on-disk format is re-implemented here with hashlib/json (read_current, forge) as an independent
+reference: tests parse and craft histories the way an attacker or another tool would.
+"""
+import copy
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+import unlearn_fast as uf
+from unlearn_fast import optimizers, store
+from unlearn_fast.history import flat_params
+from unlearn_fast.methods.retrain import build_optimizer
+
+LOSS = F.cross_entropy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # shared machine, and forked writers must not touch an OpenMP pool their parent started
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def record(kind, seed, optimizer_cls=torch.optim.SGD, n=48, batch=12, epochs=2):
+    gen = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+    data = torch.utils.data.TensorDataset(X, y)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(5, 3).double()
+    opt = optimizer_cls(model.parameters(), lr=0.2, momentum=0.9)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, codec="int8" if kind == "full" else None, rank=2))
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for b in range(0, n, batch):
+            idx = order[b : b + batch]
+            opt.zero_grad()
+            LOSS(model(X[idx]), y[idx]).backward()
+            rec.record(idx)
+            opt.step()
+    return data, model, rec.finish(data, LOSS)
+
+
+@pytest.fixture(scope="module")
+def recorded(one_thread):
+    a = record("full", 0)
+    b = record("minimal", 1)
+    return {"full": a, "minimal": b}
+
+
+def fingerprint(history):
+    """Everything a history holds, as one sha256: equal fingerprints mean equal histories."""
+    h = hashlib.sha256(json.dumps([history.meta, history.requests], sort_keys=True).encode())
+
+    def add(name, value):
+        if isinstance(value, uf.history.EncodedRows):
+            h.update(json.dumps(value.meta()).encode())
+            for k in sorted(value.tensors):
+                add(f"{name}.{k}", value.tensors[k])
+        elif isinstance(value, torch.Tensor):
+            h.update(f"{name}{value.dtype}{list(value.shape)}".encode())
+            h.update(value.contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                add(f"{name}[{i}]", v)
+
+    for section in ("schedule", "trajectory", "summary"):
+        for key, value in sorted((getattr(history, section) or {}).items()):
+            add(f"{section}.{key}", value)
+    return h.hexdigest()
+
+
+def fresh(history):
+    """A copy of a shared history with its own empty request log, saved nowhere yet."""
+    h = copy.copy(history)
+    h.requests, h.path = [], None
+    return h
+
+
+# ----------------------------------------------------------------------------- the format, read and forged independently
+def read_current(path):
+    raw = open(os.path.join(path, "CURRENT"), "rb").read()
+    body, checksum = raw[:-1].split(b"\n")
+    assert hashlib.sha256(body).hexdigest().encode() == checksum and raw.endswith(b"\n")
+    pointer = json.loads(body)
+    manifest_bytes = open(os.path.join(path, "objects", pointer["manifest"]), "rb").read()
+    return pointer, json.loads(manifest_bytes)
+
+
+def put(path, data):
+    digest = hashlib.sha256(data).hexdigest()
+    open(os.path.join(path, "objects", digest), "wb").write(data)
+    return digest
+
+
+def forge(path, manifest, data=None):
+    """Make `manifest` (with `data` bytes as its data object) current, with every checksum right: what an
+    attacker who edits a history file by file would produce."""
+    if data is not None:
+        manifest = dict(manifest, data=put(path, data))
+    digest = put(path, json.dumps(manifest).encode())
+    body = json.dumps({"format": "unlearn_fast.store", "format_version": 2, "manifest": digest}).encode()
+    open(os.path.join(path, "CURRENT"), "wb").write(body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n")
+
+
+def leftovers(path):
+    """Files besides the current version's two objects, CURRENT and LOCK."""
+    pointer, manifest = read_current(path)
+    extra = set(os.listdir(path)) - {"CURRENT", "LOCK", "objects", "tmp"}
+    extra |= {f"objects/{n}" for n in os.listdir(os.path.join(path, "objects"))} - {f"objects/{pointer['manifest']}", f"objects/{manifest['data']}"}
+    extra |= {f"tmp/{n}" for n in os.listdir(os.path.join(path, "tmp"))}
+    return sorted(extra)
+
+
+# ----------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("kind", ["full", "minimal"])
+def test_round_trip_keeps_every_tensor_meta_and_request(tmp_path, recorded, kind):
+    data, model, history = recorded[kind]
+    history = fresh(history)
+    history.meta = dict(history.meta, final_digest="ab" * 32)  # the recorder may add keys: every JSON-able one is kept
+    history.append_request([3, 1], "retrain", "cd" * 32)
+    path = str(tmp_path / "h")
+    assert history.save(path) == path and history.path == path
+    loaded = uf.GradientHistory.load(path)
+    assert fingerprint(loaded) == fingerprint(history)
+    assert loaded.meta == json.loads(json.dumps(history.meta)) and loaded.requests == [{"forget": [3, 1], "method": "retrain", "model_digest": "cd" * 32}]
+    assert loaded.path == path
+    pointer, manifest = read_current(path)
+    assert manifest["format_version"] == 2 and manifest["kind"] == "GradientHistory"
+    assert os.listdir(tmp_path) == ["h"]
+    if kind == "full":
+        forget = [0, 5, 7]
+        a = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+        b = uf.unlearn(model, loaded, forget, data, LOSS, method="retrain").model
+        assert torch.equal(flat_params(a), flat_params(b))
+
+
+def test_lm_history_round_trip_and_bit_flips(tmp_path):
+    pytest.importorskip("transformers")
+    from unlearn_fast.lm import FirstEpochHistory, FirstEpochRecorder, TextDataset, build_gpt2, train_lm
+
+    train = TextDataset([f"Person {i} was born in town {i * 7 % 13}." for i in range(6)])
+    model = build_gpt2(n_layer=1, n_embd=16, n_head=2, seed=0)
+    policies = [
+        uf.HistoryPolicy(kind="first_epoch", codec="int8", params="embeddings", per_sample=True),
+        uf.HistoryPolicy(kind="all_epochs", codec="fp32", params="embeddings", per_sample=True, activations=True),
+    ]
+    recorders = [FirstEpochRecorder(model, None, p) for p in policies]
+    train_lm(model, train, epochs=2, batch_size=3, lr=5e-3, recorders=recorders)
+    for i, recorder in enumerate(recorders):
+        history = recorder.finish()
+        path = str(tmp_path / f"lm{i}")
+        history.save(path)
+        loaded = FirstEpochHistory.load(path, model=model)
+        fields = ("kind", "codec", "blocksize", "param_names", "shapes", "dtypes", "lrs", "record_seconds")
+        assert all(getattr(loaded, f) == getattr(history, f) for f in fields)
+        assert len(loaded.epochs) == len(history.epochs) == (1 if i == 0 else 2)
+        for e, rec in enumerate(history.epochs):
+            assert set(loaded.epochs[e]) == set(rec) and all(torch.equal(loaded.epochs[e][k], t) for k, t in rec.items())
+        assert (loaded.activations is None) == (history.activations is None)
+        for k, t in (history.activations or {}).items():
+            assert torch.equal(loaded.activations[k], t)
+    # every single-bit flip of the int8 history's pointer, and 200 of its manifest, is refused
+    path = str(tmp_path / "lm0")
+    assert_every_flip_refused(path, lambda: FirstEpochHistory.load(path), manifest_flips=200)
+    with pytest.raises(ValueError, match="GradientHistory"):  # a history of the other class is named, not misread
+        uf.GradientHistory.load(path)
+    single = tmp_path / "old.uf"
+    single.write_bytes(b"format-1 single file")
+    with pytest.raises(ValueError, match="not a history directory"):
+        FirstEpochHistory.load(single)
+
+
+# ----------------------------------------------------------------------------- damaged and hostile files
+def flip_positions(path, manifest_flips, seed=0):
+    pointer, _ = read_current(path)
+    rng = random.Random(seed)
+    current = os.path.join(path, "CURRENT")
+    manifest = os.path.join(path, "objects", pointer["manifest"])
+    positions = [(current, bit) for bit in range(8 * os.path.getsize(current))]
+    positions += [(manifest, rng.randrange(8 * os.path.getsize(manifest))) for _ in range(manifest_flips)]
+    return positions
+
+
+def assert_every_flip_refused(path, load, manifest_flips):
+    for fpath, bit in flip_positions(path, manifest_flips):
+        raw = open(fpath, "rb").read()
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        open(fpath, "wb").write(bytes(flipped))
+        try:
+            with pytest.raises(ValueError):
+                load()
+        finally:
+            open(fpath, "wb").write(raw)
+    load()  # restored: loads again
+
+
+def test_every_pointer_bit_flip_and_manifest_flips_are_refused(tmp_path, recorded):
+    path = recorded["full"][2].save(str(tmp_path / "h"))
+    assert_every_flip_refused(path, lambda: uf.GradientHistory.load(path), manifest_flips=300)
+    # the issue's example: momentum 0.9 -> 0.8 in the manifest, checksums of the data untouched
+    pointer, manifest = read_current(path)
+    mpath = os.path.join(path, "objects", pointer["manifest"])
+    text = open(mpath).read()
+    assert '"momentum":0.9' in text
+    open(mpath, "w").write(text.replace('"momentum":0.9', '"momentum":0.8'))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        uf.GradientHistory.load(path)
+
+
+def test_names_from_files_never_leave_the_history(tmp_path, recorded):
+    history = recorded["full"][2]
+    outside = tmp_path / "B"
+    outside.mkdir()
+    path = history.save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    secret = open(os.path.join(path, "objects", manifest["data"]), "rb").read()
+    (outside / "data").write_bytes(secret)
+    for bad in ("../../B/data", "/etc/passwd", manifest["data"].upper()):
+        forge(path, dict(manifest, data=bad))
+        with pytest.raises(ValueError, match="no valid data object"):
+            uf.GradientHistory.load(path)
+    # format 1: a manifest entry "../B/x.pt" whose target is a valid tensor file with the right sha256
+    old = tmp_path / "old"
+    write_format1(old, history)
+    torch.save(history.schedule["w0"], outside / "w0.pt")
+    entries = json.loads((old / "manifest.json").read_text())
+    entries["files"]["schedule.w0"] = dict(entries["files"]["schedule.w0"], file="../B/w0.pt", sha256=hashlib.sha256((outside / "w0.pt").read_bytes()).hexdigest())
+    (old / "manifest.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"'\.\./B/w0\.pt' .* not a plain name"):
+        uf.GradientHistory.load(str(old))
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.mkdir, (MARKER,))
+
+
+MARKER = None
+
+
+def test_a_pickle_in_place_of_a_data_file_is_a_value_error_naming_it(tmp_path, recorded, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "MARKER", str(tmp_path / "pwned"))
+    payload = pickle.dumps(Boom())
+    history = recorded["minimal"][2]
+    path = history.save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    forge(path, manifest, data=payload)
+    with pytest.raises(ValueError, match=r"objects/[0-9a-f]{64} is not a valid safetensors file"):
+        uf.GradientHistory.load(path)
+    old = tmp_path / "old"
+    write_format1(old, history)
+    entries = json.loads((old / "manifest.json").read_text())
+    (old / "schedule.w0.pt").write_bytes(payload)
+    entries["files"]["schedule.w0"]["sha256"] = hashlib.sha256(payload).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"schedule\.w0\.pt is not a tensor"):
+        uf.GradientHistory.load(str(old))
+    assert not os.path.exists(MARKER)  # nothing from the files ran
+
+
+def test_shapes_and_dtypes_are_checked_against_the_data(tmp_path, recorded):
+    history = recorded["full"][2]
+    path = history.save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    tensors = safetensors.torch.load(open(os.path.join(path, "objects", manifest["data"]), "rb").read())
+    # the manifest disagrees with the data object's own header
+    wrong = dict(manifest, tensors=dict(manifest["tensors"], **{"schedule.lrs": {"dtype": "float64", "shape": [3, 1]}}))
+    forge(path, wrong)
+    with pytest.raises(ValueError, match=r"tensor schedule\.lrs .* the manifest says float64 \[3, 1\]"):
+        uf.GradientHistory.load(path)
+    # manifest and data agree, but w0 is too short for the recorded parameters
+    short = dict(tensors, **{"schedule.w0": tensors["schedule.w0"][:-1].clone()})
+    entries = dict(manifest["tensors"], **{"schedule.w0": {"dtype": "float64", "shape": [short["schedule.w0"].numel()]}})
+    forge(path, dict(manifest, tensors=entries), data=safetensors.torch.save(short))
+    with pytest.raises(ValueError, match=r"schedule\.w0 has 17 values, the recorded parameters 18"):
+        uf.GradientHistory.load(path)
+    # a trajectory of int8 codes one row short
+    cut = dict(tensors, **{"trajectory.g.codes": tensors["trajectory.g.codes"][:-1].clone()})
+    entries = dict(manifest["tensors"], **{"trajectory.g.codes": {"dtype": "int8", "shape": list(cut["trajectory.g.codes"].shape)}})
+    forge(path, dict(manifest, tensors=entries), data=safetensors.torch.save(cut))
+    with pytest.raises(ValueError, match="trajectory.g"):
+        uf.GradientHistory.load(path)
+
+
+# ----------------------------------------------------------------------------- optimizer classes
+def test_optimizer_names_from_a_file_are_never_imported(tmp_path, recorded, monkeypatch):
+    data, model, history = recorded["full"]
+    (tmp_path / "attacker_mod.py").write_text("import os\nos.mkdir(os.environ['UF_PWNED'])\nEvil = print\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("UF_PWNED", str(tmp_path / "pwned"))
+    for name in ("builtins.print", "os.system", "attacker_mod.Evil", "torch.optim.Optimizer", "SGD", ["torch.optim.SGD"]):
+        meta = dict(history.meta, optimizer=dict(history.meta["optimizer"], **{"class": name}))
+        with pytest.raises(ValueError, match=r"is not allowed.*register_optimizer"):
+            build_optimizer(model, meta)
+    assert "attacker_mod" not in sys.modules and not (tmp_path / "pwned").exists()
+    # through a saved (and re-checksummed, as an attacker would) history into retrain
+    path = history.save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    manifest["info"]["meta"]["optimizer"]["class"] = "attacker_mod.Evil"
+    forge(path, manifest)
+    crafted = uf.GradientHistory.load(path)
+    with pytest.raises(ValueError, match="'attacker_mod.Evil' is not allowed"):
+        uf.unlearn(model, crafted, [0], data, LOSS, method="retrain")
+    assert "attacker_mod" not in sys.modules and not (tmp_path / "pwned").exists()
+    # the recorder's spelling and the public one both name torch's SGD
+    for name in ("torch.optim.sgd.SGD", "torch.optim.SGD"):
+        meta = dict(history.meta, optimizer=dict(history.meta["optimizer"], **{"class": name}))
+        assert type(build_optimizer(model, meta)) is torch.optim.SGD
+
+
+class HalfStepSGD(torch.optim.SGD):
+    """A user's optimizer: SGD at half the learning rate."""
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            g["lr"] /= 2
+        super().step(closure)
+        for g in self.param_groups:
+            g["lr"] *= 2
+
+
+def test_register_optimizer_allows_a_users_class(tmp_path, recorded, monkeypatch):
+    monkeypatch.setattr(optimizers, "_ALLOWED", dict(optimizers._ALLOWED))
+    data, model, history = record("full", 2, optimizer_cls=HalfStepSGD)
+    assert history.meta["optimizer"]["class"] == f"{__name__}.HalfStepSGD"
+    loaded = uf.GradientHistory.load(history.save(str(tmp_path / "h")))
+    with pytest.raises(ValueError, match="HalfStepSGD' is not allowed"):
+        uf.unlearn(model, loaded, [1], data, LOSS, method="retrain")
+    assert uf.optimizers.register_optimizer(HalfStepSGD) is HalfStepSGD
+    replayed = uf.unlearn(model, loaded, [], data, LOSS, method="retrain").model
+    assert torch.equal(flat_params(replayed), flat_params(model))  # forgetting nothing replays training exactly
+    for bad in (print, torch.optim.Optimizer, "torch.optim.SGD"):
+        with pytest.raises(ValueError, match="register_optimizer: cls must be a subclass"):
+            uf.optimizers.register_optimizer(bad)
+
+
+# ----------------------------------------------------------------------------- requests
+def test_requests_persist_and_append_durably(tmp_path, recorded):
+    history = fresh(recorded["minimal"][2])
+    history.append_request(torch.tensor([4, 2]), "mini", "aa" * 32)  # in memory until saved
+    path = history.save(str(tmp_path / "h"))
+    history.append_request([7], "retrain", "bb" * 32)
+    elsewhere = uf.GradientHistory.load(path)  # another process's view
+    assert [r["forget"] for r in elsewhere.requests] == [[4, 2], [7]]
+    elsewhere.append_request([9], "mini", "cc" * 32)
+    history.append_request([11], "mini", "dd" * 32)  # both appenders' entries are kept, in order
+    expected = [[4, 2], [7], [9], [11]]
+    assert [r["forget"] for r in uf.GradientHistory.load(path).requests] == expected == [r["forget"] for r in history.requests]
+    assert fingerprint(uf.GradientHistory.load(path)) == fingerprint(history)
+    assert leftovers(path) == []
+    # the directory now holds another history: appending this one's request there is refused
+    other = recorded["full"][2]
+    other.save(path)
+    with pytest.raises(ValueError, match="replaced by another history"):
+        history.append_request([1], "mini", "ee" * 32)
+    assert uf.GradientHistory.load(path).requests == []
+
+
+# ----------------------------------------------------------------------------- crashes and concurrency
+def fork(work):
+    """Run work() in a forked child (torch is already imported: no 3 s start-up); its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def exit_code(pid):
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def kill_at_call(k, names=("write", "fsync", "replace", "unlink")):
+    """In a child: SIGKILL this process at its k-th call of one of os.`names` (every step of a save)."""
+    count = [0]
+    for name in names:
+        real = getattr(os, name)
+
+        def counted(*args, _real=real, **kwargs):
+            count[0] += 1
+            if count[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _real(*args, **kwargs)
+
+        setattr(os, name, counted)
+
+
+def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_history(tmp_path, recorded):
+    a, b = recorded["full"][2], recorded["minimal"][2]
+    prints = {fingerprint(a), fingerprint(b)}
+    path = str(tmp_path / "h")
+    a.save(path)
+    started = time.perf_counter()
+    b.save(path)
+    a.save(path)
+    save_seconds = (time.perf_counter() - started) / 2
+    kills, rng = 0, random.Random(0)
+
+    def check():
+        loaded = uf.GradientHistory.load(path)
+        assert fingerprint(loaded) in prints
+
+    # every step: the k-th write/fsync/rename/unlink of a save, until a save runs to its end
+    for k in range(1, 200):
+        pid = fork(lambda: (kill_at_call(k), b.save(path), a.save(path)))
+        if exit_code(pid) == 0:
+            break
+        kills += 1
+        check()
+    assert kills >= 20
+    # and random moments of a child saving the two in turn
+    for _ in range(24):
+        pid = fork(lambda: [h.save(path) for _ in range(1000) for h in (b, a)])
+        time.sleep(rng.uniform(0, 4 * save_seconds))
+        os.kill(pid, signal.SIGKILL)
+        assert exit_code(pid) == -signal.SIGKILL
+        check()
+    a.save(path)
+    assert leftovers(path) == []
+
+
+def test_loads_while_another_process_saves_return_one_history_whole(tmp_path, recorded):
+    a, b = recorded["full"][2], recorded["minimal"][2]
+    prints = {fingerprint(a), fingerprint(b)}
+    path = str(tmp_path / "h")
+    a.save(path)
+    pid = fork(lambda: [h.save(path) for _ in range(100000) for h in (b, a)])
+    try:
+        loads, refused = 0, 0
+        deadline = time.perf_counter() + 4
+        while time.perf_counter() < deadline:
+            try:
+                assert fingerprint(uf.GradientHistory.load(path)) in prints
+                loads += 1
+            except ValueError:
+                refused += 1
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        exit_code(pid)
+    assert loads >= 20 and refused <= loads
+
+
+def test_two_writers_on_one_path_are_serialised(tmp_path, recorded):
+    a, b = recorded["full"][2], recorded["minimal"][2]
+    path = str(tmp_path / "h")
+    pids = [fork(lambda h=h: [h.save(path) for _ in range(15)]) for h in (a, b)]
+    assert [exit_code(pid) for pid in pids] == [0, 0]
+    assert fingerprint(uf.GradientHistory.load(path)) in {fingerprint(a), fingerprint(b)}
+    assert leftovers(path) == []
+
+
+def test_a_crashed_writers_leftovers_are_removed_by_the_next_save(tmp_path, recorded):
+    history = recorded["minimal"][2]
+    path = history.save(str(tmp_path / "h"))
+    open(os.path.join(path, "tmp", "half-written"), "wb").write(b"x" * 1000)
+    put(path, b"an object no version names")
+    assert len(leftovers(path)) == 2
+    assert fingerprint(uf.GradientHistory.load(path)) == fingerprint(history)  # readers are not disturbed
+    history.save(path)
+    assert leftovers(path) == []
+    # a first save killed before its version was complete is reported, then replaced
+    fresh = str(tmp_path / "fresh")
+    pid = fork(lambda: (kill_at_call(4), history.save(fresh)))
+    assert exit_code(pid) == -signal.SIGKILL
+    with pytest.raises(ValueError, match="interrupted before its first version"):
+        uf.GradientHistory.load(fresh)
+    history.save(fresh)
+    assert leftovers(fresh) == [] and fingerprint(uf.GradientHistory.load(fresh)) == fingerprint(history)
+
+
+# ----------------------------------------------------------------------------- format 1
+def write_format1(path, history):
+    """A format-1 directory as the old save() wrote it: torch.save per array, manifest.json with sha256s."""
+    os.makedirs(path)
+    arrays, encoded = history._arrays()
+    files = {}
+    for name, tensor in arrays.items():
+        buffer = io.BytesIO()
+        torch.save(tensor.contiguous(), buffer)
+        open(os.path.join(path, name + ".pt"), "wb").write(buffer.getvalue())
+        files[name] = {"file": name + ".pt", "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+    manifest = {"format_version": 1, "meta": history.meta, "encoded": encoded, "files": files}
+    open(os.path.join(path, "manifest.json"), "w").write(json.dumps(manifest))
+
+
+def test_format1_histories_are_read_read_only(tmp_path, recorded):
+    history = recorded["full"][2]
+    old = str(tmp_path / "old")
+    write_format1(old, history)
+    loaded = uf.GradientHistory.load(old)
+    assert fingerprint(loaded) == fingerprint(history) and loaded.path is None
+    before = {f: open(os.path.join(old, f), "rb").read() for f in os.listdir(old)}
+    loaded.append_request([1], "retrain", "ff" * 32)  # in memory: format 1 is never written
+    assert loaded.requests[0]["forget"] == [1] and {f: open(os.path.join(old, f), "rb").read() for f in os.listdir(old)} == before
+    with pytest.raises(ValueError, match="holds a format-1 history"):
+        loaded.save(old)
+    upgraded = loaded.save(str(tmp_path / "new"))
+    assert uf.GradientHistory.load(upgraded).requests == loaded.requests
