@@ -1,0 +1,369 @@
+"""Record a GradientHistory from a Hugging Face `transformers.Trainer` (causal language models).
+
+    from unlearn_fast.integrations import hf
+    trainer = Trainer(model, TrainingArguments(..., remove_unused_columns=False), train_dataset=ds, data_collator=c)
+    cb = hf.record(trainer, policy=uf.HistoryPolicy(kind="minimal"))
+    trainer.train()
+    history = cb.finish()                       # or GradientHistory.load(<checkpoint>/unlearn_history)
+    result = uf.unlearn(model, history, forget, cb.replay_set, cb.replay_loss, method="retrain")
+
+How a step's indices reach the recorder: `record` wraps the data set so that each example carries its index
+(INDEX_KEY), and the data collator so that the batch carries them as a tensor; a forward pre-hook on the model
+takes them out before the model sees them and queues them. The forward hook, not the collator, queues: the
+Trainer (and accelerate's DataLoader) collate batches ahead of their use, possibly in worker processes, but run
+forward in order, one call per micro-batch. `on_pre_optimizer_step` (after the Trainer's clipping) records the
+micro-batches of that optimizer step as one step.
+
+What the replay reproduces (measured in tests/test_integrations.py): the Trainer's step loss is the token mean
+over all micro-batches of the step (`num_items_in_batch`), so replaying the step's samples as one batch with
+`TrainerLoss` gives the same gradient; its clipping (`max_grad_norm`, on by default at 1.0) is a
+per-step scale of that gradient, which `replay_loss` applies to the replayed batch (so a retrain without some
+samples clips what it really would). Dropout (a new random mask per forward) cannot be replayed and is refused
+unless allow_dropout=True; mixed precision, label smoothing, a custom loss, NEFTune noise and distributed
+Trainer runs are refused, each naming the setting.
+"""
+import collections
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from ..recording import HistoryRecorder
+
+INDEX_KEY = "uf_index"
+HISTORY_DIR = "unlearn_history"  # saved inside each checkpoint-<step> folder of the Trainer
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """A map-style data set of dict examples whose example i also carries INDEX_KEY: i."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        example = self.dataset[i]
+        if not isinstance(example, collections.abc.Mapping):
+            raise ValueError(f"train_dataset: example {i} is a {type(example).__name__}; the Trainer integration needs dict examples")
+        if INDEX_KEY in example:
+            raise ValueError(f"train_dataset: example {i} already has a field {INDEX_KEY!r}, which the recorder reserves")
+        return {**example, INDEX_KEY: int(i)}
+
+
+class IndexCollator:
+    """Wraps a data collator: takes INDEX_KEY out of every example, collates the rest with the wrapped collator,
+    and puts the indices back as an int64 tensor under INDEX_KEY. Batches with no index at all (evaluation
+    sets) pass through unchanged."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        has = [INDEX_KEY in f for f in features]
+        if not any(has):
+            return self.collator(features)
+        if not all(has):
+            raise ValueError(f"data collator: {has.count(False)} of {len(features)} examples carry no {INDEX_KEY!r} field")
+        indices = torch.tensor([int(f[INDEX_KEY]) for f in features], dtype=torch.int64)
+        batch = self.collator([{k: v for k, v in f.items() if k != INDEX_KEY} for f in features])
+        batch[INDEX_KEY] = indices
+        return batch
+
+
+class TrainerLoss:
+    """The Trainer's step loss for a causal LM, as a loss_fn(output, labels) for the methods.
+
+    The Trainer sums the next-token cross-entropy over all micro-batches of a step and divides by
+    num_items_in_batch, the count of labels other than -100 in the step. transformers 5.24 counts them over
+    labels[..., 1:] (the predicted positions) only when the model declares a causal-LM loss_type; GPT-2 declares
+    none, and its count includes each row's first label, which is never predicted (measured: 45 labels for 41
+    predictions, a gradient 41/45 of the shifted mean). count="all" divides like that, count="shifted" by the
+    predicted positions; the callback reads which one the Trainer uses.
+
+    max_grad_norm > 0 adds the Trainer's gradient clipping, for method="retrain": clip_grad_norm_ multiplies the
+    step's gradient g by min(1, max_norm / (|g| + 1e-6)), which is the gradient of the loss times the same
+    (detached) coefficient, computed here from the replayed batch's own gradient, so that a retrain without
+    some samples clips as the Trainer would have. That gradient needs the parameters, which a loss function is
+    not given: they are the leaves of the loss's autograd graph (the methods work on a private copy of the
+    model, so no reference to it could be kept). Costs one extra backward pass per step."""
+
+    def __init__(self, count="shifted", max_grad_norm=0.0):
+        if count not in ("shifted", "all"):
+            raise ValueError(f"TrainerLoss: count must be 'shifted' or 'all', got {count!r}")
+        self.count, self.max_grad_norm = count, float(max_grad_norm)
+
+    def __call__(self, output, labels):
+        logits = output.logits if hasattr(output, "logits") else output
+        shift_logits = logits[:, :-1].float()  # the model's own loss upcasts too
+        shift_labels = labels[:, 1:]
+        count = (shift_labels != -100).sum() if self.count == "shifted" else (labels != -100).sum()
+        if int(count) == 0:
+            raise ValueError("TrainerLoss: the batch has no label other than -100")
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum") / count
+        if self.max_grad_norm <= 0 or not loss.requires_grad:
+            return loss
+        leaves = _graph_leaves(loss)
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        return loss * coef.detach()
+
+
+def _graph_leaves(t):
+    seen, leaves, stack = set(), [], [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
+        if var is not None:
+            leaves.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
+
+
+def replay_set(dataset, collator, pad_id=0):
+    """The training set as (input_ids, labels) pairs for the methods (a TensorDataset, right-padded to one
+    length: labels -100 there). Each example is collated alone with the Trainer's collator, so its labels are
+    the ones the Trainer trained on; without an attention mask right padding changes nothing for a causal
+    model (a position never attends to later ones), which the recording hook checks the Trainer's batches for."""
+    rows = []
+    for i in range(len(dataset)):
+        example = dataset[i]
+        if isinstance(example, collections.abc.Mapping) and INDEX_KEY in example:
+            example = {k: v for k, v in example.items() if k != INDEX_KEY}
+        batch = collator([example])
+        if "input_ids" not in batch or "labels" not in batch:
+            raise ValueError(f"data collator: the batch of example {i} has no 'input_ids' or 'labels' (keys {sorted(batch)})")
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        if "attention_mask" in batch:  # padding of a one-example batch (pad_to_multiple_of): keep only real tokens
+            mask = batch["attention_mask"][0].bool()
+            _check_right_padded(mask[None], labels[None], f"example {i}")
+            ids, labels = ids[mask], labels[mask]
+        rows.append((ids, labels))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), length), -100, dtype=torch.int64)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)], labels[i, : len(lab)] = ids, lab
+    return torch.utils.data.TensorDataset(input_ids, labels)
+
+
+def _check_right_padded(mask, labels, where):
+    mask = mask.bool()
+    # right padding: each row of the mask is ones then zeros (non-increasing)
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(f"{where}: attention_mask is not right-padded (left padding or holes); the replay needs "
+                         "right padding (tokenizer.padding_side='right')")
+    if bool(((labels != -100) & ~mask).any()):
+        raise ValueError(f"{where}: padding positions have labels other than -100; the Trainer trains on padding, which depends "
+                         "on the batch's other samples and cannot be replayed")
+
+
+def dropout_settings(model):
+    """Names and probabilities of the dropout a model applies in training mode (modules and config fields)."""
+    found = [(name, m.p) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        for key, value in config.to_dict().items():
+            # summary_* fields configure GPT-2's sequence-summary head (double-heads models), absent from causal LMs
+            if ("dropout" in key or "pdrop" in key) and not key.startswith("summary_") and isinstance(value, float) and value > 0:
+                found.append((f"config.{key}", value))
+    return found
+
+
+def _check_trainer(trainer, allow_dropout):
+    from transformers import Trainer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    args = trainer.args
+    if args.remove_unused_columns:
+        raise ValueError(f"TrainingArguments.remove_unused_columns=True drops the {INDEX_KEY!r} field the recorder needs; "
+                         "set remove_unused_columns=False")
+    if args.world_size > 1:
+        raise ValueError(f"TrainingArguments: world_size={args.world_size}; the Trainer integration records single-process runs "
+                         "(for DDP loops see unlearn_fast.integrations.distributed)")
+    for flag in ("bf16", "fp16"):
+        if getattr(args, flag, False):
+            raise ValueError(f"TrainingArguments.{flag}=True: mixed-precision steps are not replayed exactly; train in full precision")
+    if getattr(args, "label_smoothing_factor", 0):
+        raise ValueError(f"TrainingArguments.label_smoothing_factor={args.label_smoothing_factor}: the replay loss has no label smoothing")
+    if getattr(args, "neftune_noise_alpha", None):
+        raise ValueError("TrainingArguments.neftune_noise_alpha: random embedding noise cannot be replayed")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError("Trainer(compute_loss_func=...): a custom loss is not what the replay computes")
+    for method in ("compute_loss", "training_step"):
+        if getattr(type(trainer), method) is not getattr(Trainer, method):
+            raise ValueError(f"{type(trainer).__name__}.{method} is overridden: the replay computes the stock Trainer's loss only")
+    model = trainer.model
+    if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise ValueError(f"model: {type(model).__name__} is not a causal language model; the replay loss is next-token cross-entropy")
+    if args.gradient_accumulation_steps > 1 and not trainer.model_accepts_loss_kwargs:
+        raise ValueError(f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} with a model that takes no "
+                         "num_items_in_batch: the Trainer averages per micro-batch means, which one replayed batch does not")
+    drop = dropout_settings(model)
+    if drop and not allow_dropout:
+        names = ", ".join(f"{n}={p}" for n, p in drop[:6])
+        raise ValueError(f"model: dropout is active in training ({names}); its random masks cannot be replayed, so retrain "
+                         "would not reproduce the model. Set these to 0 (e.g. GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) "
+                         "or pass allow_dropout=True to record anyway (replays then differ)")
+    return drop
+
+
+class HistoryCallback(TrainerCallback):
+    """Records every optimizer step of a Trainer into a HistoryRecorder. Build it with `record(trainer)`."""
+
+    def __init__(self, trainer, policy=None, allow_dropout=False, save_history=True):
+        self.policy, self.save_history = policy, save_history
+        self.dropout = _check_trainer(trainer, allow_dropout)
+        self.dataset = trainer.train_dataset.dataset if isinstance(trainer.train_dataset, IndexedExamples) else trainer.train_dataset
+        self.collator = trainer.data_collator.collator if isinstance(trainer.data_collator, IndexCollator) else trainer.data_collator
+        self.max_grad_norm = float(trainer.args.max_grad_norm or 0.0)
+        self.accumulation = trainer.args.gradient_accumulation_steps
+        # how the Trainer counts num_items_in_batch (see TrainerLoss); a model that takes no num_items_in_batch
+        # averages its own loss over the predicted positions (accumulation > 1 is refused then)
+        shifted = getattr(trainer, "_loss_shifts_labels", False) or not trainer.model_accepts_loss_kwargs
+        self.count = "shifted" if shifted else "all"
+        self.recorder, self.queue, self.micro_batches = None, [], 0
+        self._replay_set, self._hook = None, None
+
+    # -- the forward pre-hook (registered on the model by `record`)
+    def _pre_forward(self, module, args, kwargs):
+        if INDEX_KEY not in kwargs:
+            if module.training and self.recorder is not None:
+                raise ValueError(f"a training batch reached the model without {INDEX_KEY!r}: the data set or collator was replaced "
+                                 "after hf.record(trainer), or TrainingArguments.remove_unused_columns dropped it")
+            return None
+        kwargs = dict(kwargs)
+        indices = kwargs.pop(INDEX_KEY)
+        if module.training and torch.is_grad_enabled():
+            mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+            extra = sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask", "labels", "num_items_in_batch"))
+            if extra:
+                raise ValueError(f"training batch: fields {extra} are not replayed (only input_ids, attention_mask and labels)")
+            if labels is None:
+                raise ValueError("training batch: no 'labels'; the recorder replays the Trainer's label loss")
+            if mask is not None:
+                _check_right_padded(mask, labels, "training batch")
+            self.queue.append(indices.detach().cpu())
+        return args, kwargs
+
+    # -- Trainer events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step > 0:
+            raise ValueError(f"resume_from_checkpoint: training resumes at step {state.global_step}; resuming a recording is not supported yet "
+                             "(start a new run, or record the whole run in one train() call)")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer; the replay rebuilds a torch optimizer")
+        self.recorder = HistoryRecorder(model, optimizer, self.policy)
+        self.queue, self.micro_batches = [], 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # the model outlives the run (deep copies, torch.save): it must not keep a hook that expects indexed batches
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.micro_batches += 1
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        expected = self.micro_batches + 1
+        if len(self.queue) != expected:
+            raise ValueError(f"step {state.global_step}: {len(self.queue)} indexed micro-batches reached the model for {expected} "
+                             "backward passes; the recorder cannot tell which samples made this step")
+        self.recorder.record(torch.cat(self.queue))
+        self.queue, self.micro_batches = [], 0
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.save_history or self.recorder is None:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", HISTORY_DIR)
+        self.snapshot().save(path)
+
+    # -- results
+    @property
+    def replay_set(self):
+        """The training set as the methods take it (see replay_set())."""
+        if self._replay_set is None:
+            self._replay_set = replay_set(self.dataset, self.collator)
+        return self._replay_set
+
+    @property
+    def replay_loss(self):
+        """The loss for method="retrain": the Trainer's step loss with its clipping."""
+        return TrainerLoss(self.count, self.max_grad_norm)
+
+    @property
+    def loss_fn(self):
+        """The Trainer's step loss without clipping (for finish()'s summary and the other methods)."""
+        return TrainerLoss(self.count)
+
+    def _trainer_meta(self):
+        return {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
+                "world_size": 1, "dropout": [[n, p] for n, p in self.dropout]}
+
+    def snapshot(self):
+        """The schedule recorded so far, as a GradientHistory without summary (what retrain needs); cheap."""
+        from ..history import GradientHistory
+
+        rec = self._require()
+        meta = dict(rec.meta, n_train=len(self.dataset), hf_trainer=self._trainer_meta())
+        schedule = {"w0": rec.w0, "batches": list(rec.batches), "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
+        return GradientHistory(meta, schedule, None, None)
+
+    def finish(self, summary=True):
+        """The GradientHistory of the run. summary=False: schedule only (retrain), without finish()'s summary pass."""
+        rec = self._require()
+        if not summary:
+            return self.snapshot()
+        history = rec.finish(self.replay_set, self.loss_fn)
+        history.meta["hf_trainer"] = self._trainer_meta()
+        return history
+
+    def _require(self):
+        if self.recorder is None or not self.recorder.batches:
+            raise ValueError("HistoryCallback: nothing was recorded (call trainer.train() after hf.record(trainer))")
+        return self.recorder
+
+
+class _IndexHook:
+    """The forward pre-hook; a deep copy of the model (uf.unlearn copies it) gets a pass-through hook, not the recorder."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, module, args, kwargs):
+        return None if self.callback is None else self.callback._pre_forward(module, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return _IndexHook(None)
+
+
+def record(trainer, policy=None, allow_dropout=False, save_history=True):
+    """Attach a recorder to `trainer` (before trainer.train()); returns its HistoryCallback.
+
+    Wraps trainer.train_dataset (examples gain INDEX_KEY) and trainer.data_collator, registers a forward
+    pre-hook on trainer.model that takes the indices out, and adds the callback. The history is saved into
+    every checkpoint folder (HISTORY_DIR) when save_history."""
+    if trainer.train_dataset is None:
+        raise ValueError("trainer: no train_dataset to record")
+    if not isinstance(trainer.train_dataset, torch.utils.data.Dataset) or isinstance(trainer.train_dataset, torch.utils.data.IterableDataset):
+        raise ValueError(f"trainer.train_dataset: a map-style torch Dataset is needed (indices name its samples), got {type(trainer.train_dataset).__name__}")
+    if any(isinstance(cb, HistoryCallback) for cb in trainer.callback_handler.callbacks):
+        raise ValueError("trainer: a HistoryCallback is already attached")
+    callback = HistoryCallback(trainer, policy, allow_dropout, save_history)
+    if not isinstance(trainer.train_dataset, IndexedExamples):
+        trainer.train_dataset = IndexedExamples(trainer.train_dataset)
+    if not isinstance(trainer.data_collator, IndexCollator):
+        trainer.data_collator = IndexCollator(trainer.data_collator)
+    callback._hook = trainer.model.register_forward_pre_hook(_IndexHook(callback), with_kwargs=True)
+    trainer.add_callback(callback)
+    return callback
