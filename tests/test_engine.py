@@ -271,7 +271,7 @@ def test_mini_is_exact_on_a_linear_least_squares_run_with_every_step_checkpointe
     # Full-batch gradient descent on a quadratic (so the replay is linear and mean-field is exact), and a forget set
     # whose curvature equals the whole set's (its samples are the negatives of the retained ones): then the linear
     # replay Mini models, with every step a checkpoint and the full rank, IS the retraining, up to rounding.
-    monkeypatch.setattr(mini, "checkpoint_capacity", lambda steps: 10**6)
+    monkeypatch.setattr(uf.recording, "checkpoint_capacity", lambda steps: 10**6)
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(40, 5, generator=gen, dtype=torch.float64)
     X = torch.cat([A, -A])
@@ -485,7 +485,7 @@ def test_recorder_bad_input():
     rec = uf.HistoryRecorder(model, opt)
     with pytest.raises(ValueError, match="nothing was recorded"):
         rec.finish(make_data(n=8, d=3, dtype=torch.float32), LOSS)
-    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    LOSS(model(torch.full((2, 3), float("nan"))), torch.tensor([0, 1])).backward()
     with pytest.raises(ValueError, match="non-finite"):
         rec.record([0, 1])
     assert len(rec.ws) == 0

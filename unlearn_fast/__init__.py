@@ -16,6 +16,7 @@ from .ops import (
 __version__ = "0.1.0"
 from .history import GradientHistory, HistoryPolicy
 from .recording import HistoryRecorder
+from .data import IndexedDataset, split_batch
 from .unlearn import UnlearnResult, unlearn
 from . import metrics
 from .metrics import audit

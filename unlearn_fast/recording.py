@@ -1,19 +1,128 @@
-"""Recording: HistoryRecorder watches a training loop and returns a GradientHistory (history.py stores it)."""
+"""Recording: HistoryRecorder watches a training loop and returns a GradientHistory (history.py stores it).
+
+The replay (method="retrain", and the models DeltaGrad and Mini build of it) assumes a plain loop: per optimizer
+step one forward and backward of a mean loss over the recorded batch, then optimizer.step() on those gradients.
+The recorder checks that this is what happened, through hooks, and refuses what it cannot replay:
+  optimizer step hooks       exactly one record() per optimizer step (a second record, or a step without one,
+                             is an error naming the step);
+  gradient-accumulation hooks how many backward passes made the step's gradients (several: gradient
+                             accumulation) and their norms as backward left them (changed by record() time:
+                             gradient clipping or another in-place edit);
+  a forward pre-hook         autocast during a training forward.
+"""
+import contextlib
 import dataclasses
+import functools
 
 import torch
 
-from .history import EncodedRows, GradientHistory, HistoryPolicy, flat_grads, flat_params, param_spec
+from .history import EncodedRows, GradientHistory, HistoryPolicy, fetch, flat_grads, flat_params, param_spec, weights_digest
+
+# training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
+# Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
+# a step's micro-batches.
+ALLOWABLE = ("accumulation", "clipping", "autocast")
+# finish() and uf.unlearn compare loss_fn's gradient on a recorded batch with the recorded one: a ratio of norms
+# outside these bounds is not noise (dropout masks, one step of drift) but another loss (a sum, for one: ratio = batch size).
+LOSS_RATIO_BOUNDS = (2 / 3, 1.5)
+# relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
+# gradients compare equal (the same kernel on the same values)
+EDIT_TOLERANCE = 1e-6
+
+
+def checkpoint_capacity(steps):
+    """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 48, 4..24
+    (it keeps between half of that and that many, evenly spaced)."""
+    return max(4, min(24, steps // 48))
+
+
+class _Hook:
+    """Forwards to a recorder method while it records. A deep copy of the model or optimizer (uf.unlearn copies
+    the model) or a pickle of it gets an inert hook instead of a copy of the recorder."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return None if self.fn is None else self.fn(*args)
+
+    def __deepcopy__(self, memo):
+        return _Hook(None)
+
+    def __reduce__(self):
+        return _Hook, (None,)
+
+
+def real_optimizer(optimizer):
+    """The torch optimizer inside wrappers that hold it in `.optimizer` (accelerate's AcceleratedOptimizer)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+@contextlib.contextmanager
+def module_mode(model, training):
+    """Every module in training (or eval) mode inside the block, each module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def batch_gradient(model, loss_fn, batch, w):
+    """The flat gradient of loss_fn on `batch` at flat parameters w, in training mode (the mode the recorded
+    gradients were computed in). Leaves the model untouched: parameters, .grad, buffers (batch norm's running
+    statistics) and the global RNG (dropout)."""
+    from .methods._common import check_scalar_loss
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    w = w.detach().clone().requires_grad_(True)
+    params = dict(zip(names, [v.view(s) for v, s in zip(torch.split(w, [s.numel() for s in shapes]), shapes)]))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    x, y = batch
+    devices = [w.device] if w.device.type == "cuda" else []
+    with module_mode(model, True), torch.random.fork_rng(devices=devices), torch.enable_grad():
+        loss = loss_fn(torch.func.functional_call(model, {**params, **buffers}, (x,)), y)
+        check_scalar_loss(loss)
+        (grad,) = torch.autograd.grad(loss, w, allow_unused=True)
+    return torch.zeros_like(w) if grad is None else grad.detach()
+
+
+def loss_ratio(model, loss_fn, batch, w, reference_norm):
+    """|gradient of loss_fn on batch at w| / reference_norm, ValueError naming loss_fn when it is far from 1."""
+    ratio = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w))) / max(reference_norm, 1e-300)
+    low, high = LOSS_RATIO_BOUNDS
+    if not low <= ratio <= high:  # also catches NaN
+        what = "a non-finite gradient" if ratio != ratio or ratio == float("inf") else f"{ratio:.4g} times the gradient"
+        raise ValueError(
+            f"loss_fn: gives {what} the training loss gave on a recorded batch of {len(batch[1])} samples; it must be the "
+            "MEAN loss the model was trained with (a sum is batch-size times larger)"
+        )
+    return ratio
 
 
 class HistoryRecorder:
-    """Records a GradientHistory while a model trains. Call record(batch_indices) after backward, before step.
+    """Records a GradientHistory while a model trains:
+
+        rec = HistoryRecorder(model, optimizer, policy)
+        for indices, x, y in loader:               # e.g. DataLoader(uf.IndexedDataset(train_set), shuffle=True)
+            optimizer.zero_grad(); loss_fn(model(x), y).backward()
+            rec.record(indices, batch_size=len(x))  # once per optimizer step, after backward, before step()
+            optimizer.step()
+        history = rec.finish(train_set, loss_fn)
+
+    allow: training features among ALLOWABLE that the caller's replay loss_fn reproduces itself; by default
+    each is refused when record() sees it (their replay would be silently wrong).
 
     For kind "first_epoch" / "all_epochs" this returns the language-model per-sample recorder
     (unlearn_fast.lm.recording.FirstEpochRecorder), which takes the batch inputs as well.
     """
 
-    def __new__(cls, model, optimizer, policy=None):
+    def __new__(cls, model, optimizer, policy=None, allow=()):
         policy = policy or HistoryPolicy()
         if policy.kind in ("first_epoch", "all_epochs"):
             from .lm.recording import FirstEpochRecorder
@@ -21,14 +130,28 @@ class HistoryRecorder:
             return FirstEpochRecorder(model, optimizer, policy)
         return super().__new__(cls)
 
-    def __init__(self, model, optimizer, policy=None):
+    def __init__(self, model, optimizer, policy=None, allow=()):
         self.policy = policy or HistoryPolicy()
-        self.model, self.optimizer = model, optimizer
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"HistoryRecorder: model must be an nn.Module, got {type(model).__name__}")
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = real_optimizer(optimizer)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"HistoryRecorder: optimizer must be a torch.optim.Optimizer (or hold one in .optimizer), got {type(optimizer).__name__}")
+        allow = (allow,) if isinstance(allow, str) else tuple(allow)
+        unknown = [a for a in allow if a not in ALLOWABLE]
+        if unknown:
+            raise ValueError(f"HistoryRecorder: allow must name features among {ALLOWABLE}, got {unknown}")
+        self.allow = allow
+        self.model, self.optimizer = model, optimizer
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("HistoryRecorder: model has no trainable parameters")
+        half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
+        if half:
+            # finish() and the methods factorise and solve in the parameters' dtype (geqrf has no bfloat16 kernel)
+            # and a half-precision replay would round differently from training; keep float32 master weights
+            raise ValueError(f"HistoryRecorder: model parameter {half[0][0]} is {half[0][1]}; histories are recorded for float32 or float64 models")
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if any(id(p) not in opt_ids for p in self.params):
             raise ValueError("HistoryRecorder: optimizer does not hold every trainable parameter of model")
@@ -36,68 +159,201 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
         self.batches, self.lrs, self.ws, self.gs = [], [], [], []
-        self.checkpoints, self.checkpoint_every = [], 1  # (step, EncodedRows of w_step): a few evenly spaced parameter snapshots for the summary
+        self.checkpoints, self.checkpoint_every = [], 1  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
             "param_spec": param_spec(model),
             "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": _jsonable(groups)},
             "group_of_param": self.group_of_param,
         }
+        # what the hooks saw since the last optimizer step
+        self._passes = [0] * len(self.params)  # backward passes that reached each parameter
+        self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
+        self._autocast = None  # the autocast dtype of a training forward, if any
+        self._recorded = False  # record() ran for the coming step
+        self._steps_taken = 0
+        self._unrecorded_step = None  # the first optimizer step that ran without a record()
+        self._seen = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
+        self._last_w = None  # kind="minimal": the parameters of the last recorded step ("full" keeps every step's in ws)
+        self._last_raw_norm = None  # the last step's gradient norm as backward left it (before clipping), finish() checks loss_fn against it
+        self._finished = False
+        self._handles = [
+            optimizer.register_step_pre_hook(_Hook(self._before_step)),
+            optimizer.register_step_post_hook(_Hook(self._after_step)),
+            model.register_forward_pre_hook(_Hook(self._on_forward)),
+        ]
+        self._handles += [p.register_post_accumulate_grad_hook(_Hook(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
 
-    def record(self, batch_indices):
-        idx = torch.as_tensor(batch_indices, dtype=torch.int64).reshape(-1).cpu().clone()
+    # -- hooks
+    def _on_grad(self, i, p):
+        self._passes[i] += 1
+        self._raw_norms[i] = torch.linalg.vector_norm(p.grad.detach())
+
+    def _on_forward(self, module, args):
+        if module.training and torch.is_grad_enabled():
+            device = self.params[0].device.type
+            if torch.is_autocast_enabled(device):
+                self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
+
+    def _before_step(self, optimizer, args, kwargs):
+        if not self._recorded and self._unrecorded_step is None:
+            self._unrecorded_step = self._steps_taken
+
+    def _after_step(self, optimizer, args, kwargs):
+        self._steps_taken += 1
+        self._recorded, self._autocast = False, None
+        self._passes = [0] * len(self.params)
+        self._raw_norms = [None] * len(self.params)
+
+    # -- checks
+    def _check_open(self, call):
+        if self._finished:
+            raise ValueError(f"{call}: the recorder is finished; the history it returned is closed (start a new HistoryRecorder)")
+        if self._unrecorded_step is not None:
+            raise ValueError(
+                f"{call}: optimizer step {self._unrecorded_step} ran without a record() before it; the history would miss "
+                "its update (call record() once for every optimizer step, after backward and before optimizer.step())"
+            )
+
+    def _check_indices(self, batch_indices, batch_size):
+        if isinstance(batch_indices, torch.Tensor):
+            idx = batch_indices.detach()
+        else:
+            try:
+                idx = torch.as_tensor(batch_indices)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"record: batch_indices must be a 1-D sequence of integer sample indices ({err})") from None
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() != 1:
+            raise ValueError(f"record: batch_indices must be a 1-D integer tensor of sample indices into train_set, got {idx.dtype} of shape {tuple(idx.shape)}")
         if idx.numel() == 0:
             raise ValueError("record: batch_indices is empty")
-        if self.policy.kind == "full":
-            # Check before appending anything, so a rejected step leaves batches, lrs, ws and gs aligned.
-            w, g = flat_params(self.model), flat_grads(self.model)
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"record: step {len(self.batches)} has non-finite gradients; history not extended")
-            self.ws.append(w.clone())
-            self.gs.append(g.clone())
-        if self.policy.kind in ("full", "minimal"):
-            self._keep_checkpoint(len(self.batches))
-        self.batches.append(idx)
-        self.lrs.append([g["lr"] for g in self.optimizer.param_groups])
+        idx = idx.to("cpu", torch.int64).clone()
+        if bool((idx < 0).any()):
+            raise ValueError(f"record: batch_indices holds negative values {idx[idx < 0][:10].tolist()}; they are positions in train_set")
+        if batch_size is not None:
+            if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+                raise ValueError(f"record: batch_size must be a positive int, got {batch_size!r}")
+            if idx.numel() != batch_size:
+                raise ValueError(f"record: batch_indices has {idx.numel()} indices for a batch of {batch_size} samples")
+        unique, counts = torch.unique(idx, return_counts=True)
+        if unique.numel() != idx.numel():
+            raise ValueError(
+                f"record: batch_indices repeats {unique[counts > 1][:10].tolist()} within one step; each sample appears once in a "
+                "batch (were labels passed instead of sample indices?)"
+            )
+        return idx
 
-    def _keep_checkpoint(self, step):
+    def _check_gradients(self, step):
+        passes = max(self._passes)
+        if passes == 0:
+            raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
+        if passes > 1:
+            if "accumulation" not in self.allow:
+                raise ValueError(
+                    f"record: step {step} accumulated gradients of {passes} backward passes (gradient accumulation); the replay computes "
+                    "one mean-loss backward per step. Record one backward per optimizer step, or pass allow=('accumulation',) "
+                    "if your replay loss_fn reproduces the accumulated gradient"
+                )
+            self._seen["accumulated_steps"] += 1
+        if self._autocast is not None:
+            if "autocast" not in self.allow:
+                raise ValueError(f"record: step {step} ran its forward under autocast ({self._autocast}); the replay runs in the "
+                                 "parameters' dtype and would differ. Train without autocast")
+            self._seen["autocast_steps"] += 1
+        reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+        raw = torch.stack([self._raw_norms[i] for i in reached])
+        now = torch.stack([torch.linalg.vector_norm(self.params[i].grad.detach()) for i in reached])
+        total = torch.linalg.vector_norm(now)
+        if not bool(torch.isfinite(total)):
+            raise ValueError(f"record: step {step} has non-finite gradients; history not extended")
+        if bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
+            if "clipping" not in self.allow:
+                factor = float(total / torch.linalg.vector_norm(raw).clamp(min=1e-300))
+                raise ValueError(
+                    f"record: step {step}'s gradients changed between backward and record() (norm scaled by {factor:.4g}: gradient "
+                    "clipping?); the replay computes unclipped gradients. Train without clipping, or pass allow=('clipping',) if "
+                    "your replay loss_fn reproduces it"
+                )
+            self._seen["clipped_steps"] += 1
+        return torch.linalg.vector_norm(raw)
+
+    # -- the recording
+    def record(self, batch_indices, batch_size=None):
+        """Record the coming optimizer step: its samples' indices into train_set (1-D, integer, distinct),
+        checked against batch_size (the number of samples in the batch) when given. Call it once per
+        optimizer step, after backward (and after any gradient edit) and before optimizer.step()."""
+        self._check_open("record")
+        step = len(self.batches)
+        if self._recorded:
+            raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
+        idx = self._check_indices(batch_indices, batch_size)
+        raw_norm = self._check_gradients(step)  # before appending anything, so a refused step leaves batches, lrs, ws and gs aligned
+        w = flat_params(self.model)
+        if self.policy.kind == "full":
+            self.ws.append(w.clone())
+            self.gs.append(flat_grads(self.model).clone())
+        else:
+            self._last_w = w.clone()
+            self._keep_checkpoint(step, w)
+        self._last_raw_norm = raw_norm
+        self.batches.append(idx)
+        self.lrs.append([float(g["lr"]) for g in self.optimizer.param_groups])
+        self._recorded = True
+
+    def _keep_checkpoint(self, step, w):
         """Snapshots without knowing the run's length: every power-of-two step (training moves fastest at the
         start) and an even grid of spacing `checkpoint_every`; when the grid holds more than
         checkpoint_capacity(steps) points, every other one is dropped and the spacing doubles."""
-        from .methods.mini import checkpoint_capacity
-
         early = lambda s: s & (s - 1) == 0  # noqa: E731  (0, 1, 2, 4, 8, ...)
         if step % self.checkpoint_every == 0 or early(step):
             # encoded now (the summary stores them through summary_codec anyway): an int8 snapshot holds a quarter of the memory
-            w = flat_params(self.model)
             self.checkpoints.append((step, EncodedRows.encode(w[None], self.policy.summary_codec, self.policy.blocksize)))
         while sum(s % self.checkpoint_every == 0 for s, _ in self.checkpoints) > checkpoint_capacity(step + 1):
             self.checkpoint_every *= 2
             self.checkpoints = [(s, w) for s, w in self.checkpoints if s % self.checkpoint_every == 0 or early(s)]
 
     def finish(self, train_set, loss_fn, batch_size=1024):
-        """Close the recording. For "full" and "minimal" this computes the final summary over train_set."""
+        """Close the recording and return the GradientHistory. Checks loss_fn against the last recorded step's
+        gradient (ValueError naming loss_fn if it is another loss, e.g. a sum) and binds the history to the
+        model's final weights (meta["final_digest"]). Only kind="minimal" computes Mini's summary here (in eval
+        mode: no dropout, batch norm's running statistics)."""
+        self._check_open("finish")
         if not self.batches:
             raise ValueError("finish: nothing was recorded (call record() every training step)")
+        T = len(self.batches)
+        if self._recorded:
+            raise ValueError(f"finish: step {T - 1} was recorded but optimizer.step() did not run after it")
         n_train = len(train_set)
         top = int(torch.cat(self.batches).max())
         if top >= n_train:
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
-        meta = dict(self.meta, n_train=n_train)
+        probe = fetch(train_set, self.batches[-1])
+        loss_ratio(self.model, loss_fn, probe, self.ws[-1] if self.policy.kind == "full" else self._last_w, float(self._last_raw_norm))
+        w_final = flat_params(self.model)
+        meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **self._seen})
+        # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
+        meta["loss_check"] = {"step": T - 1, "grad_norm": float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, probe, w_final)))}
         schedule = {"w0": self.w0, "batches": self.batches, "lrs": torch.tensor(self.lrs, dtype=torch.float64)}
-        trajectory = None
+        trajectory = summary = None
         if self.policy.kind == "full":
             c, bs = self.policy.codec, self.policy.blocksize
             trajectory = {"w": EncodedRows.encode(self.ws, c, bs), "g": EncodedRows.encode(self.gs, c, bs)}
-        from .methods.mini import final_summary, sgd_settings
+        else:
+            from .methods.mini import final_summary, sgd_settings
 
-        try:
-            sgd = sgd_settings(meta, "mini")
-        except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
-            sgd = None
-        summary = final_summary(
-            self.model, train_set, loss_fn, self.policy, len(self.batches), self.checkpoints, schedule["lrs"][:, 0], sgd, batch_size=batch_size
-        )
+            try:
+                sgd = sgd_settings(meta, "mini")
+            except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
+                sgd = None
+            with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
+                summary = final_summary(
+                    self.model, train_set, loss_fn, self.policy, T, self.checkpoints, schedule["lrs"][:, 0], sgd, batch_size=batch_size
+                )
+        meta["final_digest"] = weights_digest(self.model)
+        for handle in self._handles:
+            handle.remove()
+        self._finished = True
+        self.ws, self.gs, self._last_w = [], [], None  # the history holds them encoded now
         return GradientHistory(meta, schedule, trajectory, summary)
 
 

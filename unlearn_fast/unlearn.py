@@ -13,12 +13,17 @@ import time
 
 import torch
 
+from .history import GradientHistory, fetch, flat_params, weights_digest
+from .recording import loss_ratio
+
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
 METHODS = {
     "retrain": "unlearn_fast.methods.retrain:run",
     "deltagrad": "unlearn_fast.methods.deltagrad:run",
     "mini": "unlearn_fast.methods.mini:run",
     "newton": "unlearn_fast.methods.newton:run",
+    "finetune": "unlearn_fast.methods.finetune:run",
+    "rewind": "unlearn_fast.methods.rewind:run",
     "first_epoch_ascent": "unlearn_fast.lm.ascent:run_first_epoch_ascent",
     "gradient_ascent": "unlearn_fast.lm.ascent:run_gradient_ascent",
 }
@@ -41,8 +46,16 @@ def _method(name):
 
 
 def check_forget(forget, n_train):
-    """forget -> sorted unique int64 tensor; ValueError naming `forget` on anything invalid."""
-    t = torch.as_tensor(forget)
+    """forget -> sorted unique int64 tensor; ValueError naming `forget` on anything invalid. A set is taken in
+    sorted order."""
+    if isinstance(forget, (set, frozenset)):
+        forget = sorted(forget)
+    if forget is None:
+        raise ValueError("forget: must be a 1-D sequence of integer training-set indices, got None")
+    try:
+        t = torch.as_tensor(forget)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"forget: must be a 1-D sequence of integer training-set indices, got {type(forget).__name__} ({err})") from None
     if t.numel() == 0:
         return t.new_empty(0, dtype=torch.int64)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() > 1:
@@ -59,16 +72,45 @@ def check_forget(forget, n_train):
     return unique
 
 
+# methods that evaluate the loss on parts of a recorded batch (its deleted samples alone): batch norm makes each
+# sample's gradient depend on its batch-mates, which they cannot model
+NO_BATCH_NORM = ("deltagrad", "mini")
+
+
+def bind_request(model, history, forget, allow_unrecorded_model):
+    """The samples to forget from the history's training run: forget itself when model holds the weights the
+    history was recorded for; the union with an earlier request's forget set when model is that request's
+    result (every method restarts from the history, so it must forget both); ValueError naming model otherwise,
+    unless allow_unrecorded_model. Returns (union, digest of model)."""
+    digest = weights_digest(model)
+    final = history.meta.get("final_digest")  # absent from histories recorded before the binding (unchecked)
+    earlier = next((r for r in reversed(history.requests) if r["model_digest"] == digest), None)
+    if earlier is not None:
+        forget = torch.unique(torch.cat([forget, torch.tensor(earlier["forget"], dtype=torch.int64)]))
+    elif final is not None and digest != final and not allow_unrecorded_model:
+        raise ValueError(
+            "model: its weights are neither the final weights this history was recorded for nor the result of a request "
+            "logged in it; the methods would unlearn the history's model, not this one. Pass the trained model (or the "
+            "result of an earlier uf.unlearn on this history), or allow_unrecorded_model=True to unlearn the history's model anyway"
+        )
+    return forget, digest
+
+
 def non_finite_parameters(model):
     """Names of the parameters holding NaN or infinite values."""
     return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
-def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options):
+def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unrecorded_model=False, **options):
     """Remove the training samples `forget` from `model`; returns UnlearnResult(model, seconds, stats).
 
     history is the GradientHistory recorded while training; train_set a map-style data set returning
     (x, y); loss_fn(outputs, targets) the mean training loss. See docs/ for each method's options.
+
+    With a GradientHistory, model must be the trained model (its weights' digest is the history's) or the
+    result of an earlier request served from the same history; then the union of that request and forget is
+    forgotten (stats["forgotten_total"]), and every served request is logged in history.requests.
+    allow_unrecorded_model=True unlearns the history's model whatever model is passed.
     """
     run = _method(method)
     if isinstance(forget, str) and method not in TEXT_METHODS:
@@ -78,7 +120,24 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options
     bad = non_finite_parameters(model)
     if bad:
         raise ValueError(f"model: parameters {bad[:5]} hold NaN or infinite values; nothing to unlearn from")
+    bound = isinstance(history, GradientHistory)
+    if bound and method in NO_BATCH_NORM:
+        norms = [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        if norms:
+            raise ValueError(f"model: has batch norm ({norms[:3]}); {method} computes gradients of parts of recorded batches, which "
+                             "batch statistics make depend on the whole batch. Use method='retrain'")
     start = time.perf_counter()
+    if bound and not isinstance(forget, str):
+        history.check_model(model)  # another architecture: say so before comparing weights
+        new, digest = bind_request(model, history, forget, allow_unrecorded_model)
+        if new.numel() >= len(train_set):
+            raise ValueError("forget: with the earlier requests this model served it names the whole training set; nothing would remain")
+        check = history.meta.get("loss_check")
+        if check is not None and digest == history.meta.get("final_digest"):  # model holds the weights finish() checked loss_fn at
+            batch = fetch(train_set, history.schedule["batches"][check["step"]]) if len(train_set) == history.n_train else None
+            if batch is not None:  # (another train_set is refused by the method, naming train_set)
+                loss_ratio(model, loss_fn, batch, flat_params(model), check["grad_norm"])
+        forgotten_before, forget = new.numel() - forget.numel(), new
     new_model = copy.deepcopy(model)
     if not isinstance(forget, str) and forget.numel() == 0:
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
@@ -88,4 +147,7 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", **options
     if bad:  # e.g. a loss that went NaN during a replay: stop and say so rather than return a broken model
         raise RuntimeError(f"{method}: the unlearned parameters {bad[:5]} are NaN or infinite (a non-finite loss or a "
                            "diverging step); no model is returned")
+    if bound and not isinstance(forget, str):
+        history.append_request(forget.tolist(), method, weights_digest(new_model))
+        stats = {**stats, "forgotten_total": forget.numel(), "forgotten_earlier": forgotten_before}
     return UnlearnResult(new_model, seconds, {"method": method, **stats})

@@ -2,9 +2,18 @@
 import torch
 
 
+def check_scalar_loss(loss):
+    """The methods average per-batch losses: a per-sample (reduction="none") loss is refused, naming loss_fn."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn: must return the batch's mean loss as a scalar tensor, got {shape} (reduction='none'?)")
+
+
 def batch_loss(model, loss_fn, batch):
     x, y = batch
-    return loss_fn(model(x), y)
+    loss = loss_fn(model(x), y)
+    check_scalar_loss(loss)
+    return loss
 
 
 def remaining(batch, forget_mask):
