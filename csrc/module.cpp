@@ -13,6 +13,7 @@ PYBIND11_MODULE(_C, m) {
   unlearn_fast::cpu::bind_codec(m);
   unlearn_fast::cpu::bind_lbfgs(m);
   unlearn_fast::cpu::bind_softmax_linear_hvp(m);
+  unlearn_fast::cpu::bind_parallel(m);
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
   unlearn_fast::cuda::bind_codec(m);

@@ -617,3 +617,186 @@ def test_cpp_kernels_reject_bad_input_without_crashing():
     sigma, Minv = reference.lbfgs_compact_from_gram(*reference.lbfgs_gram(S, Y), False, 1e-3)
     with pytest.raises(RuntimeError, match="Minv must be"):
         _C.lbfgs_matvec_cpu(S, Y, sigma, Minv[:2, :2].contiguous(), torch.randn(10, dtype=F64))
+
+
+# ----------------------------------------------------------------------------- one contract for every backend (issue 14)
+def test_codes_and_scales_must_be_flat_on_every_backend(backend):
+    # Flat codes/scales, as quantize_blockwise returns them, are the only accepted layout; the checks
+    # live in ops.py, so a backend that reads raw memory cannot accept what the reference refuses.
+    n = 1000
+    x = randn(n, seed=11)
+    for bits in (8, 4):
+        codes, scales = reference.quantize_blockwise(x, 64, bits, False, 0)
+        expected = reference.dequantize_blockwise(codes, scales, 64, bits, n, torch.float32)
+        # Accepted: flat, contiguous or strided (a strided stream is copied before the kernel).
+        strided_codes = torch.stack([codes, codes], 1).reshape(-1)[::2]
+        strided_scales = torch.stack([scales, scales], 1).reshape(-1)[::2]
+        assert not strided_codes.is_contiguous() and not strided_scales.is_contiguous()
+        for c, s in ((codes, scales), (strided_codes, strided_scales)):
+            assert torch.equal(uf.dequantize_blockwise(c, s, 64, bits, n), expected)
+            y = randn(n, seed=12)
+            y_expected = y.clone()
+            reference.dequantize_axpy_(y_expected, codes, scales, 0.5, 64, bits)
+            assert torch.equal(uf.dequantize_axpy_(y, c, s, 0.5, 64, bits), y_expected)
+        # Refused, naming the argument, before anything is written.
+        y = randn(n, seed=13)
+        y0 = y.clone()
+        half = codes.numel() // 2
+        refused = [
+            (codes.view(2, half), scales, "codes must be 1-D"),
+            (codes.view(1, -1), scales, "codes must be 1-D"),
+            (codes, scales.view(-1, 1), "scales must be 1-D"),
+            (codes, scales.view(1, -1), "scales must be 1-D"),
+        ]
+        for c, s, message in refused:
+            with pytest.raises(ValueError, match=message):
+                uf.dequantize_blockwise(c, s, 64, bits, n)
+            with pytest.raises(ValueError, match=message):
+                uf.dequantize_axpy_(y, c, s, 0.5, 64, bits)
+            assert torch.equal(y, y0)
+
+
+# ----------------------------------------------------------------------------- in-place ops and overlapping inputs
+# The in-place ops are defined as the reference run on copies of the inputs: every input is read as
+# it was before the call, whatever memory it shares with the output (ops.py copies such inputs).
+OVERLAPS = ("full", "partial", "none")
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("ydtype", (torch.float32, torch.float16))
+def test_axpy_with_inputs_sharing_memory_with_y(backend, overlap, bits, ydtype):
+    n, bs = 4096, 64
+    nb = n // bs
+    code_dtype, nbytes = (torch.int8, n) if bits == 8 else (torch.uint8, n // 2)
+    buf = randn(4 * n, seed=21).to(ydtype)  # one storage: y, then room for codes and scales
+    y = buf[:n]
+    y_bytes = n * buf.element_size()
+    # Codes: inside y ("full"), straddling its end ("partial") or right after it ("none").
+    start = {"full": 0, "partial": y_bytes - nbytes // 2, "none": y_bytes}[overlap]
+    codes = buf.view(code_dtype)[start:start + nbytes]
+    floats = buf.view(torch.float32)
+    if ydtype == torch.float32 and overlap != "none":
+        first = n - nb // 2  # scales straddle y's end: half of them are y's own values
+    else:  # float16 bits make no sane float32 scales: put scales after the codes, same storage
+        first = -(-(y_bytes + nbytes) // 4)
+        floats[first:first + nb] = 1e-3 + 1e-2 * torch.rand(nb, generator=torch.Generator().manual_seed(3))
+    scales = floats[first:first + nb]
+    y_expected, tail = y.clone(), buf[n:].view(torch.int8).clone()
+    reference.dequantize_axpy_(y_expected, codes.clone(), scales.clone(), 0.5, bs, bits)
+    uf.dequantize_axpy_(y, codes, scales, 0.5, bs, bits)
+    assert torch.equal(y, y_expected), f"{int((y != y_expected).sum())} of {n} elements differ"
+    assert torch.equal(buf[n:].view(torch.int8), tail)  # nothing outside y was written (bytes: scales may read as NaN)
+
+
+def qn_views(st, p, m, overlap, quantized):
+    """w, w_ref, g_ref, g_extra, S, Y as views into the one flat storage `st`.
+
+    none: adjacent, disjoint. partial: each starts inside w or the view before it. full: w_ref and
+    g_extra are w itself and w is row 1 of S. Quantized S, Y are int8 views of the same bytes.
+    """
+    if overlap == "full":
+        S = st[:m * p].view(m, p)
+        w = S[1]
+        w_ref = g_extra = w
+        g_ref = st[m * p:(m + 1) * p]
+        Y = st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
+    else:
+        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
+        S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
+    if quantized:
+        raw = st.view(torch.int8)
+        start = {"full": 0, "partial": p * st.element_size() // 2, "none": (4 + 2 * m) * p * st.element_size()}[overlap]
+        S = raw[start:start + m * p].view(m, p)
+        Y = raw[start + m * p:start + 2 * m * p].view(m, p)
+    return w, w_ref, g_ref, g_extra, S, Y
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("quantized", (False, True), ids=("dense", "int8"))
+def test_qn_step_with_inputs_sharing_memory_with_w(backend, overlap, dtype, quantized):
+    p, m, bs = 3001, 3, 64
+    sigma, Minv = uf.lbfgs_compact(*curvature_pairs(m, p, dtype, seed=5))
+    st = randn((6 + 2 * m) * p, F64, seed=6).to(dtype)
+    w, w_ref, g_ref, g_extra, S, Y = qn_views(st, p, m, overlap, quantized)
+    scales = {}
+    if quantized:
+        gen = torch.Generator().manual_seed(7)
+        scales = dict(S_scales=1e-3 + 1e-2 * torch.rand(m, -(-p // bs), generator=gen),
+                      Y_scales=1e-3 + 1e-2 * torch.rand(m, -(-p // bs), generator=gen), blocksize=bs, bits=8)
+    inputs = [t.clone() for t in (w, w_ref, g_ref, g_extra, S, Y)]
+    expected_norm = reference.qn_step_(*inputs[:6], sigma, Minv, *COEFFS.values(), scales.get("S_scales"),
+                                       scales.get("Y_scales"), bs, 8)
+    expected_w = inputs[0]
+    w_offset = w.data_ptr() - st.data_ptr()
+    outside = torch.cat([st.view(torch.int8)[:w_offset], st.view(torch.int8)[w_offset + w.numel() * w.element_size():]])
+    norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, **COEFFS, **scales)
+    assert_close(w, expected_w, scale=float(expected_w.abs().max()))
+    assert_close(norm, expected_norm, dtype=dtype)
+    after = torch.cat([st.view(torch.int8)[:w_offset], st.view(torch.int8)[w_offset + w.numel() * w.element_size():]])
+    assert torch.equal(after, outside)  # nothing outside w was written
+
+
+def test_overlap_detection_copies_only_what_shares_memory():
+    buf = torch.zeros(100)
+    y = buf[10:20]
+    assert ops._overlaps(y, buf[19:30]) and ops._overlaps(y, buf[:11]) and ops._overlaps(y, buf)
+    assert not ops._overlaps(y, buf[20:30]) and not ops._overlaps(y, buf[:10]) and not ops._overlaps(y, torch.zeros(10))
+    assert ops._overlaps(y, buf.view(torch.int8)[79:90]) and not ops._overlaps(y, buf.view(torch.int8)[80:90])
+    assert not ops._overlaps(y, buf[:0])
+    assert ops._unaliased(y, buf[20:30]).data_ptr() == buf[20:].data_ptr()  # disjoint: no copy
+
+
+# ----------------------------------------------------------------------------- threads (issue 14)
+def test_cpu_kernels_run_on_torch_threads():
+    # The kernels must use the threads torch.set_num_threads gives them (they ran serially when the
+    # extension was compiled without OpenMP). Counted, not timed.
+    from unlearn_fast import _C
+    assert _C.parallel_runtime() == "openmp"
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert _C.threads_used(64) == threads
+            assert _C.threads_used(1) == 1
+            assert _C.threads_used(64, grain=32) == min(threads, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    # Work is split into fixed chunks and reductions are summed in chunk order, so 1 and 3 threads
+    # give the same bits (p spans many 32k-element chunks, split unevenly between threads).
+    p, m = 300_007, 4
+    w0, w_ref, g_ref, g_extra, S, Y = qn_inputs(p, m, torch.float32, seed=9)
+    x = randn(p, seed=10)
+    V = randn(2 * p, seed=11).view(p, 2)
+
+    def run_all():
+        with uf.use_backend("cpp"):
+            codes, scales = uf.quantize_blockwise(x, 256, 8, True, 3)
+            deq = uf.dequantize_blockwise(codes, scales, 256, 8, p)
+            y = uf.dequantize_axpy_(x.clone(), codes, scales, 0.5, 256, 8)
+            sigma, Minv = uf.lbfgs_compact(S, Y)
+            BV = uf.lbfgs_matvec(S, Y, sigma, Minv, V)
+            w = w0.clone()
+            norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, **COEFFS)
+            Sc, Ss = uf.quantize_rows(S, 256, 4)
+            Yc, Ys = uf.quantize_rows(Y, 256, 4)
+            wq = w0.clone()
+            normq = uf.qn_step_(wq, w_ref, g_ref, g_extra, Sc, Yc, sigma, Minv, **COEFFS, S_scales=Ss, Y_scales=Ys,
+                                blocksize=256, bits=4)
+        return codes, scales, deq, y, sigma, Minv, BV, w, norm, wq, normq
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_all()
+        torch.set_num_threads(3)
+        three = run_all()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)

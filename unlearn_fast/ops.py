@@ -55,6 +55,10 @@ def num_blocks(numel, blocksize):
 
 def _check_codes(op, codes, scales, blocksize, bits, numel, device):
     _check_codec(op, blocksize, bits)
+    # One contract for every backend: flat code and scale streams, as quantize_blockwise returns them
+    # (a kernel reading raw memory would take any shape, the reference would not).
+    _require(codes.dim() == 1, f"{op}: codes must be 1-D (flat, as quantize_blockwise returns it), got shape {tuple(codes.shape)}")
+    _require(scales.dim() == 1, f"{op}: scales must be 1-D (one per block), got shape {tuple(scales.shape)}")
     _require(
         codes.dtype == CODE_DTYPE[bits],
         f"{op}: codes must be {CODE_DTYPE[bits]} for bits={bits}, got {codes.dtype}",
@@ -231,10 +235,38 @@ def _require_no_grad(op, **tensors):
                      f"{op}: {name} requires grad, and this in-place op has no derivative; detach it or call under torch.no_grad()")
 
 
+def _byte_range(t):
+    """[first, last) byte addresses t can touch (a superset for strided views); None when empty."""
+    if t.numel() == 0:
+        return None
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _overlaps(out, t):
+    if t is None or t.device != out.device or t.device.type == "meta":
+        return False
+    a, b = _byte_range(out), _byte_range(t)
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+
+
+def _unaliased(out, t):
+    """t itself, or a copy when it shares memory with the in-place output `out`.
+
+    The in-place ops are defined as the reference run on copies of their inputs: every input is read
+    as it was before the call. A kernel that writes `out` while streaming an input that overlaps it
+    would read values it has already overwritten, so such an input is copied first (for every
+    backend, here, so none can differ). Conservative: a strided view whose address range merely
+    interleaves with `out` is copied too.
+    """
+    return t.clone(memory_format=torch.contiguous_format) if _overlaps(out, t) else t
+
+
 def _axpy(y, codes, scales, alpha, blocksize, bits):
     check_axpy(y, codes, scales, blocksize, bits)
     _require_no_grad("dequantize_axpy_", y=y, scales=scales)
-    backends.kernel("dequantize_axpy_", y.device.type)(y, codes.contiguous(), scales.contiguous(), alpha, blocksize, bits)
+    codes, scales = (_unaliased(y, t).contiguous() for t in (codes, scales))
+    backends.kernel("dequantize_axpy_", y.device.type)(y, codes, scales, alpha, blocksize, bits)
 
 
 def _compact(S, Y, skip_bad_pairs=False, sigma_floor=1e-3):
@@ -254,8 +286,10 @@ def _qn_step(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam,
     _require_no_grad("qn_step_", w=w, w_ref=w_ref, g_ref=g_ref, g_extra=g_extra, S=S, Y=Y, sigma=sigma, Minv=Minv,
                      S_scales=S_scales, Y_scales=Y_scales)
     fn = backends.kernel("qn_step_", w.device.type)
-    args = [_contig(t) for t in (w_ref, g_ref, g_extra, S, Y)]
-    return fn(w, *args, sigma, Minv.contiguous(), eta, alpha, beta, lam, _contig(S_scales), _contig(Y_scales), blocksize, bits)
+    w_ref, g_ref, g_extra, S, Y, sigma, Minv, S_scales, Y_scales = (
+        _contig(None if t is None else _unaliased(w, t)) for t in (w_ref, g_ref, g_extra, S, Y, sigma, Minv, S_scales, Y_scales)
+    )
+    return fn(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam, S_scales, Y_scales, blocksize, bits)
 
 
 IMPLS = {

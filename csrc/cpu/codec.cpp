@@ -1,9 +1,8 @@
 // Blockwise quantization codec on CPU: quantize_blockwise, dequantize_blockwise, dequantize_axpy_.
 // Bit-identical to unlearn_fast/reference.py: every value is computed in float32 with the same
 // operations in the same order (setup.py builds with -ffp-contract=off, so no fused multiply-adds).
-// Work is split over whole blocks with at::parallel_for; inner loops are branch-free and contiguous
+// Work is split over whole blocks with parallel_for (parallel.h); inner loops are branch-free and contiguous
 // so the compiler vectorises them.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +19,7 @@
 #endif
 
 #include "kernels.h"
+#include "parallel.h"
 
 namespace unlearn_fast::cpu {
 
@@ -119,7 +119,7 @@ void quantize_impl(const T* x, int64_t n, int64_t blocksize, int64_t bits, bool 
   const int qmax = qmax_for(bits);
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const uint32_t seed_mixed = static_cast<uint32_t>(seed) * 0x9E3779B9u;
-  at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+  parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
     int8_t q[kMaxBlock];
     float converted[kMaxBlock];
     for (int64_t b = b0; b < b1; ++b) {
@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, i
 template <typename T>
 void dequantize_impl(const void* codes, const float* scales, int64_t blocksize, int64_t bits, int64_t n, T* out) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+  parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
     float buf[kMaxBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * blocksize;
@@ -344,7 +344,7 @@ void axpy_impl(T* y, const void* codes, const float* scales, double alpha, int64
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const Acc a = static_cast<Acc>(alpha);
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+  parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
     float buf[kMaxBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * blocksize;

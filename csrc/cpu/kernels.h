@@ -6,4 +6,5 @@ namespace unlearn_fast::cpu {
 void bind_codec(pybind11::module_& m);               // codec.cpp
 void bind_lbfgs(pybind11::module_& m);               // lbfgs.cpp
 void bind_softmax_linear_hvp(pybind11::module_& m);  // softmax_linear_hvp.cpp
+void bind_parallel(pybind11::module_& m);            // parallel.cpp
 }  // namespace unlearn_fast::cpu

@@ -1,9 +1,8 @@
 // Compact L-BFGS on CPU: lbfgs_gram (S S', S Y'), lbfgs_matvec (B V) and the fused qn_step_.
 // B = sigma I - W Minv W', W = [Y', sigma S'] for curvature pairs stored as rows of S, Y (m, p).
-// Every kernel is one or two streaming passes over p, split into fixed chunks with at::parallel_for.
+// Every kernel is one or two streaming passes over p, split into fixed chunks with parallel_for (parallel.h).
 // Reductions write one partial per chunk and are summed in chunk order, so results do not depend
 // on the thread count.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 
 namespace unlearn_fast::cpu {
 
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> gram_impl(const at::Tensor& S, const at::Tens
   const int64_t nchunks = num_chunks(p);
   // Per chunk: the m x m blocks of S S' and S Y'.
   std::vector<double> partial(nchunks * 2 * m * m, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double* ss = partial.data() + c * 2 * m * m;
       double* sy = ss + m * m;
@@ -147,7 +147,7 @@ at::Tensor matvec_impl(const at::Tensor& S, const at::Tensor& Y, double sigma, c
 
   // Pass 1: WtV = [Y V; S V] in double, one partial per chunk.
   std::vector<double> partial(nchunks * 2 * m * k, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<double> column(kTile);
     for (int64_t c = c0; c < c1; ++c) {
       double* acc = partial.data() + c * 2 * m * k;
@@ -172,7 +172,7 @@ at::Tensor matvec_impl(const at::Tensor& S, const at::Tensor& Y, double sigma, c
   // Pass 2: B V = sigma V - Y' c_Y - sigma S' c_S, in double.
   auto out = at::empty_like(V);
   TV* o = out.data_ptr<TV>();
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<double> column(kTile), ty(kTile), ts(kTile);
     const int64_t chunks_end = std::min(p, c1 * kChunk);
     for (int64_t begin = c0 * kChunk; begin < chunks_end; begin += kTile) {
@@ -262,7 +262,7 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
 
   // Pass 1: [Y v; S v] for v = w - w_ref, float lanes per tile, combined in double per chunk.
   std::vector<double> partial(nchunks * 2 * m, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> v_tile(kTile), buf_tile(kTile);
     T* v = v_tile.data();
     T* buf = buf_tile.data();
@@ -294,7 +294,7 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
   const T sg = static_cast<T>(sigma), et = static_cast<T>(eta), al = static_cast<T>(alpha),
           be = static_cast<T>(beta), la = static_cast<T>(lam);
   std::vector<double> norm_partial(nchunks, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> bv_tile(kTile), buf_tile(kTile);
     T* bv = bv_tile.data();
     T* buf = buf_tile.data();

@@ -10,13 +10,13 @@
 // shifting every class row of V_j by the last one changes nothing (that class's z becomes 0), and
 // the rows of R sum to zero, so the last class's output is minus the sum of the others. That is
 // (c - 1) / c of the floating-point work (0.9 for c = 10, half for two classes).
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "gemm.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace unlearn_fast::cpu {
 namespace {
@@ -76,7 +76,7 @@ void softmax_jacobian_lanes(scalar_t* G, int64_t b, int64_t c, int64_t k, double
 template <typename scalar_t>
 void softmax_jacobian_columns(scalar_t* G, int64_t b, int64_t c, int64_t k, double inv_n) {
   // parallel_for's grain is a minimum task size, not a maximum: each task walks its range kLanes at a time.
-  at::parallel_for(0, b, kLanes, [&](int64_t first, int64_t last) {
+  parallel_for(0, b, kLanes, [&](int64_t first, int64_t last) {
     for (int64_t begin = first; begin < last; begin += kLanes) {
       softmax_jacobian_lanes(G, b, c, k, inv_n, begin, std::min(kLanes, last - begin));
     }
