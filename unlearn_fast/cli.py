@@ -4,7 +4,8 @@ demo   train on a bundled data set while recording the history, forget a random 
        with retrain, DeltaGrad and Mini, and print the audit of each against retraining.
 bench  time every op's active backend against its pure-torch reference on this machine (medians, ratios)
        and check that both agree.
-audit  compare saved original / unlearned / retrained models on saved data and print (or write) the report.
+audit  compare saved original / unlearned / retrained models (state dicts or safetensors, built with --model) on saved
+       data; print a table (or strict JSON) and the verdict: whether the result unlearned at all (metrics.verdict).
 """
 import argparse
 import importlib
