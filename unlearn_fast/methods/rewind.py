@@ -1,0 +1,118 @@
+"""Rewind-to-Delete (Mu and Klabjan 2024; stochastic, certified for non-convex losses, 2025): restart from a
+parameter checkpoint recorded before the end of training and replay the rest of the recorded schedule
+(its batches without the forgotten samples, its learning rates) on the retained data.
+
+Checkpoints: w_0 (schedule["w0"], every history), every step of a "full" history (trajectory["w"], row t
+is w_t before step t) and the few of a "minimal" one (summary["ckpt_steps"] / ["ckpt_w"], stored through
+the summary codec, int8 by default). With a budget of B steps it rewinds as far as the budget allows:
+to the EARLIEST checkpoint t with T - t <= B (the further back, the less of the forgotten samples'
+influence is left). A budget of T steps or more replays the whole run from w_0 and equals `retrain`
+bit for bit on CPU. The optimizer restarts with fresh state (momentum buffers and Adam moments are not
+recorded), so with a stateful optimizer a rewind to t > 0 is not exact even when nothing is forgotten.
+No certification noise is added (the 2025 paper's calibrated noise is a separate choice).
+"""
+import time
+
+import torch
+
+from ..history import fetch, flat_params, set_flat_params
+from ._common import batch_loss, check_history, remaining
+from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
+
+
+def checkpoints(history):
+    """[(step, source)] of every usable parameter checkpoint, ascending; source names where it is read from."""
+    out = {0: "w0"}
+    if history.trajectory is not None and "w" in history.trajectory:
+        out.update({t: "trajectory" for t in range(1, len(history.trajectory["w"]))})
+    summary = history.summary or {}
+    if "ckpt_steps" in summary and "ckpt_w" in summary:
+        for t in summary["ckpt_steps"].tolist():
+            out.setdefault(int(t), "summary")
+    return sorted((t, src) for t, src in out.items() if t < history.num_steps)
+
+
+def checkpoint_params(history, step, source):
+    if source == "w0":
+        return history.schedule["w0"].clone()
+    if source == "trajectory":
+        return history.trajectory["w"].row(step).clone()
+    i = history.summary["ckpt_steps"].tolist().index(step)
+    return history.summary["ckpt_w"].row(i).clone()
+
+
+def checkpoint_bytes(history, source):
+    if source == "w0":
+        w0 = history.schedule["w0"]
+        return w0.numel() * w0.element_size()
+    rows = history.trajectory["w"] if source == "trajectory" else history.summary["ckpt_w"]
+    return rows.nbytes // len(rows)
+
+
+def choose(history, budget, what):
+    """The earliest checkpoint whose remaining steps fit in `budget`; ValueError naming `what` when none does."""
+    T = history.num_steps
+    usable = [(t, src) for t, src in checkpoints(history) if T - t <= budget]
+    if not usable:
+        latest = checkpoints(history)[-1][0]
+        raise ValueError(
+            f"{what}: a budget of {budget} steps reaches back only to step {T - budget} of {T}; the latest recorded checkpoint is "
+            f"step {latest} ({T - latest} steps to replay). Give a larger budget, or record a full history (every step is a checkpoint)"
+        )
+    return usable[0]
+
+
+def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, optimizer=None, lr=None, progress=None):
+    steps, seconds = check_budget(steps, seconds)
+    lr = check_lr(lr)
+    check_history(history, model, forget, train_set, "rewind")
+    T = history.num_steps
+    batches = history.schedule["batches"]
+    forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
+    forget_mask[forget] = True
+
+    def probe():  # time one replay step on the last recorded batch, at the trained weights
+        last = remaining(batches[-1], forget_mask)
+        return step_seconds(model, loss_fn, fetch(train_set, last if last.numel() else batches[-1]))
+
+    default = max(1, round(DEFAULT_BUDGET_FRACTION * T))
+    budget, deadline = plan(steps, seconds, default, probe)
+    if budget == 0:
+        why = "a budget of 0 steps" if seconds is None or seconds > 0 else "a budget of 0 seconds"
+        return model, not_unlearned(f"{why}: the trained model is returned unchanged", checkpoint_step=None)
+    start_step, source = choose(history, budget, "seconds" if seconds is not None and (steps is None or budget < steps) else "steps")
+    trained = flat_params(model).clone()
+    set_flat_params(model, checkpoint_params(history, start_step, source))
+    opt = make_optimizer(model, history, optimizer, lr)
+    lrs = history.schedule["lrs"]
+    done = evals = 0
+    stopped = None
+    # the same loop as retrain's, from start_step: from step 0 it performs the same operations in the same order
+    for t in range(start_step, T):
+        if deadline is not None and time.perf_counter() >= deadline:
+            stopped = t
+            break
+        rem = remaining(batches[t], forget_mask)
+        if progress is not None:
+            progress.update(1)
+        if rem.numel() == 0:
+            continue
+        set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
+        opt.zero_grad(set_to_none=True)
+        batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        opt.step()
+        evals += rem.numel()
+        done += 1
+    stats = {
+        "steps": done, "gradient_evaluations": evals, "checkpoint_step": start_step, "checkpoint_source": source,
+        "replayed_steps": (stopped if stopped is not None else T) - start_step, "budget_steps": budget,
+        # read: one checkpoint, and the batches and learning rates from it on
+        "history_bytes_read": checkpoint_bytes(history, source)
+        + sum(b.numel() * b.element_size() for b in batches[start_step:]) + lrs[start_step:].numel() * lrs.element_size(),
+    }
+    if stopped is not None:
+        stats["stopped"] = f"seconds budget ran out at step {stopped} of {T}: the model is mid-schedule"
+        if done == 0:  # not even one step: hand back the trained model, not the checkpoint
+            set_flat_params(model, trained)
+            stats.update(unlearned=False, reason="the seconds budget ran out before the first step: the trained model is returned unchanged")
+    return model, stats
