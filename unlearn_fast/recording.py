@@ -223,10 +223,10 @@ class HistoryRecorder:
                 idx = torch.as_tensor(batch_indices)
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"record: batch_indices must be a 1-D sequence of integer sample indices ({err})") from None
+        if idx.numel() == 0:  # (checked first: an empty list is a float tensor)
+            raise ValueError("record: batch_indices is empty")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() != 1:
             raise ValueError(f"record: batch_indices must be a 1-D integer tensor of sample indices into train_set, got {idx.dtype} of shape {tuple(idx.shape)}")
-        if idx.numel() == 0:
-            raise ValueError("record: batch_indices is empty")
         idx = idx.to("cpu", torch.int64).clone()
         if bool((idx < 0).any()):
             raise ValueError(f"record: batch_indices holds negative values {idx[idx < 0][:10].tolist()}; they are positions in train_set")

@@ -1,0 +1,400 @@
+"""HistoryRecorder refuses misuse it cannot replay, binds the history to the trained model, and uf.data gives
+the indices it needs from any sampler."""
+import copy
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from unlearn_fast.history import flat_params
+from unlearn_fast.methods import mini, retrain
+
+LOSS = torch.nn.functional.cross_entropy
+
+
+def make_data(n=64, d=5, c=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=gen)
+    return torch.utils.data.TensorDataset(X, y)
+
+
+def setup(kind="full", model=None, allow=()):
+    torch.manual_seed(0)
+    model = model or torch.nn.Linear(5, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {"allow": allow} if allow else {}
+    return model, opt, uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2), **options)
+
+
+def backward(model, data, idx, loss_fn=LOSS):
+    x, y = data[idx]
+    loss_fn(model(x), y).backward()
+
+
+def steps(model, opt, rec, data, n_steps=4, batch=16, loss_fn=LOSS):
+    for t in range(n_steps):
+        idx = torch.arange(t * batch, (t + 1) * batch) % len(data)
+        opt.zero_grad()
+        backward(model, data, idx, loss_fn)
+        rec.record(idx)
+        opt.step()
+
+
+# ----------------------------------------------------------------------------- one record per optimizer step
+def test_a_second_record_for_one_step_is_refused_and_the_history_keeps_one_row_per_step():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=2)
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    rec.record(torch.arange(16))
+    with pytest.raises(ValueError, match="record: called twice for step 2"):
+        rec.record(torch.arange(16))
+    opt.step()
+    history = rec.finish(data, LOSS)
+    assert history.num_steps == 3 and len(history.trajectory["w"]) == 3
+    # forgetting nothing replays the 3 steps the optimizer took: the trained weights, bit for bit
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+
+
+def test_an_optimizer_step_without_record_is_named_at_the_next_record_and_at_finish():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=2)
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    opt.step()  # step 2, not recorded
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    with pytest.raises(ValueError, match="optimizer step 2 ran without a record"):
+        rec.record(torch.arange(16))
+    with pytest.raises(ValueError, match="optimizer step 2 ran without a record"):
+        rec.finish(data, LOSS)
+
+
+def test_finish_after_a_record_without_its_step_is_refused():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=1)
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    rec.record(torch.arange(16))
+    with pytest.raises(ValueError, match="step 1 was recorded but optimizer.step"):
+        rec.finish(data, LOSS)
+
+
+def test_record_after_finish_is_refused_and_the_history_stays_closed():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=3)
+    history = rec.finish(data, LOSS)
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    with pytest.raises(ValueError, match="record: the recorder is finished"):
+        rec.record(torch.arange(16))
+    with pytest.raises(ValueError, match="finish: the recorder is finished"):
+        rec.finish(data, LOSS)
+    assert history.num_steps == 3
+
+
+def test_record_without_a_backward_pass_is_refused():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=1)
+    opt.zero_grad(set_to_none=False)  # zero gradients, not None: the old recorder stored them as the step's gradient
+    with pytest.raises(ValueError, match="no backward pass"):
+        rec.record(torch.arange(16))
+
+
+def test_a_wrapped_optimizer_is_unwrapped_and_its_real_class_recorded():
+    class Wrapper(torch.optim.Optimizer):  # what accelerate's AcceleratedOptimizer looks like: the real one in .optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none)
+
+    data = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).double()
+    opt = Wrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    steps(model, opt, rec, data, n_steps=4)
+    history = rec.finish(data, LOSS)
+    assert history.meta["optimizer"]["class"] == "torch.optim.sgd.SGD"
+    assert history.meta["optimizer"]["groups"][0]["momentum"] == 0.5
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+
+
+# ----------------------------------------------------------------------------- indices
+@pytest.mark.parametrize(
+    "indices, batch_size, message",
+    [
+        (torch.arange(16, dtype=torch.float32), None, "integer"),
+        ([0.0, 1.5, 2.0], None, "integer"),
+        (torch.ones(16, dtype=torch.bool), None, "integer"),
+        (torch.arange(16).reshape(4, 4), None, "1-D"),
+        (torch.tensor([0, 1, -2]), None, "negative"),
+        (torch.tensor([0, 1, 2, 1, 0, 2]), None, "repeats"),  # labels of a 6-sample batch over 3 classes
+        (torch.arange(5), 16, "5 indices for a batch of 16"),
+        (torch.arange(16), 0, "batch_size must be a positive int"),
+        ([], None, "empty"),
+    ],
+)
+def test_bad_batch_indices_are_refused_and_leave_the_history_unchanged(indices, batch_size, message):
+    data = make_data()
+    model, opt, rec = setup()
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    with pytest.raises(ValueError, match=message):
+        rec.record(indices, batch_size=batch_size)
+    assert rec.batches == [] and rec.ws == []
+    rec.record(torch.arange(16), batch_size=16)  # the same step recorded right
+    assert len(rec.batches) == 1
+
+
+def test_indices_beyond_the_training_set_are_refused_at_finish():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=1)
+    with pytest.raises(ValueError, match="recorded batch index 15 is out of range for train_set of 8"):
+        rec.finish(torch.utils.data.Subset(data, range(8)), LOSS)
+
+
+# ----------------------------------------------------------------------------- what the replay cannot reproduce
+def test_gradient_accumulation_is_refused_unless_allowed():
+    data = make_data()
+    model, opt, rec = setup()
+    opt.zero_grad()
+    backward(model, data, torch.arange(8))
+    backward(model, data, torch.arange(8, 16))
+    with pytest.raises(ValueError, match="2 backward passes \\(gradient accumulation\\)"):
+        rec.record(torch.arange(16))
+    model, opt, rec = setup(allow=("accumulation",))
+    for t in range(2):
+        opt.zero_grad()
+        for half in (torch.arange(8), torch.arange(8, 16)):  # two halves, each a mean / 2: the mean of the 16
+            x, y = data[half + 16 * t]
+            (LOSS(model(x), y) / 2).backward()
+        rec.record(torch.arange(16) + 16 * t)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    assert history.meta["recording"] == {"allow": ["accumulation"], "accumulated_steps": 2, "clipped_steps": 0, "autocast_steps": 0}
+
+
+def test_gradient_clipping_is_refused_unless_allowed_and_an_inactive_clip_passes():
+    data = make_data()
+    model, opt, rec = setup()
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6))  # multiplies by exactly 1: nothing changed
+    rec.record(torch.arange(16))
+    opt.step()
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 4)
+    with pytest.raises(ValueError, match="changed between backward and record\\(\\) \\(norm scaled by 0.2[0-9]*: gradient clipping"):
+        rec.record(torch.arange(16))
+    model, opt, rec = setup(allow="clipping")
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 4)
+    rec.record(torch.arange(16))
+    opt.step()
+    assert rec.finish(data, LOSS).meta["recording"]["clipped_steps"] == 1
+
+
+def test_autocast_is_refused():
+    data = make_data()
+    model, opt, rec = setup(model=torch.nn.Linear(5, 3))
+    opt.zero_grad()
+    x, y = data[torch.arange(16)]
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x.float())
+    LOSS(out.float(), y).backward()
+    with pytest.raises(ValueError, match="autocast \\(bfloat16\\)"):
+        rec.record(torch.arange(16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_refused_at_construction_naming_the_dtype(dtype):
+    model = torch.nn.Linear(5, 3).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=f"model parameter weight is {dtype}"):
+        uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
+
+
+# ----------------------------------------------------------------------------- loss_fn
+def sum_loss(out, y):
+    return torch.nn.functional.cross_entropy(out, y, reduction="sum")
+
+
+def test_a_summing_loss_fn_is_refused_at_finish_and_at_unlearn():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data)
+    with pytest.raises(ValueError, match="loss_fn: gives 16(\\.0*)? times the gradient"):  # the batch has 16 samples
+        rec.finish(data, sum_loss)
+    history = rec.finish(data, LOSS)  # a refused finish leaves the recorder open
+    with pytest.raises(ValueError, match="loss_fn: gives 16(\\.0*)? times the gradient"):
+        uf.unlearn(model, history, [0, 1], data, sum_loss, method="retrain")
+    assert history.requests == []
+
+
+def test_a_per_sample_loss_fn_is_refused_naming_loss_fn():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data)
+    per_sample = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match="loss_fn: must return the batch's mean loss as a scalar tensor, got \\(16,\\)"):
+        rec.finish(data, per_sample)
+    history = rec.finish(data, LOSS)
+    with pytest.raises(ValueError, match="loss_fn: must return"):
+        uf.unlearn(model, history, [0, 1], data, per_sample, method="retrain")
+    with pytest.raises(ValueError, match="loss_fn: must return"):  # what the methods compute through: _common.batch_loss
+        retrain.run(copy.deepcopy(model), history, torch.tensor([0]), data, per_sample)
+
+
+# ----------------------------------------------------------------------------- finish
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.drop, self.fc2 = torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def test_finish_right_after_training_a_model_with_dropout_and_batch_norm():
+    data = make_data()
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    steps(model, opt, rec, data, n_steps=6)
+    running = model.norm.running_mean.clone()
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    history = rec.finish(data, LOSS)  # still in training mode, as a training loop leaves it
+    assert history.summary is not None and model.training and model.drop.training
+    assert torch.equal(model.norm.running_mean, running)  # finish()'s passes leave the statistics alone
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng)  # and the dropout RNG stream of the training run
+    with pytest.raises(ValueError, match="model: has batch norm .* Use method='retrain'"):
+        uf.unlearn(model, history, [0], data, LOSS, method="mini")
+
+
+def test_deltagrad_refuses_batch_norm_and_retrain_replays_it():
+    data = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    steps(model, opt, rec, data, n_steps=4)
+    history = rec.finish(data, LOSS)
+    with pytest.raises(ValueError, match="model: has batch norm"):
+        uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
+    assert uf.unlearn(model, history, [0], data, LOSS, method="retrain").stats["steps"] == 4
+
+
+def test_a_full_history_computes_no_summary_and_a_minimal_one_does(monkeypatch):
+    data = make_data()
+    calls = []
+    real = mini.final_summary
+    monkeypatch.setattr(mini, "final_summary", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    model, opt, rec = setup("full")
+    steps(model, opt, rec, data)
+    history = rec.finish(data, LOSS)
+    assert calls == [] and history.summary is None and history.trajectory is not None
+    model, opt, rec = setup("minimal")
+    steps(model, opt, rec, data)
+    history = rec.finish(data, LOSS)
+    assert calls == [4] and history.summary is not None and history.trajectory is None
+
+
+def test_finish_binds_the_history_to_the_final_weights():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data)
+    history = rec.finish(data, LOSS)
+    assert history.meta["final_digest"] == uf.history.weights_digest(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.bias[0] += 1e-3
+    assert uf.history.weights_digest(other) != history.meta["final_digest"]
+
+
+# ----------------------------------------------------------------------------- forget
+def test_forget_none_is_refused_and_a_set_is_taken_sorted():
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data)
+    history = rec.finish(data, LOSS)
+    with pytest.raises(ValueError, match="forget: must be a 1-D sequence of integer training-set indices, got None"):
+        uf.unlearn(model, history, None, data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="forget: must be"):
+        uf.unlearn(model, history, {"a": 1}, data, LOSS, method="retrain")
+    from_set = uf.unlearn(model, history, {5, 1, 3}, data, LOSS, method="retrain", allow_unrecorded_model=True)
+    from_list = uf.unlearn(model, history, [1, 3, 5], data, LOSS, method="retrain", allow_unrecorded_model=True)
+    assert torch.equal(flat_params(from_set.model), flat_params(from_list.model))
+
+
+# ----------------------------------------------------------------------------- uf.data
+def test_indexed_dataset_feeds_a_shuffled_loader_and_the_replay_is_exact():
+    data = make_data()
+    indexed = uf.IndexedDataset(data)
+    assert len(indexed) == len(data)
+    i, x, y = indexed[7]
+    assert i == 7 and torch.equal(x, data[7][0]) and y == data[7][1]
+    model, opt, rec = setup()
+    loader = torch.utils.data.DataLoader(indexed, batch_size=12, shuffle=True, generator=torch.Generator().manual_seed(3))
+    seen = []
+    for epoch in range(2):
+        for batch in loader:
+            idx, x, y = uf.split_batch(batch)
+            assert torch.equal(x, data.tensors[0][idx]) and torch.equal(y, data.tensors[1][idx])
+            opt.zero_grad()
+            LOSS(model(x), y).backward()
+            rec.record(idx, batch_size=len(x))
+            opt.step()
+            seen.append(idx)
+    assert sorted(torch.cat(seen[:6]).tolist()) == list(range(len(data)))  # one epoch: every sample once, shuffled
+    history = rec.finish(data, LOSS)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+
+
+def test_indexed_dataset_with_a_distributed_sampler_yields_dataset_positions():
+    data = make_data(n=20)
+    parts = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(data), num_replicas=2, rank=rank, shuffle=True, seed=1)
+        loader = torch.utils.data.DataLoader(uf.IndexedDataset(data), batch_size=4, sampler=sampler)
+        for batch in loader:
+            idx, x, _ = uf.split_batch(batch)
+            assert torch.equal(x, data.tensors[0][idx])
+            parts.append(idx)
+    assert sorted(torch.cat(parts).tolist()) == list(range(20))
+
+
+def test_data_helpers_refuse_what_they_cannot_index():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(ValueError, match="dataset: must be a map-style data set"):
+        uf.IndexedDataset(Stream())
+    with pytest.raises(ValueError, match="batch: expected a collated IndexedDataset batch"):
+        uf.split_batch(make_data().tensors)
+    with pytest.raises(ValueError, match="batch: its first field must be the int64 indices"):
+        uf.split_batch([torch.zeros(3), torch.zeros(3), torch.zeros(3)])
