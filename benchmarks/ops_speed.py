@@ -1,11 +1,18 @@
-"""C++ CPU kernels against the pure-torch reference, in one run, at p = 2^24 float32.
+"""C++ CPU kernels against the copy bandwidth and the pure-torch reference, 1 and 2 threads, one run.
 
-For each op: median wall time of the C++ kernel and of the reference, the speed-up, and the
-achieved bandwidth (bytes the kernel must read + write, listed per op) against the machine's copy
-bandwidth, measured here as out.copy_(x) into a preallocated buffer (bytes read + written).
+Every op is timed at p = 2^log2p float32 values in interleaved rounds: each round times the copy,
+every C++ op and the eager float32 torch composition of qn_step_ once per thread count (the thread
+counts alternate their order from round to round), and the tables report medians over the rounds.
+On a shared machine the load changes from second to second; interleaving puts every thread count
+and every op under the same mix of loads, and the '% of copy' column is the median of per-round
+ratios (op bandwidth / copy bandwidth measured in the same round and thread count).
+
+Bytes are every read and write of every pass a kernel makes (listed at the bottom of the table);
+copy bandwidth is out.copy_(x) into a preallocated buffer, bytes read + written. The pure-torch
+reference (float64 math for the L-BFGS ops) is timed separately with few repetitions.
 Writes benchmarks/results/ops_speed_cpu.md and .json.
 
-    .venv/bin/python benchmarks/ops_speed.py [--log2p 24] [--reps 7] [--threads 1,2]
+    .venv/bin/python benchmarks/ops_speed.py [--log2p 22] [--m 8] [--rounds 41] [--threads 1,2]
 """
 import argparse
 import json
@@ -23,21 +30,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import unlearn_fast as uf  # noqa: E402
-from unlearn_fast.cli import median_seconds  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GOALS = {"quantize_blockwise": 4.0, "dequantize_blockwise": 3.0, "dequantize_axpy_": 3.0, "qn_step_": 2.5}
-
-
-def median_cold_seconds(fn, reps):
-    """Calls whose outputs land in fresh memory: the C++ codec's cache of output blocks is emptied first."""
-    times = []
-    for _ in range(reps):
-        uf.release_output_cache()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+QN_GOAL_PCT_OF_COPY = 50  # issue 14: qn_step_ at >= 50 % of the copy bandwidth on 1 and 2 threads
+COEFFS = (1e-4, 1.0, 0.1, 1e-3)  # eta, alpha, beta, lam
 
 
 def cpu_name():
@@ -51,8 +48,27 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
+def once(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def qn_step_eager(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, eta, alpha, beta, lam):
+    """qn_step_ as eager float32 torch ops (the baseline of issue 14): the same math, no fusion."""
+    m = S.shape[0]
+    v = w - w_ref
+    sg = float(sigma)
+    coef = (Minv @ torch.cat([Y @ v, sg * (S @ v)]).double()).float()
+    Bv = sg * v - Y.T @ coef[:m] - sg * (S.T @ coef[m:])
+    g = alpha * (Bv + g_ref + lam * w_ref) - beta * (g_extra + lam * w)
+    step = eta * g
+    w.sub_(step)
+    return torch.linalg.vector_norm(step).double()
+
+
 def cases(p, m):
-    """(op, description, bytes read + written, run(), backends) with inputs built once."""
+    """(op, description, bytes read + written over all passes, run, eager run or None), inputs built once."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(p, generator=gen)
     codes, scales = uf.quantize_blockwise(x, 256, 8)
@@ -62,107 +78,184 @@ def cases(p, m):
     g_ref, g_extra = torch.randn(p, generator=gen), torch.randn(p, generator=gen)
     S = torch.randn(m, p, generator=gen)
     Y = 2 * S + 0.1 * torch.randn(m, p, generator=gen)
+    V = torch.randn(p, generator=gen)
     sigma, Minv = uf.lbfgs_compact(S, Y)
     blocks = p // 256
+    qn_args = (w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, *COEFFS)
+    f = 4 * p  # bytes of one float32 vector
     return [
-        ("quantize_blockwise", "8-bit, blocksize 256", 4 * p + p + 4 * blocks,
-         lambda: uf.quantize_blockwise(x, 256, 8)),
-        ("quantize_blockwise", "8-bit stochastic, blocksize 256", 4 * p + p + 4 * blocks,
-         lambda: uf.quantize_blockwise(x, 256, 8, stochastic=True, seed=1)),
-        ("dequantize_blockwise", "8-bit -> float32", p + 4 * blocks + 4 * p,
-         lambda: uf.dequantize_blockwise(codes, scales, 256, 8, p, torch.float32)),
-        ("dequantize_axpy_", "8-bit into float32 y", p + 4 * blocks + 2 * 4 * p,
-         lambda: uf.dequantize_axpy_(y, codes, scales, 1e-3, 256, 8)),
-        # Two passes: S'v, Y'v reads w, w_ref, S, Y; the fused update reads w, w_ref, g_ref,
+        ("quantize_blockwise", "8-bit, blocksize 256", f + p + 4 * blocks,
+         lambda: uf.quantize_blockwise(x, 256, 8), None),
+        ("quantize_blockwise", "8-bit stochastic, blocksize 256", f + p + 4 * blocks,
+         lambda: uf.quantize_blockwise(x, 256, 8, stochastic=True, seed=1), None),
+        ("dequantize_blockwise", "8-bit -> float32", p + 4 * blocks + f,
+         lambda: uf.dequantize_blockwise(codes, scales, 256, 8, p, torch.float32), None),
+        ("dequantize_axpy_", "8-bit into float32 y", p + 4 * blocks + 2 * f,
+         lambda: uf.dequantize_axpy_(y, codes, scales, 1e-3, 256, 8), None),
+        # One pass reading S and Y (the 2m x 2m inverse is negligible).
+        ("lbfgs_compact", f"m = {m}, float32", 2 * m * f, lambda: uf.lbfgs_compact(S, Y), None),
+        # Two passes: S V, Y V (reads V, S, Y); B V (reads S, Y, V, writes the output).
+        ("lbfgs_matvec", f"m = {m}, float32, V (p,)", (2 * m + 1) * f + (2 * m + 2) * f,
+         lambda: uf.lbfgs_matvec(S, Y, sigma, Minv, V), None),
+        # Two passes: S v, Y v reads w, w_ref, S, Y; the fused update reads w, w_ref, g_ref,
         # g_extra, S, Y and writes w.
-        ("qn_step_", f"m = {m}, float32", 4 * p * ((2 + 2 * m) + (4 + 2 * m + 1)),
-         lambda: uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, 1e-4, 1.0, 0.1, 1e-3)),
+        ("qn_step_", f"m = {m}, float32", (2 + 2 * m) * f + (4 + 2 * m + 1) * f,
+         lambda: uf.qn_step_(*qn_args), lambda: qn_step_eager(*qn_args)),
     ]
 
 
-def measure(p, args, threads):
-    """Copy bandwidth and every case, C++ then reference, at the current torch thread count."""
+def measure(p, args, thread_counts):
+    """Interleaved rounds of copy, C++ ops and eager baselines; then cold and reference timings."""
     src, dst = torch.randn(p), torch.empty(p)
-    copy_s = median_seconds(lambda: dst.copy_(src), args.reps)
-    copy_gbs = 2 * 4 * p / copy_s / 1e9
+    table = cases(p, args.m)
+    samples = {t: {"copy": [], "cpp": [[] for _ in table], "eager": [[] for _ in table]} for t in thread_counts}
+    with uf.use_backend("cpp"):
+        for t in thread_counts:  # warm-up: thread pool, output cache, first touch
+            torch.set_num_threads(t)
+            dst.copy_(src)
+            for _, _, _, run, eager in table:
+                run()
+                if eager:
+                    eager()
+        for r in range(args.rounds):
+            order = thread_counts if r % 2 == 0 else thread_counts[::-1]
+            for t in order:
+                torch.set_num_threads(t)
+                s = samples[t]
+                s["copy"].append(once(lambda: dst.copy_(src)))
+                for i, (_, _, _, run, eager) in enumerate(table):
+                    s["cpp"][i].append(once(run))
+                    if eager:
+                        s["eager"][i].append(once(eager))
     del src, dst
-    rows = []
-    for op, what, nbytes, run in cases(p, args.m):
-        with uf.use_backend("cpp"):
-            cpp_s = median_seconds(run, args.reps)
-            cold_s = median_cold_seconds(run, 3)
-        with uf.use_backend("reference"):
-            ref_s = median_seconds(run, args.ref_reps)
-        gbs = nbytes / cpp_s / 1e9
-        rows.append({
-            "op": op, "case": what, "bytes": nbytes, "cpp_ms": cpp_s * 1e3, "cpp_cold_ms": cold_s * 1e3, "reference_ms": ref_s * 1e3,
-            "speedup": ref_s / cpp_s, "goal_speedup": GOALS.get(op), "cpp_GBps": gbs,
-            "pct_of_copy": 100 * gbs / copy_gbs,
+
+    results = []
+    for t in thread_counts:
+        torch.set_num_threads(t)
+        s = samples[t]
+        copy_gbs = [2 * 4 * p / c / 1e9 for c in s["copy"]]
+        rows = []
+        for i, (op, what, nbytes, run, eager) in enumerate(table):
+            cpp = s["cpp"][i]
+            with uf.use_backend("cpp"):
+                cold = []
+                for _ in range(3):  # outputs in fresh memory: the C++ codec's cache of output blocks emptied
+                    uf.release_output_cache()
+                    cold.append(once(run))
+            with uf.use_backend("reference"):
+                run()
+                ref_s = statistics.median(once(run) for _ in range(args.ref_reps))
+            cpp_s = statistics.median(cpp)
+            row = {
+                "op": op, "case": what, "bytes": nbytes, "cpp_ms": cpp_s * 1e3,
+                "cpp_ms_quartiles": [q * 1e3 for q in statistics.quantiles(cpp, n=4)],
+                "cpp_cold_ms": statistics.median(cold) * 1e3, "reference_ms": ref_s * 1e3,
+                "speedup": ref_s / cpp_s, "goal_speedup": GOALS.get(op), "cpp_GBps": nbytes / cpp_s / 1e9,
+                # Per round: this op's bandwidth over the copy bandwidth of the same round.
+                "pct_of_copy": statistics.median(100 * nbytes / c / g / 1e9 for c, g in zip(cpp, copy_gbs)),
+                "cpp_ms_rounds": [c * 1e3 for c in cpp],
+            }
+            if eager:
+                eager_s = statistics.median(s["eager"][i])
+                row.update(eager_ms=eager_s * 1e3, speedup_vs_eager=eager_s / cpp_s,
+                           eager_ms_rounds=[e * 1e3 for e in s["eager"][i]])
+            rows.append(row)
+        results.append({
+            "threads": t, "copy_GBps": statistics.median(copy_gbs),
+            "copy_GBps_quartiles": statistics.quantiles(copy_gbs, n=4),
+            "copy_ms_rounds": [c * 1e3 for c in s["copy"]], "rows": rows,
         })
-    return {"threads": threads, "copy_GBps": copy_gbs, "copy_ms": copy_s * 1e3, "rows": rows}
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log2p", type=int, default=24)
+    parser.add_argument("--log2p", type=int, default=22)
     parser.add_argument("--m", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--ref-reps", type=int, default=3)
-    parser.add_argument("--threads", default="2", help="comma-separated torch thread counts, e.g. 1,2")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, e.g. 1,2")
     parser.add_argument("--out", default=os.path.join(RESULTS, "ops_speed_cpu"))
     args = parser.parse_args()
     p = 2**args.log2p
     if uf.backends()["backends"]["cpp"] != "available":
         sys.exit(f"C++ backend not available: {uf.backends()['backends']['cpp']}")
+    from unlearn_fast import _C
 
+    thread_counts = [int(t) for t in args.threads.split(",")]
     load_before = round(os.getloadavg()[0], 2)
-    tables = []
-    for threads in [int(t) for t in args.threads.split(",")]:
-        torch.set_num_threads(threads)
-        tables.append(measure(p, args, threads))
-
+    start = time.time()
+    tables = measure(p, args, thread_counts)
     header = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
-        "python": platform.python_version(), "torch": torch.__version__, "p": p,
+        "cpu_model": cpu_name(),
+        "python": platform.python_version(), "torch": torch.__version__, "p": p, "m": args.m,
         "command": "python " + " ".join(sys.argv),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "rounds": args.rounds, "seconds": round(time.time() - start, 1),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "parallel_runtime": _C.parallel_runtime(),
         # The machine is shared: a load above the core count slows every parallel region.
         "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 2)],
     }
     lines = [
-        f"# C++ CPU kernels vs pure-torch reference, p = 2^{args.log2p} float32",
+        f"# C++ CPU kernels: bandwidth against copy, speed against the pure-torch reference, p = 2^{args.log2p} float32",
         "",
         f"- machine: {header['machine']}",
-        f"- python {header['python']}, torch {header['torch']}, date {header['date_utc']} UTC",
+        f"- python {header['python']}, torch {header['torch']}, date {header['date_utc']} UTC, "
+        f"kernels' thread runtime: {header['parallel_runtime']}",
         f"- command: `{header['command']}`",
-        f"- median of {args.reps} runs (C++) and {args.ref_reps} runs (reference) after one warm-up; "
-        f"OMP_WAIT_POLICY={header['OMP_WAIT_POLICY']}",
-        f"- 1-minute load average before / after: {header['load_average_1min_before_after']} "
-        f"(other jobs share this {os.cpu_count()}-core machine)",
+        f"- {args.rounds} interleaved rounds (each times the copy, every C++ op and the eager baseline once "
+        f"per thread count; thread counts alternate order): medians over rounds, [quartiles]; "
+        f"reference: median of {args.ref_reps} runs after one warm-up. OMP_WAIT_POLICY={header['OMP_WAIT_POLICY']}",
+        f"- 1-minute load average before / after: {header['load_average_1min_before_after']} on this "
+        f"{os.cpu_count()}-core machine, which other jobs share; the run took {header['seconds']} s",
     ]
     for table in tables:
+        cq = table["copy_GBps_quartiles"]
         lines += [
             "",
             f"## {table['threads']} thread(s): copy bandwidth {table['copy_GBps']:.1f} GB/s "
-            "(out.copy_(x) into a preallocated buffer, bytes read + written)",
+            f"[{cq[0]:.1f}, {cq[2]:.1f}] (out.copy_(x) into a preallocated buffer, bytes read + written)",
             "",
-            "| op | case | C++ ms | C++ ms, fresh output memory | reference ms | speed-up (goal) | C++ GB/s | % of copy |",
+            "| op | case | C++ ms [quartiles] | C++ ms, fresh output memory | reference ms | speed-up (goal) | C++ GB/s | % of copy |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in table["rows"]:
             goal = f" (>= {r['goal_speedup']:g}x)" if r["goal_speedup"] else ""
+            q = r["cpp_ms_quartiles"]
             lines.append(
-                f"| {r['op']} | {r['case']} | {r['cpp_ms']:.1f} | {r['cpp_cold_ms']:.1f} | {r['reference_ms']:.1f} | "
-                f"{r['speedup']:.1f}x{goal} | {r['cpp_GBps']:.1f} | {r['pct_of_copy']:.0f}% |"
+                f"| {r['op']} | {r['case']} | {r['cpp_ms']:.1f} [{q[0]:.1f}, {q[2]:.1f}] | {r['cpp_cold_ms']:.1f} | "
+                f"{r['reference_ms']:.1f} | {r['speedup']:.1f}x{goal} | {r['cpp_GBps']:.1f} | {r['pct_of_copy']:.0f}% |"
             )
-    lines += ["", "Bytes counted per op: quantize reads 4p and writes p codes + scales; dequantize reads p codes",
-              "+ scales and writes 4p; dequantize_axpy_ reads codes, scales and y and writes y; qn_step_ counts",
-              "both passes (reduction: w, w_ref, S, Y; fused update: w, w_ref, g_ref, g_extra, S, Y read, w written).",
+        for r in table["rows"]:
+            if "eager_ms" in r:
+                lines += ["", f"{r['op']} ({r['case']}) against the eager float32 torch composition "
+                          f"(`qn_step_eager` in this script), same rounds: {r['eager_ms']:.1f} ms, "
+                          f"eager time / C++ time = {r['speedup_vs_eager']:.2f}x."]
+    qn = {t["threads"]: next(r for r in t["rows"] if r["op"] == "qn_step_") for t in tables}
+    lines += ["", "## qn_step_ against the goal (>= " f"{QN_GOAL_PCT_OF_COPY} % of copy bandwidth, every pass counted)", "",
+              "| threads | C++ ms | C++ GB/s | copy GB/s | % of copy | met |", "|---:|---:|---:|---:|---:|---|"]
+    for t in tables:
+        r = qn[t["threads"]]
+        lines.append(f"| {t['threads']} | {r['cpp_ms']:.1f} | {r['cpp_GBps']:.1f} | {t['copy_GBps']:.1f} | "
+                     f"{r['pct_of_copy']:.0f}% | {'yes' if r['pct_of_copy'] >= QN_GOAL_PCT_OF_COPY else 'NO'} |")
+    if len(tables) > 1:
+        a, b = tables[0], tables[-1]
+        lines += ["", f"Scaling {a['threads']} -> {b['threads']} threads (median time ratio): "
+                  + ", ".join(f"{ra['op']} ({ra['case']}) {ra['cpp_ms'] / rb['cpp_ms']:.2f}x"
+                              for ra, rb in zip(a["rows"], b["rows"]))
+                  + f"; copy {b['copy_GBps'] / a['copy_GBps']:.2f}x."]
+    lines += ["", "Bytes counted per op (every read and write of every pass): quantize reads 4p and writes p codes + scales;",
+              "dequantize reads p codes + scales and writes 4p; dequantize_axpy_ reads codes, scales and y and writes y;",
+              "lbfgs_compact reads S and Y once; lbfgs_matvec reads V, S, Y (reductions) then S, Y, V and writes B V;",
+              "qn_step_ reads w, w_ref, S, Y (reductions) then w, w_ref, g_ref, g_extra, S, Y and writes w (fused update):",
+              f"4p (4m + 7) bytes, {(4 * args.m + 7) * 4 * p / 1e6:.0f} MB at m = {args.m}.",
               "",
               "Outputs of 8 MiB and more come from a cache of already-written blocks (docs/ops.md), as they do when",
               "a history is replayed; 'fresh output memory' is the median of 3 calls made right after",
-              "unlearn_fast.release_output_cache(), so the OS faults in and zeroes the output pages during the call."]
+              "unlearn_fast.release_output_cache(), so the OS faults in and zeroes the output pages during the call.",
+              "Per-round times are in the .json file."]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -344,3 +344,56 @@ def test_opcheck_lbfgs():
     S_codes, S_scales = uf.quantize_rows(S, 128, 4)
     Y_codes, Y_scales = uf.quantize_rows(Y, 128, 4)
     _opcheck("qn_step_", (w, w_ref, g_ref, g_extra, S_codes, Y_codes, sigma, Minv, 0.1, 1.0, 0.2, 1e-3, S_scales, Y_scales, 128, 4))
+
+
+# ----------------------------------------------------------------------------- one contract, overlapping memory (issue 14)
+def test_codes_and_scales_must_be_flat():
+    n = 1000
+    x = _random(n, torch.float32, seed=5)
+    codes, scales = uf.quantize_blockwise(x, 64, 8)
+    want = reference.dequantize_blockwise(codes.cpu(), scales.cpu(), 64, 8, n, torch.float32)
+    strided_codes = torch.stack([codes, codes], 1).reshape(-1)[::2]
+    assert torch.equal(uf.dequantize_blockwise(strided_codes, scales, 64, 8, n).cpu(), want)
+    y = _random(n, torch.float32, seed=6)
+    y0 = y.clone()
+    for c, s, message in ((codes.view(2, -1), scales, "codes must be 1-D"), (codes, scales.view(1, -1), "scales must be 1-D")):
+        with pytest.raises(ValueError, match=message):
+            uf.dequantize_blockwise(c, s, 64, 8, n)
+        with pytest.raises(ValueError, match=message):
+            uf.dequantize_axpy_(y, c, s, 0.5, 64, 8)
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("overlap", ["full", "partial", "none"])
+def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
+    n, bs = 4096, 64
+    buf = _random(3 * n, torch.float32, seed=7)
+    y = buf[:n]
+    start = {"full": 0, "partial": 4 * n - n // 2, "none": 4 * n}[overlap]  # bytes
+    codes = buf.view(torch.int8)[start:start + n]
+    scales = (1e-3 + 1e-2 * torch.rand(n // bs, generator=torch.Generator().manual_seed(8))).to(CUDA)
+    want = y.cpu()
+    reference.dequantize_axpy_(want, codes.cpu(), scales.cpu(), 0.5, bs, 8)
+    uf.dequantize_axpy_(y, codes, scales, 0.5, bs, 8)
+    assert torch.equal(y.cpu(), want)
+
+
+@pytest.mark.parametrize("overlap", ["full", "partial", "none"])
+def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
+    p, m = 3001, 3
+    sigma, Minv = _compact_factors(m, seed=9)
+    st = _random((6 + 2 * m) * p, torch.float32, seed=10)
+    if overlap == "full":  # w_ref and g_extra are w, and w is row 1 of S
+        S = st[:m * p].view(m, p)
+        w = S[1]
+        w_ref = g_extra = w
+        g_ref, Y = st[m * p:(m + 1) * p], st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
+    else:
+        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
+        S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
+    copies = [t.cpu() for t in (w, w_ref, g_ref, g_extra, S, Y)]
+    want_norm = reference.qn_step_(*copies, sigma, Minv, *QN_SCALARS.values(), None, None, 256, 8)
+    norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma.to(CUDA), Minv.to(CUDA), **QN_SCALARS)
+    assert_close(w.cpu(), copies[0], scale=float(copies[0].abs().max()))
+    torch.testing.assert_close(norm.cpu(), want_norm, rtol=TOLERANCE[torch.float32][0], atol=0)

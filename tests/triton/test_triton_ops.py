@@ -378,3 +378,61 @@ def test_bad_input_is_rejected_before_the_kernel():
         with pytest.raises(ValueError, match="bits"):
             uf.quantize_blockwise(x, 64, 3)
 
+
+
+# ----------------------------------------------------------------------------- one contract, overlapping memory (issue 14)
+def test_codes_and_scales_must_be_flat_with_triton_forced():
+    n = 1000
+    x = _randn(n, seed=51)
+    codes, scales = reference.quantize_blockwise(x, 64, 8, False, 0)
+    want = reference.dequantize_blockwise(codes, scales, 64, 8, n, torch.float32)
+    strided_codes = torch.stack([codes, codes], 1).reshape(-1)[::2]
+    with uf.use_backend("triton"):
+        assert torch.equal(uf.dequantize_blockwise(strided_codes, scales, 64, 8, n), want)
+        y = _randn(n, seed=52)
+        y0 = y.clone()
+        for c, s, message in ((codes.view(2, -1), scales, "codes must be 1-D"), (codes, scales.view(1, -1), "scales must be 1-D")):
+            with pytest.raises(ValueError, match=message):
+                uf.dequantize_blockwise(c, s, 64, 8, n)
+            with pytest.raises(ValueError, match=message):
+                uf.dequantize_axpy_(y, c, s, 0.5, 64, 8)
+        assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("overlap", ("full", "partial", "none"))
+def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
+    n, bs = 4096, 64
+    buf = _randn(3 * n, seed=53)
+    y = buf[:n]
+    start = {"full": 0, "partial": 4 * n - n // 2, "none": 4 * n}[overlap]  # bytes
+    codes = buf.view(torch.int8)[start:start + n]
+    scales = 1e-3 + 1e-2 * torch.rand(n // bs, generator=_gen(54)).to(DEVICE)
+    want = y.clone()
+    reference.dequantize_axpy_(want, codes.clone(), scales, 0.5, bs, 8)
+    with uf.use_backend("triton"):
+        uf.dequantize_axpy_(y, codes, scales, 0.5, bs, 8)
+    assert_close(y, want, torch.float32, scale=float(want.abs().max()))
+
+
+@pytest.mark.parametrize("overlap", ("full", "partial", "none"))
+def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
+    p, m = 3001, 3
+    S0, Y0 = _pairs(m, p, torch.float32, seed=55)
+    sigma, Minv = _compact(S0.double(), Y0.double())
+    st = _randn((6 + 2 * m) * p, seed=56)
+    if overlap == "full":  # w_ref and g_extra are w, and w is row 1 of S
+        S = st[:m * p].view(m, p)
+        w = S[1]
+        w_ref = g_extra = w
+        g_ref, Y = st[m * p:(m + 1) * p], st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
+    else:
+        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
+        S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
+    scalars = (0.05, 1.25, 0.25, 1e-2)
+    copies = [t.clone() for t in (w, w_ref, g_ref, g_extra, S, Y)]
+    want_norm = reference.qn_step_(*copies, sigma, Minv, *scalars, None, None, 256, 8)
+    with uf.use_backend("triton"):
+        norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, *scalars)
+    assert_close(w, copies[0], torch.float32, scale=float(copies[0].abs().max()))
+    assert_close(norm, want_norm, torch.float32)
