@@ -260,7 +260,10 @@ class HistoryCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer; the replay rebuilds a torch optimizer")
-        self.recorder = HistoryRecorder(model, optimizer, self.policy)
+        # the replay loss reproduces the Trainer's accumulation (one token mean over the step) and clipping, so the
+        # recorder is told not to refuse them
+        allow = (("accumulation",) if self.accumulation > 1 else ()) + (("clipping",) if self.max_grad_norm > 0 else ())
+        self.recorder = _recorder(model, optimizer, self.policy, allow)
         self.queue, self.micro_batches = [], 0
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -332,6 +335,14 @@ class HistoryCallback(TrainerCallback):
         if self.recorder is None or not self.recorder.batches:
             raise ValueError("HistoryCallback: nothing was recorded (call trainer.train() after hf.record(trainer))")
         return self.recorder
+
+
+def _recorder(model, optimizer, policy, allow):
+    import inspect
+
+    if allow and "allow" in inspect.signature(HistoryRecorder.__init__).parameters:
+        return HistoryRecorder(model, optimizer, policy, allow=allow)
+    return HistoryRecorder(model, optimizer, policy)  # a recorder without the allow list does not check these features
 
 
 class _IndexHook:
