@@ -47,6 +47,10 @@ FORMAT_VERSION = 2
 CURRENT, LOCK, OBJECTS, TMP = "CURRENT", "LOCK", "objects", "tmp"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 READ_ATTEMPTS = 20  # a reader whose version is replaced mid-read starts over at most this often
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 @dataclasses.dataclass
@@ -90,15 +94,10 @@ def _read_once(fpath):
         raise  # callers tell a replaced version from a missing file
     except OSError as err:  # a link (ELOOP), no permission, ...
         raise ValueError(f"history: cannot read {fpath} ({err.strerror})") from None
-    try:
+    with os.fdopen(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"history: {fpath} is not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 24):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return f.readall()  # one buffer of the file's size
 
 
 def check_request(request, where):
@@ -151,32 +150,51 @@ def _writer(path):
         os.close(fd)  # releases the lock
 
 
-def _write_durably(path, data):
-    """A new file in tmp/ holding `data`, flushed to disk; returns its name."""
+def _write_durably(path, parts):
+    """A new file in tmp/ holding the concatenated buffers `parts`, hashed as written and flushed to
+    disk; (its name, its sha256)."""
     tmp = os.path.join(path, TMP, uuid.uuid4().hex)
+    digest = hashlib.sha256()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in parts:
+            view = memoryview(part).cast("B")
+            digest.update(view)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    return tmp
+    return tmp, digest.hexdigest()
 
 
-def _put_object(path, data):
-    digest = _sha256(data)
-    os.replace(_write_durably(path, data), os.path.join(path, OBJECTS, digest))
+def _put_object(path, parts):
+    tmp, digest = _write_durably(path, parts)
+    os.replace(tmp, os.path.join(path, OBJECTS, digest))
     return digest
+
+
+def _put_tensors(path, tensors):
+    """`tensors` as one safetensors object (8-byte little-endian header length, JSON header padded to 8
+    bytes, raw little-endian data), each tensor written from its own memory: saving a history of
+    several GB needs no second copy of it. Returns the object's sha256."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    data = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values() if t.numel()]
+    return _put_object(path, [len(head).to_bytes(8, "little"), head, *data])
 
 
 def _commit(path, manifest, keep=()):
     """Make `manifest` the current version, then remove every object it does not name."""
-    manifest_digest = _put_object(path, _canonical(manifest))
+    manifest_digest = _put_object(path, [_canonical(manifest)])
     _fsync_dir(os.path.join(path, OBJECTS))  # the objects are durable before CURRENT names them
     body = _canonical({"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest_digest})
-    os.replace(_write_durably(path, body + b"\n" + _sha256(body).encode() + b"\n"), os.path.join(path, CURRENT))
+    os.replace(_write_durably(path, [body, b"\n", _sha256(body).encode(), b"\n"])[0], os.path.join(path, CURRENT))
     _fsync_dir(path)
     live = {manifest_digest, manifest["data"]}
     objects = os.path.join(path, OBJECTS)
@@ -189,24 +207,21 @@ def write(path, kind, info, tensors, requests=()):
     """Store a new version at directory `path` (created if needed); returns its Snapshot.content."""
     path = _as_dir(path)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    seen = set()
-    for name, t in tensors.items():  # safetensors refuses tensors that share memory: give each its own
-        if t.numel() and t.untyped_storage().data_ptr() in seen:
-            tensors[name] = t.clone()
-        seen.add(tensors[name].untyped_storage().data_ptr())
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"history: tensor {name} has dtype {t.dtype}, which histories do not store")
     requests = [check_request(r, "requests") for r in requests]
     try:
         _canonical(info)
     except (TypeError, ValueError) as err:
         raise ValueError(f"history: meta must be JSON-able to be saved ({err})") from None
-    data = safetensors.torch.save(tensors)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "info": info, "data": _sha256(data),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "info": info,
         "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()},
         "requests": requests,
     }
     with _writer(path):
-        _put_object(path, data)
+        manifest["data"] = _put_tensors(path, tensors)
         _commit(path, manifest)
     return _content_digest(manifest)
 
