@@ -552,3 +552,25 @@ def test_format1_histories_are_read_read_only(tmp_path, recorded):
         loaded.save(old)
     upgraded = loaded.save(str(tmp_path / "new"))
     assert uf.GradientHistory.load(upgraded).requests == loaded.requests
+
+
+def test_every_stored_dtype_and_shape_round_trips_and_the_data_is_plain_safetensors(tmp_path):
+    from unlearn_fast import store
+
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    tensors = {str(dtype): (base * 0.5 - 3).to(dtype) for dtype in store.SAFETENSORS_DTYPES}
+    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 3, dtype=torch.int64), strided=base.t(), part=base[1:3, 2:])
+    path = str(tmp_path / "s")
+    content = store.write(path, "Test", {"x": [1, 2.5, None]}, tensors)
+    snap = store.read(path, "Test")
+    assert snap.info == {"x": [1, 2.5, None]} and snap.content == content and set(snap.tensors) == set(tensors)
+    for name, t in tensors.items():
+        assert snap.tensors[name].dtype == t.dtype and torch.equal(snap.tensors[name], t), name
+    # the safetensors library reads the data object by itself, with the same tensors
+    _, manifest = read_current(path)
+    with safetensors.safe_open(os.path.join(path, "objects", manifest["data"]), "pt") as f:
+        assert all(torch.equal(f.get_tensor(name), t) for name, t in tensors.items())
+    with pytest.raises(ValueError, match="tensor c has dtype torch.complex64"):
+        store.write(path, "Test", {}, {"c": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(ValueError, match="meta must be JSON-able"):
+        store.write(path, "Test", {"f": print}, {})
