@@ -30,18 +30,21 @@ constexpr int64_t kChunk = 8 * kTile;  // elements per parallel task
 
 int64_t num_chunks(int64_t p) { return (p + kChunk - 1) / kChunk; }
 
-// sum a[i] * b[i] in double, from float lanes over runs of kSum terms when T is float.
+// da += v.a and db += v.b in one sweep (v loaded once, two memory streams in flight instead of
+// one): in double, from T lanes over runs of kSum terms when T is float.
 template <typename T>
-inline double dot(const T* a, const T* b, int64_t len) {
-  double total = 0;
+inline void dot2(const T* v, const T* a, const T* b, int64_t len, double& da, double& db) {
   for (int64_t start = 0; start < len; start += kSum) {
     const int64_t stop = std::min(len, start + kSum);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = start; i < stop; ++i) sum += a[i] * b[i];
-    total += double(sum);
+    T sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+    for (int64_t i = start; i < stop; ++i) {
+      sa += v[i] * a[i];
+      sb += v[i] * b[i];
+    }
+    da += double(sa);
+    db += double(sb);
   }
-  return total;
 }
 
 // sum a[i] * b[i] with every product and sum in double (float products are exact in double).
@@ -263,9 +266,10 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
   // Pass 1: [Y v; S v] for v = w - w_ref, float lanes per tile, combined in double per chunk.
   std::vector<double> partial(nchunks * 2 * m, 0.0);
   parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> v_tile(kTile), buf_tile(kTile);
+    std::vector<T> v_tile(kTile), buf_tile(2 * kTile);
     T* v = v_tile.data();
-    T* buf = buf_tile.data();
+    T* buf_y = buf_tile.data();
+    T* buf_s = buf_y + kTile;
     for (int64_t c = c0; c < c1; ++c) {
       double* acc = partial.data() + c * 2 * m;
       const int64_t chunk_end = std::min(p, (c + 1) * kChunk);
@@ -274,8 +278,7 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) v[i] = w[begin + i] - w_ref[begin + i];
         for (int64_t j = 0; j < m; ++j) {
-          acc[j] += dot(v, Y.row(j, begin, len, buf), len);
-          acc[m + j] += dot(v, S.row(j, begin, len, buf), len);
+          dot2(v, Y.row(j, begin, len, buf_y), S.row(j, begin, len, buf_s), len, acc[j], acc[m + j]);
         }
       }
     }
@@ -295,9 +298,10 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
           be = static_cast<T>(beta), la = static_cast<T>(lam);
   std::vector<double> norm_partial(nchunks, 0.0);
   parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> bv_tile(kTile), buf_tile(kTile);
+    std::vector<T> bv_tile(kTile), buf_tile(2 * kTile);
     T* bv = bv_tile.data();
-    T* buf = buf_tile.data();
+    T* buf_y = buf_tile.data();
+    T* buf_s = buf_y + kTile;
     for (int64_t c = c0; c < c1; ++c) {
       double norm2 = 0;
       const int64_t chunk_end = std::min(p, (c + 1) * kChunk);
@@ -309,15 +313,14 @@ double qn_step_impl(T* w, const T* w_ref, const T* g_ref, const T* g_extra, cons
         const T* ge = g_extra + begin;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) bv[i] = sg * (wt[i] - wr[i]);
+        // Rows j of Y and S in one sweep over the tile (bv loaded and stored once per pair), in the
+        // order (bv - cy y_j) - cs s_j.
         for (int64_t j = 0; j < m; ++j) {
-          const T* yj = Y.row(j, begin, len, buf);
-          const T cy = coef_y[j];
+          const T* yj = Y.row(j, begin, len, buf_y);
+          const T* sj = S.row(j, begin, len, buf_s);
+          const T cy = coef_y[j], cs = coef_s[j];
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i) bv[i] -= cy * yj[i];
-          const T* sj = S.row(j, begin, len, buf);
-          const T cs = coef_s[j];
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i) bv[i] -= cs * sj[i];
+          for (int64_t i = 0; i < len; ++i) bv[i] = (bv[i] - cy * yj[i]) - cs * sj[i];
         }
         for (int64_t start = 0; start < len; start += kSum) {
           const int64_t stop = std::min(len, start + kSum);
