@@ -475,6 +475,27 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_history(tmp_path,
     assert leftovers(path) == []
 
 
+def test_an_append_killed_at_any_moment_keeps_every_earlier_request(tmp_path, recorded):
+    history = fresh(recorded["minimal"][2])
+    path = history.save(str(tmp_path / "h"))
+    history.append_request([0], "mini", "aa" * 32)
+    kills = 0
+    for k in range(1, 100):
+        pid = fork(lambda: (kill_at_call(k), history.append_request([k], "mini", "bb" * 32)))
+        code = exit_code(pid)
+        log = [r["forget"] for r in uf.GradientHistory.load(path).requests]
+        before = [[j] for j in range(k)]
+        assert log in (before, before + [[k]]), log  # nothing earlier lost or reordered; the new entry whole or absent
+        if code == 0:
+            assert log == before + [[k]]
+            break
+        kills += 1
+        if log == before:  # killed before its version was current: a surviving process logs it
+            history.append_request([k], "mini", "bb" * 32)
+    assert kills >= 8
+    assert leftovers(path) == []
+
+
 def test_loads_while_another_process_saves_return_one_history_whole(tmp_path, recorded):
     a, b = fresh(recorded["full"][2]), fresh(recorded["minimal"][2])
     prints = {fingerprint(a), fingerprint(b)}
