@@ -108,7 +108,8 @@ def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
     for idx in _chunks(n, batch_size):
         quad += _ggn_quadratic(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
     diag = quad[: U.shape[0]].clamp(min=0)
-    rho = quad[U.shape[0] :].mean().clamp(min=0) / (p - rank) if Z.shape[0] else None
+    # Rayleigh quotient over the probes together: sum z'Gz / sum z'z
+    rho = quad[U.shape[0] :].sum().clamp(min=0) / Z.pow(2).sum().clamp(min=1e-300) if Z.shape[0] else None
     return diag, rho
 
 
@@ -116,6 +117,9 @@ def _full_gradient(model, loss_fn, train_set, w, batch_size):
     """The full-data mean loss gradient at w."""
     n = len(train_set)
     return forget_gradient_sum(model, loss_fn, train_set, torch.arange(n), w, batch_size) / n
+
+
+PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
 
 
 def summary_rank(policy, p, steps):
@@ -162,7 +166,7 @@ def _subset(train_set, size, gen):
 
 
 def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
-                  power_iterations=2, oversample=8, probes=8, repeats=4, curvature_samples=1024, seed=0):
+                  power_iterations=2, oversample=8, probes=16, repeats=4, curvature_samples=1024, seed=0):
     """The minimal history at the end of training (see the module docstring).
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
@@ -206,9 +210,16 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     U = (Q @ vecs[:, torch.argsort(ritz, descending=True)[:k]]).T.contiguous()
     eigvecs = EncodedRows.encode(U, policy.summary_codec, policy.blocksize)
     Ud = decode_basis(eigvecs, w.dtype)  # what the unlearning side will see
-    # Hutchinson probes for the curvature left off span(U): Rademacher vectors projected off the span
-    Z = (torch.randint(0, 2, (probes if k < p else 0, p), generator=gen) * 2 - 1).to(w.dtype)
-    Z = Z - (Z @ Ud.T) @ Ud
+    # Probes for the curvature left off span(U): the deviations of small random batches' gradients from g*, projected
+    # off the span. A deletion's source is such a deviation (a mean of per-sample gradients), and gradients live where
+    # the curvature is (Fisher ~ Hessian), so the curvature ALONG them is what the replay needs off the span: Rademacher
+    # probes (the trace mean) underestimated it on a 255-parameter problem at rank 133 and Mini overshot 1.8-2.7x
+    # (docs/mini_unlearning.md).
+    Z = torch.zeros(0, p, dtype=w.dtype)
+    if k < p:
+        picks = torch.randperm(len(train_set), generator=gen)[: probes * PROBE_BATCH].view(probes, -1)
+        Z = torch.stack([gradient_sum(model, loss_fn, [(fetch(train_set, idx), idx.numel())], w) / idx.numel() - g_star for idx in picks])
+        Z = Z - (Z @ Ud.T) @ Ud
     lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
     rho = lam[-1] if rho is None else rho
     summary = {"w_star": w, "g_star": g_star, "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
@@ -234,6 +245,54 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     for q, g in zip(model.parameters(), saved_grads):
         q.grad = g
     return summary
+
+
+def checkpoint_steps(steps):
+    """The steps a kind="minimal" recorder keeps for a run of `steps` steps (HistoryRecorder._keep_checkpoint's
+    rule replayed): every power-of-two step and an even grid of at most checkpoint_capacity(steps) points."""
+    early = lambda s: s & (s - 1) == 0  # noqa: E731
+    every, kept = 1, []
+    for step in range(steps):
+        if step % every == 0 or early(step):
+            kept.append(step)
+        while sum(s % every == 0 for s in kept) > checkpoint_capacity(step + 1):
+            every *= 2
+            kept = [s for s in kept if s % every == 0 or early(s)]
+    return kept
+
+
+def prepare(history, model, train_set, loss_fn, batch_size=1024):
+    """Mini's summary for a history that has none (kind="full": the recorder computes it only for "minimal"),
+    from the recorded trajectory: the decoded w_t at the checkpoint steps a "minimal" recorder would have kept.
+    Stores it in history.summary and returns it. This is Mini's preparation cost (benchmarks time it).
+    `model` must hold the final trained weights (w*); it is left as it was (parameters and .grad)."""
+    if history.summary is not None:
+        return history.summary
+    if history.trajectory is None:
+        raise ValueError("mini: the history has neither a summary nor a trajectory to compute one from: record with "
+                         "HistoryPolicy(kind='minimal') or kind='full'")
+    history.check_model(model)
+    if len(train_set) != history.n_train:
+        raise ValueError(f"train_set: has {len(train_set)} samples, the history was recorded on {history.n_train}")
+    from ..history import HistoryPolicy
+
+    policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
+    T = history.num_steps
+    try:
+        sgd = sgd_settings(history.meta, "mini")
+    except ValueError:
+        sgd = None
+    rows = history.trajectory["w"]
+    checkpoints = [(t, EncodedRows.encode(rows.row(t)[None], policy.summary_codec, policy.blocksize)) for t in checkpoint_steps(T)]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # torch.func refuses dropout's random masks and batch norm's in-place updates
+    try:
+        history.summary = final_summary(model, train_set, loss_fn, policy, T, checkpoints, history.schedule["lrs"][:, 0], sgd,
+                                        batch_size=batch_size)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return history.summary
 
 
 def decode_rows(rows, dtype):
@@ -468,12 +527,72 @@ def marks_of(history):
     return [int(x) for x in history.summary["ckpt_steps"]] + [history.num_steps]
 
 
-def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None):
+class NotUnlearnedError(RuntimeError):
+    """Mini could not unlearn (no progress, no convergence, or the a-posteriori check failed): raised instead of
+    returning the original or an unchecked model. `stats` holds what was measured (stats["unlearned"] is False,
+    stats["reason"] says why)."""
+
+    def __init__(self, message, stats):
+        super().__init__(message)
+        self.stats = stats
+
+
+# The a-posteriori check (retained_gradient_check): a result must leave at most this fraction of the gradient change
+# the deletion caused. Not 0: an exact retrain leaves SGD's own residual (measured 0.03-0.43 at the retrained models,
+# docs/mini_unlearning.md); above 1 the move went the wrong way.
+CHECK_RATIO = 0.75
+
+
+def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, decay, batch_size):
+    """How much of the gradient change that deletion causes is still there at w (docs/mini_unlearning.md).
+
+    Deleting R changes the training objective's gradient at w* from g* (what the SGD run left there) to
+    grad F_R(w*) = (n g* - sum_R grad l_i(w*)) / (n - r). Retraining moves to where the retained gradient is,
+    to first order, again what an SGD run leaves, i.e. close to g*; so
+        ratio = |grad F_R(w) + decay w - (g* + decay w*)| / |grad F_R(w*) - g*|
+    is 1 at the original model, small near the retrained one, and above 1 when the move went the wrong way.
+    One pass over the retained set (grad F_R(w*) is free: g* and the forget set's gradients at w* are known)."""
+    n, r = history.n_train, forget.numel()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[forget] = False
+    retained = keep.nonzero()[:, 0]
+    g_w = gradient_sum(model, loss_fn, batches_of(train_set, retained, batch_size), w) / (n - r)
+    at_star = (n * g_star - forget_at_star) / (n - r)
+    norm = torch.linalg.vector_norm
+    before = float(norm(at_star - g_star))
+    after = float(norm(g_w + decay * (w - history.summary["w_star"]) - g_star))
+    return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
+
+
+def _fallback_run(name):
+    from ..unlearn import _method
+
+    return _method(name)
+
+
+def check_fallback(fallback):
+    from ..unlearn import METHODS, TEXT_METHODS
+
+    if fallback is None:
+        return
+    if fallback == "mini" or fallback in TEXT_METHODS or fallback not in METHODS:
+        allowed = sorted(m for m in METHODS if m != "mini" and m not in TEXT_METHODS)
+        raise ValueError(f"fallback: must be None or one of {allowed}, got {fallback!r}")
+
+
+def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None,
+        fallback=None, fallback_options=None):
+    """Mini-Unlearning. On success stats["unlearned"] is True. When it cannot unlearn (no progress, no convergence,
+    or the a-posteriori retained-gradient check fails) it raises NotUnlearnedError, or, with fallback="retrain"
+    (or "deltagrad", "newton"), runs that method instead (stats["fallback"] names it, stats["mini"] keeps Mini's)."""
+    check_fallback(fallback)
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
-    history.require("summary", "mini")
     lam, lr_scale = sgd_settings(history.meta, "mini")
+    if history.summary is None:
+        prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
+    history.require("summary", "mini")
     s = history.summary
     w_star, g_star = s["w_star"], s["g_star"]
     dtype = w_star.dtype
@@ -584,15 +703,7 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
         else:
             w, it2, q, bound, converged = replay
             it += it2
-    set_flat_params(model, w)
-    if not converged:
-        moved = float(torch.linalg.vector_norm(w - w_star))
-        warnings.warn(
-            f"mini: the fixed-point iteration stopped unconverged after {it} iterations (contraction estimate {q:.3g}, "
-            f"error bound {bound:.3g}, parameters moved {moved:.3g}{': none, this is the original model' if moved == 0 else ''}); "
-            "the result may be far from retraining: see result.stats, or use method='retrain' or 'deltagrad'",
-            RuntimeWarning, stacklevel=3,
-        )
+    moved = float(torch.linalg.vector_norm(w - w_star))
     stats = {
         "iterations": it,
         "checkpoints": K,
@@ -600,9 +711,35 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
         "nonlinearity": eta,
         "refined": refined,
         "contraction_factor": q,
-        "error_bound": bound,
+        # bounds |w - w_fix|, the distance to the fixed point of Mini's MODEL of the replay, not to retraining
+        "fixed_point_error_bound": bound,
         "converged": converged,
         "relaxation": relax,
+        "moved": moved,
         "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
     }
-    return model, stats
+    # A-posteriori check against retraining's direction (docs/mini_unlearning.md, "The check"): one pass over the
+    # retained set at the result.
+    stats.update(retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, lam, batch_size))
+    stats["gradient_evaluations"] += n - r
+    reason = None
+    if moved == 0:
+        reason = "the iteration made no progress (the result is the original model)"
+    elif not converged:
+        reason = (f"the fixed-point iteration stopped unconverged after {it} iterations (contraction estimate {q:.3g}, "
+                  f"fixed-point error bound {bound:.3g})")
+    elif not stats["retained_gradient_ratio"] <= CHECK_RATIO:
+        reason = (f"the a-posteriori check failed: the retained-data gradient change left at the result is "
+                  f"{stats['retained_gradient_ratio']:.3g} of the original model's (must be <= {CHECK_RATIO}): it did not move towards retraining")
+    stats["unlearned"] = reason is None
+    if reason is None:
+        set_flat_params(model, w)
+        return model, stats
+    stats["reason"] = reason
+    if fallback is None:
+        raise NotUnlearnedError(f"mini: not unlearned: {reason}; no model is returned. Pass fallback='retrain' (or another "
+                                "method) to run it instead; NotUnlearnedError.stats holds the measurements", stats)
+    warnings.warn(f"mini: not unlearned ({reason}); running fallback method {fallback!r}", RuntimeWarning, stacklevel=3)
+    set_flat_params(model, w_star)  # the fallback starts from the trained model, as uf.unlearn would give it
+    model, fb_stats = _fallback_run(fallback)(model, history, forget, train_set, loss_fn, **(fallback_options or {}))
+    return model, {**fb_stats, "unlearned": True, "fallback": fallback, "mini": stats}
