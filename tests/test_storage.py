@@ -256,6 +256,32 @@ def test_names_from_files_never_leave_the_history(tmp_path, recorded):
             uf.GradientHistory.load(path)
 
 
+def test_links_in_a_history_never_redirect_what_a_writer_removes(tmp_path, recorded):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ("ab" * 32)).write_text("a file named like an object")
+    (victim / ("cd" * 16)).write_text("a file named like a temporary file")
+    history = fresh(recorded["minimal"][2])
+    path = history.save(str(tmp_path / "h"))
+    loaded = uf.GradientHistory.load(path)
+    for sub in ("tmp", "objects"):
+        moved = os.path.join(path, sub + ".real")
+        os.rename(os.path.join(path, sub), moved)
+        os.symlink(victim, os.path.join(path, sub))
+        with pytest.raises(ValueError, match=f"{sub} is a link"):
+            loaded.append_request([1], "mini", "aa" * 32)  # unlearn() logs every request like this
+        with pytest.raises(ValueError, match=f"{sub} is a link"):
+            history.save(path)
+        os.remove(os.path.join(path, sub))
+        os.rename(moved, os.path.join(path, sub))
+    assert sorted(os.listdir(victim)) == sorted(["ab" * 32, "cd" * 16])
+    os.symlink(victim / ("ab" * 32), os.path.join(path, "LOCK.new"))
+    os.replace(os.path.join(path, "LOCK.new"), os.path.join(path, "LOCK"))
+    with pytest.raises(ValueError, match="cannot lock"):
+        history.save(path)
+    assert (victim / ("ab" * 32)).read_text() == "a file named like an object"
+
+
 def test_format1_names_never_leave_the_history(tmp_path, recorded):
     # a manifest entry "../B/x.pt" whose target is a valid tensor file with the right sha256
     history = fresh(recorded["full"][2])
@@ -529,7 +555,7 @@ def test_two_writers_on_one_path_are_serialised(tmp_path, recorded):
 def test_a_crashed_writers_leftovers_are_removed_by_the_next_save(tmp_path, recorded):
     history = fresh(recorded["minimal"][2])
     path = history.save(str(tmp_path / "h"))
-    open(os.path.join(path, "tmp", "half-written"), "wb").write(b"x" * 1000)
+    open(os.path.join(path, "tmp", "ef" * 16), "wb").write(b"x" * 1000)  # what a killed writer leaves (a uuid4 hex name)
     put(path, b"an object no version names")
     assert len(leftovers(path)) == 2
     assert fingerprint(uf.GradientHistory.load(path)) == fingerprint(history)  # readers are not disturbed

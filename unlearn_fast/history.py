@@ -286,7 +286,7 @@ class GradientHistory:
         sha256. Names are confined to `path`, each file is read once and hashed from those bytes, and
         torch.load runs with weights_only=True on them (no code from the file)."""
         try:
-            manifest = json.loads(store._read_once(os.path.join(path, "manifest.json")))
+            manifest = json.loads(store.read_file(os.path.join(path, "manifest.json")))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"history: manifest.json in {path!r} is corrupted ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
@@ -300,7 +300,7 @@ class GradientHistory:
                     raise ValueError(f"history: file name {fname!r:.200} in {path!r}/manifest.json is not a plain name inside the history")
                 fpath = os.path.join(path, fname)
                 try:
-                    raw = store._read_once(fpath)
+                    raw = store.read_file(fpath)
                 except FileNotFoundError:
                     raise ValueError(f"history: file {fname} listed in the manifest is missing from {path!r}") from None
                 if hashlib.sha256(raw).hexdigest() != entry["sha256"]:

@@ -85,7 +85,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _read_once(fpath):
+def read_file(fpath):
     """The bytes of a regular file, read once; links are not followed (a name inside the history must
     not lead outside it) and devices or pipes are refused (they could block or never end)."""
     try:
@@ -136,15 +136,18 @@ def _writer(path):
     os.makedirs(path, exist_ok=True)
     if created:
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # no link may redirect what a writer creates or removes to outside the history
+        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise ValueError(f"path: cannot lock {path!r} ({err.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         for sub in (OBJECTS, TMP):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
+            if os.path.islink(os.path.join(path, sub)):
+                raise ValueError(f"path: {path!r}/{sub} is a link; refusing to write a history through it")
         _fsync_dir(path)
-        tmp = os.path.join(path, TMP)
-        for name in os.listdir(tmp):  # only the lock holder writes here: these are a crashed writer's
-            os.unlink(os.path.join(tmp, name))
+        _remove(os.path.join(path, TMP), keep=())  # only the lock holder writes there: a crashed writer's files
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -189,18 +192,23 @@ def _put_tensors(path, tensors):
     return _put_object(path, [len(head).to_bytes(8, "little"), head, *data])
 
 
-def _commit(path, manifest, keep=()):
+def _commit(path, manifest):
     """Make `manifest` the current version, then remove every object it does not name."""
     manifest_digest = _put_object(path, [_canonical(manifest)])
     _fsync_dir(os.path.join(path, OBJECTS))  # the objects are durable before CURRENT names them
     body = _canonical({"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest_digest})
     os.replace(_write_durably(path, [body, b"\n", _sha256(body).encode(), b"\n"])[0], os.path.join(path, CURRENT))
     _fsync_dir(path)
-    live = {manifest_digest, manifest["data"]}
-    objects = os.path.join(path, OBJECTS)
-    for name in os.listdir(objects):
-        if name not in live:
-            os.unlink(os.path.join(objects, name))
+    _remove(os.path.join(path, OBJECTS), keep={manifest_digest, manifest["data"]})
+
+
+def _remove(directory, keep):
+    """Remove the files this module names (64 or 32 hex digits) in `directory`, except `keep`; anything
+    else there is not ours and stays."""
+    for name in os.listdir(directory):
+        if name not in keep and re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{64}", name):
+            with contextlib.suppress(IsADirectoryError):
+                os.unlink(os.path.join(directory, name))
 
 
 def write(path, kind, info, tensors, requests=()):
@@ -249,7 +257,7 @@ def append(path, kind, request, content):
 def _current(path):
     """The bytes of `path`/CURRENT; ValueError if there is none."""
     try:
-        return _read_once(os.path.join(path, CURRENT))
+        return read_file(os.path.join(path, CURRENT))
     except (FileNotFoundError, NotADirectoryError):
         if os.path.isfile(path):
             hint = "a file, not a history directory; format-1 language-model histories were single files: re-record them"
@@ -282,7 +290,7 @@ def _manifest_of(path, raw, kind):
 
 def _read_object(path, digest):
     fpath = os.path.join(path, OBJECTS, digest)  # digest is 64 hex digits: the name stays inside path
-    data = _read_once(fpath)
+    data = read_file(fpath)
     if _sha256(data) != digest:
         raise ValueError(f"history: {fpath} is corrupted (sha256 mismatch)")
     return data, fpath
