@@ -546,7 +546,7 @@ def test_loads_while_another_process_saves_return_one_history_whole(tmp_path, re
 def test_two_writers_on_one_path_are_serialised(tmp_path, recorded):
     a, b = fresh(recorded["full"][2]), fresh(recorded["minimal"][2])
     path = str(tmp_path / "h")
-    pids = [fork(lambda h=h: [h.save(path) for _ in range(25)]) for h in (a, b)]
+    pids = [fork(lambda h=h: [h.save(path) for _ in range(15)]) for h in (a, b)]
     assert [exit_code(pid) for pid in pids] == [0, 0]
     assert fingerprint(uf.GradientHistory.load(path)) in {fingerprint(a), fingerprint(b)}
     assert leftovers(path) == []
