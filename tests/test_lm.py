@@ -169,11 +169,25 @@ def test_calibration_stops_inside_its_bounds(setup, mode):
     assert forget_after == pytest.approx(s["forget_loss_after"], abs=1e-5)
     assert s["status"] == "reached_target"
     assert target <= forget_after <= bound
-    # a tight retain tolerance stops early, inside the tolerance, and says so
+    # A tight retain tolerance stops the run early, inside the tolerance. Which rule names the stop is not
+    # checked: fuzzy's bisection closes in on the retain limit, and whether its last probe lands a hair above
+    # it ("retain_tolerance") or not ("max_steps") flips with MKL's instruction path (issue 14). The numbers
+    # are checked instead, whatever the name.
+    limit = math.log1p(1e-4)
     tight = uf.unlearn(model, setup["histories"]["embeddings"], FORGET, train, None, method="first_epoch_ascent",
                        heldout=heldout_losses, mode=mode, retain_tolerance=1e-4)
-    assert tight.stats["status"] == "retain_tolerance"
-    assert tight.stats["retain_loss_after"] <= tight.stats["retain_loss_before"] + math.log1p(1e-4) + 1e-6
+    t = tight.stats
+    assert t["status"] in ("retain_tolerance", "max_steps")
+    assert float(metrics.losses(tight.model, train.subset(FORGET)).mean()) == pytest.approx(t["forget_loss_after"], abs=1e-5)
+    assert t["retain_rise_bound"] <= limit + 1e-9
+    assert t["retain_loss_after"] <= t["retain_loss_before"] + limit + 1e-6
+    # it moved, stopped short of the target (no overshoot), and well short of the loose run
+    assert t["forget_loss_before"] < t["forget_loss_after"] < target
+    assert t["forget_loss_after"] < forget_after
+    # the retain tolerance is what held it back: at least a quarter of its budget is used (half or more measured)
+    assert t["retain_rise_bound"] >= 0.25 * limit
+    if t["status"] == "retain_tolerance":  # saying so is backed by a rejected step or a (nearly) spent budget
+        assert t["retain_rejections"] > 0 or t["retain_rise_bound"] >= 0.5 * limit
 
 
 @pytest.mark.parametrize("mode", ["iterative", "fuzzy"])
