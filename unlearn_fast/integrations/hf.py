@@ -166,13 +166,14 @@ def _check_right_padded(mask, labels, where):
 
 def dropout_settings(model):
     """Names and probabilities of the dropout a model applies in training mode (modules and config fields)."""
-    found = [(name, m.p) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    found = []  # config fields first: they are what a user changes
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         for key, value in config.to_dict().items():
             # summary_* fields configure GPT-2's sequence-summary head (double-heads models), absent from causal LMs
             if ("dropout" in key or "pdrop" in key) and not key.startswith("summary_") and isinstance(value, float) and value > 0:
                 found.append((f"config.{key}", value))
+    found += [(name, m.p) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
     return found
 
 
@@ -329,6 +330,16 @@ class HistoryCallback(TrainerCallback):
             return self.snapshot()
         history = rec.finish(self.replay_set, self.loss_fn)
         history.meta["hf_trainer"] = self._trainer_meta()
+        check = history.meta.get("loss_check")
+        if check is not None and self.max_grad_norm > 0:
+            # uf.unlearn compares its loss_fn's gradient at the final weights with this norm; the loss retrain needs is
+            # replay_loss, whose gradient is the clipped one (the recorder measured the unclipped loss_fn's)
+            from ..history import fetch, flat_params
+            from ..recording import batch_gradient
+
+            batch = fetch(self.replay_set, history.schedule["batches"][check["step"]])
+            grad = batch_gradient(rec.model, self.replay_loss, batch, flat_params(rec.model))
+            history.meta["loss_check"] = dict(check, grad_norm=float(torch.linalg.vector_norm(grad)), loss="replay_loss")
         return history
 
     def _require(self):

@@ -1,0 +1,233 @@
+"""transformers.Trainer integration: a real Trainer trains a tiny GPT-2 on CPU; method="retrain" forgetting
+nothing must land on the Trainer's weights, and forgetting samples on a hand-written Trainer-style loop."""
+import copy
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+
+import unlearn_fast as uf  # noqa: E402
+from unlearn_fast.history import GradientHistory, flat_params, set_flat_params  # noqa: E402
+from unlearn_fast.integrations import hf  # noqa: E402
+from unlearn_fast.methods import retrain  # noqa: E402
+
+N, BATCH = 48, 4
+TIGHT = 1e-6  # SGD: the replay differs from the Trainer by float rounding only (other padding and summation order)
+
+
+def _texts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 256, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g) for _ in range(N)]
+
+
+class _Texts(torch.utils.data.Dataset):
+    def __init__(self):
+        self.texts = _texts()
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.texts[i]}
+
+
+def _collate(features):
+    """Right-padded causal-LM batches: labels are the inputs, -100 on padding."""
+    length = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), length, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], mask[i, :n], labels[i, :n] = f["input_ids"], 1, f["input_ids"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _model(dropout=0.0):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, n_positions=64,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _trainer(tmp, model=None, **args):
+    options = dict(output_dir=str(tmp), per_device_train_batch_size=BATCH, num_train_epochs=1, use_cpu=True, report_to=[],
+                   remove_unused_columns=False, save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True)
+    options.update(args)
+    return transformers.Trainer(model=model if model is not None else _model(), args=transformers.TrainingArguments(**options),
+                                train_dataset=_Texts(), data_collator=_collate)
+
+
+CONFIGS = {  # name -> TrainingArguments (SGD: no optimizer amplification of rounding, see test_adamw_defaults)
+    "plain": dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0),
+    "accumulation 2": dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0, gradient_accumulation_steps=2),
+    "accumulation 2 + max_grad_norm 0.2": dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.2, gradient_accumulation_steps=2),
+}
+_RUNS = {}
+
+
+def _run(name, tmp_path_factory):
+    """One recorded Trainer run per configuration, shared by the tests of this module."""
+    if name not in _RUNS:
+        trainer = _trainer(tmp_path_factory.mktemp("run"), **CONFIGS[name])
+        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+        trainer.train()
+        _RUNS[name] = (name, trainer, cb, cb.finish())
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def trained(request, tmp_path_factory):
+    return _run(request.param, tmp_path_factory)
+
+
+def _replay(model, history, train_set, loss_fn, forget=()):
+    replayed, _ = retrain.run(copy.deepcopy(model), history, torch.tensor(forget, dtype=torch.int64), train_set, loss_fn)
+    return replayed
+
+
+def _max_dw(a, b):
+    return float((flat_params(a) - flat_params(b)).abs().max())
+
+
+def test_retrain_forgetting_nothing_reproduces_the_trainer(trained):
+    name, trainer, cb, history = trained
+    model = trainer.model
+    dw = _max_dw(_replay(model, history, cb.replay_set, cb.replay_loss), model)
+    moved = float((flat_params(model) - history.schedule["w0"]).abs().max())
+    assert dw < TIGHT < moved / 1000, (name, dw, moved)
+    # the two things that made the replay miss before (tests/test_integrations.py measures them; docs/integrations.md):
+    # dividing by the predicted positions instead of the Trainer's label count, and not clipping
+    if cb.max_grad_norm > 0:
+        assert _max_dw(_replay(model, history, cb.replay_set, cb.loss_fn), model) > 100 * TIGHT
+    else:  # (a clipped step does not depend on the loss's scale: every step clips here)
+        other = "shifted" if cb.count == "all" else "all"
+        assert _max_dw(_replay(model, history, cb.replay_set, hf.TrainerLoss(other)), model) > 100 * TIGHT
+
+
+def test_steps_hold_every_micro_batch(trained):
+    name, trainer, cb, history = trained
+    batches = history.schedule["batches"]
+    per_step = BATCH * trainer.args.gradient_accumulation_steps
+    assert len(batches) == N // per_step and all(len(b) == per_step for b in batches), name
+    assert sorted(torch.cat(batches).tolist()) == list(range(N))  # one epoch: every sample once
+    assert history.meta["optimizer"]["class"].startswith("torch.optim.")  # not accelerate's AcceleratedOptimizer
+    assert history.meta["hf_trainer"]["gradient_accumulation_steps"] == trainer.args.gradient_accumulation_steps
+
+
+def _trainer_style_retrain(history, forget, max_grad_norm):
+    """Independent reference: the Trainer's own step on the recorded batches without `forget`: the model's loss
+    with num_items_in_batch (the Trainer's count of labels), torch's clip_grad_norm_, a plain SGD step."""
+    model, data = _model(), _Texts()
+    set_flat_params(model, history.schedule["w0"])
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[list(forget)] = False
+    for batch, lr in zip(history.schedule["batches"], history.schedule["lrs"][:, 0].tolist()):
+        rem = batch[keep[batch]]
+        if rem.numel() == 0:
+            continue
+        inputs = _collate([data[int(i)] for i in rem])
+        count = (inputs["labels"] != -100).sum()  # transformers 5.24 counts GPT-2's labels unshifted (hf.TrainerLoss)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        model(**inputs, num_items_in_batch=count).loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+    return model
+
+
+def test_forgetting_matches_a_trainer_style_retrain(tmp_path_factory):
+    name, trainer, cb, history = _run("accumulation 2 + max_grad_norm 0.2", tmp_path_factory)  # every replayed feature
+    forget = [1, 7, 20, 33, 46]
+    result = uf.unlearn(trainer.model, history, forget, cb.replay_set, cb.replay_loss, method="retrain")
+    reference = _trainer_style_retrain(history, forget, cb.max_grad_norm)
+    dw, moved = _max_dw(result.model, reference), _max_dw(reference, trainer.model)
+    assert dw < TIGHT < moved / 1000, (dw, moved)
+
+
+def test_adamw_defaults(tmp_path):
+    """The Trainer's defaults (AdamW, linear decay, max_grad_norm=1.0). AdamW divides by sqrt(v) + 1e-8, so float
+    rounding in near-zero gradient coordinates moves weights by up to a fraction of lr: the reference for "float
+    tolerance" is the Trainer itself on the same batches split into other micro-batches."""
+    a = _trainer(tmp_path / "a", learning_rate=5e-3)  # the default 5e-5 moves the weights too little to tell anything apart
+    cb = hf.record(a, uf.HistoryPolicy(kind="full"))
+    a.train()
+    history = cb.finish()
+    b = _trainer(tmp_path / "b", learning_rate=5e-3, per_device_train_batch_size=BATCH // 2, gradient_accumulation_steps=2)
+    b.train()
+    noise = _max_dw(a.model, b.model)  # same samples per step, same math
+    dw = _max_dw(_replay(a.model, history, cb.replay_set, cb.replay_loss), a.model)
+    wrong = _max_dw(_replay(a.model, history, cb.replay_set, hf.TrainerLoss("shifted", cb.max_grad_norm)), a.model)
+    assert history.meta["optimizer"]["class"] == "torch.optim.adamw.AdamW"
+    assert dw < 5 * noise < wrong, (dw, noise, wrong)  # measured: 3.75e-5, 2.65e-5, 8.7e-4 (docs/integrations.md)
+
+
+def test_history_saved_with_each_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, optim="sgd", learning_rate=0.5, save_strategy="steps", save_steps=4)
+    cb = hf.record(trainer)
+    trainer.train()
+    final = cb.finish(summary=False)
+    path = tmp_path / "checkpoint-8" / hf.HISTORY_DIR
+    saved = GradientHistory.load(str(path))
+    assert len(saved.schedule["batches"]) == 8
+    assert all(torch.equal(a, b) for a, b in zip(saved.schedule["batches"], final.schedule["batches"]))
+    # the checkpoint's model is what the saved history replays to
+    at_8 = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "checkpoint-8"))
+    assert _max_dw(_replay(at_8, saved, cb.replay_set, cb.replay_loss), at_8) < TIGHT
+    # resuming a recording is not supported yet: refused, not silently restarted
+    again = _trainer(tmp_path, optim="sgd", learning_rate=0.5)
+    hf.record(again)
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+def test_unreplayable_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="dropout.*attn_pdrop=0.1"):
+        hf.record(_trainer(tmp_path, model=_model(dropout=0.1)))
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        hf.record(_trainer(tmp_path, remove_unused_columns=True))
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        hf.record(_trainer(tmp_path, label_smoothing_factor=0.1))
+
+    class Custom(transformers.Trainer):
+        def compute_loss(self, model, inputs, **kw):
+            return super().compute_loss(model, inputs, **kw) * 2
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, remove_unused_columns=False, report_to=[])
+    with pytest.raises(ValueError, match="compute_loss is overridden"):
+        hf.record(Custom(model=_model(), args=args, train_dataset=_Texts(), data_collator=_collate))
+
+
+def test_left_padding_and_lost_indices_are_refused(tmp_path):
+    def left_pad(features):
+        batch = _collate(features)
+        return {k: torch.flip(v, dims=[1]) for k, v in batch.items()}  # padding first (reversed texts: fine for the check)
+
+    trainer = _trainer(tmp_path, optim="sgd", max_steps=1)
+    trainer.data_collator = left_pad
+    hf.record(trainer)
+    with pytest.raises(ValueError, match="not right-padded"):
+        trainer.train()
+
+    trainer = _trainer(tmp_path, optim="sgd", max_steps=1)
+    hf.record(trainer)
+    trainer.data_collator = _collate  # replaced after record(): the batches carry no indices
+    with pytest.raises(ValueError, match="without 'uf_index'"):
+        trainer.train()
+
+
+def test_dropout_allowed_is_recorded_and_replays_only_approximately(tmp_path):
+    trainer = _trainer(tmp_path, model=_model(dropout=0.1), optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    cb = hf.record(trainer, allow_dropout=True)
+    trainer.train()
+    history = cb.finish(summary=False)
+    assert ["config.attn_pdrop", 0.1] in history.meta["hf_trainer"]["dropout"]
+    model = trainer.model
+    dw = _max_dw(_replay(model.eval(), history, cb.replay_set, cb.replay_loss), model)  # eval: no masks in the replay
+    assert dw > 100 * TIGHT  # not reproduced: why dropout is refused by default
