@@ -41,7 +41,7 @@ def _extension():
 
 
 setup(
-    packages=["unlearn_fast", "unlearn_fast.kernels", "unlearn_fast.methods", "unlearn_fast.lm"],
+    packages=["unlearn_fast", "unlearn_fast.kernels", "unlearn_fast.methods", "unlearn_fast.lm", "unlearn_fast.integrations"],
     package_dir={"unlearn_fast": "unlearn_fast", "unlearn_fast.kernels": "kernels"},
     # The Makefile installs the package with UNLEARN_FAST_SKIP_EXT=1 once, then builds _C in place
     # with `setup.py build_ext --inplace`, which ninja keeps incremental.
