@@ -174,8 +174,7 @@ class HistoryRecorder:
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
         self._seen = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
-        self._last_w = None  # kind="minimal": the parameters of the last recorded step ("full" keeps every step's in ws)
-        self._last_raw_norm = None  # the last step's gradient norm as backward left it (before clipping), finish() checks loss_fn against it
+        self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
         self._finished = False
         self._handles = [
             optimizer.register_step_pre_hook(_Hook(self._before_step)),
@@ -288,25 +287,25 @@ class HistoryRecorder:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         idx = self._check_indices(batch_indices, batch_size)
         raw_norm = self._check_gradients(step)  # before appending anything, so a refused step leaves batches, lrs, ws and gs aligned
-        w = flat_params(self.model)
         if self.policy.kind == "full":
-            self.ws.append(w.clone())
+            self.ws.append(flat_params(self.model).clone())
             self.gs.append(flat_grads(self.model).clone())
         else:
-            self._last_w = w.clone()
-            self._keep_checkpoint(step, w)
-        self._last_raw_norm = raw_norm
+            self._keep_checkpoint(step)
+        if step == 0:
+            self._first_raw_norm = float(raw_norm)
         self.batches.append(idx)
         self.lrs.append([float(g["lr"]) for g in self.optimizer.param_groups])
         self._recorded = True
 
-    def _keep_checkpoint(self, step, w):
+    def _keep_checkpoint(self, step):
         """Snapshots without knowing the run's length: every power-of-two step (training moves fastest at the
         start) and an even grid of spacing `checkpoint_every`; when the grid holds more than
         checkpoint_capacity(steps) points, every other one is dropped and the spacing doubles."""
         early = lambda s: s & (s - 1) == 0  # noqa: E731  (0, 1, 2, 4, 8, ...)
         if step % self.checkpoint_every == 0 or early(step):
             # encoded now (the summary stores them through summary_codec anyway): an int8 snapshot holds a quarter of the memory
+            w = flat_params(self.model)
             self.checkpoints.append((step, EncodedRows.encode(w[None], self.policy.summary_codec, self.policy.blocksize)))
         while sum(s % self.checkpoint_every == 0 for s, _ in self.checkpoints) > checkpoint_capacity(step + 1):
             self.checkpoint_every *= 2
@@ -327,8 +326,9 @@ class HistoryRecorder:
         top = int(torch.cat(self.batches).max())
         if top >= n_train:
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
+        # the first step's parameters (w0) are kept anyway: no per-step copy for the check
+        loss_ratio(self.model, loss_fn, fetch(train_set, self.batches[0]), self.w0, self._first_raw_norm)
         probe = fetch(train_set, self.batches[-1])
-        loss_ratio(self.model, loss_fn, probe, self.ws[-1] if self.policy.kind == "full" else self._last_w, float(self._last_raw_norm))
         w_final = flat_params(self.model)
         meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **self._seen})
         # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
@@ -353,7 +353,7 @@ class HistoryRecorder:
         for handle in self._handles:
             handle.remove()
         self._finished = True
-        self.ws, self.gs, self._last_w = [], [], None  # the history holds them encoded now
+        self.ws, self.gs = [], []  # the history holds them encoded now
         return GradientHistory(meta, schedule, trajectory, summary)
 
 

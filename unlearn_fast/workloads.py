@@ -65,7 +65,7 @@ def train(model, train_set, policy=None, seed=0, progress=None, **cfg):
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             if rec:
-                rec.record(idx)
+                rec.record(idx, batch_size=len(y))
             opt.step()
             sched.step()
         if progress is not None:
