@@ -2,7 +2,7 @@
 
     from unlearn_fast.integrations import hf
     trainer = Trainer(model, TrainingArguments(..., remove_unused_columns=False), train_dataset=ds, data_collator=c)
-    cb = hf.record(trainer, policy=uf.HistoryPolicy(kind="minimal"))
+    cb = hf.record(trainer, policy=uf.HistoryPolicy(kind="full"))   # "full": finish() computes no summary
     trainer.train()
     history = cb.finish()                       # or GradientHistory.load(<checkpoint>/unlearn_history)
     result = uf.unlearn(model, history, forget, cb.replay_set, cb.replay_loss, method="retrain")
@@ -14,13 +14,13 @@ Trainer (and accelerate's DataLoader) collate batches ahead of their use, possib
 forward in order, one call per micro-batch. `on_pre_optimizer_step` (after the Trainer's clipping) records the
 micro-batches of that optimizer step as one step.
 
-What the replay reproduces (measured in tests/test_integrations.py): the Trainer's step loss is the token mean
-over all micro-batches of the step (`num_items_in_batch`), so replaying the step's samples as one batch with
-`TrainerLoss` gives the same gradient; its clipping (`max_grad_norm`, on by default at 1.0) is a
-per-step scale of that gradient, which `replay_loss` applies to the replayed batch (so a retrain without some
-samples clips what it really would). Dropout (a new random mask per forward) cannot be replayed and is refused
-unless allow_dropout=True; mixed precision, label smoothing, a custom loss, NEFTune noise and distributed
-Trainer runs are refused, each naming the setting.
+What the replay reproduces (measured in tests/test_integrations.py, docs/integrations.md): the Trainer's step
+loss is the next-token cross-entropy summed over all micro-batches of the step and divided by its label count
+(`num_items_in_batch`), so replaying the step's samples as one batch with `TrainerLoss` gives the same gradient;
+its clipping (`max_grad_norm`, on by default at 1.0) is a per-step scale of that gradient, which `replay_loss`
+applies to the replayed batch (so a retrain without some samples clips what it really would). Dropout (a new
+random mask per forward) cannot be replayed and is refused unless allow_dropout=True; mixed precision, label
+smoothing, a custom loss, NEFTune noise and distributed Trainer runs are refused, each naming the setting.
 """
 import collections
 import os
