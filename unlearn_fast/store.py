@@ -11,8 +11,8 @@ is a directory (docs/storage.md):
 
 The chain CURRENT -> manifest -> data is checksummed end to end, so any changed byte is a ValueError;
 object names are 64 hex digits checked before use, so no name read from a file can leave the
-directory; tensors are read by safetensors (never pickle) and checked against the manifest's dtypes
-and shapes.
+directory; tensors are safetensors data (never pickle), read as views of the verified bytes after
+their header is checked against the manifest's dtypes and shapes.
 
 Writing (under LOCK, which serialises writers): new objects are written to tmp/, fsync'd and renamed
 into objects/; then CURRENT is replaced by rename and the directory fsync'd. The new version becomes
@@ -34,12 +34,12 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import stat
 import uuid
 
-import safetensors.torch
 import torch
 
 FORMAT = "unlearn_fast.store"
@@ -51,6 +51,7 @@ SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 @dataclasses.dataclass
@@ -95,9 +96,16 @@ def read_file(fpath):
     except OSError as err:  # a link (ELOOP), no permission, ...
         raise ValueError(f"history: cannot read {fpath} ({err.strerror})") from None
     with os.fdopen(fd, "rb", buffering=0) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"history: {fpath} is not a regular file")
-        return f.readall()  # one buffer of the file's size
+        data = bytearray(info.st_size)  # writable: loaded tensors are views of it
+        view, got = memoryview(data), 0
+        while got < len(data) and (n := f.readinto(view[got:])):  # one read() returns at most ~2 GiB
+            got += n
+        if got != len(data) or f.read(1):
+            raise ValueError(f"history: {fpath} changed size while being read")
+        return data
 
 
 def check_request(request, where):
@@ -182,6 +190,7 @@ def _put_tensors(path, tensors):
     bytes, raw little-endian data), each tensor written from its own memory: saving a history of
     several GB needs no second copy of it. Returns the object's sha256."""
     header, offset = {}, 0
+    tensors = dict(sorted(tensors.items(), key=lambda item: -item[1].element_size()))  # widest first: every tensor aligned
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
@@ -336,18 +345,47 @@ def read(path, kind):
 
 
 def decode(data, expected, where):
-    """Tensors of safetensors bytes `data`, which must hold exactly the names, dtypes and shapes of
-    `expected` ({name: {"dtype", "shape"}}); ValueError naming `where` and the tensor otherwise."""
+    """The tensors of safetensors file `data` (a bytearray: they are views of it, not copies, so a load
+    needs the history's size in memory once). It must hold exactly the names, dtypes and shapes of
+    `expected` ({name: {"dtype", "shape"}}), with offsets that tile its data; ValueError naming `where`
+    and the tensor otherwise. Only these checks stand between a crafted file and torch.frombuffer."""
+    def refuse(why):
+        raise ValueError(f"history: {where} is not a valid safetensors file ({why})")
+
+    if len(data) < 8 or int.from_bytes(data[:8], "little") > len(data) - 8:
+        refuse("its header length runs past its end")
+    start = 8 + int.from_bytes(data[:8], "little")
     try:
-        tensors = safetensors.torch.load(data)
-    except Exception as err:  # safetensors raises its own error types for every malformed header
-        raise ValueError(f"history: {where} is not a valid safetensors file ({type(err).__name__}: {err})") from None
-    if set(tensors) != set(expected):
-        raise ValueError(f"history: {where} holds tensors {sorted(tensors)[:8]}, the manifest lists {sorted(expected)[:8]}")
-    for name, t in tensors.items():
-        dtype, shape = str(t.dtype).replace("torch.", ""), list(t.shape)
-        if dtype != expected[name]["dtype"] or shape != expected[name]["shape"]:
-            raise ValueError(f"history: tensor {name} in {where} is {dtype} {shape}, the manifest says {expected[name]['dtype']} {expected[name]['shape']}")
+        header = json.loads(data[8:start])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        refuse(f"its header is not JSON: {err}")
+    if not isinstance(header, dict):
+        refuse("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    if set(header) != set(expected):
+        raise ValueError(f"history: {where} holds tensors {sorted(header)[:8]}, the manifest lists {sorted(expected)[:8]}")
+    spans = []
+    for name, entry in header.items():
+        dtype = TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if dtype is None or str(dtype).replace("torch.", "") != expected[name]["dtype"] or entry.get("shape") != expected[name]["shape"]:
+            raise ValueError(f"history: tensor {name} in {where} is {entry!r:.120}, the manifest says {expected[name]['dtype']} {expected[name]['shape']}")
+        offsets, size = entry.get("data_offsets"), math.prod(entry["shape"]) * dtype.itemsize  # shape: ints >= 0 (manifest checked)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and offsets[1] - offsets[0] == size):
+            refuse(f"tensor {name} has data offsets {offsets!r:.60} for {size} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    ends = [0] + [stop for _, stop, _ in spans]
+    if [begin for begin, _, _ in spans] != ends[:-1] or ends[-1] != len(data) - start:
+        refuse("its tensors do not tile its data exactly")
+    tensors = {}
+    for begin, stop, name in spans:
+        dtype = TORCH_DTYPES[header[name]["dtype"]]
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=stop - begin, offset=start + begin) if stop > begin else torch.empty(0, dtype=torch.uint8)
+        if (start + begin) % dtype.itemsize:  # a view as dtype must be aligned to it (our writer keeps every tensor aligned)
+            raw = raw.clone()
+        if dtype == torch.bool and bool((raw > 1).any()):
+            refuse(f"tensor {name} holds bools other than 0 and 1")
+        tensors[name] = raw.view(dtype).reshape(header[name]["shape"])
     return tensors
 
 
