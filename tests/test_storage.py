@@ -621,3 +621,29 @@ def test_every_stored_dtype_and_shape_round_trips_and_the_data_is_plain_safetens
         store.write(path, "Test", {}, {"c": torch.zeros(2, dtype=torch.complex64)})
     with pytest.raises(ValueError, match="meta must be JSON-able"):
         store.write(path, "Test", {"f": print}, {})
+
+
+def test_crafted_safetensors_headers_are_refused_before_any_tensor_is_made():
+    from unlearn_fast import store
+
+    def blob(header, data):
+        head = json.dumps(header).encode()
+        return bytearray(len(head).to_bytes(8, "little") + head + data)
+
+    two_floats = {"a": {"dtype": "float32", "shape": [2]}, "b": {"dtype": "float32", "shape": [2]}}
+    overlapping = blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    cases = [
+        (overlapping, two_floats, "do not tile its data exactly"),
+        (blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(16)), {"a": two_floats["a"]}, "do not tile"),
+        (blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)), {"a": two_floats["a"]}, "data offsets"),
+        (blob({"a": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x00\x02"), {"a": {"dtype": "bool", "shape": [2]}}, "bools other than 0 and 1"),
+        (blob({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), {"a": {"dtype": "float64", "shape": [2]}}, "the manifest says float64"),
+        (bytearray((1 << 62).to_bytes(8, "little") + b"{}"), {}, "header length runs past"),
+    ]
+    for data, expected, message in cases:
+        with pytest.raises(ValueError, match=message):
+            store.decode(data, expected, "crafted")
+    good = blob({"b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                torch.tensor([1.0, 2.0, 3.0, 4.0]).numpy().tobytes())
+    tensors = store.decode(good, two_floats, "crafted")
+    assert tensors["a"].tolist() == [1.0, 2.0] and tensors["b"].tolist() == [3.0, 4.0]
