@@ -491,7 +491,7 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_history(tmp_path,
     assert kills >= 10  # a save has that many steps (14 today)
     a.save(path)
     # and random moments of a child saving the two in turn
-    for _ in range(24):
+    for _ in range(20):
         pid = fork(lambda: [h.save(path) for _ in range(1000) for h in (b, a)])
         time.sleep(rng.uniform(0, 2 * save_seconds))
         os.kill(pid, signal.SIGKILL)
