@@ -368,8 +368,8 @@ def test_codes_and_scales_must_be_flat():
 def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
     n, bs = 4096, 64
     buf = _random(3 * n, torch.float32, seed=7)
-    y = buf[:n]
-    start = {"full": 0, "partial": 4 * n - n // 2, "none": 4 * n}[overlap]  # bytes
+    y = buf[n // 4:n // 4 + n]  # starts n bytes in: room for codes before it
+    start = {"full": n, "partial": n // 2, "none": 0}[overlap]  # bytes; "partial" straddles y's start
     codes = buf.view(torch.int8)[start:start + n]
     scales = (1e-3 + 1e-2 * torch.rand(n // bs, generator=torch.Generator().manual_seed(8))).to(CUDA)
     want = y.cpu()
@@ -380,7 +380,7 @@ def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
 
 @pytest.mark.parametrize("overlap", ["full", "partial", "none"])
 def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
-    p, m = 3001, 3
+    p, m = 3 * 4096 + 17, 3
     sigma, Minv = _compact_factors(m, seed=9)
     st = _random((6 + 2 * m) * p, torch.float32, seed=10)
     if overlap == "full":  # w_ref and g_extra are w, and w is row 1 of S
@@ -389,7 +389,8 @@ def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
         w_ref = g_extra = w
         g_ref, Y = st[m * p:(m + 1) * p], st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
     else:
-        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        # w starts at element p; "partial": w_ref, g_ref and S start before w and run into it.
+        at = [p, 2 * p, 3 * p, 0, 4 * p, (4 + m) * p] if overlap == "none" else [p, p // 3, p // 2 + 1, 2 * p - 7, 2 * p // 3, p + 3]
         w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
         S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
     copies = [t.cpu() for t in (w, w_ref, g_ref, g_extra, S, Y)]

@@ -669,31 +669,38 @@ def test_axpy_with_inputs_sharing_memory_with_y(backend, overlap, bits, ydtype):
     n, bs = 4096, 64
     nb = n // bs
     code_dtype, nbytes = (torch.int8, n) if bits == 8 else (torch.uint8, n // 2)
-    buf = randn(4 * n, seed=21).to(ydtype)  # one storage: y, then room for codes and scales
-    y = buf[:n]
-    y_bytes = n * buf.element_size()
-    # Codes: inside y ("full"), straddling its end ("partial") or right after it ("none").
-    start = {"full": 0, "partial": y_bytes - nbytes // 2, "none": y_bytes}[overlap]
+    buf = randn(4 * n, seed=21).to(ydtype)  # one storage holding y, the codes and the scales
+    item = buf.element_size()
+    y_at = nbytes  # bytes; room for codes before y
+    y = buf[y_at // item:y_at // item + n]
+    y_bytes = n * item
+    # Codes: y's own first bytes ("full"), straddling y's start so that the blocks written first are
+    # read last ("partial"), or right before y ("none").
+    start = {"full": y_at, "partial": y_at - nbytes // 2, "none": 0}[overlap]
     codes = buf.view(code_dtype)[start:start + nbytes]
     floats = buf.view(torch.float32)
     if ydtype == torch.float32 and overlap != "none":
-        first = n - nb // 2  # scales straddle y's end: half of them are y's own values
-    else:  # float16 bits make no sane float32 scales: put scales after the codes, same storage
-        first = -(-(y_bytes + nbytes) // 4)
+        first = (y_at + y_bytes) // 4 - nb // 2  # scales straddle y's end: half of them are y's own values
+    else:  # float16 bits make no sane float32 scales: scales after y, same storage
+        first = (y_at + y_bytes) // 4
         floats[first:first + nb] = 1e-3 + 1e-2 * torch.rand(nb, generator=torch.Generator().manual_seed(3))
     scales = floats[first:first + nb]
-    y_expected, tail = y.clone(), buf[n:].view(torch.int8).clone()
+    raw = buf.view(torch.int8)
+    y_expected, before = y.clone(), raw.clone()
     reference.dequantize_axpy_(y_expected, codes.clone(), scales.clone(), 0.5, bs, bits)
     uf.dequantize_axpy_(y, codes, scales, 0.5, bs, bits)
     assert torch.equal(y, y_expected), f"{int((y != y_expected).sum())} of {n} elements differ"
-    assert torch.equal(buf[n:].view(torch.int8), tail)  # nothing outside y was written (bytes: scales may read as NaN)
+    # Nothing outside y was written (compared as bytes: scales may read as NaN in float16).
+    assert torch.equal(raw[:y_at], before[:y_at]) and torch.equal(raw[y_at + y_bytes:], before[y_at + y_bytes:])
 
 
 def qn_views(st, p, m, overlap, quantized):
-    """w, w_ref, g_ref, g_extra, S, Y as views into the one flat storage `st`.
+    """w, w_ref, g_ref, g_extra, S, Y as views into the one flat storage `st`; w starts at element p.
 
-    none: adjacent, disjoint. partial: each starts inside w or the view before it. full: w_ref and
-    g_extra are w itself and w is row 1 of S. Quantized S, Y are int8 views of the same bytes.
+    none: disjoint, adjacent views. partial: w_ref, g_ref and S start before w and run into it (so
+    they lag the tiles written), g_extra and Y start inside w. full: w_ref and g_extra are w itself
+    and w is row 1 of S. Quantized S, Y are int8 views of the same bytes: inside w's bytes (full),
+    straddling w's start (partial), or after every other view (none).
     """
     if overlap == "full":
         S = st[:m * p].view(m, p)
@@ -702,12 +709,13 @@ def qn_views(st, p, m, overlap, quantized):
         g_ref = st[m * p:(m + 1) * p]
         Y = st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
     else:
-        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        at = [p, 2 * p, 3 * p, 0, 4 * p, (4 + m) * p] if overlap == "none" else [p, p // 3, p // 2 + 1, 2 * p - 7, 2 * p // 3, p + 3]
         w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
         S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
     if quantized:
+        item = st.element_size()
+        start = {"full": p * item, "partial": p * item - m * p // 2, "none": (4 + 2 * m) * p * item}[overlap]
         raw = st.view(torch.int8)
-        start = {"full": 0, "partial": p * st.element_size() // 2, "none": (4 + 2 * m) * p * st.element_size()}[overlap]
         S = raw[start:start + m * p].view(m, p)
         Y = raw[start + m * p:start + 2 * m * p].view(m, p)
     return w, w_ref, g_ref, g_extra, S, Y
@@ -717,7 +725,7 @@ def qn_views(st, p, m, overlap, quantized):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
 @pytest.mark.parametrize("quantized", (False, True), ids=("dense", "int8"))
 def test_qn_step_with_inputs_sharing_memory_with_w(backend, overlap, dtype, quantized):
-    p, m, bs = 3001, 3, 64
+    p, m, bs = 3 * 4096 + 17, 3, 64  # several of the C++ kernel's 4096-element tiles
     sigma, Minv = uf.lbfgs_compact(*curvature_pairs(m, p, dtype, seed=5))
     st = randn((6 + 2 * m) * p, F64, seed=6).to(dtype)
     w, w_ref, g_ref, g_extra, S, Y = qn_views(st, p, m, overlap, quantized)
@@ -726,17 +734,17 @@ def test_qn_step_with_inputs_sharing_memory_with_w(backend, overlap, dtype, quan
         gen = torch.Generator().manual_seed(7)
         scales = dict(S_scales=1e-3 + 1e-2 * torch.rand(m, -(-p // bs), generator=gen),
                       Y_scales=1e-3 + 1e-2 * torch.rand(m, -(-p // bs), generator=gen), blocksize=bs, bits=8)
-    inputs = [t.clone() for t in (w, w_ref, g_ref, g_extra, S, Y)]
-    expected_norm = reference.qn_step_(*inputs[:6], sigma, Minv, *COEFFS.values(), scales.get("S_scales"),
+    copies = [t.clone() for t in (w, w_ref, g_ref, g_extra, S, Y)]
+    expected_norm = reference.qn_step_(*copies, sigma, Minv, *COEFFS.values(), scales.get("S_scales"),
                                        scales.get("Y_scales"), bs, 8)
-    expected_w = inputs[0]
-    w_offset = w.data_ptr() - st.data_ptr()
-    outside = torch.cat([st.view(torch.int8)[:w_offset], st.view(torch.int8)[w_offset + w.numel() * w.element_size():]])
+    raw = st.view(torch.int8)
+    w_at = w.data_ptr() - st.data_ptr()
+    w_end = w_at + w.numel() * w.element_size()
+    before = raw.clone()
     norm = uf.qn_step_(w, w_ref, g_ref, g_extra, S, Y, sigma, Minv, **COEFFS, **scales)
-    assert_close(w, expected_w, scale=float(expected_w.abs().max()))
+    assert_close(w, copies[0], scale=float(copies[0].abs().max()))
     assert_close(norm, expected_norm, dtype=dtype)
-    after = torch.cat([st.view(torch.int8)[:w_offset], st.view(torch.int8)[w_offset + w.numel() * w.element_size():]])
-    assert torch.equal(after, outside)  # nothing outside w was written
+    assert torch.equal(raw[:w_at], before[:w_at]) and torch.equal(raw[w_end:], before[w_end:])  # only w was written
 
 
 def test_overlap_detection_copies_only_what_shares_memory():

@@ -403,8 +403,8 @@ def test_codes_and_scales_must_be_flat_with_triton_forced():
 def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
     n, bs = 4096, 64
     buf = _randn(3 * n, seed=53)
-    y = buf[:n]
-    start = {"full": 0, "partial": 4 * n - n // 2, "none": 4 * n}[overlap]  # bytes
+    y = buf[n // 4:n // 4 + n]  # starts n bytes in: room for codes before it
+    start = {"full": n, "partial": n // 2, "none": 0}[overlap]  # bytes; "partial" straddles y's start
     codes = buf.view(torch.int8)[start:start + n]
     scales = 1e-3 + 1e-2 * torch.rand(n // bs, generator=_gen(54)).to(DEVICE)
     want = y.clone()
@@ -416,7 +416,7 @@ def test_axpy_reads_codes_sharing_memory_with_y_as_before_the_call(overlap):
 
 @pytest.mark.parametrize("overlap", ("full", "partial", "none"))
 def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
-    p, m = 3001, 3
+    p, m = 3 * 4096 + 17, 3
     S0, Y0 = _pairs(m, p, torch.float32, seed=55)
     sigma, Minv = _compact(S0.double(), Y0.double())
     st = _randn((6 + 2 * m) * p, seed=56)
@@ -426,7 +426,8 @@ def test_qn_step_reads_inputs_sharing_memory_with_w_as_before_the_call(overlap):
         w_ref = g_extra = w
         g_ref, Y = st[m * p:(m + 1) * p], st[(m + 1) * p:(2 * m + 1) * p].view(m, p)
     else:
-        at = [k * p for k in (0, 1, 2, 3, 4, 4 + m)] if overlap == "none" else [0, p // 3, p // 2 + 1, p - 7, 2 * p // 3, p + 3]
+        # w starts at element p; "partial": w_ref, g_ref and S start before w and run into it.
+        at = [p, 2 * p, 3 * p, 0, 4 * p, (4 + m) * p] if overlap == "none" else [p, p // 3, p // 2 + 1, 2 * p - 7, 2 * p // 3, p + 3]
         w, w_ref, g_ref, g_extra = (st[a:a + p] for a in at[:4])
         S, Y = (st[a:a + m * p].view(m, p) for a in at[4:])
     scalars = (0.05, 1.25, 0.25, 1e-2)
