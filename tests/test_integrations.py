@@ -1,7 +1,8 @@
 """transformers.Trainer integration: a real Trainer trains a tiny GPT-2 on CPU; method="retrain" forgetting
 nothing must land on the Trainer's weights, and forgetting samples on a hand-written Trainer-style loop."""
 import copy
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -221,6 +222,17 @@ def test_left_padding_and_lost_indices_are_refused(tmp_path):
     with pytest.raises(ValueError, match="without 'uf_index'"):
         trainer.train()
 
+    class Augmented(_Texts):  # a random transform: the replay cannot feed what the Trainer saw
+        def __getitem__(self, i):
+            ids = self.texts[i]
+            return {"input_ids": ids[torch.randperm(len(ids))]}
+
+    trainer = _trainer(tmp_path, optim="sgd", max_steps=1)
+    trainer.train_dataset = Augmented()
+    hf.record(trainer)
+    with pytest.raises(ValueError, match="differs from the same example collated alone"):
+        trainer.train()
+
 
 def test_dropout_allowed_is_recorded_and_replays_only_approximately(tmp_path):
     trainer = _trainer(tmp_path, model=_model(dropout=0.1), optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
@@ -231,3 +243,9 @@ def test_dropout_allowed_is_recorded_and_replays_only_approximately(tmp_path):
     model = trainer.model
     dw = _max_dw(_replay(model.eval(), history, cb.replay_set, cb.replay_loss), model)  # eval: no masks in the replay
     assert dw > 100 * TIGHT  # not reproduced: why dropout is refused by default
+
+
+def test_import_unlearn_fast_imports_no_trainer_framework():
+    code = "import sys, unlearn_fast; print(sorted(m for m in ('transformers', 'accelerate', 'unlearn_fast.integrations.hf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

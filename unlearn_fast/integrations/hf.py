@@ -99,8 +99,9 @@ class TrainerLoss:
         shift_logits = logits[:, :-1].float()  # the model's own loss upcasts too
         shift_labels = labels[:, 1:]
         count = (shift_labels != -100).sum() if self.count == "shifted" else (labels != -100).sum()
-        if int(count) == 0:
-            raise ValueError("TrainerLoss: the batch has no label other than -100")
+        # no data-dependent check here (torch.func transforms call loss functions per sample): a batch without
+        # labels contributes zero instead of the Trainer's 0 / 0
+        count = count.clamp(min=1)
         loss = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum") / count
         if self.max_grad_norm <= 0 or not loss.requires_grad:
@@ -150,7 +151,9 @@ def replay_set(dataset, collator, pad_id=0):
     labels = torch.full((len(rows), length), -100, dtype=torch.int64)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)], labels[i, : len(lab)] = ids, lab
-    return torch.utils.data.TensorDataset(input_ids, labels)
+    out = torch.utils.data.TensorDataset(input_ids, labels)
+    out.lengths = torch.tensor([len(ids) for ids, _ in rows])  # real tokens per example (the hook compares batches with them)
+    return out
 
 
 def _check_right_padded(mask, labels, where):
@@ -188,6 +191,8 @@ def _check_trainer(trainer, allow_dropout):
     if args.world_size > 1:
         raise ValueError(f"TrainingArguments: world_size={args.world_size}; the Trainer integration records single-process runs "
                          "(for DDP loops see unlearn_fast.integrations.distributed)")
+    if args.n_gpu > 1:
+        raise ValueError(f"TrainingArguments: n_gpu={args.n_gpu} (DataParallel); the Trainer integration records single-device runs")
     for flag in ("bf16", "fp16"):
         if getattr(args, flag, False):
             raise ValueError(f"TrainingArguments.{flag}=True: mixed-precision steps are not replayed exactly; train in full precision")
@@ -250,8 +255,23 @@ class HistoryCallback(TrainerCallback):
                 raise ValueError("training batch: no 'labels'; the recorder replays the Trainer's label loss")
             if mask is not None:
                 _check_right_padded(mask, labels, "training batch")
+            self._check_same_as_replay(indices.detach().cpu(), kwargs["input_ids"], labels, mask)
             self.queue.append(indices.detach().cpu())
         return args, kwargs
+
+    def _check_same_as_replay(self, indices, input_ids, labels, mask):
+        """The replay feeds each example as collated alone: a random transform of the data set or a collator whose
+        output depends on the batch (masking, packing) would make it replay other data than the Trainer saw."""
+        ids_all, labels_all = self.replay_set.tensors
+        lengths = self.replay_set.lengths
+        n_real = mask.sum(1) if mask is not None else torch.full((len(indices),), input_ids.shape[1])
+        for r, i in enumerate(indices.tolist()):
+            n = int(n_real[r])
+            if (n != int(lengths[i]) or not torch.equal(input_ids[r, :n].cpu(), ids_all[i, :n])
+                    or not torch.equal(labels[r, :n].cpu(), labels_all[i, :n])):
+                raise ValueError(f"training batch: example {i} differs from the same example collated alone (a random transform "
+                                 "in the data set, or a collator whose output depends on the batch); the replay could not feed "
+                                 "what the Trainer trained on")
 
     # -- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
