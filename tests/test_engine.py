@@ -163,7 +163,8 @@ def test_sgd_methods_reject_adam_but_retrain_replays_it():
 
 
 # ----------------------------------------------------------------------------- mini
-def test_mini_on_converged_strongly_convex_problem_is_near_the_retrained_optimum():
+def test_mini_on_converged_strongly_convex_problem_is_near_the_retrained_optimum(monkeypatch):
+    monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", None)  # full rank: the model's construction, not the budget, is tested
     data = make_data(n=200)
     # full-batch gradient descent, long enough to converge: the SGD endpoints are the optima
     model, history = train(data, uf.HistoryPolicy(kind="minimal", rank=52), epochs=400, batch=200, lr=1.0, wd=5e-2, decay=1.0)
@@ -214,6 +215,7 @@ def test_mini_history_is_small_and_mini_beats_doing_nothing(trained):
 
 
 def test_mini_replays_segment_by_segment_when_a_label_flipped_forget_set_makes_the_change_nonlinear(monkeypatch):
+    monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", None)  # the previous sizing (rank T // 3): the replay is tested
     # 30 % of the labels flipped c -> c + 1 before training: retraining moves the model so far that the gradients
     # change nonlinearly along the way (eta 0.19 here; random forget sets measure 0.01-0.03 on the benchmark).
     data = make_data()
@@ -309,7 +311,8 @@ def test_rows_encoded_one_by_one_and_concatenated_equal_rows_encoded_together(co
     assert torch.equal(together.all(), apart.all())
 
 
-def test_recorder_keeps_early_and_evenly_spaced_checkpoints():
+def test_recorder_keeps_early_and_evenly_spaced_checkpoints(monkeypatch):
+    monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", None)  # the recorder's choice, before the summary's budget thins it
     data = make_data(n=64)
     model, history = train(data, uf.HistoryPolicy(kind="minimal", rank=4), epochs=150, batch=8, decay=1.0, lr=0.01)
     steps = history.summary["ckpt_steps"].tolist()
@@ -382,10 +385,17 @@ def test_compressed_codecs_shrink_the_trajectory(trained):
     assert sizes["int8"] < sizes["fp32"] / 6 and sizes["int4"] < sizes["int8"] * 0.6
 
 
+def _data_object(path):
+    """The data file of the history saved at `path` (CURRENT names the manifest, the manifest the data)."""
+    pointer = json.loads(open(os.path.join(path, "CURRENT"), "rb").read().split(b"\n")[0])
+    manifest = json.loads(open(os.path.join(path, "objects", pointer["manifest"]), "rb").read())
+    return os.path.join(path, "objects", manifest["data"])
+
+
 def test_corrupted_or_missing_history_files_are_detected(tmp_path, trained):
     _, _, history = trained
     path = history.save(str(tmp_path / "h"))
-    target = os.path.join(path, "trajectory.g.values.pt")
+    target = _data_object(path)
     raw = bytearray(open(target, "rb").read())
     raw[-20] ^= 0xFF
     open(target, "wb").write(bytes(raw))
@@ -394,8 +404,8 @@ def test_corrupted_or_missing_history_files_are_detected(tmp_path, trained):
     os.remove(target)
     with pytest.raises(ValueError, match="missing"):
         uf.GradientHistory.load(path)
-    open(os.path.join(path, "manifest.json"), "w").write("{not json")
-    with pytest.raises(ValueError, match="manifest.json"):
+    open(os.path.join(path, "CURRENT"), "w").write("{not json")
+    with pytest.raises(ValueError, match="CURRENT"):
         uf.GradientHistory.load(path)
     with pytest.raises(ValueError, match="no manifest"):
         uf.GradientHistory.load(str(tmp_path / "nothing"))
@@ -528,13 +538,21 @@ def test_audit_report(tmp_path, trained):
     assert math.isnan(report["poison_recovery"])  # retrained vs itself: no gain
 
 
-def test_manifest_with_missing_entries_is_a_value_error(tmp_path, trained):
+def test_manifest_edited_with_its_checksum_recomputed_is_still_checked(tmp_path, trained):
+    # an attacker who rewrites the manifest and every checksum above it still meets the manifest's own checks
+    import hashlib
+
     _, _, history = trained
     path = history.save(str(tmp_path / "h"))
-    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
-    del manifest["files"]["schedule.lrs"]
-    open(os.path.join(path, "manifest.json"), "w").write(json.dumps(manifest))
-    with pytest.raises(ValueError, match="lacks or mangles"):
+    pointer = json.loads(open(os.path.join(path, "CURRENT"), "rb").read().split(b"\n")[0])
+    manifest = json.loads(open(os.path.join(path, "objects", pointer["manifest"]), "rb").read())
+    del manifest["tensors"][next(iter(manifest["tensors"]))]
+    raw = json.dumps(manifest).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    open(os.path.join(path, "objects", digest), "wb").write(raw)
+    line = json.dumps({**pointer, "manifest": digest}).encode()
+    open(os.path.join(path, "CURRENT"), "wb").write(line + b"\n" + hashlib.sha256(line).hexdigest().encode() + b"\n")
+    with pytest.raises(ValueError, match="history"):
         uf.GradientHistory.load(path)
 
 

@@ -126,16 +126,24 @@ def test_history_storage_round_trip(setup, tmp_path):
     loaded = FirstEpochHistory.load(path, model=setup["model"])
     assert loaded.param_names == int8.param_names and loaded.codec == "int8"
     assert torch.equal(loaded.row(0, 5), int8.row(0, 5))
-    # corruption: truncated file, flipped payload byte, model with other shapes
-    data = path.read_bytes()
-    (tmp_path / "cut.uf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable history"):
-        FirstEpochHistory.load(tmp_path / "cut.uf")
-    blob = torch.load(path, weights_only=True)
-    blob["tensors"]["epoch0.codes"][3, 7] += 1
-    torch.save(blob, tmp_path / "flipped.uf")
-    with pytest.raises(ValueError, match="checksum"):
-        FirstEpochHistory.load(tmp_path / "flipped.uf")
+    # corruption: a flipped payload byte, a truncated data file (the store names each file by its sha256), a model with other shapes
+    import json
+    import os
+    import shutil
+
+    def data_object(where):
+        pointer = json.loads((where / "CURRENT").read_bytes().split(b"\n")[0])
+        manifest = json.loads((where / "objects" / pointer["manifest"]).read_bytes())
+        return where / "objects" / manifest["data"]
+
+    for name, damage in (("flipped", lambda b: b[:-9] + bytes([b[-9] ^ 1]) + b[-8:]), ("cut", lambda b: b[: len(b) // 2])):
+        copy_path = tmp_path / name
+        shutil.copytree(path, copy_path)
+        target = data_object(copy_path)
+        os.chmod(target, 0o644)
+        target.write_bytes(damage(target.read_bytes()))
+        with pytest.raises(ValueError, match="corrupted"):
+            FirstEpochHistory.load(copy_path)
     with pytest.raises(ValueError, match="shape"):
         FirstEpochHistory.load(path, model=build_gpt2(n_layer=2, n_embd=32, n_head=4))
 
