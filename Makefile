@@ -12,7 +12,9 @@ CSRC    := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 # The suite's second pass (test-float-paths): MKL's generic code path and ATen's non-vectorised kernels round
 # differently from the host's native ones, so a result that depends on the host's instruction set fails here on
 # any machine (issue 14: a stopping rule flipped on an Intel host only).
-FLOAT_PATHS := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
+# Its own inductor cache: torch's FX graph cache key ignores ATEN_CPU_CAPABILITY, so a graph cached by the
+# native pass (AVX2 code) is recompiled without AVX2 flags here and fails to build (torch 2.13).
+FLOAT_PATHS := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-float-paths
 SUITE   := $(PY) -m pytest tests --ignore=tests/triton -q
 
 .PHONY: test test-float-paths demo build bench nvcc-check clean lock
