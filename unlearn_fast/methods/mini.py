@@ -131,6 +131,51 @@ def summary_rank(policy, p, steps):
     return min(p, max(16, int(steps / (3 * per_vector))))
 
 
+DEFAULT_BUDGET_VECTORS = 64  # the summary's bytes at most this many int8 vectors of the model's size (issue 12)
+
+
+def _row_bytes(codec, p, blocksize, elem):
+    """Bytes of one p-vector stored through a codec (int codecs: codes plus a float32 scale per block)."""
+    blocks = -(-p // blocksize)
+    return {"fp32": elem * p, "bf16": 2 * p, "int8": p + 4 * blocks, "int4": -(-p // 2) + 4 * blocks}[codec]
+
+
+def fit_budget(policy, p, elem, checkpoints, k):
+    """(checkpoints, k) thinned so that the summary holds at most budget_vectors x p bytes, whatever the run's length
+    (budget_vectors: HistoryPolicy's field when it has one, else DEFAULT_BUDGET_VECTORS; None: unbounded).
+
+    Fixed: w* and g* (2 elem p). Each checkpoint: its parameters (summary_codec) and its full-data gradient (float32,
+    or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables.
+    Half of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
+    HistoryPolicy.rank that does not fit is refused rather than cut."""
+    budget = getattr(policy, "budget_vectors", DEFAULT_BUDGET_VECTORS)
+    if budget is None:
+        return checkpoints, k
+    codec, bs = policy.summary_codec, policy.blocksize
+    store = elem if codec == "fp32" else 4
+    row = _row_bytes(codec, p, bs, elem)
+    avail = budget * p - 2 * elem * p - 64  # 64: the scalars (rho, a few counts)
+    per_ckpt = row + store * p + 8
+    if checkpoints:
+        K = min(len(checkpoints), int(0.5 * avail // per_ckpt))
+        if K < 1:
+            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the summary needs at least {(2 * elem * p + 64 + 2 * per_ckpt + row) / p:.1f} "
+                             f"int8 vectors of the model's size (w*, g*, one checkpoint, one basis vector)")
+        if K < len(checkpoints):  # evenly over the kept ones, the first (step 0) and the last included
+            keep = sorted({round(i * (len(checkpoints) - 1) / max(K - 1, 1)) for i in range(K)})
+            checkpoints = [checkpoints[i] for i in keep]
+        avail -= len(checkpoints) * per_ckpt
+    K1 = len(checkpoints) + 1
+    per_vector = row + 2 * K1 * store + elem
+    fits = int(avail // per_vector)
+    if fits < 1:
+        raise ValueError(f"HistoryPolicy.budget_vectors={budget}: too small to hold w*, g*, the checkpoints and one basis vector")
+    if policy.rank is not None and min(p, policy.rank) > fits:
+        raise ValueError(f"HistoryPolicy.rank={policy.rank}: {policy.rank} basis vectors do not fit the summary budget of {budget} int8 "
+                         f"vectors of the model's size (at most {fits} here); lower rank or raise budget_vectors")
+    return checkpoints, min(k, fits)
+
+
 def checkpoint_capacity(steps):
     """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 24, 4..24
     (it keeps between half of that and that many, evenly spaced)."""
@@ -181,6 +226,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     g_star = _full_gradient(model, loss_fn, train_set, w, batch_size)
     k = summary_rank(policy, p, steps)
     checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
+    checkpoints, k = fit_budget(policy, p, w.element_size(), checkpoints, k)
     ckpt_w = EncodedRows.cat([c for _, c in checkpoints]) if checkpoints else None
     ckpts = decode_rows(ckpt_w, w.dtype) if checkpoints else None  # the DECODED checkpoints: the points the unlearning side uses
     # The basis: top-k eigenvectors of M = (G(w*) + sum_j share_j G(w_j)) / 2, share_j the fraction of the steps
