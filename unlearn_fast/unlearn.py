@@ -126,7 +126,6 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
         if norms:
             raise ValueError(f"model: has batch norm ({norms[:3]}); {method} computes gradients of parts of recorded batches, which "
                              "batch statistics make depend on the whole batch. Use method='retrain'")
-    start = time.perf_counter()
     if bound and not isinstance(forget, str):
         history.check_model(model)  # another architecture: say so before comparing weights
         new, digest = bind_request(model, history, forget, allow_unrecorded_model)
@@ -137,7 +136,8 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
             batch = fetch(train_set, history.schedule["batches"][check["step"]]) if len(train_set) == history.n_train else None
             if batch is not None:  # (another train_set is refused by the method, naming train_set)
                 loss_ratio(model, loss_fn, batch, flat_params(model), check["grad_norm"])
-        forgotten_before, forget = new.numel() - forget.numel(), new
+        forgotten_before, forget = new.numel() - forget.numel(), new  # samples added by the earlier requests
+    start = time.perf_counter()
     new_model = copy.deepcopy(model)
     if not isinstance(forget, str) and forget.numel() == 0:
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
