@@ -106,6 +106,10 @@ def test_record_without_a_backward_pass_is_refused():
     opt.zero_grad(set_to_none=False)  # zero gradients, not None: the old recorder stored them as the step's gradient
     with pytest.raises(ValueError, match="no backward pass"):
         rec.record(torch.arange(16))
+    backward(model, data, torch.arange(16))
+    opt.zero_grad()  # the gradients of that backward are gone before record()
+    with pytest.raises(ValueError, match="gradients were set to None after backward"):
+        rec.record(torch.arange(16))
 
 
 def test_a_wrapped_optimizer_is_unwrapped_and_its_real_class_recorded():

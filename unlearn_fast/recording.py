@@ -94,7 +94,10 @@ def batch_gradient(model, loss_fn, batch, w):
 
 def loss_ratio(model, loss_fn, batch, w, reference_norm):
     """|gradient of loss_fn on batch at w| / reference_norm, ValueError naming loss_fn when it is far from 1."""
-    ratio = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w))) / max(reference_norm, 1e-300)
+    norm = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w)))
+    if norm == reference_norm == 0:  # a stationary point: nothing to compare, and both losses agree there
+        return 1.0
+    ratio = norm / max(reference_norm, 1e-300)
     low, high = LOSS_RATIO_BOUNDS
     if not low <= ratio <= high:  # also catches NaN
         what = "a non-finite gradient" if ratio != ratio or ratio == float("inf") else f"{ratio:.4g} times the gradient"
@@ -261,7 +264,10 @@ class HistoryRecorder:
             self._seen["autocast_steps"] += 1
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
         raw = torch.stack([self._raw_norms[i] for i in reached])
-        now = torch.stack([torch.linalg.vector_norm(self.params[i].grad.detach()) for i in reached])
+        grads = [self.params[i].grad for i in reached]
+        if any(g is None for g in grads):
+            raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
+        now = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])
         total = torch.linalg.vector_norm(now)
         if not bool(torch.isfinite(total)):
             raise ValueError(f"record: step {step} has non-finite gradients; history not extended")
