@@ -28,6 +28,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from ..history import weights_digest
 from ..recording import HistoryRecorder
 
 INDEX_KEY = "uf_index"
@@ -310,7 +311,10 @@ class HistoryCallback(TrainerCallback):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", HISTORY_DIR)
-        self.snapshot().save(path)
+        history = self.snapshot()
+        # binds the saved schedule to the checkpoint's weights (what a resume will have to check)
+        history.meta["checkpoint"] = {"global_step": state.global_step, "weights_digest": weights_digest(self.recorder.model)}
+        history.save(path)
 
     # -- results
     @property
