@@ -205,7 +205,7 @@ def poison(r):
 
 def headline(rows):
     """Per model family and method: how many rows it unlearned, and medians of speed-up and gaps over those rows."""
-    lines = ["| model | method | unlearned / not / refused | median speed-up | \\|test acc gap\\| | \\|forget acc gap\\| | \\|MIA AUC gap\\| | KL forget | KL test |",
+    lines = ["| model | method | unlearned / not / refused or skipped | median speed-up | \\|test acc gap\\| | \\|forget acc gap\\| | \\|MIA AUC gap\\| | KL forget | KL test |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in wl.MODELS:
         sel = [r for r in rows if r["model"] == model]
@@ -217,7 +217,7 @@ def headline(rows):
                 continue
             good = [r for r in rs if r["status"] in ("ok", "reference")]
             bad = sum(r["status"].startswith("not unlearned") for r in rs)
-            refused = sum(r["status"].startswith("refused") for r in rs)
+            refused = sum(r["status"].startswith(("refused", "skipped")) for r in rs)
             absmed = lambda key: med([abs(r[key]) for r in good if r.get(key) is not None])  # noqa: E731
             lines.append(
                 f"| {model} | {method} | {len(good)} / {bad} / {refused} | {f(med([r['speedup'] for r in good]), '.1f')}{'x' if med([r['speedup'] for r in good]) else ''} | "
@@ -321,7 +321,10 @@ def plot(rows, path):
                 v = med([r.get(key) for r in sel if r["method"] == method])
                 if v is not None:
                     ax.axhline(max(v, 1e-7), color="k", linestyle=ls[1:], label=f"{method} (median)")
-            ax.set_xscale("log")
+            if not any(r["method"] in STYLE and r["speedup"] for r in sel):  # nothing to place on log axes
+                ax.text(0.5, 0.5, "no row of this family was accepted as unlearned", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            else:
+                ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # narrow ranges label every minor tick otherwise
             ax.set_xlabel("speed-up over retrain (x)")
