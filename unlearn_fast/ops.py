@@ -4,7 +4,9 @@ This is the one place where ops are declared. Each op is `torch.ops.unlearn_fast
 torch.compile and checked by torch.library.opcheck. The CPU and CUDA dispatch keys route to
 `backends.kernel(name, device)` (C++, CUDA, Triton or the pure-torch reference); any other device
 runs the reference. Argument errors are ValueError naming the argument; they are raised before any
-output is written, so nothing in place is half-updated.
+output is written, so nothing in place is half-updated. Because every check lives here, every
+backend accepts exactly the same inputs (e.g. codes and scales must be 1-D). The in-place ops read
+their inputs as they were before the call: an input sharing memory with the output is copied first.
 """
 import torch
 
