@@ -318,7 +318,7 @@ class HistoryRecorder:
             self.checkpoints = [(s, w) for s, w in self.checkpoints if s % self.checkpoint_every == 0 or early(s)]
 
     def finish(self, train_set, loss_fn, batch_size=1024):
-        """Close the recording and return the GradientHistory. Checks loss_fn against the last recorded step's
+        """Close the recording and return the GradientHistory. Checks loss_fn against the first recorded step's
         gradient (ValueError naming loss_fn if it is another loss, e.g. a sum) and binds the history to the
         model's final weights (meta["final_digest"]). Only kind="minimal" computes Mini's summary here (in eval
         mode: no dropout, batch norm's running statistics)."""
