@@ -273,7 +273,9 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     # (docs/mini_unlearning.md).
     Z = torch.zeros(0, p, dtype=w.dtype)
     if k < p:
-        picks = torch.randperm(len(train_set), generator=gen)[: probes * PROBE_BATCH].view(probes, -1)
+        m = min(probes, len(train_set))  # small training sets: smaller probe batches, then fewer probes
+        b = max(1, min(PROBE_BATCH, len(train_set) // m))
+        picks = torch.randperm(len(train_set), generator=gen)[: m * b].view(m, b)
         Z = torch.stack([gradient_sum(model, loss_fn, [(fetch(train_set, idx), idx.numel())], w) / idx.numel() - g_star for idx in picks])
         Z = Z - (Z @ Ud.T) @ Ud
     lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
