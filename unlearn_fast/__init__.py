@@ -18,5 +18,7 @@ from .history import GradientHistory, HistoryPolicy
 from .recording import HistoryRecorder
 from .data import IndexedDataset, split_batch
 from .unlearn import UnlearnResult, unlearn
+from .optimizers import register_optimizer
+from .methods.mini import NotUnlearnedError
 from . import metrics
 from .metrics import audit

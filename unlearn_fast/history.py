@@ -48,6 +48,9 @@ class HistoryPolicy:
     rank: number of curvature eigenpairs in the summary; None sizes it to the training run:
       min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/24 of the full trajectory's
       bytes (docs/mini_unlearning.md).
+    budget_vectors: the most bytes Mini's summary may take, counted in int8 vectors of the model's size, whatever
+      the run's length (checkpoints thinned, rank capped; docs/mini_unlearning.md). None: the summary is sized to
+      the run (the default: a budget of 64 costs digits and MNIST-1D logistic regression most of their accuracy today).
     summary_codec: storage of the summary's eigenvectors and parameter checkpoints (int8 default;
       both are decoded and re-orthonormalised / re-evaluated consistently, docs/mini_unlearning.md).
     params: which parameters the per-sample kinds record: a preset ("embeddings", "last_blocks:N",
@@ -58,6 +61,7 @@ class HistoryPolicy:
     codec: str = None
     blocksize: int = None
     rank: object = None
+    budget_vectors: int = None
     summary_codec: str = "int8"
     params: object = "all"
     per_sample: bool = False
@@ -78,6 +82,8 @@ class HistoryPolicy:
             raise ValueError(f"HistoryPolicy: codec must be one of {CODECS}, got {self.codec!r}")
         if self.summary_codec not in CODECS:
             raise ValueError(f"HistoryPolicy: summary_codec must be one of {CODECS}, got {self.summary_codec!r}")
+        if self.budget_vectors is not None and not (isinstance(self.budget_vectors, int) and self.budget_vectors >= 1):
+            raise ValueError(f"HistoryPolicy: budget_vectors must be a positive int or None, got {self.budget_vectors!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"HistoryPolicy: rank must be >= 1, got {self.rank}")
 
