@@ -10,11 +10,12 @@ import copy
 import dataclasses
 import importlib
 import time
+import warnings
 
 import torch
 
 from .history import GradientHistory, fetch, flat_params, weights_digest
-from .recording import loss_ratio
+from .methods._common import NotUnlearnedError, loss_ratio
 
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
 METHODS = {
@@ -43,6 +44,15 @@ def _method(name):
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     module, function = METHODS[name].split(":")
     return getattr(importlib.import_module(module), function)
+
+
+def check_fallback(fallback, method):
+    """fallback: None, or a method other than `method` that takes the same request (not a text-only method)."""
+    if fallback is None:
+        return
+    allowed = sorted(m for m in METHODS if m != method and m not in TEXT_METHODS)
+    if fallback not in allowed:
+        raise ValueError(f"fallback: must be None or one of {allowed}, got {fallback!r}")
 
 
 def check_forget(forget, n_train):
@@ -101,7 +111,8 @@ def non_finite_parameters(model):
     return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
-def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unrecorded_model=False, **options):
+def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unrecorded_model=False, fallback=None,
+            fallback_options=None, **options):
     """Remove the training samples `forget` from `model`; returns UnlearnResult(model, seconds, stats).
 
     history is the GradientHistory recorded while training; train_set a map-style data set returning
@@ -111,8 +122,12 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     result of an earlier request served from the same history; then the union of that request and forget is
     forgotten (stats["forgotten_total"]), and every served request is logged in history.requests.
     allow_unrecorded_model=True unlearns the history's model whatever model is passed.
+    A method that cannot unlearn raises NotUnlearnedError; with fallback="retrain" (or another method) a warning
+    says so and that method runs instead (with fallback_options): stats["fallback"] names it, stats[method]
+    keeps what the first method measured.
     """
     run = _method(method)
+    check_fallback(fallback, method)
     if isinstance(forget, str) and method not in TEXT_METHODS:
         raise ValueError(f"forget: a text request works only with methods {TEXT_METHODS}; method {method!r} needs training-set indices")
     if not isinstance(forget, str):
@@ -141,13 +156,21 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     new_model = copy.deepcopy(model)
     if not isinstance(forget, str) and forget.numel() == 0:
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
-    new_model, stats = run(new_model, history, forget, train_set, loss_fn, **options)
+    try:
+        new_model, stats = run(new_model, history, forget, train_set, loss_fn, **options)
+    except NotUnlearnedError as err:
+        if fallback is None:
+            raise
+        warnings.warn(f"{method}: not unlearned ({err.stats.get('reason', err)}); running fallback method {fallback!r}",
+                      RuntimeWarning, stacklevel=2)
+        new_model, stats = _method(fallback)(copy.deepcopy(model), history, forget, train_set, loss_fn, **(fallback_options or {}))
+        stats = {**stats, "unlearned": True, "fallback": fallback, method: err.stats}
     seconds = time.perf_counter() - start
     bad = non_finite_parameters(new_model)
     if bad:  # e.g. a loss that went NaN during a replay: stop and say so rather than return a broken model
         raise RuntimeError(f"{method}: the unlearned parameters {bad[:5]} are NaN or infinite (a non-finite loss or a "
                            "diverging step); no model is returned")
     if bound and not isinstance(forget, str):
-        history.append_request(forget.tolist(), method, weights_digest(new_model))
+        history.append_request(forget.tolist(), fallback if "fallback" in stats else method, weights_digest(new_model))
         stats = {**stats, "forgotten_total": forget.numel(), "forgotten_earlier": forgotten_before}
     return UnlearnResult(new_model, seconds, {"method": method, **stats})

@@ -359,7 +359,7 @@ class HistoryCallback(TrainerCallback):
             # uf.unlearn compares its loss_fn's gradient at the final weights with this norm; the loss retrain needs is
             # replay_loss, whose gradient is the clipped one (the recorder measured the unclipped loss_fn's)
             from ..history import fetch, flat_params
-            from ..recording import batch_gradient
+            from ..methods._common import batch_gradient
 
             batch = fetch(self.replay_set, history.schedule["batches"][check["step"]])
             grad = batch_gradient(rec.model, self.replay_loss, batch, flat_params(rec.model))

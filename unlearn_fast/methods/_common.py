@@ -1,5 +1,21 @@
-"""Small pieces every history-based method shares."""
+"""Small pieces every history-based method shares, and the loss_fn check the recorder and uf.unlearn both run."""
+import contextlib
+
 import torch
+
+# finish() and uf.unlearn compare loss_fn's gradient on a recorded batch with the recorded one: a ratio of norms
+# outside these bounds is not noise (dropout masks, one step of drift) but another loss (a sum, for one: ratio = batch size).
+LOSS_RATIO_BOUNDS = (2 / 3, 1.5)
+
+
+class NotUnlearnedError(RuntimeError):
+    """A method could not unlearn (Mini: no progress, no convergence, or its a-posteriori check failed): raised
+    instead of returning the original or an unchecked model. `stats` holds what was measured (stats["unlearned"]
+    is False, stats["reason"] says why). uf.unlearn(..., fallback="retrain") runs another method instead."""
+
+    def __init__(self, message, stats):
+        super().__init__(message)
+        self.stats = stats
 
 
 def check_scalar_loss(loss):
@@ -35,3 +51,49 @@ def check_history(history, model, forget, train_set, method):
     unseen = forget[~history.seen_mask()[forget]]
     if unseen.numel():
         raise ValueError(f"forget: indices {unseen[:10].tolist()} never appear in the recorded history (never trained on)")
+
+
+@contextlib.contextmanager
+def module_mode(model, training):
+    """Every module in training (or eval) mode inside the block, each module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def batch_gradient(model, loss_fn, batch, w):
+    """The flat gradient of loss_fn on `batch` at flat parameters w, in training mode (the mode the recorded
+    gradients were computed in). Leaves the model untouched: parameters, .grad, buffers (batch norm's running
+    statistics) and the global RNG (dropout)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    w = w.detach().clone().requires_grad_(True)
+    params = dict(zip(names, [v.view(s) for v, s in zip(torch.split(w, [s.numel() for s in shapes]), shapes)]))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    x, y = batch
+    devices = [w.device] if w.device.type == "cuda" else []
+    with module_mode(model, True), torch.random.fork_rng(devices=devices), torch.enable_grad():
+        loss = loss_fn(torch.func.functional_call(model, {**params, **buffers}, (x,)), y)
+        check_scalar_loss(loss)
+        (grad,) = torch.autograd.grad(loss, w, allow_unused=True)
+    return torch.zeros_like(w) if grad is None else grad.detach()
+
+
+def loss_ratio(model, loss_fn, batch, w, reference_norm):
+    """|gradient of loss_fn on batch at w| / reference_norm, ValueError naming loss_fn when it is far from 1."""
+    norm = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w)))
+    if norm == reference_norm == 0:  # a stationary point: nothing to compare, and both losses agree there
+        return 1.0
+    ratio = norm / max(reference_norm, 1e-300)
+    low, high = LOSS_RATIO_BOUNDS
+    if not low <= ratio <= high:  # also catches NaN
+        what = "a non-finite gradient" if ratio != ratio or ratio == float("inf") else f"{ratio:.4g} times the gradient"
+        raise ValueError(
+            f"loss_fn: gives {what} the training loss gave on a recorded batch of {len(batch[1])} samples; it must be the "
+            "MEAN loss the model was trained with (a sum is batch-size times larger)"
+        )
+    return ratio

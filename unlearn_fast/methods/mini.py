@@ -26,7 +26,7 @@ total. Krasnoselskii-Mann with backtracking; the residual ratio q estimates the 
 |w - w_fix| <= |T(w) - w| / (1 - q) is the stopping rule, reported as stats["fixed_point_error_bound"]: it bounds
 the distance to the fixed point of this MODEL, not to retraining. An a-posteriori check (one pass over the retained
 set, retained_gradient_check) guards the latter; a result that fails it, does not converge or does not move raises
-NotUnlearnedError (or runs the caller's fallback method): Mini never returns the original model silently.
+NotUnlearnedError (uf.unlearn can run a fallback method instead): Mini never returns the original model silently.
 
 Large changes (label-flipped forget sets): any linearisation around the original trajectory misses most of
 the change, because the RETAINED data's gradients change nonlinearly along the retrained trajectory. One more
@@ -43,7 +43,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..history import EncodedRows, fetch, flat_grads, flat_params, set_flat_params
-from ._common import batch_loss, check_history
+from ._common import NotUnlearnedError, batch_loss, check_history
 
 
 # ----------------------------------------------------------------------------- recording side
@@ -137,8 +137,8 @@ def summary_rank(policy, p, steps):
 KEEP_CURVATURE = False  # store the checkpoints' curvature table, which only the opt-in batch term reads (it pushed a
 # 64-step test summary over 10 % of DeltaGrad's bytes)
 CHECKPOINT_SHARE = 0.5  # of the budget left after w* and g*, at most this much goes to checkpoints (fit_budget)
-# The summary's bytes at most this many int8 vectors of the model's size when set (HistoryPolicy.budget_vectors wins
-# when the policy has that field). None: the previous sizing (rank T // 3, up to 24 + log2 T checkpoints), which grows
+# The summary's bytes at most this many int8 vectors of the model's size when set (HistoryPolicy.budget_vectors, when set, wins
+# over it). None: the previous sizing (rank T // 3, up to 24 + log2 T checkpoints), which grows
 # with the run. Not 64 by default: at 64 the logistic benchmark rows regress from 0.047 / 0.071 (digits 10 / 30 %) to
 # 0.23 / 0.34 and MNIST-1D 10 % to 0.87 (docs/mini_unlearning.md, "A bounded history").
 DEFAULT_BUDGET_VECTORS = None
@@ -152,13 +152,13 @@ def _row_bytes(codec, p, blocksize, elem):
 
 def fit_budget(policy, p, elem, checkpoints, k):
     """(checkpoints, k) thinned so that the summary holds at most budget_vectors x p bytes, whatever the run's length
-    (budget_vectors: HistoryPolicy's field when it has one, else DEFAULT_BUDGET_VECTORS; None: unbounded).
+    (budget_vectors: HistoryPolicy's field when set, else DEFAULT_BUDGET_VECTORS; None: unbounded).
 
     Fixed: w* and g* (2 elem p). Each checkpoint: its parameters (summary_codec) and its full-data gradient (float32,
     or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables.
     CHECKPOINT_SHARE of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
     HistoryPolicy.rank that does not fit is refused rather than cut."""
-    budget = getattr(policy, "budget_vectors", DEFAULT_BUDGET_VECTORS)
+    budget = DEFAULT_BUDGET_VECTORS if policy.budget_vectors is None else policy.budget_vectors
     if budget is None:
         return checkpoints, k
     codec, bs = policy.summary_codec, policy.blocksize
@@ -675,16 +675,6 @@ def marks_of(history):
     return [int(x) for x in history.summary["ckpt_steps"]] + [history.num_steps]
 
 
-class NotUnlearnedError(RuntimeError):
-    """Mini could not unlearn (no progress, no convergence, or the a-posteriori check failed): raised instead of
-    returning the original or an unchecked model. `stats` holds what was measured (stats["unlearned"] is False,
-    stats["reason"] says why)."""
-
-    def __init__(self, message, stats):
-        super().__init__(message)
-        self.stats = stats
-
-
 # The a-posteriori check (retained_gradient_check): a result must leave at most this fraction of the gradient change
 # the deletion caused. Not 0: an exact retrain leaves SGD's own residual (0.22-0.64 measured at retrained models);
 # above 1 the move went the wrong way. Measured (docs/mini_unlearning.md): results at 0.05-0.34 of the gap had up to 0.64,
@@ -714,28 +704,11 @@ def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_sta
     return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
 
 
-def _fallback_run(name):
-    from ..unlearn import _method
-
-    return _method(name)
-
-
-def check_fallback(fallback):
-    from ..unlearn import METHODS, TEXT_METHODS
-
-    if fallback is None:
-        return
-    if fallback == "mini" or fallback in TEXT_METHODS or fallback not in METHODS:
-        allowed = sorted(m for m in METHODS if m != "mini" and m not in TEXT_METHODS)
-        raise ValueError(f"fallback: must be None or one of {allowed}, got {fallback!r}")
-
-
 def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None,
-        fallback=None, fallback_options=None, batch_effect=False):
+        batch_effect=False):
     """Mini-Unlearning. On success stats["unlearned"] is True. When it cannot unlearn (no progress, no convergence,
-    or the a-posteriori retained-gradient check fails) it raises NotUnlearnedError, or, with fallback="retrain"
-    (or "deltagrad", "newton"), runs that method instead (stats["fallback"] names it, stats["mini"] keeps Mini's)."""
-    check_fallback(fallback)
+    or the a-posteriori retained-gradient check fails) it raises NotUnlearnedError; uf.unlearn(..., fallback="retrain")
+    then runs that method instead."""
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
@@ -904,10 +877,5 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
         set_flat_params(model, w)
         return model, stats
     stats["reason"] = reason
-    if fallback is None:
-        raise NotUnlearnedError(f"mini: not unlearned: {reason}; no model is returned. Pass fallback='retrain' (or another "
-                                "method) to run it instead; NotUnlearnedError.stats holds the measurements", stats)
-    warnings.warn(f"mini: not unlearned ({reason}); running fallback method {fallback!r}", RuntimeWarning, stacklevel=3)
-    set_flat_params(model, w_star)  # the fallback starts from the trained model, as uf.unlearn would give it
-    model, fb_stats = _fallback_run(fallback)(model, history, forget, train_set, loss_fn, **(fallback_options or {}))
-    return model, {**fb_stats, "unlearned": True, "fallback": fallback, "mini": stats}
+    raise NotUnlearnedError(f"mini: not unlearned: {reason}; no model is returned. Pass fallback='retrain' (or another "
+                            "method) to uf.unlearn to run it instead; NotUnlearnedError.stats holds the measurements", stats)
