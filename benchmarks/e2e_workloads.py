@@ -2,12 +2,12 @@
 model families, SGD training in two regimes with and without momentum (recording a history), the forget sets,
 and output-level metrics. Not part of the library (unlearn_fast/workloads.py serves the CLI demo)."""
 import dataclasses
-import time
 
 import torch
 
 import unlearn_fast as uf
 from unlearn_fast.workloads import load_data as load_library_data
+from unlearn_fast.workloads import train as library_train
 
 DATASETS = ("digits", "breast_cancer", "wine", "mnist1d")
 MODELS = ("logistic", "mlp", "cnn")
@@ -83,31 +83,9 @@ def train(model, train_set, regime, policy=None, seed=0, model_kind=None):
     """Train with SGD; returns (history or None, training seconds, finish() seconds)."""
     base = CNN_LR if model_kind == "cnn" else regime.lr
     lr = base * (1 - regime.momentum)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=regime.momentum, weight_decay=regime.weight_decay)
-    n = len(train_set)
-    bs = min(regime.batch_size, n)
-    steps = regime.epochs * (n // bs)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=regime.lr_min * lr / regime.lr)
-             if regime.schedule == "decay" else None)
-    rec = uf.HistoryRecorder(model, opt, policy) if policy else None
-    gen = torch.Generator().manual_seed(seed)
-    loss_fn = torch.nn.functional.cross_entropy
-    start = time.perf_counter()
-    for _ in range(regime.epochs):
-        order = torch.randperm(n, generator=gen)
-        for b in range(n // bs):
-            idx = order[b * bs : (b + 1) * bs]
-            x, y = train_set[idx]
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            if rec:
-                rec.record(idx)
-            opt.step()
-            if sched:
-                sched.step()
-    train_s = time.perf_counter() - start
-    history = rec.finish(train_set, loss_fn) if rec else None
-    return history, train_s, time.perf_counter() - start - train_s
+    return library_train(model, train_set, policy, seed=seed, epochs=regime.epochs, batch_size=regime.batch_size, lr=lr,
+                         lr_min=regime.lr_min * lr / regime.lr, weight_decay=regime.weight_decay, momentum=regime.momentum,
+                         schedule=regime.schedule)
 
 
 def flip_labels(y, idx, classes):

@@ -42,17 +42,20 @@ def make_model(kind, d, c, seed):
     return torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, c))
 
 
-CONFIG = {"epochs": 30, "batch_size": 64, "lr": 0.2, "lr_min": 0.002, "weight_decay": 1e-3}
+CONFIG = {"epochs": 30, "batch_size": 64, "lr": 0.2, "lr_min": 0.002, "weight_decay": 1e-3, "momentum": 0.0, "schedule": "decay"}
 
 
 def train(model, train_set, policy=None, seed=0, progress=None, **cfg):
-    """SGD with a cosine learning-rate schedule; records a GradientHistory when a policy is given.
+    """SGD (cfg["momentum"]) with a cosine learning-rate schedule down to cfg["lr_min"] (cfg["schedule"] "decay") or a
+    constant one ("constant"); records a GradientHistory when a policy is given.
     Returns (history or None, training seconds, finish() seconds); `progress(epoch)` is called after each epoch."""
     cfg = {**CONFIG, **cfg}
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    n, bs = len(train_set), cfg["batch_size"]
+    if cfg["schedule"] not in ("decay", "constant"):
+        raise ValueError(f"schedule: must be 'decay' or 'constant', got {cfg['schedule']!r}")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    n, bs = len(train_set), min(cfg["batch_size"], len(train_set))
     steps = cfg["epochs"] * (n // bs)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"]) if cfg["schedule"] == "decay" else None
     rec = HistoryRecorder(model, opt, policy) if policy else None
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.functional.cross_entropy
@@ -67,7 +70,8 @@ def train(model, train_set, policy=None, seed=0, progress=None, **cfg):
             if rec:
                 rec.record(idx, batch_size=len(y))
             opt.step()
-            sched.step()
+            if sched:
+                sched.step()
         if progress is not None:
             progress(epoch)
     train_seconds = time.perf_counter() - start
