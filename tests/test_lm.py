@@ -650,3 +650,19 @@ def test_hvp_influence_matches_a_dense_hessian_solve(setup):
     assert same_state(before, state(model)) and flags == [p.requires_grad for p in model.parameters()]
     ggn, ggn_report = metrics.hvp_influence(model, train, samples, probe, params=names, damping=1e-3)  # the default, PSD
     assert ggn_report.converged and torch.isfinite(ggn).all()
+
+
+def test_first_epoch_recorder_says_when_finish_is_called_twice():
+    # the second finish() used to say "nothing was recorded", hiding that the history had been returned
+    model = build_gpt2(n_layer=1, n_embd=16, n_head=2)
+    rec = FirstEpochRecorder(model, None, HistoryPolicy(kind="first_epoch", per_sample=True, params="embeddings"))
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        rec.finish()
+    ids = torch.randint(0, 200, (3, 12))
+    rec.record(torch.arange(3), ids)
+    assert rec.finish().n_epochs == 1
+    with pytest.raises(RuntimeError, match="already called"):
+        rec.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        rec.record(torch.arange(3), ids)
+

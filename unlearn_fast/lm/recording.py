@@ -317,6 +317,8 @@ class FirstEpochRecorder:
 
     def finish(self):
         """-> FirstEpochHistory with rows sorted by sample index (a sample seen twice in an epoch keeps its last row)."""
+        if self.finished:  # checked first: pending is emptied below, and "nothing was recorded" would mislead
+            raise RuntimeError("FirstEpochRecorder: finish() was already called; it returned the history")
         if not self.pending:
             raise RuntimeError("FirstEpochRecorder: nothing was recorded (record() was never called)")
         self.finished = True
