@@ -94,7 +94,15 @@ def _worker(rank, init_file, out):
 @pytest.fixture(scope="module")
 def ddp_run():
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(os.path.join(out, "init"), out), nprocs=WORLD, join=True)
+        # One retry, in a fresh rendezvous: once in about ten full-suite runs on the 2-core CI box a gloo rank died
+        # with "terminate called without an active exception" (SIGABRT) before the test body ran; a second abort fails.
+        for attempt in range(2):
+            try:
+                mp.spawn(_worker, args=(os.path.join(out, f"init{attempt}"), out), nprocs=WORLD, join=True)
+                break
+            except mp.ProcessExitedException:
+                if attempt == 1:
+                    raise
         finals = [torch.load(os.path.join(out, f"final_{r}.pt")) for r in range(WORLD)]
         def message(name):
             path = os.path.join(out, name)
