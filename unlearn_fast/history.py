@@ -103,6 +103,12 @@ def flat_grads(model):
     )
 
 
+def checkpoint_capacity(steps):
+    """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 48, 4..24
+    (it keeps between half of that and that many, evenly spaced)."""
+    return max(4, min(24, steps // 48))
+
+
 def weights_digest(model):
     """sha256 of a model's trainable parameters, bit for bit: binds a history to the model it trained and
     each logged request to the model it produced."""

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .history import EncodedRows, GradientHistory, HistoryPolicy, fetch, flat_grads, flat_params, param_spec, weights_digest
+from .history import EncodedRows, GradientHistory, HistoryPolicy, checkpoint_capacity, fetch, flat_grads, flat_params, param_spec, weights_digest
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -26,12 +26,6 @@ EDIT_TOLERANCE = 1e-6
 # Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
 # a step's micro-batches.
 ALLOWABLE = ("accumulation", "clipping", "autocast")
-
-
-def checkpoint_capacity(steps):
-    """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 48, 4..24
-    (it keeps between half of that and that many, evenly spaced)."""
-    return max(4, min(24, steps // 48))
 
 
 class _Hook:

@@ -42,7 +42,7 @@ import warnings
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..history import EncodedRows, fetch, flat_grads, flat_params, set_flat_params
+from ..history import EncodedRows, checkpoint_capacity, fetch, flat_grads, flat_params, set_flat_params
 from ._common import NotUnlearnedError, batch_loss, check_history
 
 
@@ -184,12 +184,6 @@ def fit_budget(policy, p, elem, checkpoints, k):
         raise ValueError(f"HistoryPolicy.rank={policy.rank}: {policy.rank} basis vectors do not fit the summary budget of {budget} int8 "
                          f"vectors of the model's size (at most {fits} here); lower rank or raise budget_vectors")
     return checkpoints, min(k, fits)
-
-
-def checkpoint_capacity(steps):
-    """How many parameter checkpoints the recorder may hold after `steps` steps: about steps / 24, 4..24
-    (it keeps between half of that and that many, evenly spaced)."""
-    return max(4, min(24, steps // 48))
 
 
 def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size, seed=0):
