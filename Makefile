@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml setup.py $(LOCK)
 	# The CPU wheel keeps set-up short (torch's version comes from the lock; a matching torch is kept).
 	$(INSTALL) torch
 	$(INSTALL) pybind11 ninja numpy
-	UNLEARN_FAST_SKIP_EXT=1 $(INSTALL) --no-build-isolation -e ".[test]"
+	# the test extra plus the optional integrations' frameworks (tests/test_lightning.py needs lightning)
+	UNLEARN_FAST_SKIP_EXT=1 $(INSTALL) --no-build-isolation -e ".[test,lightning]"
 	touch $(STAMP)
 
 # Rewrites the lock from the working .venv (after an intended upgrade; then run make test).
