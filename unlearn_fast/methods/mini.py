@@ -41,57 +41,103 @@ import warnings
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..history import EncodedRows, checkpoint_capacity, fetch, flat_grads, flat_params, set_flat_params
-from ._common import NotUnlearnedError, batch_loss, check_history
+from ._common import NotUnlearnedError, batch_loss, check_history, module_mode
 
 
 # ----------------------------------------------------------------------------- recording side
+def math_attention():
+    """Scaled dot-product attention on its math path inside the torch.func transforms: the fused CPU/CUDA kernels
+    (flash, memory-efficient) have no forward-mode AD or batching rules, the math path is plain matmuls and a softmax.
+    A no-op on torch versions without torch.nn.attention.sdpa_kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _chunks(n, size):
     for start in range(0, n, size):
         yield torch.arange(start, min(start + size, n))
 
 
+class _Outputs:
+    """The model's outputs on x as a function of the flat parameters, for torch.func.
+
+    Models may return an object rather than a tensor (a Hugging Face ModelOutput holding logits and a key-value
+    cache, a tuple, a dict); loss_fn gets what the model returns. torch.func differentiates tensors only, so
+    __call__ returns the floating-point tensors of the output's pytree (torch.utils._pytree: ModelOutput, tuples and
+    dicts are nodes) and loss(leaves, y) rebuilds the model's output object around them (other leaves, such as
+    a cache object, as the last forward left them) before calling loss_fn. A plain tensor output is one leaf."""
+
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.spec = self.mask = self.frozen = None
+
+    def __call__(self, flat):
+        params = {n: t.view(s) for n, t, s in zip(self.names, torch.split(flat, self.sizes), self.shapes)}
+        leaves, self.spec = tree_flatten(functional_call(self.model, params, (self.x,)))
+        self.mask = [isinstance(v, torch.Tensor) and v.is_floating_point() for v in leaves]
+        self.frozen = [None if m else v for v, m in zip(leaves, self.mask)]
+        if not any(self.mask):
+            raise ValueError(f"model: returns no floating-point tensor (got {type(leaves[0]).__name__ if leaves else 'nothing'}); loss_fn needs its outputs")
+        return tuple(v for v, m in zip(leaves, self.mask) if m)
+
+    def rebuild(self, leaves):
+        it = iter(leaves)
+        return tree_unflatten([next(it) if m else v for v, m in zip(self.frozen, self.mask)], self.spec)
+
+    def loss(self, loss_fn, leaves, y):
+        return loss_fn(self.rebuild(leaves), y)
+
+
 def _outputs_fn(model, x):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
-    sizes = [math.prod(s) for s in shapes]
+    return _Outputs(model, x)
 
-    def outputs(flat):
-        params = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
-        return functional_call(model, params, (x,))
 
-    return outputs
+def _tree_dot(a, b):
+    return sum((u * v).sum() for u, v in zip(a, b))
 
 
 def _ggn_matmul(model, loss_fn, batch, w, V):
     """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p)."""
     x, y = batch
     outputs = _outputs_fn(model, x)
-    out, pullback = vjp(outputs, w)
-    loss_grad = grad(lambda o: loss_fn(o, y))
+    with math_attention():
+        out, pullback = vjp(outputs, w)
+        loss_grad = grad(lambda o: outputs.loss(loss_fn, o, y))
 
-    def one(v):
-        _, Jv = jvp(outputs, (w,), (v,))
-        _, HJv = jvp(loss_grad, (out,), (Jv,))
-        return pullback(HJv)[0]
+        def one(v):
+            _, Jv = jvp(outputs, (w,), (v,))
+            _, HJv = jvp(loss_grad, (out,), (Jv,))
+            return pullback(HJv)[0]
 
-    return vmap(one)(V)
+        return vmap(one)(V)
 
 
 def _ggn_quadratic(model, loss_fn, batch, w, V):
     """v' G v for every row v of V (forward mode only: (J v)' H_out (J v))."""
     x, y = batch
     outputs = _outputs_fn(model, x)
-    out = outputs(w)
-    loss_grad = grad(lambda o: loss_fn(o, y))
+    with math_attention():
+        out = outputs(w)
+        loss_grad = grad(lambda o: outputs.loss(loss_fn, o, y))
 
-    def one(v):
-        _, Jv = jvp(outputs, (w,), (v,))
-        _, HJv = jvp(loss_grad, (out,), (Jv,))
-        return (Jv * HJv).sum()
+        def one(v):
+            _, Jv = jvp(outputs, (w,), (v,))
+            _, HJv = jvp(loss_grad, (out,), (Jv,))
+            return _tree_dot(Jv, HJv)
 
-    return vmap(one)(V)
+        return vmap(one)(V)
 
 
 def _full_ggn_matmul(model, loss_fn, train_set, w, V, batch_size):
@@ -343,14 +389,9 @@ def prepare(history, model, train_set, loss_fn, batch_size=1024):
         sgd = None
     rows = history.trajectory["w"]
     checkpoints = [(t, EncodedRows.encode(rows.row(t)[None], policy.summary_codec, policy.blocksize)) for t in checkpoint_steps(T)]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # torch.func refuses dropout's random masks and batch norm's in-place updates
-    try:
+    with module_mode(model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
         history.summary = final_summary(model, train_set, loss_fn, policy, T, checkpoints, history.schedule["lrs"][:, 0], sgd,
                                         batch_size=batch_size)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return history.summary
 
 
@@ -450,7 +491,8 @@ def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
             idx = forget[start : start + batch_size]
             x, y = fetch(train_set, idx)
             outputs = _outputs_fn(model, x)
-            total += vmap(grad(lambda flat: loss_fn(outputs(flat), y)))(points) * idx.numel()
+            with math_attention():
+                total += vmap(grad(lambda flat: outputs.loss(loss_fn, outputs(flat), y)))(points) * idx.numel()
     except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
         total = torch.stack([forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size) for w in points])
     return total
@@ -601,9 +643,10 @@ def weighted_gradient_sum(model, loss_fn, train_set, idx, weights, w, batch_size
         part, c = idx[start : start + batch_size], weights[start : start + batch_size].to(w.dtype)
         x, y = fetch(train_set, part)
         outputs = _outputs_fn(model, x)
-        out, pullback = vjp(outputs, w)
-        delta = vmap(grad(lambda o, t: loss_fn(o[None], t[None])))(out, y)
-        total += pullback(c.view(-1, *[1] * (delta.dim() - 1)) * delta)[0]
+        with math_attention():
+            out, pullback = vjp(outputs, w)
+            delta = vmap(grad(lambda o, t: outputs.loss(loss_fn, tuple(v[None] for v in o), t[None])))(out, y)
+        total += pullback(tuple(c.view(-1, *[1] * (d.dim() - 1)) * d for d in delta))[0]
     return total
 
 
@@ -702,7 +745,15 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
         batch_effect=False):
     """Mini-Unlearning. On success stats["unlearned"] is True. When it cannot unlearn (no progress, no convergence,
     or the a-posteriori retained-gradient check fails) it raises NotUnlearnedError; uf.unlearn(..., fallback="retrain")
-    then runs that method instead."""
+    then runs that method instead.
+
+    Every gradient is taken in evaluation mode (no dropout; the summary was computed in it too), the model's modes are
+    restored afterwards."""
+    with module_mode(model, False):
+        return _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect)
+
+
+def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect):
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
