@@ -70,6 +70,9 @@ def _worker(rank, init_file, out):
             history.save(os.path.join(out, "history"))
         else:
             assert history is None
+        dist.barrier()
+        _replays(rank, model, out)
+        _fsdp_refusals(rank, out)
         # unequal per-rank batch sizes: refused on every rank (none left waiting in a collective)
         rec2 = ufd.DistributedRecorder(model, opt)
         try:
@@ -91,6 +94,53 @@ def _worker(rank, init_file, out):
         dist.destroy_process_group()
 
 
+FORGET = [0, 5, 17, 30, 41]  # ~10 % of the training set
+
+
+def _edge_forget(history):
+    """Rank 1's whole part of step 0 (rank 1 has nothing to compute there) and all of step 3 (a skipped step)."""
+    b = history.schedule["batches"]
+    return sorted(set(b[0][PER_RANK:].tolist()) | set(b[3].tolist()))
+
+
+def _message(fn, out, name):
+    try:
+        fn()
+    except ValueError as err:
+        with open(os.path.join(out, name), "w") as f:
+            f.write(str(err))
+
+
+def _replays(rank, model, out):
+    """The DDP replay (every rank) of the history rank 0 saved: forgetting nothing, ~10 %, and an edge case."""
+    history = GradientHistory.load(os.path.join(out, "history"))
+    ds = _data()
+    replayed, stats = ufd.run(_net(), history, torch.zeros(0, dtype=torch.int64), ds, F.cross_entropy)
+    assert stats["steps"] == len(history.schedule["batches"])
+    torch.save(replayed.state_dict(), os.path.join(out, f"replay_none_{rank}.pt"))
+    for name, forget in (("forget", FORGET), ("edge", _edge_forget(history))):
+        result = ufd.unlearn(model, history, forget, ds, F.cross_entropy)  # the DDP model itself: unwrapped, left untouched
+        torch.save(result.model.state_dict(), os.path.join(out, f"replay_{name}_{rank}.pt"))
+    # a history recorded in a single process (no distributed metadata): refused under 2 ranks, on every rank
+    single = copy.copy(history)
+    single.meta = {k: v for k, v in history.meta.items() if k != "distributed"}
+    _message(lambda: ufd.run(_net(), single, torch.tensor(FORGET), ds, F.cross_entropy), out, f"worldsize_{rank}.txt")
+    # ranks asking for different forget sets: refused on every rank (none left waiting in a collective)
+    _message(lambda: ufd.run(_net(), history, torch.tensor([rank]), ds, F.cross_entropy), out, f"mismatch_{rank}.txt")
+
+
+def _fsdp_refusals(rank, out):
+    """FSDP2 (fully_shard: DTensor parameters) is refused by the recorder and the replay, naming FSDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = _net()
+    fully_shard(net)
+    opt, _ = _optimizer(net)
+    _message(lambda: ufd.DistributedRecorder(net, opt), out, f"fsdp_recorder_{rank}.txt")
+    history = GradientHistory.load(os.path.join(out, "history"))
+    _message(lambda: ufd.run(net, history, torch.tensor(FORGET), _data(), F.cross_entropy), out, f"fsdp_replay_{rank}.txt")
+
+
 @pytest.fixture(scope="module")
 def ddp_run():
     with tempfile.TemporaryDirectory() as out:
@@ -108,8 +158,10 @@ def ddp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in ("unequal", "clipped")}
-        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals
+        refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)]
+                    for kind in ("unequal", "clipped", "worldsize", "mismatch", "fsdp_recorder", "fsdp_replay")}
+        replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
+        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals, replays
 
 
 def _trained(state):
@@ -119,7 +171,7 @@ def _trained(state):
 
 
 def test_history_of_the_world_batches(ddp_run):
-    history, finals, _ = ddp_run
+    history, finals = ddp_run[:2]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # DDP keeps the ranks equal
     assert history.meta["distributed"]["world_size"] == WORLD
     assert [s[0] for s in history.meta["param_spec"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]  # no "module." prefix
@@ -131,7 +183,7 @@ def test_history_of_the_world_batches(ddp_run):
 
 
 def test_single_process_replay_equals_ddp(ddp_run):
-    history, finals, _ = ddp_run
+    history, finals = ddp_run[:2]
     trained = _trained(finals[0])
     replayed, _ = retrain.run(copy.deepcopy(trained), history, torch.zeros(0, dtype=torch.int64), _data(), F.cross_entropy)
     dw = float((flat_params(replayed) - flat_params(trained)).abs().max())
@@ -161,9 +213,9 @@ def _hand_retrain(history, forget):
 
 
 def test_forgetting_matches_hand_written_retrain(ddp_run):
-    history, finals, _ = ddp_run
+    history, finals = ddp_run[:2]
     trained = _trained(finals[0])
-    forget = [0, 5, 17, 30, 41]
+    forget = FORGET
     result = uf.unlearn(trained, history, forget, _data(), F.cross_entropy, method="retrain")
     reference = _hand_retrain(history, torch.tensor(forget))
     dw = float((flat_params(result.model) - flat_params(reference)).abs().max())
@@ -198,3 +250,56 @@ def test_recorder_needs_ddp_and_a_process_group():
     opt, _ = _optimizer(net)
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         ufd.DistributedRecorder(net, opt)
+
+
+def _max_diff(a, b):
+    return float((flat_params(a) - flat_params(b)).abs().max())
+
+
+def test_ddp_replay_ranks_end_equal(ddp_run):
+    for kind, states in ddp_run[3].items():
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), kind
+
+
+def test_ddp_replay_forgetting_nothing_equals_training_and_single_process_replay(ddp_run):
+    history, finals, _, replays = ddp_run
+    trained, ddp = _trained(finals[0]), _trained(replays["none"][0])
+    single, _ = retrain.run(_net(), history, torch.zeros(0, dtype=torch.int64), _data(), F.cross_entropy)
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    assert _max_diff(ddp, trained) < TOL < moved / 100, (_max_diff(ddp, trained), moved)
+    assert _max_diff(ddp, single) < TOL
+
+
+@pytest.mark.parametrize("kind", ["forget", "edge"])
+def test_ddp_replay_forgetting_equals_single_process_and_hand_retrain(ddp_run, kind):
+    history, finals, _, replays = ddp_run
+    forget = FORGET if kind == "forget" else _edge_forget(history)
+    if kind == "edge":  # rank 1 retains nothing of step 0, and step 3 is forgotten whole
+        assert len(forget) == PER_RANK + WORLD * PER_RANK
+    trained, ddp = _trained(finals[0]), _trained(replays[kind][0])
+    single = uf.unlearn(trained, history, forget, _data(), F.cross_entropy, method="retrain").model
+    hand = _hand_retrain(history, torch.tensor(forget))
+    moved = _max_diff(hand, trained)  # forgetting changed the model
+    assert _max_diff(ddp, hand) < TOL < moved / 100, (_max_diff(ddp, hand), moved)
+    assert _max_diff(ddp, single) < TOL
+
+
+def test_ddp_replay_refuses_another_world_size_on_every_rank(ddp_run):
+    for message in ddp_run[2]["worldsize"]:
+        assert message is not None and "recorded with world size 1, used under world size 2" in message
+
+
+def test_ddp_replay_refuses_ranks_with_different_forget_sets(ddp_run):
+    for message in ddp_run[2]["mismatch"]:
+        assert message is not None and "ranks [1] replay another history or forget set than rank 0" in message
+
+
+def test_ddp_replay_needs_a_process_group():
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        ufd.run(_net(), None, torch.tensor([0]), _data(), F.cross_entropy)  # (checked before the history)
+
+
+def test_fsdp2_refused_naming_fsdp(ddp_run):
+    for kind in ("fsdp_recorder", "fsdp_replay"):
+        for message in ddp_run[2][kind]:
+            assert message is not None and "FSDP2" in message and "fully_shard" in message and "DTensor" in message, (kind, message)

@@ -13,9 +13,21 @@ every rank's indices of the step (all_gather, padded to the longest) into the wo
 average of the ranks' means equals the mean over the world batch, which is what a single-process replay
 computes, only when every rank's batch has the same size: record() refuses unequal sizes on every rank (set
 drop_last=True on the DataLoader, or pad the data set to a multiple of world size times batch size).
-The history records the world size (meta["distributed"]); a single-process replay of it (method="retrain") is
-exact; check_world_size() refuses to use it under another world size.
+The history records the world size (meta["distributed"]); a single-process replay of it (uf.unlearn with
+method="retrain") is exact to float rounding. A replay under DDP, with the same number of ranks, on every rank:
+
+    result = unlearn(model, history, forget, train_set, loss_fn)      # model: the trained DDP model or its .module
+
+each rank computes the gradient of its own part of every recorded world batch (the part it trained on) with the
+retained samples only, weighted so that the all-reduced sum is the mean over the world batch's retained samples
+(what the single-process replay computes); every rank applies the same update and ends with the same model.
+check_world_size() refuses a history recorded under another world size.
+
+FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters) is refused: see docs/distributed.md.
 """
+import copy
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +44,7 @@ class DistributedRecorder:
     """HistoryRecorder for DDP: every rank calls record() and finish(); rank 0 (of `group`) records."""
 
     def __init__(self, model, optimizer, policy=None, group=None, **recorder_options):
+        refuse_sharded(model, "DistributedRecorder")
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"DistributedRecorder: model must be the DistributedDataParallel wrapper (its gradients are the "
                              f"ranks' average), got {type(model).__name__}")
@@ -141,6 +154,152 @@ def check_world_size(history, world_size=None):
     if recorded != world_size:
         raise ValueError(f"history: recorded with world size {recorded}, used under world size {world_size}; a distributed replay "
                          f"needs the same number of ranks (a single-process replay, method='retrain' without DDP, takes any history)")
+
+
+def refuse_sharded(model, who):
+    """ValueError naming FSDP when model is sharded by FSDP2 (fully_shard) or holds DTensor parameters: each rank then
+    holds only shards of the parameters and gradients, which the recorder (one flat vector of the whole model on one
+    rank) and the replay cannot use."""
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    fsdp = _fsdp_module_class()
+    sharded = [name for name, p in module.named_parameters() if _is_dtensor(p)]
+    if (fsdp is not None and any(isinstance(m, fsdp) for m in module.modules())) or sharded:
+        what = f"parameter {sharded[0]} is a DTensor" if sharded else "it is an FSDPModule"
+        raise ValueError(
+            f"{who}: model is sharded by FSDP2 (torch.distributed.fsdp.fully_shard; {what}): each rank holds only shards of "
+            "the parameters and gradients, and per-rank shard histories are not supported. Record under DDP (or a single "
+            "process), or gather the full parameters first"
+        )
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # an older torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def _is_dtensor(tensor):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _check_same_request(history, forget, group, world_size):
+    """Every rank must replay the same history for the same forget set: otherwise they would skip different steps
+    and wait in different collectives (a hang). Gathers a fingerprint of both; every rank raises on a mismatch."""
+    f = forget.to(torch.int64)
+    lengths = torch.tensor([len(b) for b in history.schedule["batches"]], dtype=torch.int64)
+    mine = torch.tensor([
+        f.numel(), int((f * 2654435761 % 1000003).sum()), int(f.sum()),
+        lengths.numel(), int(lengths.sum()), history.n_train,
+        int(torch.as_tensor(history.schedule["batches"][0]).sum()) if lengths.numel() else 0,
+    ], dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine, group=group)
+    differ = [r for r in range(world_size) if not torch.equal(every[r], every[0])]
+    if differ:
+        raise ValueError(f"distributed retrain: ranks {differ} replay another history or forget set than rank 0 (forget sizes "
+                         f"{[int(e[0]) for e in every]}); every rank must pass the same history and forget")
+
+
+def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
+    """method="retrain" under DDP, called on every rank of `group` (a collective): replays the recorded schedule
+    from w0 without `forget` (a sorted int64 tensor, the same on every rank). Rank r computes the mean-loss gradient
+    of its part of each world batch (positions r*B/W .. (r+1)*B/W, the indices it trained on) over its retained
+    samples, scales it by (its retained) / (the world batch's retained), and the ranks all-reduce (sum) it: the
+    gradient of the mean loss over the retained world batch. A step whose world batch is all forgotten is skipped
+    on every rank, as in the single-process replay. model: the module (its parameters are overwritten) or the DDP
+    wrapper (its .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
+    from ..history import fetch, set_flat_params
+    from ..methods._common import batch_loss, check_history
+    from ..methods.retrain import build_optimizer
+
+    world_size, rank = _world(group)
+    forget = torch.as_tensor(forget, dtype=torch.int64)
+    _check_same_request(history, forget, group, world_size)  # first: a check below failing on one rank only would leave the others waiting
+    refuse_sharded(model, "distributed retrain")
+    check_world_size(history, world_size)
+    module = _unwrap(model)
+    check_history(history, module, forget, train_set, "retrain")
+    set_flat_params(module, history.schedule["w0"])
+    optimizer = build_optimizer(module, history.meta)
+    params = [p for p in module.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    keep = torch.ones(history.n_train, dtype=torch.bool)
+    keep[forget] = False
+    evals = steps = 0
+    for t, batch in enumerate(history.schedule["batches"]):
+        batch = torch.as_tensor(batch, dtype=torch.int64)
+        if progress is not None:
+            progress.update(1)
+        if batch.numel() % world_size:
+            raise ValueError(f"history: step {t}'s world batch has {batch.numel()} samples, not a multiple of world size {world_size}; "
+                             "it was not recorded by DistributedRecorder with this many ranks")
+        per_rank = batch.numel() // world_size
+        part = batch[rank * per_rank : (rank + 1) * per_rank]
+        part = part[keep[part]]
+        retained = int(keep[batch].sum())  # the same on every rank: no communication
+        if retained == 0:
+            continue
+        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
+            group_["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        if part.numel():
+            batch_loss(module, loss_fn, fetch(train_set, part)).backward()
+        # one buffer: the scaled gradients, then one flag per parameter (reached by backward on this rank)
+        flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                         + [torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype)])
+        flat[: sum(sizes)] *= part.numel() / retained
+        dist.all_reduce(flat, group=group)
+        grads, reached = flat[: sum(sizes)].split(sizes), flat[sum(sizes):]
+        for p, g, r in zip(params, grads, reached.tolist()):
+            # a parameter no rank's backward reached keeps grad None (the optimizer skips it, as in a single process)
+            p.grad = g.view_as(p).clone() if r > 0 else None
+        optimizer.step()
+        evals += part.numel()
+        steps += 1
+    return module, {"steps": steps, "gradient_evaluations": evals, "world_size": world_size, "rank": rank,
+                    "history_bytes_read": history.nbytes("schedule")}
+
+
+def unlearn(model, history, forget, train_set, loss_fn, group=None, allow_unrecorded_model=False, progress=None):
+    """uf.unlearn(..., method="retrain") run by every rank of a DDP job with the world size the history was recorded
+    with; returns the same UnlearnResult on every rank (its .model a plain module, the caller's model untouched).
+    model: the trained DDP model or its .module. The request checks are uf.unlearn's (forget, the model's binding to
+    the history, earlier requests) and the request is logged in every rank's copy of history.requests (save it on
+    one rank)."""
+    from ..unlearn import UnlearnResult, bind_request, check_forget, non_finite_parameters
+
+    _world(group)
+    refuse_sharded(model, "distributed retrain")
+    check_world_size(history, dist.get_world_size(group))
+    module = _unwrap(model)
+    forget = check_forget(forget, len(train_set))
+    history.check_model(module)
+    forget, _ = bind_request(module, history, forget, allow_unrecorded_model)
+    if forget.numel() >= len(train_set):
+        raise ValueError("forget: with the earlier requests this model served it names the whole training set; nothing would remain")
+    start = time.perf_counter()
+    new_model = copy.deepcopy(module)
+    if forget.numel() == 0:
+        return UnlearnResult(new_model, time.perf_counter() - start, {"method": "retrain", "forgotten": 0})
+    new_model, stats = run(new_model, history, forget, train_set, loss_fn, group=group, progress=progress)
+    seconds = time.perf_counter() - start
+    bad = non_finite_parameters(new_model)  # the same on every rank: every rank raises
+    if bad:
+        raise RuntimeError(f"retrain: the unlearned parameters {bad[:5]} are NaN or infinite; no model is returned")
+    from ..history import weights_digest
+
+    history.append_request(forget.tolist(), "retrain", weights_digest(new_model))
+    return UnlearnResult(new_model, seconds, {"method": "retrain", **stats, "forgotten_total": forget.numel()})
 
 
 class _Reduction:
