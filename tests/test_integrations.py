@@ -253,3 +253,120 @@ def test_import_unlearn_fast_imports_no_trainer_framework():
     code = "import sys, unlearn_fast; print(sorted(m for m in ('transformers', 'accelerate', 'unlearn_fast.integrations.hf') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- accelerate
+def _accelerate_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 5, generator=g)
+    y = (x @ torch.randn(5, 3, generator=g)).argmax(1)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+ACC_LR, ACC_DECAY = 0.3, 3  # SGD lr 0.3, halved every 3 optimizer steps (StepLR behind accelerate's AcceleratedScheduler)
+
+
+@pytest.fixture(scope="module")
+def accelerated():
+    """An MLP trained by accelerate (Accelerator(cpu=True), gradient accumulation 2 micro-batches of 4, prepared
+    model, AcceleratedOptimizer, AcceleratedScheduler, prepared DataLoader(shuffle=True) over uf.IndexedDataset),
+    recorded once per optimizer step (accelerate skips optimizer.step() and scheduler.step() on the other
+    micro-batches, and divides each micro-batch loss by 2: the step's gradient is the mean over its 8 samples)."""
+    import accelerate
+
+    train = _accelerate_data()
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=ACC_LR)
+    sched = torch.optim.lr_scheduler.StepLR(opt, ACC_DECAY, 0.5)
+    loader = torch.utils.data.DataLoader(uf.IndexedDataset(train), batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    assert isinstance(opt, accelerate.optimizer.AcceleratedOptimizer)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), allow=("accumulation",))
+    for _ in range(2):
+        queue = []
+        for batch in loader:
+            indices, x, y = uf.split_batch(batch)
+            with acc.accumulate(model):
+                acc.backward(torch.nn.functional.cross_entropy(model(x), y))
+                queue.append(indices)
+                if acc.sync_gradients:
+                    rec.record(torch.cat(queue))
+                    queue = []
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    history = rec.finish(train, torch.nn.functional.cross_entropy)
+    return model, history, train
+
+
+def _plain_sgd(history, train, forget=(), record=False):
+    """Independent reference: the recorded optimizer steps as a plain loop (one mean cross-entropy over each step's
+    samples minus `forget`, SGD with the StepLR schedule computed here), optionally recorded with a plain recorder."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=ACC_LR)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full")) if record else None
+    x, y = train.tensors
+    for step, batch in enumerate(history.schedule["batches"]):
+        keep = batch[~torch.isin(batch, torch.tensor(list(forget), dtype=torch.int64))]
+        for g in opt.param_groups:
+            g["lr"] = ACC_LR * 0.5 ** (step // ACC_DECAY)
+        if keep.numel() == 0:
+            continue
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[keep]), y[keep]).backward()
+        if rec is not None:
+            rec.record(keep)
+        opt.step()
+    return model, (rec.finish(train, torch.nn.functional.cross_entropy) if record else None)
+
+
+def test_accelerate_history_replays_and_forgets_exactly(accelerated):
+    model, history, train = accelerated
+    assert history.meta["optimizer"]["class"] == "torch.optim.sgd.SGD"
+    assert len(history.schedule["batches"]) == 2 * N // 8 and all(len(b) == 8 for b in history.schedule["batches"])
+    lrs = history.schedule["lrs"][:, 0].tolist()
+    assert lrs == [ACC_LR * 0.5 ** (s // ACC_DECAY) for s in range(len(lrs))]  # the scheduler stepped once per optimizer step
+    reference, _ = _plain_sgd(history, train)
+    moved = float((flat_params(model) - history.schedule["w0"]).abs().max())
+    assert _max_dw(model, reference) < TIGHT < moved / 1000
+    assert _max_dw(uf.unlearn(model, history, [], train, torch.nn.functional.cross_entropy, method="retrain").model, model) == 0
+    forget = [0, 5, 9, 30]
+    result = uf.unlearn(model, history, forget, train, torch.nn.functional.cross_entropy, method="retrain")
+    truth, _ = _plain_sgd(history, train, forget)
+    assert _max_dw(result.model, truth) < TIGHT < _max_dw(truth, model) / 1000
+
+
+@pytest.mark.parametrize("method", ["deltagrad", "finetune", "rewind"])
+def test_methods_on_an_accelerate_model_match_the_plain_loop(accelerated, method):
+    """The same method on the accelerate run and on the same steps recorded from a plain loop: the same model (the
+    two trainings differ by float rounding only)."""
+    model, history, train = accelerated
+    plain_model, plain_history = _plain_sgd(history, train, record=True)
+    forget = [0, 5, 9, 30]
+    loss = torch.nn.functional.cross_entropy
+    a = uf.unlearn(model, history, forget, train, loss, method=method).model
+    b = uf.unlearn(plain_model, plain_history, forget, train, loss, method=method).model
+    truth, _ = _plain_sgd(history, train, forget)
+    assert _max_dw(a, b) < 1e-5 < _max_dw(truth, model) / 100, (_max_dw(a, b), _max_dw(truth, model))
+
+
+@pytest.mark.xfail(strict=False, raises=pytest.fail.Exception, reason="recording.py's autocast check is a forward pre-hook on the model, which runs before "
+                   "the autocast that accelerate's mixed precision enters inside the patched forward (needs a change in recording.py)")
+def test_accelerate_mixed_precision_is_refused():
+    import accelerate
+
+    acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    model = acc.prepare(_mlp())
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    x, y = _accelerate_data().tensors
+    acc.backward(torch.nn.functional.cross_entropy(model(x[:4]), y[:4]))
+    with pytest.raises(ValueError, match="autocast"):
+        rec.record(torch.arange(4))

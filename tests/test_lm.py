@@ -666,3 +666,146 @@ def test_first_epoch_recorder_says_when_finish_is_called_twice():
     with pytest.raises(RuntimeError, match="after finish"):
         rec.record(torch.arange(3), ids)
 
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizer and model
+@pytest.fixture(scope="module")
+def hf_setup(one_thread):
+    """A transformers GPT2LMHeadModel as a user builds it (dropout 0.1 everywhere, the default SDPA attention) and a
+    byte-level BPE PreTrainedTokenizerFast trained in memory on the corpus; trained by train_lm with a first-epoch
+    recorder built by uf.HistoryRecorder."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    corpus = make_corpus(seed=1, n_train=40, n_heldout=30, n_variant_people=2, secret_digits=3)
+    tok = uf.lm.train_bpe_tokenizer(corpus.train_texts + corpus.heldout_texts, vocab_size=400)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert config.attn_pdrop == config.resid_pdrop == config.embd_pdrop == 0.1 and model.config._attn_implementation == "sdpa"
+    train = TextDataset(corpus.train_texts, tok, context=model)
+    heldout = TextDataset(corpus.heldout_texts, tok, context=model)
+    recorder = uf.HistoryRecorder(model, None, HistoryPolicy(kind="first_epoch", params="embeddings", per_sample=True))
+    train_lm(model, train, epochs=10, batch_size=8, lr=5e-3, recorders=[recorder])
+    model.train()  # as a Trainer leaves it
+    return dict(corpus=corpus, tok=tok, model=model, train=train, heldout=heldout, history=recorder.finish())
+
+
+def test_hf_tokenizer_is_taken_directly(hf_setup):
+    tok, train, corpus = hf_setup["tok"], hf_setup["train"], hf_setup["corpus"]
+    eos = tok.eos_token_id
+    for i in (0, 7, len(corpus.train_texts) - 1):
+        ids = tok(corpus.train_texts[i])["input_ids"]  # the tokenizer itself (GPT-2 style: adds no special token)
+        expected = [tok.bos_token_id, *ids, eos]
+        n = len(expected)
+        assert train.input_ids[i, :n].tolist() == expected and train.labels[i, :n].tolist() == expected
+        assert bool((train.labels[i, n:] == -100).all()) and bool((train.input_ids[i, n:] == tok.pad_token_id).all())
+        assert train.tokenizer.decode(train.input_ids[i, :n]) == corpus.train_texts[i]
+    with pytest.raises(ValueError, match="tokenizer"):
+        TextDataset(["a"], tokenizer=object())
+
+
+def test_hf_model_losses_are_the_model_own_loss(hf_setup):
+    model, train = hf_setup["model"], hf_setup["train"]
+    ours = metrics.losses(model, train.subset(range(4)))
+    assert model.training  # restored
+    model.eval()
+    try:
+        with torch.no_grad():  # independent reference: the model's own causal-LM loss, one sample at a time, unpadded
+            ref = [float(model(input_ids=x[y != -100][None], labels=x[y != -100][None]).loss) for x, y in (train[i] for i in range(4))]
+    finally:
+        model.train()
+    torch.testing.assert_close(ours, torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_per_sample_gradients_under_dropout_and_sdpa(hf_setup):
+    model, train = hf_setup["model"], hf_setup["train"]
+    names = ["transformer.wte.weight", "transformer.h.1.attn.c_attn.weight"]
+    rows = per_sample_gradients(model, names, train.input_ids[:3], train.labels[:3])
+    assert model.training and model.config._attn_implementation == "sdpa"  # both restored
+    params = dict(model.named_parameters())
+    model.eval()  # the rows are the gradients without dropout: reference loop of single-sample backward passes
+    try:
+        for i in range(3):
+            model.zero_grad()
+            logits = model(input_ids=train.input_ids[i : i + 1]).logits
+            sample_losses(logits, train.labels[i : i + 1])[0].backward()
+            expected = torch.cat([params[n].grad.reshape(-1) for n in names])
+            torch.testing.assert_close(rows[i], expected, rtol=1e-4, atol=1e-6)
+    finally:
+        model.zero_grad()
+        model.train()
+    assert torch.equal(hf_setup["history"].epochs[0]["index"], torch.arange(len(train)))
+
+
+def test_hf_model_unlearning_methods(hf_setup):
+    model, train, heldout, history = hf_setup["model"], hf_setup["train"], hf_setup["heldout"], hf_setup["history"]
+    before = state(model)
+    forget = train.subset(FORGET)
+    f0 = float(metrics.losses(model, forget).mean())
+    fresh = uf.unlearn(model, None, FORGET, train, None, method="gradient_ascent", heldout=heldout, retain_tolerance=0.5)
+    stored = uf.unlearn(model, history, FORGET, train, None, method="first_epoch_ascent", heldout=heldout, retain_tolerance=0.5)
+    for result in (fresh, stored):
+        f1 = float(metrics.losses(result.model, forget).mean())
+        assert f1 == pytest.approx(result.stats["forget_loss_after"], abs=1e-5)  # computed without dropout: reproducible
+        assert f1 > f0 + 0.01
+        assert result.model.training and result.model.config._attn_implementation == "sdpa"
+    assert same_state(before, state(model)) and model.training
+    name, planted = next(iter(hf_setup["corpus"].variants.items()))
+    request = uf.unlearn(model, None, name, train, None, method="gradient_ascent", heldout=heldout, **uf.lm.RECOMMENDED)
+    assert sorted(m["index"] for m in request.stats["matches"]) == sorted(planted)
+
+
+def test_hf_exposure_matches_brute_force(hf_setup):
+    model, tok, corpus = hf_setup["model"], hf_setup["tok"], hf_setup["corpus"]
+    canary = corpus.train_canaries[0]
+    scores = metrics.secret_logprobs(model, canary.prefix, 3, tok)
+    # independent reference: each candidate's full text through the tokenizer itself, one sequence each
+    prefix = [tok.bos_token_id, *tok(canary.prefix)["input_ids"]]
+    ids = torch.tensor([[tok.bos_token_id, *tok(canary.prefix + f"{k:03d}")["input_ids"]] for k in range(1000)])
+    assert ids.shape[1] == len(prefix) + 3
+    model.eval()
+    try:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    finally:
+        model.train()
+    positions = torch.arange(len(prefix) - 1, len(prefix) + 2)
+    reference = logp[:, positions].gather(-1, ids[:, positions + 1].unsqueeze(-1)).squeeze(-1).sum(1)
+    torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
+    rank = 1 + int((reference > reference[int(canary.secret)]).sum())
+    assert metrics.exposure(model, canary.prefix, canary.secret, tok) == pytest.approx(math.log2(1000) - math.log2(rank))
+    # a BPE that merges digits: exposure cannot score candidates one digit per token, and says so
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus.train_texts + [" 12 34 56 78 90 11 22"] * 50,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merging = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="one token per"):
+        metrics.exposure(model, canary.prefix, canary.secret, merging)
+
+
+def test_hf_sequences_longer_than_the_context(hf_setup):
+    tok, corpus = hf_setup["tok"], hf_setup["corpus"]
+    texts = corpus.train_texts[:6]
+    full = TextDataset(texts, tok)
+    lengths = (full.labels != -100).sum(1)
+    context = int(lengths.min()) + 1  # some samples fit, the others are longer
+    long = [i for i in range(len(texts)) if int(lengths[i]) > context]
+    assert 0 < len(long) < len(texts)
+    with pytest.raises(ValueError, match=f"{len(long)} samples are longer than the model context of {context}.*overflow='truncate'"):
+        TextDataset(texts, tok, context=context)
+    cut = TextDataset(texts, tok, context=context, overflow="truncate")
+    assert cut.truncated == long and cut.input_ids.shape[1] == context
+    assert torch.equal(cut.input_ids, full.input_ids[:, :context]) and torch.equal(cut.labels, full.labels[:, :context])
+    small = copy.deepcopy(hf_setup["model"])
+    small.config.n_positions = context  # what check_fits reads: the message names the way out
+    with pytest.raises(ValueError, match=f"longer than the model context of {context}.*overflow='truncate'"):
+        metrics.losses(small, full)
+    assert int(full.input_ids.max()) >= 300
+    with pytest.raises(ValueError, match="vocab_size"):  # tokenized for another model
+        metrics.losses(build_gpt2(n_layer=1, n_embd=16, n_head=2, vocab_size=300), full)

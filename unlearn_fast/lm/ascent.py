@@ -38,6 +38,7 @@ samples against the same statistic of the held-out samples; the retain check sta
 few memorised tokens (a secret) that barely move a sample's mean loss. For gradient_ascent, tokens="min_k"
 ascends only on each forget sample's min_k fraction of lowest-probability tokens (chosen afresh each step).
 """
+import functools
 import math
 import types
 
@@ -45,7 +46,7 @@ import torch
 
 from .metrics import losses, min_k_losses, min_k_select, token_stats
 from .recording import FirstEpochHistory, select_params
-from .training import check_fits, forward_logits, sample_losses, token_logprobs
+from .training import check_fits, eval_mode, forward_logits, sample_losses, token_logprobs
 
 MODES = ("iterative", "fuzzy")
 GUARDS = (None, "project", "difference", "fisher")
@@ -431,6 +432,20 @@ def _run(model, names, direction_fn, fixed_direction_fn, forget, train_set, matc
 
 
 # ----------------------------------------------------------------------------- the two methods
+def _in_eval_mode(run):
+    """Unlearning runs with the model in eval mode (no dropout: a random mask per forward would make the
+    calibration's before/after losses differ by noise, and the fresh gradients the gradient of another network);
+    each module's own mode is restored on the returned model (a model taken from a Trainer stays in train mode)."""
+
+    @functools.wraps(run)
+    def wrapped(model, *args, **kwargs):
+        with eval_mode(model):
+            return run(model, *args, **kwargs)
+
+    return wrapped
+
+
+@_in_eval_mode
 def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, mode=None, params=None, epochs=None,
                            heldout=None, retain=None, calibrate=True, scale=None, retain_tolerance=0.05,
                            center=False, retain_guard=None, retain_weight=1.0, retain_rank=8, retain_rows=128,
@@ -526,6 +541,7 @@ def run_first_epoch_ascent(model, history, forget, train_set, loss_fn=None, *, m
     return model, stats
 
 
+@_in_eval_mode
 def run_gradient_ascent(model, history, forget, train_set, loss_fn=None, *, mode="iterative", params="all",
                         heldout=None, retain=None, calibrate=True, scale=1e-3, retain_tolerance=0.05,
                         retain_guard=None, retain_weight=1.0, retain_batch=32, calibration="mean", statistic="loss",

@@ -10,22 +10,22 @@ import torch
 
 from ..metrics import auc
 
-from .tokenizer import ByteTokenizer
-from .training import check_fits, forward_logits, token_logprobs
+from .tokenizer import as_tokenizer
+from .training import check_fits, eval_mode, forward_logits, token_logprobs
 
 
 @torch.no_grad()
 def token_stats(model, dataset, batch_size=64):
     """(per-sample mean token loss (n,), per-token log-probs (n, L-1), mask (n, L-1)) of a TextDataset."""
     check_fits(model, dataset.input_ids)
-    model.eval()
     logps, masks = [], []
-    for start in range(0, dataset.input_ids.shape[0], batch_size):
-        ids = dataset.input_ids[start : start + batch_size]
-        labels = dataset.labels[start : start + batch_size]
-        logp, mask = token_logprobs(forward_logits(model, ids), labels)
-        logps.append(logp)
-        masks.append(mask)
+    with eval_mode(model):
+        for start in range(0, dataset.input_ids.shape[0], batch_size):
+            ids = dataset.input_ids[start : start + batch_size]
+            labels = dataset.labels[start : start + batch_size]
+            logp, mask = token_logprobs(forward_logits(model, ids), labels)
+            logps.append(logp)
+            masks.append(mask)
     logp, mask = torch.cat(logps), torch.cat(masks)
     return -logp.sum(1) / mask.sum(1).clamp(min=1), logp, mask
 
@@ -49,10 +49,9 @@ def secret_logprobs(model, prefix, n_digits, tokenizer=None, alphabet="012345678
 
     One forward pass over prefix + s[:-1] for each of the len(alphabet)**(n_digits-1) shorter strings gives
     every digit's conditional log-probability, so all candidates cost len(alphabet) times fewer sequences."""
-    tokenizer = tokenizer or ByteTokenizer()
-    model.eval()
+    tokenizer = as_tokenizer(tokenizer)
     base = len(alphabet)
-    digit_ids = torch.tensor([tokenizer.encode_prefix(a)[1] for a in alphabet])
+    digit_ids = torch.tensor(_digit_tokens(tokenizer, prefix, alphabet, n_digits))
     prefix_ids = torch.tensor(tokenizer.encode_prefix(prefix))
     n_prefixes = base ** (n_digits - 1)
     check_fits(model, torch.empty(1, len(prefix_ids) + n_digits - 1))
@@ -60,13 +59,35 @@ def secret_logprobs(model, prefix, n_digits, tokenizer=None, alphabet="012345678
     code = torch.arange(n_prefixes)
     digits = torch.stack([(code // base**k) % base for k in reversed(range(n_digits - 1))], dim=1) if n_digits > 1 else code[:, None][:, :0]
     totals = []
-    for start in range(0, n_prefixes, batch_size):
-        d = digits[start : start + batch_size]
-        logp = _digit_logprobs(model, prefix_ids, digit_ids[d])[..., digit_ids]
-        # logp[:, k, a]: log p(digit k = alphabet[a] | prefix, digits < k)
-        known = logp[:, :-1].gather(-1, d.unsqueeze(-1)).squeeze(-1).sum(1) if n_digits > 1 else torch.zeros(d.shape[0])
-        totals.append(known[:, None] + logp[:, -1])  # (batch, base): every choice of the last digit
+    with eval_mode(model):
+        for start in range(0, n_prefixes, batch_size):
+            d = digits[start : start + batch_size]
+            logp = _digit_logprobs(model, prefix_ids, digit_ids[d])[..., digit_ids]
+            # logp[:, k, a]: log p(digit k = alphabet[a] | prefix, digits < k)
+            known = logp[:, :-1].gather(-1, d.unsqueeze(-1)).squeeze(-1).sum(1) if n_digits > 1 else torch.zeros(d.shape[0])
+            totals.append(known[:, None] + logp[:, -1])  # (batch, base): every choice of the last digit
     return torch.cat(totals).reshape(-1)
+
+
+def _digit_tokens(tokenizer, prefix, alphabet, n_digits):
+    """The token of each character of alphabet, after checking that the tokenizer encodes prefix + any two of them
+    as the prefix's tokens followed by one token per character: the scores follow that path, and with a tokenizer
+    that merges digits (a BPE with tokens such as '48') they would not be the candidates' probabilities."""
+    token_of = getattr(tokenizer, "token_of", None)
+    ids = [token_of(a) if token_of else tokenizer.encode_prefix(a)[-1] for a in alphabet]
+    head = tokenizer.encode_prefix(prefix)
+    pairs = [(a, b) for a in range(len(alphabet)) for b in range(len(alphabet))] if n_digits > 1 else [(a, None) for a in range(len(alphabet))]
+    for a, b in pairs:
+        text = alphabet[a] + (alphabet[b] if b is not None else "")
+        want = head + [ids[a]] + ([ids[b]] if b is not None else [])
+        got = tokenizer.encode_prefix(prefix + text)
+        if got != want:
+            raise ValueError(
+                f"tokenizer: the prefix ...{prefix[-24:]!r} followed by {text!r} is encoded as ...{got[max(0, len(head) - 2):]}, not the "
+                f"prefix's tokens then one token per character (...{want[max(0, len(head) - 2):]}); exposure scores the secret one "
+                "character per token. Use a tokenizer that splits digits, e.g. tokenizers.pre_tokenizers.Digits(individual_digits=True)"
+            )
+    return ids
 
 
 def _digit_logprobs(model, prefix_ids, continuations):

@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .. import ops, store
-from .training import check_fits, eager_attention, sample_losses
+from .training import check_fits, eager_attention, eval_mode, sample_losses
 
 CODEC_BITS = {"int8": 8, "int4": 4}
 PER_SAMPLE_KINDS = ("first_epoch", "all_epochs")
@@ -89,14 +89,16 @@ def per_sample_gradients(model, names, input_ids, labels, chunk_size=16):
         logits = functional_call(model, {**frozen, **chosen_params}, (), {"input_ids": ids[None], "use_cache": False}).logits
         return sample_losses(logits, lab[None])[0]
 
-    with eager_attention(model):
+    # eval mode: dropout's random masks cannot be drawn under vmap ("randomness error mode"), and a per-sample
+    # gradient with one random mask is not the sample's gradient anyway; the rows are the gradients without dropout
+    with eager_attention(model), eval_mode(model):
         grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(chosen, input_ids, labels)
     return torch.cat([grads[n].reshape(input_ids.shape[0], -1).float() for n in names], dim=1)
 
 
 def mean_final_hidden(model, input_ids, labels):
     """(n, d) mean last-layer hidden state over each sample's real tokens: the activation summary."""
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         hidden = model(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states[-1].float()
     mask = (labels != -100).float().unsqueeze(-1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

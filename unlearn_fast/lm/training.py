@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer, as_tokenizer
 
 
 def build_gpt2(n_layer=2, n_embd=64, n_head=4, n_positions=192, vocab_size=ByteTokenizer.vocab_size, seed=0):
@@ -53,22 +53,47 @@ def context_length(model):
     return None
 
 
+OVERFLOW = ("error", "truncate")
+
+
 class TextDataset(torch.utils.data.Dataset):
     """Map-style data set of texts: item i is (input_ids, labels), right-padded to a common length.
 
-    `texts` stay available for fuzzy matching. A text longer than the model context raises ValueError."""
+    tokenizer: None (ByteTokenizer), a Hugging Face tokenizer (wrapped in HFTokenizer) or any object with
+    encode / encode_prefix / batch. `texts` stay available for fuzzy matching.
+    context: the model's context length (an int, or the model itself: its config's n_positions /
+    max_position_embeddings). A sample with more tokens than that is handled by `overflow`:
+      "error" (default): ValueError naming the sample, its length, the context and this argument;
+      "truncate": keep its first `context` tokens (what follows is neither trained on, measured nor forgotten;
+      for the corpus's biographies that is the secret at their end); `truncated` lists the samples cut.
+    Without context nothing is checked here; the functions that run the model refuse too-long inputs."""
 
-    def __init__(self, texts, tokenizer=None, context=None):
+    def __init__(self, texts, tokenizer=None, context=None, overflow="error"):
+        if overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
         self.texts = list(texts)
-        self.tokenizer = tokenizer or ByteTokenizer()
-        lengths = [len(self.tokenizer.encode(t)) for t in self.texts]
+        self.tokenizer = as_tokenizer(tokenizer)
+        if context is not None and not isinstance(context, int):
+            model, context = context, context_length(context)
+            if context is None:
+                raise ValueError(f"context: {type(model).__name__} declares no context length (config n_positions or "
+                                 "max_position_embeddings); pass an int")
+        self.context, self.overflow = context, overflow
+        encoded = [self.tokenizer.encode(t) for t in self.texts]
+        lengths = [len(e) for e in encoded]
+        self.truncated = []
         if context is not None and lengths and max(lengths) > context:
-            i = max(range(len(lengths)), key=lengths.__getitem__)
-            raise ValueError(
-                f"texts: sample {i} has {lengths[i]} tokens, longer than the model context of {context}; "
-                "shorten or split it"
-            )
-        self.input_ids, self.labels = self.tokenizer.batch(self.texts, max(lengths, default=1))
+            long = [i for i, n in enumerate(lengths) if n > context]
+            if overflow == "error":
+                i = max(long, key=lengths.__getitem__)
+                raise ValueError(
+                    f"texts: {len(long)} samples are longer than the model context of {context} tokens (sample {i}: "
+                    f"{lengths[i]} tokens); shorten or split them, or pass overflow='truncate' to keep their first "
+                    f"{context} tokens"
+                )
+            self.truncated = long
+            encoded = [e[:context] for e in encoded]
+        self.input_ids, self.labels = _pad(self.tokenizer, encoded)
 
     def __len__(self):
         return len(self.texts)
@@ -77,7 +102,14 @@ class TextDataset(torch.utils.data.Dataset):
         return self.input_ids[i], self.labels[i]
 
     def subset(self, indices):
-        return TextDataset([self.texts[int(i)] for i in indices], self.tokenizer)
+        return TextDataset([self.texts[int(i)] for i in indices], self.tokenizer, self.context, self.overflow)
+
+
+def _pad(tokenizer, encoded):
+    from .tokenizer import pad_batch
+
+    pad_id = getattr(tokenizer, "pad_id", getattr(tokenizer, "boundary_id", 0))
+    return pad_batch(encoded, pad_id, max((len(e) for e in encoded), default=1) or 1)
 
 
 def lm_loss(logits, labels):
@@ -105,9 +137,30 @@ def forward_logits(model, input_ids):
 
 
 def check_fits(model, input_ids):
+    """ValueError unless input_ids fit the model: no longer than its context, token ids inside its vocabulary."""
     limit = context_length(model)
     if limit is not None and input_ids.shape[-1] > limit:
-        raise ValueError(f"input_ids: sequences of {input_ids.shape[-1]} tokens are longer than the model context of {limit}")
+        raise ValueError(f"input_ids: sequences of {input_ids.shape[-1]} tokens are longer than the model context of {limit}; "
+                         f"build the data set with TextDataset(texts, tokenizer, context=model) to find the long samples, and "
+                         f"overflow='truncate' to cut them to {limit} tokens")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and input_ids.numel() and not input_ids.dtype.is_floating_point:
+        top = int(input_ids.max())
+        if top >= vocab:
+            raise ValueError(f"input_ids: token id {top} is outside the model's vocabulary of {vocab} (config vocab_size): "
+                             "the data set was tokenized with another tokenizer than the model's")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Every module in eval mode (no dropout) inside the block; each module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def epoch_batches(n, epoch, batch_size, seed, exclude=()):
