@@ -51,7 +51,9 @@ def _worker(rank, init_file, out):
     torch.set_num_threads(1)
     try:
         ds, net = _data(), _net()
-        model = torch.nn.parallel.DistributedDataParallel(net)
+        # buckets of ~200 bytes: each parameter is all-reduced in its own bucket, and the comm hook's callbacks run
+        # concurrently on gloo's worker threads (the recorder's norm bookkeeping must not race)
+        model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=2e-4)
         opt, sched = _optimizer(net)
         rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"))
         sampler = torch.utils.data.DistributedSampler(_Indexed(ds), shuffle=True, seed=3)

@@ -58,7 +58,10 @@ class DistributedRecorder:
         # to check finish()'s loss_fn against; under DDP the all-reduce writes the averaged gradients after that.
         # A communication hook measures the norms the all-reduce produced: this class refuses a later edit itself
         # and hands those norms to the recorder as its baseline (see _rebaseline).
-        self._reduced_sq, self._reduced, self._reduced_norms = 0.0, False, {}
+        # written by the hook's callbacks, which run on the backend's worker threads (one per bucket, concurrently):
+        # one dict entry per bucket, never a read-modify-write of a shared number (a "+=" there lost a bucket's
+        # share now and then, and that rank alone refused the step)
+        self._bucket_sq, self._reduced_norms = {}, {}
         # DDP takes one comm hook per model for its lifetime: a later recorder on the same model takes it over
         state = getattr(model, "_unlearn_fast_reduction", None)
         if state is None:
@@ -87,9 +90,16 @@ class DistributedRecorder:
         if local.dtype.is_floating_point or local.dtype == torch.bool or local.dim() != 1:
             raise ValueError(f"record: batch_indices must be this rank's 1-D integer sample indices, got {local.dtype} of shape {tuple(local.shape)}")
         local = local.to("cpu", torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([local.numel()]), group=self.group)
-        sizes = [int(s) for s in sizes]
+        norms = self._reduced_gradient_norms()
+        reduced, now = norms if norms is not None else (0.0, 0.0)
+        edited = norms is not None and abs(now - reduced) > 1e-6 * reduced and "clipping" not in self.allow
+        # one gather of (batch size, no all-reduce, edited) from every rank: every rank sees the same and raises alike
+        # (none is left waiting in the next collective)
+        info = [torch.zeros(3, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(info, torch.tensor([local.numel(), int(norms is None), int(edited)]), group=self.group)
+        sizes = [int(i[0]) for i in info]
+        unreduced_on = [r for r, i in enumerate(info) if int(i[1])]
+        edited_on = [r for r, i in enumerate(info) if int(i[2])]
         if len(set(sizes)) != 1:
             # every rank sees the same sizes, so every rank raises: none is left waiting in a collective
             raise ValueError(
@@ -97,7 +107,14 @@ class DistributedRecorder:
                 "the world batch's mean gradient (what the replay computes) only for equal sizes. Use drop_last=True, or a data "
                 "set size that is a multiple of world size x batch size"
             )
-        self._check_reduced_gradients()
+        if unreduced_on:
+            raise ValueError(f"record: step {self.steps}: no DDP gradient all-reduce ran since the last record() on ranks {unreduced_on}; "
+                             "call record() after the backward of the DDP model (under no_sync(), after the last micro-batch's backward)")
+        if edited_on:
+            raise ValueError(f"record: step {self.steps}'s gradients changed after DDP's all-reduce on ranks {edited_on}"
+                             + (f" (here: norm {reduced:.6g} -> {now:.6g})" if edited else "") + ": gradient clipping? The replay "
+                             "computes unclipped gradients. Train without clipping, or pass allow=('clipping',) if your replay "
+                             "loss_fn reproduces it")
         padded = [torch.empty(sizes[0], dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(padded, local, group=self.group)
         world = torch.cat(padded)
@@ -107,17 +124,15 @@ class DistributedRecorder:
         self.steps += 1
         return world
 
-    def _check_reduced_gradients(self):
-        if not self._reduced:
-            raise ValueError(f"record: step {self.steps}: no DDP gradient all-reduce ran since the last record(); call record() after "
-                             "the backward of the DDP model (under no_sync(), after the last micro-batch's backward)")
-        reduced = self._reduced_sq ** 0.5
+    def _reduced_gradient_norms(self):
+        """(norm of the gradients as DDP's all-reduce produced them, norm of the gradients now); None when no
+        all-reduce ran since the last record()."""
+        if not self._bucket_sq:
+            return None
+        reduced = sum(self._bucket_sq.values()) ** 0.5
         now = sum(float(p.grad.double().pow(2).sum()) for p in self.params if p.grad is not None) ** 0.5
-        self._reduced_sq, self._reduced = 0.0, False
-        if abs(now - reduced) > 1e-6 * reduced and "clipping" not in self.allow:
-            raise ValueError(f"record: step {self.steps}'s gradients changed after DDP's all-reduce (norm {reduced:.6g} -> {now:.6g}: "
-                             "gradient clipping?); the replay computes unclipped gradients. Train without clipping, or pass "
-                             "allow=('clipping',) if your replay loss_fn reproduces it")
+        self._bucket_sq = {}
+        return reduced, now
 
     def _rebaseline(self):
         # HistoryRecorder (recording.py) keeps the norms backward left in _raw_norms, by position in its params;
@@ -310,19 +325,21 @@ class _Reduction:
 
 
 def _allreduce_measuring(state, bucket):
-    """DDP's default reduction (divide by world size, then sum over ranks), adding the squared norm of the result
-    to the recorder's _reduced_sq: the norm of the averaged gradient as DDP hands it to the parameters."""
+    """DDP's default reduction (divide by world size, then sum over ranks), keeping the squared norm of the result
+    per bucket in the recorder's _bucket_sq: the norm of the averaged gradient as DDP hands it to the parameters."""
     group = state.group if state.group is not None else dist.group.WORLD
     tensor = bucket.buffer()
     tensor.div_(dist.get_world_size(group))
     future = dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
     def measured(fut):
+        # runs on a gloo worker thread, concurrently with other buckets' callbacks: compute, then store under this
+        # bucket's own keys (single dict assignments)
         reduced, recorder = fut.value()[0], state.recorder
-        recorder._reduced_sq += float(reduced.double().pow(2).sum())
-        for p, g in zip(bucket.parameters(), bucket.gradients()):  # views of the reduced buffer
-            recorder._reduced_norms[id(p)] = torch.linalg.vector_norm(g.detach()).clone()
-        recorder._reduced = True
+        square = float(reduced.double().pow(2).sum())
+        norms = {id(p): torch.linalg.vector_norm(g.detach()).clone() for p, g in zip(bucket.parameters(), bucket.gradients())}
+        recorder._reduced_norms.update(norms)
+        recorder._bucket_sq[bucket.index()] = square
         return reduced
 
     return future.then(measured)
