@@ -152,8 +152,9 @@ def _step_marker(optimizer):
 
 
 def _default_indices(batch):
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    if isinstance(first, torch.Tensor) and first.dim() == 1 and first.dtype in (torch.int64, torch.int32):
+        return first
     raise ValueError(f"training batch: a {type(batch).__name__} without indices first; wrap the training data set in "
                      "uf.IndexedDataset (batches (indices, x, y)) or pass indices_of=<function of the batch>")
 
@@ -232,6 +233,7 @@ class HistoryCallback(pl.Callback):
                 raise ValueError(f"{type(module).__name__}.{hook} is overridden: the replay reproduces Lightning's own "
                                  "clipping and optimizer step only")
         drop = [(n, m.p) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+        self.dropout = drop
         if drop and not self.allow_dropout:
             raise ValueError(f"module: dropout is active in training ({', '.join(f'{n}: p={p}' for n, p in drop[:6])}); its random "
                              "masks cannot be replayed. Set p=0, or pass allow_dropout=True to record anyway (replays then differ)")
@@ -269,7 +271,7 @@ class HistoryCallback(pl.Callback):
     def _settings(self, trainer):
         return {"accumulate_grad_batches": int(trainer.accumulate_grad_batches),
                 "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
-                "gradient_clip_algorithm": str(trainer.gradient_clip_algorithm or "norm"),
+                "gradient_clip_algorithm": str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm").lower(),
                 "precision": str(trainer.precision)}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
@@ -387,7 +389,7 @@ class HistoryCallback(pl.Callback):
                              f"{self.accumulate}, which the replay (a mean over the step's samples) reproduces only for "
                              f"{self.accumulate} micro-batches of one size")
         indices = torch.cat(micro)
-        if not self._checked:
+        if not self._checked and not self.dropout:  # (dropout's masks would fail it; allowed by allow_dropout=True)
             self._check_loss(pl_module, indices, step)
             self._checked = True
         if self.clip_val > 0:
@@ -453,7 +455,7 @@ class HistoryCallback(pl.Callback):
         return ReplayLoss(self.loss_fn, self.clip_val, self.clip_algorithm)
 
     def _lightning_meta(self):
-        return dict(self._settings_now, clipped_steps=self._clipped_steps, micro_batch_sizes=self._micro_sizes,
+        return dict(self._settings_now, dropout=[[n, p] for n, p in self.dropout], clipped_steps=self._clipped_steps, micro_batch_sizes=self._micro_sizes,
                     resumed_from=self._resumed_from)
 
     def snapshot(self):
