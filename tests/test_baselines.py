@@ -74,11 +74,12 @@ def retained_optimum(data, forget, wd):
 
 def snapshot(history):
     """Every tensor the history holds, cloned (to check that no method writes into it)."""
-    out = {"w0": history.schedule["w0"].clone(), "lrs": history.schedule["lrs"].clone(),
-           "batches": [b.clone() for b in history.schedule["batches"]]}
+    out = {key: [b.clone() for b in value] if isinstance(value, list) else value.clone() for key, value in history.schedule.items()}
     for section in ("trajectory", "summary"):
         for key, value in (getattr(history, section) or {}).items():
-            if isinstance(value, EncodedRows):
+            if isinstance(value, uf.history.ChunkedRows):
+                out[f"{section}.{key}"] = value.all().clone()
+            elif isinstance(value, EncodedRows):
                 out[f"{section}.{key}"] = {k: t.clone() for k, t in value.tensors.items()}
             elif isinstance(value, torch.Tensor):
                 out[f"{section}.{key}"] = value.clone()

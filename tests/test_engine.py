@@ -500,7 +500,7 @@ def test_recorder_bad_input():
     LOSS(model(torch.full((2, 3), float("nan"))), torch.tensor([0, 1])).backward()
     with pytest.raises(ValueError, match="non-finite"):
         rec.record([0, 1])
-    assert len(rec.ws) == 0
+    assert rec.num_steps == 0
 
 
 # ----------------------------------------------------------------------------- metrics

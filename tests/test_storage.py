@@ -66,6 +66,8 @@ def fingerprint(history):
     h = hashlib.sha256(json.dumps([history.meta, history.requests], sort_keys=True).encode())
 
     def add(name, value):
+        if isinstance(value, uf.history.ChunkedRows):  # stored in chunks or not, the same rows are the same history
+            value = uf.history.EncodedRows.cat([value._part(j) for j, (n, _) in enumerate(value.parts) if n])
         if isinstance(value, uf.history.EncodedRows):
             h.update(json.dumps(value.meta()).encode())
             for k in sorted(value.tensors):
@@ -117,10 +119,11 @@ def forge(path, manifest, data=None):
 
 
 def leftovers(path):
-    """Files besides the current version's two objects, CURRENT and LOCK."""
+    """Files besides the current version's objects, CURRENT and LOCK."""
     pointer, manifest = read_current(path)
     extra = set(os.listdir(path)) - {"CURRENT", "LOCK", "objects", "tmp"}
-    extra |= {f"objects/{n}" for n in os.listdir(os.path.join(path, "objects"))} - {f"objects/{pointer['manifest']}", f"objects/{manifest['data']}"}
+    named = {pointer["manifest"], manifest["data"], *(part["data"] for chunk in manifest.get("chunks", ()) for part in chunk["parts"].values())}
+    extra |= {f"objects/{n}" for n in os.listdir(os.path.join(path, "objects"))} - {f"objects/{n}" for n in named}
     extra |= {f"tmp/{n}" for n in os.listdir(os.path.join(path, "tmp"))}
     return sorted(extra)
 
@@ -139,7 +142,7 @@ def test_round_trip_keeps_every_tensor_meta_and_request(tmp_path, recorded, kind
     assert loaded.meta == json.loads(json.dumps(history.meta)) and loaded.requests == [{"forget": [3, 1], "method": "retrain", "model_digest": "cd" * 32}]
     assert loaded.path == path
     pointer, manifest = read_current(path)
-    assert manifest["format_version"] == 2 and manifest["kind"] == "GradientHistory"
+    assert manifest["format_version"] == 3 and manifest["kind"] == "GradientHistory"
     assert os.listdir(tmp_path) == ["h"]
     if kind == "full":
         forget = [0, 5, 7]
@@ -320,7 +323,7 @@ def test_a_pickle_in_place_of_a_data_file_is_a_value_error_naming_it(tmp_path, r
 def test_a_pickle_in_place_of_a_format1_file_is_a_value_error_naming_it(tmp_path, recorded, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "MARKER", str(tmp_path / "pwned"))
     payload = pickle.dumps(Boom())
-    history = fresh(recorded["minimal"][2])
+    history = fresh(recorded["full"][2])
     old = tmp_path / "old"
     write_format1(old, history)
     entries = json.loads((old / "manifest.json").read_text())
@@ -338,9 +341,9 @@ def test_shapes_and_dtypes_are_checked_against_the_data(tmp_path, recorded):
     _, manifest = read_current(path)
     tensors = safetensors.torch.load(open(os.path.join(path, "objects", manifest["data"]), "rb").read())
     # the manifest disagrees with the data object's own header
-    wrong = dict(manifest, tensors=dict(manifest["tensors"], **{"schedule.lrs": {"dtype": "float64", "shape": [3, 1]}}))
+    wrong = dict(manifest, tensors=dict(manifest["tensors"], **{"schedule.w0": {"dtype": "float64", "shape": [3, 1]}}))
     forge(path, wrong)
-    with pytest.raises(ValueError, match=r"tensor schedule\.lrs .* the manifest says float64 \[3, 1\]"):
+    with pytest.raises(ValueError, match=r"tensor schedule\.w0 .* the manifest says float64 \[3, 1\]"):
         uf.GradientHistory.load(path)
     # manifest and data agree, but w0 is too short for the recorded parameters
     short = dict(tensors, **{"schedule.w0": tensors["schedule.w0"][:-1].clone()})
@@ -348,10 +351,14 @@ def test_shapes_and_dtypes_are_checked_against_the_data(tmp_path, recorded):
     forge(path, dict(manifest, tensors=entries), data=safetensors.torch.save(short))
     with pytest.raises(ValueError, match=r"schedule\.w0 has 17 values, the recorded parameters 18"):
         uf.GradientHistory.load(path)
-    # a trajectory of int8 codes one row short
-    cut = dict(tensors, **{"trajectory.g.codes": tensors["trajectory.g.codes"][:-1].clone()})
-    entries = dict(manifest["tensors"], **{"trajectory.g.codes": {"dtype": "int8", "shape": list(cut["trajectory.g.codes"].shape)}})
-    forge(path, dict(manifest, tensors=entries), data=safetensors.torch.save(cut))
+    # a chunk of the trajectory whose int8 g codes are one row short (its table agrees with its data)
+    chunk = manifest["chunks"][0]
+    rows = safetensors.torch.load(open(os.path.join(path, "objects", chunk["parts"]["rows"]["data"]), "rb").read())
+    rows["trajectory.g.codes"] = rows["trajectory.g.codes"][:-1].clone()
+    table = {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for n, t in rows.items()}
+    part = {"data": put(path, safetensors.torch.save(rows)), "tensors": table}
+    forged = dict(manifest, chunks=[dict(chunk, parts=dict(chunk["parts"], rows=part))] + manifest["chunks"][1:])
+    forge(path, forged)
     with pytest.raises(ValueError, match="trajectory.g"):
         uf.GradientHistory.load(path)
 
@@ -572,10 +579,29 @@ def test_a_crashed_writers_leftovers_are_removed_by_the_next_save(tmp_path, reco
 
 
 # ----------------------------------------------------------------------------- format 1
+def format1_arrays(history):
+    """The flat arrays of format 1 (and of format 2's single data object): schedule, trajectory, summary."""
+    batches = history.schedule["batches"]
+    arrays = {"schedule.w0": history.schedule["w0"], "schedule.lrs": history.schedule["lrs"],
+              "schedule.batch_sizes": torch.tensor([len(b) for b in batches], dtype=torch.int64), "schedule.batch_indices": torch.cat(batches)}
+    encoded = {}
+    for section in ("trajectory", "summary"):
+        for key, value in (getattr(history, section) or {}).items():
+            if hasattr(value, "meta"):
+                if isinstance(value, uf.history.ChunkedRows):
+                    value = uf.history.EncodedRows.cat([value._part(j) for j, (n, _) in enumerate(value.parts) if n])
+                tensors = value.tensors
+                encoded[f"{section}.{key}"] = value.meta()
+                arrays.update({f"{section}.{key}.{n}": t for n, t in tensors.items()})
+            else:
+                arrays[f"{section}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return arrays, encoded
+
+
 def write_format1(path, history):
     """A format-1 directory as the old save() wrote it: torch.save per array, manifest.json with sha256s."""
     os.makedirs(path)
-    arrays, encoded = history._arrays()
+    arrays, encoded = format1_arrays(history)
     files = {}
     for name, tensor in arrays.items():
         buffer = io.BytesIO()

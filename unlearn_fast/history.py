@@ -14,6 +14,7 @@ Float vectors are stored through a codec (fp32, bf16, int8, int4; int codecs use
 save() / load() go through store.py (crash-safe versions, checksummed end to end, no pickle;
 docs/storage.md); format-1 directories (torch.save files + manifest.json) are still read, read-only.
 """
+import bisect
 import dataclasses
 import hashlib
 import io
@@ -21,6 +22,7 @@ import json
 import os
 import re
 
+import numpy as np
 import torch
 
 from . import ops, store
@@ -182,15 +184,105 @@ class EncodedRows:
         return {"codec": self.codec, "blocksize": self.blocksize, "p": self.p, "dtype": str(self.dtype).replace("torch.", "")}
 
 
+def row_bytes(codec, p, blocksize, dtype):
+    """Bytes of one encoded row of p values."""
+    if codec == "fp32":
+        return p * (8 if dtype == torch.float64 else 4)
+    if codec == "bf16":
+        return p * 2
+    return (p if codec == "int8" else (p + 1) // 2) + 4 * -(-p // blocksize)
+
+
+class ChunkedRows:
+    """Rows stored in consecutive chunks (a streamed recording, or a history loaded from one), with the
+    EncodedRows interface methods use. A chunk is an EncodedRows in memory or a part of a stored history,
+    read (and verified) when a row of it is first needed; one stored chunk is held at a time, so methods
+    that read rows in step order stream the history."""
+
+    def __init__(self, parts, codec, blocksize, p, dtype):
+        self.parts = parts  # [(rows, EncodedRows | _StoredRows)]
+        self.codec, self.blocksize, self.p, self.dtype = codec, blocksize, p, dtype
+        self.starts = [0]
+        for n, _ in parts:
+            self.starts.append(self.starts[-1] + n)
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def _part(self, j):
+        src = self.parts[j][1]
+        return src if isinstance(src, EncodedRows) else src.load()
+
+    def row(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        j = bisect.bisect_right(self.starts, i) - 1
+        return self._part(j).row(i - self.starts[j])
+
+    def all(self):
+        return torch.cat([self._part(j).all() for j in range(len(self.parts))])
+
+    @property
+    def nbytes(self):
+        return len(self) * row_bytes(self.codec, self.p, self.blocksize, self.dtype)
+
+    def meta(self):
+        return {"codec": self.codec, "blocksize": self.blocksize, "p": self.p, "dtype": str(self.dtype).replace("torch.", "")}
+
+
+class _StoredRows:
+    """One section's rows (e.g. trajectory.w) in a stored chunk part; the part is read through a cache
+    shared by the sections, so w and g of one chunk are read once."""
+
+    def __init__(self, cache, part, key, meta, rows, where):
+        self.cache, self.part, self.key, self.m, self.rows, self.where = cache, part, key, meta, rows, where
+
+    def load(self):
+        tensors = self.cache.get(self.part, self.where)
+        prefix = self.key + "."
+        rows = _encoded_rows(self.key, self.m, {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}, self.where)
+        if len(rows) != self.rows:
+            raise ValueError(f"history: {self.where}: a chunk of {self.key} has {len(rows)} rows, its schedule {self.rows} steps")
+        return rows
+
+
+class _PartCache:
+    """The last stored chunk part read: what sequential readers of several sections need."""
+
+    def __init__(self, path):
+        self.path, self.digest, self.tensors = path, None, None
+
+    def get(self, part, where):
+        if self.digest != part["data"]:
+            self.tensors, self.digest = None, None  # drop the previous chunk before reading the next
+            self.tensors, self.digest = store.read_part(self.path, part, where), part["data"]
+        return self.tensors
+
+
 # ----------------------------------------------------------------------------- the history
+# a saved history splits its steps into chunks of at most this many steps and about this many bytes of rows:
+# a chunk is read (and verified) whole, so it bounds the memory a streaming reader holds
+CHUNK_STEPS = 1024
+CHUNK_BYTES = 64 << 20
+
+
 class GradientHistory:
-    """Recorded training history; see the module docstring for its sections."""
+    """Recorded training history; see the module docstring for its sections.
+
+    schedule: {"w0": (p,), "lrs": (T, groups) float64, "batch_sizes": (T,) int64, and either
+    "batches": [LongTensor] (the order of every batch: kind "full") or "seen": (n_train,) bool (which
+    samples were trained on: kind "minimal", whose methods do not replay batches)}."""
 
     def __init__(self, meta, schedule, trajectory=None, summary=None):
         self.meta = meta  # policy, param_spec, optimizer, n_train, weight_decay, momentum
-        self.schedule = schedule  # {"w0": (p,), "batches": [LongTensor], "lrs": (T, groups) float64}
-        self.trajectory = trajectory  # {"w": EncodedRows, "g": EncodedRows} or None
+        if "batch_sizes" not in schedule and "batches" in schedule:
+            schedule = dict(schedule, batch_sizes=torch.tensor([len(b) for b in schedule["batches"]], dtype=torch.int64))
+        self.schedule = schedule
+        self.trajectory = trajectory  # {"w": EncodedRows | ChunkedRows, "g": ...} or None
         self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals", "rho", checkpoints, "response"} or None
+        self.chunk_marks = {}  # chunk index -> resume mark (weights digest) of a streamed recording
+        self.chunk_steps = []  # steps of each stored chunk (a loaded history)
+        self.recording_id = None  # a recording still being streamed (or killed): HistoryRecorder.resume continues it
         self._seen = None  # seen_mask(), computed on first use (the schedule does not change after recording)
         # deletion requests served from this history, oldest first: {"forget": [int], "method": str, "model_digest": str}
         self.requests = []
@@ -209,15 +301,20 @@ class GradientHistory:
     # -- facts methods rely on
     @property
     def num_steps(self):
-        return len(self.schedule["batches"])
+        return len(self.schedule["lrs"])
 
     @property
     def n_train(self):
         return self.meta["n_train"]
 
+    @property
+    def complete(self):
+        """False for a recording that did not finish (loaded from what a killed run streamed to disk)."""
+        return "final_digest" in self.meta
+
     def nbytes(self, section):
         def size(v):
-            if isinstance(v, EncodedRows):
+            if isinstance(v, (EncodedRows, ChunkedRows)):
                 return v.nbytes
             if isinstance(v, torch.Tensor):
                 return v.numel() * v.element_size()
@@ -231,9 +328,12 @@ class GradientHistory:
     def seen_mask(self):
         """(n_train,) bool: which samples some recorded batch contains (kept: every request checks it)."""
         if self._seen is None:
-            seen = torch.zeros(self.n_train, dtype=torch.bool)
-            seen[torch.cat(self.schedule["batches"])] = True  # scatter, not unique: no sort (0.1 vs 0.7 ms on digits)
-            self._seen = seen
+            if "seen" in self.schedule:
+                self._seen = self.schedule["seen"]
+            else:
+                seen = torch.zeros(self.n_train, dtype=torch.bool)
+                seen[torch.cat(self.schedule["batches"])] = True  # scatter, not unique: no sort (0.1 vs 0.7 ms on digits)
+                self._seen = seen
         return self._seen
 
     def check_model(self, model):
@@ -248,47 +348,106 @@ class GradientHistory:
             )
 
     def require(self, section, method):
+        if section == "batches":
+            if "batches" not in self.schedule:
+                raise ValueError(f"{method} replays the recorded batches, which a kind='minimal' history does not store: record with HistoryPolicy(kind='full')")
+            return
         if getattr(self, section) is None:
             kind = "full" if section == "trajectory" else "full' or 'minimal"
             raise ValueError(f"{method} needs the history's {section}: record with HistoryPolicy(kind='{kind}')")
 
     # -- storage
-    def _arrays(self):
-        arrays = {"schedule.w0": self.schedule["w0"], "schedule.lrs": self.schedule["lrs"]}
-        arrays["schedule.batch_sizes"] = torch.tensor([len(b) for b in self.schedule["batches"]], dtype=torch.int64)
-        arrays["schedule.batch_indices"] = torch.cat(self.schedule["batches"]) if self.schedule["batches"] else torch.zeros(0, dtype=torch.int64)
-        encoded = {}
-        for section in ("trajectory", "summary"):
-            for key, value in (getattr(self, section) or {}).items():
-                if isinstance(value, EncodedRows):
-                    encoded[f"{section}.{key}"] = value.meta()
-                    for tname, t in value.tensors.items():
-                        arrays[f"{section}.{key}.{tname}"] = t
-                else:
-                    arrays[f"{section}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        return arrays, encoded
+    def _chunk_bounds(self):
+        """[(first step, end step)] of the chunks a save writes: a streamed trajectory's own chunks, else
+        at most CHUNK_STEPS steps and about CHUNK_BYTES of rows each."""
+        T, traj = self.num_steps, self.trajectory
+        if traj and isinstance(traj.get("w"), ChunkedRows):
+            starts = traj["w"].starts
+            return list(zip(starts[:-1], starts[1:])) or [(0, 0)]
+        step = CHUNK_STEPS
+        if traj:
+            step = max(1, min(step, CHUNK_BYTES // max(1, sum(rows.nbytes for rows in traj.values()) // max(1, T))))
+        return [(a, min(a + step, T)) for a in range(0, T, step)] or [(0, 0)]
+
+    def _schedule_part(self, a, b):
+        sched = self.schedule
+        part = {"schedule.lrs": sched["lrs"][a:b], "schedule.batch_sizes": sched["batch_sizes"][a:b].to(torch.int32)}
+        if "batches" in sched:
+            idx = torch.cat(sched["batches"][a:b]) if b > a else torch.zeros(0, dtype=torch.int64)
+            part["schedule.batch_indices"] = idx.to(torch.int32) if idx.numel() == 0 or int(idx.max()) < 2**31 else idx
+        return part
+
+    def _rows_part(self, j, a, b):
+        """Chunk j's trajectory rows: the stored part itself when both sections come from one (no copy
+        through memory), else the tensors."""
+        traj = self.trajectory
+        if not traj:
+            return None
+        if isinstance(traj["w"], ChunkedRows):
+            sources = [rows.parts[j][1] for rows in traj.values()]
+            if all(isinstance(src, _StoredRows) for src in sources) and len({src.part["data"] for src in sources}) == 1:
+                part = sources[0].part
+                return store.StoredPart(sources[0].cache.path, part["data"], part["tensors"])
+            pieces = {key: rows._part(j) for key, rows in traj.items()}
+        else:
+            pieces = {key: EncodedRows({n: t[a:b] for n, t in rows.tensors.items()}, rows.codec, rows.blocksize, rows.p, rows.dtype)
+                      for key, rows in traj.items()}
+        return {f"trajectory.{key}.{n}": t for key, rows in pieces.items() for n, t in rows.tensors.items()}
 
     def save(self, path):
-        """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle),
-        with the request log; later append_request calls log there. Returns path."""
-        arrays, encoded = self._arrays()
-        self._content = store.write(path, "GradientHistory", {"meta": self.meta, "encoded": encoded}, arrays, self.requests)
+        """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle;
+        docs/storage.md), with the request log; later append_request calls log there. Returns path."""
+        head = {"schedule.w0": self.schedule["w0"]}
+        if "seen" in self.schedule:
+            head["schedule.seen"] = pack_bits(self.schedule["seen"])
+        encoded = {f"trajectory.{key}": rows.meta() for key, rows in (self.trajectory or {}).items()}
+        for key, value in (self.summary or {}).items():
+            if isinstance(value, EncodedRows):
+                encoded[f"summary.{key}"] = value.meta()
+                head.update({f"summary.{key}.{n}": t for n, t in value.tensors.items()})
+            else:
+                head[f"summary.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        chunks = []
+        for j, (a, b) in enumerate(self._chunk_bounds()):
+            parts = {"schedule": self._schedule_part(a, b)}
+            rows = self._rows_part(j, a, b)
+            if rows is not None:
+                parts["rows"] = rows
+            chunks.append((b - a, self.chunk_marks.get(j), parts))
+        self._content = store.write(path, "GradientHistory", {"meta": self.meta, "encoded": encoded}, head, self.requests, chunks)
         self.path = path
         return path
 
     @classmethod
     def load(cls, path):
-        """Read a history written by save(); ValueError on a missing, corrupted, inconsistent or crafted
-        one (nothing in the files is executed). A format-1 directory is read read-only (path stays None)."""
+        """Read a history written by save() or streamed by a recorder; ValueError on a missing, corrupted,
+        inconsistent or crafted one (nothing in the files is executed). Trajectory rows are read chunk by
+        chunk when a method first needs them. A format-1 directory is read read-only (path stays None)."""
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"path: must be a str or os.PathLike naming a history directory, got {type(path).__name__}")
         if os.path.isfile(os.path.join(path, "manifest.json")) and not os.path.lexists(os.path.join(path, store.CURRENT)):
             return cls._load_format1(path)
         snap = store.read(path, "GradientHistory")
+        where = f"{path!r}"
         try:
-            history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], snap.tensors, f"{path!r}")
+            arrays, parts = dict(snap.tensors), None
+            if snap.chunks:  # version 3: the schedule and the trajectory in chunks
+                scheds = [store.read_part(path, c["parts"]["schedule"], where) if "schedule" in c["parts"] else {} for c in snap.chunks]
+                for name in ("schedule.lrs", "schedule.batch_sizes", "schedule.batch_indices"):
+                    got = [sc[name] for sc in scheds if name in sc]
+                    if got:
+                        if len(got) != len(scheds):
+                            raise ValueError(f"history: {where}: {name} is missing from some chunks")
+                        arrays[name] = torch.cat(got)
+                cache = _PartCache(path)
+                parts = [(c["steps"], c["parts"].get("rows")) for c in snap.chunks]
+                parts = [(n, part, cache) for n, part in parts]
+            history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], arrays, where, parts)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"history: manifest in {path!r} lacks or mangles entry {err!r}") from None
+        history.chunk_marks = {j: c["mark"] for j, c in enumerate(snap.chunks) if c["mark"] is not None}
+        history.chunk_steps = [c["steps"] for c in snap.chunks]
+        history.recording_id = snap.info.get("recording")  # set while a recorder streams to path (not finished)
         history.requests, history.path, history._content = snap.requests, path, snap.content
         return history
 
@@ -329,25 +488,39 @@ class GradientHistory:
             raise ValueError(f"history: manifest.json in {path!r} lacks or mangles entry {err!r}") from None
 
     @classmethod
-    def _from_arrays(cls, meta, encoded, arrays, where):
+    def _from_arrays(cls, meta, encoded, arrays, where, chunks=None):
         """The history of stored arrays, checked for consistency (a crafted file gets a ValueError naming
-        the array, not an IndexError deep inside a method)."""
+        the array, not an IndexError deep inside a method). chunks: [(steps, rows part or None, cache)] of a
+        version-3 history, whose trajectory rows stay on disk until read."""
         if not isinstance(meta, dict) or not isinstance(encoded, dict):
             raise ValueError(f"history: {where}: meta and encoded must be JSON objects")
-        ints, floats = (torch.int64,), tuple(ROW_DTYPES.values())
-        sizes = store.check_tensor(arrays, "schedule.batch_sizes", where, ints, 1)
-        indices = store.check_tensor(arrays, "schedule.batch_indices", where, ints, 1)
+        ints, floats = (torch.int64, torch.int32), tuple(ROW_DTYPES.values())
+        sizes = store.check_tensor(arrays, "schedule.batch_sizes", where, ints, 1).to(torch.int64)
         lrs = store.check_tensor(arrays, "schedule.lrs", where, (torch.float64,), 2)
         w0 = store.check_tensor(arrays, "schedule.w0", where, floats, 1)
         n_params = sum(int(torch.Size(shape).numel()) for _, shape, _ in meta["param_spec"])
-        n_train = meta["n_train"]
-        if bool((sizes < 0).any()) or int(sizes.sum()) != indices.numel() or lrs.shape[0] != sizes.numel():
-            raise ValueError(f"history: {where}: schedule.batch_sizes ({sizes.numel()} steps, {int(sizes.sum())} samples) disagrees with schedule.batch_indices ({indices.numel()}) or schedule.lrs ({lrs.shape[0]} steps)")
-        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < n_train):
-            raise ValueError(f"history: {where}: schedule.batch_indices reaches outside the {n_train} training samples")
+        n_train = meta.get("n_train")  # None in a recording that did not finish
+        if not (n_train is None or (type(n_train) is int and n_train >= 0)):
+            raise ValueError(f"history: {where}: n_train must be a non-negative int, got {n_train!r:.60}")
+        if bool((sizes < 0).any()) or lrs.shape[0] != sizes.numel():
+            raise ValueError(f"history: {where}: schedule.batch_sizes ({sizes.numel()} steps) disagrees with schedule.lrs ({lrs.shape[0]} steps)")
         if w0.numel() != n_params:
             raise ValueError(f"history: {where}: schedule.w0 has {w0.numel()} values, the recorded parameters {n_params}")
-        schedule = {"w0": w0, "lrs": lrs, "batches": list(torch.split(indices, sizes.tolist())) if sizes.numel() else []}
+        schedule = {"w0": w0, "lrs": lrs, "batch_sizes": sizes}
+        if "schedule.batch_indices" in arrays:
+            indices = store.check_tensor(arrays, "schedule.batch_indices", where, ints, 1).to(torch.int64)
+            if int(sizes.sum()) != indices.numel():
+                raise ValueError(f"history: {where}: schedule.batch_sizes ({int(sizes.sum())} samples) disagrees with schedule.batch_indices ({indices.numel()})")
+            if indices.numel() and not (0 <= int(indices.min()) and (n_train is None or int(indices.max()) < n_train)):
+                raise ValueError(f"history: {where}: schedule.batch_indices reaches outside the {n_train} training samples")
+            schedule["batches"] = list(torch.split(indices, sizes.tolist())) if sizes.numel() else []
+        if "schedule.seen" in arrays:
+            packed = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8,), 1)
+            if n_train is None or packed.numel() != -(-n_train // 8):
+                raise ValueError(f"history: {where}: schedule.seen has {packed.numel()} bytes for {n_train} training samples")
+            schedule["seen"] = unpack_bits(packed, n_train)
+        if "batches" not in schedule and "seen" not in schedule and n_train is not None:
+            raise ValueError(f"history: {where}: the schedule has neither batch_indices nor seen")
         sections = {}
         for section in ("trajectory", "summary"):
             keys = {n.split(".")[1] for n in arrays if n.startswith(section + ".")}
@@ -359,10 +532,42 @@ class GradientHistory:
                 else:
                     part[key] = arrays[full]
             sections[section] = part or None
+        if chunks is not None:
+            sections["trajectory"] = _chunked_trajectory(encoded, chunks, where) or sections["trajectory"]
+            if sum(n for n, _, _ in chunks) != sizes.numel():
+                raise ValueError(f"history: {where}: the chunks hold {sum(n for n, _, _ in chunks)} steps, the schedule {sizes.numel()}")
         for key, rows in (sections["trajectory"] or {}).items():
             if len(rows) != sizes.numel() or rows.p != n_params:
                 raise ValueError(f"history: {where}: trajectory.{key} has {len(rows)} rows of {rows.p} values, expected {sizes.numel()} of {n_params}")
         return cls(meta, schedule, sections["trajectory"], sections["summary"])
+
+
+def _chunked_trajectory(encoded, chunks, where):
+    """{key: ChunkedRows} over the rows parts of `chunks`, each checked against its table (shapes only;
+    the bytes are verified when read)."""
+    keys = sorted(name.split(".")[1] for name in encoded if name.startswith("trajectory."))
+    out = {}
+    for key in keys:
+        m = encoded[f"trajectory.{key}"]
+        if not (isinstance(m, dict) and m.get("codec") in CODECS and m.get("dtype") in ROW_DTYPES and type(m.get("p")) is int and type(m.get("blocksize")) is int):
+            raise ValueError(f"history: {where}: trajectory.{key} has invalid codec metadata {m!r:.200}")
+        parts = []
+        for steps, part, cache in chunks:
+            first = f"trajectory.{key}." + ("values" if m["codec"] in ("fp32", "bf16") else "codes")
+            if part is None or part["tensors"].get(first, {}).get("shape", [None])[0] != steps:
+                raise ValueError(f"history: {where}: a chunk of {steps} steps lacks its {steps} rows of trajectory.{key}")
+            parts.append((steps, _StoredRows(cache, part, f"trajectory.{key}", m, steps, where)))
+        out[key] = ChunkedRows(parts, m["codec"], m["blocksize"], m["p"], ROW_DTYPES[m["dtype"]])
+    return out
+
+
+def pack_bits(mask):
+    """A bool vector as uint8, eight entries a byte (numpy's bit order)."""
+    return torch.from_numpy(np.packbits(mask.numpy().astype(bool)))
+
+
+def unpack_bits(packed, n):
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
 
 
 def _encoded_rows(name, m, tensors, where):

@@ -12,10 +12,16 @@ The recorder checks that this is what happened, through hooks, and refuses what 
 """
 import dataclasses
 import functools
+import os
+import queue
+import threading
+import uuid
 
 import torch
 
-from .history import EncodedRows, GradientHistory, HistoryPolicy, checkpoint_capacity, fetch, flat_grads, flat_params, param_spec, weights_digest
+from . import store
+from .history import (CHUNK_BYTES, CHUNK_STEPS, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, checkpoint_capacity, fetch,
+                      flat_grads, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -69,7 +75,7 @@ class HistoryRecorder:
     (unlearn_fast.lm.recording.FirstEpochRecorder), which takes the batch inputs as well.
     """
 
-    def __new__(cls, model, optimizer, policy=None, allow=()):
+    def __new__(cls, model, optimizer, policy=None, allow=(), path=None):
         policy = policy or HistoryPolicy()
         if policy.kind in ("first_epoch", "all_epochs"):
             from .lm.recording import FirstEpochRecorder
@@ -77,7 +83,7 @@ class HistoryRecorder:
             return FirstEpochRecorder(model, optimizer, policy)
         return super().__new__(cls)
 
-    def __init__(self, model, optimizer, policy=None, allow=()):
+    def __init__(self, model, optimizer, policy=None, allow=(), path=None):
         self.policy = policy or HistoryPolicy()
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"HistoryRecorder: model must be an nn.Module, got {type(model).__name__}")
@@ -105,7 +111,12 @@ class HistoryRecorder:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
-        self.batches, self.lrs, self.ws, self.gs = [], [], [], []
+        self.steps = 0  # recorded steps
+        self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
+        self.lrs = []  # every step's learning rates (a streamed recording: those of the open chunk)
+        self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
+        self._open = {"lrs": [], "sizes": [], "indices": [], "w": [], "g": []}  # the chunk being filled
+        self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
         self.checkpoints, self.checkpoint_every = [], 1  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
@@ -113,6 +124,12 @@ class HistoryRecorder:
             "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": _jsonable(groups)},
             "group_of_param": self.group_of_param,
         }
+        p = self.w0.numel()
+        step_bytes = 2 * row_bytes(self.policy.codec, p, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else 0
+        self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(step_bytes, 1)))
+        self.path, self._writer = None, None
+        if path is not None:
+            self._start_stream(path)
         # what the hooks saw since the last optimizer step
         self._passes = [0] * len(self.params)  # backward passes that reached each parameter
         self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
@@ -120,7 +137,8 @@ class HistoryRecorder:
         self._recorded = False  # record() ran for the coming step
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
-        self._seen = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
+        self._seen_features = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
+        self._first_indices = self._last_indices = None
         self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
         self._finished = False
         self._handles = [
@@ -200,12 +218,12 @@ class HistoryRecorder:
                     "one mean-loss backward per step. Record one backward per optimizer step, or pass allow=('accumulation',) "
                     "if your replay loss_fn reproduces the accumulated gradient"
                 )
-            self._seen["accumulated_steps"] += 1
+            self._seen_features["accumulated_steps"] += 1
         if self._autocast is not None:
             if "autocast" not in self.allow:
                 raise ValueError(f"record: step {step} ran its forward under autocast ({self._autocast}); the replay runs in the "
                                  "parameters' dtype and would differ. Train without autocast")
-            self._seen["autocast_steps"] += 1
+            self._seen_features["autocast_steps"] += 1
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
         raw = torch.stack([self._raw_norms[i] for i in reached])
         grads = [self.params[i].grad for i in reached]
@@ -223,7 +241,7 @@ class HistoryRecorder:
                     "clipping?); the replay computes unclipped gradients. Train without clipping, or pass allow=('clipping',) if "
                     "your replay loss_fn reproduces it"
                 )
-            self._seen["clipped_steps"] += 1
+            self._seen_features["clipped_steps"] += 1
         return torch.linalg.vector_norm(raw)
 
     # -- the recording
@@ -232,21 +250,110 @@ class HistoryRecorder:
         checked against batch_size (the number of samples in the batch) when given. Call it once per
         optimizer step, after backward (and after any gradient edit) and before optimizer.step()."""
         self._check_open("record")
-        step = len(self.batches)
+        step = self.steps
         if self._recorded:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
+        self._raise_writer_error()
         idx = self._check_indices(batch_indices, batch_size)
-        raw_norm = self._check_gradients(step)  # before appending anything, so a refused step leaves batches, lrs, ws and gs aligned
+        raw_norm = self._check_gradients(step)  # before appending anything, so a refused step leaves the history as it was
+        chunk = self._open
         if self.policy.kind == "full":
-            self.ws.append(flat_params(self.model).clone())
-            self.gs.append(flat_grads(self.model).clone())
+            # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
+            c, bs = self.policy.codec, self.policy.blocksize
+            chunk["w"].append(EncodedRows.encode(flat_params(self.model)[None], c, bs))
+            chunk["g"].append(EncodedRows.encode(flat_grads(self.model)[None], c, bs))
+            if self.path is None:
+                self.batches.append(idx)
         else:
             self._keep_checkpoint(step)
         if step == 0:
             self._first_raw_norm = float(raw_norm)
-        self.batches.append(idx)
-        self.lrs.append([float(g["lr"]) for g in self.optimizer.param_groups])
+        self._note_seen(idx)
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self.lrs.append(lrs)
+        chunk["lrs"].append(lrs)
+        chunk["sizes"].append(idx.numel())
+        if self.path is not None:  # on disk, a streamed recording keeps every batch (resume and retrain need them)
+            chunk["indices"].append(idx)
+        if step == 0:
+            self._first_indices = idx
+        self._last_indices = idx
+        self.steps += 1
         self._recorded = True
+        if len(chunk["sizes"]) >= self.chunk_steps:
+            self._seal()
+
+    @property
+    def num_steps(self):
+        return self.steps
+
+    def _note_seen(self, idx):
+        top = int(idx.max())
+        if top >= self._trained.numel():
+            self._trained = torch.cat([self._trained, torch.zeros(max(top + 1, 2 * self._trained.numel()) - self._trained.numel(), dtype=torch.bool)])
+        self._trained[idx] = True
+
+    # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
+    def _seal(self, mark=None):
+        chunk = self._open
+        self._open = {"lrs": [], "sizes": [], "indices": [], "w": [], "g": []}
+        n = len(chunk["sizes"])
+        schedule = {
+            "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
+            "schedule.batch_sizes": torch.tensor(chunk["sizes"], dtype=torch.int32),
+        }
+        if self.path is not None:
+            indices = torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64)
+            schedule["schedule.batch_indices"] = indices.to(torch.int32) if n == 0 or int(indices.max()) < 2**31 else indices
+        rows = {key: EncodedRows.cat(chunk[key]) for key in ("w", "g") if chunk[key]}
+        if self.path is None:
+            if n:
+                self._chunks.append((n, schedule, rows))
+            return
+        parts = {"schedule": schedule}
+        if rows:
+            parts["rows"] = {f"trajectory.{key}.{name}": t for key, r in rows.items() for name, t in r.tensors.items()}
+        self.lrs = []
+        self._writer.put((n, parts, mark))
+
+    def _start_stream(self, path):
+        """Stream chunks to directory `path`: a first version holding w0 now, a chunk appended by a background
+        thread whenever one is sealed (store.append_chunk: a crash keeps every appended chunk)."""
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        if not isinstance(path, str):
+            raise ValueError(f"path: must be a str or os.PathLike naming a new history directory, got {type(path).__name__}")
+        if os.path.lexists(os.path.join(path, store.CURRENT)):
+            raise ValueError(f"path: {path!r} already holds a history; record to a new directory, or continue a killed recording "
+                             "with HistoryRecorder.resume(path, model, optimizer)")
+        self.recording_id = uuid.uuid4().hex
+        store.write(path, "GradientHistory", self._info(), {"schedule.w0": self.w0})
+        self.path = path
+        self._writer = _ChunkWriter(path, self.recording_id)
+
+    def _info(self):
+        p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
+        encoded = {}
+        if self.policy.kind == "full":
+            encoded = {f"trajectory.{key}": EncodedRows({}, c, bs, p, self.w0.dtype).meta() for key in ("w", "g")}
+        return {"meta": self.meta, "encoded": encoded, "recording": self.recording_id}
+
+    def _raise_writer_error(self):
+        if self._writer is not None and self._writer.error is not None:
+            raise RuntimeError(f"record: the background writer of {self.path!r} failed ({self._writer.error}); the history there "
+                               "holds the chunks written before it") from self._writer.error
+
+    def flush(self):
+        """Make every recorded step durable at `path` and mark this point with the model's weights digest, so that
+        HistoryRecorder.resume can continue from a trainer checkpoint saved now (call it when the trainer saves
+        one, after optimizer.step()). Blocks until written. Without a path: nothing to do."""
+        self._check_open("flush")
+        if self._recorded:
+            raise ValueError(f"flush: step {self.steps - 1} was recorded but optimizer.step() did not run after it; flush after the step")
+        if self.path is None:
+            return
+        self._seal(mark=weights_digest(self.model))
+        self._writer.join()
+        self._raise_writer_error()
 
     def _keep_checkpoint(self, step):
         """Snapshots without knowing the run's length: every power-of-two step (training moves fastest at the
@@ -265,30 +372,48 @@ class HistoryRecorder:
         """Close the recording and return the GradientHistory. Checks loss_fn against the first recorded step's
         gradient (ValueError naming loss_fn if it is another loss, e.g. a sum) and binds the history to the
         model's final weights (meta["final_digest"]). Only kind="minimal" computes Mini's summary here (in eval
-        mode: no dropout, batch norm's running statistics)."""
+        mode: no dropout, batch norm's running statistics). A streamed recording (path=) is completed there:
+        its chunks stay where they are and the returned history reads its rows from them."""
         self._check_open("finish")
-        if not self.batches:
+        if not self.steps:
             raise ValueError("finish: nothing was recorded (call record() every training step)")
-        T = len(self.batches)
+        T = self.steps
         if self._recorded:
             raise ValueError(f"finish: step {T - 1} was recorded but optimizer.step() did not run after it")
+        self._raise_writer_error()
         n_train = len(train_set)
-        top = int(torch.cat(self.batches).max())
-        if top >= n_train:
+        if self._trained.numel() > n_train and bool(self._trained[n_train:].any()):
+            top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
-        # the first step's parameters (w0) are kept anyway: no per-step copy for the check
-        loss_ratio(self.model, loss_fn, fetch(train_set, self.batches[0]), self.w0, self._first_raw_norm)
-        probe = fetch(train_set, self.batches[-1])
+        if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
+            loss_ratio(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, self._first_raw_norm)
         w_final = flat_params(self.model)
-        meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **self._seen})
+        meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **self._seen_features})
         # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
-        meta["loss_check"] = {"step": T - 1, "grad_norm": float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, probe, w_final)))}
-        schedule = {"w0": self.w0, "batches": self.batches, "lrs": torch.tensor(self.lrs, dtype=torch.float64)}
-        trajectory = summary = None
-        if self.policy.kind == "full":
-            c, bs = self.policy.codec, self.policy.blocksize
-            trajectory = {"w": EncodedRows.encode(self.ws, c, bs), "g": EncodedRows.encode(self.gs, c, bs)}
+        grad = batch_gradient(self.model, loss_fn, fetch(train_set, self._last_indices), w_final)
+        meta["loss_check"] = {"step": T - 1, "indices": self._last_indices.tolist(), "grad_norm": float(torch.linalg.vector_norm(grad))}
+        seen = torch.zeros(n_train, dtype=torch.bool)
+        seen[: min(n_train, self._trained.numel())] = self._trained[:n_train]
+        self._seal()
+        if self.path is None:
+            lrs = torch.cat([sched["schedule.lrs"] for _, sched, _ in self._chunks])
+            sizes = torch.cat([sched["schedule.batch_sizes"] for _, sched, _ in self._chunks]).to(torch.int64)
+            schedule = {"w0": self.w0, "lrs": lrs, "batch_sizes": sizes}
+            trajectory = None
+            if self.policy.kind == "full":
+                schedule["batches"] = self.batches
+                p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
+                trajectory = {key: ChunkedRows([(n, rows[key]) for n, _, rows in self._chunks], c, bs, p, self.w0.dtype) for key in ("w", "g")}
+            history = GradientHistory(meta, schedule, trajectory, None)
         else:
+            self._writer.close()
+            self._raise_writer_error()
+            history = GradientHistory.load(self.path)  # what was streamed: the rows stay on disk
+            history.meta = meta
+        if self.policy.kind != "full":
+            # Mini reads which samples were trained on, not the order of the batches
+            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "batch_sizes")}
+            history.schedule["seen"] = seen
             from .methods.mini import final_summary, sgd_settings
 
             try:
@@ -296,15 +421,101 @@ class HistoryRecorder:
             except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
                 sgd = None
             with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
-                summary = final_summary(
-                    self.model, train_set, loss_fn, self.policy, T, self.checkpoints, schedule["lrs"][:, 0], sgd, batch_size=batch_size
+                history.summary = final_summary(
+                    self.model, train_set, loss_fn, self.policy, T, self.checkpoints, history.schedule["lrs"][:, 0], sgd, batch_size=batch_size
                 )
         meta["final_digest"] = weights_digest(self.model)
+        if self.path is not None:
+            history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference
         for handle in self._handles:
             handle.remove()
         self._finished = True
-        self.ws, self.gs = [], []  # the history holds them encoded now
-        return GradientHistory(meta, schedule, trajectory, summary)
+        self._chunks, self.batches = [], []  # the history holds them now
+        return history
+
+    def snapshot(self, n_train):
+        """The schedule recorded so far as a GradientHistory without trajectory or summary: what `retrain`
+        replays (the integrations save one with each trainer checkpoint). Cheap for an in-memory recording;
+        a streamed one is flushed and read back."""
+        self._check_open("snapshot")
+        if self.path is not None:
+            self.flush()
+            history = GradientHistory.load(self.path)
+            history.trajectory, history.meta = None, dict(history.meta, n_train=n_train)
+            return history
+        if self.policy.kind != "full":
+            raise ValueError("snapshot: a kind='minimal' recording in memory keeps no batches to replay; record with kind='full' or a path")
+        meta = dict(self.meta, n_train=n_train)
+        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, len(self.optimizer.param_groups))}
+        return GradientHistory(meta, schedule, None, None)
+
+    @classmethod
+    def resume(cls, path, model, optimizer, allow=()):
+        """Continue a recording streamed to `path` by a run that stopped (killed, or restarted from a trainer
+        checkpoint): `model` and `optimizer` must hold the state of a trainer checkpoint saved right after a
+        flush() of that recording. Steps streamed after that flush are dropped (the trainer repeats them).
+        ValueError naming what does not match: a finished history, another model, weights that match no flush."""
+        history = GradientHistory.load(path)
+        if history.recording_id is None:
+            raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
+        history.check_model(model)
+        policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
+        if policy.kind != "full":
+            raise ValueError("resume: only kind='full' recordings resume (a 'minimal' recorder holds its checkpoints in memory); record again")
+        digest = weights_digest(model)
+        marks = [j for j, mark in history.chunk_marks.items() if mark == digest]
+        if not marks:
+            raise ValueError(f"model: its weights match none of the {len(history.chunk_marks)} flush points of the recording at {path!r}; "
+                             "resume from the trainer checkpoint saved together with a flush() (the model's weights at that step)")
+        j = marks[-1]
+        steps = sum(history.chunk_steps[: j + 1])
+        rec = cls(model, optimizer, policy, allow)
+        rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
+        for idx in history.schedule["batches"][:steps]:
+            rec._note_seen(idx)
+        rec._last_indices = history.schedule["batches"][steps - 1] if steps else None
+        rec._first_indices, rec._first_raw_norm = history.schedule["batches"][0] if steps else None, None
+        store.truncate(path, "GradientHistory", history.recording_id, j + 1)
+        rec._writer = _ChunkWriter(path, rec.recording_id)
+        return rec
+
+
+class _ChunkWriter:
+    """Appends sealed chunks to a streamed recording from a background thread (writing and hashing release the
+    GIL). At most MAX_WAITING chunks wait; record() blocks beyond that, so memory stays bounded when the disk is
+    slower than training. A failure is kept and raised by the recorder's next call."""
+
+    MAX_WAITING = 2
+
+    def __init__(self, path, recording_id):
+        self.path, self.recording_id, self.error = path, recording_id, None
+        self.queue = queue.Queue(maxsize=self.MAX_WAITING)
+        self.thread = threading.Thread(target=self._run, name="unlearn_fast-history-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, chunk):
+        self.queue.put(chunk)
+
+    def _run(self):
+        while True:
+            chunk = self.queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self.error is None:
+                    steps, parts, mark = chunk
+                    store.append_chunk(self.path, "GradientHistory", self.recording_id, steps, parts, mark)
+            except BaseException as err:  # noqa: BLE001 (handed to the training thread)
+                self.error = err
+            finally:
+                self.queue.task_done()
+
+    def join(self):
+        self.queue.join()
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _jsonable(groups):

@@ -43,7 +43,8 @@ import uuid
 import torch
 
 FORMAT = "unlearn_fast.store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2 had no chunks
 CURRENT, LOCK, OBJECTS, TMP = "CURRENT", "LOCK", "objects", "tmp"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 READ_ATTEMPTS = 20  # a reader whose version is replaced mid-read starts over at most this often
@@ -63,6 +64,17 @@ class Snapshot:
     tensors: dict  # name -> tensor
     requests: list  # [{"forget": [int], "method": str, "model_digest": str}], oldest first
     content: str  # sha256 of the manifest without its requests: names the history across appends
+    chunks: list = dataclasses.field(default_factory=list)  # [{"steps", "mark", "parts": {name: {"data", "tensors"}}}]: read_part() reads a part
+
+
+@dataclasses.dataclass
+class StoredPart:
+    """A chunk part already stored as object `data` of the history at `path` (written again only where a
+    version goes to another directory: then its verified bytes are copied)."""
+
+    path: str
+    data: str
+    tensors: dict
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -75,7 +87,7 @@ def _sha256(data):
 
 
 def _content_digest(manifest):
-    return _sha256(_canonical({k: v for k, v in manifest.items() if k != "requests"}))
+    return _sha256(_canonical({k: v for k, v in manifest.items() if k not in ("requests", "format_version")}))
 
 
 def _fsync_dir(path):
@@ -203,12 +215,14 @@ def _put_tensors(path, tensors):
 
 def _commit(path, manifest):
     """Make `manifest` the current version, then remove every object it does not name."""
+    manifest["format_version"] = FORMAT_VERSION  # (a version-2 history gains a request: written as version 3)
     manifest_digest = _put_object(path, [_canonical(manifest)])
     _fsync_dir(os.path.join(path, OBJECTS))  # the objects are durable before CURRENT names them
     body = _canonical({"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": manifest_digest})
     os.replace(_write_durably(path, [body, b"\n", _sha256(body).encode(), b"\n"])[0], os.path.join(path, CURRENT))
     _fsync_dir(path)
-    _remove(os.path.join(path, OBJECTS), keep={manifest_digest, manifest["data"]})
+    parts = [part["data"] for chunk in manifest.get("chunks", ()) for part in chunk["parts"].values()]
+    _remove(os.path.join(path, OBJECTS), keep={manifest_digest, manifest["data"], *parts})
 
 
 def _remove(directory, keep):
@@ -220,13 +234,41 @@ def _remove(directory, keep):
                 os.unlink(os.path.join(directory, name))
 
 
-def write(path, kind, info, tensors, requests=()):
-    """Store a new version at directory `path` (created if needed); returns its Snapshot.content."""
-    path = _as_dir(path)
+def _storable(tensors):
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     for name, t in tensors.items():
         if t.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"history: tensor {name} has dtype {t.dtype}, which histories do not store")
+    return tensors
+
+
+def _table(tensors):
+    return {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()}
+
+
+def _put_part(path, part):
+    """Store one chunk part (a dict of tensors, or a StoredPart) in `path`; its manifest entry."""
+    if isinstance(part, StoredPart):
+        if os.path.abspath(part.path) != os.path.abspath(path):
+            data, _ = _read_object(part.path, part.data)
+            if _put_object(path, [data]) != part.data:
+                raise ValueError(f"history: {part.path}/objects/{part.data} changed while being copied")
+        return {"data": part.data, "tensors": part.tensors}
+    tensors = _storable(part)
+    return {"data": _put_tensors(path, tensors), "tensors": _table(tensors)}
+
+
+def _put_chunk(path, steps, mark, parts):
+    if not (type(steps) is int and steps >= 0) or not (mark is None or isinstance(mark, str)):
+        raise ValueError(f"history: a chunk needs steps >= 0 and a str mark or None, got {steps!r}, {mark!r}")
+    return {"steps": steps, "mark": mark, "parts": {name: _put_part(path, part) for name, part in parts.items()}}
+
+
+def write(path, kind, info, tensors, requests=(), chunks=()):
+    """Store a new version at directory `path` (created if needed); returns its Snapshot.content.
+    chunks: [(steps, mark, {part name: tensors dict or StoredPart})], in order (a recording's appended steps)."""
+    path = _as_dir(path)
+    tensors = _storable(tensors)
     requests = [check_request(r, "requests") for r in requests]
     try:
         _canonical(info)
@@ -234,13 +276,58 @@ def write(path, kind, info, tensors, requests=()):
         raise ValueError(f"history: meta must be JSON-able to be saved ({err})") from None
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "info": info,
-        "tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()},
+        "tensors": _table(tensors),
         "requests": requests,
     }
     with _writer(path):
+        manifest["chunks"] = [_put_chunk(path, *chunk) for chunk in chunks]
         manifest["data"] = _put_tensors(path, tensors)
         _commit(path, manifest)
     return _content_digest(manifest)
+
+
+def _locked_manifest(path, kind):
+    try:
+        return _manifest_of(path, _current(path), kind)[0]
+    except FileNotFoundError as err:  # nobody else writes while we hold the lock: this is damage
+        raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
+
+
+def _check_recording(manifest, path, recording):
+    if manifest["info"].get("recording") != recording:
+        raise ValueError(f"history: {path!r} was replaced by another history while it was being recorded; the recorder stops")
+
+
+def append_chunk(path, kind, recording, steps, parts, mark=None):
+    """Append a chunk of `steps` recorded steps ({part name: tensors}) to the history being recorded at
+    `path` (its info["recording"] must be `recording`); a new version, so a crash keeps every earlier chunk.
+    mark: a label to truncate back to (resume)."""
+    path = _as_dir(path)
+    with _writer(path):
+        manifest = _locked_manifest(path, kind)
+        _check_recording(manifest, path, recording)
+        manifest["chunks"].append(_put_chunk(path, steps, mark, parts))
+        _commit(path, manifest)
+
+
+def truncate(path, kind, recording, chunks):
+    """Keep only the first `chunks` chunks of the history being recorded at `path` (resume from a mark)."""
+    path = _as_dir(path)
+    with _writer(path):
+        manifest = _locked_manifest(path, kind)
+        _check_recording(manifest, path, recording)
+        del manifest["chunks"][chunks:]
+        _commit(path, manifest)
+
+
+def read_part(path, part, where):
+    """The tensors of a chunk part (an entry of Snapshot.chunks[i]["parts"]), verified; ValueError if the
+    history at `path` was replaced since its Snapshot was read (its objects are gone)."""
+    try:
+        data, fpath = _read_object(_as_dir(path), part["data"])
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"history: {where}: {path!r} was replaced or removed since it was loaded (chunk {part['data'][:12]} is gone)") from None
+    return decode(data, part["tensors"], fpath)
 
 
 def append(path, kind, request, content):
@@ -251,10 +338,7 @@ def append(path, kind, request, content):
     if not os.path.isdir(path):
         raise ValueError(f"history: {path!r} no longer exists; the request was not logged there")
     with _writer(path):
-        try:
-            manifest = _manifest_of(path, _current(path), kind)[0]
-        except FileNotFoundError as err:  # nobody else writes while we hold the lock: this is damage
-            raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
+        manifest = _locked_manifest(path, kind)
         if _content_digest(manifest) != content:
             raise ValueError(f"history: {path!r} was replaced by another history since this one was loaded or saved; the request was not logged there")
         manifest["requests"].append(request)
@@ -284,7 +368,7 @@ def _manifest_of(path, raw, kind):
         raise ValueError(f"history: {path}/{CURRENT} is corrupted (its checksum does not match)")
     try:
         pointer = json.loads(body)
-        if not (isinstance(pointer, dict) and pointer.get("format") == FORMAT and pointer.get("format_version") == FORMAT_VERSION):
+        if not (isinstance(pointer, dict) and pointer.get("format") == FORMAT and pointer.get("format_version") in READABLE_VERSIONS):
             raise ValueError(f"history: {path}/{CURRENT} is format {pointer!r:.200}, expected {FORMAT} version {FORMAT_VERSION}")
         digest = pointer.get("manifest")
         if not (isinstance(digest, str) and HEX64.fullmatch(digest)):
@@ -311,18 +395,31 @@ def _check_manifest(manifest, kind, where):
             raise ValueError(f"history: manifest {where} {what}")
 
     need(isinstance(manifest, dict), "is not a JSON object")
-    need(manifest.get("format") == FORMAT and manifest.get("format_version") == FORMAT_VERSION, f"has format {manifest.get('format')!r} version {manifest.get('format_version')!r}")
+    need(manifest.get("format") == FORMAT and manifest.get("format_version") in READABLE_VERSIONS, f"has format {manifest.get('format')!r} version {manifest.get('format_version')!r}")
     need(manifest.get("kind") == kind, f"holds a {manifest.get('kind')!r}, not a {kind}")
     need(isinstance(manifest.get("info"), dict), "lacks its 'info' object")
     need(isinstance(manifest.get("data"), str) and HEX64.fullmatch(manifest["data"]), "names no valid data object")
-    tensors = manifest.get("tensors")
-    need(isinstance(tensors, dict), "lacks its 'tensors' object")
-    for name, entry in tensors.items():
-        need(
-            isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
-            and all(type(s) is int and s >= 0 for s in entry["shape"]),
-            f"describes tensor {name!r} without a dtype and a shape of non-negative ints",
-        )
+    def tensor_table(tensors):
+        need(isinstance(tensors, dict), "lacks a 'tensors' object")
+        for name, entry in tensors.items():
+            need(
+                isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+                and all(type(s) is int and s >= 0 for s in entry["shape"]),
+                f"describes tensor {name!r} without a dtype and a shape of non-negative ints",
+            )
+
+    tensor_table(manifest.get("tensors"))
+    if manifest["format_version"] == 2:
+        need("chunks" not in manifest, "of version 2 has chunks")
+        manifest["chunks"] = []
+    need(isinstance(manifest.get("chunks"), list), "lacks its 'chunks' list")
+    for chunk in manifest["chunks"]:
+        need(isinstance(chunk, dict) and set(chunk) == {"steps", "mark", "parts"} and type(chunk["steps"]) is int and chunk["steps"] >= 0
+             and (chunk["mark"] is None or isinstance(chunk["mark"], str)) and isinstance(chunk["parts"], dict), "has a malformed chunk")
+        for part in chunk["parts"].values():
+            need(isinstance(part, dict) and set(part) == {"data", "tensors"} and isinstance(part["data"], str) and HEX64.fullmatch(part["data"]),
+                 "names no valid chunk object")
+            tensor_table(part["tensors"])
     need(isinstance(manifest.get("requests"), list), "lacks its 'requests' list")
     for request in manifest["requests"]:
         check_request(request, f"manifest {where}")
@@ -340,7 +437,8 @@ def read(path, kind):
             if _current(path) != raw:
                 continue  # a writer replaced this version while we read it: read the new one
             raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
-        return Snapshot(manifest["kind"], manifest["info"], decode(data, manifest["tensors"], data_path), manifest["requests"], _content_digest(manifest))
+        return Snapshot(manifest["kind"], manifest["info"], decode(data, manifest["tensors"], data_path), manifest["requests"],
+                        _content_digest(manifest), manifest["chunks"])
     raise ValueError(f"history: {path!r} was replaced {READ_ATTEMPTS} times while being read; try again")
 
 

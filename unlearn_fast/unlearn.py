@@ -148,7 +148,8 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
             raise ValueError("forget: with the earlier requests this model served it names the whole training set; nothing would remain")
         check = history.meta.get("loss_check")
         if check is not None and digest == history.meta.get("final_digest"):  # model holds the weights finish() checked loss_fn at
-            batch = fetch(train_set, history.schedule["batches"][check["step"]]) if len(train_set) == history.n_train else None
+            probe = check["indices"] if "indices" in check else history.schedule["batches"][check["step"]]
+            batch = fetch(train_set, torch.as_tensor(probe)) if len(train_set) == history.n_train else None
             if batch is not None:  # (another train_set is refused by the method, naming train_set)
                 loss_ratio(model, loss_fn, batch, flat_params(model), check["grad_norm"])
         forgotten_before, forget = new.numel() - forget.numel(), new  # samples added by the earlier requests

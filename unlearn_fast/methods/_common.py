@@ -36,12 +36,39 @@ def remaining(batch, forget_mask):
     return batch[~forget_mask[batch]]
 
 
+def replayed_batches(history, forget_mask, seed=0):
+    """(step, retained indices) for every recorded step: the recorded batch without the forgotten samples, or, for
+    a history that keeps no batch order (kind="minimal"), batches of the recorded sizes drawn without replacement
+    from a seeded permutation of the trained samples, epoch after epoch, the forgotten ones then dropped: a
+    retrain with another batch order (see history_batch_order)."""
+    if "batches" in history.schedule:
+        for t, batch in enumerate(history.schedule["batches"]):
+            yield t, remaining(batch, forget_mask)
+        return
+    pool = torch.nonzero(history.seen_mask()).flatten()
+    gen = torch.Generator().manual_seed(seed)
+    order, at = pool[torch.randperm(pool.numel(), generator=gen)], 0
+    for t, size in enumerate(history.schedule["batch_sizes"].tolist()):
+        if at + size > order.numel():  # a new epoch
+            order, at = pool[torch.randperm(pool.numel(), generator=gen)], 0
+        batch, at = order[at : at + size], at + size
+        yield t, remaining(batch, forget_mask)
+
+
+def history_batch_order(history):
+    """What a replay of `history` uses as batches (reported in the methods' stats)."""
+    return "recorded" if "batches" in history.schedule else "resampled (a kind='minimal' history keeps no batch order)"
+
+
 def check_history(history, model, forget, train_set, method):
     """The history must match the model and the training set, and must have seen every forgotten sample."""
     from ..history import GradientHistory
 
     if not isinstance(history, GradientHistory):
         raise ValueError(f"{method}: history must be a GradientHistory (from HistoryRecorder.finish or GradientHistory.load), got {type(history).__name__}")
+    if not history.complete:
+        raise ValueError(f"history: its recording did not finish ({history.num_steps} steps were streamed to {history.path!r}); continue it "
+                         "with HistoryRecorder.resume from a trainer checkpoint, or record again")
     history.check_model(model)
     if len(train_set) != history.n_train:  # its batches are indices into the recorded training set
         raise ValueError(

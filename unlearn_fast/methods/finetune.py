@@ -114,8 +114,7 @@ def retained_indices(n_train, forget):
 
 
 def recorded_batch_size(history):
-    sizes = torch.tensor([len(b) for b in history.schedule["batches"]])
-    return int(torch.mode(sizes).values)
+    return int(torch.mode(history.schedule["batch_sizes"]).values)
 
 
 def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, optimizer=None, lr=None, batch_size=None,

@@ -2,13 +2,15 @@
 
 Same initial weights, batch order, learning rates and optimizer hyper-parameters (any torch.optim
 optimizer: it is rebuilt from the recorded class and groups). A batch made only of forgotten samples is
-skipped. Forgetting nothing reproduces the original final weights bit for bit on CPU.
+skipped. Forgetting nothing reproduces the original final weights bit for bit on CPU. A kind="minimal"
+history keeps no batch order: its replay draws batches of the recorded sizes (seed=), i.e. a retrain with
+another batch order, reported in stats["batch_order"].
 """
 import torch
 
 from ..history import fetch, set_flat_params
 from ..optimizers import optimizer_class
-from ._common import batch_loss, check_history, remaining
+from ._common import batch_loss, check_history, history_batch_order, replayed_batches
 
 
 def build_optimizer(model, meta):
@@ -27,15 +29,14 @@ def build_optimizer(model, meta):
         raise ValueError(f"history: optimizer {meta['optimizer']['class']} refuses the recorded hyper-parameters ({err})") from None
 
 
-def run(model, history, forget, train_set, loss_fn, progress=None):
+def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
     check_history(history, model, forget, train_set, "retrain")
     set_flat_params(model, history.schedule["w0"])
     optimizer = build_optimizer(model, history.meta)
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
     forget_mask[forget] = True
     evals = steps = 0
-    for t, batch in enumerate(history.schedule["batches"]):
-        rem = remaining(batch, forget_mask)
+    for t, rem in replayed_batches(history, forget_mask, seed):
         if progress is not None:
             progress.update(1)
         if rem.numel() == 0:
@@ -47,4 +48,5 @@ def run(model, history, forget, train_set, loss_fn, progress=None):
         optimizer.step()
         evals += rem.numel()
         steps += 1
-    return model, {"steps": steps, "gradient_evaluations": evals, "history_bytes_read": history.nbytes("schedule")}
+    return model, {"steps": steps, "gradient_evaluations": evals, "history_bytes_read": history.nbytes("schedule"),
+                   "batch_order": history_batch_order(history)}

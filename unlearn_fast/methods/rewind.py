@@ -9,14 +9,16 @@ to the EARLIEST checkpoint t with T - t <= B (the further back, the less of the 
 influence is left). A budget of T steps or more replays the whole run from w_0 and equals `retrain`
 bit for bit on CPU. The optimizer restarts with fresh state (momentum buffers and Adam moments are not
 recorded), so with a stateful optimizer a rewind to t > 0 is not exact even when nothing is forgotten.
-No certification noise is added (the 2025 paper's calibrated noise is a separate choice).
+No certification noise is added (the 2025 paper's calibrated noise is a separate choice). A kind="minimal"
+history keeps no batch order: the replay draws batches of the recorded sizes from the retained samples
+(seed=; stats["batch_order"]), as the stochastic R2D does.
 """
 import time
 
 import torch
 
 from ..history import fetch, flat_params, set_flat_params
-from ._common import batch_loss, check_history, remaining
+from ._common import batch_loss, check_history, history_batch_order, remaining, replayed_batches
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
@@ -62,18 +64,18 @@ def choose(history, budget, what):
     return usable[0]
 
 
-def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, optimizer=None, lr=None, progress=None):
+def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, optimizer=None, lr=None, progress=None, seed=0):
     steps, seconds = check_budget(steps, seconds)
     lr = check_lr(lr)
     check_history(history, model, forget, train_set, "rewind")
     T = history.num_steps
-    batches = history.schedule["batches"]
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
     forget_mask[forget] = True
+    probe_batch = torch.as_tensor(history.meta["loss_check"]["indices"]) if "indices" in history.meta.get("loss_check", {}) else history.schedule["batches"][-1]
 
     def probe():  # time one replay step on the last recorded batch, at the trained weights
-        last = remaining(batches[-1], forget_mask)
-        return step_seconds(model, loss_fn, fetch(train_set, last if last.numel() else batches[-1]))
+        last = remaining(probe_batch, forget_mask)
+        return step_seconds(model, loss_fn, fetch(train_set, last if last.numel() else probe_batch))
 
     default = max(1, round(DEFAULT_BUDGET_FRACTION * T))
     budget, deadline = plan(steps, seconds, default, probe)
@@ -88,11 +90,12 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
     done = evals = 0
     stopped = None
     # the same loop as retrain's, from start_step: from step 0 it performs the same operations in the same order
-    for t in range(start_step, T):
+    for t, rem in replayed_batches(history, forget_mask, seed):
+        if t < start_step:
+            continue
         if deadline is not None and time.perf_counter() >= deadline:
             stopped = t
             break
-        rem = remaining(batches[t], forget_mask)
         if progress is not None:
             progress.update(1)
         if rem.numel() == 0:
@@ -108,7 +111,9 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         "replayed_steps": (stopped if stopped is not None else T) - start_step, "budget_steps": budget,
         # read: one checkpoint, and the batches and learning rates from it on
         "history_bytes_read": checkpoint_bytes(history, source)
-        + sum(b.numel() * b.element_size() for b in batches[start_step:]) + lrs[start_step:].numel() * lrs.element_size(),
+        + 4 * int(history.schedule["batch_sizes"][start_step:].sum() if "batches" in history.schedule else 0)
+        + lrs[start_step:].numel() * lrs.element_size(),
+        "batch_order": history_batch_order(history),
     }
     if stopped is not None:
         stats["stopped"] = f"seconds budget ran out at step {stopped} of {T}: the model is mid-schedule"
