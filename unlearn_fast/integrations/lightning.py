@@ -250,7 +250,7 @@ class HistoryCallback(pl.Callback):
                                  f"{accumulate}; the replay (a mean over the step's samples) cannot scale that step. Use a number "
                                  f"of batches per epoch divisible by {accumulate}")
             loader = trainer.train_dataloader
-            if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size and not loader.drop_last:
+            if n != float("inf") and isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size and not loader.drop_last:
                 size, bs = len(loader.dataset), loader.batch_size
                 if size % bs and int(n) == -(-size // bs):
                     raise ValueError(f"accumulate_grad_batches={accumulate}: the epoch's last batch holds {size % bs} of {bs} "
