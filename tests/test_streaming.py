@@ -1,0 +1,203 @@
+"""A recording streamed to disk (HistoryRecorder(..., path=)): chunks appended by a background writer, memory
+bounded by a few chunks, a killed run loads up to its last chunk and resumes from a trainer checkpoint, and
+the history it finishes equals one recorded in memory."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import unlearn_fast as uf
+from unlearn_fast.history import flat_params
+from unlearn_fast.methods import deltagrad, retrain
+
+LOSS = torch.nn.functional.cross_entropy
+N, BATCH = 96, 12
+
+
+def make_data(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    return torch.utils.data.TensorDataset(X, y)
+
+
+def new_run(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    return model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+
+
+def order(epochs):
+    gen = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(N, generator=gen) for _ in range(epochs)]
+    return [perm[i : i + BATCH] for perm in perms for i in range(0, N, BATCH)]
+
+
+def train(model, opt, rec, data, batches, start=0, stop=None, flush_at=()):
+    for t in range(start, len(batches) if stop is None else stop):
+        opt.zero_grad()
+        x, y = data[batches[t]]
+        LOSS(model(x), y).backward()
+        rec.record(batches[t])
+        opt.step()
+        if t + 1 in flush_at:
+            rec.flush()
+
+
+def rows(history, key):
+    return torch.stack([history.trajectory[key].row(t) for t in range(history.num_steps)])
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    data, batches = make_data(), order(3)
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"))
+    train(model, opt, rec, data, batches)
+    return data, batches, model, rec.finish(data, LOSS)
+
+
+def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memory):
+    data, batches, model_ref, ref = in_memory
+    model, opt = new_run()
+    path = str(tmp_path / "h")
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=path)
+    rec.chunk_steps = 5  # 24 steps: chunks of 5, 5, 5, 5, 4
+    train(model, opt, rec, data, batches)
+    # the recorder holds at most the open chunk: every sealed one went to disk
+    assert rec.batches == [] and len(rec._open["w"]) < 5
+    history = rec.finish(data, LOSS)
+    assert torch.equal(flat_params(model), flat_params(model_ref))
+    assert history.chunk_steps == [5, 5, 5, 5, 4] and history.path == path
+    for key in ("w", "g"):
+        assert torch.equal(rows(history, key), rows(ref, key))
+    assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], ref.schedule["batches"]))
+    assert torch.equal(history.schedule["lrs"], ref.schedule["lrs"])
+    # loaded again: the same rows, read chunk by chunk; retrain forgetting nothing replays the trained weights
+    loaded = uf.GradientHistory.load(path)
+    assert loaded.complete and loaded.recording_id is None
+    assert torch.equal(rows(loaded, "g"), rows(ref, "g"))
+    replay, _ = retrain.run(copy.deepcopy(model), loaded, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+
+
+def test_deltagrad_reads_a_streamed_trajectory_like_an_in_memory_one(tmp_path):
+    data, batches = make_data(), order(2)
+    results = []
+    for path in (None, str(tmp_path / "h")):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=path)
+        rec.chunk_steps = 3
+        train(model, opt, rec, data, batches)
+        history = rec.finish(data, LOSS)
+        if path is not None:
+            history = uf.GradientHistory.load(path)
+        out, stats = deltagrad.run(copy.deepcopy(model), history, torch.arange(0, N, 9), data, LOSS)
+        results.append((flat_params(out), stats["approx_steps"]))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] > 0
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import unlearn_fast as uf
+    from test_streaming import make_data, new_run, order, train
+    data, batches = make_data(), order(3)
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path={path!r})
+    rec.chunk_steps = 4
+    train(model, opt, rec, data, batches, stop=10, flush_at=(10,))   # chunks of 4, 4 and a flushed 2
+    torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, {ckpt!r})
+    train(model, opt, rec, data, batches, start=10, stop=17)          # a chunk of 4 more, then 3 in the open chunk
+    rec._writer.join()
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(tmp_path, in_memory):
+    data, batches, model_ref, ref = in_memory
+    path, ckpt = str(tmp_path / "h"), str(tmp_path / "ckpt.pt")
+    script = KILLED_RUN.format(tests=os.path.dirname(__file__), path=path, ckpt=ckpt)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = uf.GradientHistory.load(path)
+    assert not partial.complete and partial.num_steps == 14 and partial.chunk_steps == [4, 4, 2, 4]
+    assert torch.equal(rows(partial, "w"), rows(ref, "w")[:14])
+    # a method refuses a recording that did not finish, naming it
+    model, opt = new_run()
+    with pytest.raises(ValueError, match="did not finish"):
+        uf.unlearn(model, partial, [0], data, LOSS, method="retrain", allow_unrecorded_model=True)
+    # the run restarts from its checkpoint (step 10): weights that match no flush point are refused
+    with pytest.raises(ValueError, match="model: its weights match none"):
+        uf.HistoryRecorder.resume(path, model, opt)
+    state = torch.load(ckpt)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rec = uf.HistoryRecorder.resume(path, model, opt)
+    assert rec.num_steps == 10 and uf.GradientHistory.load(path).num_steps == 10  # the steps after the checkpoint are dropped
+    train(model, opt, rec, data, batches, start=10)
+    history = rec.finish(data, LOSS)
+    # the resumed run equals the uninterrupted one: weights, schedule and every row
+    assert torch.equal(flat_params(model), flat_params(model_ref))
+    assert history.num_steps == ref.num_steps
+    assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], ref.schedule["batches"]))
+    for key in ("w", "g"):
+        assert torch.equal(rows(history, key), rows(ref, key))
+    with pytest.raises(ValueError, match="finished history"):
+        uf.HistoryRecorder.resume(path, model, opt)
+
+
+def test_recording_never_overwrites_a_history(tmp_path, in_memory):
+    data, batches, _, ref = in_memory
+    path = str(tmp_path / "h")
+    ref.save(path)
+    before = open(os.path.join(path, "CURRENT"), "rb").read()
+    model, opt = new_run()
+    with pytest.raises(ValueError, match="path: .* already holds a history"):
+        uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=path)
+    assert open(os.path.join(path, "CURRENT"), "rb").read() == before
+
+
+def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, in_memory):
+    data, batches, _, ref = in_memory
+    path = str(tmp_path / "h")
+    ref.save(path)
+    history = uf.GradientHistory.load(path)
+    part = history.trajectory["w"].parts[0][1].part["data"]
+    fpath = os.path.join(path, "objects", part)
+    raw = bytearray(open(fpath, "rb").read())
+    raw[-1] ^= 1
+    open(fpath, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=f"{part}.*corrupted"):
+        history.trajectory["w"].row(0)
+    os.truncate(fpath, 100)  # truncated: the same refusal
+    with pytest.raises(ValueError, match="corrupted"):
+        uf.GradientHistory.load(path).trajectory["g"].row(1)
+
+
+def test_a_minimal_history_keeps_which_samples_were_trained_on_not_the_batch_order(tmp_path):
+    data, batches = make_data(), order(1)[:-1]  # one epoch without its last batch: its samples were never trained on
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    train(model, opt, rec, data, batches)
+    history = rec.finish(data, LOSS)
+    assert "batches" not in history.schedule
+    expected = torch.zeros(N, dtype=torch.bool)
+    expected[torch.cat(batches)] = True
+    assert torch.equal(history.seen_mask(), expected) and int(expected.sum()) < N
+    loaded = uf.GradientHistory.load(history.save(str(tmp_path / "h")))
+    assert torch.equal(loaded.seen_mask(), expected) and "batches" not in loaded.schedule
+    assert torch.equal(loaded.schedule["batch_sizes"], torch.full((len(batches),), BATCH))
+    unseen = int(torch.nonzero(~expected)[0])
+    with pytest.raises(ValueError, match="never appear"):
+        uf.unlearn(model, loaded, [unseen], data, LOSS, method="retrain")
+    # retrain from it draws batches of the recorded sizes (another batch order), and says so
+    res = uf.unlearn(model, loaded, [0, 1], data, LOSS, method="retrain")
+    assert res.stats["batch_order"].startswith("resampled") and res.stats["steps"] == len(batches)
