@@ -223,12 +223,53 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"resume: the checkpoint does not match the history .*digest"):
         fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], ckpt_path=str(tmp_path / "tampered.ckpt"),
             max_epochs=2, default_root_dir=tmp_path)
+    # another run's history at the checkpoint's step: its weights digest is not the checkpoint's
+    other = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "other", save_top_k=-1, every_n_epochs=1)
+    fit(Net(seed=2), loader(train_set), [ufl.HistoryCallback(F.cross_entropy), other], max_epochs=1, enable_checkpointing=True,
+        default_root_dir=tmp_path)
+    swapped = torch.load(path, weights_only=False)
+    swapped[ufl.CHECKPOINT_KEY]["path"] = str(tmp_path / "other" / ufl.HISTORY_DIR / "step=4")
+    torch.save(swapped, tmp_path / "swapped.ckpt")
+    with pytest.raises(ValueError, match=r"resume: the checkpoint does not match the history .*other.*digest"):
+        fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], ckpt_path=str(tmp_path / "swapped.ckpt"),
+            max_epochs=2, default_root_dir=tmp_path)
     # a checkpoint written without the callback: nothing to continue
     plain = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "plain", save_top_k=-1, every_n_epochs=1)
     fit(Net(), loader(train_set), [plain], max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"resume: fit resumes at global step 4 from a checkpoint that holds no"):
         fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], ckpt_path=str(tmp_path / "plain" / "epoch=0-step=4.ckpt"),
             max_epochs=2, default_root_dir=tmp_path)
+
+
+class DictNet(Net):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+
+class DictSamples(torch.utils.data.Dataset):
+    def __init__(self, train_set):
+        self.train_set = train_set
+
+    def __len__(self):
+        return len(self.train_set)
+
+    def __getitem__(self, i):
+        x, y = self.train_set[i]
+        return {"id": i, "x": x, "y": y}
+
+
+def test_other_batch_layouts_take_indices_of():
+    train_set = dataset(40)
+    module = DictNet()
+    cb = ufl.HistoryCallback(F.cross_entropy, train_set=train_set, indices_of=lambda batch: batch["id"])
+    fit(module, torch.utils.data.DataLoader(DictSamples(train_set), batch_size=8, shuffle=True), [cb], max_epochs=2)
+    history = cb.finish()
+    assert history.num_steps == 10 and torch.equal(torch.cat(history.schedule["batches"][:5]).sort().values, torch.arange(40))
+    assert rel_error(replay(module, history, train_set, cb.replay_loss), flat(module), history.schedule["w0"]) < TOL
+    # indices that do not match the batch's rows are refused
+    bad = ufl.HistoryCallback(F.cross_entropy, train_set=train_set, indices_of=lambda batch: batch["id"][:4])
+    with pytest.raises(ValueError, match=r"4 indices for tensors of \[8\] rows"):
+        fit(DictNet(), torch.utils.data.DataLoader(DictSamples(train_set), batch_size=8), [bad], max_epochs=1)
 
 
 class _Steps(torch.utils.data.Sampler):

@@ -310,6 +310,9 @@ class HistoryCallback(pl.Callback):
         step = trainer.global_step
         ref, ckpt_step = resume if resume is not None else (None, None)
         if ref is None:
+            if ckpt_step is None:
+                raise ValueError(f"resume: fit starts at global step {step} without a checkpoint (a second fit() on this Trainer?); "
+                                 "the callback records one fit from step 0, or a fit resumed with ckpt_path= from its checkpoints")
             raise ValueError(f"resume: fit resumes at global step {step} from a checkpoint that holds no {CHECKPOINT_KEY!r} reference "
                              "(saved without HistoryCallback, or with save_history=False); the steps before it cannot be replayed")
         path = ref.get("path")
