@@ -1,0 +1,284 @@
+"""What recording costs a training run: per-step overhead of HistoryRecorder.record(), resident memory
+against steps, and disk bytes per step per codec.
+
+Overhead: for each model, rounds of K training steps each, interleaved within a round: plain SGD (no
+recorder), kind="minimal", and kind="full" with codec int8 streamed to disk by the background writer
+(path=). The table reports the median over rounds of each mode's mean step time and the ratio to the
+plain step measured in the same round (medians of per-round ratios: this machine is shared and noisy).
+Goals (issue 13): minimal at most +5 %, full int8 streamed at most +25 %.
+
+Memory: one run of S steps per mode on the largest MLP with VmRSS read after every step: full int8
+streamed (bounded: the open chunk plus at most two waiting ones) against full int8 held in memory
+(grows with steps). Plotted to recording_rss.png.
+
+Bytes: disk bytes per step of a finished streamed history per codec on the smallest MLP (directory size /
+steps), against the model's fp32 size.
+
+    .venv/bin/python benchmarks/recording.py [--sizes 10,50,100] [--rounds 5] [--steps 4] [--rss-steps 40]
+Writes benchmarks/results/recording.md, .json and recording_rss.png.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import unlearn_fast as uf
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+GOALS = {"minimal": 1.05, "full_int8_stream": 1.25}
+
+
+def cpu_name():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+# ----------------------------------------------------------------------------- workloads
+def mlp(millions):
+    """Four square layers of width h: about 4 h^2 parameters."""
+    h = int((millions * 1e6 / 4) ** 0.5)
+    layers = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(h, h), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1], torch.nn.Linear(h, 10))
+    return f"MLP {millions}M", model, (lambda n, g: torch.randn(n, h, generator=g)), 10, 64
+
+
+def cnn():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10),
+    )
+    return "CNN 32x32", model, (lambda n, g: torch.randn(n, 3, 32, 32, generator=g)), 10, 64
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=64))
+
+    class LM(torch.nn.Module):  # logits of a batch of token ids: the loss below is next-token cross-entropy
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(input_ids=x).logits[:, :-1].reshape(-1, 2048)
+
+    return "GPT-2 4x256", LM(model), (lambda n, g: torch.randint(0, 2048, (n, 64), generator=g)), None, 8
+
+
+def loss_for(classes):
+    if classes is None:  # language model: targets are the next tokens of x
+        return lambda out, x: torch.nn.functional.cross_entropy(out, x[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy
+
+
+class Run:
+    """One workload's training loop; `steps(k, recorder)` runs k steps and returns their wall time."""
+
+    def __init__(self, spec):
+        self.name, self.model, self.make_x, self.classes, self.batch = spec
+        self.loss = loss_for(self.classes)
+        self.gen = torch.Generator().manual_seed(0)
+        self.n = 10_000
+        self.at = 0
+
+    def optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+
+    def steps(self, k, opt, rec=None, rss=None):
+        x = self.make_x(self.batch, self.gen)
+        y = x if self.classes is None else torch.randint(0, self.classes, (self.batch,), generator=self.gen)
+        start = time.perf_counter()
+        for _ in range(k):
+            idx = torch.arange(self.at, self.at + self.batch) % self.n
+            self.at += self.batch
+            opt.zero_grad(set_to_none=True)
+            self.loss(self.model(x), y).backward()
+            if rec is not None:
+                rec.record(idx)
+            opt.step()
+            if rss is not None:
+                rss.append(rss_mib())
+        return time.perf_counter() - start
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- measurements
+def overhead(spec, rounds, k, tmp):
+    run = Run(spec)
+    opt = run.optimizer()
+    run.steps(2, opt)  # warm-up: allocator, thread pool
+    modes = {"plain": [], "minimal": [], "full_int8_stream": []}
+    for r in range(rounds):
+        for mode in modes:
+            opt = run.optimizer()
+            rec = None
+            if mode == "minimal":
+                rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="minimal"))
+            elif mode == "full_int8_stream":
+                rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=os.path.join(tmp, f"h{r}"))
+            seconds = run.steps(k, opt, rec)
+            if mode == "full_int8_stream":
+                start = time.perf_counter()
+                rec.flush()  # what is still queued counts: the run is not done before its history is on disk
+                seconds += time.perf_counter() - start
+                rec._writer.close()
+                shutil.rmtree(os.path.join(tmp, f"h{r}"))
+            if rec is not None:
+                for handle in rec._handles:
+                    handle.remove()
+            modes[mode].append(seconds / k)
+            print(f"  {spec[0]} round {r} {mode}: {seconds / k * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    plain = modes["plain"]
+    out = {"params": params(run.model), "plain_ms": 1e3 * statistics.median(plain)}
+    for mode in ("minimal", "full_int8_stream"):
+        ratios = [m / p for m, p in zip(modes[mode], plain)]
+        out[mode] = {"ms": 1e3 * statistics.median(modes[mode]), "ratio": statistics.median(ratios), "ratios": ratios}
+    return out
+
+
+def memory(spec, steps, tmp):
+    run = Run(spec)
+    curves = {}
+    for mode in ("full_int8_stream", "full_int8_in_memory"):
+        opt = run.optimizer()
+        path = os.path.join(tmp, "rss") if mode.endswith("stream") else None
+        rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=path)
+        rss = [rss_mib()]
+        run.steps(steps, opt, rec, rss)
+        curves[mode] = rss
+        if path:
+            rec.flush()
+            rec._writer.close()
+            shutil.rmtree(path)
+        for handle in rec._handles:
+            handle.remove()
+        del rec
+        print(f"  rss {mode}: {rss[0]:.0f} -> {rss[-1]:.0f} MiB over {steps} steps", file=sys.stderr, flush=True)
+    return curves
+
+
+def disk_bytes(spec, steps, tmp):
+    run = Run(spec)
+    out = {}
+    for codec in uf.history.CODECS:
+        opt = run.optimizer()
+        path = os.path.join(tmp, codec)
+        rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="full", codec=codec), path=path)
+        sizes = []
+        for _ in range(2):  # the growth between two flushes: per-step bytes without w0 and the manifest
+            run.steps(steps, opt, rec)
+            rec.flush()
+            sizes.append(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs))
+        rec._writer.close()
+        out[codec] = (sizes[1] - sizes[0]) / steps
+        shutil.rmtree(path)
+        for handle in rec._handles:
+            handle.remove()
+    return out
+
+
+def plot(curves, name, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, rss in curves.items():
+        ax.plot(range(len(rss)), rss, label=mode.replace("_", " "))
+    ax.set_xlabel("training steps recorded")
+    ax.set_ylabel("resident memory (MiB)")
+    ax.set_title(f"HistoryRecorder kind='full', int8, {name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,50,100", help="MLP sizes in millions of parameters")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="steps per mode per round")
+    ap.add_argument("--rss-steps", type=int, default=40)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    sizes = [float(s) if "." in s else int(s) for s in args.sizes.split(",")]
+    specs = [mlp(s) for s in sizes] + [cnn(), gpt2()]
+    tmp = tempfile.mkdtemp(prefix="uf-recording-", dir=os.environ.get("UF_BENCH_TMP"))
+    load_before = os.getloadavg()
+    try:
+        rows = {}
+        for spec in specs:
+            print(f"{spec[0]}: {params(spec[1]) / 1e6:.1f}M parameters", file=sys.stderr, flush=True)
+            rows[spec[0]] = overhead(spec, args.rounds, args.steps, tmp)
+        big = specs[len(sizes) - 1]
+        curves = memory(big, args.rss_steps, tmp)
+        small = specs[0]
+        bytes_per_step = disk_bytes(small, 4, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
+    os.makedirs(args.out, exist_ok=True)
+    command = "python benchmarks/recording.py " + " ".join(sys.argv[1:])
+    result = {"command": command, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "loadavg_before": load_before, "loadavg_after": load_after, "rounds": args.rounds, "steps_per_round": args.steps,
+              "overhead": rows, "rss_mib": curves, "rss_model": big[0], "disk_bytes_per_step": bytes_per_step,
+              "disk_model": {"name": small[0], "params": params(small[1])}}
+    with open(os.path.join(args.out, "recording.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plotted = plot(curves, big[0], os.path.join(args.out, "recording_rss.png"))
+    lines = [
+        "# Recording overhead, memory and bytes", "",
+        f"`{command}` on {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Medians over {args.rounds} interleaved rounds of "
+        f"{args.steps} steps per mode; ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",
+        "| workload | parameters | plain step | minimal | ratio | goal | full int8 streamed | ratio | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        mini, full = r["minimal"], r["full_int8_stream"]
+        ok = lambda m: "met" if r[m]["ratio"] <= GOALS[m] else "MISSED"  # noqa: E731
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} ms | {mini['ms']:.1f} ms | {mini['ratio']:.3f} | "
+                     f"{ok('minimal')} (<= {GOALS['minimal']}) | {full['ms']:.1f} ms | {full['ratio']:.3f} | {ok('full_int8_stream')} (<= {GOALS['full_int8_stream']}) |")
+    p = result["disk_model"]["params"]
+    lines += ["", f"## Resident memory against steps ({big[0]}, {args.rss_steps} steps)", "",
+              "| mode | RSS at start | RSS after the last step | growth per step |", "|---|---|---|---|"]
+    for mode, rss in curves.items():
+        half = len(rss) // 2
+        slope = (rss[-1] - rss[half]) / max(1, len(rss) - 1 - half)  # second half: after the chunk buffers filled
+        lines.append(f"| {mode.replace('_', ' ')} | {rss[0]:.0f} MiB | {rss[-1]:.0f} MiB | {slope:.1f} MiB |")
+    lines += ["", "recording_rss.png plots both curves." if plotted else "(matplotlib missing: no plot)", "",
+              f"## Disk bytes per step ({small[0]}, {p / 1e6:.1f}M parameters, w_t and g_t per step)", "",
+              "| codec | bytes per step | / model fp32 size |", "|---|---|---|"]
+    for codec, b in bytes_per_step.items():
+        lines.append(f"| {codec} | {b / 2**20:.2f} MiB | {b / (4 * p):.3f} |")
+    with open(os.path.join(args.out, "recording.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
