@@ -196,26 +196,70 @@ def test_gradient_accumulation_is_refused_unless_allowed():
     assert history.meta["recording"] == {"allow": ["accumulation"], "accumulated_steps": 2, "clipped_steps": 0, "autocast_steps": 0}
 
 
-def test_gradient_clipping_is_refused_unless_allowed_and_an_inactive_clip_passes():
+def clipped_run(clip, n_steps=12, kind="full"):
+    """SGD with momentum on a small MLP, `clip(model)` between backward and record() every step."""
     data = make_data()
-    model, opt, rec = setup()
-    opt.zero_grad()
-    backward(model, data, torch.arange(16))
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6))  # multiplies by exactly 1: nothing changed
-    rec.record(torch.arange(16))
-    opt.step()
-    opt.zero_grad()
-    backward(model, data, torch.arange(16))
-    torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 4)
-    with pytest.raises(ValueError, match="changed between backward and record\\(\\) \\(norm scaled by 0.2[0-9]*: gradient clipping"):
-        rec.record(torch.arange(16))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2))
+    for t in range(n_steps):
+        idx = torch.arange(t * 16, (t + 1) * 16) % len(data)
+        opt.zero_grad()
+        backward(model, data, idx)
+        clip(model, t)
+        rec.record(idx)
+        opt.step()
+    return data, model, rec
+
+
+def test_norm_clipping_is_recorded_and_replayed_exactly():
+    data, model, rec = clipped_run(lambda m, t: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05))
+    history = rec.finish(data, LOSS)
+    recording = history.meta["recording"]
+    assert recording["clip_max_norm"] == 0.05 and recording["clipped_steps"] >= 6  # most steps clip at 0.05
+    # forgetting nothing replays the clipped run: the trained weights, bit for bit
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    # forgetting samples equals a hand-written clipped retrain on the retained samples
+    forget = torch.tensor([3, 20, 41])
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[forget] = False
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    for t in range(12):
+        idx = torch.arange(t * 16, (t + 1) * 16) % len(data)
+        idx = idx[keep[idx]]
+        opt.zero_grad()
+        backward(ref, data, idx)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        opt.step()
+    out = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    assert torch.equal(flat_params(out), flat_params(ref))
+    # the methods that model an unclipped SGD step refuse the history, naming the clipping
+    with pytest.raises(ValueError, match="clipped gradient norms at 0.05"):
+        uf.unlearn(model, history, forget, data, LOSS, method="deltagrad")
+
+
+def test_other_gradient_edits_are_refused_and_allow_leaves_clipping_to_the_loss():
+    with pytest.raises(ValueError, match="different factors per parameter.*value clipping"):
+        clipped_run(lambda m, t: torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3))
+    with pytest.raises(ValueError, match="clipped the gradient norm to .* earlier steps to 0.05"):
+        clipped_run(lambda m, t: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05 if t < 3 else 0.02))
+    # an inactive clip multiplies by exactly 1: nothing is recorded
+    data, model, rec = clipped_run(lambda m, t: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e6), n_steps=3)
+    assert "clip_max_norm" not in rec.finish(data, LOSS).meta["recording"]
+    # allow=("clipping",): the caller's replay loss reproduces it; the recorder only counts the steps
+    data = make_data()
     model, opt, rec = setup(allow="clipping")
     opt.zero_grad()
     backward(model, data, torch.arange(16))
-    torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 4)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     rec.record(torch.arange(16))
     opt.step()
-    assert rec.finish(data, LOSS).meta["recording"]["clipped_steps"] == 1
+    recording = rec.finish(data, LOSS).meta["recording"]
+    assert recording["clipped_steps"] == 1 and "clip_max_norm" not in recording
 
 
 def test_autocast_is_refused():

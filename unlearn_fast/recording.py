@@ -6,8 +6,9 @@ The recorder checks that this is what happened, through hooks, and refuses what 
   optimizer step hooks       exactly one record() per optimizer step (a second record, or a step without one,
                              is an error naming the step);
   gradient-accumulation hooks how many backward passes made the step's gradients (several: gradient
-                             accumulation) and their norms as backward left them (changed by record() time:
-                             gradient clipping or another in-place edit);
+                             accumulation) and their norms as backward left them. Changed by record() time
+                             by one factor for every parameter: norm clipping, whose threshold is recovered
+                             and replayed (meta["recording"]["clip_max_norm"]); any other edit is refused;
   a forward pre-hook         autocast during a training forward.
 """
 import dataclasses
@@ -27,6 +28,10 @@ from .methods._common import batch_gradient, loss_ratio, module_mode
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
 # gradients compare equal (the same kernel on the same values)
 EDIT_TOLERANCE = 1e-6
+
+# per-parameter scale factors of norm clipping agree to rounding; a threshold recovered from them is rounded to 6
+# significant digits when that is within this tolerance (0.5 is recovered as 0.5000000x)
+CLIP_TOLERANCE = 1e-4
 
 # training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
 # Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
@@ -234,15 +239,32 @@ class HistoryRecorder:
         if not bool(torch.isfinite(total)):
             raise ValueError(f"record: step {step} has non-finite gradients; history not extended")
         if bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
-            if "clipping" not in self.allow:
-                factor = float(total / torch.linalg.vector_norm(raw).clamp(min=1e-300))
-                raise ValueError(
-                    f"record: step {step}'s gradients changed between backward and record() (norm scaled by {factor:.4g}: gradient "
-                    "clipping?); the replay computes unclipped gradients. Train without clipping, or pass allow=('clipping',) if "
-                    "your replay loss_fn reproduces it"
-                )
-            self._seen_features["clipped_steps"] += 1
+            if "clipping" in self.allow:
+                self._seen_features["clipped_steps"] += 1
+            else:
+                self._note_clipping(step, raw, now)
         return torch.linalg.vector_norm(raw)
+
+    def _note_clipping(self, step, raw, now):
+        """Gradients scaled between backward and record(): norm clipping (torch.nn.utils.clip_grad_norm_) scales every
+        parameter's gradient by one factor min(1, max_norm / (norm + 1e-6)). Its threshold is recovered from the factor
+        and replayed (meta["recording"]["clip_max_norm"]); any other edit, or a threshold that changes, is refused."""
+        ratios = now / raw.clamp(min=1e-300)
+        factor = float(torch.linalg.vector_norm(now) / torch.linalg.vector_norm(raw).clamp(min=1e-300))
+        uniform = bool(((ratios - factor).abs() <= CLIP_TOLERANCE * factor).all())
+        if not uniform or factor > 1:
+            raise ValueError(
+                f"record: step {step}'s gradients changed between backward and record() by different factors per parameter "
+                f"({float(ratios.min()):.4g} to {float(ratios.max()):.4g}: value clipping or another edit); the replay reproduces only "
+                "norm clipping (clip_grad_norm_). Train without it, or pass allow=('clipping',) if your replay loss_fn reproduces it"
+            )
+        max_norm = _round_threshold(factor * (float(torch.linalg.vector_norm(raw)) + 1e-6))
+        known = self._seen_features.get("clip_max_norm")
+        if known is not None and abs(max_norm - known) > CLIP_TOLERANCE * known:
+            raise ValueError(f"record: step {step} clipped the gradient norm to {max_norm:.6g}, earlier steps to {known:.6g}; the replay "
+                             "reproduces clipping at one threshold (clip_grad_norm_ with a constant max_norm)")
+        self._seen_features["clip_max_norm"] = known if known is not None else max_norm
+        self._seen_features["clipped_steps"] += 1
 
     # -- the recording
     def record(self, batch_indices, batch_size=None):
@@ -516,6 +538,11 @@ class _ChunkWriter:
     def close(self):
         self.queue.put(None)
         self.thread.join()
+
+
+def _round_threshold(value):
+    rounded = float(f"{value:.6g}")
+    return rounded if abs(rounded - value) <= CLIP_TOLERANCE * value else value
 
 
 def _jsonable(groups):

@@ -60,6 +60,21 @@ def history_batch_order(history):
     return "recorded" if "batches" in history.schedule else "resampled (a kind='minimal' history keeps no batch order)"
 
 
+def clip_max_norm(history):
+    """The gradient-norm threshold the training run clipped at (recorded by HistoryRecorder), or None."""
+    return (history.meta.get("recording") or {}).get("clip_max_norm")
+
+
+def clip(model, max_norm):
+    """What the training run did between backward and optimizer.step() (see clip_max_norm)."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+
+
+# methods whose model of a step is the plain (unclipped) SGD update
+PLAIN_SGD_MODELS = ("deltagrad", "mini")
+
+
 def check_history(history, model, forget, train_set, method):
     """The history must match the model and the training set, and must have seen every forgotten sample."""
     from ..history import GradientHistory
@@ -70,6 +85,9 @@ def check_history(history, model, forget, train_set, method):
         raise ValueError(f"history: its recording did not finish ({history.num_steps} steps were streamed to {history.path!r}); continue it "
                          "with HistoryRecorder.resume from a trainer checkpoint, or record again")
     history.check_model(model)
+    if method in PLAIN_SGD_MODELS and clip_max_norm(history) is not None:
+        raise ValueError(f"{method}: the training run clipped gradient norms at {clip_max_norm(history):.6g}, which its model of an SGD step "
+                         "does not include; use method='retrain', 'rewind' or 'finetune' (they replay the clipping)")
     if len(train_set) != history.n_train:  # its batches are indices into the recorded training set
         raise ValueError(
             f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}; "

@@ -10,7 +10,7 @@ import torch
 
 from ..history import fetch, set_flat_params
 from ..optimizers import optimizer_class
-from ._common import batch_loss, check_history, history_batch_order, replayed_batches
+from ._common import batch_loss, check_history, clip, clip_max_norm, history_batch_order, replayed_batches
 
 
 def build_optimizer(model, meta):
@@ -35,6 +35,7 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
     optimizer = build_optimizer(model, history.meta)
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
     forget_mask[forget] = True
+    max_norm = clip_max_norm(history)
     evals = steps = 0
     for t, rem in replayed_batches(history, forget_mask, seed):
         if progress is not None:
@@ -45,6 +46,7 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        clip(model, max_norm)
         optimizer.step()
         evals += rem.numel()
         steps += 1

@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..history import fetch, flat_params, set_flat_params
-from ._common import batch_loss, check_history, history_batch_order, remaining, replayed_batches
+from ._common import batch_loss, check_history, clip, clip_max_norm, history_batch_order, remaining, replayed_batches
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
@@ -71,6 +71,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
     T = history.num_steps
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
     forget_mask[forget] = True
+    max_norm = clip_max_norm(history)
     probe_batch = torch.as_tensor(history.meta["loss_check"]["indices"]) if "indices" in history.meta.get("loss_check", {}) else history.schedule["batches"][-1]
 
     def probe():  # time one replay step on the last recorded batch, at the trained weights
@@ -103,6 +104,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
         opt.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        clip(model, max_norm)
         opt.step()
         evals += rem.numel()
         done += 1
