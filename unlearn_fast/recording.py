@@ -9,7 +9,8 @@ The recorder checks that this is what happened, through hooks, and refuses what 
                              accumulation) and their norms as backward left them. Changed by record() time
                              by one factor for every parameter: norm clipping, whose threshold is recovered
                              and replayed (meta["recording"]["clip_max_norm"]); any other edit is refused;
-  a forward pre-hook         autocast during a training forward.
+  a forward pre-hook         autocast during a training forward: its dtype is recorded (meta["recording"]["autocast"])
+                             and retrain / rewind replay the forward and loss under it.
 """
 import dataclasses
 import functools
@@ -226,9 +227,19 @@ class HistoryRecorder:
             self._seen_features["accumulated_steps"] += 1
         if self._autocast is not None:
             if "autocast" not in self.allow:
-                raise ValueError(f"record: step {step} ran its forward under autocast ({self._autocast}); the replay runs in the "
-                                 "parameters' dtype and would differ. Train without autocast")
+                # replayed: retrain and rewind run the forward and loss under the same autocast (methods/_common.replay_autocast)
+                known = self._seen_features.get("autocast")
+                if known is not None and known != self._autocast:
+                    raise ValueError(f"record: step {step} ran its forward under autocast ({self._autocast}), earlier steps under {known}; "
+                                     "the replay reproduces one autocast dtype for the whole run")
+                if known is None and step > self._seen_features["autocast_steps"]:
+                    raise ValueError(f"record: step {step} ran its forward under autocast ({self._autocast}), earlier steps without; "
+                                     "the replay reproduces autocast on every step or on none")
+                self._seen_features["autocast"] = self._autocast
             self._seen_features["autocast_steps"] += 1
+        elif self._seen_features.get("autocast") is not None:
+            raise ValueError(f"record: step {step} ran its forward without autocast, earlier steps under {self._seen_features['autocast']}; "
+                             "the replay reproduces autocast on every step or on none")
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
         raw = torch.stack([self._raw_norms[i] for i in reached])
         grads = [self.params[i].grad for i in reached]

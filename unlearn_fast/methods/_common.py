@@ -71,7 +71,19 @@ def clip(model, max_norm):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
 
 
-# methods whose model of a step is the plain (unclipped) SGD update
+def replay_autocast(history, model):
+    """The autocast the training run's forward passes ran under (recorded by HistoryRecorder), for a replay's
+    forward and loss; a null context if none."""
+    dtype = (history.meta.get("recording") or {}).get("autocast")
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"history: recorded autocast dtype {dtype!r:.40} is not bfloat16 or float16")
+    device = next(p.device.type for p in model.parameters())
+    return torch.autocast(device, getattr(torch, dtype))
+
+
+# methods whose model of a step is the plain (unclipped, full-precision) SGD update
 PLAIN_SGD_MODELS = ("deltagrad", "mini")
 
 
@@ -87,7 +99,11 @@ def check_history(history, model, forget, train_set, method):
     history.check_model(model)
     if method in PLAIN_SGD_MODELS and clip_max_norm(history) is not None:
         raise ValueError(f"{method}: the training run clipped gradient norms at {clip_max_norm(history):.6g}, which its model of an SGD step "
-                         "does not include; use method='retrain', 'rewind' or 'finetune' (they replay the clipping)")
+                         "does not include; use method='retrain' or 'rewind' (they replay the clipping)")
+    autocast = (history.meta.get("recording") or {}).get("autocast")
+    if method in PLAIN_SGD_MODELS and autocast is not None:
+        raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
+                         "include; use method='retrain' or 'rewind' (they replay it)")
     if len(train_set) != history.n_train:  # its batches are indices into the recorded training set
         raise ValueError(
             f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}; "

@@ -10,7 +10,7 @@ import torch
 
 from ..history import fetch, set_flat_params
 from ..optimizers import optimizer_class
-from ._common import batch_loss, check_history, clip, clip_max_norm, history_batch_order, replayed_batches
+from ._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, history_batch_order, replayed_batches
 
 
 def build_optimizer(model, meta):
@@ -45,7 +45,9 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
         for group, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        with replay_autocast(history, model):
+            loss = batch_loss(model, loss_fn, fetch(train_set, rem))
+        loss.backward()
         clip(model, max_norm)
         optimizer.step()
         evals += rem.numel()

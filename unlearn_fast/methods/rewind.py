@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..history import fetch, flat_params, set_flat_params
-from ._common import batch_loss, check_history, clip, clip_max_norm, history_batch_order, remaining, replayed_batches
+from ._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, history_batch_order, remaining, replayed_batches
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
@@ -103,7 +103,9 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
             continue
         set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
         opt.zero_grad(set_to_none=True)
-        batch_loss(model, loss_fn, fetch(train_set, rem)).backward()
+        with replay_autocast(history, model):
+            loss = batch_loss(model, loss_fn, fetch(train_set, rem))
+        loss.backward()
         clip(model, max_norm)
         opt.step()
         evals += rem.numel()
