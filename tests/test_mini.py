@@ -177,3 +177,87 @@ def test_optimizers_mini_cannot_model_are_refused():
         history = rec.finish(data, LOSS)
         with pytest.raises(ValueError, match="AdamW|maximize"):
             uf.unlearn(model, history, [0, 1], data, LOSS, method="mini")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny transformer runs fastest on one thread (2 threads on a loaded machine: 10x slower)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_finish_and_mini_on_a_hugging_face_gpt2_with_sdpa_attention_and_dropout(one_thread):
+    """Issue 13 item 5: a real GPT2LMHeadModel (from a config, no download), SDPA attention (whose fused CPU kernel has
+    no forward-mode AD) and dropout 0.1 in training; the model returns a CausalLMOutput object, which loss_fn reads.
+    finish() computes the summary (eval mode, math attention under forward AD), and Mini either unlearns (the
+    forget-set loss moves towards a retrain's) or raises NotUnlearnedError; it never returns the original."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, resid_pdrop=0.1,
+                                     embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0)
+    n, length, batch = 16, 8, 8
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 256, (n, length), generator=gen)
+    data = torch.utils.data.TensorDataset(X, X)
+
+    def loss_fn(out, y):  # what the model returns: an output object, not a tensor
+        logits = out.logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+
+    forget = torch.tensor([0, 1])
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[forget] = False
+
+    def fit(record):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        assert model.config._attn_implementation == "sdpa"
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal")) if record else None
+        order_gen = torch.Generator().manual_seed(1)
+        model.train()
+        for _ in range(2):
+            order = torch.randperm(n, generator=order_gen)
+            for b in range(0, n, batch):
+                idx = order[b : b + batch]
+                if not record:  # the retrain reference: the same batches without the forgotten samples
+                    idx = idx[keep[idx]]
+                opt.zero_grad()
+                loss_fn(model(X[idx]), X[idx]).backward()
+                if rec:
+                    rec.record(idx)
+                opt.step()
+        return model, (rec.finish(data, loss_fn) if rec else None)
+
+    model, history = fit(True)
+    assert model.training  # finish() left the training mode as it was
+    s = history.summary
+    p = sum(q.numel() for q in model.parameters())
+    assert s["w_star"].numel() == p and bool(torch.isfinite(s["g_star"]).all()) and bool(torch.isfinite(s["eigvals"]).all())
+    # g* is the full-data mean gradient in eval mode: an independent autograd computation on the model as returned
+    model.eval()
+    model.zero_grad()
+    loss_fn(model(X), X).backward()
+    reference = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+    torch.testing.assert_close(s["g_star"], reference, rtol=1e-4, atol=1e-6)
+    model.train()
+    retrained, _ = fit(False)
+
+    def forget_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return float(loss_fn(m(X[forget]), X[forget]))
+
+    before, target = forget_loss(model), forget_loss(retrained)
+    assert target > before  # the retrain's forget-set loss is higher (the samples were not trained on)
+    w_star = flat_params(model).clone()
+    try:
+        result, stats = mini.run(copy.deepcopy(model), history, forget, data, loss_fn)
+    except mini.NotUnlearnedError as err:  # an honest refusal: nothing returned, the reason said
+        assert err.stats["unlearned"] is False and err.stats["reason"]
+        print("gpt2: not unlearned:", err.stats["reason"])
+    else:
+        assert stats["unlearned"] is True and not torch.equal(flat_params(result), w_star)
+        assert abs(forget_loss(result) - target) < abs(before - target)
+    assert torch.equal(flat_params(model), w_star)

@@ -169,6 +169,12 @@ def _full_gradient(model, loss_fn, train_set, w, batch_size):
 
 
 PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
+# finish() cost (final_summary; docs/mini_unlearning.md, "finish() cost"): the curvature passes run on random subsets
+POWER_ITERATIONS = 2  # subspace iterations for the basis (none when k + oversample >= p)
+REPEATS = 1  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (4 measured the same distances)
+BASIS_SAMPLES = 10**9  # samples the basis's GGN products run on
+SPLIT_END = False
+CURVATURE_SAMPLES = 256  # samples each checkpoint's curvature along the basis is measured on (1024 measured the same distances)
 
 
 def summary_rank(policy, p, steps):
@@ -261,7 +267,7 @@ def _subset(train_set, size, gen):
 
 
 def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
-                  power_iterations=2, oversample=8, probes=16, repeats=4, curvature_samples=1024, seed=0):
+                  power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0):
     """The minimal history at the end of training (see the module docstring).
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
@@ -269,7 +275,15 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     lrs, sgd: the recorded learning rates (T,) and (weight decay, learning-rate multiplier) of plain or
     heavy-ball SGD; with them the checkpoints' gradients and curvature and the response weights of the
     schedule are computed here, once. Without them (other optimizers, which mini refuses) only the end point.
+    The work (docs/mini_unlearning.md, "finish() cost"): full-data gradients at w* and at the K checkpoints, and
+    curvature on random subsets of the data: the basis from basis_samples samples (BASIS_SAMPLES), the checkpoints'
+    curvature from curvature_samples each (CURVATURE_SAMPLES); none of it grows with the number of steps beyond K
+    and k, which the budget bounds.
     """
+    power_iterations = POWER_ITERATIONS if power_iterations is None else power_iterations
+    repeats = REPEATS if repeats is None else repeats
+    curvature_samples = CURVATURE_SAMPLES if curvature_samples is None else curvature_samples
+    basis_samples = BASIS_SAMPLES if basis_samples is None else basis_samples
     w = flat_params(model).clone()
     p = w.numel()
     saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad and parameters are put back afterwards
@@ -282,22 +296,31 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     # The basis: top-k eigenvectors of M = (G(w*) + sum_j share_j G(w_j)) / 2, share_j the fraction of the steps
     # that checkpoint j starts: half the end point, where the fixed point is solved, half the trajectory, along
     # which the replay is modelled with curvature diagonal in this basis. Randomized subspace iteration
-    # (k + oversample probes, power iterations); the trajectory half splits the data over the checkpoints
-    # so that it costs one full-data GGN product (averaged over `repeats` random splits).
+    # (k + oversample probes, power iterations; none when k + oversample >= p: then the Ritz step on the identity
+    # is exact); the trajectory half splits the data over the checkpoints so that it costs one GGN product
+    # (averaged over `repeats` random splits). Both halves on a random subset of basis_samples samples.
     width = min(k + oversample, p)
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(p, width, generator=gen, dtype=w.dtype)).Q
+    basis_set = _subset(train_set, basis_samples, gen)
+    if width == p:
+        Q, power_iterations = torch.eye(p, dtype=w.dtype), 0
+    else:
+        Q = torch.linalg.qr(torch.randn(p, width, generator=gen, dtype=w.dtype)).Q
 
     if ckpts is not None:
         marks = [c for c, _ in checkpoints] + [steps]
         share = [(b - a) / steps for a, b in zip(marks[:-1], marks[1:])]
 
     def M(X):
-        out = _full_ggn_matmul(model, loss_fn, train_set, w, X.T.contiguous(), batch_size)
-        if ckpts is not None:
-            Xt = X.T.contiguous()
-            out = 0.5 * out + 0.5 / repeats * sum(
-                _shared_ggn_matmul(model, loss_fn, train_set, ckpts, share, Xt, batch_size, seed + i) for i in range(repeats))
+        Xt = X.T.contiguous()
+        if ckpts is None:
+            return _full_ggn_matmul(model, loss_fn, basis_set, w, Xt, batch_size).T
+        if SPLIT_END:  # every sample once: half of them (at random) at w*, the rest split over the checkpoints by share
+            pts, shs = torch.cat([w[None], ckpts]), [0.5] + [0.5 * s for s in share]
+            return (sum(_shared_ggn_matmul(model, loss_fn, basis_set, pts, shs, Xt, batch_size, seed + i) for i in range(repeats)) / repeats).T
+        out = _full_ggn_matmul(model, loss_fn, basis_set, w, Xt, batch_size)
+        out = 0.5 * out + 0.5 / repeats * sum(
+            _shared_ggn_matmul(model, loss_fn, basis_set, ckpts, share, Xt, batch_size, seed + i) for i in range(repeats))
         return out.T
 
     for _ in range(power_iterations):
