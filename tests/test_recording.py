@@ -176,12 +176,54 @@ def test_indices_beyond_the_training_set_are_refused_at_finish():
 
 
 # ----------------------------------------------------------------------------- what the replay cannot reproduce
-def test_gradient_accumulation_is_refused_unless_allowed():
+def test_gradient_accumulation_with_unequal_micro_batches_is_recorded_and_replayed(tmp_path):
+    data = make_data(n=70)
+    splits = [(10, 6), (9, 4, 3), (16,), (5, 11)]  # micro-batch sizes of four optimizer steps (one without accumulation)
+
+    def train(model, opt, rec=None, keep=None):
+        at = 0
+        for sizes in splits:
+            opt.zero_grad()
+            idx = torch.arange(at, at + sum(sizes))
+            for part in torch.split(idx, list(sizes)):
+                part = part if keep is None else part[keep[part]]
+                if part.numel():
+                    x, y = data[part]
+                    (LOSS(model(x), y) / len(sizes)).backward()  # the usual idiom: each micro-batch's mean / their number
+            if rec is not None:
+                rec.record(idx)
+            opt.step()
+            at += sum(sizes)
+
+    model, opt, rec = setup()
+    train(model, opt, rec)
+    history = rec.finish(data, LOSS)
+    assert history.meta["recording"]["accumulated_steps"] == 3
+    assert history.schedule["micro_counts"].tolist() == [2, 3, 1, 2] and history.schedule["micro_sizes"].tolist() == [10, 6, 9, 4, 3, 5, 11]
+    # forgetting nothing: the trained weights, bit for bit (one mean over each step's batch would not be)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    # forgetting samples: the same loop on the retained samples of each micro-batch
+    forget = torch.tensor([2, 12, 30, 52])
+    keep = torch.ones(70, dtype=torch.bool)
+    keep[forget] = False
+    ref_model, ref_opt, _ = setup()
+    train(ref_model, ref_opt, keep=keep)
+    for h in (history, uf.GradientHistory.load(history.save(str(tmp_path / "h")))):  # also through storage
+        out = uf.unlearn(model, h, forget, data, LOSS, method="retrain").model
+        assert torch.equal(flat_params(out), flat_params(ref_model))
+    with pytest.raises(ValueError, match="accumulated gradients over micro-batches"):
+        uf.unlearn(model, history, forget, data, LOSS, method="deltagrad")
+
+
+def test_accumulation_whose_micro_batches_cannot_be_told_is_refused_unless_allowed():
     data = make_data()
     model, opt, rec = setup()
     opt.zero_grad()
-    backward(model, data, torch.arange(8))
-    backward(model, data, torch.arange(8, 16))
+    x, y = data[torch.arange(16)]
+    out = model(x)  # one forward, two backward passes: the micro-batches cannot be told
+    (LOSS(out[:8], y[:8]) / 2).backward(retain_graph=True)
+    (LOSS(out[8:], y[8:]) / 2).backward()
     with pytest.raises(ValueError, match="2 backward passes \\(gradient accumulation\\)"):
         rec.record(torch.arange(16))
     model, opt, rec = setup(allow=("accumulation",))

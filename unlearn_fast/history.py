@@ -269,7 +269,9 @@ CHUNK_BYTES = 64 << 20
 class GradientHistory:
     """Recorded training history; see the module docstring for its sections.
 
-    schedule: {"w0": (p,), "lrs": (T, groups) float64, "batch_sizes": (T,) int64, and either
+    schedule: {"w0": (p,), "lrs": (T, groups) float64, "batch_sizes": (T,) int64, "micro_counts": (T,) int64 and
+    "micro_sizes" (the micro-batches of gradient-accumulation steps: how many, and the sizes of those with more
+    than one, in order; absent in older histories), and either
     "batches": [LongTensor] (the order of every batch: kind "full") or "seen": (n_train,) bool (which
     samples were trained on: kind "minimal", whose methods do not replay batches)}."""
 
@@ -372,6 +374,12 @@ class GradientHistory:
     def _schedule_part(self, a, b):
         sched = self.schedule
         part = {"schedule.lrs": sched["lrs"][a:b], "schedule.batch_sizes": sched["batch_sizes"][a:b].to(torch.int32)}
+        if "micro_counts" in sched:
+            counts = sched["micro_counts"]
+            ends = torch.cumsum(torch.where(counts > 1, counts, 0), 0)
+            first, last = (int(ends[a - 1]) if a else 0), (int(ends[b - 1]) if b else 0)
+            part["schedule.micro_counts"] = counts[a:b].to(torch.int32)
+            part["schedule.micro_sizes"] = sched["micro_sizes"][first:last].to(torch.int32)
         if "batches" in sched:
             idx = torch.cat(sched["batches"][a:b]) if b > a else torch.zeros(0, dtype=torch.int64)
             part["schedule.batch_indices"] = idx.to(torch.int32) if idx.numel() == 0 or int(idx.max()) < 2**31 else idx
@@ -433,7 +441,7 @@ class GradientHistory:
             arrays, parts = dict(snap.tensors), None
             if snap.chunks:  # version 3: the schedule and the trajectory in chunks
                 scheds = [store.read_part(path, c["parts"]["schedule"], where) if "schedule" in c["parts"] else {} for c in snap.chunks]
-                for name in ("schedule.lrs", "schedule.batch_sizes", "schedule.batch_indices"):
+                for name in ("schedule.lrs", "schedule.batch_sizes", "schedule.batch_indices", "schedule.micro_counts", "schedule.micro_sizes"):
                     got = [sc[name] for sc in scheds if name in sc]
                     if got:
                         if len(got) != len(scheds):
@@ -514,6 +522,14 @@ class GradientHistory:
             if indices.numel() and not (0 <= int(indices.min()) and (n_train is None or int(indices.max()) < n_train)):
                 raise ValueError(f"history: {where}: schedule.batch_indices reaches outside the {n_train} training samples")
             schedule["batches"] = list(torch.split(indices, sizes.tolist())) if sizes.numel() else []
+        if "schedule.micro_counts" in arrays:  # gradient accumulation: micro-batches per step and their sizes
+            counts = store.check_tensor(arrays, "schedule.micro_counts", where, ints, 1).to(torch.int64)
+            micro = store.check_tensor(arrays, "schedule.micro_sizes", where, ints, 1).to(torch.int64)
+            accumulated = counts > 1
+            if counts.numel() != sizes.numel() or bool((counts < 1).any()) or int(counts[accumulated].sum()) != micro.numel() or bool((micro < 1).any()) \
+                    or (micro.numel() and int(micro.sum()) != int(sizes[accumulated].sum())):
+                raise ValueError(f"history: {where}: schedule.micro_counts / micro_sizes do not split the recorded batches")
+            schedule["micro_counts"], schedule["micro_sizes"] = counts, micro
         if "schedule.seen" in arrays:
             packed = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8,), 1)
             if n_train is None or packed.numel() != -(-n_train // 8):

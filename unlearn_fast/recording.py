@@ -121,7 +121,7 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs = []  # every step's learning rates (a streamed recording: those of the open chunk)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
-        self._open = {"lrs": [], "sizes": [], "indices": [], "w": [], "g": []}  # the chunk being filled
+        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": []}  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
         self.checkpoints, self.checkpoint_every = [], 1  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
@@ -140,6 +140,7 @@ class HistoryRecorder:
         self._passes = [0] * len(self.params)  # backward passes that reached each parameter
         self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
         self._autocast = None  # the autocast dtype of a training forward, if any
+        self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
         self._recorded = False  # record() ran for the coming step
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
@@ -161,6 +162,8 @@ class HistoryRecorder:
 
     def _on_forward(self, module, args):
         if module.training and torch.is_grad_enabled():
+            x = args[0] if args else None  # (a model called with keyword arguments only: its micro-batch size is unknown)
+            self._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None)
             device = self.params[0].device.type
             if torch.is_autocast_enabled(device):
                 self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
@@ -171,7 +174,7 @@ class HistoryRecorder:
 
     def _after_step(self, optimizer, args, kwargs):
         self._steps_taken += 1
-        self._recorded, self._autocast = False, None
+        self._recorded, self._autocast, self._micro = False, None, []
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
 
@@ -213,17 +216,24 @@ class HistoryRecorder:
             )
         return idx
 
-    def _check_gradients(self, step):
-        passes = max(self._passes)
+    def _check_gradients(self, step, n_samples):
+        """The step's gradients as the replay must reproduce them; returns (their norm as backward left them, the
+        micro-batch sizes of an accumulated step or None)."""
+        passes, micro = max(self._passes), None
         if passes == 0:
             raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
         if passes > 1:
             if "accumulation" not in self.allow:
-                raise ValueError(
-                    f"record: step {step} accumulated gradients of {passes} backward passes (gradient accumulation); the replay computes "
-                    "one mean-loss backward per step. Record one backward per optimizer step, or pass allow=('accumulation',) "
-                    "if your replay loss_fn reproduces the accumulated gradient"
-                )
+                # replayed as it ran: one backward per micro-batch of mean loss / passes (loss / accumulation_steps, the usual idiom)
+                micro = self._micro
+                if len(micro) != passes or None in micro or sum(micro) != n_samples:
+                    raise ValueError(
+                        f"record: step {step} accumulated gradients of {passes} backward passes (gradient accumulation) after training forwards "
+                        f"on batches of {micro} samples, which do not split its {n_samples} indices into {passes} micro-batches; call the "
+                        "model once per micro-batch with the batch as its first argument, or pass allow=('accumulation',) if your replay "
+                        "loss_fn reproduces the accumulated gradient"
+                    )
+                micro = list(micro)
             self._seen_features["accumulated_steps"] += 1
         if self._autocast is not None:
             if "autocast" not in self.allow:
@@ -254,7 +264,7 @@ class HistoryRecorder:
                 self._seen_features["clipped_steps"] += 1
             else:
                 self._note_clipping(step, raw, now)
-        return torch.linalg.vector_norm(raw)
+        return torch.linalg.vector_norm(raw), micro
 
     def _note_clipping(self, step, raw, now):
         """Gradients scaled between backward and record(): norm clipping (torch.nn.utils.clip_grad_norm_) scales every
@@ -288,7 +298,7 @@ class HistoryRecorder:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         self._raise_writer_error()
         idx = self._check_indices(batch_indices, batch_size)
-        raw_norm = self._check_gradients(step)  # before appending anything, so a refused step leaves the history as it was
+        raw_norm, micro = self._check_gradients(step, idx.numel())  # before appending anything, so a refused step leaves the history as it was
         chunk = self._open
         if self.policy.kind == "full":
             # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
@@ -306,6 +316,7 @@ class HistoryRecorder:
         self.lrs.append(lrs)
         chunk["lrs"].append(lrs)
         chunk["sizes"].append(idx.numel())
+        chunk["micro"].append(micro or [idx.numel()])
         if self.path is not None:  # on disk, a streamed recording keeps every batch (resume and retrain need them)
             chunk["indices"].append(idx)
         if step == 0:
@@ -329,11 +340,14 @@ class HistoryRecorder:
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
         chunk = self._open
-        self._open = {"lrs": [], "sizes": [], "indices": [], "w": [], "g": []}
+        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": []}
         n = len(chunk["sizes"])
         schedule = {
             "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
             "schedule.batch_sizes": torch.tensor(chunk["sizes"], dtype=torch.int32),
+            # micro-batches per step (1 without accumulation), and the sizes of those of accumulated steps
+            "schedule.micro_counts": torch.tensor([len(m) for m in chunk["micro"]], dtype=torch.int32),
+            "schedule.micro_sizes": torch.tensor([s for m in chunk["micro"] if len(m) > 1 for s in m], dtype=torch.int32),
         }
         if self.path is not None:
             indices = torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64)
@@ -432,6 +446,8 @@ class HistoryRecorder:
             lrs = torch.cat([sched["schedule.lrs"] for _, sched, _ in self._chunks])
             sizes = torch.cat([sched["schedule.batch_sizes"] for _, sched, _ in self._chunks]).to(torch.int64)
             schedule = {"w0": self.w0, "lrs": lrs, "batch_sizes": sizes}
+            for key in ("micro_counts", "micro_sizes"):
+                schedule[key] = torch.cat([sched[f"schedule.{key}"] for _, sched, _ in self._chunks]).to(torch.int64)
             trajectory = None
             if self.policy.kind == "full":
                 schedule["batches"] = self.batches
@@ -445,7 +461,7 @@ class HistoryRecorder:
             history.meta = meta
         if self.policy.kind != "full":
             # Mini reads which samples were trained on, not the order of the batches
-            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "batch_sizes")}
+            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "batch_sizes") if key in history.schedule}
             history.schedule["seen"] = seen
             from .methods.mini import final_summary, sgd_settings
 

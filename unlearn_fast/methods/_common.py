@@ -3,6 +3,8 @@ import contextlib
 
 import torch
 
+from ..history import fetch
+
 # finish() and uf.unlearn compare loss_fn's gradient on a recorded batch with the recorded one: a ratio of norms
 # outside these bounds is not noise (dropout masks, one step of drift) but another loss (a sum, for one: ratio = batch size).
 LOSS_RATIO_BOUNDS = (2 / 3, 1.5)
@@ -37,22 +39,41 @@ def remaining(batch, forget_mask):
 
 
 def replayed_batches(history, forget_mask, seed=0):
-    """(step, retained indices) for every recorded step: the recorded batch without the forgotten samples, or, for
-    a history that keeps no batch order (kind="minimal"), batches of the recorded sizes drawn without replacement
-    from a seeded permutation of the trained samples, epoch after epoch, the forgotten ones then dropped: a
-    retrain with another batch order (see history_batch_order)."""
-    if "batches" in history.schedule:
-        for t, batch in enumerate(history.schedule["batches"]):
-            yield t, remaining(batch, forget_mask)
+    """(step, retained micro-batches) for every recorded step: the recorded batch without the forgotten samples, split
+    as it was into the micro-batches of gradient accumulation (each a backward of mean loss / their number). A
+    history that keeps no batch order (kind="minimal") gets batches of the recorded sizes drawn without replacement
+    from a seeded permutation of the trained samples, epoch after epoch, the forgotten ones then dropped: a retrain
+    with another batch order (see history_batch_order)."""
+    sched = history.schedule
+    if "batches" in sched:
+        counts = sched.get("micro_counts")
+        micro = iter(sched["micro_sizes"].tolist()) if counts is not None else None
+        for t, batch in enumerate(sched["batches"]):
+            c = 1 if counts is None else int(counts[t])
+            parts = [batch] if c == 1 else torch.split(batch, [next(micro) for _ in range(c)])
+            yield t, [remaining(part, forget_mask) for part in parts]
         return
     pool = torch.nonzero(history.seen_mask()).flatten()
     gen = torch.Generator().manual_seed(seed)
     order, at = pool[torch.randperm(pool.numel(), generator=gen)], 0
-    for t, size in enumerate(history.schedule["batch_sizes"].tolist()):
+    for t, size in enumerate(sched["batch_sizes"].tolist()):
         if at + size > order.numel():  # a new epoch
             order, at = pool[torch.randperm(pool.numel(), generator=gen)], 0
         batch, at = order[at : at + size], at + size
-        yield t, remaining(batch, forget_mask)
+        yield t, [remaining(batch, forget_mask)]
+
+
+def replay_step(model, loss_fn, train_set, history, parts):
+    """Forward and backward of one replayed step (its retained micro-batches, from replayed_batches) under the
+    recorded autocast; returns the samples it used (0: nothing to step on)."""
+    used = 0
+    for part in parts:
+        if part.numel():
+            with replay_autocast(history, model):
+                loss = batch_loss(model, loss_fn, fetch(train_set, part))
+            (loss if len(parts) == 1 else loss / len(parts)).backward()
+            used += part.numel()
+    return used
 
 
 def history_batch_order(history):
@@ -100,6 +121,9 @@ def check_history(history, model, forget, train_set, method):
     if method in PLAIN_SGD_MODELS and clip_max_norm(history) is not None:
         raise ValueError(f"{method}: the training run clipped gradient norms at {clip_max_norm(history):.6g}, which its model of an SGD step "
                          "does not include; use method='retrain' or 'rewind' (they replay the clipping)")
+    if method in PLAIN_SGD_MODELS and bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
+        raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
+                         "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
     autocast = (history.meta.get("recording") or {}).get("autocast")
     if method in PLAIN_SGD_MODELS and autocast is not None:
         raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "

@@ -8,9 +8,9 @@ another batch order, reported in stats["batch_order"].
 """
 import torch
 
-from ..history import fetch, set_flat_params
+from ..history import set_flat_params
 from ..optimizers import optimizer_class
-from ._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, history_batch_order, replayed_batches
+from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, replayed_batches
 
 
 def build_optimizer(model, meta):
@@ -37,20 +37,17 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
     forget_mask[forget] = True
     max_norm = clip_max_norm(history)
     evals = steps = 0
-    for t, rem in replayed_batches(history, forget_mask, seed):
+    for t, parts in replayed_batches(history, forget_mask, seed):
         if progress is not None:
             progress.update(1)
-        if rem.numel() == 0:
+        if not any(part.numel() for part in parts):
             continue
         for group, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        with replay_autocast(history, model):
-            loss = batch_loss(model, loss_fn, fetch(train_set, rem))
-        loss.backward()
+        evals += replay_step(model, loss_fn, train_set, history, parts)
         clip(model, max_norm)
         optimizer.step()
-        evals += rem.numel()
         steps += 1
     return model, {"steps": steps, "gradient_evaluations": evals, "history_bytes_read": history.nbytes("schedule"),
                    "batch_order": history_batch_order(history)}

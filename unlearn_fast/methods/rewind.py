@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..history import fetch, flat_params, set_flat_params
-from ._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, history_batch_order, remaining, replayed_batches
+from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, remaining, replayed_batches
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
@@ -91,7 +91,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
     done = evals = 0
     stopped = None
     # the same loop as retrain's, from start_step: from step 0 it performs the same operations in the same order
-    for t, rem in replayed_batches(history, forget_mask, seed):
+    for t, parts in replayed_batches(history, forget_mask, seed):
         if t < start_step:
             continue
         if deadline is not None and time.perf_counter() >= deadline:
@@ -99,16 +99,13 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
             break
         if progress is not None:
             progress.update(1)
-        if rem.numel() == 0:
+        if not any(part.numel() for part in parts):
             continue
         set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
         opt.zero_grad(set_to_none=True)
-        with replay_autocast(history, model):
-            loss = batch_loss(model, loss_fn, fetch(train_set, rem))
-        loss.backward()
+        evals += replay_step(model, loss_fn, train_set, history, parts)
         clip(model, max_norm)
         opt.step()
-        evals += rem.numel()
         done += 1
     stats = {
         "steps": done, "gradient_evaluations": evals, "checkpoint_step": start_step, "checkpoint_source": source,
