@@ -24,12 +24,14 @@ step start before its record(). The recorder is therefore handed a step marker: 
 real optimizer's param_groups (live learning rates, and the real class's name, which is what `retrain` rebuilds)
 and whose step() does nothing; a step post-hook on the real optimizer steps the marker after every real step,
 so the recorder's one-record-per-step check still holds. record() runs in `on_before_optimizer_step`, before
-Lightning's clipping: the history holds unclipped gradients and `replay_loss` applies the clipping.
+Lightning's clipping: the history holds unclipped gradients, and the replay clips (below).
 
 What the replay reproduces (tests/test_lightning.py, docs/integrations.md):
-- gradient_clip_val with gradient_clip_algorithm "norm" (torch.nn.utils.clip_grad_norm_ over all parameters)
-  or "value" (clip_grad_value_): ReplayLoss computes the replayed batch's gradient, clips it the same way and
-  returns a loss whose gradient is exactly the clipped gradient (one extra backward per step);
+- gradient_clip_val with gradient_clip_algorithm "norm" (torch.nn.utils.clip_grad_norm_ over all parameters):
+  written into the history as meta["recording"]["clip_max_norm"], which retrain and rewind replay (clip_grad_norm_
+  after each replayed backward) and deltagrad and mini refuse; "value" (clip_grad_value_): ReplayLoss computes the
+  replayed batch's gradient, clamps it and returns a loss whose gradient is exactly the clamped one (one extra
+  backward per step; retrain only);
 - accumulate_grad_batches=A: Lightning divides each micro-batch's mean loss by A, so an optimizer step of A
   micro-batches of one size b is the mean loss over its A*b samples, recorded as ONE step (indices
   concatenated). Steps Lightning scales otherwise are refused: the epoch's last step with fewer than A
@@ -59,7 +61,7 @@ except ImportError as err:  # the optional dependency: `import unlearn_fast` nev
 
 from ..data import IndexedDataset
 from ..history import GradientHistory, HistoryPolicy, fetch, param_spec, weights_digest
-from ..methods._common import batch_gradient
+from ..methods._common import batch_gradient, clip_max_norm
 from ..recording import HistoryRecorder
 
 HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/step=<global_step>
@@ -128,6 +130,8 @@ def replay_loss(history, loss_fn):
     settings = history.meta.get("lightning")
     if settings is None:
         raise ValueError("history: not recorded by the Lightning HistoryCallback (no meta['lightning'])")
+    if settings["gradient_clip_algorithm"] == "norm" and clip_max_norm(history) is not None:
+        return ReplayLoss(loss_fn)  # retrain and rewind clip the norm themselves (meta["recording"]["clip_max_norm"])
     return ReplayLoss(loss_fn, settings["gradient_clip_val"], settings["gradient_clip_algorithm"])
 
 
@@ -453,9 +457,21 @@ class HistoryCallback(pl.Callback):
     # -- results
     @property
     def replay_loss(self):
-        """The loss for method="retrain": loss_fn with the Trainer's clipping (ReplayLoss)."""
+        """The loss for method="retrain": loss_fn, with the Trainer's value clipping (ReplayLoss). Norm clipping is
+        written into the history (meta["recording"]["clip_max_norm"]), which retrain and rewind replay themselves
+        and deltagrad and mini refuse."""
         self._require()
+        if self.clip_algorithm == "norm":
+            return ReplayLoss(self.loss_fn)
         return ReplayLoss(self.loss_fn, self.clip_val, self.clip_algorithm)
+
+    def _mark_clipping(self, meta):
+        recording = dict(meta.get("recording") or {}, clipped_steps=self._clipped_steps)
+        if self.clip_val > 0 and self.clip_algorithm == "norm":
+            # Lightning clips after the callback records: the recorder saw unclipped gradients, so the threshold
+            # comes from the Trainer's settings
+            recording["clip_max_norm"] = self.clip_val
+        meta["recording"] = recording
 
     def _lightning_meta(self):
         return dict(self._settings_now, dropout=[[n, p] for n, p in self.dropout], clipped_steps=self._clipped_steps, micro_batch_sizes=self._micro_sizes,
@@ -467,6 +483,7 @@ class HistoryCallback(pl.Callback):
         self._require()
         meta = dict(self._meta, n_train=len(self.train_set), lightning=self._lightning_meta())
         meta["final_digest"] = weights_digest(self.model)
+        self._mark_clipping(meta)
         schedule = {"w0": self._w0.clone(), "batches": list(self._batches), "lrs": torch.tensor(self._lrs, dtype=torch.float64)}
         return GradientHistory(meta, schedule, None, None)
 
@@ -484,6 +501,7 @@ class HistoryCallback(pl.Callback):
         else:
             history = self.recorder.finish(self.train_set, self.loss_fn)
             history.meta["lightning"] = self._lightning_meta()
+            self._mark_clipping(history.meta)
             batch = fetch(self.train_set, history.schedule["batches"][-1]) if "batches" in history.schedule else None
         if batch is not None:
             params = [p for p in self.model.parameters() if p.requires_grad]
