@@ -261,3 +261,18 @@ def test_finish_and_mini_on_a_hugging_face_gpt2_with_sdpa_attention_and_dropout(
         assert stats["unlearned"] is True and not torch.equal(flat_params(result), w_star)
         assert abs(forget_loss(result) - target) < abs(before - target)
     assert torch.equal(flat_params(model), w_star)
+
+
+def test_mini_needs_no_batch_order_except_for_the_opt_in_batch_effect(run_10, monkeypatch):
+    """A history without every step's batch indices (only which samples were trained on, and the learning rates):
+    Mini gives the same model as with them; batch_effect, which reads them, says so."""
+    data, model, history, forget, _ = run_10
+    schedule = {"w0": history.schedule["w0"], "lrs": history.schedule["lrs"], "seen": history.seen_mask().clone()}
+    bare = uf.GradientHistory(history.meta, schedule, None, history.summary)
+    assert "batches" not in bare.schedule
+    with_order = uf.GradientHistory(history.meta, {**schedule, "batches": list(torch.arange(len(data)).split(50))}, None, history.summary)
+    a, _ = mini.run(copy.deepcopy(model), bare, forget, data, LOSS)
+    b, _ = mini.run(copy.deepcopy(model), with_order, forget, data, LOSS)
+    assert torch.equal(flat_params(a), flat_params(b))
+    with pytest.raises(ValueError, match="batch_effect: needs every step's batch indices"):
+        mini.run(copy.deepcopy(model), bare, forget, data, LOSS, batch_effect=True)

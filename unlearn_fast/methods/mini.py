@@ -674,7 +674,7 @@ def weighted_gradient_sum(model, loss_fn, train_set, idx, weights, w, batch_size
 
 
 def batch_term(model, loss_fn, train_set, forget, history, omega, marks, points, mf_sources, basis, batch_size):
-    """The replay's response to the BATCH composition, beyond mean field (docs/mini_unlearning.md, "The batch term").
+    r"""The replay's response to the BATCH composition, beyond mean field (docs/mini_unlearning.md, "The batch term").
 
     Retraining changes step t's gradient by s_t = sum_{i in B_t} c_ti grad l_i(w_t), c_ti = 1/|B_t \ R| - 1/|B_t| for
     retained and -1/|B_t| for forgotten samples of the batch; mean field keeps only its expectation
@@ -829,9 +829,14 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # T(w) = w* - offset - Phi d(w) = base - (r / (n - r)) Phi H_hat (w - w*) + Phi sum_R grad l_i(w) / (n - r); Phi and
     # Phi H_hat are diagonal in the basis, so one projection of [w - w*; sum_R] and one back-projection per step.
     base = w_star - offset - apply(Phi, g_star) * (r / (n - r))
-    if batch_effect and not (has_ckpt and "curvature" in s and "batches" in history.schedule):
-        raise ValueError("batch_effect: needs checkpoints, the schedule's batches and the checkpoints' curvature in the summary: "
-                         "set unlearn_fast.methods.mini.KEEP_CURVATURE = True before the summary is computed (finish / prepare)")
+    if batch_effect:  # the only part of Mini that reads the order of the batches
+        if "batches" not in history.schedule:
+            raise ValueError("batch_effect: needs every step's batch indices, which this history does not store (a kind='minimal' "
+                             "history keeps only which samples were trained on); record with HistoryPolicy(kind='full') "
+                             "(mini.prepare computes its summary) or call mini without batch_effect")
+        if not (has_ckpt and "curvature" in s):
+            raise ValueError("batch_effect: needs the checkpoints and their curvature in the summary: set "
+                             "unlearn_fast.methods.mini.KEEP_CURVATURE = True before the summary is computed (finish / prepare)")
     use_batches = batch_effect
     if use_batches:
         lrs_all = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
