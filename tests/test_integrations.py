@@ -192,6 +192,31 @@ def test_history_saved_with_each_checkpoint(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
 
 
+def test_per_sample_first_epoch_history_from_the_trainer(tmp_path):
+    """hf.record(per_sample=...) records each sample's first-epoch gradient (for first_epoch_ascent) beside the step
+    history; the rows of the first optimizer step's samples are their gradients at the initial weights."""
+    policy = uf.HistoryPolicy(kind="first_epoch", per_sample=True, params="embeddings", codec="fp32")
+    trainer = _trainer(tmp_path, optim="sgd", learning_rate=0.5, gradient_accumulation_steps=2, num_train_epochs=2)
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"), per_sample=policy)
+    trainer.train()
+    rows, history = cb.per_sample_history(), cb.finish(summary=False)
+    assert rows is cb.per_sample_history() and rows.n_epochs == 1  # epoch 1 ran, "first_epoch" keeps epoch 0
+    assert torch.equal(rows.epochs[0]["index"], torch.arange(N)) and len(history.schedule["batches"]) == 2 * N // (2 * BATCH)
+    assert rows.param_names == ["transformer.wte.weight", "transformer.wpe.weight"]
+    reference = _model()  # independent: the model's own loss, one unpadded sample at a time, at the initial weights
+    set_flat_params(reference, history.schedule["w0"])
+    params = dict(reference.named_parameters())
+    data = _Texts()
+    for i in history.schedule["batches"][0].tolist():
+        reference.zero_grad()
+        ids = data[i]["input_ids"][None]
+        reference(input_ids=ids, labels=ids).loss.backward()
+        expected = torch.cat([params[n].grad.reshape(-1) for n in rows.param_names])
+        torch.testing.assert_close(rows.row(0, i), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="per_sample"):
+        hf.record(_trainer(tmp_path), per_sample=uf.HistoryPolicy(kind="full"))
+
+
 def test_unreplayable_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="dropout.*attn_pdrop=0.1"):
         hf.record(_trainer(tmp_path, model=_model(dropout=0.1)))
@@ -357,16 +382,39 @@ def test_methods_on_an_accelerate_model_match_the_plain_loop(accelerated, method
     assert _max_dw(a, b) < 1e-5 < _max_dw(truth, model) / 100, (_max_dw(a, b), _max_dw(truth, model))
 
 
-@pytest.mark.xfail(strict=False, raises=pytest.fail.Exception, reason="recording.py's autocast check is a forward pre-hook on the model, which runs before "
-                   "the autocast that accelerate's mixed precision enters inside the patched forward (needs a change in recording.py)")
-def test_accelerate_mixed_precision_is_refused():
+def _bf16_run():
+    """6 SGD steps of a model prepared by accelerate with mixed_precision="bf16": accelerate patches the model's
+    forward to run under CPU autocast (bfloat16) and return float32 outputs."""
     import accelerate
 
     acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     model = acc.prepare(_mlp())
-    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=ACC_LR))
+    train = _accelerate_data()
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
-    x, y = _accelerate_data().tensors
-    acc.backward(torch.nn.functional.cross_entropy(model(x[:4]), y[:4]))
-    with pytest.raises(ValueError, match="autocast"):
-        rec.record(torch.arange(4))
+    x, y = train.tensors
+    for step in range(6):
+        batch = torch.arange(8 * step, 8 * step + 8)
+        opt.zero_grad()
+        acc.backward(torch.nn.functional.cross_entropy(model(x[batch]), y[batch]))
+        rec.record(batch)
+        opt.step()
+    return acc, model, rec.finish(train, torch.nn.functional.cross_entropy), train
+
+
+def test_accelerate_mixed_precision_replays_on_the_prepared_model():
+    """The methods get a deep copy of the prepared model, patched forward included: the replay runs under the same
+    autocast and lands on the trained weights."""
+    acc, model, history, train = _bf16_run()
+    replayed = _replay(model, history, train, torch.nn.functional.cross_entropy)
+    moved = float((flat_params(model) - history.schedule["w0"]).abs().max())
+    assert _max_dw(replayed, model) < TIGHT < moved / 1000, (_max_dw(replayed, model), moved)
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason="recording.py detects autocast with a forward pre-hook on the model, "
+                   "which runs before the autocast that accelerate's mixed precision enters inside the model's patched forward: the "
+                   "history says float32, and a replay on the unwrapped model (accelerator.unwrap_model(model, keep_fp32_wrapper=False)) "
+                   "ends 4.5e-4 away without a warning (needs a change in recording.py)")
+def test_accelerate_mixed_precision_is_recorded():
+    acc, model, history, train = _bf16_run()
+    assert history.meta["recording"].get("autocast") == "bfloat16", history.meta["recording"]

@@ -224,8 +224,11 @@ def _check_trainer(trainer, allow_dropout):
 class HistoryCallback(TrainerCallback):
     """Records every optimizer step of a Trainer into a HistoryRecorder. Build it with `record(trainer)`."""
 
-    def __init__(self, trainer, policy=None, allow_dropout=False, save_history=True):
+    def __init__(self, trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None):
         self.policy, self.save_history = policy, save_history
+        if per_sample is not None and getattr(per_sample, "kind", None) not in ("first_epoch", "all_epochs"):
+            raise ValueError(f"per_sample: a HistoryPolicy of kind 'first_epoch' or 'all_epochs', got {per_sample!r}")
+        self.per_sample_policy, self.per_sample, self._per_sample_history = per_sample, None, None
         self.dropout = _check_trainer(trainer, allow_dropout)
         self.dataset = trainer.train_dataset.dataset if isinstance(trainer.train_dataset, IndexedExamples) else trainer.train_dataset
         self.collator = trainer.data_collator.collator if isinstance(trainer.data_collator, IndexCollator) else trainer.data_collator
@@ -235,7 +238,7 @@ class HistoryCallback(TrainerCallback):
         # averages its own loss over the predicted positions (accumulation > 1 is refused then)
         shifted = getattr(trainer, "_loss_shifts_labels", False) or not trainer.model_accepts_loss_kwargs
         self.count = "shifted" if shifted else "all"
-        self.recorder, self.queue, self.micro_batches = None, [], 0
+        self.recorder, self.queue, self.inputs, self.micro_batches = None, [], [], 0
         self._replay_set, self._hook = None, None
 
     # -- the forward pre-hook (registered on the model by `record`)
@@ -258,6 +261,8 @@ class HistoryCallback(TrainerCallback):
                 _check_right_padded(mask, labels, "training batch")
             self._check_same_as_replay(indices.detach().cpu(), kwargs["input_ids"], labels, mask)
             self.queue.append(indices.detach().cpu())
+            if self.per_sample is not None:  # per-sample gradients at these weights, computed before the step
+                self.inputs.append((indices.detach().cpu(), kwargs["input_ids"].detach(), labels.detach()))
         return args, kwargs
 
     def _check_same_as_replay(self, indices, input_ids, labels, mask):
@@ -286,7 +291,11 @@ class HistoryCallback(TrainerCallback):
         # recorder is told not to refuse them
         allow = (("accumulation",) if self.accumulation > 1 else ()) + (("clipping",) if self.max_grad_norm > 0 else ())
         self.recorder = _recorder(model, optimizer, self.policy, allow)
-        self.queue, self.micro_batches = [], 0
+        if self.per_sample_policy is not None:
+            from ..lm.recording import FirstEpochRecorder
+
+            self.per_sample = FirstEpochRecorder(model, optimizer, self.per_sample_policy)
+        self.queue, self.inputs, self.micro_batches = [], [], 0
 
     def on_train_end(self, args, state, control, **kwargs):
         # the model outlives the run (deep copies, torch.save): it must not keep a hook that expects indexed batches
@@ -303,7 +312,13 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"step {state.global_step}: {len(self.queue)} indexed micro-batches reached the model for {expected} "
                              "backward passes; the recorder cannot tell which samples made this step")
         self.recorder.record(torch.cat(self.queue))
-        self.queue, self.micro_batches = [], 0
+        for indices, input_ids, labels in self.inputs:  # (the parameters are still those the micro-batches saw)
+            self.per_sample.record(indices, input_ids, labels)
+        self.queue, self.inputs, self.micro_batches = [], [], 0
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.per_sample is not None:
+            self.per_sample.end_epoch()
 
     def on_save(self, args, state, control, **kwargs):
         if not self.save_history or self.recorder is None:
@@ -344,6 +359,7 @@ class HistoryCallback(TrainerCallback):
 
         rec = self._require()
         meta = dict(rec.meta, n_train=len(self.dataset), hf_trainer=self._trainer_meta())
+        meta["final_digest"] = weights_digest(rec.model)  # complete for the weights it replays to: the model's now
         schedule = {"w0": rec.w0, "batches": list(rec.batches), "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
         return GradientHistory(meta, schedule, None, None)
 
@@ -365,6 +381,18 @@ class HistoryCallback(TrainerCallback):
             grad = batch_gradient(rec.model, self.replay_loss, batch, flat_params(rec.model))
             history.meta["loss_check"] = dict(check, grad_norm=float(torch.linalg.vector_norm(grad)), loss="replay_loss")
         return history
+
+    def per_sample_history(self):
+        """The FirstEpochHistory of the per-sample recording (hf.record(..., per_sample=policy)): each sample's
+        gradient of its own mean next-token loss in the first epoch ("first_epoch"), for
+        method="first_epoch_ascent" with a train_set indexed like the Trainer's data set (e.g. unlearn_fast.lm's
+        TextDataset of the same texts and tokenizer). Rows are computed in eval mode (no dropout)."""
+        if self.per_sample is None:
+            raise ValueError("per_sample_history: nothing was recorded per sample; pass per_sample=HistoryPolicy(kind='first_epoch', "
+                             "per_sample=True) to hf.record and train")
+        if self._per_sample_history is None:
+            self._per_sample_history = self.per_sample.finish()
+        return self._per_sample_history
 
     def _require(self):
         if self.recorder is None or not self.recorder.batches:
@@ -393,8 +421,11 @@ class _IndexHook:
         return _IndexHook(None)
 
 
-def record(trainer, policy=None, allow_dropout=False, save_history=True):
+def record(trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None):
     """Attach a recorder to `trainer` (before trainer.train()); returns its HistoryCallback.
+
+    per_sample: a HistoryPolicy of kind "first_epoch" / "all_epochs" (per_sample=True) to record, besides the
+    step history, each sample's gradient for first_epoch_ascent (cb.per_sample_history()).
 
     Wraps trainer.train_dataset (examples gain INDEX_KEY) and trainer.data_collator, registers a forward
     pre-hook on trainer.model that takes the indices out, and adds the callback. The history is saved into
@@ -405,7 +436,7 @@ def record(trainer, policy=None, allow_dropout=False, save_history=True):
         raise ValueError(f"trainer.train_dataset: a map-style torch Dataset is needed (indices name its samples), got {type(trainer.train_dataset).__name__}")
     if any(isinstance(cb, HistoryCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer: a HistoryCallback is already attached")
-    callback = HistoryCallback(trainer, policy, allow_dropout, save_history)
+    callback = HistoryCallback(trainer, policy, allow_dropout, save_history, per_sample)
     if not isinstance(trainer.train_dataset, IndexedExamples):
         trainer.train_dataset = IndexedExamples(trainer.train_dataset)
     if not isinstance(trainer.data_collator, IndexCollator):
