@@ -614,6 +614,7 @@ def write_format1(path, history):
 
 def test_format1_histories_are_read_read_only(tmp_path, recorded):
     history = fresh(recorded["full"][2])
+    history.schedule = {k: v for k, v in history.schedule.items() if not k.startswith("micro_")}  # format 1 predates them
     old = str(tmp_path / "old")
     write_format1(old, history)
     loaded = uf.GradientHistory.load(old)

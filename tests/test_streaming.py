@@ -201,3 +201,26 @@ def test_a_minimal_history_keeps_which_samples_were_trained_on_not_the_batch_ord
     # retrain from it draws batches of the recorded sizes (another batch order), and says so
     res = uf.unlearn(model, loaded, [0, 1], data, LOSS, method="retrain")
     assert res.stats["batch_order"].startswith("resampled") and res.stats["steps"] == len(batches)
+
+
+def test_a_minimal_history_s_schedule_does_not_grow_with_steps(tmp_path):
+    """Constant learning rate and batch size: the schedule is a few runs, whatever the number of steps."""
+    import json
+
+    data = make_data()
+    sizes = {}
+    for epochs in (1, 4):
+        model, opt = new_run()
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+        batches = order(epochs)
+        train(model, opt, rec, data, batches)
+        history = rec.finish(data, LOSS)
+        path = history.save(str(tmp_path / f"h{epochs}"))
+        pointer = json.loads(open(os.path.join(path, "CURRENT"), "rb").read().split(b"\n")[0])
+        manifest = json.load(open(os.path.join(path, "objects", pointer["manifest"])))
+        assert manifest["chunks"] == []
+        sizes[epochs] = {name: entry["shape"] for name, entry in manifest["tensors"].items() if name.startswith("schedule.") and name != "schedule.w0"}
+        loaded = uf.GradientHistory.load(path)
+        assert torch.equal(loaded.schedule["lrs"], history.schedule["lrs"]) and loaded.num_steps == len(batches)
+        assert torch.equal(loaded.schedule["batch_sizes"], torch.full((len(batches),), BATCH))
+    assert sizes[1] == sizes[4]

@@ -416,7 +416,13 @@ class GradientHistory:
             else:
                 head[f"summary.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         chunks = []
-        for j, (a, b) in enumerate(self._chunk_bounds()):
+        if "batches" not in self.schedule:
+            # no batch order to replay (kind="minimal"): the per-step columns run-length encoded in the head; a constant
+            # learning rate and batch size cost a few bytes whatever the number of steps
+            for name, column in self._schedule_part(0, self.num_steps).items():
+                values, lengths = run_lengths(column)
+                head[f"{name}.values"], head[f"{name}.lengths"] = values, lengths
+        for j, (a, b) in enumerate(self._chunk_bounds() if "batches" in self.schedule else ()):
             parts = {"schedule": self._schedule_part(a, b)}
             rows = self._rows_part(j, a, b)
             if rows is not None:
@@ -450,6 +456,8 @@ class GradientHistory:
                 cache = _PartCache(path)
                 parts = [(c["steps"], c["parts"].get("rows")) for c in snap.chunks]
                 parts = [(n, part, cache) for n, part in parts]
+            for name in [n[: -len(".values")] for n in arrays if n.startswith("schedule.") and n.endswith(".values")]:
+                arrays[name] = expand_runs(arrays.pop(f"{name}.values"), arrays.pop(f"{name}.lengths", None), name, where)
             history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], arrays, where, parts)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"history: manifest in {path!r} lacks or mangles entry {err!r}") from None
@@ -575,6 +583,25 @@ def _chunked_trajectory(encoded, chunks, where):
             parts.append((steps, _StoredRows(cache, part, f"trajectory.{key}", m, steps, where)))
         out[key] = ChunkedRows(parts, m["codec"], m["blocksize"], m["p"], ROW_DTYPES[m["dtype"]])
     return out
+
+
+def run_lengths(column):
+    """(values, lengths): the runs of equal consecutive rows of `column` (rows of a 2-D one)."""
+    rows = column if column.dim() > 1 else column[:, None]
+    if rows.shape[0] == 0:
+        return column[:0], torch.zeros(0, dtype=torch.int64)
+    change = torch.ones(rows.shape[0], dtype=torch.bool)
+    change[1:] = (rows[1:] != rows[:-1]).any(1)
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(torch.cat([starts, torch.tensor([rows.shape[0]])]))
+    return column[starts], lengths
+
+
+def expand_runs(values, lengths, name, where):
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.numel() != values.shape[0] \
+            or bool((lengths < 1).any()) or int(lengths.sum()) > 2**31:
+        raise ValueError(f"history: {where}: {name} has run lengths that do not match its values")
+    return torch.repeat_interleave(values, lengths, dim=0)
 
 
 def pack_bits(mask):

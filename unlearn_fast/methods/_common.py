@@ -118,9 +118,12 @@ def check_history(history, model, forget, train_set, method):
         raise ValueError(f"history: its recording did not finish ({history.num_steps} steps were streamed to {history.path!r}); continue it "
                          "with HistoryRecorder.resume from a trainer checkpoint, or record again")
     history.check_model(model)
-    if method in PLAIN_SGD_MODELS and clip_max_norm(history) is not None:
-        raise ValueError(f"{method}: the training run clipped gradient norms at {clip_max_norm(history):.6g}, which its model of an SGD step "
-                         "does not include; use method='retrain' or 'rewind' (they replay the clipping)")
+    recording = history.meta.get("recording") or {}
+    if method in PLAIN_SGD_MODELS and (clip_max_norm(history) is not None or recording.get("clipped_steps")):
+        what = f"clipped gradient norms at {clip_max_norm(history):.6g}" if clip_max_norm(history) is not None else \
+            f"edited (clipped) the gradients of {recording['clipped_steps']} steps"
+        raise ValueError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
+                         "or 'rewind' (they replay the clipping)")
     if method in PLAIN_SGD_MODELS and bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
         raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
                          "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
