@@ -30,6 +30,13 @@ import time
 
 import torch
 import torch.distributed as dist
+# Imported now, before the caller's init_process_group: its functions take `group=group.WORLD` as a default argument,
+# evaluated at import, and DDP imports it during its construction. Imported after init, ten default arguments hold
+# the default process group for the life of the interpreter: destroy_process_group() cannot free it, and its gloo
+# worker threads live on into interpreter finalization, where one that still has to take the GIL (to release a
+# comm-hook callback or a tensor's Python object) aborts the process ("terminate called without an active
+# exception", SIGABRT). Imported here, the defaults are None. See docs/distributed.md, "Teardown".
+import torch.distributed.nn.functional  # noqa: F401,E402
 
 from ..recording import HistoryRecorder
 
@@ -238,9 +245,9 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group)
-    forget = torch.as_tensor(forget, dtype=torch.int64)
-    _check_same_request(history, forget, group, world_size)  # first: a check below failing on one rank only would leave the others waiting
     refuse_sharded(model, "distributed retrain")
+    forget = torch.as_tensor(forget, dtype=torch.int64)
+    _check_same_request(history, forget, group, world_size)  # before the checks below: one failing on one rank only would leave the others waiting
     check_world_size(history, world_size)
     module = _unwrap(model)
     check_history(history, module, forget, train_set, "retrain")
