@@ -141,11 +141,10 @@ def overhead(spec, rounds, k, tmp):
                 start = time.perf_counter()
                 rec.flush()  # what is still queued counts: the run is not done before its history is on disk
                 seconds += time.perf_counter() - start
-                rec._writer.close()
-                shutil.rmtree(os.path.join(tmp, f"h{r}"))
             if rec is not None:
-                for handle in rec._handles:
-                    handle.remove()
+                rec.close()
+            if mode == "full_int8_stream":
+                shutil.rmtree(os.path.join(tmp, f"h{r}"))
             modes[mode].append(seconds / k)
             print(f"  {spec[0]} round {r} {mode}: {seconds / k * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     plain = modes["plain"]
@@ -166,12 +165,9 @@ def memory(spec, steps, tmp):
         rss = [rss_mib()]
         run.steps(steps, opt, rec, rss)
         curves[mode] = rss
+        rec.close()
         if path:
-            rec.flush()
-            rec._writer.close()
             shutil.rmtree(path)
-        for handle in rec._handles:
-            handle.remove()
         del rec
         print(f"  rss {mode}: {rss[0]:.0f} -> {rss[-1]:.0f} MiB over {steps} steps", file=sys.stderr, flush=True)
     return curves
@@ -189,11 +185,9 @@ def disk_bytes(spec, steps, tmp):
             run.steps(steps, opt, rec)
             rec.flush()
             sizes.append(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs))
-        rec._writer.close()
+        rec.close()
         out[codec] = (sizes[1] - sizes[0]) / steps
         shutil.rmtree(path)
-        for handle in rec._handles:
-            handle.remove()
     return out
 
 

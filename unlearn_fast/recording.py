@@ -457,6 +457,7 @@ class HistoryRecorder:
         else:
             self._writer.close()
             self._raise_writer_error()
+            self._writer = None
             history = GradientHistory.load(self.path)  # what was streamed: the rows stay on disk
             history.meta = meta
         if self.policy.kind != "full":
@@ -476,11 +477,21 @@ class HistoryRecorder:
         meta["final_digest"] = weights_digest(self.model)
         if self.path is not None:
             history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference
-        for handle in self._handles:
-            handle.remove()
-        self._finished = True
+        self.close()
         self._chunks, self.batches = [], []  # the history holds them now
         return history
+
+    def close(self):
+        """Stop recording without finishing: the hooks come off the model and optimizer, a streamed recording's
+        sealed chunks are written (the open one is dropped: flush() first to keep it). The history at `path`
+        stays an unfinished recording (resume() continues it). Safe to call twice, and after finish()."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._finished = True
 
     def snapshot(self, n_train):
         """The schedule recorded so far as a GradientHistory without trajectory or summary: what `retrain`
