@@ -224,3 +224,36 @@ def test_a_minimal_history_s_schedule_does_not_grow_with_steps(tmp_path):
         assert torch.equal(loaded.schedule["lrs"], history.schedule["lrs"]) and loaded.num_steps == len(batches)
         assert torch.equal(loaded.schedule["batch_sizes"], torch.full((len(batches),), BATCH))
     assert sizes[1] == sizes[4]
+
+
+def test_a_minimal_recording_resumes_with_its_checkpoints(tmp_path):
+    """kind="minimal" streams its few checkpoints with the chunks: a resumed run keeps the same ones and finishes
+    to the same summary inputs as an uninterrupted run."""
+    data, batches = make_data(), order(6)  # 48 steps: checkpoints at powers of two and on a thinning grid
+    runs = {}
+    for resumed in (False, True):
+        model, opt = new_run()
+        path = str(tmp_path / f"h{resumed}")
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2), path=path)
+        rec.chunk_steps = 7
+        if resumed:
+            train(model, opt, rec, data, batches, stop=30, flush_at=(30,))
+            state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+            train(model, opt, rec, data, batches, start=30, stop=37)
+            rec.close()  # the run stops here (killed, say); it restarts from its step-30 checkpoint
+            model, opt = new_run()
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            rec = uf.HistoryRecorder.resume(path, model, opt)
+            assert rec.num_steps == 30
+            train(model, opt, rec, data, batches, start=30)
+        else:
+            train(model, opt, rec, data, batches)
+        runs[resumed] = (rec.checkpoints, rec.finish(data, LOSS), model)
+    (ck_a, h_a, m_a), (ck_b, h_b, m_b) = runs[False], runs[True]
+    assert [s for s, _ in ck_a] == [s for s, _ in ck_b] and len(ck_a) >= 4
+    assert all(torch.equal(a.all(), b.all()) for (_, a), (_, b) in zip(ck_a, ck_b))
+    assert torch.equal(flat_params(m_a), flat_params(m_b))
+    for key, value in h_a.summary.items():
+        other = h_b.summary[key]
+        assert torch.equal(value.all(), other.all()) if hasattr(value, "all") and not isinstance(value, torch.Tensor) else torch.equal(value, other), key

@@ -111,6 +111,38 @@ def checkpoint_capacity(steps):
     return max(4, min(24, steps // 48))
 
 
+class CheckpointGrid:
+    """Which steps a kind="minimal" recorder keeps parameter checkpoints of, decided without knowing the run's
+    length: every power-of-two step (training moves fastest at the start) and an even grid of spacing `every`;
+    when the grid holds more than checkpoint_capacity(steps) points, every other one is dropped and the spacing
+    doubles. The one rule for the recorder (online) and for Mini's preparation of a full history (replayed)."""
+
+    def __init__(self):
+        self.every, self.kept = 1, []
+
+    @staticmethod
+    def early(step):
+        return step & (step - 1) == 0  # 0, 1, 2, 4, 8, ...
+
+    def offer(self, step):
+        """Step `step` is being recorded: whether to take a checkpoint of it. self.kept is updated (thinned)."""
+        take = step % self.every == 0 or self.early(step)
+        if take:
+            self.kept.append(step)
+        while sum(s % self.every == 0 for s in self.kept) > checkpoint_capacity(step + 1):
+            self.every *= 2
+            self.kept = [s for s in self.kept if s % self.every == 0 or self.early(s)]
+        return take
+
+
+def checkpoint_steps(steps):
+    """The steps a kind="minimal" recorder keeps for a run of `steps` steps."""
+    grid = CheckpointGrid()
+    for step in range(steps):
+        grid.offer(step)
+    return grid.kept
+
+
 def weights_digest(model):
     """sha256 of a model's trainable parameters, bit for bit: binds a history to the model it trained and
     each logged request to the model it produced."""

@@ -22,8 +22,8 @@ import uuid
 import torch
 
 from . import store
-from .history import (CHUNK_BYTES, CHUNK_STEPS, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, checkpoint_capacity, fetch,
-                      flat_grads, flat_params, param_spec, row_bytes, weights_digest)
+from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows,
+                      fetch, flat_grads, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -121,9 +121,9 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs = []  # every step's learning rates (a streamed recording: those of the open chunk)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
-        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": []}  # the chunk being filled
+        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": [], "ckpt": []}  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
-        self.checkpoints, self.checkpoint_every = [], 1  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
+        self.checkpoints, self.grid = [], CheckpointGrid()  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
             "param_spec": param_spec(model),
@@ -340,7 +340,7 @@ class HistoryRecorder:
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
         chunk = self._open
-        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": []}
+        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": [], "ckpt": []}
         n = len(chunk["sizes"])
         schedule = {
             "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
@@ -360,6 +360,10 @@ class HistoryRecorder:
         parts = {"schedule": schedule}
         if rows:
             parts["rows"] = {f"trajectory.{key}.{name}": t for key, r in rows.items() for name, t in r.tensors.items()}
+        if chunk["ckpt"]:  # kind="minimal": the checkpoints taken in this chunk (resume() needs them; finish() drops the part)
+            ckpt = EncodedRows.cat([row for _, row in chunk["ckpt"]])
+            parts["ckpt"] = {"ckpt.steps": torch.tensor([s for s, _ in chunk["ckpt"]], dtype=torch.int64),
+                             **{f"ckpt.w.{name}": t for name, t in ckpt.tensors.items()}}
         self.lrs = []
         self._writer.put((n, parts, mark))
 
@@ -403,17 +407,16 @@ class HistoryRecorder:
         self._raise_writer_error()
 
     def _keep_checkpoint(self, step):
-        """Snapshots without knowing the run's length: every power-of-two step (training moves fastest at the
-        start) and an even grid of spacing `checkpoint_every`; when the grid holds more than
-        checkpoint_capacity(steps) points, every other one is dropped and the spacing doubles."""
-        early = lambda s: s & (s - 1) == 0  # noqa: E731  (0, 1, 2, 4, 8, ...)
-        if step % self.checkpoint_every == 0 or early(step):
-            # encoded now (the summary stores them through summary_codec anyway): an int8 snapshot holds a quarter of the memory
-            w = flat_params(self.model)
-            self.checkpoints.append((step, EncodedRows.encode(w[None], self.policy.summary_codec, self.policy.blocksize)))
-        while sum(s % self.checkpoint_every == 0 for s, _ in self.checkpoints) > checkpoint_capacity(step + 1):
-            self.checkpoint_every *= 2
-            self.checkpoints = [(s, w) for s, w in self.checkpoints if s % self.checkpoint_every == 0 or early(s)]
+        """A checkpoint of w_step when the grid takes one (history.CheckpointGrid), encoded now (the summary stores
+        it through summary_codec anyway: int8 holds a quarter of the memory); a streamed recording also writes it
+        with the chunk (resume() gets it back)."""
+        if self.grid.offer(step):
+            row = EncodedRows.encode(flat_params(self.model)[None], self.policy.summary_codec, self.policy.blocksize)
+            self.checkpoints.append((step, row))
+            if self.path is not None:
+                self._open["ckpt"].append((step, row))
+        kept = set(self.grid.kept)
+        self.checkpoints = [(s, w) for s, w in self.checkpoints if s in kept]
 
     def finish(self, train_set, loss_fn, batch_size=1024):
         """Close the recording and return the GradientHistory. Checks loss_fn against the first recorded step's
@@ -520,8 +523,6 @@ class HistoryRecorder:
             raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
         history.check_model(model)
         policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
-        if policy.kind != "full":
-            raise ValueError("resume: only kind='full' recordings resume (a 'minimal' recorder holds its checkpoints in memory); record again")
         digest = weights_digest(model)
         marks = [j for j, mark in history.chunk_marks.items() if mark == digest]
         if not marks:
@@ -535,6 +536,20 @@ class HistoryRecorder:
             rec._note_seen(idx)
         rec._last_indices = history.schedule["batches"][steps - 1] if steps else None
         rec._first_indices, rec._first_raw_norm = history.schedule["batches"][0] if steps else None, None
+        if policy.kind != "full":  # the checkpoints the grid still keeps at `steps`, from the chunks that took them
+            for step in range(steps):  # the grid's state at `steps`, replayed
+                rec.grid.offer(step)
+            kept = set(rec.grid.kept)
+            snap = store.read(path, "GradientHistory")
+            m = EncodedRows({}, policy.summary_codec, policy.blocksize, rec.w0.numel(), rec.w0.dtype).meta()
+            for chunk in snap.chunks[: j + 1]:
+                if "ckpt" in chunk["parts"]:
+                    tensors = store.read_part(path, chunk["parts"]["ckpt"], repr(path))
+                    rows = _encoded_rows("ckpt.w", m, {n[len("ckpt.w."):]: t for n, t in tensors.items() if n.startswith("ckpt.w.")}, repr(path))
+                    rec.checkpoints += [(int(s), EncodedRows({n: t[i : i + 1] for n, t in rows.tensors.items()}, rows.codec, rows.blocksize, rows.p, rows.dtype))
+                                        for i, s in enumerate(tensors["ckpt.steps"].tolist()) if int(s) in kept]
+            if sorted(s for s, _ in rec.checkpoints) != rec.grid.kept:
+                raise ValueError(f"path: the recording at {path!r} lacks checkpoints its grid keeps (steps {sorted(kept)[:8]}...)")
         store.truncate(path, "GradientHistory", history.recording_id, j + 1)
         rec._writer = _ChunkWriter(path, rec.recording_id)
         return rec
