@@ -102,7 +102,9 @@ def test_retrain_forgetting_nothing_reproduces_the_trainer(trained):
     # the two things that made the replay miss before (tests/test_integrations.py measures them; docs/integrations.md):
     # dividing by the predicted positions instead of the Trainer's label count, and not clipping
     if cb.max_grad_norm > 0:
-        assert _max_dw(_replay(model, history, cb.replay_set, cb.loss_fn), model) > 100 * TIGHT
+        assert history.meta["recording"]["clip_max_norm"] == cb.max_grad_norm
+        unclipped = GradientHistory(dict(history.meta, recording={}), history.schedule, history.trajectory, history.summary)
+        assert _max_dw(_replay(model, unclipped, cb.replay_set, cb.replay_loss), model) > 100 * TIGHT
     else:  # (a clipped step does not depend on the loss's scale: every step clips here)
         other = "shifted" if cb.count == "all" else "all"
         assert _max_dw(_replay(model, history, cb.replay_set, hf.TrainerLoss(other)), model) > 100 * TIGHT
@@ -153,6 +155,8 @@ def test_forgetting_matches_a_trainer_style_retrain(tmp_path_factory):
     reference = _trainer_style_retrain(history, forget, cb.max_grad_norm)
     dw, moved = _max_dw(result.model, reference), _max_dw(reference, trainer.model)
     assert dw < TIGHT < moved / 1000, (dw, moved)
+    with pytest.raises(ValueError, match="clipped gradient norms at 0.2"):  # its model of a step has no clipping
+        uf.unlearn(trainer.model, history, forget, cb.replay_set, cb.replay_loss, method="deltagrad")
 
 
 def test_adamw_defaults(tmp_path):
@@ -167,7 +171,7 @@ def test_adamw_defaults(tmp_path):
     b.train()
     noise = _max_dw(a.model, b.model)  # same samples per step, same math
     dw = _max_dw(_replay(a.model, history, cb.replay_set, cb.replay_loss), a.model)
-    wrong = _max_dw(_replay(a.model, history, cb.replay_set, hf.TrainerLoss("shifted", cb.max_grad_norm)), a.model)
+    wrong = _max_dw(_replay(a.model, history, cb.replay_set, hf.TrainerLoss("shifted")), a.model)
     assert history.meta["optimizer"]["class"] == "torch.optim.adamw.AdamW"
     assert dw < 5 * noise < wrong, (dw, noise, wrong)  # measured: 3.75e-5, 2.65e-5, 8.7e-4 (docs/integrations.md)
 
@@ -386,8 +390,18 @@ def _bf16_run():
     """6 SGD steps of a model prepared by accelerate with mixed_precision="bf16": accelerate patches the model's
     forward to run under CPU autocast (bfloat16) and return float32 outputs."""
     import accelerate
+    from accelerate.state import AcceleratorState
 
-    acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    # accelerate keeps one process-wide state: the runs before (the Trainer's) fixed mixed_precision="no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        return _bf16_steps(acc)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _bf16_steps(acc):
     model = acc.prepare(_mlp())
     opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=ACC_LR))
     train = _accelerate_data()

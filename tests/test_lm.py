@@ -673,7 +673,7 @@ def test_first_epoch_recorder_says_when_finish_is_called_twice():
 def hf_setup(one_thread):
     """A transformers GPT2LMHeadModel as a user builds it (dropout 0.1 everywhere, the default SDPA attention) and a
     byte-level BPE PreTrainedTokenizerFast trained in memory on the corpus; trained by train_lm with a first-epoch
-    recorder built by uf.HistoryRecorder."""
+    recorder (FirstEpochRecorder)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     corpus = make_corpus(seed=1, n_train=40, n_heldout=30, n_variant_people=2, secret_digits=3)
@@ -685,7 +685,7 @@ def hf_setup(one_thread):
     assert config.attn_pdrop == config.resid_pdrop == config.embd_pdrop == 0.1 and model.config._attn_implementation == "sdpa"
     train = TextDataset(corpus.train_texts, tok, context=model)
     heldout = TextDataset(corpus.heldout_texts, tok, context=model)
-    recorder = uf.HistoryRecorder(model, None, HistoryPolicy(kind="first_epoch", params="embeddings", per_sample=True))
+    recorder = FirstEpochRecorder(model, None, HistoryPolicy(kind="first_epoch", params="embeddings", per_sample=True))
     train_lm(model, train, epochs=10, batch_size=8, lr=5e-3, recorders=[recorder])
     model.train()  # as a Trainer leaves it
     return dict(corpus=corpus, tok=tok, model=model, train=train, heldout=heldout, history=recorder.finish())

@@ -17,8 +17,9 @@ micro-batches of that optimizer step as one step.
 What the replay reproduces (measured in tests/test_integrations.py, docs/integrations.md): the Trainer's step
 loss is the next-token cross-entropy summed over all micro-batches of the step and divided by its label count
 (`num_items_in_batch`), so replaying the step's samples as one batch with `TrainerLoss` gives the same gradient;
-its clipping (`max_grad_norm`, on by default at 1.0) is a per-step scale of that gradient, which `replay_loss`
-applies to the replayed batch (so a retrain without some samples clips what it really would). Dropout (a new
+its clipping (`max_grad_norm`, on by default at 1.0, `clip_grad_norm_`) goes into the history as
+meta["recording"]["clip_max_norm"], which retrain and rewind replay after each replayed backward (so a retrain
+without some samples clips what it really would) and deltagrad / mini refuse. Dropout (a new
 random mask per forward) cannot be replayed and is refused unless allow_dropout=True; mixed precision, label
 smoothing, a custom loss, NEFTune noise and distributed Trainer runs are refused, each naming the setting.
 """
@@ -83,7 +84,8 @@ class TrainerLoss:
     predictions, a gradient 41/45 of the shifted mean). count="all" divides like that, count="shifted" by the
     predicted positions; the callback reads which one the Trainer uses.
 
-    max_grad_norm > 0 adds the Trainer's gradient clipping, for method="retrain": clip_grad_norm_ multiplies the
+    max_grad_norm > 0 (not used by the callback since the methods replay clipping from the history; for replays
+    that clip in the loss): clip_grad_norm_ multiplies the
     step's gradient g by min(1, max_norm / (|g| + 1e-6)), which is the gradient of the loss times the same
     (detached) coefficient, computed here from the replayed batch's own gradient, so that a retrain without
     some samples clips as the Trainer would have. That gradient needs the parameters, which a loss function is
@@ -261,7 +263,7 @@ class HistoryCallback(TrainerCallback):
                 _check_right_padded(mask, labels, "training batch")
             self._check_same_as_replay(indices.detach().cpu(), kwargs["input_ids"], labels, mask)
             self.queue.append(indices.detach().cpu())
-            if self.per_sample is not None:  # per-sample gradients at these weights, computed before the step
+            if self.per_sample is not None and self.per_sample._recording():  # per-sample gradients at these weights, before the step
                 self.inputs.append((indices.detach().cpu(), kwargs["input_ids"].detach(), labels.detach()))
         return args, kwargs
 
@@ -287,9 +289,11 @@ class HistoryCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer; the replay rebuilds a torch optimizer")
-        # the replay loss reproduces the Trainer's accumulation (one token mean over the step) and clipping, so the
-        # recorder is told not to refuse them
-        allow = (("accumulation",) if self.accumulation > 1 else ()) + (("clipping",) if self.max_grad_norm > 0 else ())
+        # the replay loss reproduces the Trainer's accumulation (one token mean over the step), so the recorder is told
+        # not to refuse it; the Trainer's clipping (clip_grad_norm_ at max_grad_norm) is norm clipping, which the
+        # recorder notes itself and retrain / rewind replay (meta["recording"]["clip_max_norm"], set from the
+        # TrainingArguments by finish() and snapshot(), also when no step happened to clip)
+        allow = ("accumulation",) if self.accumulation > 1 else ()
         self.recorder = _recorder(model, optimizer, self.policy, allow)
         if self.per_sample_policy is not None:
             from ..lm.recording import FirstEpochRecorder
@@ -341,13 +345,20 @@ class HistoryCallback(TrainerCallback):
 
     @property
     def replay_loss(self):
-        """The loss for method="retrain": the Trainer's step loss with its clipping."""
-        return TrainerLoss(self.count, self.max_grad_norm)
+        """The loss for the methods (retrain, rewind, ...): the Trainer's step loss. Its clipping is in the history
+        (meta["recording"]["clip_max_norm"]), which retrain and rewind replay and deltagrad / mini refuse."""
+        return TrainerLoss(self.count)
 
     @property
     def loss_fn(self):
-        """The Trainer's step loss without clipping (for finish()'s summary and the other methods)."""
+        """The same loss as replay_loss (kept for callers of earlier versions)."""
         return TrainerLoss(self.count)
+
+    def _recording_meta(self, recording):
+        recording = dict(recording or {})
+        if self.max_grad_norm > 0:
+            recording["clip_max_norm"] = self.max_grad_norm
+        return recording
 
     def _trainer_meta(self):
         return {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
@@ -360,6 +371,7 @@ class HistoryCallback(TrainerCallback):
         rec = self._require()
         meta = dict(rec.meta, n_train=len(self.dataset), hf_trainer=self._trainer_meta())
         meta["final_digest"] = weights_digest(rec.model)  # complete for the weights it replays to: the model's now
+        meta["recording"] = self._recording_meta(meta.get("recording"))
         schedule = {"w0": rec.w0, "batches": list(rec.batches), "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
         return GradientHistory(meta, schedule, None, None)
 
@@ -370,16 +382,7 @@ class HistoryCallback(TrainerCallback):
             return self.snapshot()
         history = rec.finish(self.replay_set, self.loss_fn)
         history.meta["hf_trainer"] = self._trainer_meta()
-        check = history.meta.get("loss_check")
-        if check is not None and self.max_grad_norm > 0:
-            # uf.unlearn compares its loss_fn's gradient at the final weights with this norm; the loss retrain needs is
-            # replay_loss, whose gradient is the clipped one (the recorder measured the unclipped loss_fn's)
-            from ..history import fetch, flat_params
-            from ..methods._common import batch_gradient
-
-            batch = fetch(self.replay_set, history.schedule["batches"][check["step"]])
-            grad = batch_gradient(rec.model, self.replay_loss, batch, flat_params(rec.model))
-            history.meta["loss_check"] = dict(check, grad_norm=float(torch.linalg.vector_norm(grad)), loss="replay_loss")
+        history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
         return history
 
     def per_sample_history(self):
