@@ -512,3 +512,10 @@ def test_data_helpers_refuse_what_they_cannot_index():
         uf.split_batch(make_data().tensors)
     with pytest.raises(ValueError, match="batch: its first field must be the int64 indices"):
         uf.split_batch([torch.zeros(3), torch.zeros(3), torch.zeros(3)])
+
+
+@pytest.mark.parametrize("kind", ["first_epoch", "all_epochs"])
+def test_per_sample_kinds_are_refused_naming_the_language_model_recorder(kind):
+    model = torch.nn.Linear(5, 3)
+    with pytest.raises(ValueError, match="FirstEpochRecorder"):
+        uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind=kind, per_sample=True))

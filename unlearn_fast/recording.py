@@ -77,20 +77,15 @@ class HistoryRecorder:
     allow: training features among ALLOWABLE that the caller's replay loss_fn reproduces itself; by default
     each is refused when record() sees it (their replay would be silently wrong).
 
-    For kind "first_epoch" / "all_epochs" this returns the language-model per-sample recorder
-    (unlearn_fast.lm.recording.FirstEpochRecorder), which takes the batch inputs as well.
+    Kinds "first_epoch" / "all_epochs" are recorded by unlearn_fast.lm.FirstEpochRecorder, which takes the
+    batch inputs as well (this class refuses them, naming it).
     """
-
-    def __new__(cls, model, optimizer, policy=None, allow=(), path=None):
-        policy = policy or HistoryPolicy()
-        if policy.kind in ("first_epoch", "all_epochs"):
-            from .lm.recording import FirstEpochRecorder
-
-            return FirstEpochRecorder(model, optimizer, policy)
-        return super().__new__(cls)
 
     def __init__(self, model, optimizer, policy=None, allow=(), path=None):
         self.policy = policy or HistoryPolicy()
+        if self.policy.kind not in ("full", "minimal"):
+            raise ValueError(f"HistoryRecorder: policy kind {self.policy.kind!r} records per-sample rows of a language model, which take the "
+                             "batch inputs: use unlearn_fast.lm.FirstEpochRecorder(model, optimizer, policy)")
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"HistoryRecorder: model must be an nn.Module, got {type(model).__name__}")
         optimizer = real_optimizer(optimizer)
