@@ -173,6 +173,17 @@ class HistoryRecorder:
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
 
+    def rebase_gradients(self, norms):
+        """Declare that this step's gradients were replaced after backward in a way the replay reproduces (DDP
+        averaging them over ranks): `norms` maps parameters to their gradient norms as replaced, the baseline
+        record() checks later edits (clipping) against. Integrations call it; a plain loop never needs to."""
+        ids = {id(p): n for p, n in norms.items()} if isinstance(norms, dict) else None
+        if ids is None:
+            raise ValueError(f"rebase_gradients: norms must be a dict of parameter -> gradient norm, got {type(norms).__name__}")
+        for i, p in enumerate(self.params):
+            if self._raw_norms[i] is not None and id(p) in ids:
+                self._raw_norms[i] = torch.as_tensor(ids[id(p)])
+
     # -- checks
     def _check_open(self, call):
         if self._finished:
