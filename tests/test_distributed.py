@@ -95,7 +95,8 @@ def _work(rank, out):
     # concurrently on gloo's worker threads (the recorder's norm bookkeeping must not race)
     model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=2e-4)
     opt, sched = _optimizer(net)
-    rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    # streamed to disk (rank 0): the history written there carries the world size as well
+    rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "streamed"))
     sampler = torch.utils.data.DistributedSampler(_Indexed(ds), shuffle=True, seed=3)
     loader = torch.utils.data.DataLoader(_Indexed(ds), batch_size=PER_RANK, sampler=sampler)
     for epoch in range(EPOCHS):
@@ -195,7 +196,8 @@ def ddp_run():
                     for kind in ("unequal", "clipped", "worldsize", "mismatch", "fsdp_recorder", "fsdp_replay")}
         threads = [message(f"threads_{r}.txt") for r in range(WORLD)]
         replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
-        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals, replays, threads
+        streamed = GradientHistory.load(os.path.join(out, "streamed"))
+        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals, replays, threads, streamed
 
 
 def _trained(state):
@@ -207,7 +209,9 @@ def _trained(state):
 def test_history_of_the_world_batches(ddp_run):
     history, finals = ddp_run[:2]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # DDP keeps the ranks equal
-    assert history.meta["distributed"]["world_size"] == WORLD
+    assert history.meta["distributed"] == {"world_size": WORLD, "backend": "gloo", "recording_rank": 0}
+    assert ddp_run[5].meta["distributed"] == history.meta["distributed"]  # the streamed copy rank 0 wrote
+    assert [b.tolist() for b in ddp_run[5].schedule["batches"]] == [b.tolist() for b in history.schedule["batches"]]
     assert [s[0] for s in history.meta["param_spec"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]  # no "module." prefix
     batches = history.schedule["batches"]
     assert len(batches) == EPOCHS * N // (WORLD * PER_RANK)

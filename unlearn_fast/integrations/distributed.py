@@ -88,6 +88,9 @@ class DistributedRecorder:
             if self.allow and "allow" in inspect.signature(HistoryRecorder.__init__).parameters:
                 recorder_options["allow"] = self.allow
             self.recorder = HistoryRecorder(model.module, optimizer, policy, **recorder_options)
+            # in the recorder's meta from the start: a streamed recording (path=...) writes its head with it
+            if isinstance(getattr(self.recorder, "meta", None), dict):
+                self.recorder.meta["distributed"] = self._meta()
         self.params = [p for p in model.module.parameters() if p.requires_grad]
 
     def record(self, batch_indices):
@@ -157,8 +160,11 @@ class DistributedRecorder:
         if self.recorder is None:
             return None
         history = self.recorder.finish(train_set, loss_fn, **finish_options)
-        history.meta["distributed"] = {"world_size": self.world_size, "backend": self.backend, "recording_rank": 0}
+        history.meta["distributed"] = self._meta()
         return history
+
+    def _meta(self):
+        return {"world_size": self.world_size, "backend": self.backend, "recording_rank": 0}
 
 
 def recorded_world_size(history):
