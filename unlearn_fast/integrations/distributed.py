@@ -9,7 +9,7 @@
 
 After backward every rank holds the same gradient, the average of the ranks' mean-loss gradients, so one rank
 (rank 0) records, on the unwrapped `.module` (parameter names without DDP's "module." prefix); record() gathers
-every rank's indices of the step (all_gather, padded to the longest) into the world batch, in rank order. The
+every rank's indices of the step (all_gather) into the world batch, in rank order. The
 average of the ranks' means equals the mean over the world batch, which is what a single-process replay
 computes, only when every rank's batch has the same size: record() refuses unequal sizes on every rank (set
 drop_last=True on the DataLoader, or pad the data set to a multiple of world size times batch size).
@@ -36,14 +36,15 @@ import torch.distributed as dist
 # worker threads live on into interpreter finalization, where one that still has to take the GIL (to release a
 # comm-hook callback or a tensor's Python object) aborts the process ("terminate called without an active
 # exception", SIGABRT). Imported here, the defaults are None. See docs/distributed.md, "Teardown".
-import torch.distributed.nn.functional  # noqa: F401,E402
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: F401,E402
 
 from ..recording import HistoryRecorder
 
 
-def _world(group):
+def _world(group, who="DistributedRecorder"):
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("DistributedRecorder: torch.distributed is not initialised (call dist.init_process_group first)")
+        raise ValueError(f"{who}: torch.distributed is not initialised (call dist.init_process_group first)")
     return dist.get_world_size(group), dist.get_rank(group)
 
 
@@ -250,7 +251,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     from ..methods._common import batch_loss, check_history
     from ..methods.retrain import build_optimizer
 
-    world_size, rank = _world(group)
+    world_size, rank = _world(group, "distributed retrain")
     refuse_sharded(model, "distributed retrain")
     forget = torch.as_tensor(forget, dtype=torch.int64)
     _check_same_request(history, forget, group, world_size)  # before the checks below: one failing on one rank only would leave the others waiting
@@ -306,7 +307,7 @@ def unlearn(model, history, forget, train_set, loss_fn, group=None, allow_unreco
     one rank)."""
     from ..unlearn import UnlearnResult, bind_request, check_forget, non_finite_parameters
 
-    _world(group)
+    _world(group, "distributed retrain")
     refuse_sharded(model, "distributed retrain")
     check_world_size(history, dist.get_world_size(group))
     module = _unwrap(model)
