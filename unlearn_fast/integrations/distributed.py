@@ -146,14 +146,10 @@ class DistributedRecorder:
         return reduced, now
 
     def _rebaseline(self):
-        # HistoryRecorder (recording.py) keeps the norms backward left in _raw_norms, by position in its params;
-        # under DDP those are the rank's local gradients, not the averaged ones it records. This needs a public
-        # way to tell the recorder that gradients were reduced (requested); until then the private list is updated.
-        raw = getattr(self.recorder, "_raw_norms", None)
-        if raw is not None:
-            for i, p in enumerate(self.recorder.params):
-                if raw[i] is not None and id(p) in self._reduced_norms:
-                    raw[i] = self._reduced_norms[id(p)]
+        # the recorder took each gradient's norm as backward left it (this rank's own); after DDP's all-reduce the
+        # gradients it records are the averaged ones, whose norms the comm hook measured: they become its baseline
+        norms = {p: self._reduced_norms[id(p)] for p in self.params if id(p) in self._reduced_norms}
+        self.recorder.rebase_gradients(norms)
         self._reduced_norms = {}
 
     def finish(self, train_set, loss_fn, **finish_options):
