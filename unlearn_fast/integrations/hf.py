@@ -365,15 +365,14 @@ class HistoryCallback(TrainerCallback):
                 "world_size": 1, "dropout": [[n, p] for n, p in self.dropout]}
 
     def snapshot(self):
-        """The schedule recorded so far, as a GradientHistory without summary (what retrain needs); cheap."""
-        from ..history import GradientHistory
-
+        """The schedule recorded so far, as a GradientHistory without summary (what retrain needs); cheap. Bound to
+        the model's current weights (the checkpoint's, in on_save)."""
         rec = self._require()
-        meta = dict(rec.meta, n_train=len(self.dataset), hf_trainer=self._trainer_meta())
-        meta["final_digest"] = weights_digest(rec.model)  # complete for the weights it replays to: the model's now
-        meta["recording"] = self._recording_meta(meta.get("recording"))
-        schedule = {"w0": rec.w0, "batches": list(rec.batches), "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
-        return GradientHistory(meta, schedule, None, None)
+        history = rec.snapshot(len(self.dataset))
+        history.meta = dict(history.meta, hf_trainer=self._trainer_meta())
+        history.meta["final_digest"] = weights_digest(rec.model)  # complete for the weights it replays to: the model's now
+        history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
+        return history
 
     def finish(self, summary=True):
         """The GradientHistory of the run. summary=False: schedule only (retrain), without finish()'s summary pass."""
@@ -398,7 +397,7 @@ class HistoryCallback(TrainerCallback):
         return self._per_sample_history
 
     def _require(self):
-        if self.recorder is None or not self.recorder.batches:
+        if self.recorder is None or not self.recorder.num_steps:
             raise ValueError("HistoryCallback: nothing was recorded (call trainer.train() after hf.record(trainer))")
         return self.recorder
 
