@@ -101,6 +101,10 @@ class HistoryRecorder:
         self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("HistoryRecorder: model has no trainable parameters")
+        sharded = [name for name, p in named if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"]
+        if sharded:
+            raise ValueError(f"HistoryRecorder: model parameter {sharded[0]} is a DTensor (FSDP2 fully_shard or tensor parallel); histories "
+                             "are recorded for unsharded models (DDP: unlearn_fast.integrations.distributed; docs/distributed.md)")
         half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
         if half:
             # finish() and the methods factorise and solve in the parameters' dtype (geqrf has no bfloat16 kernel)
