@@ -40,9 +40,9 @@ CLIP_TOLERANCE = 1e-4
 ALLOWABLE = ("accumulation", "clipping", "autocast")
 
 
-class _Hook:
-    """Forwards to a recorder method while it records. A deep copy of the model or optimizer (uf.unlearn copies
-    the model) or a pickle of it gets an inert hook instead of a copy of the recorder."""
+class InertWhenCopied:
+    """A hook that forwards to a recorder's method. A deep copy of the model or optimizer it is registered on
+    (uf.unlearn copies the model) or a pickle of it gets an inert hook instead of a copy of the recorder."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -51,10 +51,10 @@ class _Hook:
         return None if self.fn is None else self.fn(*args)
 
     def __deepcopy__(self, memo):
-        return _Hook(None)
+        return InertWhenCopied(None)
 
     def __reduce__(self):
-        return _Hook, (None,)
+        return InertWhenCopied, (None,)
 
 
 def real_optimizer(optimizer):
@@ -148,11 +148,11 @@ class HistoryRecorder:
         self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
         self._finished = False
         self._handles = [
-            optimizer.register_step_pre_hook(_Hook(self._before_step)),
-            optimizer.register_step_post_hook(_Hook(self._after_step)),
-            model.register_forward_pre_hook(_Hook(self._on_forward)),
+            optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
+            optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
+            model.register_forward_pre_hook(InertWhenCopied(self._on_forward)),
         ]
-        self._handles += [p.register_post_accumulate_grad_hook(_Hook(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
+        self._handles += [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
 
     # -- hooks
     def _on_grad(self, i, p):

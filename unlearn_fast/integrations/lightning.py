@@ -62,7 +62,7 @@ except ImportError as err:  # the optional dependency: `import unlearn_fast` nev
 from ..data import IndexedDataset
 from ..history import GradientHistory, HistoryPolicy, fetch, param_spec, weights_digest
 from ..methods._common import batch_gradient, clip_max_norm
-from ..recording import HistoryRecorder
+from ..recording import HistoryRecorder, InertWhenCopied
 
 HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/step=<global_step>
 CHECKPOINT_KEY = "unlearn_fast_history"  # the checkpoint's reference to the history saved with it
@@ -308,7 +308,7 @@ class HistoryCallback(pl.Callback):
         # runs before Lightning clips, so any change it sees was made by something else (a hook editing gradients)
         allow = ("accumulation",) if accumulate > 1 else ()
         self.recorder = HistoryRecorder(pl_module, _step_marker(self.optimizer), self.policy, allow=allow)
-        self._handle = self.optimizer.register_step_post_hook(_Hook(self._after_real_step))
+        self._handle = self.optimizer.register_step_post_hook(InertWhenCopied(self._after_real_step))
 
     def _continue(self, trainer, module, resume, settings):
         step = trainer.global_step
@@ -514,18 +514,3 @@ class HistoryCallback(pl.Callback):
         if self.recorder is None or not self._batches:
             raise ValueError("HistoryCallback: nothing was recorded (pass it to lightning.Trainer(callbacks=[...]) and call fit)")
 
-
-class _Hook:
-    """Optimizer step post-hook; a deep copy or pickle of the optimizer gets an inert one."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return None if self.fn is None else self.fn(*args)
-
-    def __deepcopy__(self, memo):
-        return _Hook(None)
-
-    def __reduce__(self):
-        return _Hook, (None,)
