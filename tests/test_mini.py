@@ -240,7 +240,8 @@ def test_finish_and_mini_on_a_hugging_face_gpt2_with_sdpa_attention_and_dropout(
     model.zero_grad()
     loss_fn(model(X), X).backward()
     reference = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
-    torch.testing.assert_close(s["g_star"], reference, rtol=1e-4, atol=1e-6)
+    # (stored in float16: 11 significant bits)
+    torch.testing.assert_close(s["g_star"].to(torch.float32), reference, rtol=2e-3, atol=1e-6)
     model.train()
     retrained, _ = fit(False)
 
@@ -276,3 +277,61 @@ def test_mini_needs_no_batch_order_except_for_the_opt_in_batch_effect(run_10, mo
     assert torch.equal(flat_params(a), flat_params(b))
     with pytest.raises(ValueError, match="batch_effect: needs every step's batch indices"):
         mini.run(copy.deepcopy(model), bare, forget, data, LOSS, batch_effect=True)
+
+
+def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(monkeypatch):
+    """finish()'s work, counted at the curvature and gradient kernels (sample x vector products, sample gradients):
+    with a summary budget it is the same for 100 and 400 steps, and within the documented count
+    n (1 + K) + (P + 1) (1 + REPEATS) n (k + 8) + n (k + 16) + K min(n, CURVATURE_SAMPLES) (k + 16) + 16 x 16 (P power
+    iterations, none when k + 8 >= p; K checkpoints, k basis vectors)."""
+    work = {"evals": 0}
+    ggn, quad, gsum = mini._ggn_matmul, mini._ggn_quadratic, mini.gradient_sum
+
+    def count_ggn(model, loss_fn, batch, w, V):
+        work["evals"] += len(batch[1]) * V.shape[0]
+        return ggn(model, loss_fn, batch, w, V)
+
+    def count_quad(model, loss_fn, batch, w, V):
+        work["evals"] += len(batch[1]) * V.shape[0]
+        return quad(model, loss_fn, batch, w, V)
+
+    def count_gsum(model, loss_fn, batches, w):
+        def counted():
+            for batch, size in batches:
+                work["evals"] += size
+                yield batch, size
+        return gsum(model, loss_fn, counted(), w)
+
+    monkeypatch.setattr(mini, "_ggn_matmul", count_ggn)
+    monkeypatch.setattr(mini, "_ggn_quadratic", count_quad)
+    monkeypatch.setattr(mini, "gradient_sum", count_gsum)
+    data = blobs(n=400)
+    n, p = 400, 10 * 4 + 4
+
+    def finish_work(epochs, budget):
+        monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", budget)
+        X, y = data.tensors
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-3)
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            for b in range(0, n, 20):
+                idx = order[b : b + 20]
+                opt.zero_grad()
+                LOSS(model(X[idx]), y[idx]).backward()
+                rec.record(idx)
+                opt.step()
+        work["evals"] = 0
+        s = rec.finish(data, LOSS).summary
+        K, k = len(s["ckpt_steps"]), s["eigvals"].numel()
+        P = 0 if k + 8 >= p else mini.POWER_ITERATIONS
+        bound = (n * (1 + K) + (P + 1) * (1 + mini.REPEATS) * n * min(k + 8, p) + n * (k + 16)
+                 + K * min(n, mini.CURVATURE_SAMPLES) * (k + 16) + 16 * 16)
+        return work["evals"], bound, rec.steps
+
+    short, long_ = finish_work(5, 64), finish_work(20, 64)
+    assert (short[2], long_[2]) == (100, 400)
+    assert short[0] == long_[0] and short[0] <= short[1] and long_[0] <= long_[1], (short, long_)

@@ -140,10 +140,19 @@ def _ggn_quadratic(model, loss_fn, batch, w, V):
         return vmap(one)(V)
 
 
+PRODUCT_ELEMENTS = 2**27  # samples x vectors x parameters per vmapped curvature product: bounds its memory (the tangents of the
+# activations grow with all three; the CNN's summary grew past 11 GB at 1024 samples x 228 vectors)
+
+
+def _product_batch(batch_size, V):
+    """Samples per vmapped product with the rows of V: at most batch_size, fewer for many or long vectors."""
+    return max(1, min(batch_size, PRODUCT_ELEMENTS // max(1, V.shape[0] * V.shape[1])))
+
+
 def _full_ggn_matmul(model, loss_fn, train_set, w, V, batch_size):
     n = len(train_set)
     total = torch.zeros_like(V)
-    for idx in _chunks(n, batch_size):
+    for idx in _chunks(n, _product_batch(batch_size, V)):
         total += _ggn_matmul(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
     return total
 
@@ -154,7 +163,7 @@ def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
     n, p = len(train_set), w.numel()
     V = torch.cat([U, Z])
     quad = torch.zeros(V.shape[0], dtype=w.dtype)
-    for idx in _chunks(n, batch_size):
+    for idx in _chunks(n, _product_batch(batch_size, V)):
         quad += _ggn_quadratic(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
     diag = quad[: U.shape[0]].clamp(min=0)
     # Rayleigh quotient over the probes together: sum z'Gz / sum z'z
@@ -171,10 +180,10 @@ def _full_gradient(model, loss_fn, train_set, w, batch_size):
 PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
 # finish() cost (final_summary; docs/mini_unlearning.md, "finish() cost"): the curvature passes run on random subsets
 POWER_ITERATIONS = 2  # subspace iterations for the basis (none when k + oversample >= p)
-REPEATS = 1  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (4 measured the same distances)
+REPEATS = 4  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (docs: 1 is 2.5x cheaper, same distances on digits, +0.004 / +0.008 on MNIST-1D)
 BASIS_SAMPLES = 10**9  # samples the basis's GGN products run on
 SPLIT_END = False
-CURVATURE_SAMPLES = 256  # samples each checkpoint's curvature along the basis is measured on (1024 measured the same distances)
+CURVATURE_SAMPLES = 1024  # samples each checkpoint's curvature along the basis is measured on (docs: 256 same distances on digits, +0.001-0.003 on MNIST-1D)
 
 
 def summary_rank(policy, p, steps):
@@ -202,12 +211,25 @@ def _row_bytes(codec, p, blocksize, elem):
     return {"fp32": elem * p, "bf16": 2 * p, "int8": p + 4 * blocks, "int4": -(-p // 2) + 4 * blocks}[codec]
 
 
+GRADIENT_DTYPE = torch.float16  # g* and the checkpoints' full-data gradients, unless summary_codec="fp32" (11-bit mantissa:
+# a relative error of 5e-4 per element, far below the forget set's own gradient fluctuation that the sources measure)
+
+
+def _stored_gradients(g, policy):
+    """Full-data gradients as the summary stores them: GRADIENT_DTYPE, or as computed with summary_codec="fp32" or
+    where a value would overflow it."""
+    if policy.summary_codec == "fp32":
+        return g
+    h = g.to(GRADIENT_DTYPE)
+    return h if bool(torch.isfinite(h).all()) else g.to(torch.float32)
+
+
 def fit_budget(policy, p, elem, checkpoints, k):
     """(checkpoints, k) thinned so that the summary holds at most budget_vectors x p bytes, whatever the run's length
     (budget_vectors: HistoryPolicy's field when set, else DEFAULT_BUDGET_VECTORS; None: unbounded).
 
-    Fixed: w* and g* (2 elem p). Each checkpoint: its parameters (summary_codec) and its full-data gradient (float32,
-    or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables.
+    Fixed: w* (elem p) and g* (GRADIENT_DTYPE, or elem with the fp32 codec). Each checkpoint: its parameters
+    (summary_codec) and its full-data gradient (GRADIENT_DTYPE, or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables.
     CHECKPOINT_SHARE of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
     HistoryPolicy.rank that does not fit is refused rather than cut."""
     budget = DEFAULT_BUDGET_VECTORS if policy.budget_vectors is None else policy.budget_vectors
@@ -215,13 +237,14 @@ def fit_budget(policy, p, elem, checkpoints, k):
         return checkpoints, k
     codec, bs = policy.summary_codec, policy.blocksize
     store = elem if codec == "fp32" else 4
+    gstore = elem if codec == "fp32" else GRADIENT_DTYPE.itemsize  # g* and the checkpoints' gradients
     row = _row_bytes(codec, p, bs, elem)
-    avail = budget * p - 2 * elem * p - 64  # 64: the scalars (rho, a few counts)
-    per_ckpt = row + store * p + 8
+    avail = budget * p - (elem + gstore) * p - 64  # 64: the scalars (rho, a few counts)
+    per_ckpt = row + gstore * p + 8
     if checkpoints:
         K = min(len(checkpoints), int(CHECKPOINT_SHARE * avail // per_ckpt))
         if K < 1:
-            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the summary needs at least {(2 * elem * p + 64 + 2 * per_ckpt + row) / p:.1f} "
+            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the summary needs at least {((elem + gstore) * p + 64 + 2 * per_ckpt + row) / p:.1f} "
                              f"int8 vectors of the model's size (w*, g*, one checkpoint, one basis vector)")
         if K < len(checkpoints):  # evenly over the kept ones, the first (step 0) and the last included
             keep = sorted({round(i * (len(checkpoints) - 1) / max(K - 1, 1)) for i in range(K)})
@@ -249,8 +272,9 @@ def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size,
     total = torch.zeros_like(V)
     for j in range(len(points)):
         part = order[bounds[j] : bounds[j + 1]]
-        for start in range(0, part.numel(), batch_size):
-            idx = part[start : start + batch_size]
+        chunk = _product_batch(batch_size, V)
+        for start in range(0, part.numel(), chunk):
+            idx = part[start : start + chunk]
             total += _ggn_matmul(model, loss_fn, fetch(train_set, idx), points[j], V) * (idx.numel() / n)
     return total
 
@@ -343,7 +367,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         Z = Z - (Z @ Ud.T) @ Ud
     lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
     rho = lam[-1] if rho is None else rho
-    summary = {"w_star": w, "g_star": g_star, "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
+    summary = {"w_star": w, "g_star": _stored_gradients(g_star, policy), "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
     if sgd is not None and lrs is not None:
         grads, curv = [], []
         # Curvature at each checkpoint from its own random subset of the data: unbiased, a fraction of the
@@ -356,7 +380,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         # gradients and response weights in float32 unless the summary is stored uncompressed (float64 models stay float64)
         store = w.dtype if policy.summary_codec == "fp32" else torch.float32
         if checkpoints:
-            summary.update({"ckpt_steps": torch.tensor([s for s, _ in checkpoints], dtype=torch.int64), "ckpt_w": ckpt_w, "ckpt_g": torch.stack(grads).to(store)})
+            summary.update({"ckpt_steps": torch.tensor([s for s, _ in checkpoints], dtype=torch.int64), "ckpt_w": ckpt_w, "ckpt_g": _stored_gradients(torch.stack(grads), policy)})
         # the schedule's response weights (docs/mini_unlearning.md): they depend on the training run only
         decay, lr_scale = sgd
         points = [s for s, _ in checkpoints] + [steps]
@@ -785,8 +809,9 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
     s = history.summary
-    w_star, g_star = s["w_star"], s["g_star"]
+    w_star = s["w_star"]
     dtype = w_star.dtype
+    g_star = s["g_star"].to(dtype)
     basis = _Basis(s["eigvecs"], dtype)
     eig = s["eigvals"].to(dtype)
     # curvature off span(U): the Hutchinson mean of what is left there (older summaries: the smallest kept eigenvalue)
