@@ -11,9 +11,9 @@ trained in memory on the corpus (uf.lm.train_bpe_tokenizer, digits one per token
 (2 layers, width 64, SDPA attention, dropout 0: the Trainer integration refuses dropout, whose masks a replay cannot
 redraw), Trainer defaults (AdamW, linear decay, max_grad_norm 1.0) with gradient accumulation 2.
 
-A method "did its job" when (a) the person's mean forget loss closed at least half of the gap between the original
-model and the true retrain and (b) retain perplexity rose by at most 5 %; otherwise the report says "not unlearned"
-instead of a speed-up.
+A method "did its job" when (a) the person's mean loss and (b) the exposure of the person's secret each closed at least
+half of the gap between the original model and the true retrain, and (c) retain perplexity rose by at most 5 %;
+otherwise the report says "not unlearned" instead of a speed-up. `--report-only` re-renders the report from the json.
 """
 import argparse
 import copy
@@ -124,6 +124,9 @@ def main():
     if opts.report_only:
         with open(opts.out + ".json") as f:
             result = json.load(f)
+        judge(result["rows"])
+        with open(opts.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
         plot = os.path.basename(opts.out + ".png") if os.path.exists(opts.out + ".png") else None
         with open(opts.out + ".md", "w") as f:
             f.write(report(result, plot))
@@ -200,14 +203,10 @@ def main():
     orig, true = rows["original (Trainer)"], rows["true retrain (Trainer without the person)"]
     for label, (unlearned, timer, stats) in runs.items():
         row = dict(evaluate(unlearned, ctx), seconds=timer.wall, cpu_seconds=timer.cpu)
-        closed = (row["forget_loss"] - orig["forget_loss"]) / (true["forget_loss"] - orig["forget_loss"])
-        retain_rise = row["retain_ppl"] / orig["retain_ppl"] - 1
-        row.update(gap_closed=closed, retain_rise=retain_rise, unlearned=bool(closed >= 0.5 and retain_rise <= 0.05),
-                   status=stats.get("status"), matches=[m["index"] for m in stats.get("matches", [])] or None,
+        row.update(                   status=stats.get("status"), matches=[m["index"] for m in stats.get("matches", [])] or None,
                    max_abs_dw_to_true_retrain=float((flat_params(unlearned) - flat_params(truth)).abs().max()))
-        row["speedup"] = truth_time.cpu / timer.cpu if row["unlearned"] else None
-        row["speedup_wall"] = truth_time.wall / timer.wall if row["unlearned"] else None
         rows[label] = row
+    judge(rows)
     result = {
         "command": "python benchmarks/hf_trainer.py " + " ".join(sys.argv[1:]),
         "machine": machine(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -227,6 +226,21 @@ def main():
     with open(opts.out + ".md", "w") as f:
         f.write(report(result, plot))
     print(report(result, plot))
+
+
+def judge(rows):
+    """The verdict of each unlearning row against the first two (original, true retrain): the share of the gap between
+    them it closed on the person's mean loss and on the canary's exposure, the retain perplexity rise, and "unlearned"
+    when both gaps are at least half closed and retain perplexity rose by at most 5 %; speed-ups (CPU and wall seconds
+    of the true retrain over the method's) only then."""
+    (orig, true), runs = list(rows.values())[:2], list(rows.values())[2:]
+    for row in runs:
+        row["gap_closed"] = (row["forget_loss"] - orig["forget_loss"]) / (true["forget_loss"] - orig["forget_loss"])
+        row["exposure_gap_closed"] = (orig["exposure"] - row["exposure"]) / (orig["exposure"] - true["exposure"])
+        row["retain_rise"] = row["retain_ppl"] / orig["retain_ppl"] - 1
+        row["unlearned"] = bool(row["gap_closed"] >= 0.5 and row["exposure_gap_closed"] >= 0.5 and row["retain_rise"] <= 0.05)
+        row["speedup"] = true["cpu_seconds"] / row["cpu_seconds"] if row["unlearned"] else None
+        row["speedup_wall"] = true["seconds"] / row["seconds"] if row["unlearned"] else None
 
 
 def make_plot(rows, path):
@@ -274,13 +288,13 @@ def report(r, plot):
         f"{s['canary_secret_digits']}-digit secret and two other samples naming the person). The ascent methods get the "
         "name as a text request (fuzzy matching); retrain gets the indices. The true retrain is the same Trainer set-up "
         "from the same initial weights on the data set without the person (the Trainer draws another batch order).", "",
-        "| model | person's loss | person's Min-K% loss | canary exposure (bits) | retain ppl | test ppl | gap closed | CPU s (wall s) | speed-up vs true retrain, CPU (wall) |",
+        "| model | person's loss | person's Min-K% loss | canary exposure (bits) | retain ppl | test ppl | gap closed: loss / exposure | CPU s (wall s) | speed-up vs true retrain, CPU (wall) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in r["rows"].items():
         if "gap_closed" in row:
             verdict = f"{row['speedup']:.1f}x ({row['speedup_wall']:.1f}x)" if row["unlearned"] else "not unlearned"
-            closed = f"{100 * row['gap_closed']:.1f} %"
+            closed = f"{100 * row['gap_closed']:.1f} % / {100 * row['exposure_gap_closed']:.1f} %"
         else:
             verdict, closed = "", ""
         lines.append(f"| {label} | {row['forget_loss']:.3f} | {row['forget_min_k']:.3f} | {row['exposure']:.2f} | {row['retain_ppl']:.3f} | "
@@ -288,8 +302,9 @@ def report(r, plot):
     rp = r["replay_forgetting_nothing"]
     lines += [
         "",
-        "\"gap closed\": how much of the gap between the original's and the true retrain's mean loss on the person's samples the "
-        "method closed. A method counts as unlearned at >= 50 % with retain perplexity up by at most 5 %; otherwise the last "
+        "\"gap closed\": how much of the gap between the original's and the true retrain's values the method closed, on the "
+        "person's mean loss and on the canary's exposure. A method counts as unlearned when both are >= 50 % and retain "
+        "perplexity rose by at most 5 %; otherwise the last "
         "column says \"not unlearned\" instead of a speed-up. Seconds: CPU seconds of this process (one torch thread; the "
         "speed-up is their ratio) and wall seconds in parentheses (they include waiting for other users' processes); "
         "the Trainer's `train()` for the first two rows, "

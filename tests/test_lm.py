@@ -809,3 +809,18 @@ def test_hf_sequences_longer_than_the_context(hf_setup):
     assert int(full.input_ids.max()) >= 300
     with pytest.raises(ValueError, match="vocab_size"):  # tokenized for another model
         metrics.losses(build_gpt2(n_layer=1, n_embd=16, n_head=2, vocab_size=300), full)
+
+
+def test_hf_hvp_influence_is_computed_without_dropout(hf_setup):
+    model, train = hf_setup["model"], hf_setup["train"]
+    probe = train.subset(range(4, 8))
+    params = ["transformer.wpe.weight"]
+    first, _ = metrics.hvp_influence(model, train, [0, 1], probe, params=params)
+    again, _ = metrics.hvp_influence(model, train, [0, 1], probe, params=params)
+    assert model.training and torch.equal(first, again)  # no random masks drawn in the products
+    model.eval()
+    try:
+        reference, _ = metrics.hvp_influence(model, train, [0, 1], probe, params=params)
+    finally:
+        model.train()
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-6)

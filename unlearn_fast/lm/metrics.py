@@ -209,7 +209,7 @@ def hvp_influence(model, dataset, indices, probe, params="embeddings", hessian_s
     idx = torch.as_tensor(indices, dtype=torch.int64)
     g = per_sample_gradients(model, names, dataset.input_ids[idx], dataset.labels[idx])
     g_probe = per_sample_gradients(model, names, probe.input_ids, probe.labels).mean(0)
-    wrapped = _Logits(copy.deepcopy(model))  # only `names` are differentiated, in the same (model) order as g
+    wrapped = _Logits(copy.deepcopy(model)).eval()  # only `names` are differentiated (model order, as g); no dropout
     for name, p in wrapped.model.named_parameters():
         p.requires_grad_(name in names)
     batch = hessian_set if hessian_set is not None else probe
