@@ -775,7 +775,7 @@ def test_hf_exposure_matches_brute_force(hf_setup):
     torch.testing.assert_close(scores, reference, rtol=1e-4, atol=1e-4)
     rank = 1 + int((reference > reference[int(canary.secret)]).sum())
     assert metrics.exposure(model, canary.prefix, canary.secret, tok) == pytest.approx(math.log2(1000) - math.log2(rank))
-    # a BPE that merges digits: exposure cannot score candidates one digit per token, and says so
+    # a BPE that merges digits (and the space before them, as GPT-2's does)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -785,8 +785,21 @@ def test_hf_exposure_matches_brute_force(hf_setup):
                             trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     merging = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    with pytest.raises(ValueError, match="one token per"):
-        metrics.exposure(model, canary.prefix, canary.secret, merging)
+    texts = [[merging.bos_token_id, *merging(canary.prefix + f"{k:03d}")["input_ids"]] for k in range(1000)]
+    assert len({len(t) for t in texts}) > 1  # digits merge: candidates have tokenizations of different lengths
+    # so exposure scores each candidate by its own tokenization; reference: each full sequence's log-likelihood, one at
+    # a time (it differs from the scores by a constant, the log-probability of the tokens every candidate shares)
+    scores = metrics.secret_logprobs(model, canary.prefix, 3, merging)
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = torch.tensor([float(torch.log_softmax(model(input_ids=torch.tensor([t])).logits[0, :-1].float(), -1)
+                                            .gather(-1, torch.tensor(t[1:])[:, None]).sum()) for t in texts])
+    finally:
+        model.train()
+    torch.testing.assert_close(scores - scores[0], reference - reference[0], rtol=1e-4, atol=2e-4)
+    rank = 1 + int((reference > reference[int(canary.secret)]).sum())
+    assert metrics.exposure(model, canary.prefix, canary.secret, merging) == pytest.approx(math.log2(1000) - math.log2(rank))
 
 
 def test_hf_sequences_longer_than_the_context(hf_setup):

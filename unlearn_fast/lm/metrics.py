@@ -48,10 +48,20 @@ def secret_logprobs(model, prefix, n_digits, tokenizer=None, alphabet="012345678
     order of the secrets (index = the secret read as a base-len(alphabet) number).
 
     One forward pass over prefix + s[:-1] for each of the len(alphabet)**(n_digits-1) shorter strings gives
-    every digit's conditional log-probability, so all candidates cost len(alphabet) times fewer sequences."""
+    every digit's conditional log-probability, so all candidates cost len(alphabet) times fewer sequences.
+
+    That needs a tokenizer that encodes the prefix followed by the digits as the prefix's tokens then one token per
+    digit (the byte tokenizer, uf.lm.train_bpe_tokenizer). With another one (GPT-2's BPE merges digits and the space
+    before them) each candidate is scored by its own tokenization instead: the log-probability of the tokens of
+    prefix + s after the tokens all candidates share, one sequence per candidate (len(alphabet) times the work); the
+    values then differ from the digit-wise ones by a constant, the log-probability of the prefix's last tokens,
+    which the ranking (exposure) does not depend on."""
     tokenizer = as_tokenizer(tokenizer)
     base = len(alphabet)
-    digit_ids = torch.tensor(_digit_tokens(tokenizer, prefix, alphabet, n_digits))
+    try:
+        digit_ids = torch.tensor(_digit_tokens(tokenizer, prefix, alphabet, n_digits))
+    except _NotDigitwise:
+        return _candidate_logprobs(model, tokenizer, prefix, n_digits, alphabet, batch_size)
     prefix_ids = torch.tensor(tokenizer.encode_prefix(prefix))
     n_prefixes = base ** (n_digits - 1)
     check_fits(model, torch.empty(1, len(prefix_ids) + n_digits - 1))
@@ -69,12 +79,52 @@ def secret_logprobs(model, prefix, n_digits, tokenizer=None, alphabet="012345678
     return torch.cat(totals).reshape(-1)
 
 
+class _NotDigitwise(ValueError):
+    pass
+
+
+def _candidate_logprobs(model, tokenizer, prefix, n_digits, alphabet, batch_size):
+    """Every candidate secret scored by its own tokenization (see secret_logprobs)."""
+    base = len(alphabet)
+    candidates = ["".join(alphabet[(k // base ** j) % base] for j in reversed(range(n_digits))) for k in range(base ** n_digits)]
+    sequences = [tokenizer.encode_prefix(prefix + c) for c in candidates]
+    head = tokenizer.encode_prefix(prefix)
+    shared = len(head)
+    for seq in sequences:  # the longest run of leading tokens every candidate's tokenization shares with the prefix's
+        k = 0
+        while k < min(shared, len(seq)) and seq[k] == head[k]:
+            k += 1
+        shared = k
+    if shared == 0:
+        raise ValueError("tokenizer: the candidates' tokenizations share no leading token (no bos token?); exposure needs a "
+                         "common context to score them from")
+    context = torch.tensor(head[:shared])
+    check_fits(model, torch.empty(1, max(len(seq) for seq in sequences) - 1))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
+    scores = torch.empty(len(candidates))
+    by_length = {}
+    for k, seq in enumerate(sequences):
+        by_length.setdefault(len(seq) - shared, []).append(k)
+    with eval_mode(model):
+        for length, members in by_length.items():
+            tails = torch.tensor([sequences[k][shared:] for k in members])  # (m, length) tokens after the shared context
+            chunk = max(1, min(batch_size, (1 << 26) // (length * vocab)))  # log-softmax rows of at most 256 MiB
+            for start in range(0, len(members), chunk):
+                part = tails[start : start + chunk]
+                logp = _digit_logprobs(model, context, part[:, :-1])  # (m, length, vocab): after context, after each tail token
+                scores[members[start : start + chunk]] = logp.gather(-1, part.unsqueeze(-1)).squeeze(-1).sum(1)
+    return scores
+
+
 def _digit_tokens(tokenizer, prefix, alphabet, n_digits):
     """The token of each character of alphabet, after checking that the tokenizer encodes prefix + any two of them
     as the prefix's tokens followed by one token per character: the scores follow that path, and with a tokenizer
     that merges digits (a BPE with tokens such as '48') they would not be the candidates' probabilities."""
     token_of = getattr(tokenizer, "token_of", None)
-    ids = [token_of(a) if token_of else tokenizer.encode_prefix(a)[-1] for a in alphabet]
+    try:
+        ids = [token_of(a) if token_of else tokenizer.encode_prefix(a)[-1] for a in alphabet]
+    except ValueError as err:  # a character that is several tokens
+        raise _NotDigitwise(str(err)) from None
     head = tokenizer.encode_prefix(prefix)
     pairs = [(a, b) for a in range(len(alphabet)) for b in range(len(alphabet))] if n_digits > 1 else [(a, None) for a in range(len(alphabet))]
     for a, b in pairs:
@@ -82,7 +132,7 @@ def _digit_tokens(tokenizer, prefix, alphabet, n_digits):
         want = head + [ids[a]] + ([ids[b]] if b is not None else [])
         got = tokenizer.encode_prefix(prefix + text)
         if got != want:
-            raise ValueError(
+            raise _NotDigitwise(
                 f"tokenizer: the prefix ...{prefix[-24:]!r} followed by {text!r} is encoded as ...{got[max(0, len(head) - 2):]}, not the "
                 f"prefix's tokens then one token per character (...{want[max(0, len(head) - 2):]}); exposure scores the secret one "
                 "character per token. Use a tokenizer that splits digits, e.g. tokenizers.pre_tokenizers.Digits(individual_digits=True)"
