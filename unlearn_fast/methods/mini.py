@@ -2,12 +2,12 @@
 
 Minimal history (the "summary" section, computed once when training ends), nothing per step but a few
 parameter snapshots:
-  w*, g*        the final parameters and the full-data mean loss gradient there,
+  w*, g*        the final parameters and the full-data mean loss gradient there (g* float16, GRADIENT_DTYPE),
   U             k basis vectors (8-bit): top eigenvectors of (G(w*) + sum_j share_j G(w_j)) / 2, G the
                 Gauss-Newton matrix, w_j the checkpoints, share_j the fraction of the steps each starts,
   Lam, rho      the curvature at w* along U (u' G(w*) u) and its mean off span(U) (Hutchinson),
   w_j, gbar_j   K checkpoints (8-bit; every power-of-two step and an even grid of T / 96 to T / 48 points) and the
-                full-data gradient at each (decoded) checkpoint,
+                full-data gradient at each (decoded) checkpoint (float16),
   W             response weights of the schedule ((K + 1) x (k + 1)), from the learning rates and the
                 curvature along U at every checkpoint, interpolated linearly in between.
 Removing R (r of n samples) changes the gradient of the training objective at w by
@@ -27,6 +27,13 @@ total. Krasnoselskii-Mann with backtracking; the residual ratio q estimates the 
 the distance to the fixed point of this MODEL, not to retraining. An a-posteriori check (one pass over the retained
 set, retained_gradient_check) guards the latter; a result that fails it, does not converge or does not move raises
 NotUnlearnedError (uf.unlearn can run a fallback method instead): Mini never returns the original model silently.
+
+finish() cost: full-data gradients at w* and the checkpoints, the basis's GGN products over the data, and the curvature
+along the basis at w* (all data) and at each checkpoint (a slice of CURVATURE_SAMPLES); with a budget (budget_vectors)
+none of it grows with T (docs/mini_unlearning.md, "finish() cost").
+Models may return objects (a Hugging Face ModelOutput): loss_fn gets what the model returns; torch.func paths
+differentiate the output's tensors and rebuild the object (_Outputs), with attention on its math path under forward AD.
+Everything runs in eval mode (no dropout).
 
 Large changes (label-flipped forget sets): any linearisation around the original trajectory misses most of
 the change, because the RETAINED data's gradients change nonlinearly along the retrained trajectory. One more
@@ -183,7 +190,8 @@ POWER_ITERATIONS = 2  # subspace iterations for the basis (none when k + oversam
 REPEATS = 4  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (docs: 1 is 2.5x cheaper, same distances on digits, +0.004 / +0.008 on MNIST-1D)
 BASIS_SAMPLES = 10**9  # samples the basis's GGN products run on
 SPLIT_END = False
-CURVATURE_SAMPLES = 1024  # samples each checkpoint's curvature along the basis is measured on (docs: 256 same distances on digits, +0.001-0.003 on MNIST-1D)
+CURVATURE_SLICES = True  # checkpoint j measures its curvature on the j-th slice of one random order (the K slices cover the data)
+CURVATURE_SAMPLES = 256  # samples each checkpoint's curvature along the basis is measured on (docs: with slices, the same distances as 1024 independent samples)
 
 
 def summary_rank(policy, p, steps):
@@ -373,9 +381,18 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         # Curvature at each checkpoint from its own random subset of the data: unbiased, a fraction of the
         # cost, and the subsets' errors average out along the schedule (measured on MNIST-1D logistic: finish()
         # 6.7 s -> 3.9 s with the same distances; one subset shared by all checkpoints did worse).
-        for wk in ckpts if ckpts is not None else []:
+        # Each checkpoint's subset is the next slice of one random order of the data (cycling), so that the K subsets
+        # together cover the data as evenly as K x curvature_samples allows.
+        order = torch.randperm(len(train_set), generator=gen)
+        for j, wk in enumerate(ckpts if ckpts is not None else []):
             grads.append(_full_gradient(model, loss_fn, train_set, wk, batch_size))
-            dk, rk = _full_curvature(model, loss_fn, _subset(train_set, curvature_samples, gen), wk, Ud, Z, k, batch_size)
+            if CURVATURE_SLICES and curvature_samples < len(train_set):
+                sub = order[(j * curvature_samples + torch.arange(curvature_samples)) % len(train_set)]
+                part = (torch.utils.data.TensorDataset(*(t[sub] for t in train_set.tensors)) if isinstance(train_set, torch.utils.data.TensorDataset)
+                        else torch.utils.data.Subset(train_set, sub.tolist()))
+            else:
+                part = _subset(train_set, curvature_samples, gen)
+            dk, rk = _full_curvature(model, loss_fn, part, wk, Ud, Z, k, batch_size)
             curv.append(torch.cat([dk, (dk[-1] if rk is None else rk).reshape(1)]))
         # gradients and response weights in float32 unless the summary is stored uncompressed (float64 models stay float64)
         store = w.dtype if policy.summary_codec == "fp32" else torch.float32
