@@ -193,6 +193,10 @@ def main():
     with Timer() as t:
         res = uf.unlearn(model, None, name, train_set, None, method="gradient_ascent", heldout=heldout, **RECOMMENDED)
     runs["gradient_ascent (fresh gradients, RECOMMENDED)"] = (res.model, t, res.stats)
+    with Timer() as t:  # what the 5 % retain budget holds back: the same with a 4x looser one
+        res = uf.unlearn(model, None, name, train_set, None, method="gradient_ascent", heldout=heldout,
+                         **dict(RECOMMENDED, retain_tolerance=0.2))
+    runs["gradient_ascent (RECOMMENDED, retain_tolerance 0.2)"] = (res.model, t, res.stats)
     with Timer() as t:
         res = uf.unlearn(model, per_sample, name, train_set, None, method="first_epoch_ascent", heldout=heldout,
                          retain_guard="fisher", calibration="floor", statistic="min_k", min_k=0.2)
@@ -251,12 +255,12 @@ def make_plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels = [k.split(" (")[0] for k in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    labels = [k.split(" (")[0] + (" 20 %" if "0.2" in k else "") for k in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, key, title in zip(axes, ("forget_loss", "exposure", "retain_ppl", "cpu_seconds"),
                               ("person's mean loss (nats)", "canary exposure (bits)", "retain perplexity", "CPU seconds (log)")):
         values = [rows[k][key] for k in rows]
-        ax.bar(range(len(values)), values, color=["grey", "black", "tab:blue", "tab:orange", "tab:green"][: len(values)])
+        ax.bar(range(len(values)), values, color=["grey", "black", "tab:blue", "tab:orange", "tab:red", "tab:green"][: len(values)])
         ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         if key == "cpu_seconds":
