@@ -219,6 +219,8 @@ def test_per_sample_first_epoch_history_from_the_trainer(tmp_path):
         torch.testing.assert_close(rows.row(0, i), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="per_sample"):
         hf.record(_trainer(tmp_path), per_sample=uf.HistoryPolicy(kind="full"))
+    with pytest.raises(ValueError, match="per_sample=True"):  # refused when attached, not when training starts
+        hf.record(_trainer(tmp_path), per_sample=uf.HistoryPolicy(kind="first_epoch", per_sample=False))
 
 
 def test_unreplayable_settings_are_refused(tmp_path):

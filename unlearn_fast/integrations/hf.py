@@ -230,6 +230,8 @@ class HistoryCallback(TrainerCallback):
         self.policy, self.save_history = policy, save_history
         if per_sample is not None and getattr(per_sample, "kind", None) not in ("first_epoch", "all_epochs"):
             raise ValueError(f"per_sample: a HistoryPolicy of kind 'first_epoch' or 'all_epochs', got {per_sample!r}")
+        if per_sample is not None and not per_sample.per_sample:
+            raise ValueError("per_sample: the policy records per-sample gradients; set HistoryPolicy(..., per_sample=True)")
         self.per_sample_policy, self.per_sample, self._per_sample_history = per_sample, None, None
         self.dropout = _check_trainer(trainer, allow_dropout)
         self.dataset = trainer.train_dataset.dataset if isinstance(trainer.train_dataset, IndexedExamples) else trainer.train_dataset
