@@ -147,7 +147,7 @@ def _ggn_quadratic(model, loss_fn, batch, w, V):
         return vmap(one)(V)
 
 
-PRODUCT_ELEMENTS = 2**27  # samples x vectors x parameters per vmapped curvature product: bounds its memory (the tangents of the
+PRODUCT_ELEMENTS = 2**30  # samples x vectors x parameters per vmapped curvature product: bounds its memory (the tangents of the
 # activations grow with all three; the CNN's summary grew past 11 GB at 1024 samples x 228 vectors)
 
 
