@@ -257,3 +257,20 @@ def test_a_minimal_recording_resumes_with_its_checkpoints(tmp_path):
     for key, value in h_a.summary.items():
         other = h_b.summary[key]
         assert torch.equal(value.all(), other.all()) if hasattr(value, "all") and not isinstance(value, torch.Tensor) else torch.equal(value, other), key
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_snapshot_replays_the_steps_so_far_and_is_bound_to_the_weights_now(tmp_path, streamed):
+    data, batches = make_data(), order(2)
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=str(tmp_path / "h") if streamed else None)
+    rec.chunk_steps = 5
+    train(model, opt, rec, data, batches, stop=13)
+    snap = rec.snapshot(len(data))
+    assert snap.complete and snap.num_steps == 13 and snap.trajectory is None
+    assert snap.meta["final_digest"] == uf.history.weights_digest(model)
+    res = uf.unlearn(model, snap, [], data, LOSS, method="retrain")  # bound to these weights: no allow_unrecorded_model needed
+    replay, _ = retrain.run(copy.deepcopy(model), snap, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model)) and torch.equal(flat_params(res.model), flat_params(model))
+    train(model, opt, rec, data, batches, start=13)  # recording goes on
+    assert rec.finish(data, LOSS).num_steps == len(batches)

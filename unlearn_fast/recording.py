@@ -152,6 +152,10 @@ class HistoryRecorder:
             optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
             model.register_forward_pre_hook(InertWhenCopied(self._on_forward)),
         ]
+        # autocast seen where the parameters are used: a wrapper (accelerate's mixed precision) may enter it inside the
+        # model's forward, after the model's own pre-hook ran
+        self._handles += [m.register_forward_pre_hook(InertWhenCopied(self._on_inner_forward))
+                          for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         self._handles += [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
 
     # -- hooks
@@ -163,6 +167,10 @@ class HistoryRecorder:
         if module.training and torch.is_grad_enabled():
             x = args[0] if args else None  # (a model called with keyword arguments only: its micro-batch size is unknown)
             self._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None)
+            self._on_inner_forward(module, args)
+
+    def _on_inner_forward(self, module, args):
+        if module.training and torch.is_grad_enabled():
             device = self.params[0].device.type
             if torch.is_autocast_enabled(device):
                 self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
@@ -511,16 +519,23 @@ class HistoryRecorder:
         replays (the integrations save one with each trainer checkpoint). Cheap for an in-memory recording;
         a streamed one is flushed and read back."""
         self._check_open("snapshot")
+        # bound to the weights now: a retrain from the snapshot unlearns the model as it is at this step
+        bound = {"n_train": n_train, "final_digest": weights_digest(self.model)}
         if self.path is not None:
             self.flush()
             history = GradientHistory.load(self.path)
-            history.trajectory, history.meta = None, dict(history.meta, n_train=n_train)
+            history.trajectory, history.meta, history.recording_id = None, dict(history.meta, **bound), None
+            history.path = None  # a view of the recording: requests served from it are logged in memory
             return history
         if self.policy.kind != "full":
             raise ValueError("snapshot: a kind='minimal' recording in memory keeps no batches to replay; record with kind='full' or a path")
-        meta = dict(self.meta, n_train=n_train)
         schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, len(self.optimizer.param_groups))}
-        return GradientHistory(meta, schedule, None, None)
+        for key in ("micro_counts", "micro_sizes"):  # gradient accumulation, sealed chunks then the open one
+            parts = [sched[f"schedule.{key}"] for _, sched, _ in self._chunks]
+            parts.append(torch.tensor([len(m) for m in self._open["micro"]] if key == "micro_counts" else
+                                      [s for m in self._open["micro"] if len(m) > 1 for s in m], dtype=torch.int64))
+            schedule[key] = torch.cat(parts).to(torch.int64)
+        return GradientHistory(dict(self.meta, **bound), schedule, None, None)
 
     @classmethod
     def resume(cls, path, model, optimizer, allow=()):
