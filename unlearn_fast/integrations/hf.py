@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from ..history import weights_digest
 from ..recording import HistoryRecorder
+from ..methods._common import graph_leaves
 
 INDEX_KEY = "uf_index"
 HISTORY_DIR = "unlearn_history"  # saved inside each checkpoint-<step> folder of the Trainer
@@ -109,25 +110,11 @@ class TrainerLoss:
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum") / count
         if self.max_grad_norm <= 0 or not loss.requires_grad:
             return loss
-        leaves = _graph_leaves(loss)
+        leaves = graph_leaves(loss)
         grads = torch.autograd.grad(loss, leaves, retain_graph=True)
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         return loss * coef.detach()
-
-
-def _graph_leaves(t):
-    seen, leaves, stack = set(), [], [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
-        if var is not None:
-            leaves.append(var)
-        stack.extend(f for f, _ in fn.next_functions)
-    return leaves
 
 
 def replay_set(dataset, collator, pad_id=0):

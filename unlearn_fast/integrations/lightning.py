@@ -61,7 +61,7 @@ except ImportError as err:  # the optional dependency: `import unlearn_fast` nev
 
 from ..data import IndexedDataset
 from ..history import GradientHistory, HistoryPolicy, fetch, param_spec, weights_digest
-from ..methods._common import batch_gradient, clip_max_norm
+from ..methods._common import batch_gradient, clip_max_norm, graph_leaves
 from ..recording import HistoryRecorder, InertWhenCopied
 
 HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/step=<global_step>
@@ -93,7 +93,7 @@ class ReplayLoss:
         loss = self.loss_fn(output, target)
         if self.clip_val <= 0 or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             return loss
-        leaves = _graph_leaves(loss)
+        leaves = graph_leaves(loss)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         pairs = [(p, g) for p, g in zip(leaves, grads) if g is not None]
         if self.algorithm == "norm":
@@ -107,21 +107,6 @@ class ReplayLoss:
 
     def __repr__(self):
         return f"ReplayLoss({getattr(self.loss_fn, '__name__', self.loss_fn)!s}, clip_val={self.clip_val}, algorithm={self.algorithm!r})"
-
-
-def _graph_leaves(t):
-    """The leaf tensors (parameters) a tensor's autograd graph reaches, each once."""
-    seen, leaves, stack = set(), [], [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if var is not None:
-            leaves.append(var)
-        stack.extend(f for f, _ in fn.next_functions)
-    return leaves
 
 
 def replay_loss(history, loss_fn):

@@ -20,6 +20,22 @@ class NotUnlearnedError(RuntimeError):
         self.stats = stats
 
 
+def graph_leaves(t):
+    """The leaf tensors (parameters) tensor t's autograd graph reaches, each once: what a replay loss that clips
+    its own gradient differentiates by (a loss function is not handed the model)."""
+    seen, leaves, stack = set(), [], [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if var is not None:
+            leaves.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
+
+
 def check_scalar_loss(loss):
     """The methods average per-batch losses: a per-sample (reduction="none") loss is refused, naming loss_fn."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
