@@ -274,7 +274,7 @@ def test_mini_is_exact_on_a_linear_least_squares_run_with_every_step_checkpointe
     # Full-batch gradient descent on a quadratic (so the replay is linear and mean-field is exact), and a forget set
     # whose curvature equals the whole set's (its samples are the negatives of the retained ones): then the linear
     # replay Mini models, with every step a checkpoint and the full rank, IS the retraining, up to rounding.
-    monkeypatch.setattr(uf.recording, "checkpoint_capacity", lambda steps: 10**6)
+    monkeypatch.setattr(uf.history, "checkpoint_capacity", lambda steps: 10**6)  # (CheckpointGrid reads it there)
     monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", None)  # every step a checkpoint: far over the budget on purpose
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(40, 5, generator=gen, dtype=torch.float64)
