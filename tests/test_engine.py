@@ -322,7 +322,7 @@ def test_recorder_keeps_early_and_evenly_spaced_checkpoints(monkeypatch):
     grid = list(range(0, T, spacing))
     assert steps == sorted(steps) and steps[:4] == [0, 1, 2, 4]
     assert sorted(set(grid) | {2**i for i in range(11) if 2**i < T}) == steps
-    assert mini.checkpoint_capacity(T) // 2 <= len(grid) <= mini.checkpoint_capacity(T)
+    assert uf.history.checkpoint_capacity(T) // 2 <= len(grid) <= uf.history.checkpoint_capacity(T)
     assert history.summary["response"].shape == (len(steps) + 1, len(history.summary["eigvals"]) + 1)
     with pytest.raises(ValueError, match="summary_codec"):
         uf.HistoryPolicy(summary_codec="fp8")

@@ -50,7 +50,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..history import EncodedRows, checkpoint_capacity, fetch, flat_grads, flat_params, set_flat_params
+from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ._common import NotUnlearnedError, batch_loss, check_history, module_mode
 
 
@@ -409,20 +409,6 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     for q, g in zip(model.parameters(), saved_grads):
         q.grad = g
     return summary
-
-
-def checkpoint_steps(steps):
-    """The steps a kind="minimal" recorder keeps for a run of `steps` steps (HistoryRecorder._keep_checkpoint's
-    rule replayed): every power-of-two step and an even grid of at most checkpoint_capacity(steps) points."""
-    early = lambda s: s & (s - 1) == 0  # noqa: E731
-    every, kept = 1, []
-    for step in range(steps):
-        if step % every == 0 or early(step):
-            kept.append(step)
-        while sum(s % every == 0 for s in kept) > checkpoint_capacity(step + 1):
-            every *= 2
-            kept = [s for s in kept if s % every == 0 or early(s)]
-    return kept
 
 
 def prepare(history, model, train_set, loss_fn, batch_size=1024):
