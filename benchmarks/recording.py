@@ -32,7 +32,7 @@ import torch
 import unlearn_fast as uf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-GOALS = {"minimal": 1.05, "full_int8_stream": 1.25}
+GOALS = {"minimal": 1.05, "full_int8_memory": 1.25, "full_int8_stream": 1.25}
 
 
 def cpu_name():
@@ -123,35 +123,63 @@ def params(model):
 
 
 # ----------------------------------------------------------------------------- measurements
+MODES = ("plain", "minimal", "full_int8_memory", "full_int8_stream")
+LONG_RUN = 1152  # a minimal recorder is timed as in the middle of a run this long (its checkpoint grid at steady state)
+
+
+def recorder(mode, run, opt, path):
+    if mode == "plain":
+        return None
+    if mode == "minimal":
+        rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="minimal"))
+        for step in range(LONG_RUN):  # the grid as after LONG_RUN steps: a checkpoint every rec.grid.every steps
+            rec.grid.offer(step)
+        rec.steps = LONG_RUN
+        return rec
+    return uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=path if mode.endswith("stream") else None)
+
+
 def overhead(spec, rounds, k, tmp):
+    """Per mode and round, the mean time of k steps; a minimal recorder's steps that took a checkpoint are timed apart
+    (they are 1 in rec.grid.every steps of a long run) and the amortized cost reported."""
     run = Run(spec)
     opt = run.optimizer()
     run.steps(2, opt)  # warm-up: allocator, thread pool
-    modes = {"plain": [], "minimal": [], "full_int8_stream": []}
+    times = {mode: [] for mode in MODES}
+    checkpoint_steps, every = [], None
     for r in range(rounds):
-        for mode in modes:
+        for mode in MODES:
             opt = run.optimizer()
-            rec = None
-            if mode == "minimal":
-                rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="minimal"))
-            elif mode == "full_int8_stream":
-                rec = uf.HistoryRecorder(run.model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=os.path.join(tmp, f"h{r}"))
-            seconds = run.steps(k, opt, rec)
+            path = os.path.join(tmp, f"h{r}")
+            rec = recorder(mode, run, opt, path)
+            plain_steps = []
+            for _ in range(k):
+                taken = len(rec.checkpoints) if mode == "minimal" else 0
+                seconds = run.steps(1, opt, rec)
+                if mode == "minimal" and rec.grid.kept and rec.grid.kept[-1] == rec.steps - 1 and len(rec.checkpoints) > taken:
+                    checkpoint_steps.append(seconds)
+                else:
+                    plain_steps.append(seconds)
             if mode == "full_int8_stream":
                 start = time.perf_counter()
                 rec.flush()  # what is still queued counts: the run is not done before its history is on disk
-                seconds += time.perf_counter() - start
+                plain_steps[-1] += time.perf_counter() - start
+            if mode == "minimal":
+                every = rec.grid.every
             if rec is not None:
                 rec.close()
-            if mode == "full_int8_stream":
-                shutil.rmtree(os.path.join(tmp, f"h{r}"))
-            modes[mode].append(seconds / k)
-            print(f"  {spec[0]} round {r} {mode}: {seconds / k * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
-    plain = modes["plain"]
-    out = {"params": params(run.model), "plain_ms": 1e3 * statistics.median(plain)}
-    for mode in ("minimal", "full_int8_stream"):
-        ratios = [m / p for m, p in zip(modes[mode], plain)]
-        out[mode] = {"ms": 1e3 * statistics.median(modes[mode]), "ratio": statistics.median(ratios), "ratios": ratios}
+            shutil.rmtree(path, ignore_errors=True)
+            times[mode].append(statistics.mean(plain_steps) if plain_steps else float("nan"))
+            print(f"  {spec[0]} round {r} {mode}: {times[mode][-1] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    plain = times["plain"]
+    out = {"params": params(run.model), "plain_ms": 1e3 * statistics.median(plain), "minimal_checkpoint_every": every}
+    for mode in MODES[1:]:
+        ratios = [m / p for m, p in zip(times[mode], plain)]
+        out[mode] = {"ms": 1e3 * statistics.median(times[mode]), "ratio": statistics.median(ratios), "ratios": ratios}
+    if checkpoint_steps:  # one checkpoint every `every` steps: its extra time spread over them
+        extra = statistics.median(checkpoint_steps) / statistics.median(plain) - 1
+        out["minimal"]["checkpoint_step_ratio"] = 1 + extra
+        out["minimal"]["amortized_ratio"] = out["minimal"]["ratio"] + extra / every
     return out
 
 
@@ -249,14 +277,21 @@ def main():
         f"`{command}` on {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Medians over {args.rounds} interleaved rounds of "
         f"{args.steps} steps per mode; ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",
-        "| workload | parameters | plain step | minimal | ratio | goal | full int8 streamed | ratio | goal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | parameters | plain step | minimal (no checkpoint) | amortized | full int8 in memory | full int8 streamed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        mini, full = r["minimal"], r["full_int8_stream"]
-        ok = lambda m: "met" if r[m]["ratio"] <= GOALS[m] else "MISSED"  # noqa: E731
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} ms | {mini['ms']:.1f} ms | {mini['ratio']:.3f} | "
-                     f"{ok('minimal')} (<= {GOALS['minimal']}) | {full['ms']:.1f} ms | {full['ratio']:.3f} | {ok('full_int8_stream')} (<= {GOALS['full_int8_stream']}) |")
+        def cell(mode, key="ratio"):
+            value = r[mode].get(key)
+            return "n/a" if value is None else f"{value:.3f} ({'met' if value <= GOALS[mode] else 'MISSED'})"
+
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} ms | {cell('minimal')} | {cell('minimal', 'amortized_ratio')} | "
+                     f"{cell('full_int8_memory')} | {cell('full_int8_stream')} |")
+    lines += ["", f"Ratios to the plain step (goals: minimal <= {GOALS['minimal']}, full int8 <= {GOALS['full_int8_stream']}). A minimal recorder "
+              f"is timed as in the middle of a {LONG_RUN}-step run: 'no checkpoint' is its usual step, 'amortized' adds the steps that take "
+              "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes w_t and g_t at record() "
+              "and keeps them; 'streamed' also hands each chunk to the background writer (sha256, write, fsync) on this 2-core machine's "
+              "other core, and waits for the last chunk at the end."]
     p = result["disk_model"]["params"]
     lines += ["", f"## Resident memory against steps ({big[0]}, {args.rss_steps} steps)", "",
               "| mode | RSS at start | RSS after the last step | growth per step |", "|---|---|---|---|"]
