@@ -23,7 +23,7 @@ import torch
 
 from . import store
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows,
-                      fetch, flat_grads, flat_params, param_spec, row_bytes, weights_digest)
+                      fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -132,7 +132,7 @@ class HistoryRecorder:
         p = self.w0.numel()
         step_bytes = 2 * row_bytes(self.policy.codec, p, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else 0
         self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(step_bytes, 1)))
-        self.path, self._writer = None, None
+        self.path, self._writer, self._flat_buffer = None, None, None
         if path is not None:
             self._start_stream(path)
         # what the hooks saw since the last optimizer step
@@ -320,9 +320,8 @@ class HistoryRecorder:
         chunk = self._open
         if self.policy.kind == "full":
             # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
-            c, bs = self.policy.codec, self.policy.blocksize
-            chunk["w"].append(EncodedRows.encode(flat_params(self.model)[None], c, bs))
-            chunk["g"].append(EncodedRows.encode(flat_grads(self.model)[None], c, bs))
+            chunk["w"].append(self._encoded_row(p.detach() for p in self.params))
+            chunk["g"].append(self._encoded_row(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params))
             if self.path is None:
                 self.batches.append(idx)
         else:
@@ -348,6 +347,17 @@ class HistoryRecorder:
     @property
     def num_steps(self):
         return self.steps
+
+    def _encoded_row(self, tensors):
+        """The parameters' tensors as one row through the policy's codec. The int and bf16 codecs write new tensors,
+        so the flat copy goes to one reused buffer (a fresh 4p-byte allocation every step cost more than the copy:
+        0.19-0.23 s against 0.05 s at 100M parameters on this machine); fp32 keeps the row itself."""
+        flat = [t.reshape(-1) for t in tensors]
+        if self.policy.codec == "fp32":
+            return EncodedRows.encode(torch.cat(flat)[None], "fp32", self.policy.blocksize)
+        if self._flat_buffer is None:
+            self._flat_buffer = torch.empty_like(self.w0)
+        return EncodedRows.encode(torch.cat(flat, out=self._flat_buffer)[None], self.policy.codec, self.policy.blocksize)
 
     def _note_seen(self, idx):
         top = int(idx.max())
