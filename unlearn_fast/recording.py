@@ -118,7 +118,7 @@ class HistoryRecorder:
         self.w0 = flat_params(model).clone()
         self.steps = 0  # recorded steps
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
-        self.lrs = []  # every step's learning rates (a streamed recording: those of the open chunk)
+        self.lrs = []  # kind="full" in memory: every step's learning rates (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
         self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": [], "ckpt": []}  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
@@ -330,7 +330,8 @@ class HistoryRecorder:
             self._first_raw_norm = float(raw_norm)
         self._note_seen(idx)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        self.lrs.append(lrs)
+        if self.policy.kind == "full" and self.path is None:  # what snapshot() replays; a streamed recording reads them back
+            self.lrs.append(lrs)
         chunk["lrs"].append(lrs)
         chunk["sizes"].append(idx.numel())
         chunk["micro"].append(micro or [idx.numel()])
@@ -392,7 +393,6 @@ class HistoryRecorder:
             ckpt = EncodedRows.cat([row for _, row in chunk["ckpt"]])
             parts["ckpt"] = {"ckpt.steps": torch.tensor([s for s, _ in chunk["ckpt"]], dtype=torch.int64),
                              **{f"ckpt.w.{name}": t for name, t in ckpt.tensors.items()}}
-        self.lrs = []
         self._writer.put((n, parts, mark))
 
     def _start_stream(self, path):
