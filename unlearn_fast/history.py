@@ -403,18 +403,20 @@ class GradientHistory:
             step = max(1, min(step, CHUNK_BYTES // max(1, sum(rows.nbytes for rows in traj.values()) // max(1, T))))
         return [(a, min(a + step, T)) for a in range(0, T, step)] or [(0, 0)]
 
-    def _schedule_part(self, a, b):
+    def _micro_ends(self):
+        """Where each step's micro-batch sizes end in schedule["micro_sizes"] (None without them): computed once per save."""
+        counts = self.schedule.get("micro_counts")
+        return None if counts is None else torch.cumsum(torch.where(counts > 1, counts, 0), 0)
+
+    def _schedule_part(self, a, b, micro_ends):
         sched = self.schedule
         part = {"schedule.lrs": sched["lrs"][a:b], "schedule.batch_sizes": sched["batch_sizes"][a:b].to(torch.int32)}
-        if "micro_counts" in sched:
-            counts = sched["micro_counts"]
-            ends = torch.cumsum(torch.where(counts > 1, counts, 0), 0)
-            first, last = (int(ends[a - 1]) if a else 0), (int(ends[b - 1]) if b else 0)
-            part["schedule.micro_counts"] = counts[a:b].to(torch.int32)
+        if micro_ends is not None:
+            first, last = (int(micro_ends[a - 1]) if a else 0), (int(micro_ends[b - 1]) if b else 0)
+            part["schedule.micro_counts"] = sched["micro_counts"][a:b].to(torch.int32)
             part["schedule.micro_sizes"] = sched["micro_sizes"][first:last].to(torch.int32)
         if "batches" in sched:
-            idx = torch.cat(sched["batches"][a:b]) if b > a else torch.zeros(0, dtype=torch.int64)
-            part["schedule.batch_indices"] = idx.to(torch.int32) if idx.numel() == 0 or int(idx.max()) < 2**31 else idx
+            part["schedule.batch_indices"] = compact_indices(torch.cat(sched["batches"][a:b]) if b > a else torch.zeros(0, dtype=torch.int64))
         return part
 
     def _rows_part(self, j, a, b):
@@ -451,11 +453,12 @@ class GradientHistory:
         if "batches" not in self.schedule:
             # no batch order to replay (kind="minimal"): the per-step columns run-length encoded in the head; a constant
             # learning rate and batch size cost a few bytes whatever the number of steps
-            for name, column in self._schedule_part(0, self.num_steps).items():
+            for name, column in self._schedule_part(0, self.num_steps, self._micro_ends()).items():
                 values, lengths = run_lengths(column)
                 head[f"{name}.values"], head[f"{name}.lengths"] = values, lengths
+        micro_ends = self._micro_ends()
         for j, (a, b) in enumerate(self._chunk_bounds() if "batches" in self.schedule else ()):
-            parts = {"schedule": self._schedule_part(a, b)}
+            parts = {"schedule": self._schedule_part(a, b, micro_ends)}
             rows = self._rows_part(j, a, b)
             if rows is not None:
                 parts["rows"] = rows
@@ -615,6 +618,11 @@ def _chunked_trajectory(encoded, chunks, where):
             parts.append((steps, _StoredRows(cache, part, f"trajectory.{key}", m, steps, where)))
         out[key] = ChunkedRows(parts, m["codec"], m["blocksize"], m["p"], ROW_DTYPES[m["dtype"]])
     return out
+
+
+def compact_indices(idx):
+    """Sample indices as stored: int32 while they fit (half of int64's bytes), else int64."""
+    return idx.to(torch.int32) if idx.numel() == 0 or int(idx.max()) < 2**31 else idx
 
 
 def run_lengths(column):

@@ -22,7 +22,7 @@ import uuid
 import torch
 
 from . import store
-from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows,
+from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
@@ -379,8 +379,7 @@ class HistoryRecorder:
             "schedule.micro_sizes": torch.tensor([s for m in chunk["micro"] if len(m) > 1 for s in m], dtype=torch.int32),
         }
         if self.path is not None:
-            indices = torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64)
-            schedule["schedule.batch_indices"] = indices.to(torch.int32) if n == 0 or int(indices.max()) < 2**31 else indices
+            schedule["schedule.batch_indices"] = compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64))
         rows = {key: EncodedRows.cat(chunk[key]) for key in ("w", "g") if chunk[key]}
         if self.path is None:
             if n:

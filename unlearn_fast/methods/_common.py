@@ -124,6 +124,22 @@ def replay_autocast(history, model):
 PLAIN_SGD_MODELS = ("deltagrad", "mini")
 
 
+def refuse_unmodelled_features(history, method):
+    """ValueError naming the training feature (clipping, accumulation, autocast) a plain-SGD step model lacks."""
+    recording = history.meta.get("recording") or {}
+    max_norm, autocast = clip_max_norm(history), recording.get("autocast")
+    if max_norm is not None or recording.get("clipped_steps"):
+        what = f"clipped gradient norms at {max_norm:.6g}" if max_norm is not None else f"edited (clipped) the gradients of {recording['clipped_steps']} steps"
+        raise ValueError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
+                         "or 'rewind' (they replay the clipping)")
+    if bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
+        raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
+                         "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
+    if autocast is not None:
+        raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
+                         "include; use method='retrain' or 'rewind' (they replay it)")
+
+
 def check_history(history, model, forget, train_set, method):
     """The history must match the model and the training set, and must have seen every forgotten sample."""
     from ..history import GradientHistory
@@ -134,19 +150,8 @@ def check_history(history, model, forget, train_set, method):
         raise ValueError(f"history: its recording did not finish ({history.num_steps} steps were streamed to {history.path!r}); continue it "
                          "with HistoryRecorder.resume from a trainer checkpoint, or record again")
     history.check_model(model)
-    recording = history.meta.get("recording") or {}
-    if method in PLAIN_SGD_MODELS and (clip_max_norm(history) is not None or recording.get("clipped_steps")):
-        what = f"clipped gradient norms at {clip_max_norm(history):.6g}" if clip_max_norm(history) is not None else \
-            f"edited (clipped) the gradients of {recording['clipped_steps']} steps"
-        raise ValueError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
-                         "or 'rewind' (they replay the clipping)")
-    if method in PLAIN_SGD_MODELS and bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
-        raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
-                         "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
-    autocast = (history.meta.get("recording") or {}).get("autocast")
-    if method in PLAIN_SGD_MODELS and autocast is not None:
-        raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
-                         "include; use method='retrain' or 'rewind' (they replay it)")
+    if method in PLAIN_SGD_MODELS:
+        refuse_unmodelled_features(history, method)
     if len(train_set) != history.n_train:  # its batches are indices into the recorded training set
         raise ValueError(
             f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}; "
