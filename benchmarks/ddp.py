@@ -55,17 +55,6 @@ def forget_set():
     return torch.randperm(N, generator=torch.Generator().manual_seed(12345))[: N // 10].sort().values
 
 
-class Indexed(torch.utils.data.Dataset):
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return (i, *self.ds[i])
-
-
 def worker(rank, init_file, out, epochs, repeats):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -74,8 +63,8 @@ def worker(rank, init_file, out, epochs, repeats):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         rec = ufd.DistributedRecorder(ddp, opt, uf.HistoryPolicy(kind="full", codec="int8"))
-        sampler = torch.utils.data.DistributedSampler(Indexed(ds), shuffle=True, seed=0, drop_last=True)
-        loader = torch.utils.data.DataLoader(Indexed(ds), batch_size=PER_RANK, sampler=sampler, drop_last=True)
+        sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=0, drop_last=True)
+        loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler, drop_last=True)
         t0 = time.perf_counter()
         for epoch in range(epochs):
             sampler.set_epoch(epoch)

@@ -35,17 +35,6 @@ def _optimizer(net):
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
 
 
-class _Indexed(torch.utils.data.Dataset):  # sample i -> (i, x, y)
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return (i, *self.ds[i])
-
-
 def _worker(rank, init_file, out):
     # (ufd, imported with this module, imported torch.distributed.nn.functional before this init: see _teardown)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -97,8 +86,8 @@ def _work(rank, out):
     opt, sched = _optimizer(net)
     # streamed to disk (rank 0): the history written there carries the world size as well
     rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "streamed"))
-    sampler = torch.utils.data.DistributedSampler(_Indexed(ds), shuffle=True, seed=3)
-    loader = torch.utils.data.DataLoader(_Indexed(ds), batch_size=PER_RANK, sampler=sampler)
+    sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler)
     for epoch in range(EPOCHS):
         sampler.set_epoch(epoch)
         for idx, x, y in loader:
