@@ -23,10 +23,16 @@ retained samples only, weighted so that the all-reduced sum is the mean over the
 (what the single-process replay computes); every rank applies the same update and ends with the same model.
 check_world_size() refuses a history recorded under another world size.
 
-FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters) is refused: see docs/distributed.md.
+FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters): ShardedRecorder records one shard history per rank, run_sharded /
+unlearn_sharded replay it under the same sharding, gather_shards() makes one single-process history of them; DistributedRecorder
+and run refuse a sharded model, naming them. See docs/distributed.md.
 """
 import copy
+import dataclasses
+import functools
+import os
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -192,8 +198,8 @@ def refuse_sharded(model, who):
         what = f"parameter {sharded[0]} is a DTensor" if sharded else "it is an FSDPModule"
         raise ValueError(
             f"{who}: model is sharded by FSDP2 (torch.distributed.fsdp.fully_shard; {what}): each rank holds only shards of "
-            "the parameters and gradients, and per-rank shard histories are not supported. Record under DDP (or a single "
-            "process), or gather the full parameters first"
+            "the parameters and gradients: record it with ShardedRecorder (one shard history per rank) and replay it with "
+            "run_sharded / unlearn_sharded, or gather_shards() the rank histories into a single-process history"
         )
 
 
@@ -353,3 +359,473 @@ def _allreduce_measuring(state, bucket):
         return reduced
 
     return future.then(measured)
+
+
+# ----------------------------------------------------------------------------- FSDP2: one shard history per rank
+# Each rank records the local shards of its parameters and gradients (after FSDP2's reduce-scatter: the shards of the
+# world batch's mean gradient) and the world batch of every step (all ranks' indices, gathered in rank order, the same
+# on every rank: each rank's history is complete on its own). A shard history's param_spec names its parameters with
+# SHARD_MARK, so that uf.unlearn and the single-process methods, which need whole parameters, refuse it naming FSDP2;
+# gather_shards() turns the W rank histories into one single-process history.
+SHARD_MARK = " [FSDP2 shard {rank} of {world}]"
+
+
+def _trainable(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _local(p):
+    """The rank's own shard of a DTensor parameter or gradient (a plain tensor sharing its storage)."""
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def sharding_of(model, who="sharding"):
+    """Per trainable parameter of an FSDP2 model: its name, global and local shapes, the offset of the local shard in
+    the global tensor, its placements, dtype, and the mesh. Only 1-D meshes with Shard(dim) placements (plain FSDP2)
+    are supported: HSDP (2-D mesh) and tensor parallelism are refused by name."""
+    shards, mesh = [], None
+    for name, p in _trainable(model):
+        if not _is_dtensor(p):
+            raise ValueError(f"{who}: parameter {name} is not a DTensor; the model must be sharded by FSDP2 (fully_shard) as a whole")
+        placements = list(p.placements)
+        if p.device_mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard():
+            raise ValueError(f"{who}: parameter {name} has placements {placements} on a {p.device_mesh.ndim}-D mesh; only FSDP2 on a 1-D mesh "
+                             "(one Shard(dim) placement: no HSDP, no tensor parallelism) is supported")
+        this = {"device_type": p.device_mesh.device_type, "ranks": p.device_mesh.mesh.flatten().tolist()}
+        if mesh is None:
+            mesh = this
+        elif this != mesh:
+            raise ValueError(f"{who}: parameter {name} lives on mesh {this}, earlier ones on {mesh}; one mesh for the whole model is supported")
+        dim, size, coord = placements[0].dim, p.device_mesh.size(), p.device_mesh.get_local_rank()
+        # torch.chunk's split, which Shard(dim) uses: ceil(n / size) rows per rank, the last ranks' shards shorter or empty
+        n = p.shape[dim]
+        step = -(-n // size)
+        start = min(coord * step, n)
+        local_shape, offset = list(p.shape), [0] * p.dim()
+        local_shape[dim], offset[dim] = min(start + step, n) - start, start
+        if list(p.to_local().shape) != local_shape:
+            raise ValueError(f"{who}: parameter {name}'s local shard has shape {list(p.to_local().shape)}, expected {local_shape} for "
+                             f"{placements[0]} of {list(p.shape)} over {size} ranks (an uneven layout this recorder does not know)")
+        shards.append({"name": name, "global_shape": list(p.shape), "local_shape": local_shape, "offset": offset,
+                       "placements": [repr(pl) for pl in placements], "dtype": str(p.dtype).replace("torch.", "")})
+    if not shards:
+        raise ValueError(f"{who}: model has no trainable parameters")
+    return {"mesh": mesh, "shards": shards}
+
+
+def _local_flat(model):
+    return torch.cat([_local(p).detach().reshape(-1) for _, p in _trainable(model)])
+
+
+def _digest(tensors):
+    """uf's weights digest (history.weights_digest) of a list of tensors, as if they were a model's parameters."""
+    from ..history import weights_digest
+
+    return weights_digest(torch.nn.ParameterList([torch.nn.Parameter(t.detach(), requires_grad=True) for t in tensors]))
+
+
+def _fsdp_root(model, who):
+    fsdp = _fsdp_module_class()
+    if fsdp is None or not isinstance(model, fsdp):
+        raise ValueError(f"{who}: model must be the root module sharded by FSDP2 (torch.distributed.fsdp.fully_shard(model)), "
+                         f"got {type(model).__name__}")
+
+
+class ShardedRecorder:
+    """Records an FSDP2 (fully_shard) training run: every rank a GradientHistory of its own shards.
+
+        model = fully_shard(net); rec = ShardedRecorder(model, optimizer)        # every rank
+        for indices, x, y in loader:                  # DistributedSampler, drop_last: equal batch sizes on every rank
+            optimizer.zero_grad(); loss_fn(model(x), y).backward()
+            rec.record(indices)                       # every rank (a collective), after backward, before step()
+            optimizer.step()
+        history = rec.finish(train_set); save_sharded(history, "history/")   # history/rank-<r> on every rank
+
+    The history holds the rank's shards of w_t and g_t (kind="full": the reduce-scattered gradient, i.e. the shard of
+    the world batch's mean gradient), the world batches (every rank's indices in rank order; every rank stores the
+    same schedule) and meta["distributed"]: world size, rank, backend, the mesh, per parameter its global and local
+    shapes, shard offset and placements, and an id of the run shared by its ranks. Replay: run_sharded /
+    unlearn_sharded under the same sharding; gather_shards() builds the single-process history."""
+
+    def __init__(self, model, optimizer, policy=None, group=None):
+        from ..history import HistoryPolicy, param_spec  # noqa: F401
+        from ..recording import _jsonable, real_optimizer
+
+        who = "ShardedRecorder"
+        self.group = group
+        self.world_size, self.rank = _world(group, who)
+        _fsdp_root(model, who)
+        self.policy = policy or HistoryPolicy(kind="full")
+        if self.policy.kind != "full":
+            raise ValueError(f"{who}: policy kind {self.policy.kind!r} is not supported for FSDP2 shard histories (Mini's summary needs "
+                             "the whole parameters; record kind='full' and gather_shards() into a single-process history)")
+        optimizer = real_optimizer(optimizer)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"{who}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.sharding = sharding_of(model, who)
+        named = _trainable(model)
+        self.params = [p for _, p in named]
+        if self.sharding["mesh"]["ranks"] != list(range(self.world_size)):
+            raise ValueError(f"{who}: the model's mesh spans ranks {self.sharding['mesh']['ranks']}, the process group {self.world_size} ranks; "
+                             "the mesh must be the whole group in rank order")
+        half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
+        if half:
+            raise ValueError(f"{who}: model parameter {half[0][0]} is {half[0][1]}; histories are recorded for float32 or float64 models")
+        opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if any(id(p) not in opt_ids for p in self.params):
+            raise ValueError(f"{who}: optimizer does not hold every trainable parameter of model")
+        self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
+        # one id for the run, rank 0's: the replay refuses rank histories of different runs mixed together
+        run_id = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(run_id, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        local_spec = [(s["name"] + SHARD_MARK.format(rank=self.rank, world=self.world_size), s["local_shape"], s["dtype"]) for s in self.sharding["shards"]]
+        self.meta = {
+            "policy": dataclasses.asdict(self.policy),
+            "param_spec": local_spec,
+            "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+                          "groups": _jsonable([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])},
+            "group_of_param": self.group_of_param,
+            "distributed": {"world_size": self.world_size, "rank": self.rank, "backend": str(dist.get_backend(group)),
+                            "sharding": "fsdp2", "run": run_id[0], **self.sharding},
+        }
+        self.w0 = _local_flat(model).clone()
+        self.steps, self.batches, self.lrs, self.w_rows, self.g_rows = 0, [], [], [], []
+        # what FSDP2's post-accumulate-grad hooks saw since the last step: it calls them on the sharded parameter once
+        # its reduce-scattered gradient is in place, so their norms are the baseline a later edit (clipping) is measured against
+        self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
+        self._recorded, self._unrecorded_step, self._steps_taken, self._autocast, self._finished = False, None, 0, False, False
+        from ..recording import InertWhenCopied
+
+        self._handles = [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
+        self._handles += [optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
+                          optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
+                          model.register_forward_pre_hook(InertWhenCopied(self._on_forward))]
+
+    def _on_grad(self, i, p):
+        self._passes[i] += 1
+        self._norms[i] = float(torch.linalg.vector_norm(_local(p.grad).detach().double()))
+
+    def _on_forward(self, module, args):
+        if module.training and torch.is_grad_enabled() and torch.is_autocast_enabled(_local(self.params[0]).device.type):
+            self._autocast = True
+
+    def _before_step(self, optimizer, args, kwargs):
+        if not self._recorded and self._unrecorded_step is None:
+            self._unrecorded_step = self._steps_taken
+
+    def _after_step(self, optimizer, args, kwargs):
+        self._steps_taken += 1
+        self._recorded, self._autocast = False, False
+        self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
+
+    def record(self, batch_indices):
+        """Record the coming optimizer step; batch_indices: this rank's sample indices. Collective: every rank calls it
+        at every step; a refusal is decided from one all-gather, so every rank raises the same error."""
+        if self._finished:
+            raise ValueError("record: the recorder is finished")
+        local = torch.as_tensor(batch_indices)
+        if local.dtype.is_floating_point or local.dtype == torch.bool or local.dim() != 1:
+            raise ValueError(f"record: batch_indices must be this rank's 1-D integer sample indices, got {local.dtype} of shape {tuple(local.shape)}")
+        local = local.to("cpu", torch.int64)
+        grads = [p.grad for p in self.params]
+        missing = any(g is None for g in grads) or max(self._passes) == 0
+        edited = False
+        if not missing:
+            now = [float(torch.linalg.vector_norm(_local(g).detach().double())) for g in grads]
+            edited = any(b is not None and abs(a - b) > 1e-6 * max(b, 1e-30) for a, b in zip(now, self._norms))
+        # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record()
+        flags = [local.numel(), int(missing), int(edited), int(max(self._passes) > 1), int(self._autocast),
+                 int(self._unrecorded_step is not None), int(self._recorded)]
+        info = [torch.zeros(len(flags), dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(info, torch.tensor(flags, dtype=torch.int64), group=self.group)
+        on = lambda k: [r for r, i in enumerate(info) if int(i[k])]  # noqa: E731
+        sizes = [int(i[0]) for i in info]
+        step = self.steps
+        if on(6):
+            raise ValueError(f"record: called twice for step {step - 1} (ranks {on(6)}), before optimizer.step() ran; call it once per optimizer step")
+        if on(5):
+            raise ValueError(f"record: an optimizer step ran without a record() before it (ranks {on(5)}); call record() at every step")
+        if len(set(sizes)) != 1:
+            raise ValueError(f"record: step {step} has per-rank batch sizes {sizes}; FSDP2 averages the ranks' mean gradients, which equals the "
+                             "world batch's mean gradient (what the replay computes) only for equal sizes. Use drop_last=True")
+        if on(1):
+            raise ValueError(f"record: step {step}: no backward reached the model on ranks {on(1)} since the last step; call record() after backward")
+        if on(3):
+            raise ValueError(f"record: step {step} accumulated gradients of several backward passes (ranks {on(3)}): gradient accumulation is "
+                             "not supported for FSDP2 shard histories")
+        if on(4):
+            raise ValueError(f"record: step {step} ran its forward under autocast (ranks {on(4)}): not supported for FSDP2 shard histories")
+        if on(2):
+            raise ValueError(f"record: step {step}'s gradients changed after FSDP2's reduce-scatter on ranks {on(2)}: gradient clipping? The "
+                             "replay computes unclipped gradients; clipping is not supported for FSDP2 shard histories")
+        gathered = [torch.empty(sizes[0], dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        world = torch.cat(gathered)
+        if world.numel() == 0 or bool((world < 0).any()) or torch.unique(world).numel() != world.numel():
+            raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
+        from ..history import EncodedRows
+
+        c, bs = self.policy.codec, self.policy.blocksize
+        self.w_rows.append(EncodedRows.encode(_local_flat(self.model)[None], c, bs))
+        self.g_rows.append(EncodedRows.encode(torch.cat([_local(g).detach().reshape(-1) for g in grads])[None], c, bs))
+        self.batches.append(world)
+        self.lrs.append([float(g["lr"]) for g in self.optimizer.param_groups])
+        self.steps += 1
+        self._recorded = True
+        return world
+
+    def finish(self, train_set):
+        """This rank's shard history (a GradientHistory; not collective). train_set: the training set the indices
+        point into. Save it with save_sharded(history, path) on every rank."""
+        from ..history import ChunkedRows, EncodedRows, GradientHistory
+
+        if self._finished or not self.steps:
+            raise ValueError("finish: nothing was recorded" if not self.steps else "finish: the recorder is finished")
+        if self._recorded:
+            raise ValueError(f"finish: step {self.steps - 1} was recorded but optimizer.step() did not run after it")
+        n_train = len(train_set)
+        top = max(int(b.max()) for b in self.batches)
+        if top >= n_train:
+            raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
+        T, p = self.steps, self.w0.numel()
+        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(T, -1),
+                    "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
+        c, bs = self.policy.codec, self.policy.blocksize
+        trajectory = {key: ChunkedRows([(T, EncodedRows.cat(rows))], c, bs, p, self.w0.dtype) for key, rows in (("w", self.w_rows), ("g", self.g_rows))}
+        final = _local_flat(self.model).clone()
+        meta = dict(self.meta, n_train=n_train, recording={"allow": [], "accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0},
+                    final_digest=_digest([_local(q) for q in self.params]))
+        # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
+        history = GradientHistory(meta, schedule, trajectory, {"w_final": final})
+        for h in self._handles:
+            h.remove()
+        self._handles, self._finished, self.w_rows, self.g_rows = [], True, [], []
+        return history
+
+
+def _shard_meta(history, who="history"):
+    d = history.meta.get("distributed", {})
+    if d.get("sharding") != "fsdp2":
+        raise ValueError(f"{who}: not an FSDP2 shard history (one recorded by ShardedRecorder); a history recorded under DDP or in one "
+                         "process is replayed by ufd.run / uf.unlearn")
+    return d
+
+
+def save_sharded(history, path):
+    """Save this rank's shard history under path/rank-<r> (r: the rank that recorded it). Returns that directory."""
+    d = _shard_meta(history)
+    return history.save(os.path.join(os.fspath(path), f"rank-{d['rank']}"))
+
+
+def load_sharded(path, model=None, group=None):
+    """This rank's shard history from path/rank-<rank>, checked against `model`'s sharding when given
+    (check_sharding: ValueError naming the mismatch)."""
+    from ..history import GradientHistory
+
+    world_size, rank = _world(group, "load_sharded")
+    history = GradientHistory.load(os.path.join(os.fspath(path), f"rank-{rank}"))
+    check_sharding(history, sharding_of(model, "load_sharded") if model is not None else None, world_size, rank)
+    return history
+
+
+def check_sharding(history, sharding, world_size, rank):
+    """ValueError naming the mismatch unless `history` is the shard history of `rank` in a run of `world_size` ranks
+    with the sharding `sharding` (sharding_of(model); None: only world size and rank are checked)."""
+    d = _shard_meta(history)
+    if d["world_size"] != world_size:
+        raise ValueError(f"history: FSDP2 shards recorded with world size {d['world_size']}, used under world size {world_size}; the shards "
+                         "are replayed only by the same number of ranks (gather_shards() builds a single-process history)")
+    if d["rank"] != rank:
+        raise ValueError(f"history: holds the shards of rank {d['rank']}, used on rank {rank}; each rank loads its own (path/rank-<rank>)")
+    if sharding is None:
+        return
+    if sharding["mesh"] != d["mesh"]:
+        raise ValueError(f"history: recorded on mesh {d['mesh']}, the model is on mesh {sharding['mesh']}")
+    names = ([s["name"] for s in d["shards"]], [s["name"] for s in sharding["shards"]])
+    if names[0] != names[1]:
+        raise ValueError(f"history: recorded for parameters {names[0]}, the model has {names[1]}")
+    for rec, now in zip(d["shards"], sharding["shards"]):
+        for key in ("global_shape", "dtype", "placements", "local_shape", "offset"):
+            if rec[key] != now[key]:
+                raise ValueError(f"history: parameter {rec['name']} was sharded differently when recorded ({key} {rec[key]}, placements "
+                                 f"{rec['placements']}) than in this model ({key} {now[key]}, placements {now['placements']}); replay under "
+                                 "the sharding it was recorded with")
+
+
+def _check_same_run(history, group, world_size):
+    """Every rank's shard history must come from the same recording (the run id rank 0 broadcast)."""
+    mine = [_shard_meta(history)["run"]]
+    every = [None] * world_size
+    dist.all_gather_object(every, mine[0], group=group)
+    differ = [r for r in range(world_size) if every[r] != every[0]]
+    if differ:
+        raise ValueError(f"FSDP2 retrain: ranks {differ} hold shard histories of another recording than rank 0's (run ids differ); "
+                         "every rank must load its shards of the same run")
+
+
+def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress=None):
+    """method="retrain" under FSDP2, on every rank (collective): `model` is a fully_shard'ed model with the sharding
+    the history was recorded with (its parameters are overwritten: pass a fresh one), `history` this rank's shard
+    history. From the recorded w0 shards, each step: rank r's part of the world batch without `forget` (n_r retained
+    samples of the world batch's n), the mean loss scaled by W * n_r / n (FSDP2's reduce-scatter averages over the W
+    ranks: the result is the shard of the retained world batch's mean gradient, what a single-process replay
+    computes), a backward through the sharded model, and a step of the recorded torch.optim optimizer on the DTensor
+    parameters. A rank with no retained sample runs a zero-weighted loss (it must join FSDP2's collectives); a step
+    whose whole world batch is forgotten is skipped on every rank. Returns (model, stats)."""
+    from ..methods._common import batch_loss
+    from ..methods.retrain import build_optimizer
+
+    world_size, rank = _world(group, "FSDP2 retrain")
+    _fsdp_root(model, "FSDP2 retrain")
+    forget = torch.as_tensor(forget, dtype=torch.int64)
+    # collective checks first, identical on every rank: a failing local check on one rank only would leave the others waiting
+    _check_same_request(history, forget, group, world_size)
+    _check_same_run(history, group, world_size)
+    check_sharding(history, sharding_of(model, "FSDP2 retrain"), world_size, rank)
+    if len(train_set) != history.n_train:
+        raise ValueError(f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}")
+    if forget.numel() and (int(forget.min()) < 0 or int(forget.max()) >= history.n_train):
+        raise ValueError(f"forget: indices must lie in [0, {history.n_train})")
+    params = [p for _, p in _trainable(model)]
+    w0, offset = history.schedule["w0"], 0
+    with torch.no_grad():
+        for p in params:
+            local = _local(p)
+            local.copy_(w0[offset : offset + local.numel()].view_as(local))
+            offset += local.numel()
+    optimizer = build_optimizer(model, history.meta)
+    keep = torch.ones(history.n_train, dtype=torch.bool)
+    keep[forget] = False
+    evals = steps = 0
+    for t, batch in enumerate(history.schedule["batches"]):
+        batch = torch.as_tensor(batch, dtype=torch.int64)
+        if progress is not None:
+            progress.update(1)
+        if batch.numel() % world_size:
+            raise ValueError(f"history: step {t}'s world batch has {batch.numel()} samples, not a multiple of world size {world_size}")
+        per_rank = batch.numel() // world_size
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        part = mine[keep[mine]]
+        retained = int(keep[batch].sum())  # the same on every rank: no communication
+        if retained == 0:
+            continue
+        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
+            group_["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        if part.numel():
+            (batch_loss(model, loss_fn, fetch_batch(train_set, part)) * (world_size * part.numel() / retained)).backward()
+        else:
+            (batch_loss(model, loss_fn, fetch_batch(train_set, mine[:1])) * 0.0).backward()
+        optimizer.step()
+        evals += part.numel()
+        steps += 1
+    return model, {"steps": steps, "gradient_evaluations": evals, "world_size": world_size, "rank": rank,
+                   "history_bytes_read": history.nbytes("schedule")}
+
+
+def fetch_batch(train_set, indices):
+    from ..history import fetch
+
+    return fetch(train_set, indices)
+
+
+def unlearn_sharded(model, history, forget, train_set, loss_fn, replay_model, group=None, allow_unrecorded_model=False, progress=None):
+    """uf.unlearn(..., method="retrain") for an FSDP2 run, on every rank: `model` the trained fully_shard'ed model (left
+    untouched; checked against the history's binding: its local shards' digest), `replay_model` a fully_shard'ed
+    model with the same sharding that receives the result (FSDP2 modules cannot be deep-copied). The request is
+    logged in this rank's history (bound to the result's local shards)."""
+    from ..unlearn import UnlearnResult, check_forget
+
+    world_size, rank = _world(group, "FSDP2 retrain")
+    forget = check_forget(forget, len(train_set))
+    final = history.meta.get("final_digest")
+    digest = _digest([_local(p) for _, p in _trainable(model)])
+    served = [r["model_digest"] for r in history.requests]
+    # which of the history's models this one is: the trained one, or one a logged request produced (forget their union)
+    if digest == final:
+        earlier = torch.zeros(0, dtype=torch.int64)
+    elif digest in served:
+        upto = served.index(digest)
+        earlier = torch.tensor(sorted({i for r in history.requests[: upto + 1] for i in r["forget"]}), dtype=torch.int64)
+    elif allow_unrecorded_model:
+        earlier = torch.zeros(0, dtype=torch.int64)
+    else:
+        earlier = None
+    # every rank must agree (a refusal on one rank only would leave the others waiting in run_sharded's collectives)
+    unknown = [None] * world_size
+    dist.all_gather_object(unknown, earlier is None, group=group)
+    if any(unknown):
+        raise ValueError(f"model: its shards on ranks {[r for r, u in enumerate(unknown) if u]} are neither the trained model's nor one a "
+                         "logged request produced; pass the trained FSDP2 model (or allow_unrecorded_model=True)")
+    forget = torch.unique(torch.cat([forget.to(torch.int64), earlier]))
+    start = time.perf_counter()
+    replay_model, stats = run_sharded(replay_model, history, forget, train_set, loss_fn, group=group, progress=progress)
+    seconds = time.perf_counter() - start
+    history.append_request(forget.tolist(), "retrain", _digest([_local(p) for _, p in _trainable(replay_model)]))
+    return UnlearnResult(replay_model, seconds, {"method": "retrain", **stats, "forgotten_total": forget.numel()})
+
+
+def gather_shards(histories):
+    """One single-process GradientHistory of the W shard histories of an FSDP2 run (any order; every rank's once, all
+    of one run): w0, the trajectory rows and the final weights reassembled per parameter from the shards at their
+    recorded offsets, the schedule (identical in every shard history, checked), param_spec with the whole
+    parameters, bound to the whole trained model. The single-process methods take it (retrain replays it as the
+    world batches; a DDP replay with W ranks too). With an int codec the rows are decoded and encoded again (one
+    more rounding); fp32 is exact."""
+    from ..history import ChunkedRows, EncodedRows, GradientHistory
+
+    histories = list(histories)
+    metas = [_shard_meta(h, "gather_shards") for h in histories]
+    world = metas[0]["world_size"]
+    runs = {m["run"] for m in metas}
+    if len(runs) != 1:
+        raise ValueError(f"gather_shards: the histories come from {len(runs)} different runs; gather the shards of one recording")
+    ranks = sorted(m["rank"] for m in metas)
+    if ranks != list(range(world)):
+        raise ValueError(f"gather_shards: got the shards of ranks {ranks}, the run had world size {world}; pass every rank's once")
+    order = sorted(range(len(histories)), key=lambda i: metas[i]["rank"])
+    histories, metas = [histories[i] for i in order], [metas[i] for i in order]
+    first = histories[0]
+    for h in histories[1:]:
+        same = (len(h.schedule["batches"]) == len(first.schedule["batches"]) and torch.equal(h.schedule["lrs"], first.schedule["lrs"])
+                and all(torch.equal(a, b) for a, b in zip(h.schedule["batches"], first.schedule["batches"])))
+        if not same:
+            raise ValueError(f"gather_shards: rank {h.meta['distributed']['rank']}'s schedule differs from rank 0's")
+    shards = [m["shards"] for m in metas]
+
+    def assemble(local_rows):
+        """(rows, p) whole flat vectors from each rank's (rows, p_local) shard rows."""
+        out, starts = [], [0] * world
+        n_rows = local_rows[0].shape[0]
+        for k, spec in enumerate(shards[0]):
+            whole = torch.empty([n_rows] + spec["global_shape"], dtype=local_rows[0].dtype)
+            for r in range(world):
+                s = shards[r][k]
+                n = int(torch.Size(s["local_shape"]).numel())
+                piece = local_rows[r][:, starts[r] : starts[r] + n].reshape([n_rows] + s["local_shape"])
+                starts[r] += n
+                index = tuple([slice(None)] + [slice(o, o + size) for o, size in zip(s["offset"], s["local_shape"])])
+                whole[index] = piece
+            out.append(whole.reshape(n_rows, -1))
+        return torch.cat(out, dim=1)
+
+    w0 = assemble([h.schedule["w0"][None] for h in histories])[0]
+    final = assemble([h.summary["w_final"][None] for h in histories])[0]
+    sizes = [int(torch.Size(s["global_shape"]).numel()) for s in shards[0]]
+    meta = {k: v for k, v in first.meta.items() if k not in ("distributed", "param_spec", "final_digest", "loss_check")}
+    meta["param_spec"] = [(s["name"], s["global_shape"], s["dtype"]) for s in shards[0]]
+    meta["distributed"] = {"world_size": world, "backend": metas[0]["backend"], "recording_rank": 0, "gathered_from": "fsdp2",
+                           "run": metas[0]["run"]}
+    meta["final_digest"] = _digest(list(final.split(sizes)))
+    trajectory = None
+    if first.trajectory:
+        policy = first.meta["policy"]
+        trajectory = {}
+        for key in ("w", "g"):
+            rows = assemble([h.trajectory[key].all() for h in histories])
+            enc = EncodedRows.encode(rows, policy["codec"], policy["blocksize"])
+            trajectory[key] = ChunkedRows([(rows.shape[0], enc)], enc.codec, enc.blocksize, enc.p, enc.dtype)
+    schedule = {k: v for k, v in first.schedule.items() if k != "w0"}
+    schedule["w0"] = w0
+    return GradientHistory(meta, schedule, trajectory, None)

@@ -1,0 +1,292 @@
+"""FSDP2 (fully_shard, gloo, 2 CPU processes): every rank records its shards; the shard histories replay under the same
+sharding and gather into one single-process history."""
+import copy
+import gc
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import unlearn_fast as uf
+from unlearn_fast.history import GradientHistory, flat_params
+from unlearn_fast.integrations import distributed as ufd
+from unlearn_fast.methods import retrain
+
+WORLD, PER_RANK, EPOCHS, N = 2, 4, 2, 48
+TOL = 1e-5  # float32 weights of size ~0.3; the replays sum the world batch in other orders than the reduce-scatter
+FORGET = [0, 5, 17, 30, 41]
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, 6, generator=g)
+    y = (X[:, :3].sum(1) > 0).long() + (X[:, 3] > 1).long()
+    return torch.utils.data.TensorDataset(X, y)
+
+
+def _net():
+    # 16-row and 3-row layers: the 3-row ones shard unevenly over 2 ranks (2 rows and 1)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _optimizer(params):
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=1e-3)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+
+def _sharded(placement=None):
+    from torch.distributed.fsdp import fully_shard
+
+    net = _net()
+    if placement is None:
+        fully_shard(net)
+    else:
+        fully_shard(net, shard_placement_fn=placement)
+    return net
+
+
+def _full_state(net):
+    # every rank takes part in full_tensor's all-gather
+    return {k: v.full_tensor().detach().clone() for k, v in net.state_dict().items()}
+
+
+def _message(fn, out, name):
+    try:
+        fn()
+    except ValueError as err:
+        with open(os.path.join(out, name), "w") as f:
+            f.write(str(err))
+
+
+def _worker(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        _work(rank, out)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _work(rank, out):
+    from torch.distributed.tensor import Shard
+
+    ds, net = _data(), _sharded()
+    opt, sched = _optimizer(net.parameters())
+    rec = ufd.ShardedRecorder(net, opt)
+    sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler)
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for idx, x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            rec.record(idx)
+            opt.step()
+            sched.step()
+    history = rec.finish(ds)
+    ufd.save_sharded(history, os.path.join(out, "history"))
+    trained = _full_state(net)
+    if rank == 0:
+        torch.save(trained, os.path.join(out, "trained.pt"))
+    history = ufd.load_sharded(os.path.join(out, "history"), net)
+    # replays under the same sharding, each into a fresh fully_shard'ed model
+    replayed, stats = ufd.run_sharded(_sharded(), history, [], ds, F.cross_entropy)
+    assert stats["steps"] == len(history.schedule["batches"])
+    state = _full_state(replayed)
+    if rank == 0:
+        torch.save(state, os.path.join(out, "replay_none.pt"))
+    result = ufd.unlearn_sharded(net, history, FORGET, ds, F.cross_entropy, replay_model=_sharded())
+    state = _full_state(result.model)
+    if rank == 0:
+        torch.save(state, os.path.join(out, "replay_forget.pt"))
+    with open(os.path.join(out, f"requests_{rank}.txt"), "w") as f:
+        f.write(repr([r["forget"] for r in history.requests]))
+    # another sharding: dim 1 of the weights instead of dim 0
+    other = _sharded(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    _message(lambda: ufd.run_sharded(other, history, FORGET, ds, F.cross_entropy), out, f"sharding_{rank}.txt")
+    # the other rank's shards: refused on every rank
+    _message(lambda: ufd.check_sharding(GradientHistory.load(os.path.join(out, "history", f"rank-{1 - rank}")), ufd.sharding_of(net), WORLD, rank),
+             out, f"mixed_{rank}.txt")
+    # rank 1 holding another run's shards (a second recording): refused on every rank by the run id
+    fresh = _sharded()
+    rec2 = ufd.ShardedRecorder(fresh, _optimizer(fresh.parameters())[0])
+    assert rec2.meta["distributed"]["run"] != history.meta["distributed"]["run"]
+    foreign = copy.copy(history)
+    foreign.meta = dict(history.meta, distributed=rec2.meta["distributed"] if rank == 1 else history.meta["distributed"])
+    _message(lambda: ufd.run_sharded(_sharded(), foreign, FORGET, ds, F.cross_entropy), out, f"run_{rank}.txt")
+    # the DDP recorder and replay refuse a sharded model, naming FSDP2 and the sharded API
+    _message(lambda: ufd.DistributedRecorder(net, opt), out, f"ddp_recorder_{rank}.txt")
+    _message(lambda: ufd.run(net, history, torch.tensor(FORGET), ds, F.cross_entropy), out, f"ddp_replay_{rank}.txt")
+    # clipping after the reduce-scatter: refused on every rank
+    rec3 = ufd.ShardedRecorder(net, opt)
+    idx, x, y = next(iter(loader))
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
+    _message(lambda: rec3.record(idx), out, f"clipped_{rank}.txt")
+    del rec, rec2, rec3, net, fresh, other, replayed, result, opt, sched
+
+
+@pytest.fixture(scope="module")
+def fsdp_run():
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(os.path.join(out, "init"), out), nprocs=WORLD, join=True)
+
+        def message(name):
+            path = os.path.join(out, name)
+            return open(path).read() if os.path.exists(path) else None
+
+        kinds = ("sharding", "mixed", "run", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
+        shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
+        states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget")}
+        yield shards, states, refusals
+
+
+def _model(state):
+    net = _net()
+    net.load_state_dict(state)
+    return net
+
+
+def _max_diff(a, b):
+    return float((flat_params(a) - flat_params(b)).abs().max())
+
+
+def _hand_retrain(batches, lrs, forget):
+    """A plain single-process loop over the world batches without `forget`: mean loss, SGD step."""
+    ds, net = _data(), _net()
+    opt, _ = _optimizer(net.parameters())
+    X, y = ds.tensors
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[torch.as_tensor(forget, dtype=torch.int64)] = False
+    for batch, lr in zip(batches, lrs):
+        rem = batch[keep[batch]]
+        if rem.numel() == 0:
+            continue
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        F.cross_entropy(net(X[rem]), y[rem]).backward()
+        opt.step()
+    return net
+
+
+def test_shard_histories_hold_each_ranks_shards(fsdp_run):
+    shards, states = fsdp_run[:2]
+    metas = [h.meta["distributed"] for h in shards]
+    assert [m["rank"] for m in metas] == [0, 1] and {m["world_size"] for m in metas} == {WORLD}
+    assert metas[0]["run"] == metas[1]["run"] and metas[0]["sharding"] == "fsdp2"
+    # the 3-row layer sharded unevenly: rank 0 rows 0:2, rank 1 row 2
+    assert [(s["local_shape"], s["offset"]) for s in metas[0]["shards"]][2:] == [([2, 16], [0, 0]), ([2], [0])]
+    assert [(s["local_shape"], s["offset"]) for s in metas[1]["shards"]][2:] == [([1, 16], [2, 0]), ([1], [2])]
+    assert metas[0]["shards"][0]["placements"] == ["Shard(dim=0)"]
+    assert shards[0].schedule["w0"].numel() == 8 * 6 + 8 + 2 * 16 + 2 and shards[1].schedule["w0"].numel() == 8 * 6 + 8 + 16 + 1
+    for a, b in zip(*(h.schedule["batches"] for h in shards)):  # every rank stores the same world batches
+        assert torch.equal(a, b) and a.numel() == WORLD * PER_RANK
+    batches = shards[0].schedule["batches"]
+    assert len(batches) == EPOCHS * N // (WORLD * PER_RANK)
+    for e in range(EPOCHS):
+        assert sorted(torch.cat(batches[e * 6 : (e + 1) * 6]).tolist()) == list(range(N))
+
+
+def test_gathered_history_is_the_single_process_one(fsdp_run):
+    shards, states = fsdp_run[:2]
+    gathered = ufd.gather_shards(reversed(shards))  # any order
+    assert torch.equal(gathered.schedule["w0"], flat_params(_net()))
+    # the recorded gradient of step 0 (reassembled from the shards) is the world batch's mean gradient at w0
+    ds, net = _data(), _net()
+    X, y = ds.tensors
+    b0 = gathered.schedule["batches"][0]
+    F.cross_entropy(net(X[b0]), y[b0]).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    assert float((gathered.trajectory["g"].row(0) - expected).abs().max()) < 1e-6
+    assert float(expected.abs().max()) > 1e-2
+    # bound to the whole trained model: uf.unlearn's retrain takes it and, forgetting nothing, lands on the trained weights
+    trained = _model(states["trained"])
+    single, _ = retrain.run(copy.deepcopy(trained), gathered, torch.zeros(0, dtype=torch.int64), ds, F.cross_entropy)
+    moved = float((flat_params(trained) - gathered.schedule["w0"]).abs().max())
+    assert _max_diff(single, trained) < TOL < moved / 100, (_max_diff(single, trained), moved)
+    with tempfile.TemporaryDirectory() as d:  # it saves and loads like any history
+        gathered.save(d)
+        again = GradientHistory.load(d)
+        assert torch.equal(again.trajectory["w"].all(), gathered.trajectory["w"].all())
+
+
+def test_fsdp_replay_forgetting_nothing_equals_training(fsdp_run):
+    shards, states = fsdp_run[:2]
+    trained, replay = _model(states["trained"]), _model(states["replay_none"])
+    moved = _max_diff(trained, _net())
+    assert _max_diff(replay, trained) < TOL < moved / 100, (_max_diff(replay, trained), moved)
+
+
+def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run):
+    shards, states, refusals = fsdp_run
+    gathered = ufd.gather_shards(shards)
+    trained, fsdp = _model(states["trained"]), _model(states["replay_forget"])
+    single = uf.unlearn(trained, gathered, FORGET, _data(), F.cross_entropy, method="retrain").model
+    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), FORGET)
+    moved = _max_diff(hand, trained)
+    assert _max_diff(fsdp, hand) < TOL < moved / 100, (_max_diff(fsdp, hand), moved)
+    assert _max_diff(fsdp, single) < TOL
+    assert refusals["requests"] == [repr([FORGET])] * WORLD  # logged in each rank's history
+
+
+def test_refuses_another_sharding_on_every_rank(fsdp_run):
+    for message in fsdp_run[2]["sharding"]:
+        assert message is not None and "parameter 0.weight was sharded differently" in message and "Shard(dim=1)" in message, message
+
+
+def test_refuses_the_other_ranks_shards(fsdp_run):
+    for rank, message in enumerate(fsdp_run[2]["mixed"]):
+        assert message is not None and f"holds the shards of rank {1 - rank}, used on rank {rank}" in message, message
+
+
+def test_refuses_shards_of_another_run_on_every_rank(fsdp_run):
+    for message in fsdp_run[2]["run"]:
+        assert message is not None and "ranks [1] hold shard histories of another recording" in message, message
+
+
+def test_refuses_clipping_after_the_reduce_scatter_on_every_rank(fsdp_run):
+    for message in fsdp_run[2]["clipped"]:
+        assert message is not None and "changed after FSDP2's reduce-scatter" in message, message
+
+
+def test_ddp_api_refuses_a_sharded_model_naming_fsdp2(fsdp_run):
+    for kind in ("ddp_recorder", "ddp_replay"):
+        for message in fsdp_run[2][kind]:
+            assert message is not None and "FSDP2" in message and "ShardedRecorder" in message and "DTensor" in message, (kind, message)
+
+
+def test_refuses_another_world_size(fsdp_run):
+    shards = fsdp_run[0]
+    with pytest.raises(ValueError, match="FSDP2 shards recorded with world size 2, used under world size 4"):
+        ufd.check_sharding(shards[0], None, 4, 0)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        ufd.load_sharded("unused", None)
+
+
+def test_single_process_methods_refuse_a_shard_history_naming_fsdp2(fsdp_run):
+    shards, states = fsdp_run[:2]
+    trained = _model(states["trained"])
+    for method in ("retrain", "deltagrad", "mini"):
+        with pytest.raises(ValueError, match=r"FSDP2 shard 0 of 2"):
+            uf.unlearn(trained, shards[0], FORGET, _data(), F.cross_entropy, method=method)
+
+
+def test_gather_refuses_missing_or_mixed_ranks(fsdp_run):
+    shards = fsdp_run[0]
+    with pytest.raises(ValueError, match=r"got the shards of ranks \[0\], the run had world size 2"):
+        ufd.gather_shards(shards[:1])
+    other = copy.copy(shards[1])
+    other.meta = dict(other.meta, distributed=dict(other.meta["distributed"], run="another"))
+    with pytest.raises(ValueError, match="2 different runs"):
+        ufd.gather_shards([shards[0], other])
+    with pytest.raises(ValueError, match="not an FSDP2 shard history"):
+        ufd.gather_shards([ufd.gather_shards(shards)])
