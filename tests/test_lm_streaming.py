@@ -1,0 +1,272 @@
+"""A language-model per-sample history streamed to disk (FirstEpochRecorder(..., path=)): rows appended in chunks by
+the background writer, equal bit for bit to the history recorded in memory, read back one chunk at a time (an
+ascent reads only the chunks holding its forget samples' rows), a killed run loads up to its last chunk and is
+refused by the methods, a damaged chunk is refused naming it, and no recording overwrites a history."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("rapidfuzz")
+
+import unlearn_fast as uf  # noqa: E402
+from unlearn_fast import store  # noqa: E402
+from unlearn_fast.history import HistoryPolicy  # noqa: E402
+from unlearn_fast.lm import FirstEpochHistory, FirstEpochRecorder, TextDataset, build_gpt2, lm_loss  # noqa: E402
+from unlearn_fast.lm.training import forward_logits  # noqa: E402
+
+N, BATCH, CHUNK = 24, 6, 5  # chunks of 5 rows: not aligned to the batches, so batches are split across chunks
+FORGET = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the machine is shared; one thread also keeps the subprocess's matmuls bit-identical to this process's
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_data():
+    gen = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    texts = [f"s{i} " + "".join(letters[int(k)] for k in torch.randint(0, 27, (14,), generator=gen)) for i in range(N)]
+    return TextDataset(texts)
+
+
+def schedule(epochs=2):
+    """[(epoch, batch indices)]: shuffled epochs of BATCH samples; epoch 0 ends with a batch repeating two samples of
+    its first batch (a sample seen twice in an epoch keeps the row of its last visit)."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for epoch in range(epochs):
+        batches = list(torch.randperm(N, generator=gen).split(BATCH))
+        if epoch == 0:
+            batches.append(batches[0][:2].clone())
+        out += [(epoch, b) for b in batches]
+    return out
+
+
+def new_run():
+    model = build_gpt2(n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=0)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def policy(kind="all_epochs", codec="int8", activations=True):
+    return HistoryPolicy(kind=kind, codec=codec, params="all", per_sample=True, activations=activations, blocksize=256)
+
+
+def train(model, opt, recorders, data, steps, stop=None):
+    """Plain SGD on the LM loss; every recorder records each batch, end_epoch() after each epoch."""
+    for t, (epoch, batch) in enumerate(steps[:stop]):
+        opt.zero_grad()
+        lm_loss(forward_logits(model, data.input_ids[batch]), data.labels[batch]).backward()
+        for rec in recorders:
+            rec.record(batch, data.input_ids[batch], data.labels[batch])
+            if rec.path is not None:  # the recorder holds less than one chunk: every full one went to the writer
+                assert rec._open_rows < rec.chunk_rows
+        opt.step()
+        if stop is None and (t + 1 == len(steps) or steps[t + 1][0] != epoch):
+            for rec in recorders:
+                rec.end_epoch()
+
+
+def expected_chunks(steps):
+    """Where each sample's kept row lies, from the schedule alone: {(epoch, sample): chunk}, with chunks of CHUNK rows
+    filled in recording order and closed at the end of each epoch."""
+    where, chunk, epoch_start = {}, 0, 0
+    for e in sorted({e for e, _ in steps}):
+        stream = torch.cat([b for ep, b in steps if ep == e]).tolist()
+        for pos, i in enumerate(stream):
+            where[(e, i)] = chunk + pos // CHUNK  # later visits overwrite earlier ones: the last row is kept
+        chunk += -(-len(stream) // CHUNK)
+    return where
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One training run recorded twice at once: in memory, and streamed to a directory in chunks of CHUNK rows."""
+    data, steps = make_data(), schedule()
+    model, opt = new_run()
+    path = str(tmp_path_factory.mktemp("lm") / "h")
+    memory = FirstEpochRecorder(model, opt, policy())
+    streamed = FirstEpochRecorder(model, opt, policy(), path=path)
+    streamed.chunk_rows = CHUNK
+    train(model, opt, [memory, streamed], data, steps)
+    return dict(data=data, steps=steps, model=model, path=path, memory=memory.finish(), streamed=streamed.finish())
+
+
+def test_a_streamed_history_equals_the_one_recorded_in_memory(recorded):
+    ref, path, steps = recorded["memory"], recorded["path"], recorded["steps"]
+    loaded = FirstEpochHistory.load(path, model=recorded["model"])
+    for history in (recorded["streamed"], loaded):
+        assert history.complete and history.n_epochs == ref.n_epochs == 2 and history.lrs == ref.lrs == [0.05, 0.05]
+        assert [c["steps"] for c in history.chunks] == [5, 5, 5, 5, 5, 1, 5, 5, 5, 5, 4]  # epoch 0: 26 rows, epoch 1: 24
+        assert history.bytes_per_sample() == ref.bytes_per_sample() and history.total_bytes() == ref.total_bytes()
+        for e in range(2):
+            assert torch.equal(history.epochs[e]["index"], ref.epochs[e]["index"]) and torch.equal(ref.epochs[e]["index"], torch.arange(N))
+            for i in range(N):
+                assert torch.equal(history.row(e, i), ref.row(e, i))
+        assert all(torch.equal(history.activations[k], ref.activations[k]) for k in ("index", "values"))
+    # the stored codes and scales themselves, read from the store chunk by chunk: each kept row of the in-memory
+    # history is in the chunk the schedule puts it in, bit for bit
+    where, matched = expected_chunks(steps), set()
+    snap = store.read(path, "FirstEpochHistory")
+    for j, chunk in enumerate(snap.chunks):
+        head = store.read_part(path, chunk["parts"]["index"], path)
+        rows = store.read_part(path, chunk["parts"]["rows"], path)
+        e = int(head["epoch"][0])
+        for r, i in enumerate(head["index"].tolist()):
+            if where[(e, i)] == j and (e, i) not in matched:
+                matched.add((e, i))
+                assert torch.equal(rows["codes"][r], ref.epochs[e]["codes"][i]) and torch.equal(rows["scales"][r], ref.epochs[e]["scales"][i])
+    assert len(matched) == 2 * N
+    # copied to another directory: the chunks come along (verified), and load the same rows without the original
+    other = str(os.path.join(os.path.dirname(path), "copy"))
+    loaded.save(other)
+    copied = FirstEpochHistory.load(other)
+    assert copied.complete and [c["parts"]["rows"]["data"] for c in copied.chunks] == [c["parts"]["rows"]["data"] for c in loaded.chunks]
+    assert all(torch.equal(copied.row(1, i), ref.row(1, i)) for i in (0, 11, N - 1))
+
+
+def test_ascent_reads_only_the_chunks_holding_the_forget_rows_and_moves_the_model_as_in_memory(recorded):
+    ref, data, model = recorded["memory"], recorded["data"], recorded["model"]
+    loaded = FirstEpochHistory.load(recorded["path"])
+    assert loaded.chunks_read == []  # a load reads the small index parts only
+    results = [uf.unlearn(model, h, FORGET, data, None, method="first_epoch_ascent", calibrate=False) for h in (ref, loaded)]
+    a, b = (torch.cat([p.detach().reshape(-1) for p in r.model.parameters()]) for r in results)
+    assert torch.equal(a, b) and not torch.equal(a, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    where = expected_chunks(recorded["steps"])
+    holding = sorted({where[(e, i)] for e in range(2) for i in FORGET})
+    assert len(holding) < len(loaded.chunks) and sorted(loaded.chunks_read) == holding  # each once, no other chunk
+    # the fisher retain guard reads many retain rows one sample at a time: the same bits as in memory, with the row
+    # cache smaller than them (rows gathered in batches of 3, evicted, read again)
+    loaded = FirstEpochHistory.load(recorded["path"])
+    loaded.cache_bytes = 3 * loaded.bytes_per_sample()["stored"]
+    results = [uf.unlearn(model, h, FORGET, data, None, method="first_epoch_ascent", calibrate=False, retain_guard="fisher") for h in (ref, loaded)]
+    a, b = (torch.cat([p.detach().reshape(-1) for p in r.model.parameters()]) for r in results)
+    assert torch.equal(a, b) and results[1].stats["retain_guard_rows"] > 3
+    assert len(loaded._row_cache) <= 3
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_lm_streaming import CHUNK, make_data, new_run, policy, schedule, train
+    from unlearn_fast.lm import FirstEpochRecorder
+    data, steps = make_data(), schedule()
+    model, opt = new_run()
+    rec = FirstEpochRecorder(model, opt, policy(), path={path!r})
+    rec.chunk_rows = CHUNK
+    train(model, opt, [rec], data, steps, stop=3)  # 18 rows: chunks of 5, 5, 5 handed to the writer, 3 rows open
+    rec._writer.join()
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_recording_loads_up_to_its_last_chunk_and_methods_refuse_it(tmp_path, recorded):
+    data, steps = recorded["data"], recorded["steps"]
+    path = str(tmp_path / "h")
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN.format(tests=os.path.dirname(__file__), path=path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = FirstEpochHistory.load(path)
+    assert not partial.complete and [c["steps"] for c in partial.chunks] == [5, 5, 5] and partial.lrs == [0.05]
+    # reference: the same three batches recorded in memory here
+    model, opt = new_run()
+    memory = FirstEpochRecorder(model, opt, policy())
+    train(model, opt, [memory], data, steps, stop=3)
+    ref = memory.finish()
+    streamed = torch.cat([b for _, b in steps[:3]])[:15]
+    assert torch.equal(partial.epochs[0]["index"], torch.sort(streamed).values) and partial.n_epochs == 1
+    for i in streamed.tolist():
+        assert torch.equal(partial.row(0, i), ref.row(0, i))
+    with pytest.raises(ValueError, match=f"did not finish .*15 rows in 3 chunks .*{path}"):
+        uf.unlearn(recorded["model"], partial, FORGET, data, None, method="first_epoch_ascent", calibrate=False)
+    with pytest.raises(ValueError, match="did not finish"):  # also when saved elsewhere: still the same unfinished recording
+        FirstEpochHistory.load(partial.save(str(tmp_path / "copy"))).check_params(model, partial.param_names)
+    # and nothing records over it
+    with pytest.raises(ValueError, match="already holds a history"):
+        FirstEpochRecorder(model, opt, policy(), path=path)
+
+
+def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, recorded):
+    ref = recorded["memory"]
+    path = str(tmp_path / "h")
+    FirstEpochHistory.load(recorded["path"]).save(path)  # a copy to damage
+    history = FirstEpochHistory.load(path)
+    where = expected_chunks(recorded["steps"])
+    j = where[(1, 0)]
+    digest = history.chunks[j]["parts"]["rows"]["data"]
+    fpath = os.path.join(path, "objects", digest)
+    raw = bytearray(open(fpath, "rb").read())
+    raw[-1] ^= 1
+    open(fpath, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=f"{digest}.*corrupted"):
+        history.row(1, 0)
+    other = next(i for i in range(N) if where[(1, i)] != j)  # a row in another chunk still reads
+    assert torch.equal(history.row(1, other), ref.row(1, other))
+    os.truncate(fpath, 100)
+    with pytest.raises(ValueError, match=f"{digest}.*corrupted"):
+        FirstEpochHistory.load(path).row(1, 0)
+    # an index part is read at load: a damaged one refuses the load, naming it
+    index = history.chunks[0]["parts"]["index"]["data"]
+    ipath = os.path.join(path, "objects", index)
+    raw = bytearray(open(ipath, "rb").read())
+    raw[-1] ^= 1
+    open(ipath, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=f"{index}.*corrupted"):
+        FirstEpochHistory.load(path)
+
+
+def test_recording_never_overwrites_a_history(tmp_path, recorded):
+    model, opt = new_run()
+    for name, existing in (("memory", recorded["memory"]), ("streamed", FirstEpochHistory.load(recorded["path"]))):
+        path = str(tmp_path / name)
+        existing.save(path)
+        before = open(os.path.join(path, "CURRENT"), "rb").read()
+        with pytest.raises(ValueError, match="path: .* already holds a history"):
+            FirstEpochRecorder(model, opt, policy(), path=path)
+        assert open(os.path.join(path, "CURRENT"), "rb").read() == before
+        assert FirstEpochHistory.load(path).complete
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a history")
+    with pytest.raises(ValueError, match="holds other files"):
+        FirstEpochRecorder(model, opt, policy(), path=str(other))
+    assert os.listdir(other) == ["notes.txt"]
+
+
+def test_a_first_epoch_recording_streams_epoch_zero_only_and_its_manifest_says_so(tmp_path):
+    data, steps = make_data(), schedule()
+    model, opt = new_run()
+    path = str(tmp_path / "h")
+    rec = FirstEpochRecorder(model, opt, policy("first_epoch", "fp32", activations=False), path=path)
+    rec.chunk_rows = 100  # one chunk: epoch 0 ends it
+    train(model, opt, [rec], data, steps)
+    history = rec.finish()
+    assert [c["steps"] for c in history.chunks] == [N + 2] and history.n_epochs == 1 and history.activations is None
+    pointer = json.loads(open(os.path.join(path, "CURRENT"), "rb").read().split(b"\n")[0])
+    manifest = json.load(open(os.path.join(path, "objects", pointer["manifest"])))
+    assert "recording" not in manifest["info"] and manifest["info"]["n_epochs"] == 1 and manifest["tensors"] == {}
+    assert set(manifest["chunks"][0]["parts"]) == {"index", "rows"}
+    with pytest.raises(RuntimeError, match="already called"):
+        rec.finish()
+    # fp32 rows are the per-sample gradients at the weights each batch saw: the two samples epoch 0 saw twice keep
+    # the rows of their second visit (the weights after the first four steps)
+    t = next(t for t, (e, b) in enumerate(steps) if e == 0 and len(b) == 2)
+    last = steps[t][1]
+    model2, opt2 = new_run()
+    train(model2, opt2, [], data, steps, stop=t)
+    expected = uf.lm.per_sample_gradients(model2, history.param_names, data.input_ids[last], data.labels[last])
+    first = uf.lm.per_sample_gradients(new_run()[0], history.param_names, data.input_ids[last], data.labels[last])
+    for k, i in enumerate(last.tolist()):
+        assert torch.equal(history.row(0, i), expected[k]) and not torch.equal(expected[k], first[k])
