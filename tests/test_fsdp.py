@@ -110,9 +110,10 @@ def _work(rank, out):
     # another sharding: dim 1 of the weights instead of dim 0
     other = _sharded(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
     _message(lambda: ufd.run_sharded(other, history, FORGET, ds, F.cross_entropy), out, f"sharding_{rank}.txt")
-    # the other rank's shards: refused on every rank
-    _message(lambda: ufd.check_sharding(GradientHistory.load(os.path.join(out, "history", f"rank-{1 - rank}")), ufd.sharding_of(net), WORLD, rank),
-             out, f"mixed_{rank}.txt")
+    # rank 1 given rank 0's shards (of the same run): refused on every rank, naming the rank
+    mixed = GradientHistory.load(os.path.join(out, "history", "rank-0"))
+    _message(lambda: ufd.run_sharded(_sharded(), mixed, FORGET, ds, F.cross_entropy), out, f"mixed_{rank}.txt")
+    _message(lambda: ufd.load_sharded(os.path.join(out, "history"), other), out, f"load_{rank}.txt")
     # rank 1 holding another run's shards (a second recording): refused on every rank by the run id
     fresh = _sharded()
     rec2 = ufd.ShardedRecorder(fresh, _optimizer(fresh.parameters())[0])
@@ -130,7 +131,7 @@ def _work(rank, out):
     F.cross_entropy(net(x), y).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
     _message(lambda: rec3.record(idx), out, f"clipped_{rank}.txt")
-    del rec, rec2, rec3, net, fresh, other, replayed, result, opt, sched
+    del rec, rec2, rec3, net, fresh, other, mixed, replayed, result, opt, sched
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def fsdp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        kinds = ("sharding", "mixed", "run", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        kinds = ("sharding", "load", "mixed", "run", "ddp_recorder", "ddp_replay", "clipped", "requests")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget")}
@@ -239,13 +240,19 @@ def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run)
 
 
 def test_refuses_another_sharding_on_every_rank(fsdp_run):
-    for message in fsdp_run[2]["sharding"]:
-        assert message is not None and "parameter 0.weight was sharded differently" in message and "Shard(dim=1)" in message, message
+    for rank, message in enumerate(fsdp_run[2]["sharding"]):
+        # Shard(dim=1) of the 16x6 weight: 16x3 shards at column offsets 0 and 3 instead of 8x6 at rows 0 and 8
+        assert message is not None and "rank 0: history: parameter 0.weight was sharded differently" in message, message
+        assert "(placements ['Shard(dim=0)'], local shard [8, 6] at offset [8, 0]) than in this model (placements ['Shard(dim=1)'], " \
+               "local shard [16, 3] at offset [0, 3])" in message.split("; rank 1: ")[1], message
+    for rank, message in enumerate(fsdp_run[2]["load"]):  # load_sharded checks the sharding of the model it is given
+        assert message is not None and message.startswith("history: parameter 0.weight was sharded differently"), message
 
 
-def test_refuses_the_other_ranks_shards(fsdp_run):
-    for rank, message in enumerate(fsdp_run[2]["mixed"]):
-        assert message is not None and f"holds the shards of rank {1 - rank}, used on rank {rank}" in message, message
+def test_refuses_the_other_ranks_shards_on_every_rank(fsdp_run):
+    for message in fsdp_run[2]["mixed"]:
+        assert message is not None and "rank 1: history: holds the shards of rank 0, used on rank 1" in message, message
+        assert "rank 0:" not in message
 
 
 def test_refuses_shards_of_another_run_on_every_rank(fsdp_run):

@@ -646,11 +646,13 @@ def check_sharding(history, sharding, world_size, rank):
     if names[0] != names[1]:
         raise ValueError(f"history: recorded for parameters {names[0]}, the model has {names[1]}")
     for rec, now in zip(d["shards"], sharding["shards"]):
-        for key in ("global_shape", "dtype", "placements", "local_shape", "offset"):
+        for key in ("global_shape", "dtype"):
             if rec[key] != now[key]:
-                raise ValueError(f"history: parameter {rec['name']} was sharded differently when recorded ({key} {rec[key]}, placements "
-                                 f"{rec['placements']}) than in this model ({key} {now[key]}, placements {now['placements']}); replay under "
-                                 "the sharding it was recorded with")
+                raise ValueError(f"history: recorded for another model (parameter {rec['name']}: {key} {rec[key]} recorded, {now[key]} here)")
+        if any(rec[key] != now[key] for key in ("placements", "local_shape", "offset")):
+            shard = lambda s: f"placements {s['placements']}, local shard {s['local_shape']} at offset {s['offset']}"  # noqa: E731
+            raise ValueError(f"history: parameter {rec['name']} was sharded differently when recorded ({shard(rec)}) than in this model "
+                             f"({shard(now)}); replay under the sharding it was recorded with")
 
 
 def _check_same_run(history, group, world_size):
@@ -682,11 +684,21 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     # collective checks first, identical on every rank: a failing local check on one rank only would leave the others waiting
     _check_same_request(history, forget, group, world_size)
     _check_same_run(history, group, world_size)
-    check_sharding(history, sharding_of(model, "FSDP2 retrain"), world_size, rank)
-    if len(train_set) != history.n_train:
-        raise ValueError(f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}")
-    if forget.numel() and (int(forget.min()) < 0 or int(forget.max()) >= history.n_train):
-        raise ValueError(f"forget: indices must lie in [0, {history.n_train})")
+    # the local checks' outcome is gathered: a rank refusing alone would leave the others waiting in FSDP2's collectives
+    try:
+        check_sharding(history, sharding_of(model, "FSDP2 retrain"), world_size, rank)
+        if len(train_set) != history.n_train:
+            raise ValueError(f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}")
+        if forget.numel() and (int(forget.min()) < 0 or int(forget.max()) >= history.n_train):
+            raise ValueError(f"forget: indices must lie in [0, {history.n_train})")
+        error = None
+    except ValueError as err:
+        error = str(err)
+    errors = [None] * world_size
+    dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise ValueError("FSDP2 retrain refused: " + "; ".join(f"rank {r}: {e}" for r, e in failed))
     params = [p for _, p in _trainable(model)]
     w0, offset = history.schedule["w0"], 0
     with torch.no_grad():
