@@ -519,3 +519,155 @@ def test_per_sample_kinds_are_refused_naming_the_language_model_recorder(kind):
     model = torch.nn.Linear(5, 3)
     with pytest.raises(ValueError, match="FirstEpochRecorder"):
         uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind=kind, per_sample=True))
+
+
+# ----------------------------------------------------------------------------- GradScaler (mixed-precision loss scaling)
+def scaler_model():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5, generator=gen), torch.randint(0, 3, (64,), generator=gen))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(20)  # large logits: gradients above 2, which times 2^127 overflow float32
+    return data, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def scaler_run(record_before_unscale=False, clip=None, inject_inf_at=(), n_steps=12, autocast=None, init_scale=2.0**127):
+    """float32 MLP, SGD + momentum, the torch.amp loop: scale(loss).backward(), unscale_, [clip], record, step, update.
+    The scale starts at 2^127, where some gradients overflow (the scaler skips those steps and backs off), and an inf
+    input is injected at the steps `inject_inf_at`. Returns (data, model, recorder, skipped steps)."""
+    data, model, opt = scaler_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), grad_scaler=scaler)
+    skipped = []
+    for t in range(n_steps):
+        idx = torch.arange(t * 16, (t + 1) * 16) % 64
+        opt.zero_grad()
+        x, y = data[idx]
+        if t in inject_inf_at:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        with torch.autocast("cpu", autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = LOSS(model(x), y)
+        scaler.scale(loss).backward()
+        if record_before_unscale:
+            rec.record(idx)
+        scaler.unscale_(opt)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if not rec.record(idx):
+            skipped.append(t)
+        scaler.step(opt)
+        scaler.update()
+    return data, model, rec, skipped
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_grad_scaler_run_records_unscaled_gradients_leaves_out_skipped_steps_and_replays_exactly(clip):
+    data, model, rec, skipped = scaler_run(clip=clip, inject_inf_at=(7,))
+    assert skipped[-1] == 7 and 1 <= len(skipped) <= 3  # the overflow of the 2^127 scale (measured: step 1) and the injected inf
+    history = rec.finish(data, LOSS)
+    recording = history.meta["recording"]
+    assert recording["grad_scaler"]["skipped_steps"] == len(skipped) and history.num_steps == 12 - len(skipped)
+    if clip is not None:  # clipping after unscale_ is recovered from the unscaled gradients
+        assert recording["clip_max_norm"] == clip and recording["clipped_steps"] >= 5
+    else:
+        assert "clip_max_norm" not in recording and recording["clipped_steps"] == 0
+    # the recorded gradients are the unscaled ones: the gradient of loss_fn at w0 on step 0's batch (clipped: times the clip factor)
+    g0 = uf.methods._common.batch_gradient(model, LOSS, data[torch.arange(16)], history.schedule["w0"])
+    if clip is None:
+        assert torch.equal(history.trajectory["g"].row(0), g0)
+    else:
+        assert torch.allclose(history.trajectory["g"].row(0), g0 * (clip / (g0.norm() + 1e-6)), rtol=1e-5, atol=0)
+    # forgetting nothing: the trained weights, bit for bit (power-of-two scaling is exact; skipped steps are not replayed)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    # forgetting 3 samples equals a hand-written retrain without the scaler: the same loop on the steps that ran
+    forget = torch.tensor([3, 20, 41])
+    out = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    assert torch.equal(flat_params(out), flat_params(_retrain_skipping(skipped, clip, forget)))
+    # (the overflow steps matter: a retrain that runs them differs)
+    assert not torch.equal(flat_params(out), flat_params(_retrain_skipping([7], clip, forget)))
+
+
+def _retrain_skipping(skipped, clip, forget):
+    """scaler_run's loop written out without a scaler, without the steps in `skipped`, on the retained samples."""
+    data, model, opt = scaler_model()
+    for t in range(12):
+        if t in skipped:
+            continue
+        idx = torch.arange(t * 16, (t + 1) * 16) % 64
+        idx = idx[~torch.isin(idx, forget)]
+        opt.zero_grad()
+        x, y = data[idx]
+        LOSS(model(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_grad_scaler_under_autocast_is_replayed_at_the_recorded_scales(dtype):
+    data, model, rec, _ = scaler_run(autocast=dtype, init_scale=2.0**16, inject_inf_at=(3,))
+    history = rec.finish(data, LOSS)
+    scales = history.meta["recording"]["grad_scaler"]["scales"]
+    # a run-length log that backs off by half after each skipped step (the injected inf, and overflows of the 2^16 scale)
+    assert scales[0][0] == 0 and len(scales) >= 2 and all(b[1] < a[1] and b[0] > a[0] for a, b in zip(scales, scales[1:]))
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    if dtype == torch.float16:  # an unscaled fp16 backward underflows where training's did not: the scales are needed
+        unscaled = copy.deepcopy(history)
+        del unscaled.meta["recording"]["grad_scaler"]["scales"]
+        replay, _ = retrain.run(copy.deepcopy(model), unscaled, torch.empty(0, dtype=torch.int64), data, LOSS)
+        assert not torch.equal(flat_params(replay), flat_params(model))
+
+
+def test_a_skipped_step_leaves_the_next_record_and_the_step_counting_intact():
+    data, model, rec, skipped = scaler_run(inject_inf_at=(2, 3), n_steps=5)
+    assert 2 in skipped and 3 in skipped  # two skipped in a row: neither is "recorded twice" nor a step without record()
+    history = rec.finish(data, LOSS)
+    assert history.num_steps == 5 - len(skipped)
+    # the batches of the recorded steps, in order (a skipped step's batch is not replayed)
+    assert [int(b[0]) for b in history.schedule["batches"]] == [16 * t % 64 for t in range(5) if t not in skipped]
+
+
+def test_recording_scaled_gradients_is_refused():
+    with pytest.raises(ValueError, match="still multiplied by the GradScaler's scale .*call scaler.unscale_\\(optimizer\\) before record"):
+        scaler_run(record_before_unscale=True)
+    # without grad_scaler=, unscale_ before record() divides every gradient by the scale: named, not taken for clipping
+    data = make_data()
+    model, opt, rec = setup(model=torch.nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = data[torch.arange(16)]
+    scaler.scale(LOSS(model(x.float()), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(ValueError, match="divided by 2\\^16 .*as a GradScaler's unscale_ does; pass the scaler"):
+        rec.record(torch.arange(16))
+    # and record() before unscale_ without grad_scaler= records gradients 2^16 too large: finish() names the scale
+    data32 = torch.utils.data.TensorDataset(data.tensors[0].float(), data.tensors[1])
+    model, opt, rec = setup(model=torch.nn.Linear(5, 3))
+    scaler = torch.amp.GradScaler("cpu")
+    for t in range(2):
+        opt.zero_grad()
+        x, y = data32[torch.arange(16) + 16 * t]
+        scaler.scale(LOSS(model(x), y)).backward()
+        rec.record(torch.arange(16) + 16 * t)
+        scaler.step(opt)
+        scaler.update()
+    with pytest.raises(ValueError, match="recorded gradients are 2\\^16 times loss_fn's.*recorded scaled"):
+        rec.finish(data32, LOSS)
+
+
+def test_non_finite_gradients_without_a_grad_scaler_name_the_cause():
+    data = make_data()
+    model, opt, rec = setup()
+    x, y = data[torch.arange(16)]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    LOSS(model(x), y).backward()
+    with pytest.raises(ValueError, match="step 0 has inf/nan gradients \\(parameter weight: norm nan\\).*grad_scaler=scaler"):
+        rec.record(torch.arange(16))
+    assert rec.num_steps == 0
+    with pytest.raises(ValueError, match="grad_scaler: must be a torch.amp.GradScaler"):
+        uf.HistoryRecorder(model, opt, grad_scaler=object())

@@ -11,9 +11,14 @@ The recorder checks that this is what happened, through hooks, and refuses what 
                              and replayed (meta["recording"]["clip_max_norm"]); any other edit is refused;
   a forward pre-hook         autocast during a training forward: its dtype is recorded (meta["recording"]["autocast"])
                              and retrain / rewind replay the forward and loss under it.
+  a GradScaler (grad_scaler=) loss scaling: record() reads from the scaler whether unscale_ ran (scaled gradients are
+                             refused) and whether it found inf/nan (the scaler skips that optimizer step, so record()
+                             records nothing for it; meta["recording"]["grad_scaler"]["skipped_steps"] counts them).
 """
+import copy
 import dataclasses
 import functools
+import math
 import os
 import queue
 import threading
@@ -81,14 +86,14 @@ class HistoryRecorder:
     batch inputs as well (this class refuses them, naming it).
     """
 
-    def __init__(self, model, optimizer, policy=None, allow=(), path=None):
+    def __init__(self, model, optimizer, policy=None, allow=(), path=None, grad_scaler=None):
         self.policy = policy or HistoryPolicy()
         if self.policy.kind not in ("full", "minimal"):
             raise ValueError(f"HistoryRecorder: policy kind {self.policy.kind!r} records per-sample rows of a language model, which take the "
                              "batch inputs: use unlearn_fast.lm.FirstEpochRecorder(model, optimizer, policy)")
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"HistoryRecorder: model must be an nn.Module, got {type(model).__name__}")
-        optimizer = real_optimizer(optimizer)
+        wrapper, optimizer = optimizer, real_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"HistoryRecorder: optimizer must be a torch.optim.Optimizer (or hold one in .optimizer), got {type(optimizer).__name__}")
         allow = (allow,) if isinstance(allow, str) else tuple(allow)
@@ -99,12 +104,14 @@ class HistoryRecorder:
         self.model, self.optimizer = model, optimizer
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
+        self.param_names = [name for name, _ in named]
         if not self.params:
             raise ValueError("HistoryRecorder: model has no trainable parameters")
         sharded = [name for name, p in named if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"]
         if sharded:
             raise ValueError(f"HistoryRecorder: model parameter {sharded[0]} is a DTensor (FSDP2 fully_shard or tensor parallel); histories "
-                             "are recorded for unsharded models (DDP: unlearn_fast.integrations.distributed; docs/distributed.md)")
+                             "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
+                             "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
         half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
         if half:
             # finish() and the methods factorise and solve in the parameters' dtype (geqrf has no bfloat16 kernel)
@@ -113,6 +120,11 @@ class HistoryRecorder:
         opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if any(id(p) not in opt_ids for p in self.params):
             raise ValueError("HistoryRecorder: optimizer does not hold every trainable parameter of model")
+        self.grad_scaler = _check_scaler(grad_scaler)
+        # the scaler keeps its state per optimizer object it was handed: the wrapper (accelerate) or the real one
+        self._scaler_keys = (id(wrapper), id(optimizer))
+        # gradients times a scaler's scale may be near float32's largest value, where a float32 norm overflows: float64
+        self._norm_dtype = torch.float64 if self.grad_scaler is not None else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
@@ -144,6 +156,10 @@ class HistoryRecorder:
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
         self._seen_features = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
+        if self.grad_scaler is not None:
+            # the scale of each recorded step, run-length [[first step, scale], ...]: the replay scales as training did
+            self._seen_features["grad_scaler"] = {"skipped_steps": 0, "scales": []}
+        self._skipping = False  # record() saw the scaler's inf/nan: the coming optimizer.step() must not update
         self._first_indices = self._last_indices = None
         self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
         self._finished = False
@@ -161,7 +177,7 @@ class HistoryRecorder:
     # -- hooks
     def _on_grad(self, i, p):
         self._passes[i] += 1
-        self._raw_norms[i] = torch.linalg.vector_norm(p.grad.detach())
+        self._raw_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
 
     def _on_forward(self, module, args):
         if module.training and torch.is_grad_enabled():
@@ -176,12 +192,21 @@ class HistoryRecorder:
                 self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
 
     def _before_step(self, optimizer, args, kwargs):
+        # an optimizer that takes the scaler's found_inf itself (fused Adam: _step_supports_amp_scaling) is stepped on
+        # a skipped step and updates nothing; any other one would apply the inf/nan gradients the history left out
+        if self._skipping and getattr(optimizer, "_step_supports_amp_scaling", False):
+            return
         if not self._recorded and self._unrecorded_step is None:
             self._unrecorded_step = self._steps_taken
 
     def _after_step(self, optimizer, args, kwargs):
-        self._steps_taken += 1
-        self._recorded, self._autocast, self._micro = False, None, []
+        if not self._skipping:
+            self._steps_taken += 1
+        self._recorded, self._skipping = False, False
+        self._reset_step()
+
+    def _reset_step(self):
+        self._autocast, self._micro = None, []
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
 
@@ -234,9 +259,26 @@ class HistoryRecorder:
             )
         return idx
 
-    def _check_gradients(self, step, n_samples):
+    def _scaler_state(self, step):
+        """With a grad_scaler: the scale backward ran at (the raw norms are of gradients times it), and whether the
+        scaler found inf/nan when it unscaled them (it will skip this optimizer step). Gradients still scaled
+        (record() before scaler.unscale_) are refused: the history would hold them times the scale."""
+        states = self.grad_scaler._per_optimizer_states
+        state = next((states[k] for k in self._scaler_keys if k in states), None)  # (.get: the defaultdict would add one)
+        stage = None if state is None else state.get("stage")
+        if stage is not _OPT_STATE.UNSCALED:
+            if stage is _OPT_STATE.STEPPED:
+                raise ValueError(f"record: step {step}: scaler.step(optimizer) already ran; call record() after scaler.unscale_(optimizer) and "
+                                 "before scaler.step(optimizer)")
+            raise ValueError(f"record: step {step}'s gradients are still multiplied by the GradScaler's scale ({self.grad_scaler.get_scale():g}); "
+                             "call scaler.unscale_(optimizer) before record() (then any clipping, record(), scaler.step(optimizer))")
+        found_inf = sum(float(v) for v in state.get("found_inf_per_device", {}).values())
+        return self.grad_scaler.get_scale(), found_inf > 0
+
+    def _check_gradients(self, step, n_samples, scale=1.0):
         """The step's gradients as the replay must reproduce them; returns (their norm as backward left them, the
-        micro-batch sizes of an accumulated step or None)."""
+        micro-batch sizes of an accumulated step or None). `scale`: a GradScaler's, which backward's gradients
+        were multiplied by and unscale_ divided out."""
         passes, micro = max(self._passes), None
         if passes == 0:
             raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
@@ -270,13 +312,20 @@ class HistoryRecorder:
                              "the replay reproduces autocast on every step or on none")
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
         raw = torch.stack([self._raw_norms[i] for i in reached])
+        if scale != 1.0:  # (a power of two, the scaler's default, divides out exactly)
+            raw = raw / scale
         grads = [self.params[i].grad for i in reached]
         if any(g is None for g in grads):
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
-        now = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])
+        now = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=self._norm_dtype) for g in grads])
         total = torch.linalg.vector_norm(now)
         if not bool(torch.isfinite(total)):
-            raise ValueError(f"record: step {step} has non-finite gradients; history not extended")
+            j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
+            hint = ("The GradScaler found none when it unscaled them: were they edited after scaler.unscale_?" if self.grad_scaler is not None else
+                    "With mixed-precision loss scaling, pass the scaler (HistoryRecorder(..., grad_scaler=scaler)): the steps it skips are "
+                    "then left out. Otherwise the loss diverged (lower the learning rate)")
+            raise ValueError(f"record: step {step} has inf/nan gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}); "
+                             f"history not extended. {hint}")
         if bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
             if "clipping" in self.allow:
                 self._seen_features["clipped_steps"] += 1
@@ -297,6 +346,11 @@ class HistoryRecorder:
                 f"({float(ratios.min()):.4g} to {float(ratios.max()):.4g}: value clipping or another edit); the replay reproduces only "
                 "norm clipping (clip_grad_norm_). Train without it, or pass allow=('clipping',) if your replay loss_fn reproduces it"
             )
+        k = round(-math.log2(factor)) if factor > 0 else 0
+        if k >= 4 and bool(((ratios * 2.0 ** k - 1).abs() <= EDIT_TOLERANCE).all()):
+            # every gradient divided by one power of two: a GradScaler's unscale_ (a clip factor is never that exact)
+            raise ValueError(f"record: step {step}'s gradients were divided by 2^{k} between backward and record(), as a GradScaler's "
+                             "unscale_ does; pass the scaler: HistoryRecorder(..., grad_scaler=scaler)")
         max_norm = _round_threshold(factor * (float(torch.linalg.vector_norm(raw)) + 1e-6))
         known = self._seen_features.get("clip_max_norm")
         if known is not None and abs(max_norm - known) > CLIP_TOLERANCE * known:
@@ -309,14 +363,30 @@ class HistoryRecorder:
     def record(self, batch_indices, batch_size=None):
         """Record the coming optimizer step: its samples' indices into train_set (1-D, integer, distinct),
         checked against batch_size (the number of samples in the batch) when given. Call it once per
-        optimizer step, after backward (and after any gradient edit) and before optimizer.step()."""
+        optimizer step, after backward (and after any gradient edit) and before optimizer.step(); with a
+        grad_scaler, after scaler.unscale_(optimizer) and before scaler.step(optimizer). Returns True, or False
+        for a step the grad_scaler skips (inf/nan gradients: nothing recorded, optimizer.step() must not run)."""
         self._check_open("record")
         step = self.steps
         if self._recorded:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         self._raise_writer_error()
         idx = self._check_indices(batch_indices, batch_size)
-        raw_norm, micro = self._check_gradients(step, idx.numel())  # before appending anything, so a refused step leaves the history as it was
+        scale = 1.0
+        if self.grad_scaler is not None:
+            scale, skipped = self._scaler_state(step)
+            if skipped:  # scaler.step() will not call optimizer.step(): no step to record, and the next record() starts afresh
+                if max(self._passes) == 0:
+                    raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
+                self._seen_features["grad_scaler"]["skipped_steps"] += 1
+                self._skipping = True
+                self._reset_step()
+                return False
+        raw_norm, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
+        if self.grad_scaler is not None:
+            scales = self._seen_features["grad_scaler"]["scales"]
+            if not scales or scales[-1][1] != scale:
+                scales.append([step, scale])
         chunk = self._open
         if self.policy.kind == "full":
             # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
@@ -344,6 +414,7 @@ class HistoryRecorder:
         self._recorded = True
         if len(chunk["sizes"]) >= self.chunk_steps:
             self._seal()
+        return True
 
     @property
     def num_steps(self):
@@ -463,9 +534,19 @@ class HistoryRecorder:
             top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
         if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
-            loss_ratio(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, self._first_raw_norm)
+            try:
+                loss_ratio(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, self._first_raw_norm)
+            except ValueError as err:
+                ratio = float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0)))
+                ratio /= max(self._first_raw_norm, 1e-300)
+                k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
+                if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
+                    raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
+                                     "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
+                                     "scaler.unscale_(optimizer); record again") from err
+                raise
         w_final = flat_params(self.model)
-        meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **self._seen_features})
+        meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **copy.deepcopy(self._seen_features)})
         # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
         grad = batch_gradient(self.model, loss_fn, fetch(train_set, self._last_indices), w_final)
         meta["loss_check"] = {"step": T - 1, "indices": self._last_indices.tolist(), "grad_norm": float(torch.linalg.vector_norm(grad))}
@@ -547,7 +628,7 @@ class HistoryRecorder:
         return GradientHistory(dict(self.meta, **bound), schedule, None, None)
 
     @classmethod
-    def resume(cls, path, model, optimizer, allow=()):
+    def resume(cls, path, model, optimizer, allow=(), grad_scaler=None):
         """Continue a recording streamed to `path` by a run that stopped (killed, or restarted from a trainer
         checkpoint): `model` and `optimizer` must hold the state of a trainer checkpoint saved right after a
         flush() of that recording. Steps streamed after that flush are dropped (the trainer repeats them).
@@ -555,6 +636,11 @@ class HistoryRecorder:
         history = GradientHistory.load(path)
         if history.recording_id is None:
             raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
+        if grad_scaler is not None:
+            # the scales of the steps before the flush were held by the killed recorder until finish(); without them the
+            # replay of an fp16 run would not round as training did
+            raise ValueError("grad_scaler: a recording with loss scaling cannot be resumed (the GradScaler scale of every step is kept in "
+                             "memory until finish()); record the run again, or resume without the scaler if it trained without one")
         history.check_model(model)
         policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
         digest = weights_digest(model)
@@ -564,7 +650,7 @@ class HistoryRecorder:
                              "resume from the trainer checkpoint saved together with a flush() (the model's weights at that step)")
         j = marks[-1]
         steps = sum(history.chunk_steps[: j + 1])
-        rec = cls(model, optimizer, policy, allow)
+        rec = cls(model, optimizer, policy, allow, grad_scaler=grad_scaler)
         rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
         for idx in history.schedule["batches"][:steps]:
             rec._note_seen(idx)
@@ -625,6 +711,29 @@ class _ChunkWriter:
     def close(self):
         self.queue.put(None)
         self.thread.join()
+
+
+try:  # private: which stage of a step a GradScaler is in (READY, UNSCALED, STEPPED); checked when a scaler is given
+    from torch.amp.grad_scaler import OptState as _OPT_STATE
+except ImportError:  # pragma: no cover (torch < 2.3)
+    _OPT_STATE = None
+
+
+def _check_scaler(scaler):
+    """The GradScaler record() reads (None without one, or a disabled one: it scales nothing)."""
+    if scaler is None:
+        return None
+    if not (hasattr(scaler, "is_enabled") and hasattr(scaler, "unscale_") and hasattr(scaler, "get_scale")):
+        raise ValueError(f"grad_scaler: must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if not scaler.is_enabled():
+        return None
+    # record() reads whether unscale_ ran and whether it found inf/nan from the scaler's per-optimizer state, a private
+    # part of torch: refused by name where this torch lacks it, rather than guessed
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if _OPT_STATE is None or not isinstance(states, dict) or not {"READY", "UNSCALED", "STEPPED"} <= set(_OPT_STATE.__members__):
+        raise ValueError(f"grad_scaler: this torch ({torch.__version__}) keeps no GradScaler per-optimizer state (_per_optimizer_states, "
+                         "OptState) that the recorder reads; record without loss scaling, or with torch >= 2.3")
+    return scaler
 
 
 def _round_threshold(value):

@@ -79,17 +79,48 @@ def replayed_batches(history, forget_mask, seed=0):
         yield t, [remaining(batch, forget_mask)]
 
 
-def replay_step(model, loss_fn, train_set, history, parts):
+def replay_step(model, loss_fn, train_set, history, parts, step=None):
     """Forward and backward of one replayed step (its retained micro-batches, from replayed_batches) under the
-    recorded autocast; returns the samples it used (0: nothing to step on)."""
-    used = 0
-    for part in parts:
-        if part.numel():
-            with replay_autocast(history, model):
-                loss = batch_loss(model, loss_fn, fetch(train_set, part))
-            (loss if len(parts) == 1 else loss / len(parts)).backward()
-            used += part.numel()
-    return used
+    recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale); returns the
+    samples it used (0: nothing to step on)."""
+    scale = grad_scale(history, step)
+    while True:
+        used = 0
+        for part in parts:
+            if part.numel():
+                with replay_autocast(history, model):
+                    loss = batch_loss(model, loss_fn, fetch(train_set, part))
+                loss = loss if len(parts) == 1 else loss / len(parts)
+                (loss if scale is None else loss * torch.full((), scale, dtype=torch.float32, device=loss.device)).backward()  # scaler.scale(loss)
+                used += part.numel()
+        if scale is None or not used or _unscale(model, scale):
+            return used
+        # a batch without the forgotten samples overflowed at the recorded scale: the scaler would have backed off and
+        # skipped the step, a retrain takes it, at half the scale (float32: the same gradients)
+        for p in model.parameters():
+            p.grad = None
+        scale = scale / 2 if scale > 1 else None
+
+
+def _unscale(model, scale):
+    """scaler.unscale_: the gradients times the float32 reciprocal of the scale, by the kernel torch.amp uses; False
+    if one is inf/nan."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    inv = torch.full((), scale, dtype=torch.float64, device=grads[0].device).reciprocal().float()
+    found_inf = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+    return not bool(found_inf)
+
+
+def grad_scale(history, step):
+    """The GradScaler scale recorded step `step`'s backward ran at (HistoryRecorder(grad_scaler=)), or None. The
+    replay scales its loss by it and unscales as training did: under fp16 autocast, gradients the scale kept from
+    underflowing then round as they did (float32 and bf16 would replay exactly without it)."""
+    scales = ((history.meta.get("recording") or {}).get("grad_scaler") or {}).get("scales")
+    if not scales or step is None:
+        return None
+    at = next((i for i, (first, _) in enumerate(scales) if first > step), len(scales)) - 1  # run-length: [first step, scale]
+    return float(scales[at][1]) if at >= 0 else None
 
 
 def history_batch_order(history):

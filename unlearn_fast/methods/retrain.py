@@ -45,7 +45,7 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
         for group, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        evals += replay_step(model, loss_fn, train_set, history, parts)
+        evals += replay_step(model, loss_fn, train_set, history, parts, t)
         clip(model, max_norm)
         optimizer.step()
         steps += 1

@@ -103,7 +103,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
             continue
         set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
         opt.zero_grad(set_to_none=True)
-        evals += replay_step(model, loss_fn, train_set, history, parts)
+        evals += replay_step(model, loss_fn, train_set, history, parts, t)
         clip(model, max_norm)
         opt.step()
         done += 1
