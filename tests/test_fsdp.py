@@ -105,8 +105,16 @@ def _work(rank, out):
     state = _full_state(result.model)
     if rank == 0:
         torch.save(state, os.path.join(out, "replay_forget.pt"))
+    # a second request on the model the first produced: forgets the union of both (the binding of uf.unlearn)
+    second = ufd.unlearn_sharded(result.model, history, [1], ds, F.cross_entropy, replay_model=_sharded())
+    state = _full_state(second.model)
+    if rank == 0:
+        torch.save(state, os.path.join(out, "replay_second.pt"))
     with open(os.path.join(out, f"requests_{rank}.txt"), "w") as f:
         f.write(repr([r["forget"] for r in history.requests]))
+    # a model the history does not know (untrained): refused on every rank
+    _message(lambda: ufd.unlearn_sharded(_sharded(), history, FORGET, ds, F.cross_entropy, replay_model=_sharded()), out, f"unknown_{rank}.txt")
+    _message(lambda: uf.HistoryRecorder(net, opt), out, f"plain_{rank}.txt")
     # another sharding: dim 1 of the weights instead of dim 0
     other = _sharded(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
     _message(lambda: ufd.run_sharded(other, history, FORGET, ds, F.cross_entropy), out, f"sharding_{rank}.txt")
@@ -131,7 +139,7 @@ def _work(rank, out):
     F.cross_entropy(net(x), y).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
     _message(lambda: rec3.record(idx), out, f"clipped_{rank}.txt")
-    del rec, rec2, rec3, net, fresh, other, mixed, replayed, result, opt, sched
+    del rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +151,10 @@ def fsdp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        kinds = ("sharding", "load", "mixed", "run", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "ddp_recorder", "ddp_replay", "clipped", "requests")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
-        states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget")}
+        states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second")}
         yield shards, states, refusals
 
 
@@ -236,7 +244,22 @@ def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run)
     moved = _max_diff(hand, trained)
     assert _max_diff(fsdp, hand) < TOL < moved / 100, (_max_diff(fsdp, hand), moved)
     assert _max_diff(fsdp, single) < TOL
-    assert refusals["requests"] == [repr([FORGET])] * WORLD  # logged in each rank's history
+    assert refusals["requests"][0] == refusals["requests"][1] == repr([FORGET, sorted(FORGET + [1])])  # logged in each rank's history
+
+
+def test_a_second_request_forgets_the_union(fsdp_run):
+    shards, states = fsdp_run[:2]
+    gathered = ufd.gather_shards(shards)
+    union = sorted(FORGET + [1])
+    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), union)
+    first = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), FORGET)
+    second = _model(states["replay_second"])
+    assert _max_diff(second, hand) < TOL < _max_diff(hand, first) / 100, (_max_diff(second, hand), _max_diff(hand, first))
+
+
+def test_refuses_a_model_the_history_does_not_know_on_every_rank(fsdp_run):
+    for message in fsdp_run[2]["unknown"]:
+        assert message is not None and "shards on ranks [0, 1] are neither the trained model's" in message, message
 
 
 def test_refuses_another_sharding_on_every_rank(fsdp_run):
@@ -265,7 +288,9 @@ def test_refuses_clipping_after_the_reduce_scatter_on_every_rank(fsdp_run):
         assert message is not None and "changed after FSDP2's reduce-scatter" in message, message
 
 
-def test_ddp_api_refuses_a_sharded_model_naming_fsdp2(fsdp_run):
+def test_ddp_api_and_plain_recorder_refuse_a_sharded_model_naming_fsdp2(fsdp_run):
+    for message in fsdp_run[2]["plain"]:
+        assert message is not None and "DTensor" in message and "ShardedRecorder" in message, message
     for kind in ("ddp_recorder", "ddp_replay"):
         for message in fsdp_run[2][kind]:
             assert message is not None and "FSDP2" in message and "ShardedRecorder" in message and "DTensor" in message, (kind, message)
