@@ -189,10 +189,10 @@ def test_history_saved_with_each_checkpoint(tmp_path):
     at_8 = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "checkpoint-8"))
     assert saved.meta["checkpoint"] == {"global_step": 8, "weights_digest": uf.history.weights_digest(at_8)}
     assert _max_dw(_replay(at_8, saved, cb.replay_set, cb.replay_loss), at_8) < TIGHT
-    # resuming a recording is not supported yet: refused, not silently restarted
+    # a recording in memory cannot be continued: a resume is refused, not silently restarted
     again = _trainer(tmp_path, optim="sgd", learning_rate=0.5)
-    hf.record(again)
-    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+    hf.record(again, resumable=False)
+    with pytest.raises(ValueError, match="resumable=False"):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
 
 
@@ -435,3 +435,192 @@ def test_accelerate_mixed_precision_is_recorded():
     plain = acc.unwrap_model(model, keep_fp32_wrapper=False)
     replayed, _ = retrain.run(copy.deepcopy(plain), history, torch.empty(0, dtype=torch.int64), train, torch.nn.functional.cross_entropy)
     assert _max_dw(replayed, model) < TIGHT
+
+
+# ----------------------------------------------------------------------------- resume_from_checkpoint
+# 2 epochs of 6 optimizer steps (accumulation 2 x batch 4, clipping at 0.2: every replayed feature), a checkpoint every
+# 4 steps. The interrupted run crashes at step 7 (checkpoint-4 saved), resumes from checkpoint-4 inside epoch 0,
+# crashes again at step 10 (checkpoint-8 saved, in epoch 1), resumes with resume_from_checkpoint=True and finishes.
+RESUME_ARGS = dict(optim="sgd", learning_rate=0.5, num_train_epochs=2, gradient_accumulation_steps=2, max_grad_norm=0.2,
+                   save_strategy="steps", save_steps=4)
+RESUME_POLICIES = {"full": uf.HistoryPolicy(kind="full"), "minimal": uf.HistoryPolicy(kind="minimal", rank=2)}
+
+
+class _Crash(transformers.TrainerCallback):
+    """Raises at the end of global step `at`, like a killed process: no on_train_end, no finish()."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise RuntimeError(f"simulated crash at step {self.at}")
+
+
+def _content(path):
+    """The stored version of a history directory (store's content digest) and its files: what 'unchanged' means."""
+    import os
+
+    from unlearn_fast import store
+
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs if f != "LOCK")
+    return store.read(str(path), "GradientHistory").content, files
+
+
+def _resumed_run(kind, tmp_path_factory):
+    key = ("resume", kind)
+    if key not in _RUNS:
+        policy = RESUME_POLICIES[kind]
+        a = _trainer(tmp_path_factory.mktemp("uninterrupted"), **RESUME_ARGS)
+        cba = hf.record(a, policy)
+        a.train()
+        out = tmp_path_factory.mktemp("interrupted")
+        b = _trainer(out, **RESUME_ARGS)
+        hf.record(b, policy)
+        b.add_callback(_Crash(7))
+        with pytest.raises(RuntimeError, match="simulated crash at step 7"):
+            b.train()
+        before = _content(out / "checkpoint-4" / hf.HISTORY_DIR)
+        c = _trainer(out, **RESUME_ARGS)
+        hf.record(c, policy)
+        c.add_callback(_Crash(10))
+        with pytest.raises(RuntimeError, match="simulated crash at step 10"):
+            c.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+        assert _content(out / "checkpoint-4" / hf.HISTORY_DIR) == before  # a resume only reads its checkpoint
+        d = _trainer(out, **RESUME_ARGS)
+        cbd = hf.record(d, policy)
+        d.train(resume_from_checkpoint=True)  # the Trainer's last checkpoint: checkpoint-8
+        # minimal: the checkpoints Mini's summary is computed from, before finish() consumes them
+        kept = [[(s, w.tensors) for s, w in cb.recorder.checkpoints] for cb in (cba, cbd)]
+        _RUNS[key] = (a, cba, cba.finish(summary=kind == "full"), d, cbd, cbd.finish(summary=kind == "full"), out, kept)
+    return _RUNS[key]
+
+
+@pytest.fixture(scope="module")
+def resume_source(tmp_path_factory):
+    """The interrupted run's output directory (checkpoint-4, -8, -12, each with its history)."""
+    return _resumed_run("full", tmp_path_factory)[6]
+
+
+@pytest.mark.parametrize("kind", ["full", "minimal"])
+def test_resumed_recording_equals_the_uninterrupted_one(kind, tmp_path_factory):
+    a, cba, full_run, d, cbd, resumed, out, kept = _resumed_run(kind, tmp_path_factory)
+    assert [r["global_step"] for r in resumed.meta["hf_trainer"]["resumed_from"]] == [4, 8]
+    assert resumed.num_steps == full_run.num_steps == 12
+    # the Trainer itself resumes exactly (same data order, RNG, optimizer state): the same weights, bit for bit
+    assert _max_dw(d.model, a.model) == 0
+    for key, value in full_run.schedule.items():  # w0, lrs, batch_sizes, micro_counts/sizes, batches (full) or seen (minimal)
+        got = resumed.schedule[key]
+        assert (len(got) == len(value) and all(torch.equal(x, y) for x, y in zip(got, value))) if isinstance(value, list) \
+            else torch.equal(got, value), key
+    if kind == "full":
+        for key in ("w", "g"):  # every step's weights and gradients, the resumed ones read back from the copied chunks
+            assert torch.equal(resumed.trajectory[key].all(), full_run.trajectory[key].all()), key
+    else:  # Mini's summary is computed from these (and the final weights, lrs and steps, equal above)
+        assert [s for s, _ in kept[1]] == [s for s, _ in kept[0]] and len(kept[0]) >= 3
+        assert all(torch.equal(x[n], y[n]) for (_, x), (_, y) in zip(kept[0], kept[1]) for n in x)
+    strip = lambda meta: {k: (v if k != "hf_trainer" else {**v, "resumed_from": None}) for k, v in meta.items()}  # noqa: E731
+    assert strip(resumed.meta) == strip(full_run.meta)  # optimizer, policy, clipping and accumulation counts, n_train, ...
+    assert resumed.meta["recording"]["clipped_steps"] == 12 and resumed.meta["recording"]["accumulated_steps"] == 12
+    if kind == "full":
+        # independent reference: the Trainer's step written out by hand over the recorded batches (no retrain code)
+        reference = _trainer_style_retrain(resumed, [], cbd.max_grad_norm)
+        moved = float((flat_params(d.model) - resumed.schedule["w0"]).abs().max())
+        assert _max_dw(reference, d.model) < TIGHT < moved / 1000
+        saved = GradientHistory.load(cbd.recording_path)  # the finished history stays where the run streamed it
+        assert saved.complete and _max_dw(_replay(d.model, saved, cbd.replay_set, cbd.replay_loss), d.model) < TIGHT
+        forget = [2, 9, 31]
+        result = uf.unlearn(d.model, resumed, forget, cbd.replay_set, cbd.replay_loss, method="retrain")
+        truth = _trainer_style_retrain(resumed, forget, cbd.max_grad_norm)
+        assert _max_dw(result.model, truth) < TIGHT < _max_dw(truth, d.model) / 1000
+
+
+def _copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _resume(out, checkpoint, policy=None, train_dataset=None, resumable=None, **args):
+    trainer = _trainer(out, **dict(RESUME_ARGS, **args))
+    if train_dataset is not None:
+        trainer.train_dataset = train_dataset
+    hf.record(trainer, policy or RESUME_POLICIES["full"], resumable=resumable)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def _refused(out, checkpoint, match, **kwargs):
+    """The resume raises `match`, leaves the checkpoint's history as it was and creates no recording."""
+    before = _content(checkpoint / hf.HISTORY_DIR) if (checkpoint / hf.HISTORY_DIR).exists() else None
+    with pytest.raises(ValueError, match=match):
+        _resume(out, checkpoint, **kwargs)
+    if before is not None:
+        assert _content(checkpoint / hf.HISTORY_DIR) == before
+    assert not (out / hf.RECORDING_DIR).exists()
+
+
+def test_resume_refuses_a_checkpoint_without_history(resume_source, tmp_path):
+    import shutil
+
+    ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
+    shutil.rmtree(ckpt / hf.HISTORY_DIR)  # as written by a run without hf.record or with save_history=False
+    _refused(tmp_path, ckpt, "holds no 'unlearn_history'.*cannot continue")
+
+
+def test_resume_refuses_modified_weights(resume_source, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("wpe.weight"))
+    weights[name][0, 0] += 1e-3
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    _refused(tmp_path, ckpt, r"restored weights' digest .* modified or replaced")
+
+
+def test_resume_refuses_a_history_of_another_run(resume_source, tmp_path, tmp_path_factory):
+    import shutil
+
+    other = tmp_path_factory.mktemp("other")  # the same model and settings from another initialisation, 4 steps
+    torch.manual_seed(1)
+    trainer = _trainer(other, model=transformers.GPT2LMHeadModel(_model().config), **dict(RESUME_ARGS, max_steps=4))
+    hf.record(trainer, RESUME_POLICIES["full"])
+    trainer.train()
+    ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
+    shutil.rmtree(ckpt / hf.HISTORY_DIR)
+    shutil.copytree(other / "checkpoint-4" / hf.HISTORY_DIR, ckpt / hf.HISTORY_DIR)
+    _refused(tmp_path, ckpt, "digest .* history belongs to another run")
+    # the history of checkpoint-8 put into checkpoint-4: the steps do not match either
+    shutil.rmtree(ckpt / hf.HISTORY_DIR)
+    shutil.copytree(resume_source / "checkpoint-8" / hf.HISTORY_DIR, ckpt / hf.HISTORY_DIR)
+    _refused(tmp_path, ckpt, "resumes at global step 4, the history was saved at step 8 with 8 recorded steps")
+
+
+def test_resume_refuses_a_history_of_another_model(resume_source, tmp_path, tmp_path_factory):
+    import shutil
+
+    other = tmp_path_factory.mktemp("other_model")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    trainer = _trainer(other, model=transformers.GPT2LMHeadModel(config), **dict(RESUME_ARGS, max_steps=4))
+    hf.record(trainer, RESUME_POLICIES["full"])
+    trainer.train()
+    ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
+    shutil.rmtree(ckpt / hf.HISTORY_DIR)
+    shutil.copytree(other / "checkpoint-4" / hf.HISTORY_DIR, ckpt / hf.HISTORY_DIR)
+    _refused(tmp_path, ckpt, "recorded for another model")
+
+
+def test_resume_refuses_other_data_settings_or_step(resume_source, tmp_path):
+    import json
+
+    ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
+    _refused(tmp_path, ckpt, "training set has 44 samples, the history was recorded on 48",
+             train_dataset=torch.utils.data.Subset(_Texts(), range(N - 4)))
+    _refused(tmp_path, ckpt, "policy differs .*'kind': \\('full', 'minimal'\\)", policy=uf.HistoryPolicy(kind="minimal"))
+    _refused(tmp_path, ckpt, "TrainingArguments changed .*max_grad_norm", max_grad_norm=0.5)
+    _refused(tmp_path, ckpt, "resumable=False", resumable=False)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["global_step"] = 3  # the Trainer resumes at step 3 with checkpoint-4's weights
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    _refused(tmp_path, ckpt, "resumes at global step 3, the history was saved at step 4")

@@ -24,17 +24,32 @@ random mask per forward) cannot be replayed and is refused unless allow_dropout=
 smoothing, a custom loss, NEFTune noise and distributed Trainer runs are refused, each naming the setting.
 """
 import collections
+import dataclasses
+import functools
+import inspect
+import json
 import os
+import time
+import uuid
 
 import torch
 from transformers import TrainerCallback
 
-from ..history import weights_digest
+from .. import store
+from ..history import EncodedRows, GradientHistory, HistoryPolicy, weights_digest
 from ..recording import HistoryRecorder
 from ..methods._common import graph_leaves
 
 INDEX_KEY = "uf_index"
 HISTORY_DIR = "unlearn_history"  # saved inside each checkpoint-<step> folder of the Trainer
+# a run that saves checkpoints streams its recording to <output_dir>/RECORDING_DIR/run-<time>-<id> (one directory per
+# train() call, resumed ones included); each checkpoint gets a copy of it as it stands at that step
+RECORDING_DIR = "unlearn_recording"
+# counters of meta["recording"] that a resumed run adds to those of the steps before its checkpoint
+FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
+# meta keys the callback or the recorder's finish()/snapshot() add to the recorder's own (policy, param_spec,
+# optimizer, group_of_param): dropped from the copy a resumed run continues, which is an unfinished recording
+BOUND_KEYS = ("n_train", "final_digest", "checkpoint", "hf_trainer", "recording", "loss_check")
 
 
 class IndexedExamples(torch.utils.data.Dataset):
@@ -213,8 +228,17 @@ def _check_trainer(trainer, allow_dropout):
 class HistoryCallback(TrainerCallback):
     """Records every optimizer step of a Trainer into a HistoryRecorder. Build it with `record(trainer)`."""
 
-    def __init__(self, trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None):
-        self.policy, self.save_history = policy, save_history
+    def __init__(self, trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None, resumable=None, recording_dir=None):
+        self.policy, self.save_history = policy or HistoryPolicy(), save_history
+        if resumable is None:  # stream (and so be resumable) exactly when the Trainer will write checkpoints
+            strategy = getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)
+            resumable = bool(save_history) and str(strategy) != "no"
+        if resumable and not save_history:
+            raise ValueError("hf.record: resumable=True needs save_history=True (a resume continues the history saved with its checkpoint)")
+        if resumable and per_sample is not None:
+            raise ValueError("hf.record: per_sample= recording keeps its first-epoch rows in memory and cannot be resumed; pass "
+                             "resumable=False (checkpoints then hold the schedule only, and a resumed train() is refused)")
+        self.resumable, self.recording_dir = bool(resumable), recording_dir
         if per_sample is not None and getattr(per_sample, "kind", None) not in ("first_epoch", "all_epochs"):
             raise ValueError(f"per_sample: a HistoryPolicy of kind 'first_epoch' or 'all_epochs', got {per_sample!r}")
         if per_sample is not None and not per_sample.per_sample:
@@ -231,6 +255,10 @@ class HistoryCallback(TrainerCallback):
         self.count = "shifted" if shifted else "all"
         self.recorder, self.queue, self.inputs, self.micro_batches = None, [], [], 0
         self._replay_set, self._hook = None, None
+        self._resume_from = None  # the checkpoint folder of the coming train() call (set by the wrapper record() installs)
+        self._prior = {}  # a resumed run: meta["recording"] of the steps before its checkpoint
+        self._recorded_meta = None  # a resumed run: the optimizer as recorded at step 0 (the new recorder sees it at the checkpoint)
+        self.resumed_from = []  # [{"global_step", "checkpoint"}] of every resume this recording went through
 
     # -- the forward pre-hook (registered on the model by `record`)
     def _pre_forward(self, module, args, kwargs):
@@ -272,9 +300,7 @@ class HistoryCallback(TrainerCallback):
 
     # -- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if state.global_step > 0:
-            raise ValueError(f"resume_from_checkpoint: training resumes at step {state.global_step}; resuming a recording is not supported yet "
-                             "(start a new run, or record the whole run in one train() call)")
+        checkpoint, self._resume_from = self._resume_from, None
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer; the replay rebuilds a torch optimizer")
@@ -283,7 +309,15 @@ class HistoryCallback(TrainerCallback):
         # recorder notes itself and retrain / rewind replay (meta["recording"]["clip_max_norm"], set from the
         # TrainingArguments by finish() and snapshot(), also when no step happened to clip)
         allow = ("accumulation",) if self.accumulation > 1 else ()
-        self.recorder = _recorder(model, optimizer, self.policy, allow)
+        if self.recorder is not None:
+            self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
+        self._prior, self._recorded_meta = {}, None
+        if state.global_step > 0:
+            self.recorder = self._continue(args, state, model, optimizer, allow, checkpoint)
+        else:
+            self.resumed_from = []
+            path = self._new_recording_path(args) if self.resumable else None
+            self.recorder = _Recorder(model, optimizer, self.policy, allow=allow, path=path)
         if self.per_sample_policy is not None:
             from ..lm.recording import FirstEpochRecorder
 
@@ -314,15 +348,97 @@ class HistoryCallback(TrainerCallback):
             self.per_sample.end_epoch()
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.save_history or self.recorder is None:
+        if not self.save_history or self.recorder is None or not self.recorder.num_steps:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", HISTORY_DIR)
-        history = self.snapshot()
-        # binds the saved schedule to the checkpoint's weights (what a resume will have to check)
-        history.meta["checkpoint"] = {"global_step": state.global_step, "weights_digest": weights_digest(self.recorder.model)}
-        history.save(path)
+        if self.recorder.num_steps != state.global_step:
+            raise ValueError(f"checkpoint at global step {state.global_step}: the recording holds {self.recorder.num_steps} steps")
+        history = self.snapshot()  # a streamed recording is flushed first: its last chunk is marked with the weights' digest
+        # binds the saved history to the checkpoint's weights (what a resume checks)
+        history.meta["checkpoint"] = {"global_step": state.global_step, "weights_digest": history.meta["final_digest"]}
+        if self.recorder.path is None:
+            history.save(path)  # the schedule only: enough for retrain to this checkpoint, not to continue the recording
+            return
+        # the recording as it stands, chunks (rows, Mini's checkpoints) and flush marks included, under the snapshot's
+        # meta: retrain replays it to this checkpoint, and a resume copies it and continues the copy
+        # (HistoryRecorder.resume); the checkpoint is self-contained and never written to again by a later run
+        snap = store.read(self.recorder.path, "GradientHistory")
+        chunks = [(c["steps"], c["mark"], {name: store.StoredPart(self.recorder.path, part["data"], part["tensors"])
+                                          for name, part in c["parts"].items()}) for c in snap.chunks]
+        store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (), chunks)
+
+    # -- resume
+    def _new_recording_path(self, args):
+        base = self.recording_dir or os.path.join(args.output_dir, RECORDING_DIR)
+        return os.path.join(base, f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+
+    def _continue(self, args, state, model, optimizer, allow, checkpoint):
+        """The recorder of a train() resumed from `checkpoint`: the recording saved there, checked against the restored
+        Trainer, copied to a new recording directory and continued (HistoryRecorder.resume). Every check runs before
+        anything is written; the checkpoint is only read."""
+        step = state.global_step
+        if checkpoint is None:
+            raise ValueError(f"resume: training starts at global step {step}, not from a checkpoint passed to trainer.train(resume_from_checkpoint=...) "
+                             "after hf.record(trainer); the recorder cannot tell which history to continue")
+        where = f"resume_from_checkpoint={checkpoint!r}"
+        if self.per_sample_policy is not None:
+            raise ValueError(f"resume: {where}: a per_sample= recording keeps its first-epoch rows in memory and cannot be resumed")
+        if not self.resumable:
+            raise ValueError(f"resume: {where}: hf.record(..., resumable=False) records in memory and cannot continue a recording; "
+                             "record with resumable=True (the default when checkpoints are saved)")
+        path = os.path.join(checkpoint, HISTORY_DIR)
+        if not os.path.isdir(path):
+            raise ValueError(f"resume: {where} holds no {HISTORY_DIR!r} (saved without hf.record, or with save_history=False); the {step} "
+                             "steps before it are not recorded, so the recording cannot continue. Record the run from step 0")
+        history = GradientHistory.load(path)
+        mark = history.meta.get("checkpoint")
+        if history.recording_id is None or not isinstance(mark, dict) or not history.chunk_marks:
+            raise ValueError(f"resume: {path} holds the schedule only, not a recording to continue (saved with resumable=False); "
+                             "record the run from step 0 with resumable=True")
+        problems = []
+        try:
+            history.check_model(model)
+        except ValueError as err:
+            problems.append(str(err))
+        recorded_policy, policy = history.meta.get("policy"), json.loads(json.dumps(dataclasses.asdict(self.policy)))  # (as stored)
+        if recorded_policy != policy:
+            changed = {k: (recorded_policy.get(k), v) for k, v in policy.items() if recorded_policy.get(k) != v} if isinstance(recorded_policy, dict) else recorded_policy
+            problems.append(f"the policy differs from the recorded one (recorded, now): {changed}")
+        if history.n_train != len(self.dataset):
+            problems.append(f"the training set has {len(self.dataset)} samples, the history was recorded on {history.n_train}")
+        old, now = history.meta.get("hf_trainer", {}), self._trainer_meta()
+        changed = {k: (old.get(k), now[k]) for k in ("max_grad_norm", "gradient_accumulation_steps", "loss_count") if old.get(k) != now[k]}
+        if changed:
+            problems.append(f"TrainingArguments changed since the checkpoint (recorded, now): {changed}")
+        recorded_opt, opt_now = history.meta.get("optimizer", {}), _optimizer_meta(optimizer)
+        if _optimizer_settings(recorded_opt) != _optimizer_settings(opt_now):
+            problems.append(f"optimizer {opt_now['class']} {_optimizer_settings(opt_now)[1]} vs the recorded "
+                            f"{recorded_opt.get('class')} {_optimizer_settings(recorded_opt)[1]} (learning rates aside)")
+        if not (step == mark.get("global_step") == history.num_steps):
+            problems.append(f"the Trainer resumes at global step {step}, the history was saved at step {mark.get('global_step')} with "
+                            f"{history.num_steps} recorded steps")
+        digest = weights_digest(model)
+        last_mark = history.chunk_marks.get(len(history.chunk_steps) - 1)
+        if not (digest == mark.get("weights_digest") == history.meta.get("final_digest") == last_mark):
+            problems.append(f"the restored weights' digest {digest[:16]} is not the one the history was saved with "
+                            f"({str(mark.get('weights_digest'))[:16]}): the checkpoint's weights were modified or replaced, or its "
+                            "history belongs to another run")
+        if problems:
+            raise ValueError(f"resume: {where} does not match the history saved with it ({path}): {'; '.join(problems)}. Nothing was "
+                             "recorded or changed; resume from an unmodified checkpoint of this run, with the same data and settings")
+        snap = store.read(path, "GradientHistory")
+        new = self._new_recording_path(args)
+        meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
+        chunks = [(c["steps"], c["mark"], {name: store.StoredPart(path, part["data"], part["tensors"]) for name, part in c["parts"].items()})
+                  for c in snap.chunks]
+        store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), chunks)
+        recorder = _Recorder.resume(new, model, optimizer, allow=allow)
+        self._prior = dict(history.meta.get("recording") or {})
+        self._recorded_meta = {k: history.meta[k] for k in ("optimizer", "group_of_param") if k in history.meta}
+        self.resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
+        return recorder
 
     # -- results
     @property
@@ -344,14 +460,30 @@ class HistoryCallback(TrainerCallback):
         return TrainerLoss(self.count)
 
     def _recording_meta(self, recording):
+        """meta["recording"]: the recorder's (finish()) or its features so far (snapshot()), plus those of the steps
+        before a resumed run's checkpoint, and the Trainer's clipping threshold."""
         recording = dict(recording or {})
+        for key, value in self._prior.items():
+            if key in FEATURE_COUNTS:
+                recording[key] = recording.get(key, 0) + value
+            elif key not in recording:
+                recording[key] = value
         if self.max_grad_norm > 0:
             recording["clip_max_norm"] = self.max_grad_norm
         return recording
 
     def _trainer_meta(self):
-        return {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
+        meta = {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
                 "world_size": 1, "dropout": [[n, p] for n, p in self.dropout]}
+        if self.resumed_from:
+            meta["resumed_from"] = self.resumed_from
+        return meta
+
+    def _restore_recorded_meta(self, history):
+        # a resumed recorder was built at the checkpoint, where the scheduler had changed the groups' lr; the history
+        # keeps the optimizer as recorded at step 0, like an uninterrupted run's (the replay reads lrs per step)
+        if self._recorded_meta:
+            history.meta.update(self._recorded_meta)
 
     def snapshot(self):
         """The schedule recorded so far, as a GradientHistory without summary (what retrain needs); cheap. Bound to
@@ -360,7 +492,10 @@ class HistoryCallback(TrainerCallback):
         history = rec.snapshot(len(self.dataset))
         history.meta = dict(history.meta, hf_trainer=self._trainer_meta())
         history.meta["final_digest"] = weights_digest(rec.model)  # complete for the weights it replays to: the model's now
-        history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
+        # the recorder's features so far (its finish() reports them; snapshot() does not): a resumed run adds to them
+        seen = dict(getattr(rec, "_seen_features", {}), allow=list(rec.allow))
+        history.meta["recording"] = self._recording_meta(seen)
+        self._restore_recorded_meta(history)
         return history
 
     def finish(self, summary=True):
@@ -371,7 +506,15 @@ class HistoryCallback(TrainerCallback):
         history = rec.finish(self.replay_set, self.loss_fn)
         history.meta["hf_trainer"] = self._trainer_meta()
         history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
+        self._restore_recorded_meta(history)
+        if history.path is not None:  # streamed: the finished version at recording_path gets the same meta (its rows stay)
+            history.save(history.path)
         return history
+
+    @property
+    def recording_path(self):
+        """Where this run's recording is streamed (None: in memory); cb.finish() leaves the finished history there."""
+        return None if self.recorder is None else self.recorder.path
 
     def per_sample_history(self):
         """The FirstEpochHistory of the per-sample recording (hf.record(..., per_sample=policy)): each sample's
@@ -391,12 +534,36 @@ class HistoryCallback(TrainerCallback):
         return self.recorder
 
 
-def _recorder(model, optimizer, policy, allow):
-    import inspect
+class _Recorder(HistoryRecorder):
+    """HistoryRecorder, except that a streamed kind="full" recording never writes a chunk that cannot be loaded back.
 
-    if allow and "allow" in inspect.signature(HistoryRecorder.__init__).parameters:
-        return HistoryRecorder(model, optimizer, policy, allow=allow)
-    return HistoryRecorder(model, optimizer, policy)  # a recorder without the allow list does not check these features
+    HistoryRecorder streams a chunk at every flush() and at finish() even when no step was recorded since the last
+    chunk (a checkpoint at the last step, then finish(); two saves at one step; a flush right after a chunk
+    filled), and it writes such a chunk without trajectory rows, which GradientHistory.load refuses ("a chunk of 0
+    steps lacks its 0 rows"). Here an unmarked empty chunk is not written and a marked one (a flush: resume needs
+    the mark) gets zero rows. Remove once recording.py writes empty chunks itself (proposed in the issue-13 report)."""
+
+    def _seal(self, mark=None):
+        if self.path is not None and self.policy.kind == "full" and not self._open["sizes"]:
+            if mark is None:
+                return
+            template = EncodedRows.encode(torch.zeros(1, self.w0.numel(), dtype=self.w0.dtype), self.policy.codec, self.policy.blocksize)
+            empty = EncodedRows({n: t[:0] for n, t in template.tensors.items()}, template.codec, template.blocksize, template.p, template.dtype)
+            self._open["w"], self._open["g"] = [empty], [empty]
+        super()._seal(mark)
+
+
+def _optimizer_meta(optimizer):
+    """meta["optimizer"] as HistoryRecorder writes it, for `optimizer` now."""
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+               if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))} for g in optimizer.param_groups]
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": groups}
+
+
+def _optimizer_settings(meta):
+    """An optimizer's class and group settings without the learning rates (the scheduler changes them every step)."""
+    groups = [{k: v for k, v in g.items() if k not in ("lr", "initial_lr")} for g in meta.get("groups", [])]
+    return meta.get("class"), groups
 
 
 class _IndexHook:
@@ -412,26 +579,52 @@ class _IndexHook:
         return _IndexHook(None)
 
 
-def record(trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None):
+def record(trainer, policy=None, allow_dropout=False, save_history=True, per_sample=None, resumable=None, recording_dir=None):
     """Attach a recorder to `trainer` (before trainer.train()); returns its HistoryCallback.
 
     per_sample: a HistoryPolicy of kind "first_epoch" / "all_epochs" (per_sample=True) to record, besides the
     step history, each sample's gradient for first_epoch_ascent (cb.per_sample_history()).
+    resumable: stream the recording to disk (recording_dir, default <output_dir>/unlearn_recording, one new
+    directory per train() call) and save a copy of it with every checkpoint, so that
+    trainer.train(resume_from_checkpoint=...) continues it. Default: when the Trainer saves checkpoints
+    (save_strategy != "no"). False: in memory; checkpoints hold the schedule only and a resume is refused.
 
     Wraps trainer.train_dataset (examples gain INDEX_KEY) and trainer.data_collator, registers a forward
-    pre-hook on trainer.model that takes the indices out, and adds the callback. The history is saved into
-    every checkpoint folder (HISTORY_DIR) when save_history."""
+    pre-hook on trainer.model that takes the indices out, adds the callback, and wraps trainer.train to learn
+    which checkpoint a resumed call starts from. The history is saved into every checkpoint folder
+    (HISTORY_DIR) when save_history."""
     if trainer.train_dataset is None:
         raise ValueError("trainer: no train_dataset to record")
     if not isinstance(trainer.train_dataset, torch.utils.data.Dataset) or isinstance(trainer.train_dataset, torch.utils.data.IterableDataset):
         raise ValueError(f"trainer.train_dataset: a map-style torch Dataset is needed (indices name its samples), got {type(trainer.train_dataset).__name__}")
     if any(isinstance(cb, HistoryCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer: a HistoryCallback is already attached")
-    callback = HistoryCallback(trainer, policy, allow_dropout, save_history, per_sample)
+    callback = HistoryCallback(trainer, policy, allow_dropout, save_history, per_sample, resumable, recording_dir)
     if not isinstance(trainer.train_dataset, IndexedExamples):
         trainer.train_dataset = IndexedExamples(trainer.train_dataset)
     if not isinstance(trainer.data_collator, IndexCollator):
         trainer.data_collator = IndexCollator(trainer.data_collator)
     callback._hook = trainer.model.register_forward_pre_hook(_IndexHook(callback), with_kwargs=True)
     trainer.add_callback(callback)
+    trainer.train = _ResumeAwareTrain(trainer.train, callback)
     return callback
+
+
+class _ResumeAwareTrain:
+    """trainer.train, noting for the callback which checkpoint the call resumes from: callbacks are not told, and
+    on_train_begin must find the history saved with that checkpoint (resume_from_checkpoint=True: the last
+    checkpoint in output_dir, as the Trainer resolves it)."""
+
+    def __init__(self, train, callback):
+        self.train, self.callback = train, callback
+        self.signature = inspect.signature(train)
+        functools.update_wrapper(self, train)
+
+    def __call__(self, *args, **kwargs):
+        checkpoint = self.signature.bind_partial(*args, **kwargs).arguments.get("resume_from_checkpoint")
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.train.__self__.args.output_dir)  # (None: the Trainer raises itself)
+        self.callback._resume_from = None if checkpoint is False else checkpoint
+        return self.train(*args, **kwargs)
