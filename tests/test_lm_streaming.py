@@ -154,6 +154,12 @@ def test_ascent_reads_only_the_chunks_holding_the_forget_rows_and_moves_the_mode
     a, b = (torch.cat([p.detach().reshape(-1) for p in r.model.parameters()]) for r in results)
     assert torch.equal(a, b) and results[1].stats["retain_guard_rows"] > 3
     assert len(loaded._row_cache) <= 3
+    # a sample asked for twice in one call counts twice, across the batches of a one-row cache too
+    loaded.cache_bytes = 1
+    for wanted in ([5, 5, 7], [7, 2, 5, 2]):
+        expected = ref.accumulate_(torch.zeros(ref.numel), wanted, 0.5)
+        assert torch.equal(loaded.accumulate_(torch.zeros(ref.numel), wanted, 0.5), expected)
+    assert len(loaded._row_cache) == 0 and loaded._cached_bytes == 0
 
 
 KILLED_RUN = textwrap.dedent("""

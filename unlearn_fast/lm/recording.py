@@ -295,13 +295,17 @@ class FirstEpochHistory:
             self.chunks_read.append(j)
             tensors = store.read_part(self.path, self.chunks[j]["parts"]["rows"], repr(self.path))
             for k, pos in wanted[j]:
-                rows[k] = {name: t[int(row_of[pos])].clone() for name, t in tensors.items()}  # a copy: the chunk is dropped
-                self._row_cache[(epoch, pos)] = rows[k]
-                self._cached_bytes += sum(t.numel() * t.element_size() for t in rows[k].values())
+                row = self._row_cache.get((epoch, pos))  # (a sample asked for twice in one call)
+                if row is None:
+                    row = {name: t[int(row_of[pos])].clone() for name, t in tensors.items()}  # a copy: the chunk is dropped
+                    self._row_cache[(epoch, pos)] = row
+                    self._cached_bytes += sum(t.numel() * t.element_size() for t in row.values())
+                    # oldest first, as rows come in: memory holds the budget (this batch included) and one chunk
+                    while self._cached_bytes > self.cache_bytes and self._row_cache:
+                        _, old = self._row_cache.popitem(last=False)
+                        self._cached_bytes -= sum(t.numel() * t.element_size() for t in old.values())
+                rows[k] = row
             del tensors
-        while self._cached_bytes > self.cache_bytes and self._row_cache:
-            _, old = self._row_cache.popitem(last=False)
-            self._cached_bytes -= sum(t.numel() * t.element_size() for t in old.values())
         return rows
 
     def _read_activations(self):
