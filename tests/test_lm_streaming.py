@@ -231,6 +231,16 @@ def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, recorded):
     open(ipath, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match=f"{index}.*corrupted"):
         FirstEpochHistory.load(path)
+    # a crafted version, every checksum right, whose chunk claims a row more than its tensors hold
+    from test_storage import forge, read_current
+
+    path = str(tmp_path / "crafted")
+    FirstEpochHistory.load(recorded["path"]).save(path)
+    _, manifest = read_current(path)
+    manifest["chunks"][2]["steps"] += 1
+    forge(path, manifest)
+    with pytest.raises(ValueError, match="chunk 2 .* does not hold 6 rows"):
+        FirstEpochHistory.load(path)
 
 
 def test_recording_never_overwrites_a_history(tmp_path, recorded):

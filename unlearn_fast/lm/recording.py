@@ -333,8 +333,8 @@ class FirstEpochHistory:
         for j, c in enumerate(chunks):
             n, parts = c["steps"], c["parts"]
             ok = set(parts) in ({"index", "rows"}, {"index", "rows", "activations"}) and _table_fits(parts["rows"]["tensors"], expected_rows(n))
-            table = parts["index"]["tensors"]
-            ok = ok and any(_table_fits(table, {"index": (("int64",), [n]), "epoch": (("int64",), [1]), "lr": (("float64",), [k])}) for k in (0, 1))
+            ok = ok and any(_table_fits(parts["index"]["tensors"], {"index": (("int64",), [n]), "epoch": (("int64",), [1]), "lr": (("float64",), [k])})
+                            for k in (0, 1))  # lr: none without an optimizer
             if ok and "activations" in parts:
                 table = parts["activations"]["tensors"]
                 ok = set(table) == {"values"} and table["values"]["dtype"] == "float32" and len(table["values"]["shape"]) == 2 and table["values"]["shape"][0] == n
