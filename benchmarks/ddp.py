@@ -2,6 +2,10 @@
 the single-process replay (methods.retrain.run, 1 and 2 threads) of the same DDP history, and their difference.
 
     python benchmarks/ddp.py [--repeats 5] [--epochs 2] [--out benchmarks/results/ddp]
+    python benchmarks/ddp.py --fsdp [--repeats 5] [--epochs 2] [--out benchmarks/results/fsdp]
+
+--fsdp: the same workload trained under FSDP2 (fully_shard, 2 gloo processes) with and without ShardedRecorder, the
+FSDP2 replay (run_sharded) timed, and compared with the single-process replay of the gathered shard histories.
 
 The history is recorded under DDP (2 ranks, DistributedSampler, DistributedRecorder, kind="full" with int8) on an
 MLP; every replay forgets the same 10 % of the training set. Times are medians over --repeats interleaved rounds of
@@ -126,6 +130,161 @@ def worker(rank, init_file, out, epochs, repeats):
         dist.destroy_process_group()
 
 
+def fsdp_worker(rank, init_file, out, epochs, repeats):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        ds = data()
+
+        def sharded():
+            m = net()
+            fully_shard(m)
+            return m
+
+        def train(model, rec):
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            recorder = ufd.ShardedRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8")) if rec else None
+            sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=0, drop_last=True)
+            loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler, drop_last=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for epoch in range(epochs):
+                sampler.set_epoch(epoch)
+                for idx, x, y in loader:
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
+                    if recorder is not None:
+                        recorder.record(idx)
+                    opt.step()
+            dist.barrier()
+            return time.perf_counter() - t0, recorder
+
+        train_plain_s, _ = train(sharded(), False)
+        model = sharded()
+        train_s, rec = train(model, True)
+        history = rec.finish(ds)
+        ufd.save_sharded(history, os.path.join(out, "history"))
+        trained = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        history = ufd.load_sharded(os.path.join(out, "history"), model)
+        dist.barrier()
+        gathered = None
+        if rank == 0:  # the single-process history, for the single-process replay interleaved with the FSDP2 one
+            gathered = ufd.gather_shards([GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)])
+            gathered.trajectory = None  # the retrain replay reads the schedule alone
+        forget, times, cpu, single_times, single = forget_set(), [], [], [], None
+        for r in range(repeats + 1):  # round 0: warm-up, not counted
+            fresh = sharded()
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            replayed, stats = ufd.run_sharded(fresh, history, forget, ds, F.cross_entropy)
+            c1 = time.process_time()
+            dist.barrier()
+            if r:
+                times.append(time.perf_counter() - t0)
+                cpu.append(c1 - c0)
+            if rank == 0:  # rank 1 waits in the barrier (blocked, not spinning)
+                t0 = time.perf_counter()
+                single, single_stats = retrain.run(net(), gathered, forget, ds, F.cross_entropy)
+                if r:
+                    single_times.append(time.perf_counter() - t0)
+            dist.barrier()
+        replayed = {k: v.full_tensor() for k, v in replayed.state_dict().items()}
+        none, _ = ufd.run_sharded(sharded(), history, torch.zeros(0, dtype=torch.int64), ds, F.cross_entropy)
+        none = {k: v.full_tensor() for k, v in none.state_dict().items()}
+        every = [None] * WORLD
+        dist.all_gather_object(every, {"times": times, "cpu": cpu, "train_s": train_s, "train_plain_s": train_plain_s})
+        if rank == 0:
+            torch.save({"ranks": every, "trained": trained, "replayed": replayed, "none": none, "steps": stats["steps"],
+                        "recorded_steps": len(history.schedule["batches"]), "single": single.state_dict(), "single_times": single_times,
+                        "single_steps": single_stats["steps"]}, os.path.join(out, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+    # fully_shard keeps its gloo group alive past destroy_process_group (docs/distributed.md, "Teardown"): no finalization
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def fsdp_main(args):
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    ds, forget = data(), forget_set()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(fsdp_worker, args=(os.path.join(tmp, "init"), tmp, args.epochs, args.repeats), nprocs=WORLD, join=True)
+        res = torch.load(os.path.join(tmp, "fsdp.pt"))
+        shard_dirs = [os.path.join(tmp, "history", f"rank-{r}") for r in range(WORLD)]
+        shard_bytes = [sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(d) for name in names) for d in shard_dirs]
+        gathered = ufd.gather_shards([GradientHistory.load(d) for d in shard_dirs])
+        gathered.trajectory = None  # the retrain replay reads the schedule alone
+    torch.set_num_threads(1)
+    single_none, _ = retrain.run(net(), gathered, torch.zeros(0, dtype=torch.int64), ds, F.cross_entropy)
+    trained, replayed, none, single = (load_state(res[k]) for k in ("trained", "replayed", "none", "single"))
+    single_times = res["single_times"]
+    diff = lambda a, b: float((flat_params(a) - flat_params(b)).abs().max())  # noqa: E731
+    ranks = res["ranks"]
+    fsdp_times = [max(a, b) for a, b in zip(ranks[0]["times"], ranks[1]["times"])]  # the slower rank's
+    o = {
+        "command": "python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "logical_cpus": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(os.getloadavg()),
+        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU", "parameters": sum(p.numel() for p in net().parameters()),
+                     "n_train": N, "world_size": WORLD, "world_batch": WORLD * PER_RANK, "epochs": args.epochs,
+                     "recorded_steps": res["recorded_steps"], "replayed_steps": res["steps"], "forget": len(forget), "codec": "int8"},
+        "fsdp_training_s": {"plain": max(r["train_plain_s"] for r in ranks), "with_ShardedRecorder": max(r["train_s"] for r in ranks)},
+        "fsdp_replay": {"times": fsdp_times, "median_s": statistics.median(fsdp_times),
+                        "median_cpu_s_per_rank": [statistics.median(r["cpu"]) for r in ranks]},
+        "single_process_replay_1_thread": {"times": single_times, "median_s": statistics.median(single_times), "steps": res["single_steps"]},
+        "shard_history_bytes_per_rank": shard_bytes,
+        "max_abs_diff": {
+            "fsdp_replay_vs_single_replay_of_gathered_forget_10pct": diff(replayed, single),
+            "fsdp_replay_forget_nothing_vs_fsdp_trained": diff(none, trained),
+            "single_replay_of_gathered_forget_nothing_vs_fsdp_trained": diff(single_none, trained),
+            "forgetting_moved_the_model_by": diff(single, trained),
+        },
+        "wall_s": time.perf_counter() - started,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(o, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(fsdp_report(o))
+    print(fsdp_report(o))
+
+
+def fsdp_report(o):
+    w, t, d = o["workload"], o["fsdp_training_s"], o["max_abs_diff"]
+    f, s = o["fsdp_replay"], o["single_process_replay_1_thread"]
+    q = lambda ts: f"[{min(ts):.3f} .. {max(ts):.3f}]"  # noqa: E731
+    return f"""# FSDP2 retrain replay (2 gloo processes) against a single process
+
+- command: `{o["command"]}`; torch {o["torch"]}, {o["logical_cpus"]} logical CPUs shared with other jobs
+- date: {o["date_utc"]} UTC; 1/5/15-minute load average before {[round(x, 2) for x in o["load_average_1_5_15_before"]]}, after {[round(x, 2) for x in o["load_average_1_5_15_after"]]}
+- workload: {w["model"]} ({w["parameters"]:,} parameters) sharded by `fully_shard` over {w["world_size"]} ranks, {w["n_train"]} samples, world batch {w["world_batch"]}, {w["epochs"]} epochs = {w["recorded_steps"]} steps, SGD lr 0.05 momentum 0.9; ShardedRecorder kind="full", {w["codec"]}; every replay forgets the same {w["forget"]} samples (10 %)
+
+| run | median | [min .. max] |
+|---|---:|---:|
+| FSDP2 replay (`ufd.run_sharded`, 1 thread per rank; the slower rank's time) | {f["median_s"]:.3f} s | {q(f["times"])} |
+| single-process replay of the gathered history (`methods.retrain.run`, 1 thread) | {s["median_s"]:.3f} s | {q(s["times"])} |
+
+Medians of {len(f["times"])} interleaved rounds after one warm-up round: each round runs the FSDP2 replay on both ranks, then the
+single-process replay on rank 0 while rank 1 waits in a barrier. Single-process 1-thread time / FSDP2 time: {s["median_s"] / f["median_s"]:.2f}x.
+
+Per-rank CPU time of the FSDP2 replay (median): {", ".join(f"{c:.3f} s" for c in f["median_cpu_s_per_rank"])}. FSDP2 training, {w["recorded_steps"]}
+steps: {t["plain"]:.2f} s without recording, {t["with_ShardedRecorder"]:.2f} s with ShardedRecorder (one run each, one after the
+other, on a machine whose load changes by the minute: not a measurement of the recording overhead).
+Shard history on disk per rank: {", ".join(f"{b / 1e6:.2f} MB" for b in o["shard_history_bytes_per_rank"])}.
+
+| comparison | max abs diff |
+|---|---:|
+| FSDP2 replay vs single-process replay of the gathered history, forgetting 10 % | {d["fsdp_replay_vs_single_replay_of_gathered_forget_10pct"]:.3g} |
+| FSDP2 replay forgetting nothing vs the FSDP2-trained weights | {d["fsdp_replay_forget_nothing_vs_fsdp_trained"]:.3g} |
+| single-process replay of the gathered history, forgetting nothing, vs the FSDP2-trained weights | {d["single_replay_of_gathered_forget_nothing_vs_fsdp_trained"]:.3g} |
+| (scale) forgetting 10 % vs the trained weights | {d["forgetting_moved_the_model_by"]:.3g} |
+"""
+
+
 def load_state(state):
     m = net()
     m.load_state_dict(state)
@@ -137,7 +296,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp"))
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 (ShardedRecorder, run_sharded) instead of DDP")
     args = ap.parse_args()
+    if args.fsdp:
+        if args.out.endswith(os.path.join("results", "ddp")):
+            args.out = args.out[: -len("ddp")] + "fsdp"
+        return fsdp_main(args)
     load_before = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -448,8 +448,8 @@ class ShardedRecorder:
     unlearn_sharded under the same sharding; gather_shards() builds the single-process history."""
 
     def __init__(self, model, optimizer, policy=None, group=None):
-        from ..history import HistoryPolicy, param_spec  # noqa: F401
-        from ..recording import _jsonable, real_optimizer
+        from ..history import HistoryPolicy
+        from ..recording import InertWhenCopied, _jsonable, real_optimizer
 
         who = "ShardedRecorder"
         self.group = group
@@ -495,8 +495,6 @@ class ShardedRecorder:
         # its reduce-scattered gradient is in place, so their norms are the baseline a later edit (clipping) is measured against
         self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
         self._recorded, self._unrecorded_step, self._steps_taken, self._autocast, self._finished = False, None, 0, False, False
-        from ..recording import InertWhenCopied
-
         self._handles = [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
         self._handles += [optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
                           optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
@@ -675,6 +673,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     computes), a backward through the sharded model, and a step of the recorded torch.optim optimizer on the DTensor
     parameters. A rank with no retained sample runs a zero-weighted loss (it must join FSDP2's collectives); a step
     whose whole world batch is forgotten is skipped on every rank. Returns (model, stats)."""
+    from ..history import fetch
     from ..methods._common import batch_loss
     from ..methods.retrain import build_optimizer
 
@@ -726,20 +725,14 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
             group_["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         if part.numel():
-            (batch_loss(model, loss_fn, fetch_batch(train_set, part)) * (world_size * part.numel() / retained)).backward()
+            (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
         else:
-            (batch_loss(model, loss_fn, fetch_batch(train_set, mine[:1])) * 0.0).backward()
+            (batch_loss(model, loss_fn, fetch(train_set, mine[:1])) * 0.0).backward()
         optimizer.step()
         evals += part.numel()
         steps += 1
     return model, {"steps": steps, "gradient_evaluations": evals, "world_size": world_size, "rank": rank,
                    "history_bytes_read": history.nbytes("schedule")}
-
-
-def fetch_batch(train_set, indices):
-    from ..history import fetch
-
-    return fetch(train_set, indices)
 
 
 def unlearn_sharded(model, history, forget, train_set, loss_fn, replay_model, group=None, allow_unrecorded_model=False, progress=None):
@@ -774,6 +767,11 @@ def unlearn_sharded(model, history, forget, train_set, loss_fn, replay_model, gr
     start = time.perf_counter()
     replay_model, stats = run_sharded(replay_model, history, forget, train_set, loss_fn, group=group, progress=progress)
     seconds = time.perf_counter() - start
+    bad = [name for name, p in _trainable(replay_model) if not bool(torch.isfinite(_local(p)).all())]
+    every = [None] * world_size
+    dist.all_gather_object(every, bad, group=group)  # every rank raises alike
+    if any(every):
+        raise RuntimeError(f"FSDP2 retrain: the unlearned parameters {sorted({n for b in every for n in b})[:5]} are NaN or infinite; no model is returned")
     history.append_request(forget.tolist(), "retrain", _digest([_local(p) for _, p in _trainable(replay_model)]))
     return UnlearnResult(replay_model, seconds, {"method": "retrain", **stats, "forgotten_total": forget.numel()})
 
