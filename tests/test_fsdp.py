@@ -147,7 +147,13 @@ def _work(rank, out):
     F.cross_entropy(net(x), y).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
     _message(lambda: rec3.record(idx), out, f"clipped_{rank}.txt")
-    del rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
+    # unequal per-rank batch sizes, and a step without record(): refused on every rank; kind="minimal": refused
+    rec4 = ufd.ShardedRecorder(net, opt)
+    _message(lambda: rec4.record(torch.arange(3 + rank)), out, f"unequal_{rank}.txt")
+    opt.step()
+    _message(lambda: rec4.record(idx), out, f"unrecorded_{rank}.txt")
+    _message(lambda: ufd.ShardedRecorder(net, opt, uf.HistoryPolicy(kind="minimal")), out, f"minimal_{rank}.txt")
+    del rec4, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +165,7 @@ def fsdp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "ddp_recorder", "ddp_replay", "clipped", "requests")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second")}
@@ -294,6 +300,14 @@ def test_refuses_shards_of_another_run_on_every_rank(fsdp_run):
 def test_refuses_clipping_after_the_reduce_scatter_on_every_rank(fsdp_run):
     for message in fsdp_run[2]["clipped"]:
         assert message is not None and "changed after FSDP2's reduce-scatter" in message, message
+
+
+def test_recorder_refusals_on_every_rank(fsdp_run):
+    refusals = fsdp_run[2]
+    for rank in range(WORLD):
+        assert "per-rank batch sizes [3, 4]" in (refusals["unequal"][rank] or ""), refusals["unequal"][rank]
+        assert "an optimizer step ran without a record() before it (ranks [0, 1])" in (refusals["unrecorded"][rank] or ""), refusals["unrecorded"][rank]
+        assert "policy kind 'minimal' is not supported for FSDP2" in (refusals["minimal"][rank] or ""), refusals["minimal"][rank]
 
 
 def test_ddp_api_and_plain_recorder_refuse_a_sharded_model_naming_fsdp2(fsdp_run):

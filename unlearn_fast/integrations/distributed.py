@@ -458,7 +458,7 @@ class ShardedRecorder:
         self.policy = policy or HistoryPolicy(kind="full")
         if self.policy.kind != "full":
             raise ValueError(f"{who}: policy kind {self.policy.kind!r} is not supported for FSDP2 shard histories (Mini's summary needs "
-                             "the whole parameters; record kind='full' and gather_shards() into a single-process history)")
+                             "the whole parameters and only a single-process kind='minimal' recording computes it); record kind='full'")
         optimizer = real_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"{who}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
