@@ -535,6 +535,30 @@ def test_resumed_recording_equals_the_uninterrupted_one(kind, tmp_path_factory):
         assert _max_dw(result.model, truth) < TIGHT < _max_dw(truth, d.model) / 1000
 
 
+def test_resume_where_a_chunk_ended_at_the_checkpoint(tmp_path, tmp_path_factory, monkeypatch):
+    """Chunks of 2 steps: every checkpoint (every 4 steps) and the end fall on a chunk boundary, where flush() has no
+    step left to mark (hf._Recorder writes no empty chunk; on_save marks the checkpoint's copy itself)."""
+    import unlearn_fast.recording
+
+    a, cba, full_run = _resumed_run("full", tmp_path_factory)[:3]
+    monkeypatch.setattr(unlearn_fast.recording, "CHUNK_STEPS", 2)
+    b = _trainer(tmp_path, **RESUME_ARGS)
+    hf.record(b, RESUME_POLICIES["full"])
+    b.add_callback(_Crash(7))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        b.train()
+    saved = GradientHistory.load(str(tmp_path / "checkpoint-4" / hf.HISTORY_DIR))
+    assert saved.chunk_steps == [2, 2] and list(saved.chunk_marks) == [1]
+    c = _trainer(tmp_path, **RESUME_ARGS)
+    cbc = hf.record(c, RESUME_POLICIES["full"])
+    c.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    resumed = cbc.finish()
+    assert GradientHistory.load(cbc.recording_path).chunk_steps == [2] * 6
+    assert _max_dw(c.model, a.model) == 0
+    assert all(torch.equal(x, y) for x, y in zip(resumed.schedule["batches"], full_run.schedule["batches"]))
+    assert torch.equal(resumed.trajectory["g"].all(), full_run.trajectory["g"].all())
+
+
 def _copy_checkpoint(src, dst):
     import shutil
 

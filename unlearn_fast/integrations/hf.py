@@ -22,6 +22,14 @@ meta["recording"]["clip_max_norm"], which retrain and rewind replay after each r
 without some samples clips what it really would) and deltagrad / mini refuse. Dropout (a new
 random mask per forward) cannot be replayed and is refused unless allow_dropout=True; mixed precision, label
 smoothing, a custom loss, NEFTune noise and distributed Trainer runs are refused, each naming the setting.
+
+Checkpoints and resume (docs/integrations.md). A run that saves checkpoints streams its recording
+(HistoryRecorder(path=...), under <output_dir>/RECORDING_DIR); on_save flushes it (the last chunk is marked with the
+weights' digest) and copies it, chunks and marks included, into checkpoint-<step>/HISTORY_DIR, bound to the
+checkpoint (meta["checkpoint"]). trainer.train(resume_from_checkpoint=...) after hf.record on a new Trainer loads that
+copy, checks it against the restored Trainer (weights digest, global step, n_train, policy, parameter names,
+settings), copies it to a new recording directory and continues it with HistoryRecorder.resume: the finished history
+equals an uninterrupted run's (schedule, trajectory rows, Mini's checkpoints). The checkpoint is only read.
 """
 import collections
 import dataclasses
@@ -36,7 +44,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import store
-from ..history import EncodedRows, GradientHistory, HistoryPolicy, weights_digest
+from ..history import GradientHistory, HistoryPolicy, weights_digest
 from ..recording import HistoryRecorder
 from ..methods._common import graph_leaves
 
@@ -196,6 +204,10 @@ def _check_trainer(trainer, allow_dropout):
     if args.world_size > 1:
         raise ValueError(f"TrainingArguments: world_size={args.world_size}; the Trainer integration records single-process runs "
                          "(for DDP loops see unlearn_fast.integrations.distributed)")
+    if getattr(args, "load_best_model_at_end", False):
+        raise ValueError("TrainingArguments.load_best_model_at_end=True: the Trainer ends on the weights of its best checkpoint, "
+                         "which the recorded steps do not replay to; train without it and use that checkpoint's own history "
+                         f"(checkpoint-N/{HISTORY_DIR}, bound to its weights)")
     if args.n_gpu > 1:
         raise ValueError(f"TrainingArguments: n_gpu={args.n_gpu} (DataParallel); the Trainer integration records single-device runs")
     for flag in ("bf16", "fp16"):
@@ -355,6 +367,8 @@ class HistoryCallback(TrainerCallback):
         path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", HISTORY_DIR)
         if self.recorder.num_steps != state.global_step:
             raise ValueError(f"checkpoint at global step {state.global_step}: the recording holds {self.recorder.num_steps} steps")
+        if self.recorder.path is None and self.recorder.policy.kind != "full":
+            return  # a kind="minimal" recording in memory keeps no batch order: nothing a checkpoint's history could replay
         history = self.snapshot()  # a streamed recording is flushed first: its last chunk is marked with the weights' digest
         # binds the saved history to the checkpoint's weights (what a resume checks)
         history.meta["checkpoint"] = {"global_step": state.global_step, "weights_digest": history.meta["final_digest"]}
@@ -365,8 +379,13 @@ class HistoryCallback(TrainerCallback):
         # meta: retrain replays it to this checkpoint, and a resume copies it and continues the copy
         # (HistoryRecorder.resume); the checkpoint is self-contained and never written to again by a later run
         snap = store.read(self.recorder.path, "GradientHistory")
-        chunks = [(c["steps"], c["mark"], {name: store.StoredPart(self.recorder.path, part["data"], part["tensors"])
-                                          for name, part in c["parts"].items()}) for c in snap.chunks]
+        if sum(c["steps"] for c in snap.chunks) != state.global_step or not snap.chunks:
+            raise ValueError(f"checkpoint at global step {state.global_step}: the recording at {self.recorder.path} holds "
+                             f"{sum(c['steps'] for c in snap.chunks)} steps after flush()")
+        # the last chunk ends at this step: it carries the weights' digest (flush() marks it, unless it was sealed before)
+        chunks = [(c["steps"], history.meta["final_digest"] if j == len(snap.chunks) - 1 else c["mark"],
+                   {name: store.StoredPart(self.recorder.path, part["data"], part["tensors"]) for name, part in c["parts"].items()})
+                  for j, c in enumerate(snap.chunks)]
         store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (), chunks)
 
     # -- resume
@@ -535,22 +554,30 @@ class HistoryCallback(TrainerCallback):
 
 
 class _Recorder(HistoryRecorder):
-    """HistoryRecorder, except that a streamed kind="full" recording never writes a chunk that cannot be loaded back.
+    """HistoryRecorder, except that a streamed recording never writes a chunk of no steps.
 
     HistoryRecorder streams a chunk at every flush() and at finish() even when no step was recorded since the last
-    chunk (a checkpoint at the last step, then finish(); two saves at one step; a flush right after a chunk
-    filled), and it writes such a chunk without trajectory rows, which GradientHistory.load refuses ("a chunk of 0
-    steps lacks its 0 rows"). Here an unmarked empty chunk is not written and a marked one (a flush: resume needs
-    the mark) gets zero rows. Remove once recording.py writes empty chunks itself (proposed in the issue-13 report)."""
+    chunk (a checkpoint at the last step, then finish(); two saves at one step; a flush right after a chunk filled),
+    and writes a kind="full" one without trajectory rows, which GradientHistory.load refuses ("a chunk of 0 steps
+    lacks its 0 rows"). Here such a seal is skipped; the flush mark a resume needs is then missing from the last
+    chunk, so on_save writes it into the checkpoint's copy itself (every step is in a chunk after flush()). Remove
+    once recording.py skips or loads empty chunks (proposed in the issue-13 report)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sealed_steps = 0
+
+    @classmethod
+    def resume(cls, *args, **kwargs):
+        recorder = super().resume(*args, **kwargs)
+        recorder._sealed_steps = recorder.steps  # every step resumed from is in a chunk
+        return recorder
 
     def _seal(self, mark=None):
-        if self.path is not None and self.policy.kind == "full" and not self._open["sizes"]:
-            if mark is None:
-                return
-            template = EncodedRows.encode(torch.zeros(1, self.w0.numel(), dtype=self.w0.dtype), self.policy.codec, self.policy.blocksize)
-            empty = EncodedRows({n: t[:0] for n, t in template.tensors.items()}, template.codec, template.blocksize, template.p, template.dtype)
-            self._open["w"], self._open["g"] = [empty], [empty]
+        if self.path is not None and self.steps == self._sealed_steps:
+            return
         super()._seal(mark)
+        self._sealed_steps = self.steps
 
 
 def _optimizer_meta(optimizer):
