@@ -153,7 +153,14 @@ def _work(rank, out):
     opt.step()
     _message(lambda: rec4.record(idx), out, f"unrecorded_{rank}.txt")
     _message(lambda: ufd.ShardedRecorder(net, opt, uf.HistoryPolicy(kind="minimal")), out, f"minimal_{rank}.txt")
-    del rec4, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
+    # a world size of 1: each rank alone in a group of its own, the model sharded over a 1-rank mesh
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+    single = fully_shard(_net(), mesh=DeviceMesh.from_group(alone, "cpu"))
+    _message(lambda: ufd.load_sharded(os.path.join(out, "history"), single, group=alone), out, f"world_{rank}.txt")
+    del rec4, single, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +172,7 @@ def fsdp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "world", "ddp_recorder", "ddp_replay", "clipped", "requests")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second")}
@@ -319,7 +326,9 @@ def test_ddp_api_and_plain_recorder_refuse_a_sharded_model_naming_fsdp2(fsdp_run
 
 
 def test_refuses_another_world_size(fsdp_run):
-    shards = fsdp_run[0]
+    shards, _, refusals = fsdp_run
+    for message in refusals["world"]:  # loaded by a rank in a group of 1, its model sharded over a 1-rank mesh
+        assert message is not None and message.startswith("history: FSDP2 shards recorded with world size 2, used under world size 1"), message
     with pytest.raises(ValueError, match="FSDP2 shards recorded with world size 2, used under world size 4"):
         ufd.check_sharding(shards[0], None, 4, 0)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
