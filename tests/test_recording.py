@@ -671,3 +671,65 @@ def test_non_finite_gradients_without_a_grad_scaler_name_the_cause():
     assert rec.num_steps == 0
     with pytest.raises(ValueError, match="grad_scaler: must be a torch.amp.GradScaler"):
         uf.HistoryRecorder(model, opt, grad_scaler=object())
+
+
+# ----------------------------------------------------------------------------- the encoding record() writes
+class Awkward(torch.nn.Module):
+    """Parameters whose flat ranges straddle codec blocks: tiny ones, odd sizes, one non-contiguous (a transposed view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(7, 37)  # 259 + 37: across the first 256-block
+        self.b = torch.nn.Linear(37, 301)  # long enough to be quantized in place with MIN_DIRECT lowered
+        self.c = torch.nn.Parameter(torch.randn(13, 29).t())  # non-contiguous
+        self.d = torch.nn.Linear(13, 3)  # ends on an odd total: the int4 last byte holds one code
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.d(h[:, :29] @ self.c) + h[:, :3]
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("direct", [1 << 16, 64])
+def test_recorded_rows_are_byte_for_byte_the_reference_codec_of_the_flat_vectors(codec, dtype, direct, monkeypatch, tmp_path):
+    """record() encodes each parameter where it lies (RowEncoder); the bytes must be the reference's:
+    EncodedRows.encode of the flat weights and gradients, as the recorder wrote them before."""
+    from unlearn_fast import recording
+    from unlearn_fast.history import EncodedRows, flat_grads
+
+    monkeypatch.setattr(recording, "MIN_DIRECT", direct)  # 64: the blocks of b (and c) are quantized in place
+    torch.manual_seed(0)
+    model = Awkward().to(dtype)
+    assert sum(p.numel() for p in model.parameters()) % 2 == 1 and not model.c.is_contiguous()
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 7, generator=gen, dtype=dtype), torch.randint(0, 3, (40,), generator=gen))
+    histories, expected = [], {"w": [], "g": []}
+    for path in (None, str(tmp_path / "h")):
+        torch.manual_seed(0)
+        model = Awkward().to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec=codec, blocksize=64), path=path)
+        rec.chunk_steps = 2  # chunks of 2 rows, the last one sealed short
+        for t in range(5):
+            idx = torch.arange(t * 8, (t + 1) * 8)
+            opt.zero_grad()
+            backward(model, data, idx)
+            if path is None:
+                expected["w"].append(EncodedRows.encode(flat_params(model)[None], codec, 64))
+                expected["g"].append(EncodedRows.encode(flat_grads(model)[None], codec, 64))
+            rec.record(idx)
+            opt.step()
+        history = rec.finish(data, LOSS)
+        histories.append(history if path is None else uf.GradientHistory.load(path))
+    if direct == 64 and codec in ("int8", "int4"):
+        assert any(len(pieces) == 1 and e - s >= 64 for s, e, pieces in rec._encoder.ranges)  # (the in-place path ran)
+    for history in histories:
+        for key in ("w", "g"):
+            rows = history.trajectory[key]
+            got = EncodedRows.cat([rows._part(j) for j in range(len(rows.parts))])
+            want = EncodedRows.cat(expected[key])
+            assert got.tensors.keys() == want.tensors.keys()
+            for name in want.tensors:
+                assert got.tensors[name].dtype == want.tensors[name].dtype
+                assert torch.equal(got.tensors[name].view(torch.uint8), want.tensors[name].view(torch.uint8)), (key, name)

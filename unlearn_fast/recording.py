@@ -26,7 +26,7 @@ import uuid
 
 import torch
 
-from . import store
+from . import ops, store
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
@@ -132,7 +132,7 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs = []  # kind="full" in memory: every step's learning rates (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
-        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": [], "ckpt": []}  # the chunk being filled
+        self._open = _new_chunk()  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
         self.checkpoints, self.grid = [], CheckpointGrid()  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
@@ -144,7 +144,10 @@ class HistoryRecorder:
         p = self.w0.numel()
         step_bytes = 2 * row_bytes(self.policy.codec, p, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else 0
         self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(step_bytes, 1)))
-        self.path, self._writer, self._flat_buffer = None, None, None
+        sizes = [p.numel() for p in self.params]
+        self._encoder = RowEncoder(sizes, self.policy.codec, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else None
+        self._ckpt_encoder = RowEncoder(sizes, self.policy.summary_codec, self.policy.blocksize, self.w0.dtype)
+        self.path, self._writer = None, None
         if path is not None:
             self._start_stream(path)
         # what the hooks saw since the last optimizer step
@@ -390,8 +393,12 @@ class HistoryRecorder:
         chunk = self._open
         if self.policy.kind == "full":
             # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
-            chunk["w"].append(self._encoded_row(p.detach() for p in self.params))
-            chunk["g"].append(self._encoded_row(p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params))
+            # straight into this chunk's row buffers (RowEncoder: no flat copy, no concatenation at seal)
+            row = len(chunk["sizes"])
+            if chunk["w"] is None:
+                chunk["w"], chunk["g"] = self._row_buffers()
+            self._encoder.encode_into([p.detach() for p in self.params], chunk["w"], row)
+            self._encoder.encode_into([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params], chunk["g"], row)
             if self.path is None:
                 self.batches.append(idx)
         else:
@@ -420,16 +427,15 @@ class HistoryRecorder:
     def num_steps(self):
         return self.steps
 
-    def _encoded_row(self, tensors):
-        """The parameters' tensors as one row through the policy's codec. The int and bf16 codecs write new tensors,
-        so the flat copy goes to one reused buffer (a fresh 4p-byte allocation every step cost more than the copy:
-        0.19-0.23 s against 0.05 s at 100M parameters on this machine); fp32 keeps the row itself."""
-        flat = [t.reshape(-1) for t in tensors]
-        if self.policy.codec == "fp32":
-            return EncodedRows.encode(torch.cat(flat)[None], "fp32", self.policy.blocksize)
-        if self._flat_buffer is None:
-            self._flat_buffer = torch.empty_like(self.w0)
-        return EncodedRows.encode(torch.cat(flat, out=self._flat_buffer)[None], self.policy.codec, self.policy.blocksize)
+    def _row_buffers(self):
+        """(w, g) row buffers for a new chunk: ones the writer is done with (a streamed recording), else new."""
+        if self._writer is not None:
+            try:
+                return self._writer.spare.get_nowait()
+            except queue.Empty:
+                pass
+        device = self.w0.device
+        return self._encoder.buffers(self.chunk_steps, device), self._encoder.buffers(self.chunk_steps, device)
 
     def _note_seen(self, idx):
         top = int(idx.max())
@@ -440,7 +446,7 @@ class HistoryRecorder:
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
         chunk = self._open
-        self._open = {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": [], "g": [], "ckpt": []}
+        self._open = _new_chunk()
         n = len(chunk["sizes"])
         schedule = {
             "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
@@ -451,7 +457,13 @@ class HistoryRecorder:
         }
         if self.path is not None:
             schedule["schedule.batch_indices"] = compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64))
-        rows = {key: EncodedRows.cat(chunk[key]) for key in ("w", "g") if chunk[key]}
+        rows = {}
+        if chunk["w"] is not None and n:
+            for key in ("w", "g"):
+                tensors = {name: t[:n] for name, t in chunk[key].items()}
+                if self.path is None and n < self.chunk_steps:  # a chunk sealed early (flush, finish) keeps only its rows
+                    tensors = {name: t.clone() for name, t in tensors.items()}
+                rows[key] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
         if self.path is None:
             if n:
                 self._chunks.append((n, schedule, rows))
@@ -463,7 +475,8 @@ class HistoryRecorder:
             ckpt = EncodedRows.cat([row for _, row in chunk["ckpt"]])
             parts["ckpt"] = {"ckpt.steps": torch.tensor([s for s, _ in chunk["ckpt"]], dtype=torch.int64),
                              **{f"ckpt.w.{name}": t for name, t in ckpt.tensors.items()}}
-        self._writer.put((n, parts, mark))
+        # the row buffers come back to _row_buffers once written
+        self._writer.put((n, parts, mark, (chunk["w"], chunk["g"]) if chunk["w"] is not None else None))
 
     def _start_stream(self, path):
         """Stream chunks to directory `path`: a first version holding w0 now, a chunk appended by a background
@@ -509,7 +522,9 @@ class HistoryRecorder:
         it through summary_codec anyway: int8 holds a quarter of the memory); a streamed recording also writes it
         with the chunk (resume() gets it back)."""
         if self.grid.offer(step):
-            row = EncodedRows.encode(flat_params(self.model)[None], self.policy.summary_codec, self.policy.blocksize)
+            buffers = self._ckpt_encoder.buffers(1, self.w0.device)
+            self._ckpt_encoder.encode_into([p.detach() for p in self.params], buffers, 0)
+            row = EncodedRows(buffers, self.policy.summary_codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
             self.checkpoints.append((step, row))
             if self.path is not None:
                 self._open["ckpt"].append((step, row))
@@ -675,6 +690,88 @@ class HistoryRecorder:
         return rec
 
 
+def _new_chunk():
+    # w, g: kind="full", the chunk's row buffers (RowEncoder.buffers), from its first step on
+    return {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": None, "g": None, "ckpt": []}
+
+
+# a block-aligned range of one parameter at least this long is quantized from the tensor itself; shorter ranges (biases,
+# the blocks that straddle parameters) are gathered into one buffer first: a kernel call per run, not per tensor
+MIN_DIRECT = 1 << 16
+
+
+class RowEncoder:
+    """The model's parameters (or gradients) as one row through a codec, written into row `row` of (rows, width)
+    buffers: byte for byte what EncodedRows.encode(torch.cat(flat)[None], codec, blocksize) gives, without that flat
+    copy or the concatenation of a chunk's rows. The int codecs quantize every block on its own, so a block-aligned
+    range of one parameter is quantized where it lies; the flat copy and the per-chunk cat were two thirds of record()'s
+    time at 10M parameters (benchmarks/results/recording.md)."""
+
+    def __init__(self, sizes, codec, blocksize, dtype):
+        self.sizes, self.codec, self.blocksize, self.dtype = list(sizes), codec, blocksize, dtype
+        self.p = p = sum(self.sizes)
+        self.offsets = offsets = [0]
+        for n in self.sizes:
+            offsets.append(offsets[-1] + n)
+        self.ranges = []  # (flat start, flat end, [(tensor index, start, end), ...]) covering [0, p) in order
+        if codec in ("int8", "int4"):
+            bs, direct = blocksize, []
+            for i, n in enumerate(self.sizes):
+                o = offsets[i]
+                a = -(-o // bs) * bs
+                b = o + n if o + n == p else (o + n) // bs * bs  # the last tensor takes the partial last block
+                if b - a >= MIN_DIRECT:
+                    direct.append((a, b, [(i, a - o, b - o)]))
+            at = 0
+            for a, b, pieces in direct + [(p, p, [])]:
+                if a > at:
+                    self.ranges.append((at, a, self._pieces(at, a)))
+                if pieces:
+                    self.ranges.append((a, b, pieces))
+                at = b
+        self.gather = max((e - s for s, e, pieces in self.ranges if len(pieces) > 1), default=0)
+        self._gather_buffer = None
+
+    def _pieces(self, start, end):
+        out = []
+        for i, n in enumerate(self.sizes):
+            o = self.offsets[i]
+            a, b = max(start, o), min(end, o + n)
+            if a < b:
+                out.append((i, a - o, b - o))
+        return out
+
+    def buffers(self, rows, device=None):
+        """Empty (rows, width) buffers for this codec: {"values"} or {"codes", "scales"}, as EncodedRows holds them."""
+        if self.codec == "fp32":
+            return {"values": torch.empty(rows, self.p, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=device)}
+        if self.codec == "bf16":
+            return {"values": torch.empty(rows, self.p, dtype=torch.bfloat16, device=device)}
+        bits = 8 if self.codec == "int8" else 4
+        width = self.p if bits == 8 else (self.p + 1) // 2
+        return {"codes": torch.empty(rows, width, dtype=torch.int8 if bits == 8 else torch.uint8, device=device),
+                "scales": torch.empty(rows, -(-self.p // self.blocksize), dtype=torch.float32, device=device)}
+
+    def encode_into(self, tensors, buffers, row):
+        flat = [t.reshape(-1) for t in tensors]
+        if "values" in buffers:  # fp32 / bf16: the row is the flat vector (cat converts to the buffer's dtype)
+            torch.cat(flat, out=buffers["values"][row])
+            return
+        bs, bits = self.blocksize, 8 if self.codec == "int8" else 4
+        codes, scales = buffers["codes"][row], buffers["scales"][row]
+        for s, e, pieces in self.ranges:
+            if len(pieces) == 1:
+                i, a, b = pieces[0]
+                x = flat[i][a:b]
+            else:
+                if self._gather_buffer is None or self._gather_buffer.dtype != flat[0].dtype or self._gather_buffer.device != flat[0].device:
+                    self._gather_buffer = torch.empty(self.gather, dtype=flat[0].dtype, device=flat[0].device)
+                x = torch.cat([flat[i][a:b] for i, a, b in pieces], out=self._gather_buffer[: e - s])
+            c, sc = ops.quantize_blockwise(x.float(), bs, bits)  # (.float(): a float64 model's row is quantized as float32)
+            codes[s if bits == 8 else s // 2 : e if bits == 8 else (e + 1) // 2].copy_(c)
+            scales[s // bs : -(-e // bs)].copy_(sc)
+
+
 class _ChunkWriter:
     """Appends sealed chunks to a streamed recording from a background thread (writing and hashing release the
     GIL). At most MAX_WAITING chunks wait; record() blocks beyond that, so memory stays bounded when the disk is
@@ -685,6 +782,7 @@ class _ChunkWriter:
     def __init__(self, path, recording_id):
         self.path, self.recording_id, self.error = path, recording_id, None
         self.queue = queue.Queue(maxsize=self.MAX_WAITING)
+        self.spare = queue.SimpleQueue()  # row buffers of written chunks, for the recorder to fill again
         self.thread = threading.Thread(target=self._run, name="unlearn_fast-history-writer", daemon=True)
         self.thread.start()
 
@@ -697,9 +795,11 @@ class _ChunkWriter:
             try:
                 if chunk is None:
                     return
+                steps, parts, mark, buffers = chunk
                 if self.error is None:
-                    steps, parts, mark = chunk
                     store.append_chunk(self.path, "GradientHistory", self.recording_id, steps, parts, mark)
+                if buffers is not None:
+                    self.spare.put(buffers)
             except BaseException as err:  # noqa: BLE001 (handed to the training thread)
                 self.error = err
             finally:
