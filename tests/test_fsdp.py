@@ -64,6 +64,12 @@ def _message(fn, out, name):
             f.write(str(err))
 
 
+def _edge_forget(history):
+    """Rank 1's whole part of step 0 and all of step 3."""
+    b = history.schedule["batches"]
+    return sorted(set(b[0][PER_RANK:].tolist()) | set(b[3].tolist()))
+
+
 def _worker(rank, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -113,6 +119,11 @@ def _work(rank, out):
     state = _full_state(result.model)
     if rank == 0:
         torch.save(state, os.path.join(out, "replay_forget.pt"))
+    # rank 1 retains nothing of step 0 (it joins FSDP2's collectives with a zero-weighted loss), step 3 is skipped whole
+    edge, _ = ufd.run_sharded(_sharded(), history, _edge_forget(history), ds, F.cross_entropy)
+    state = _full_state(edge)
+    if rank == 0:
+        torch.save(state, os.path.join(out, "replay_edge.pt"))
     # a second request on the model the first produced: forgets the union of both (the binding of uf.unlearn)
     second = ufd.unlearn_sharded(result.model, history, [1], ds, F.cross_entropy, replay_model=_sharded())
     state = _full_state(second.model)
@@ -160,7 +171,7 @@ def _work(rank, out):
     alone = [dist.new_group([r]) for r in range(WORLD)][rank]
     single = fully_shard(_net(), mesh=DeviceMesh.from_group(alone, "cpu"))
     _message(lambda: ufd.load_sharded(os.path.join(out, "history"), single, group=alone), out, f"world_{rank}.txt")
-    del rec4, single, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
+    del rec4, single, edge, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +186,7 @@ def fsdp_run():
         kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "world", "ddp_recorder", "ddp_replay", "clipped", "requests")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
-        states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second")}
+        states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second", "replay_edge")}
         yield shards, states, refusals
 
 
@@ -266,6 +277,16 @@ def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run)
     assert _max_diff(fsdp, hand) < TOL < moved / 100, (_max_diff(fsdp, hand), moved)
     assert _max_diff(fsdp, single) < TOL
     assert refusals["requests"][0] == refusals["requests"][1] == repr([FORGET, sorted(FORGET + [1])])  # logged in each rank's history
+
+
+def test_fsdp_replay_with_a_rank_retaining_nothing_and_a_skipped_step(fsdp_run):
+    shards, states = fsdp_run[:2]
+    gathered = ufd.gather_shards(shards)
+    forget = _edge_forget(gathered)
+    assert len(forget) == PER_RANK + WORLD * PER_RANK
+    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), forget)
+    edge, trained = _model(states["replay_edge"]), _model(states["trained"])
+    assert _max_diff(edge, hand) < TOL < _max_diff(hand, trained) / 100, (_max_diff(edge, hand), _max_diff(hand, trained))
 
 
 def test_a_second_request_forgets_the_union(fsdp_run):

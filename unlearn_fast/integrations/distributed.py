@@ -764,6 +764,8 @@ def unlearn_sharded(model, history, forget, train_set, loss_fn, replay_model, gr
         raise ValueError(f"model: its shards on ranks {[r for r, u in enumerate(unknown) if u]} are neither the trained model's nor one a "
                          "logged request produced; pass the trained FSDP2 model (or allow_unrecorded_model=True)")
     forget = torch.unique(torch.cat([forget.to(torch.int64), earlier]))
+    if forget.numel() >= len(train_set):  # the same on every rank (run_sharded checks that the requests agree)
+        raise ValueError("forget: with the earlier requests this model served it names the whole training set; nothing would remain")
     start = time.perf_counter()
     replay_model, stats = run_sharded(replay_model, history, forget, train_set, loss_fn, group=group, progress=progress)
     seconds = time.perf_counter() - start
