@@ -19,13 +19,13 @@ def blobs(n=600, d=10, c=4, seed=0):
     return torch.utils.data.TensorDataset(centers[y] + torch.randn(n, d, generator=gen), y)
 
 
-def train(data, kind="minimal", epochs=10, batch=50, lr=0.2, wd=1e-3, rank=None, momentum=0.0, nesterov=False, seed=0):
+def train(data, kind="minimal", epochs=10, batch=50, lr=0.2, wd=1e-3, rank=None, momentum=0.0, nesterov=False, seed=0, budget=None):
     """Logistic regression, SGD with a CONSTANT learning rate (the regime of issue 12)."""
     X, y = data.tensors
     torch.manual_seed(seed)
     model = torch.nn.Linear(X.shape[1], int(y.max()) + 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=momentum, nesterov=nesterov)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=rank))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=rank, budget_vectors=budget))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(X), generator=gen)
@@ -132,11 +132,11 @@ def test_the_summary_stays_within_its_budget_whatever_the_number_of_steps(monkey
     data = blobs(n=400)
     p = 10 * 4 + 4
     sizes = []
-    for epochs in (5, 40):  # 100 and 800 steps
+    for epochs in (20, 40):  # 400 and 800 steps (at 100 the run has fewer checkpoints than the budget allows)
         _, history = train(data, epochs=epochs, batch=20)
         sizes.append(history.nbytes("summary"))
         assert history.nbytes("summary") <= mini.DEFAULT_BUDGET_VECTORS * p  # 64 int8 vectors of the model's size
-    assert sizes[0] == sizes[1], sizes  # measured 2764 bytes both (62.8 vectors); the previous sizing grew with T
+    assert sizes[0] == sizes[1], sizes  # measured 2764 bytes both (62.8 vectors); the sizing without a budget grows with T
 
 
 def test_budget_too_small_or_rank_too_large_is_refused(monkeypatch):
@@ -147,6 +147,39 @@ def test_budget_too_small_or_rank_too_large_is_refused(monkeypatch):
     monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", 9)  # w* and g* alone take 8 (float32)
     with pytest.raises(ValueError, match="budget_vectors=9"):
         train(data, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def small_budget():
+    """A summary of 32 int8 vectors (k = 2 basis vectors, K = 6 checkpoints for p = 44), its exact retrain at 10 %."""
+    data = blobs()
+    model, history = train(data, budget=32)
+    full_model, full = train(data, kind="full")
+    assert torch.equal(flat_params(model), flat_params(full_model))
+    forget = forget_set(len(data), 0.1)
+    retrained = uf.unlearn(full_model, full, forget, data, LOSS, method="retrain").model
+    return data, model, history, forget, retrained
+
+
+def test_request_directions_model_the_curvature_the_stored_basis_misses(small_budget, monkeypatch):
+    data, model, history, forget, retrained = small_budget
+    result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    st = result.stats
+    assert st["request_converged"] and st["request_directions"] > 0 and 0 < st["offspan_share"] <= 1, st
+    with_request = uf.metrics.relative_distance(result.model, retrained, model)
+    # the same request with the stored summary alone (one curvature for every direction off its 2 vectors)
+    monkeypatch.setattr(mini, "request_directions", lambda model_, loss_fn, train_set, basis, eig, W, *a: (basis, eig, W, {}))
+    alone = uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    stored_only = uf.metrics.relative_distance(alone.model, retrained, model)
+    assert with_request < 0.5 * stored_only and with_request < 0.2, (with_request, stored_only)  # measured 0.074 vs 0.366
+
+
+def test_a_request_whose_off_span_response_does_not_settle_is_refused(small_budget, monkeypatch):
+    data, model, history, forget, _ = small_budget
+    monkeypatch.setattr(mini, "REQUEST_BLOCKS", 1)  # one block: nothing to compare with, so never settled
+    with pytest.raises(mini.NotUnlearnedError, match="did not settle within 1 Krylov blocks") as err:
+        uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    assert err.value.stats["request_converged"] is False and uf.metrics.verdict(err.value.stats)[0] is False
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -282,7 +315,7 @@ def test_mini_needs_no_batch_order_except_for_the_opt_in_batch_effect(run_10, mo
 
 def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(monkeypatch):
     """finish()'s work, counted at the curvature and gradient kernels (sample x vector products, sample gradients):
-    with a summary budget it is the same for 100 and 400 steps, and within the documented count
+    with a summary budget it is the same for 400 and 800 steps, and within the documented count
     n (1 + K) + (P + 1) (1 + REPEATS) n (k + 8) + n (k + 16) + K min(n, CURVATURE_SAMPLES) (k + 16) + 16 x 16 (P power
     iterations, none when k + 8 >= p; K checkpoints, k basis vectors)."""
     work = {"evals": 0}
@@ -333,6 +366,6 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
                  + K * min(n, mini.CURVATURE_SAMPLES) * (k + 16) + 16 * 16)
         return work["evals"], bound, rec.steps
 
-    short, long_ = finish_work(5, 64), finish_work(20, 64)
-    assert (short[2], long_[2]) == (100, 400)
+    short, long_ = finish_work(20, 64), finish_work(40, 64)  # at 100 steps the run has fewer checkpoints than the budget holds
+    assert (short[2], long_[2]) == (400, 800)
     assert short[0] == long_[0] and short[0] <= short[1] and long_[0] <= long_[1], (short, long_)

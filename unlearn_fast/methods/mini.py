@@ -205,7 +205,9 @@ def summary_rank(policy, p, steps):
 
 KEEP_CURVATURE = False  # store the checkpoints' curvature table, which only the opt-in batch term reads (it pushed a
 # 64-step test summary over 10 % of DeltaGrad's bytes)
-CHECKPOINT_SHARE = 0.5  # of the budget left after w* and g*, at most this much goes to checkpoints (fit_budget)
+CHECKPOINT_SHARE = 0.8  # of the budget left after w* and g*, at most this much goes to checkpoints (fit_budget); with the request's
+# own off-span directions (request_directions) checkpoints matter more than stored basis vectors: digits logistic at 64 vectors,
+# 10 / 30 %: 0.5 (K = 9, k = 26) 0.108 / 0.159, 0.8 (K = 15, k = 10) 0.084 / 0.145 with two Krylov blocks
 # The summary's bytes at most this many int8 vectors of the model's size when set (HistoryPolicy.budget_vectors, when set, wins
 # over it). None: the previous sizing (rank T // 3, up to 24 + log2 T checkpoints), which grows
 # with the run. Not 64 by default: at 64 the logistic benchmark rows regress from 0.047 / 0.071 (digits 10 / 30 %) to
@@ -403,6 +405,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         points = [s for s, _ in checkpoints] + [steps]
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
         summary["response"] = propagation_weights(lr_scale * lrs.to(w.dtype), points, curv, decay).to(store)
+        summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
         if KEEP_CURVATURE:  # (K + 1) x (k + 1): the per-step responses of the opt-in batch term (run(batch_effect=True))
             summary["curvature"] = curv.to(store)
     set_flat_params(model, w)
@@ -468,6 +471,17 @@ class _Basis:
     def __init__(self, eigvecs, dtype):
         self.V = decode_rows(eigvecs, dtype)
         self.L = None if eigvecs.codec == "fp32" else torch.linalg.cholesky(self.V @ self.V.T)
+
+    @classmethod
+    def orthonormal(cls, Q):
+        """The basis of rows Q that are already orthonormal."""
+        basis = cls.__new__(cls)
+        basis.V, basis.L = Q, None
+        return basis
+
+    def rows(self):
+        """U, (k, p) orthonormal rows."""
+        return self.back(torch.eye(self.V.shape[0], dtype=self.V.dtype))
 
     def coords(self, x):
         """U x for x (p,) or U x_i for the rows of x (m, p)."""
@@ -791,6 +805,67 @@ def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_sta
     return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
 
 
+
+REQUEST_SAMPLES = 2048  # samples of the request's curvature products (request_directions); all of a smaller training set
+REQUEST_BLOCKS = 6  # at most this many Krylov blocks of K + 1 vectors per request
+REQUEST_TOL = 0.1  # the off-span response has converged when one more block changes it by less than this fraction
+REQUEST_MIN_SHARE = 0.25  # below this share of the sources off the stored span, the stored summary alone serves the request: digits
+# logistic without a budget (k = 220 of 650): share 0.11-0.15, the same distances (0.060 / 0.078) at 3x Mini's time with the request
+
+
+def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star, lrs, points, rho_path, decay, batch_size):
+    """The stored basis extended, for this request, by Ritz directions of P G(w*) P in the block Krylov space of
+    the request's sources S projected off span(U) (P), block after block until the response off the span settles.
+
+    The summary models every direction off span(U) with one curvature rho; a deletion's sources are not spread evenly
+    there, and the replay's response to them depends on the curvature along them (docs/mini_unlearning.md, "Off the
+    span"). S: (K + 1, p), the change of the gradient at each checkpoint (minus the end's) and at the end, as the
+    fixed point weighs them. The new directions' curvature along the run is their curvature at w* scaled as rho was
+    measured to change (rho_path). Each block costs one GGN product of K + 1 vectors over REQUEST_SAMPLES samples.
+    Returns (basis, eig, W, stats): stats["request_converged"] False when REQUEST_BLOCKS blocks did not settle it."""
+    U = basis.rows()
+    sub = _subset(train_set, REQUEST_SAMPLES, torch.Generator().manual_seed(0))
+    norm = torch.linalg.vector_norm
+
+    def off(V):
+        return V - (V @ U.T) @ U
+
+    def unit(V):
+        return V / norm(V, dim=1, keepdim=True).clamp(min=1e-30)
+
+    S = off(sources)
+    share = float(norm(S) / norm(sources).clamp(min=1e-30))  # how much of the sources the stored span misses
+    if share < REQUEST_MIN_SHARE:
+        return basis, eig, W, {"offspan_share": share, "request_directions": 0}
+    path = rho_path.to(w_star.dtype)
+    scale = path / path[-1] if float(path[-1]) > 0 else torch.ones_like(path)
+    blocks, images, previous, change = [unit(S)], [], None, float("inf")
+    for depth in range(1, REQUEST_BLOCKS + 1):
+        images.append(off(_full_ggn_matmul(model, loss_fn, sub, w_star, blocks[-1], batch_size)))  # P G P of the last block
+        N, M = torch.cat(blocks), torch.cat(images)
+        # orthonormal rows Q = C' N of span(N) (near-dependent Krylov vectors dropped), and Q (P G P) Q' = C' N M' C
+        s, V = torch.linalg.eigh(N @ N.T)
+        keep = s > 1e-10 * float(s.max())
+        C = V[:, keep] / s[keep].sqrt()
+        T = C.T @ (N @ M.T) @ C
+        ritz, vecs = torch.linalg.eigh(0.5 * (T + T.T))
+        Q, ritz = (C @ vecs).T @ N, ritz.clamp(min=0)
+        Wq = propagation_weights(lrs, points, scale[:, None] * ritz[None], decay)
+        c = S @ Q.T
+        response = ((Wq[:-1] * c[:-1]).sum(0) + Wq.sum(0) * c[-1]) @ Q  # the linear replay's answer off the span
+        if previous is not None:
+            change = float(norm(response - previous) / norm(response).clamp(min=1e-30))
+            if change <= REQUEST_TOL:
+                break
+        previous = response
+        blocks.append(unit(images[-1]))
+    k = eig.numel()
+    stats = {"request_directions": Q.shape[0], "request_blocks": depth, "request_change": change, "request_converged": change <= REQUEST_TOL,
+             "offspan_share": share,
+             "curvature_products": len(sub) * sum(b.shape[0] for b in blocks[:depth])}  # sample x vector GGN products
+    return _Basis.orthonormal(torch.cat([U, Q])), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
+
+
 def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_relax=1e-3, batch_size=4096, progress=None,
         batch_effect=False):
     """Mini-Unlearning. On success stats["unlearned"] is True. When it cannot unlearn (no progress, no convergence,
@@ -829,6 +904,17 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         W = propagation_weights(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam)
         has_ckpt = False
 
+    # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
+    points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
+    sums = forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size)
+    forget_at_star = sums[-1]
+    request = {}
+    if has_ckpt and "rho_path" in s and eig.numel() < w_star.numel():  # directions off the stored span: model them for this request
+        d_star = (r * g_star - forget_at_star) / (n - r)
+        sources = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star, d_star[None]])
+        basis, eig, W, request = request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star,
+                                                     lr_scale * history.schedule["lrs"][:, 0].to(dtype), marks_of(history), s["rho_path"], lam, batch_size)
+
     def apply(weights, v):
         """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
         return basis.back((weights[:-1] - weights[-1]) * basis.coords(v)) + weights[-1] * v
@@ -844,9 +930,6 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
 
     # Trajectory correction: at each checkpoint w_j the change is (r gbar_j - sum_R grad l_i(w_j)) / (n - r); its
     # difference from the end point's change, propagated through the rest of the schedule, is a constant offset.
-    points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
-    sums = forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size)
-    forget_at_star = sums[-1]
     d_star = d_of(w_star, forget_at_star)
     offset = torch.zeros_like(w_star)
     if has_ckpt:
@@ -960,6 +1043,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         "moved": moved,
         "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
     }
+    stats.update(request)
     # A-posteriori check against retraining's direction (docs/mini_unlearning.md, "The check"): one pass over the
     # retained set at the result.
     stats.update(retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, lam, batch_size))
@@ -970,6 +1054,10 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     elif not converged:
         reason = (f"the fixed-point iteration stopped unconverged after {it} iterations (contraction estimate {q:.3g}, "
                   f"fixed-point error bound {bound:.3g})")
+    elif not request.get("request_converged", True):
+        reason = (f"the replay's response off the summary's basis did not settle within {request['request_blocks']} Krylov blocks "
+                  f"({request['request_directions']} directions; the last block changed it by {request['request_change']:.2f}): the "
+                  "summary's basis is too small for this model and run; record with a larger HistoryPolicy.budget_vectors (or none)")
     elif not stats["retained_gradient_ratio"] <= CHECK_RATIO:
         reason = (f"the a-posteriori check failed: the retained-data gradient change left at the result is "
                   f"{stats['retained_gradient_ratio']:.3g} of the original model's (must be <= {CHECK_RATIO}): it did not move towards retraining")
