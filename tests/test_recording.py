@@ -666,7 +666,7 @@ def test_non_finite_gradients_without_a_grad_scaler_name_the_cause():
     x = x.clone()
     x[0, 0] = float("nan")
     LOSS(model(x), y).backward()
-    with pytest.raises(ValueError, match="step 0 has inf/nan gradients \\(parameter weight: norm nan\\).*grad_scaler=scaler"):
+    with pytest.raises(ValueError, match="step 0 has non-finite \\(inf/nan\\) gradients \\(parameter weight: norm nan\\).*grad_scaler=scaler"):
         rec.record(torch.arange(16))
     assert rec.num_steps == 0
     with pytest.raises(ValueError, match="grad_scaler: must be a torch.amp.GradScaler"):

@@ -327,7 +327,7 @@ class HistoryRecorder:
             hint = ("The GradScaler found none when it unscaled them: were they edited after scaler.unscale_?" if self.grad_scaler is not None else
                     "With mixed-precision loss scaling, pass the scaler (HistoryRecorder(..., grad_scaler=scaler)): the steps it skips are "
                     "then left out. Otherwise the loss diverged (lower the learning rate)")
-            raise ValueError(f"record: step {step} has inf/nan gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}); "
+            raise ValueError(f"record: step {step} has non-finite (inf/nan) gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}); "
                              f"history not extended. {hint}")
         if bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
             if "clipping" in self.allow:
