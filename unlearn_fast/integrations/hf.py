@@ -39,11 +39,13 @@ import json
 import os
 import time
 import uuid
+import weakref
 
 import torch
 from transformers import TrainerCallback
 
 from .. import store
+from . import distributed  # before the Trainer initialises torch.distributed (see distributed.py's imports)
 from ..history import GradientHistory, HistoryPolicy, weights_digest
 from ..recording import HistoryRecorder
 from ..methods._common import graph_leaves
@@ -202,8 +204,19 @@ def _check_trainer(trainer, allow_dropout):
         raise ValueError(f"TrainingArguments.remove_unused_columns=True drops the {INDEX_KEY!r} field the recorder needs; "
                          "set remove_unused_columns=False")
     if args.world_size > 1:
-        raise ValueError(f"TrainingArguments: world_size={args.world_size}; the Trainer integration records single-process runs "
-                         "(for DDP loops see unlearn_fast.integrations.distributed)")
+        # DDP through the Trainer: rank 0 records the world batches (distributed.DistributedRecorder)
+        from transformers.training_args import ParallelMode
+
+        if args.parallel_mode != ParallelMode.DISTRIBUTED or getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise ValueError(f"TrainingArguments: world_size={args.world_size} with parallel mode {args.parallel_mode}"
+                             f"{' (FSDP)' if getattr(args, 'fsdp', None) else ''}{' (DeepSpeed)' if getattr(args, 'deepspeed', None) else ''}; "
+                             "the Trainer integration records single-process and DDP runs")
+        if not args.average_tokens_across_devices:
+            raise ValueError(f"TrainingArguments.average_tokens_across_devices=False with world_size={args.world_size}: each rank divides "
+                             "by its own label count and DDP averages the ranks, which is not the world batch's loss the replay computes")
+        if not trainer.model_accepts_loss_kwargs:
+            raise ValueError(f"world_size={args.world_size} with a model that takes no num_items_in_batch: each rank averages its own "
+                             "tokens and DDP averages the ranks, which is not the world batch's loss the replay computes")
     if getattr(args, "load_best_model_at_end", False):
         raise ValueError("TrainingArguments.load_best_model_at_end=True: the Trainer ends on the weights of its best checkpoint, "
                          "which the recorded steps do not replay to; train without it and use that checkpoint's own history "
@@ -250,7 +263,16 @@ class HistoryCallback(TrainerCallback):
         if resumable and per_sample is not None:
             raise ValueError("hf.record: per_sample= recording keeps its first-epoch rows in memory and cannot be resumed; pass "
                              "resumable=False (checkpoints then hold the schedule only, and a resumed train() is refused)")
+        self.world_size = int(trainer.args.world_size)
+        if self.world_size > 1:
+            if resumable:
+                raise ValueError(f"hf.record: resumable=True with world_size={self.world_size}; resuming a DDP recording is not "
+                                 "implemented (rank 0 records in memory; checkpoints hold the schedule)")
+            if per_sample is not None:
+                raise ValueError(f"hf.record: per_sample= with world_size={self.world_size} is not implemented (each rank sees its own samples)")
+            resumable = False
         self.resumable, self.recording_dir = bool(resumable), recording_dir
+        self._dist, self._trainer = None, None  # DDP: the DistributedRecorder (every rank); a weak reference to the Trainer
         if per_sample is not None and getattr(per_sample, "kind", None) not in ("first_epoch", "all_epochs"):
             raise ValueError(f"per_sample: a HistoryPolicy of kind 'first_epoch' or 'all_epochs', got {per_sample!r}")
         if per_sample is not None and not per_sample.per_sample:
@@ -275,7 +297,7 @@ class HistoryCallback(TrainerCallback):
     # -- the forward pre-hook (registered on the model by `record`)
     def _pre_forward(self, module, args, kwargs):
         if INDEX_KEY not in kwargs:
-            if module.training and self.recorder is not None:
+            if module.training and (self.recorder is not None or self._dist is not None):
                 raise ValueError(f"a training batch reached the model without {INDEX_KEY!r}: the data set or collator was replaced "
                                  "after hf.record(trainer), or TrainingArguments.remove_unused_columns dropped it")
             return None
@@ -324,7 +346,9 @@ class HistoryCallback(TrainerCallback):
         if self.recorder is not None:
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
         self._prior, self._recorded_meta = {}, None
-        if state.global_step > 0:
+        if self.world_size > 1:
+            self.recorder = self._distributed(state, optimizer, allow)
+        elif state.global_step > 0:
             self.recorder = self._continue(args, state, model, optimizer, allow, checkpoint)
         else:
             self.resumed_from = []
@@ -335,6 +359,24 @@ class HistoryCallback(TrainerCallback):
 
             self.per_sample = FirstEpochRecorder(model, optimizer, self.per_sample_policy)
         self.queue, self.inputs, self.micro_batches = [], [], 0
+
+    def _distributed(self, state, optimizer, allow):
+        """DDP through the Trainer: a DistributedRecorder on the DDP-wrapped model (every rank); it gathers every
+        rank's indices of a step into the world batch and rank 0 records it. Returns rank 0's HistoryRecorder (None on
+        the other ranks). The Trainer clips after DDP's all-reduce, which the DistributedRecorder would refuse as an edit:
+        clipping is allowed there and replayed from the TrainingArguments (meta["recording"]["clip_max_norm"])."""
+        if state.global_step > 0:
+            raise ValueError(f"resume: training resumes at global step {state.global_step} with world_size={self.world_size}; resuming a "
+                             "DDP recording is not implemented (record the run from step 0)")
+        trainer = self._trainer() if self._trainer is not None else None
+        wrapped = getattr(trainer, "model_wrapped", None)
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(f"world_size={self.world_size}: the Trainer's model is not DistributedDataParallel "
+                             f"({type(wrapped).__name__}); the integration records DDP runs only")
+        if self.max_grad_norm > 0:
+            allow = tuple(allow) + ("clipping",)
+        self._dist = distributed.DistributedRecorder(wrapped, optimizer, self.policy, allow=allow)
+        return self._dist.recorder
 
     def on_train_end(self, args, state, control, **kwargs):
         # the model outlives the run (deep copies, torch.save): it must not keep a hook that expects indexed batches
@@ -350,7 +392,7 @@ class HistoryCallback(TrainerCallback):
         if len(self.queue) != expected:
             raise ValueError(f"step {state.global_step}: {len(self.queue)} indexed micro-batches reached the model for {expected} "
                              "backward passes; the recorder cannot tell which samples made this step")
-        self.recorder.record(torch.cat(self.queue))
+        (self._dist or self.recorder).record(torch.cat(self.queue))  # DDP: collective, every rank its own indices
         for indices, input_ids, labels in self.inputs:  # (the parameters are still those the micro-batches saw)
             self.per_sample.record(indices, input_ids, labels)
         self.queue, self.inputs, self.micro_batches = [], [], 0
@@ -493,7 +535,7 @@ class HistoryCallback(TrainerCallback):
 
     def _trainer_meta(self):
         meta = {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
-                "world_size": 1, "dropout": [[n, p] for n, p in self.dropout]}
+                "world_size": self.world_size, "dropout": [[n, p] for n, p in self.dropout]}
         if self.resumed_from:
             meta["resumed_from"] = self.resumed_from
         return meta
@@ -518,7 +560,10 @@ class HistoryCallback(TrainerCallback):
         return history
 
     def finish(self, summary=True):
-        """The GradientHistory of the run. summary=False: schedule only (retrain), without finish()'s summary pass."""
+        """The GradientHistory of the run. summary=False: schedule only (retrain), without finish()'s summary pass.
+        DDP: on rank 0; None on the other ranks (not collective)."""
+        if self._dist is not None and self.recorder is None:
+            return None
         rec = self._require()
         if not summary:
             return self.snapshot()
@@ -627,6 +672,7 @@ def record(trainer, policy=None, allow_dropout=False, save_history=True, per_sam
     if any(isinstance(cb, HistoryCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("trainer: a HistoryCallback is already attached")
     callback = HistoryCallback(trainer, policy, allow_dropout, save_history, per_sample, resumable, recording_dir)
+    callback._trainer = weakref.ref(trainer)  # (DDP: on_train_begin needs trainer.model_wrapped, which callbacks are not given)
     if not isinstance(trainer.train_dataset, IndexedExamples):
         trainer.train_dataset = IndexedExamples(trainer.train_dataset)
     if not isinstance(trainer.data_collator, IndexCollator):
