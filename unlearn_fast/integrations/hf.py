@@ -21,7 +21,9 @@ its clipping (`max_grad_norm`, on by default at 1.0, `clip_grad_norm_`) goes int
 meta["recording"]["clip_max_norm"], which retrain and rewind replay after each replayed backward (so a retrain
 without some samples clips what it really would) and deltagrad / mini refuse. Dropout (a new
 random mask per forward) cannot be replayed and is refused unless allow_dropout=True; mixed precision, label
-smoothing, a custom loss, NEFTune noise and distributed Trainer runs are refused, each naming the setting.
+smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
+a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
+rank 0 records it (cb.finish() returns None on the other ranks).
 
 Checkpoints and resume (docs/integrations.md). A run that saves checkpoints streams its recording
 (HistoryRecorder(path=...), under <output_dir>/RECORDING_DIR); on_save flushes it (the last chunk is marked with the
