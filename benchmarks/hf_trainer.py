@@ -6,7 +6,13 @@ Trainer set-up run from the same initial weights on the data set without that pe
 
     .venv/bin/python benchmarks/hf_trainer.py [--epochs 30] [--threads 1]
 
-Writes benchmarks/results/hf_trainer.{md,json,png} (the plot needs matplotlib). Set-up: byte-level BPE tokenizer
+Writes benchmarks/results/hf_trainer.{md,json,png} (the plot needs matplotlib).
+
+    .venv/bin/python benchmarks/hf_trainer.py --resume-cost [--summary]
+
+prints instead what a resumable recording costs (docs/integrations.md, "Checkpoints and resume"): train() streamed
+with a history copy per checkpoint against in memory, the bytes and seconds of each copy, the resume's checks and
+copy; --summary also checks that a kind="minimal" run resumed after a crash computes the same Mini summary. Set-up: byte-level BPE tokenizer
 trained in memory on the corpus (uf.lm.train_bpe_tokenizer, digits one per token), GPT2LMHeadModel from a GPT2Config
 (2 layers, width 64, SDPA attention, dropout 0: the Trainer integration refuses dropout, whose masks a replay cannot
 redraw), Trainer defaults (AdamW, linear decay, max_grad_norm 1.0) with gradient accumulation 2.
@@ -114,13 +120,130 @@ def machine():
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _random_texts(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    texts = [torch.randint(1, 256, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+    class Texts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, i):
+            return {"input_ids": texts[i]}
+
+    return Texts()
+
+
+def _tiny_trainer(out, width, layers, **args):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=256, n_positions=64, resid_pdrop=0,
+                                     embd_pdrop=0, attn_pdrop=0)
+    options = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2, use_cpu=True, report_to=[], optim="sgd",
+                   learning_rate=0.5, max_grad_norm=0.2, remove_unused_columns=False, save_strategy="steps", save_steps=4,
+                   logging_strategy="no", seed=0, disable_tqdm=True)
+    options.update(args)
+    return transformers.Trainer(model=transformers.GPT2LMHeadModel(config), args=transformers.TrainingArguments(**options),
+                                train_dataset=_random_texts(), data_collator=Collate(0))
+
+
+def resume_cost(summary):
+    """Print the cost of resumable recording through the Trainer (tests/test_integrations.py's set-up: 48 random
+    texts, batch 4, SGD, clipping 0.2, 2 epochs = 24 steps, a checkpoint every 4 steps)."""
+    import shutil
+    import transformers
+    from unlearn_fast import store
+    from unlearn_fast.integrations import hf
+
+    copies, write = [], store.write
+
+    def timed(path, *a, **k):  # hf's on_save copies through store.write into checkpoint-N/unlearn_history
+        t = time.perf_counter()
+        result = write(path, *a, **k)
+        copies.append((str(path), time.perf_counter() - t))
+        return result
+
+    hf.store.write = timed
+    root = tempfile.mkdtemp()
+    try:
+        print("| parameters | kind | train() in memory | train() resumable | history per checkpoint | copy per checkpoint | resume (checks + copy) |")
+        print("|---|---|---|---|---|---|---|")
+        for width, layers in ((32, 2), (128, 4)):
+            for kind in ("full", "minimal"):
+                policy = uf.HistoryPolicy(kind=kind, rank=2)
+                wall = {}
+                for resumable in (False, True):
+                    out = os.path.join(root, f"{width}-{kind}-{resumable}")
+                    trainer = _tiny_trainer(out, width, layers)
+                    hf.record(trainer, policy, resumable=resumable)
+                    copies.clear()
+                    t = time.perf_counter()
+                    trainer.train()
+                    wall[resumable] = time.perf_counter() - t
+                saved = [s for path, s in copies if "checkpoint-" in path]
+                ckpts = sorted((d for d in os.listdir(out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+                sizes = [sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(out, d, hf.HISTORY_DIR)) for f in fs)
+                         for d in ckpts]
+                resumed = _tiny_trainer(out, width, layers)
+                cb = hf.record(resumed, policy)
+                cont, spent = cb._continue, {}
+
+                def measured(*a, **k):
+                    t = time.perf_counter()
+                    result = cont(*a, **k)
+                    spent["resume"] = time.perf_counter() - t
+                    return result
+
+                cb._continue = measured
+                middle = ckpts[len(ckpts) // 2]
+                resumed.train(resume_from_checkpoint=os.path.join(out, middle))
+                p = sum(q.numel() for q in resumed.model.parameters())
+                print(f"| {p:,} | {kind} | {wall[False]:.2f} s | {wall[True]:.2f} s | {sizes[0] / 1e6:.2f}-{sizes[-1] / 1e6:.2f} MB "
+                      f"({ckpts[0]}..{ckpts[-1]}) | {min(saved) * 1e3:.0f}-{max(saved) * 1e3:.0f} ms | {spent['resume'] * 1e3:.0f} ms ({middle}) |")
+        if summary:
+            class Crash(transformers.TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if state.global_step == 13:
+                        raise RuntimeError("simulated crash")
+
+            policy, histories = uf.HistoryPolicy(kind="minimal"), []
+            a = _tiny_trainer(os.path.join(root, "a"), 32, 2)
+            cb = hf.record(a, policy)
+            a.train()
+            histories.append(cb.finish())
+            b = _tiny_trainer(os.path.join(root, "b"), 32, 2)
+            hf.record(b, policy)
+            b.add_callback(Crash())
+            try:
+                b.train()
+            except RuntimeError:
+                pass
+            c = _tiny_trainer(os.path.join(root, "b"), 32, 2)
+            cb = hf.record(c, policy)
+            c.train(resume_from_checkpoint=os.path.join(root, "b", "checkpoint-12"))
+            histories.append(cb.finish())
+            (full, resumed) = (h.summary for h in histories)
+            same = {k: torch.equal(getattr(v, "all", lambda: v)(), getattr(resumed[k], "all", lambda: resumed[k])()) for k, v in full.items()}
+            print(f"kind='minimal', crash at step 13, resumed from checkpoint-12: summary tensors equal to the uninterrupted run's: {same}")
+    finally:
+        hf.store.write = write
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "hf_trainer"))
     parser.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json (and OUT.png) without running")
+    parser.add_argument("--resume-cost", action="store_true", help="print what resumable recording costs (writes nothing)")
+    parser.add_argument("--summary", action="store_true", help="with --resume-cost: check a resumed minimal run's Mini summary")
     opts = parser.parse_args()
+    if opts.resume_cost:
+        torch.set_num_threads(opts.threads)
+        resume_cost(opts.summary)
+        return
     if opts.report_only:
         with open(opts.out + ".json") as f:
             result = json.load(f)
