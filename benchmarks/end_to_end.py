@@ -84,7 +84,7 @@ def timed(calls, rounds):
     return {k: (r, e, statistics.median(s) if s else None) for k, (r, e, s) in out.items()}
 
 
-def run_case(data, model_kind, regime_key, forget_key, tensors, seed, rounds, skip_mini=()):
+def run_case(data, model_kind, regime_key, forget_key, tensors, seed, rounds, skip_mini=(), budget_vectors=None):
     regime = REGIMES[regime_key]
     kind, ratio = FORGET_KINDS[forget_key]
     Xtr, ytr, Xte, yte = tensors
@@ -106,7 +106,7 @@ def run_case(data, model_kind, regime_key, forget_key, tensors, seed, rounds, sk
         min_error = SKIP_MINI_NOTE
     else:
         try:
-            h_min, _, finish_min = wl.train(original_min, train_set, regime, uf.HistoryPolicy(kind="minimal"), seed, model_kind)
+            h_min, _, finish_min = wl.train(original_min, train_set, regime, uf.HistoryPolicy(kind="minimal", budget_vectors=budget_vectors), seed, model_kind)
         except Exception as err:  # noqa: BLE001  mini's recording may refuse a workload: its rows say so
             min_error = f"minimal recording failed: {type(err).__name__}: {err}"
     same_run = None if h_min is None else bool(torch.equal(flat_params(original), flat_params(original_min)))
@@ -352,6 +352,8 @@ def main():
     parser.add_argument("--stem", default=None, help="file name stem (default end_to_end_quick / end_to_end)")
     parser.add_argument("--skip-mini", nargs="*", choices=wl.MODELS, default=["cnn"],
                         help="model families recorded without a minimal history (mini and rewind (minimal) skipped); default: cnn")
+    parser.add_argument("--budget-vectors", type=int, default=None,
+                        help="the minimal history's summary budget (HistoryPolicy.budget_vectors; default: none, the unbounded sizing)")
     parser.add_argument("--append", action="store_true", help="add to the rows already in OUT/STEM.json (several subset runs, one report)")
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1:
@@ -378,7 +380,7 @@ def main():
     commands.append(command_line())
     for case in tqdm(cases, desc="workloads", unit="case"):
         tqdm.write(f"{'/'.join(case)} ...")
-        w, rs = run_case(*case, data[case[0]], args.seed, args.rounds, tuple(args.skip_mini))
+        w, rs = run_case(*case, data[case[0]], args.seed, args.rounds, tuple(args.skip_mini), args.budget_vectors)
         workloads.append(w)
         rows.extend(rs)
         write_outputs(workloads, rows, args, time.perf_counter() - start, out_dir, stem, commands)  # partial results survive an interruption
