@@ -641,6 +641,11 @@ def test_resume_refuses_other_data_settings_or_step(resume_source, tmp_path):
     ckpt = _copy_checkpoint(resume_source / "checkpoint-4", tmp_path / "checkpoint-4")
     _refused(tmp_path, ckpt, "training set has 44 samples, the history was recorded on 48",
              train_dataset=torch.utils.data.Subset(_Texts(), range(N - 4)))
+    class Other(_Texts):  # as many examples, other tokens
+        def __getitem__(self, i):
+            return {"input_ids": (self.texts[i] % 255) + 1}
+
+    _refused(tmp_path, ckpt, "training set's examples .* are not those the history was recorded on", train_dataset=Other())
     _refused(tmp_path, ckpt, "policy differs .*'kind': \\('full', 'minimal'\\)", policy=uf.HistoryPolicy(kind="minimal"))
     _refused(tmp_path, ckpt, "TrainingArguments changed .*max_grad_norm", max_grad_norm=0.5)
     _refused(tmp_path, ckpt, "resumable=False", resumable=False)

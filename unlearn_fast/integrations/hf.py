@@ -36,6 +36,7 @@ equals an uninterrupted run's (schedule, trajectory rows, Mini's checkpoints). T
 import collections
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -290,7 +291,7 @@ class HistoryCallback(TrainerCallback):
         shifted = getattr(trainer, "_loss_shifts_labels", False) or not trainer.model_accepts_loss_kwargs
         self.count = "shifted" if shifted else "all"
         self.recorder, self.queue, self.inputs, self.micro_batches = None, [], [], 0
-        self._replay_set, self._hook = None, None
+        self._replay_set, self._hook, self._data_digest = None, None, None
         self._resume_from = None  # the checkpoint folder of the coming train() call (set by the wrapper record() installs)
         self._prior = {}  # a resumed run: meta["recording"] of the steps before its checkpoint
         self._recorded_meta = None  # a resumed run: the optimizer as recorded at step 0 (the new recorder sees it at the checkpoint)
@@ -469,9 +470,12 @@ class HistoryCallback(TrainerCallback):
         if recorded_policy != policy:
             changed = {k: (recorded_policy.get(k), v) for k, v in policy.items() if recorded_policy.get(k) != v} if isinstance(recorded_policy, dict) else recorded_policy
             problems.append(f"the policy differs from the recorded one (recorded, now): {changed}")
+        old, now = history.meta.get("hf_trainer", {}), self._trainer_meta()
         if history.n_train != len(self.dataset):
             problems.append(f"the training set has {len(self.dataset)} samples, the history was recorded on {history.n_train}")
-        old, now = history.meta.get("hf_trainer", {}), self._trainer_meta()
+        elif old.get("data_digest") != now["data_digest"]:
+            problems.append(f"the training set's examples (as collated: digest {now['data_digest'][:16]}) are not those the history "
+                            f"was recorded on ({str(old.get('data_digest'))[:16]}), though there are as many")
         changed = {k: (old.get(k), now[k]) for k in ("max_grad_norm", "gradient_accumulation_steps", "loss_count") if old.get(k) != now[k]}
         if changed:
             problems.append(f"TrainingArguments changed since the checkpoint (recorded, now): {changed}")
@@ -512,6 +516,16 @@ class HistoryCallback(TrainerCallback):
         return self._replay_set
 
     @property
+    def data_digest(self):
+        """sha256 of the training set as the replay feeds it (replay_set): a resume checks the data did not change."""
+        if self._data_digest is None:
+            data, h = self.replay_set, hashlib.sha256()
+            for t in (*data.tensors, data.lengths):
+                h.update(t.contiguous().numpy().tobytes())
+            self._data_digest = h.hexdigest()
+        return self._data_digest
+
+    @property
     def replay_loss(self):
         """The loss for the methods (retrain, rewind, ...): the Trainer's step loss. Its clipping is in the history
         (meta["recording"]["clip_max_norm"]), which retrain and rewind replay and deltagrad / mini refuse."""
@@ -537,7 +551,7 @@ class HistoryCallback(TrainerCallback):
 
     def _trainer_meta(self):
         meta = {"max_grad_norm": self.max_grad_norm, "gradient_accumulation_steps": self.accumulation, "loss_count": self.count,
-                "world_size": self.world_size, "dropout": [[n, p] for n, p in self.dropout]}
+                "world_size": self.world_size, "dropout": [[n, p] for n, p in self.dropout], "data_digest": self.data_digest}
         if self.resumed_from:
             meta["resumed_from"] = self.resumed_from
         return meta
