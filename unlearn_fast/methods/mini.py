@@ -9,7 +9,9 @@ parameter snapshots:
   w_j, gbar_j   K checkpoints (8-bit; every power-of-two step and an even grid of T / 96 to T / 48 points) and the
                 full-data gradient at each (decoded) checkpoint (float16),
   W             response weights of the schedule ((K + 1) x (k + 1)), from the learning rates and the
-                curvature along U at every checkpoint, interpolated linearly in between.
+                curvature along U at every checkpoint, interpolated linearly in between; rho_path, rho at each.
+When the request's sources lie mostly off span(U) (a small, budgeted basis), request_directions adds, for that
+request only, Ritz directions of G(w*) from block Krylov vectors of the sources (a few GGN products per request).
 Removing R (r of n samples) changes the gradient of the training objective at w by
   d(w) = (r gbar(w) - sum_R grad l_i(w)) / (n - r)            (gbar: the full-data mean gradient).
 SGD answers a gradient change s_t at step t, to first order, with the linear replay
