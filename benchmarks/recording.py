@@ -14,8 +14,10 @@ streamed (bounded: the open chunk plus at most two waiting ones) against full in
 Bytes: disk bytes per step of a finished streamed history per codec on the smallest MLP (directory size /
 steps), against the model's fp32 size.
 
-    .venv/bin/python benchmarks/recording.py [--sizes 10,50,100] [--rounds 5] [--steps 4] [--rss-steps 40]
-Writes benchmarks/results/recording.md, .json and recording_rss.png.
+    .venv/bin/python benchmarks/recording.py [--sizes 10,50,100] [--rounds 5] [--steps 4] [--rss-steps 40] [--threads N]
+        [--before OLD/recording.json]
+Writes benchmarks/results/recording.md, .json and recording_rss.png. --before adds a table of an earlier run's ratios
+(e.g. this script run at another commit into another --out, just before) next to this run's.
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +41,15 @@ GOALS = {"minimal": 1.05, "full_int8_memory": 1.25, "full_int8_stream": 1.25}
 def cpu_name():
     with open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+
+
+def commit():
+    """The commit of the unlearn_fast being measured (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(uf.__file__)), capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def rss_mib():
@@ -246,7 +258,16 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="steps per mode per round")
     ap.add_argument("--rss-steps", type=int, default=40)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--before", default=None, help="recording.json of an earlier run (another commit) to show next to this one")
+    ap.add_argument("--label", default=None, help="what is measured, recorded as its commit (default: git HEAD of unlearn_fast)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
     sizes = [float(s) if "." in s else int(s) for s in args.sizes.split(",")]
     specs = [mlp(s) for s in sizes] + [cnn(), gpt2()]
     tmp = tempfile.mkdtemp(prefix="uf-recording-", dir=os.environ.get("UF_BENCH_TMP"))
@@ -268,7 +289,8 @@ def main():
     result = {"command": command, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "loadavg_before": load_before, "loadavg_after": load_after, "rounds": args.rounds, "steps_per_round": args.steps,
               "overhead": rows, "rss_mib": curves, "rss_model": big[0], "disk_bytes_per_step": bytes_per_step,
-              "disk_model": {"name": small[0], "params": params(small[1])}}
+              "disk_model": {"name": small[0], "params": params(small[1])}, "before": before and {k: before[k] for k in ("command", "overhead", "loadavg_before", "loadavg_after", "commit") if k in before},
+              "commit": args.label or commit()}
     with open(os.path.join(args.out, "recording.json"), "w") as f:
         json.dump(result, f, indent=1)
     plotted = plot(curves, big[0], os.path.join(args.out, "recording_rss.png"))
@@ -292,6 +314,16 @@ def main():
               "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes w_t and g_t at record() "
               "and keeps them; 'streamed' also hands each chunk to the background writer (sha256, write, fsync) on this 2-core machine's "
               "other core, and waits for the last chunk at the end."]
+    if before is not None:
+        lines += ["", f"## Before and after (this run against `{before['command']}` at commit {before.get('commit', '?')}, load average "
+                  f"{before['loadavg_before'][0]:.2f} before, {before['loadavg_after'][0]:.2f} after)", "",
+                  "| workload | minimal before -> after | full int8 in memory before -> after | full int8 streamed before -> after |", "|---|---|---|---|"]
+        for name, r in rows.items():
+            b = before["overhead"].get(name)
+            if b is None:
+                continue
+            cells = [f"{b[mode]['ratio']:.3f} -> {r[mode]['ratio']:.3f}" for mode in ("minimal", "full_int8_memory", "full_int8_stream")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     p = result["disk_model"]["params"]
     lines += ["", f"## Resident memory against steps ({big[0]}, {args.rss_steps} steps)", "",
               "| mode | RSS at start | RSS after the last step | growth per step |", "|---|---|---|---|"]
