@@ -3,8 +3,10 @@ against steps, and disk bytes per step per codec.
 
 Overhead: for each model, rounds of K training steps each, interleaved within a round: plain SGD (no
 recorder), kind="minimal", and kind="full" with codec int8 streamed to disk by the background writer
-(path=). The table reports the median over rounds of each mode's mean step time and the ratio to the
-plain step measured in the same round (medians of per-round ratios: this machine is shared and noisy).
+(path=), and kind="full" int8 in memory. The table reports the median over rounds of each mode's mean step time
+and the ratio to the plain step measured in the same round (medians of per-round ratios: this machine is shared
+and noisy). The full modes are timed in steady state: one untimed chunk first, then several chunks' steps
+(FULL_WINDOW_CHUNKS), the streamed one including the wait for the last chunk at the end.
 Goals (issue 13): minimal at most +5 %, full int8 streamed at most +25 %.
 
 Memory: one run of S steps per mode on the largest MLP with VmRSS read after every step: full int8
@@ -137,6 +139,9 @@ def params(model):
 # ----------------------------------------------------------------------------- measurements
 MODES = ("plain", "minimal", "full_int8_memory", "full_int8_stream")
 LONG_RUN = 1152  # a minimal recorder is timed as in the middle of a run this long (its checkpoint grid at steady state)
+# kind="full": timed over this many chunks (at most FULL_WINDOW_MAX steps) after one untimed chunk: the background writer
+# may hold MAX_WAITING chunks, so a writer slower than training blocks record() within the window
+FULL_WINDOW_CHUNKS, FULL_WINDOW_MAX = 4, 96
 
 
 def recorder(mode, run, opt, path):
@@ -164,8 +169,14 @@ def overhead(spec, rounds, k, tmp):
             opt = run.optimizer()
             path = os.path.join(tmp, f"h{r}")
             rec = recorder(mode, run, opt, path)
+            n = k
+            if mode.startswith("full"):
+                # as in the middle of a run: one chunk recorded (the writer busy with it, its buffers to refill), then
+                # a window of several chunks, so that the writer's work overlaps training as it does in a long run
+                run.steps(rec.chunk_steps, opt, rec)
+                n = max(k, min(FULL_WINDOW_MAX, FULL_WINDOW_CHUNKS * rec.chunk_steps))
             plain_steps = []
-            for _ in range(k):
+            for _ in range(n):
                 taken = len(rec.checkpoints) if mode == "minimal" else 0
                 seconds = run.steps(1, opt, rec)
                 if mode == "minimal" and rec.grid.kept and rec.grid.kept[-1] == rec.steps - 1 and len(rec.checkpoints) > taken:
@@ -174,7 +185,7 @@ def overhead(spec, rounds, k, tmp):
                     plain_steps.append(seconds)
             if mode == "full_int8_stream":
                 start = time.perf_counter()
-                rec.flush()  # what is still queued counts: the run is not done before its history is on disk
+                rec.flush()  # what is still queued counts (spread over the window): a slower writer shows here
                 plain_steps[-1] += time.perf_counter() - start
             if mode == "minimal":
                 every = rec.grid.every
@@ -312,8 +323,10 @@ def main():
     lines += ["", f"Ratios to the plain step (goals: minimal <= {GOALS['minimal']}, full int8 <= {GOALS['full_int8_stream']}). A minimal recorder "
               f"is timed as in the middle of a {LONG_RUN}-step run: 'no checkpoint' is its usual step, 'amortized' adds the steps that take "
               "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes w_t and g_t at record() "
-              "and keeps them; 'streamed' also hands each chunk to the background writer (sha256, write, fsync) on this 2-core machine's "
-              "other core, and waits for the last chunk at the end."]
+              "and keeps them; 'streamed' also hands each chunk to the background writer (sha256, write, fsync), which shares this "
+              "2-core machine with training's threads. Both full modes are timed in steady state: after one untimed chunk, over "
+              f"{FULL_WINDOW_CHUNKS} chunks' steps (at most {FULL_WINDOW_MAX}, at least the round's), and 'streamed' waits for "
+              "the last chunk on disk at the end (that wait spread over the window)."]
     if before is not None:
         lines += ["", f"## Before and after (this run against `{before['command']}` at commit {before.get('commit', '?')}, load average "
                   f"{before['loadavg_before'][0]:.2f} before, {before['loadavg_after'][0]:.2f} after)", "",
