@@ -14,25 +14,10 @@ from unlearn_fast.history import GradientHistory, flat_params
 from unlearn_fast.integrations import distributed as ufd
 from unlearn_fast.methods import retrain
 
-WORLD, PER_RANK, EPOCHS, N = 2, 4, 2, 48
-TOL = 1e-5  # float32 weights of size ~0.3: the replay sums a world batch in another order than DDP's all-reduce
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(N, 6, generator=g)
-    y = (X[:, :3].sum(1) > 0).long() + (X[:, 3] > 1).long()
-    return torch.utils.data.TensorDataset(X, y)
-
-
-def _net():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def _optimizer(net):
-    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+from dist_setup import EPOCHS, N, PER_RANK, TOL, WORLD  # noqa: E402  (tests/ is on sys.path, also in spawned ranks)
+from dist_setup import data as _data  # noqa: E402
+from dist_setup import net as _net  # noqa: E402
+from dist_setup import optimizer as _optimizer  # noqa: E402
 
 
 def _worker(rank, init_file, out):
@@ -76,7 +61,7 @@ def _work(rank, out):
     # buckets of ~200 bytes: each parameter is all-reduced in its own bucket, and the comm hook's callbacks run
     # concurrently on gloo's worker threads (the recorder's norm bookkeeping must not race)
     model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=2e-4)
-    opt, sched = _optimizer(net)
+    opt, sched = _optimizer(net.parameters())
     # streamed to disk (rank 0): the history written there carries the world size as well
     rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "streamed"))
     sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=3)
@@ -204,7 +189,7 @@ def _hand_retrain(history, forget):
     (Measured: equal to uf.unlearn's retrain bit for bit; the replay forgetting nothing is 6e-8 from DDP, and a
     history of rank 0's indices alone would be 0.25 away.)"""
     ds, net = _data(), _net()
-    opt, _ = _optimizer(net)
+    opt, _ = _optimizer(net.parameters())
     X, y = ds.tensors
     keep = torch.ones(N, dtype=torch.bool)
     keep[forget] = False
@@ -255,7 +240,7 @@ def test_world_size_check(ddp_run):
 
 def test_recorder_needs_ddp_and_a_process_group():
     net = _net()
-    opt, _ = _optimizer(net)
+    opt, _ = _optimizer(net.parameters())
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         ufd.DistributedRecorder(net, opt)
 

@@ -17,27 +17,12 @@ from unlearn_fast.history import GradientHistory, flat_params
 from unlearn_fast.integrations import distributed as ufd
 from unlearn_fast.methods import retrain
 
-WORLD, PER_RANK, EPOCHS, N = 2, 4, 2, 48
-TOL = 1e-5  # float32 weights of size ~0.3; the replays sum the world batch in other orders than the reduce-scatter
+from dist_setup import EPOCHS, N, PER_RANK, TOL, WORLD  # noqa: E402  (tests/ is on sys.path, also in spawned ranks)
+from dist_setup import data as _data  # noqa: E402
+from dist_setup import net as _net  # noqa: E402
+from dist_setup import optimizer as _optimizer  # noqa: E402
+
 FORGET = [0, 5, 17, 30, 41]
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(N, 6, generator=g)
-    y = (X[:, :3].sum(1) > 0).long() + (X[:, 3] > 1).long()
-    return torch.utils.data.TensorDataset(X, y)
-
-
-def _net():
-    # 16-row and 3-row layers: the 3-row ones shard unevenly over 2 ranks (2 rows and 1)
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def _optimizer(params):
-    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=1e-3)
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
 
 
 def _sharded(placement=None):

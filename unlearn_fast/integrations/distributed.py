@@ -241,6 +241,27 @@ def _check_same_request(history, forget, group, world_size):
                          f"{[int(e[0]) for e in every]}); every rank must pass the same history and forget")
 
 
+def _rank_steps(history, keep, rank, world_size, optimizer, progress):
+    """(t, this rank's slice of step t's world batch, its retained samples, the world batch's retained count) for every
+    recorded step whose world batch keeps a sample (the count is the same on every rank: no communication), with the
+    optimizer's learning rates set to step t's."""
+    for t, batch in enumerate(history.schedule["batches"]):
+        batch = torch.as_tensor(batch, dtype=torch.int64)
+        if progress is not None:
+            progress.update(1)
+        if batch.numel() % world_size:
+            raise ValueError(f"history: step {t}'s world batch has {batch.numel()} samples, not a multiple of world size {world_size}; "
+                             "it was not recorded with this many ranks")
+        per_rank = batch.numel() // world_size
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
+        retained = int(keep[batch].sum())
+        if retained == 0:
+            continue
+        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
+            group_["lr"] = lr
+        yield t, mine, mine[keep[mine]], retained
+
+
 def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     """method="retrain" under DDP, called on every rank of `group` (a collective): replays the recorded schedule
     from w0 without `forget` (a sorted int64 tensor, the same on every rank). Rank r computes the mean-loss gradient
@@ -267,21 +288,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     keep = torch.ones(history.n_train, dtype=torch.bool)
     keep[forget] = False
     evals = steps = 0
-    for t, batch in enumerate(history.schedule["batches"]):
-        batch = torch.as_tensor(batch, dtype=torch.int64)
-        if progress is not None:
-            progress.update(1)
-        if batch.numel() % world_size:
-            raise ValueError(f"history: step {t}'s world batch has {batch.numel()} samples, not a multiple of world size {world_size}; "
-                             "it was not recorded by DistributedRecorder with this many ranks")
-        per_rank = batch.numel() // world_size
-        part = batch[rank * per_rank : (rank + 1) * per_rank]
-        part = part[keep[part]]
-        retained = int(keep[batch].sum())  # the same on every rank: no communication
-        if retained == 0:
-            continue
-        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
-            group_["lr"] = lr
+    for t, _, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         if part.numel():
             batch_loss(module, loss_fn, fetch(train_set, part)).backward()
@@ -709,20 +716,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     keep = torch.ones(history.n_train, dtype=torch.bool)
     keep[forget] = False
     evals = steps = 0
-    for t, batch in enumerate(history.schedule["batches"]):
-        batch = torch.as_tensor(batch, dtype=torch.int64)
-        if progress is not None:
-            progress.update(1)
-        if batch.numel() % world_size:
-            raise ValueError(f"history: step {t}'s world batch has {batch.numel()} samples, not a multiple of world size {world_size}")
-        per_rank = batch.numel() // world_size
-        mine = batch[rank * per_rank : (rank + 1) * per_rank]
-        part = mine[keep[mine]]
-        retained = int(keep[batch].sum())  # the same on every rank: no communication
-        if retained == 0:
-            continue
-        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
-            group_["lr"] = lr
+    for t, mine, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         if part.numel():
             (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
