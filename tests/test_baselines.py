@@ -19,13 +19,7 @@ def make_data(n=200, d=8, c=3, seed=0):
     return torch.utils.data.TensorDataset(X, y)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second torch thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train(data, kind="full", epochs=5, batch=25, lr=0.5, wd=1e-2, optimizer="sgd", momentum=0.0, seed=0, decay=0.8):

@@ -22,13 +22,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 FORGET = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared: one thread avoids oversubscription stalls of the OpenMP pool
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ N, BATCH, CHUNK = 24, 6, 5  # chunks of 5 rows: not aligned to the batches, so b
 FORGET = [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared; one thread also keeps the subprocess's matmuls bit-identical to this process's
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_data():

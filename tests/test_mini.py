@@ -212,14 +212,6 @@ def test_optimizers_mini_cannot_model_are_refused():
             uf.unlearn(model, history, [0, 1], data, LOSS, method="mini")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny transformer runs fastest on one thread (2 threads on a loaded machine: 10x slower)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_finish_and_mini_on_a_hugging_face_gpt2_with_sdpa_attention_and_dropout(one_thread):
     """Issue 13 item 5: a real GPT2LMHeadModel (from a config, no download), SDPA attention (whose fused CPU kernel has
     no forward-mode AD) and dropout 0.1 in training; the model returns a CausalLMOutput object, which loss_fn reads.

@@ -26,13 +26,7 @@ from unlearn_fast.methods.retrain import build_optimizer
 LOSS = F.cross_entropy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # shared machine, and forked writers must not touch an OpenMP pool their parent started
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def record(kind, seed, optimizer_cls=torch.optim.SGD, n=48, batch=12, epochs=2):
