@@ -118,7 +118,7 @@ class Run:
     def steps(self, k, opt, rec=None, rss=None):
         x = self.make_x(self.batch, self.gen)
         y = x if self.classes is None else torch.randint(0, self.classes, (self.batch,), generator=self.gen)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(k):
             idx = torch.arange(self.at, self.at + self.batch) % self.n
             self.at += self.batch
@@ -129,6 +129,7 @@ class Run:
             opt.step()
             if rss is not None:
                 rss.append(rss_mib())
+        self.cpu_seconds = time.process_time() - cpu  # every thread's: training's, and the writer's
         return time.perf_counter() - start
 
 
@@ -163,6 +164,7 @@ def overhead(spec, rounds, k, tmp):
     opt = run.optimizer()
     run.steps(2, opt)  # warm-up: allocator, thread pool
     times = {mode: [] for mode in MODES}
+    cpu = {mode: [] for mode in MODES}  # CPU seconds per step of the whole process: less sensitive to other users of the machine
     checkpoint_steps, every = [], None
     for r in range(rounds):
         for mode in MODES:
@@ -175,30 +177,35 @@ def overhead(spec, rounds, k, tmp):
                 # a window of several chunks, so that the writer's work overlaps training as it does in a long run
                 run.steps(rec.chunk_steps, opt, rec)
                 n = max(k, min(FULL_WINDOW_MAX, FULL_WINDOW_CHUNKS * rec.chunk_steps))
-            plain_steps = []
+            plain_steps, cpu_seconds = [], 0.0
             for _ in range(n):
                 taken = len(rec.checkpoints) if mode == "minimal" else 0
                 seconds = run.steps(1, opt, rec)
+                cpu_seconds += run.cpu_seconds
                 if mode == "minimal" and rec.grid.kept and rec.grid.kept[-1] == rec.steps - 1 and len(rec.checkpoints) > taken:
                     checkpoint_steps.append(seconds)
                 else:
                     plain_steps.append(seconds)
             if mode == "full_int8_stream":
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 rec.flush()  # what is still queued counts (spread over the window): a slower writer shows here
                 plain_steps[-1] += time.perf_counter() - start
+                cpu_seconds += time.process_time() - cpu_start
             if mode == "minimal":
                 every = rec.grid.every
             if rec is not None:
                 rec.close()
             shutil.rmtree(path, ignore_errors=True)
             times[mode].append(statistics.mean(plain_steps) if plain_steps else float("nan"))
+            cpu[mode].append(cpu_seconds / n)
             print(f"  {spec[0]} round {r} {mode}: {times[mode][-1] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     plain = times["plain"]
     out = {"params": params(run.model), "plain_ms": 1e3 * statistics.median(plain), "minimal_checkpoint_every": every}
     for mode in MODES[1:]:
         ratios = [m / p for m, p in zip(times[mode], plain)]
-        out[mode] = {"ms": 1e3 * statistics.median(times[mode]), "ratio": statistics.median(ratios), "ratios": ratios}
+        cpu_ratios = [m / p for m, p in zip(cpu[mode], cpu["plain"])]
+        out[mode] = {"ms": 1e3 * statistics.median(times[mode]), "ratio": statistics.median(ratios), "ratios": ratios,
+                     "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios}
     if checkpoint_steps:  # one checkpoint every `every` steps: its extra time spread over them
         extra = statistics.median(checkpoint_steps) / statistics.median(plain) - 1
         out["minimal"]["checkpoint_step_ratio"] = 1 + extra
@@ -327,6 +334,12 @@ def main():
               "2-core machine with training's threads. Both full modes are timed in steady state: after one untimed chunk, over "
               f"{FULL_WINDOW_CHUNKS} chunks' steps (at most {FULL_WINDOW_MAX}, at least the round's), and 'streamed' waits for "
               "the last chunk on disk at the end (that wait spread over the window)."]
+    lines += ["", "CPU time of the whole process per step (every thread: training's and the writer's; a minimal step that takes a "
+              "checkpoint counted in), against the plain step's, median of rounds: the work record() adds, less sensitive to "
+              "other users of this shared machine than wall time.", "",
+              "| workload | minimal | full int8 in memory | full int8 streamed |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[mode]['cpu_ratio']:.3f}" for mode in ("minimal", "full_int8_memory", "full_int8_stream")) + " |")
     if before is not None:
         lines += ["", f"## Before and after (this run against `{before['command']}` at commit {before.get('commit', '?')}, load average "
                   f"{before['loadavg_before'][0]:.2f} before, {before['loadavg_after'][0]:.2f} after)", "",
@@ -335,7 +348,8 @@ def main():
             b = before["overhead"].get(name)
             if b is None:
                 continue
-            cells = [f"{b[mode]['ratio']:.3f} -> {r[mode]['ratio']:.3f}" for mode in ("minimal", "full_int8_memory", "full_int8_stream")]
+            cells = [f"{b[mode]['ratio']:.3f} -> {r[mode]['ratio']:.3f}" + (f" (CPU {b[mode]['cpu_ratio']:.3f} -> {r[mode]['cpu_ratio']:.3f})"
+                     if "cpu_ratio" in b[mode] else "") for mode in ("minimal", "full_int8_memory", "full_int8_stream")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     p = result["disk_model"]["params"]
     lines += ["", f"## Resident memory against steps ({big[0]}, {args.rss_steps} steps)", "",
