@@ -733,3 +733,22 @@ def test_recorded_rows_are_byte_for_byte_the_reference_codec_of_the_flat_vectors
             for name in want.tensors:
                 assert got.tensors[name].dtype == want.tensors[name].dtype
                 assert torch.equal(got.tensors[name].view(torch.uint8), want.tensors[name].view(torch.uint8)), (key, name)
+
+
+def test_a_disabled_grad_scaler_is_no_scaler_and_resume_refuses_one(tmp_path):
+    data, model, opt = scaler_model()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # scale() and unscale_ do nothing: record() reads no scaler state
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=str(tmp_path / "h"), grad_scaler=scaler)
+    assert rec.grad_scaler is None
+    x, y = data[torch.arange(16)]
+    scaler.scale(LOSS(model(x), y)).backward()
+    assert rec.record(torch.arange(16)) is True
+    scaler.step(opt)
+    scaler.update()
+    rec.flush()
+    rec.close()
+    with pytest.raises(ValueError, match="grad_scaler: a recording with loss scaling cannot be resumed"):
+        uf.HistoryRecorder.resume(str(tmp_path / "h"), model, opt, grad_scaler=torch.amp.GradScaler("cpu"))
+    rec = uf.HistoryRecorder.resume(str(tmp_path / "h"), model, opt)  # without one it continues
+    assert rec.num_steps == 1
+    rec.close()
