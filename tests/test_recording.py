@@ -632,6 +632,17 @@ def test_a_skipped_step_leaves_the_next_record_and_the_step_counting_intact():
     assert [int(b[0]) for b in history.schedule["batches"]] == [16 * t % 64 for t in range(5) if t not in skipped]
 
 
+def test_after_a_skipped_step_an_unrecorded_optimizer_step_is_named_by_the_steps_the_optimizer_took():
+    data, model, rec, skipped = scaler_run(inject_inf_at=(1,), n_steps=3, init_scale=2.0**16)
+    assert skipped == [1]  # optimizer steps 0 (training step 0) and 1 (training step 2) ran
+    x, y = data[torch.arange(16)]
+    rec.optimizer.zero_grad()
+    LOSS(model(x), y).backward()
+    rec.optimizer.step()  # optimizer step 2, not recorded
+    with pytest.raises(ValueError, match="optimizer step 2 ran without a record"):
+        rec.finish(data, LOSS)
+
+
 def test_recording_scaled_gradients_is_refused():
     with pytest.raises(ValueError, match="still multiplied by the GradScaler's scale .*call scaler.unscale_\\(optimizer\\) before record"):
         scaler_run(record_before_unscale=True)

@@ -386,6 +386,7 @@ class HistoryRecorder:
                 self._reset_step()
                 return False
         raw_norm, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
+        self._skipping = False  # (a step the scaler skipped before this one is behind us)
         if self.grad_scaler is not None:
             scales = self._seen_features["grad_scaler"]["scales"]
             if not scales or scales[-1][1] != scale:
@@ -461,7 +462,7 @@ class HistoryRecorder:
         if chunk["w"] is not None and n:
             for key in ("w", "g"):
                 tensors = {name: t[:n] for name, t in chunk[key].items()}
-                if self.path is None and n < self.chunk_steps:  # a chunk sealed early (flush, finish) keeps only its rows
+                if self.path is None and n < len(next(iter(chunk[key].values()))):  # sealed early (flush, finish): only its rows kept
                     tensors = {name: t.clone() for name, t in tensors.items()}
                 rows[key] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
         if self.path is None:
