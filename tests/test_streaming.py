@@ -86,6 +86,40 @@ def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memor
     assert torch.equal(flat_params(replay), flat_params(model))
 
 
+@pytest.mark.parametrize("flush_at", [(5,), (24,), (10, 10)], ids=["chunk-end", "last-step", "twice"])
+def test_a_flush_with_no_step_since_the_last_chunk_loads_and_resumes(tmp_path, in_memory, flush_at):
+    # a flush right where a chunk was sealed (or at the last step, before finish, or twice in a row) has no new
+    # step: the empty chunk it appends must load (it was refused as "a chunk of 0 steps lacks its 0 rows")
+    data, batches, model_ref, ref = in_memory
+    model, opt = new_run()
+    path = str(tmp_path / "h")
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=path)
+    rec.chunk_steps = 5
+    stop = flush_at[0]
+    train(model, opt, rec, data, batches, stop=stop)
+    for _ in flush_at:
+        rec.flush()
+    checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    train(model, opt, rec, data, batches, start=stop)
+    history = rec.finish(data, LOSS)
+    assert history.num_steps == len(batches) and torch.equal(rows(uf.GradientHistory.load(path), "w"), rows(ref, "w"))
+    if stop < len(batches):  # and a resume from the flushed point finishes to the same history
+        other = str(tmp_path / "resumed")
+        model2, opt2 = new_run()
+        rec2 = uf.HistoryRecorder(model2, opt2, uf.HistoryPolicy(kind="full", codec="int8"), path=other)
+        rec2.chunk_steps = 5
+        train(model2, opt2, rec2, data, batches, stop=stop)
+        for _ in flush_at:
+            rec2.flush()
+        rec2.close()
+        model2.load_state_dict(checkpoint[0])
+        opt2.load_state_dict(checkpoint[1])
+        rec3 = uf.HistoryRecorder.resume(other, model2, opt2)
+        train(model2, opt2, rec3, data, batches, start=stop)
+        resumed = rec3.finish(data, LOSS)
+        assert torch.equal(rows(resumed, "g"), rows(ref, "g"))
+
+
 def test_deltagrad_reads_a_streamed_trajectory_like_an_in_memory_one(tmp_path):
     data, batches = make_data(), order(2)
     results = []

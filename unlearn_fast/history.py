@@ -612,6 +612,8 @@ def _chunked_trajectory(encoded, chunks, where):
             raise ValueError(f"history: {where}: trajectory.{key} has invalid codec metadata {m!r:.200}")
         parts = []
         for steps, part, cache in chunks:
+            if steps == 0 and part is None:  # a flush with no step since the previous chunk: only its mark
+                continue
             first = f"trajectory.{key}." + ("values" if m["codec"] in ("fp32", "bf16") else "codes")
             if part is None or part["tensors"].get(first, {}).get("shape", [None])[0] != steps:
                 raise ValueError(f"history: {where}: a chunk of {steps} steps lacks its {steps} rows of trajectory.{key}")

@@ -447,8 +447,10 @@ class HistoryRecorder:
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
         chunk = self._open
-        self._open = _new_chunk()
         n = len(chunk["sizes"])
+        if self.path is not None and n == 0 and mark is None:  # finish() right after a flush: nothing to append
+            return
+        self._open = _new_chunk()
         schedule = {
             "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
             "schedule.batch_sizes": torch.tensor(chunk["sizes"], dtype=torch.int32),
@@ -774,14 +776,14 @@ class RowEncoder:
 
 
 class _ChunkWriter:
-    """Appends sealed chunks to a streamed recording from a background thread (writing and hashing release the
-    GIL). At most MAX_WAITING chunks wait; record() blocks beyond that, so memory stays bounded when the disk is
+    """Appends sealed chunks (steps, parts, mark, row buffers or None) to a streamed recording of `kind` (GradientHistory,
+    FirstEpochHistory) from a background thread (writing and hashing release the GIL). At most MAX_WAITING chunks wait; record() blocks beyond that, so memory stays bounded when the disk is
     slower than training. A failure is kept and raised by the recorder's next call."""
 
     MAX_WAITING = 2
 
-    def __init__(self, path, recording_id):
-        self.path, self.recording_id, self.error = path, recording_id, None
+    def __init__(self, path, recording_id, kind="GradientHistory"):
+        self.path, self.recording_id, self.kind, self.error = path, recording_id, kind, None
         self.queue = queue.Queue(maxsize=self.MAX_WAITING)
         self.spare = queue.SimpleQueue()  # row buffers of written chunks, for the recorder to fill again
         self.thread = threading.Thread(target=self._run, name="unlearn_fast-history-writer", daemon=True)
@@ -798,7 +800,7 @@ class _ChunkWriter:
                     return
                 steps, parts, mark, buffers = chunk
                 if self.error is None:
-                    store.append_chunk(self.path, "GradientHistory", self.recording_id, steps, parts, mark)
+                    store.append_chunk(self.path, self.kind, self.recording_id, steps, parts, mark)
                 if buffers is not None:
                     self.spare.put(buffers)
             except BaseException as err:  # noqa: BLE001 (handed to the training thread)

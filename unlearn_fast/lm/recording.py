@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from .. import ops, store
 from ..history import CHUNK_BYTES, row_bytes
-from ..recording import _ChunkWriter as _HistoryChunkWriter
+from ..recording import _ChunkWriter
 from .training import check_fits, eager_attention, eval_mode, sample_losses
 
 CODEC_BITS = {"int8": 8, "int4": 4}
@@ -452,24 +452,6 @@ class FirstEpochHistory:
 
 
 # ----------------------------------------------------------------------------- recorder
-class _ChunkWriter(_HistoryChunkWriter):
-    """The HistoryRecorder's background writer, appending to a FirstEpochHistory. Its _run names the
-    GradientHistory kind; this override differs only in the kind (drop it once _ChunkWriter takes one)."""
-
-    def _run(self):
-        while True:
-            chunk = self.queue.get()
-            try:
-                if chunk is None:
-                    return
-                if self.error is None:
-                    store.append_chunk(self.path, "FirstEpochHistory", self.recording_id, *chunk)
-            except BaseException as err:  # noqa: BLE001 (handed to the training thread)
-                self.error = err
-            finally:
-                self.queue.task_done()
-
-
 class FirstEpochRecorder:
     """Records per-sample gradients of the parameters chosen by policy.params.
 
@@ -517,7 +499,7 @@ class FirstEpochRecorder:
         self.recording_id = uuid.uuid4().hex
         store.write(path, "FirstEpochHistory", self._info(None, self.recording_id), {})
         self.path = path
-        self._writer = _ChunkWriter(path, self.recording_id)
+        self._writer = _ChunkWriter(path, self.recording_id, "FirstEpochHistory")
 
     def _info(self, n_epochs, recording=None):
         p = self.policy
@@ -578,7 +560,7 @@ class FirstEpochRecorder:
                      "rows": {k: t[start:stop] for k, t in encoded.items()}}
             if hidden is not None:
                 parts["activations"] = {"values": hidden[start:stop]}
-            self._writer.put((stop - start, parts, None))  # blocks while two chunks wait: memory stays bounded
+            self._writer.put((stop - start, parts, None, None))  # blocks while two chunks wait: memory stays bounded
             start = stop
         rest = (index[start:].clone(), {k: t[start:].clone() for k, t in encoded.items()}, None if hidden is None else hidden[start:].clone())
         self._open, self._open_rows = ([rest] if start < n else []), n - start
