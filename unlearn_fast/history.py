@@ -449,14 +449,13 @@ class GradientHistory:
                 head.update({f"summary.{key}.{n}": t for n, t in value.tensors.items()})
             else:
                 head[f"summary.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        chunks = []
+        chunks, micro_ends = [], self._micro_ends()
         if "batches" not in self.schedule:
             # no batch order to replay (kind="minimal"): the per-step columns run-length encoded in the head; a constant
             # learning rate and batch size cost a few bytes whatever the number of steps
-            for name, column in self._schedule_part(0, self.num_steps, self._micro_ends()).items():
+            for name, column in self._schedule_part(0, self.num_steps, micro_ends).items():
                 values, lengths = run_lengths(column)
                 head[f"{name}.values"], head[f"{name}.lengths"] = values, lengths
-        micro_ends = self._micro_ends()
         for j, (a, b) in enumerate(self._chunk_bounds() if "batches" in self.schedule else ()):
             parts = {"schedule": self._schedule_part(a, b, micro_ends)}
             rows = self._rows_part(j, a, b)

@@ -807,7 +807,6 @@ def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_sta
     return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
 
 
-
 REQUEST_SAMPLES = 2048  # samples of the request's curvature products (request_directions); all of a smaller training set
 REQUEST_BLOCKS = 6  # at most this many Krylov blocks of K + 1 vectors per request
 REQUEST_TOL = 0.1  # the off-span response has converged when one more block changes it by less than this fraction
@@ -910,9 +909,10 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
     sums = forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size)
     forget_at_star = sums[-1]
+    # d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r), the gradient the retained objective adds at the end, at w*
+    d_star = (r * g_star - forget_at_star) / (n - r)
     request = {}
     if has_ckpt and "rho_path" in s and eig.numel() < w_star.numel():  # directions off the stored span: model them for this request
-        d_star = (r * g_star - forget_at_star) / (n - r)
         sources = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star, d_star[None]])
         basis, eig, W, request = request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star,
                                                      lr_scale * history.schedule["lrs"][:, 0].to(dtype), marks_of(history), s["rho_path"], lam, batch_size)
@@ -921,18 +921,10 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
         return basis.back((weights[:-1] - weights[-1]) * basis.coords(v)) + weights[-1] * v
 
-    def H_hat(v):
-        return basis.back((eig - rho) * basis.coords(v)) + rho * v
-
     Phi = W.sum(0)  # the whole schedule's response to a constant gradient change (time-varying curvature)
-
-    def d_of(w, g_forget):
-        """d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r): the gradient the retained objective adds at the end."""
-        return (r * (g_star + H_hat(w - w_star)) - g_forget) / (n - r)
 
     # Trajectory correction: at each checkpoint w_j the change is (r gbar_j - sum_R grad l_i(w_j)) / (n - r); its
     # difference from the end point's change, propagated through the rest of the schedule, is a constant offset.
-    d_star = d_of(w_star, forget_at_star)
     offset = torch.zeros_like(w_star)
     if has_ckpt:
         D = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star  # (K, p)
