@@ -16,6 +16,7 @@ from unlearn_fast.methods import retrain
 
 from dist_setup import EPOCHS, N, PER_RANK, TOL, WORLD  # noqa: E402  (tests/ is on sys.path, also in spawned ranks)
 from dist_setup import data as _data  # noqa: E402
+from dist_setup import hand_retrain as _hand_retrain  # noqa: E402
 from dist_setup import net as _net  # noqa: E402
 from dist_setup import optimizer as _optimizer  # noqa: E402
 
@@ -182,27 +183,6 @@ def test_single_process_replay_equals_ddp(ddp_run):
     dw = float((flat_params(replayed) - flat_params(trained)).abs().max())
     moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
     assert dw < TOL < moved / 100, (dw, moved)
-
-
-def _hand_retrain(history, forget):
-    """Plain single-process loop over the recorded world batches without `forget`: mean loss, SGD step.
-    (Measured: equal to uf.unlearn's retrain bit for bit; the replay forgetting nothing is 6e-8 from DDP, and a
-    history of rank 0's indices alone would be 0.25 away.)"""
-    ds, net = _data(), _net()
-    opt, _ = _optimizer(net.parameters())
-    X, y = ds.tensors
-    keep = torch.ones(N, dtype=torch.bool)
-    keep[forget] = False
-    for batch, lr in zip(history.schedule["batches"], history.schedule["lrs"][:, 0].tolist()):
-        rem = batch[keep[batch]]
-        if rem.numel() == 0:
-            continue
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad()
-        F.cross_entropy(net(X[rem]), y[rem]).backward()
-        opt.step()
-    return net
 
 
 def test_forgetting_matches_hand_written_retrain(ddp_run):

@@ -19,6 +19,7 @@ from unlearn_fast.methods import retrain
 
 from dist_setup import EPOCHS, N, PER_RANK, TOL, WORLD  # noqa: E402  (tests/ is on sys.path, also in spawned ranks)
 from dist_setup import data as _data  # noqa: E402
+from dist_setup import hand_retrain as _hand_retrain  # noqa: E402
 from dist_setup import net as _net  # noqa: E402
 from dist_setup import optimizer as _optimizer  # noqa: E402
 
@@ -185,25 +186,6 @@ def _max_diff(a, b):
     return float((flat_params(a) - flat_params(b)).abs().max())
 
 
-def _hand_retrain(batches, lrs, forget):
-    """A plain single-process loop over the world batches without `forget`: mean loss, SGD step."""
-    ds, net = _data(), _net()
-    opt, _ = _optimizer(net.parameters())
-    X, y = ds.tensors
-    keep = torch.ones(N, dtype=torch.bool)
-    keep[torch.as_tensor(forget, dtype=torch.int64)] = False
-    for batch, lr in zip(batches, lrs):
-        rem = batch[keep[batch]]
-        if rem.numel() == 0:
-            continue
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad()
-        F.cross_entropy(net(X[rem]), y[rem]).backward()
-        opt.step()
-    return net
-
-
 def test_shard_histories_hold_each_ranks_shards(fsdp_run):
     shards, states = fsdp_run[:2]
     metas = [h.meta["distributed"] for h in shards]
@@ -257,7 +239,7 @@ def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run)
     gathered = ufd.gather_shards(shards)
     trained, fsdp = _model(states["trained"]), _model(states["replay_forget"])
     single = uf.unlearn(trained, gathered, FORGET, _data(), F.cross_entropy, method="retrain").model
-    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), FORGET)
+    hand = _hand_retrain(gathered, FORGET)
     moved = _max_diff(hand, trained)
     assert _max_diff(fsdp, hand) < TOL < moved / 100, (_max_diff(fsdp, hand), moved)
     assert _max_diff(fsdp, single) < TOL
@@ -269,7 +251,7 @@ def test_fsdp_replay_with_a_rank_retaining_nothing_and_a_skipped_step(fsdp_run):
     gathered = ufd.gather_shards(shards)
     forget = _edge_forget(gathered)
     assert len(forget) == PER_RANK + WORLD * PER_RANK
-    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), forget)
+    hand = _hand_retrain(gathered, forget)
     edge, trained = _model(states["replay_edge"]), _model(states["trained"])
     assert _max_diff(edge, hand) < TOL < _max_diff(hand, trained) / 100, (_max_diff(edge, hand), _max_diff(hand, trained))
 
@@ -278,8 +260,8 @@ def test_a_second_request_forgets_the_union(fsdp_run):
     shards, states = fsdp_run[:2]
     gathered = ufd.gather_shards(shards)
     union = sorted(FORGET + [1])
-    hand = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), union)
-    first = _hand_retrain(gathered.schedule["batches"], gathered.schedule["lrs"][:, 0].tolist(), FORGET)
+    hand = _hand_retrain(gathered, union)
+    first = _hand_retrain(gathered, FORGET)
     second = _model(states["replay_second"])
     assert _max_diff(second, hand) < TOL < _max_diff(hand, first) / 100, (_max_diff(second, hand), _max_diff(hand, first))
 

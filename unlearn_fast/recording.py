@@ -112,14 +112,7 @@ class HistoryRecorder:
             raise ValueError(f"HistoryRecorder: model parameter {sharded[0]} is a DTensor (FSDP2 fully_shard or tensor parallel); histories "
                              "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
                              "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
-        half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
-        if half:
-            # finish() and the methods factorise and solve in the parameters' dtype (geqrf has no bfloat16 kernel)
-            # and a half-precision replay would round differently from training; keep float32 master weights
-            raise ValueError(f"HistoryRecorder: model parameter {half[0][0]} is {half[0][1]}; histories are recorded for float32 or float64 models")
-        opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if any(id(p) not in opt_ids for p in self.params):
-            raise ValueError("HistoryRecorder: optimizer does not hold every trainable parameter of model")
+        check_recordable(named, optimizer, "HistoryRecorder")
         self.grad_scaler = _check_scaler(grad_scaler)
         # the scaler keeps its state per optimizer object it was handed: the wrapper (accelerate) or the real one
         self._scaler_keys = (id(wrapper), id(optimizer))
@@ -691,6 +684,19 @@ class HistoryRecorder:
         store.truncate(path, "GradientHistory", history.recording_id, j + 1)
         rec._writer = _ChunkWriter(path, rec.recording_id)
         return rec
+
+
+def check_recordable(named, optimizer, who):
+    """ValueError naming the parameter unless every trainable parameter (named: (name, parameter) pairs) is float32 or
+    float64 and held by optimizer."""
+    half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
+    if half:
+        # finish() and the methods factorise and solve in the parameters' dtype (geqrf has no bfloat16 kernel)
+        # and a half-precision replay would round differently from training; keep float32 master weights
+        raise ValueError(f"{who}: model parameter {half[0][0]} is {half[0][1]}; histories are recorded for float32 or float64 models")
+    opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if any(id(p) not in opt_ids for _, p in named):
+        raise ValueError(f"{who}: optimizer does not hold every trainable parameter of model")
 
 
 def _new_chunk():

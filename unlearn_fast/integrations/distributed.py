@@ -45,7 +45,7 @@ import torch.distributed as dist
 if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
-from ..recording import HistoryRecorder
+from ..recording import HistoryRecorder, check_recordable
 
 
 def _world(group, who="DistributedRecorder"):
@@ -476,12 +476,7 @@ class ShardedRecorder:
         if self.sharding["mesh"]["ranks"] != list(range(self.world_size)):
             raise ValueError(f"{who}: the model's mesh spans ranks {self.sharding['mesh']['ranks']}, the process group {self.world_size} ranks; "
                              "the mesh must be the whole group in rank order")
-        half = [(name, p.dtype) for name, p in named if p.dtype not in (torch.float32, torch.float64)]
-        if half:
-            raise ValueError(f"{who}: model parameter {half[0][0]} is {half[0][1]}; histories are recorded for float32 or float64 models")
-        opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if any(id(p) not in opt_ids for p in self.params):
-            raise ValueError(f"{who}: optimizer does not hold every trainable parameter of model")
+        check_recordable(named, optimizer, who)
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         # one id for the run, rank 0's: the replay refuses rank histories of different runs mixed together
         run_id = [uuid.uuid4().hex if self.rank == 0 else None]
