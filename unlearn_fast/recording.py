@@ -783,8 +783,9 @@ class RowEncoder:
 
 class _ChunkWriter:
     """Appends sealed chunks (steps, parts, mark, row buffers or None) to a streamed recording of `kind` (GradientHistory,
-    FirstEpochHistory) from a background thread (writing and hashing release the GIL). At most MAX_WAITING chunks wait; record() blocks beyond that, so memory stays bounded when the disk is
-    slower than training. A failure is kept and raised by the recorder's next call."""
+    FirstEpochHistory) from a background thread (writing and hashing release the GIL). At most MAX_WAITING chunks
+    wait; record() blocks beyond that, so memory stays bounded when the disk is slower than training. A failure is
+    kept and raised by the recorder's next call."""
 
     MAX_WAITING = 2
 

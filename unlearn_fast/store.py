@@ -77,6 +77,14 @@ class StoredPart:
     tensors: dict
 
 
+def stored_chunks(path, chunks, marks=None):
+    """The manifest `chunks` of the history at `path` as write()'s (steps, mark, {part: StoredPart}) entries, to write
+    them into another version by reference (or, in another directory, as verified copies); `marks` replaces their
+    marks where given."""
+    return [(c["steps"], c["mark"] if marks is None else marks[j],
+             {name: StoredPart(path, part["data"], part["tensors"]) for name, part in c["parts"].items()}) for j, c in enumerate(chunks)]
+
+
 # ----------------------------------------------------------------------------- small helpers
 def _canonical(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

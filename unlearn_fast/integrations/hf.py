@@ -428,9 +428,7 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"checkpoint at global step {state.global_step}: the recording at {self.recorder.path} holds "
                              f"{sum(c['steps'] for c in snap.chunks)} steps after flush()")
         # the last chunk ends at this step: it carries the weights' digest (flush() marks it, unless it was sealed before)
-        chunks = [(c["steps"], history.meta["final_digest"] if j == len(snap.chunks) - 1 else c["mark"],
-                   {name: store.StoredPart(self.recorder.path, part["data"], part["tensors"]) for name, part in c["parts"].items()})
-                  for j, c in enumerate(snap.chunks)]
+        chunks = store.stored_chunks(self.recorder.path, snap.chunks, [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]])
         store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (), chunks)
 
     # -- resume
@@ -498,8 +496,7 @@ class HistoryCallback(TrainerCallback):
         snap = store.read(path, "GradientHistory")
         new = self._new_recording_path(args)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
-        chunks = [(c["steps"], c["mark"], {name: store.StoredPart(path, part["data"], part["tensors"]) for name, part in c["parts"].items()})
-                  for c in snap.chunks]
+        chunks = store.stored_chunks(path, snap.chunks)
         store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), chunks)
         recorder = _Recorder.resume(new, model, optimizer, allow=allow)
         self._prior = dict(history.meta.get("recording") or {})

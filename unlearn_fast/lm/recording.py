@@ -381,8 +381,7 @@ class FirstEpochHistory:
         if self._located is None:
             store.write(path, "FirstEpochHistory", info, self._tensors())
         else:
-            chunks = [(c["steps"], c["mark"], {name: store.StoredPart(self.path, part["data"], part["tensors"]) for name, part in c["parts"].items()})
-                      for c in self.chunks]
+            chunks = store.stored_chunks(self.path, self.chunks)
             store.write(path, "FirstEpochHistory", info, {}, chunks=chunks)
         self.path = path  # (objects are named by their bytes: the chunks read from here are the same)
         return path
