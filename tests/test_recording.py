@@ -304,6 +304,18 @@ def test_other_gradient_edits_are_refused_and_allow_leaves_clipping_to_the_loss(
     assert recording["clipped_steps"] == 1 and "clip_max_norm" not in recording
 
 
+
+def test_edits_are_found_off_the_audit_grid_and_edits_the_version_counter_misses_on_it():
+    # record() re-measures only gradients changed since backward, unless the step is an audit (recording.AUDIT_EVERY)
+    from unlearn_fast.recording import AUDIT_EVERY
+
+    off_grid = AUDIT_EVERY + 3
+    with pytest.raises(ValueError, match=f"step {off_grid}'s gradients changed .* value clipping"):
+        clipped_run(lambda m, t: t == off_grid and torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3), n_steps=off_grid + 1)
+    # an edit through .data bumps no version counter: the audit at step 0 finds it
+    with pytest.raises(ValueError, match="step 0's gradients changed .* value clipping"):
+        clipped_run(lambda m, t: m[0].weight.grad.data.clamp_(-1e-3, 1e-3))
+
 def autocast_run(under, n_steps=10):
     """float32 MLP, SGD + momentum; forward and loss under bfloat16 autocast on the steps `under(t)` says."""
     gen = torch.Generator().manual_seed(0)

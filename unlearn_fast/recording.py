@@ -35,6 +35,13 @@ from .methods._common import batch_gradient, loss_ratio, module_mode
 # gradients compare equal (the same kernel on the same values)
 EDIT_TOLERANCE = 1e-6
 
+# record() re-measures a gradient only when it was replaced or changed in place since backward left it (its tensor or
+# version counter changed: clip_grad_norm_, clip_grad_value_ and torch's other in-place ops count; GradScaler.unscale_ does
+# not, so a run with a grad_scaler is re-measured at every step), which
+# spares a pass over every gradient per step; edits the counter cannot see (through .data, numpy or a C extension)
+# are caught by re-measuring every gradient at every AUDIT_EVERY-th step, step 0 included
+AUDIT_EVERY = 16
+
 # per-parameter scale factors of norm clipping agree to rounding; a threshold recovered from them is rounded to 6
 # significant digits when that is within this tolerance (0.5 is recovered as 0.5000000x)
 CLIP_TOLERANCE = 1e-4
@@ -146,6 +153,7 @@ class HistoryRecorder:
         # what the hooks saw since the last optimizer step
         self._passes = [0] * len(self.params)  # backward passes that reached each parameter
         self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
+        self._raw_versions = [None] * len(self.params)  # (the gradient tensor, its version counter) as backward left it
         self._autocast = None  # the autocast dtype of a training forward, if any
         self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
         self._recorded = False  # record() ran for the coming step
@@ -174,6 +182,7 @@ class HistoryRecorder:
     def _on_grad(self, i, p):
         self._passes[i] += 1
         self._raw_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
+        self._raw_versions[i] = (p.grad, p.grad._version)
 
     def _on_forward(self, module, args):
         if module.training and torch.is_grad_enabled():
@@ -205,6 +214,7 @@ class HistoryRecorder:
         self._autocast, self._micro = None, []
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
+        self._raw_versions = [None] * len(self.params)
 
     def rebase_gradients(self, norms):
         """Declare that this step's gradients were replaced after backward in a way the replay reproduces (DDP
@@ -313,7 +323,11 @@ class HistoryRecorder:
         grads = [self.params[i].grad for i in reached]
         if any(g is None for g in grads):
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
-        now = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=self._norm_dtype) for g in grads])
+        audit = step % AUDIT_EVERY == 0 or self.grad_scaler is not None  # (unscale_'s fused kernel bumps no version counter)
+        now = torch.stack([
+            self._raw_norms[i] if not audit and self._untouched(i, g) else torch.linalg.vector_norm(g.detach(), dtype=self._norm_dtype)
+            for i, g in zip(reached, grads)
+        ])
         total = torch.linalg.vector_norm(now)
         if not bool(torch.isfinite(total)):
             j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
@@ -328,6 +342,10 @@ class HistoryRecorder:
             else:
                 self._note_clipping(step, raw, now)
         return torch.linalg.vector_norm(raw), micro
+
+    def _untouched(self, i, grad):
+        seen = self._raw_versions[i]
+        return seen is not None and seen[0] is grad and seen[1] == grad._version
 
     def _note_clipping(self, step, raw, now):
         """Gradients scaled between backward and record(): norm clipping (torch.nn.utils.clip_grad_norm_) scales every
