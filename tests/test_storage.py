@@ -136,7 +136,7 @@ def test_round_trip_keeps_every_tensor_meta_and_request(tmp_path, recorded, kind
     assert loaded.meta == json.loads(json.dumps(history.meta)) and loaded.requests == [{"forget": [3, 1], "method": "retrain", "model_digest": "cd" * 32}]
     assert loaded.path == path
     pointer, manifest = read_current(path)
-    assert manifest["format_version"] == 3 and manifest["kind"] == "GradientHistory"
+    assert manifest["format_version"] == 4 and manifest["kind"] == "GradientHistory"
     assert os.listdir(tmp_path) == ["h"]
     if kind == "full":
         forget = [0, 5, 7]
@@ -235,7 +235,7 @@ def test_every_pointer_bit_flip_and_manifest_flips_are_refused(tmp_path, recorde
     text = open(mpath).read()
     assert '"momentum":0.9' in text
     open(mpath, "w").write(text.replace('"momentum":0.9', '"momentum":0.8'))
-    with pytest.raises(ValueError, match="sha256 mismatch"):
+    with pytest.raises(ValueError, match="xxh3-128 mismatch"):
         uf.GradientHistory.load(path)
 
 
@@ -432,6 +432,48 @@ def test_requests_persist_and_append_durably(tmp_path, recorded):
     with pytest.raises(ValueError, match="replaced by another history"):
         history.append_request([1], "mini", "ee" * 32)
     assert uf.GradientHistory.load(path).requests == []
+
+
+def test_objects_are_named_by_their_xxh3_and_sha256_named_histories_still_load_and_grow(tmp_path, recorded):
+    import xxhash
+
+    history = fresh(recorded["full"][2])
+    path = history.save(str(tmp_path / "h"))
+    pointer, manifest = read_current(path)
+    names = [pointer["manifest"], manifest["data"], *(part["data"] for chunk in manifest["chunks"] for part in chunk["parts"].values())]
+    assert len(names) > 2  # the trajectory's chunks are objects too
+    for name in names:  # computed here with the xxhash package, not the store's code
+        assert name == xxhash.xxh3_128(open(os.path.join(path, "objects", name), "rb").read()).hexdigest()
+    # the same history as format version 3 wrote it: every object named by its sha256
+    old = str(tmp_path / "v3")
+    os.makedirs(os.path.join(old, "objects"))
+    rename = {n: put(old, open(os.path.join(path, "objects", n), "rb").read()) for n in names[1:]}
+    v3 = dict(manifest, format_version=3, data=rename[manifest["data"]],
+              chunks=[dict(c, parts={k: dict(part, data=rename[part["data"]]) for k, part in c["parts"].items()}) for c in manifest["chunks"]])
+    digest = put(old, json.dumps(v3).encode())
+    body = json.dumps({"format": "unlearn_fast.store", "format_version": 3, "manifest": digest}).encode()
+    open(os.path.join(old, "CURRENT"), "wb").write(body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n")
+    loaded = uf.GradientHistory.load(old)
+    assert fingerprint(loaded) == fingerprint(history)
+    # a request appended to it keeps its objects, names and all; a copy elsewhere verifies and keeps them too
+    loaded.append_request([3], "retrain", "ab" * 32)
+    pointer3, manifest3 = read_current(old)
+    assert manifest3["format_version"] == 4 and manifest3["data"] == rename[manifest["data"]] and len(pointer3["manifest"]) == 32
+    copied = uf.GradientHistory.load(loaded.save(str(tmp_path / "copy")))
+    assert fingerprint(copied) == fingerprint(loaded) and copied.requests == loaded.requests
+    # damage to an sha256-named object is found by sha256, to an XXH3-named one by XXH3
+    target = os.path.join(old, "objects", manifest3["data"])
+    raw = bytearray(open(target, "rb").read())
+    raw[-1] ^= 1
+    open(target, "wb").write(raw)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        uf.GradientHistory.load(old)
+    target = os.path.join(path, "objects", manifest["data"])
+    raw = bytearray(open(target, "rb").read())
+    raw[-1] ^= 1
+    open(target, "wb").write(raw)
+    with pytest.raises(ValueError, match="xxh3-128 mismatch"):
+        uf.GradientHistory.load(path)
 
 
 # ----------------------------------------------------------------------------- crashes and concurrency

@@ -86,6 +86,31 @@ def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memor
     assert torch.equal(flat_params(replay), flat_params(model))
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["linked", "copied"])
+def test_a_copy_of_a_streamed_history_shares_its_chunks_or_copies_them_verified(tmp_path, in_memory, links, monkeypatch):
+    data, batches, _, ref = in_memory
+    model, opt = new_run()
+    path = str(tmp_path / "h")
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=path)
+    rec.chunk_steps = 5
+    train(model, opt, rec, data, batches)
+    rec.finish(data, LOSS)
+    if not links:  # another file system: os.link fails with EXDEV and every chunk is copied
+        def cross_device(*args, **kwargs):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "link", cross_device)
+    copy_path = uf.GradientHistory.load(path).save(str(tmp_path / "copy"))
+    objects = lambda p: {n: os.stat(os.path.join(p, "objects", n)).st_ino for n in os.listdir(os.path.join(p, "objects"))}
+    src, dst = objects(path), objects(copy_path)
+    shared = [n for n in dst if n in src and src[n] == dst[n]]
+    assert len(shared) == (5 if links else 0)  # the 5 chunks' objects; the head and manifest are new files
+    # the original removed: the copy stands alone, with the same rows
+    import shutil
+    shutil.rmtree(path)
+    copied = uf.GradientHistory.load(copy_path)
+    assert torch.equal(rows(copied, "w"), rows(ref, "w")) and torch.equal(rows(copied, "g"), rows(ref, "g"))
+
+
 @pytest.mark.parametrize("flush_at", [(5,), (24,), (10, 10)], ids=["chunk-end", "last-step", "twice"])
 def test_a_flush_with_no_step_since_the_last_chunk_loads_and_resumes(tmp_path, in_memory, flush_at):
     # a flush right where a chunk was sealed (or at the last step, before finish, or twice in a row) has no new

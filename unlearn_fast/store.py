@@ -3,14 +3,15 @@
 GradientHistory and the language-model FirstEpochHistory both save through this module. A history
 is a directory (docs/storage.md):
 
-    path/CURRENT        pointer: one line of JSON {"format", "format_version", "manifest": <sha256>},
+    path/CURRENT        pointer: one line of JSON {"format", "format_version", "manifest": <digest>},
                         a newline, the sha256 of that line, a newline
-    path/objects/<sha>  immutable files named by the sha256 of their bytes: the manifest (JSON) and
-                        the data (one safetensors file with every tensor)
+    path/objects/<dig>  immutable files named by the digest of their bytes: the manifest (JSON) and
+                        the data (one safetensors file with every tensor); XXH3-128 (32 hex digits)
+                        since format version 4, sha256 (64 hex digits) before: the name says which
     path/LOCK           flock()ed by writers; path/tmp/ holds files being written
 
 The chain CURRENT -> manifest -> data is checksummed end to end, so any changed byte is a ValueError;
-object names are 64 hex digits checked before use, so no name read from a file can leave the
+object names are 32 or 64 hex digits checked before use, so no name read from a file can leave the
 directory; tensors are safetensors data (never pickle), read as views of the verified bytes after
 their header is checked against the manifest's dtypes and shapes.
 
@@ -41,12 +42,13 @@ import stat
 import uuid
 
 import torch
+import xxhash
 
 FORMAT = "unlearn_fast.store"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # version 2 had no chunks
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # version 2 had no chunks; 4 names new objects by XXH3-128 instead of sha256
 CURRENT, LOCK, OBJECTS, TMP = "CURRENT", "LOCK", "objects", "tmp"
-HEX64 = re.compile(r"[0-9a-f]{64}")
+OBJECT_NAME = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 READ_ATTEMPTS = 20  # a reader whose version is replaced mid-read starts over at most this often
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -92,6 +94,21 @@ def _canonical(obj):
 
 def _sha256(data):
     return hashlib.sha256(data).hexdigest()
+
+
+# An object's name is the digest of its bytes, and the name's length says which function: XXH3-128 for the objects
+# this version writes, sha256 for those of format version 3 and before (still read, and kept when copied). A digest
+# detects damage, not forgery: with no key, whoever can write the directory can write a consistent history, so the
+# cheaper hash loses nothing here. sha256 was three quarters of the background writer's CPU time (about 0.65 ms per MB
+# on the hosts measured, XXH3 0.04 ms: docs/storage.md), taken from training's cores at every chunk.
+DIGESTS = {32: ("xxh3-128", xxhash.xxh3_128), 64: ("sha256", hashlib.sha256)}
+
+
+def _digest_of(name_length, parts):
+    h = DIGESTS[name_length][1]()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
 
 
 def _content_digest(manifest):
@@ -181,11 +198,11 @@ def _writer(path):
         os.close(fd)  # releases the lock
 
 
-def _write_durably(path, parts):
+def _write_durably(path, parts, name_length=32):
     """A new file in tmp/ holding the concatenated buffers `parts`, hashed as written and flushed to
-    disk; (its name, its sha256)."""
+    disk; (its name, its digest: XXH3-128, or sha256 for name_length 64)."""
     tmp = os.path.join(path, TMP, uuid.uuid4().hex)
-    digest = hashlib.sha256()
+    digest = DIGESTS[name_length][1]()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for part in parts:
@@ -204,8 +221,8 @@ def _write_durably(path, parts):
     return tmp, digest.hexdigest()
 
 
-def _put_object(path, parts):
-    tmp, digest = _write_durably(path, parts)
+def _put_object(path, parts, name_length=32):
+    tmp, digest = _write_durably(path, parts, name_length)
     os.replace(tmp, os.path.join(path, OBJECTS, digest))
     return digest
 
@@ -213,7 +230,7 @@ def _put_object(path, parts):
 def _put_tensors(path, tensors):
     """`tensors` as one safetensors object (8-byte little-endian header length, JSON header padded to 8
     bytes, raw little-endian data), each tensor written from its own memory: saving a history of
-    several GB needs no second copy of it. Returns the object's sha256."""
+    several GB needs no second copy of it. Returns the object's name (its digest)."""
     header, offset = {}, 0
     tensors = dict(sorted(tensors.items(), key=lambda item: -item[1].element_size()))  # widest first: every tensor aligned
     for name, t in tensors.items():
@@ -242,7 +259,7 @@ def _remove(directory, keep):
     """Remove the files this module names (64 or 32 hex digits) in `directory`, except `keep`; anything
     else there is not ours and stays."""
     for name in os.listdir(directory):
-        if name not in keep and re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{64}", name):
+        if name not in keep and OBJECT_NAME.fullmatch(name):
             with contextlib.suppress(IsADirectoryError):
                 os.unlink(os.path.join(directory, name))
 
@@ -259,12 +276,31 @@ def _table(tensors):
     return {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for name, t in tensors.items()}
 
 
+def _link_object(source, path, name):
+    """Give `path` the immutable object `name` of the history at `source` as a hard link (no bytes copied; it is
+    verified, like every object, when read); False where the two directories cannot share a file (another file
+    system, links not supported), and the caller copies it. A checkpoint of a streamed recording holds every chunk
+    recorded so far: copied, each checkpoint would rewrite the whole recording."""
+    tmp = os.path.join(path, TMP, uuid.uuid4().hex)
+    try:
+        os.link(os.path.join(source, OBJECTS, name), tmp, follow_symlinks=False)
+    except FileNotFoundError:
+        raise ValueError(f"history: {source}/objects/{name} is gone (the history there was replaced or removed)") from None
+    except OSError:  # EXDEV, EPERM, EMLINK, ...
+        return False
+    if not stat.S_ISREG(os.lstat(tmp).st_mode):  # a link to a link or a device is not an object of ours
+        os.unlink(tmp)
+        return False
+    os.replace(tmp, os.path.join(path, OBJECTS, name))  # named in objects/ only now; _commit fsyncs the directory
+    return True
+
+
 def _put_part(path, part):
     """Store one chunk part (a dict of tensors, or a StoredPart) in `path`; its manifest entry."""
     if isinstance(part, StoredPart):
-        if os.path.abspath(part.path) != os.path.abspath(path):
+        if os.path.abspath(part.path) != os.path.abspath(path) and not _link_object(part.path, path, part.data):
             data, _ = _read_object(part.path, part.data)
-            if _put_object(path, [data]) != part.data:
+            if _put_object(path, [data], len(part.data)) != part.data:  # under its own name: the manifest's entry stays
                 raise ValueError(f"history: {part.path}/objects/{part.data} changed while being copied")
         return {"data": part.data, "tensors": part.tensors}
     tensors = _storable(part)
@@ -384,7 +420,7 @@ def _manifest_of(path, raw, kind):
         if not (isinstance(pointer, dict) and pointer.get("format") == FORMAT and pointer.get("format_version") in READABLE_VERSIONS):
             raise ValueError(f"history: {path}/{CURRENT} is format {pointer!r:.200}, expected {FORMAT} version {FORMAT_VERSION}")
         digest = pointer.get("manifest")
-        if not (isinstance(digest, str) and HEX64.fullmatch(digest)):
+        if not (isinstance(digest, str) and OBJECT_NAME.fullmatch(digest)):
             raise ValueError(f"history: {path}/{CURRENT} names no valid manifest object")
         data, fpath = _read_object(path, digest)
         manifest = json.loads(data)
@@ -395,10 +431,10 @@ def _manifest_of(path, raw, kind):
 
 
 def _read_object(path, digest):
-    fpath = os.path.join(path, OBJECTS, digest)  # digest is 64 hex digits: the name stays inside path
+    fpath = os.path.join(path, OBJECTS, digest)  # digest is 32 or 64 hex digits: the name stays inside path
     data = read_file(fpath)
-    if _sha256(data) != digest:
-        raise ValueError(f"history: {fpath} is corrupted (sha256 mismatch)")
+    if _digest_of(len(digest), [data]) != digest:
+        raise ValueError(f"history: {fpath} is corrupted ({DIGESTS[len(digest)][0]} mismatch)")
     return data, fpath
 
 
@@ -411,7 +447,7 @@ def _check_manifest(manifest, kind, where):
     need(manifest.get("format") == FORMAT and manifest.get("format_version") in READABLE_VERSIONS, f"has format {manifest.get('format')!r} version {manifest.get('format_version')!r}")
     need(manifest.get("kind") == kind, f"holds a {manifest.get('kind')!r}, not a {kind}")
     need(isinstance(manifest.get("info"), dict), "lacks its 'info' object")
-    need(isinstance(manifest.get("data"), str) and HEX64.fullmatch(manifest["data"]), "names no valid data object")
+    need(isinstance(manifest.get("data"), str) and OBJECT_NAME.fullmatch(manifest["data"]), "names no valid data object")
     def tensor_table(tensors):
         need(isinstance(tensors, dict), "lacks a 'tensors' object")
         for name, entry in tensors.items():
@@ -430,7 +466,7 @@ def _check_manifest(manifest, kind, where):
         need(isinstance(chunk, dict) and set(chunk) == {"steps", "mark", "parts"} and type(chunk["steps"]) is int and chunk["steps"] >= 0
              and (chunk["mark"] is None or isinstance(chunk["mark"], str)) and isinstance(chunk["parts"], dict), "has a malformed chunk")
         for part in chunk["parts"].values():
-            need(isinstance(part, dict) and set(part) == {"data", "tensors"} and isinstance(part["data"], str) and HEX64.fullmatch(part["data"]),
+            need(isinstance(part, dict) and set(part) == {"data", "tensors"} and isinstance(part["data"], str) and OBJECT_NAME.fullmatch(part["data"]),
                  "names no valid chunk object")
             tensor_table(part["tensors"])
     need(isinstance(manifest.get("requests"), list), "lacks its 'requests' list")
