@@ -2,6 +2,7 @@
 the background writer, equal bit for bit to the history recorded in memory, read back one chunk at a time (an
 ascent reads only the chunks holding its forget samples' rows), a killed run loads up to its last chunk and is
 refused by the methods, a damaged chunk is refused naming it, and no recording overwrites a history."""
+import copy
 import json
 import os
 import signal
@@ -198,6 +199,14 @@ def test_a_killed_recording_loads_up_to_its_last_chunk_and_methods_refuse_it(tmp
         FirstEpochRecorder(model, opt, policy(), path=path)
 
 
+def damage(fpath, data):
+    """Replace an object's file with `data` (a new file, not a write in place: a copied history may share the object's
+    file with the one it was copied from, by hard link)."""
+    with open(fpath + ".damaged", "wb") as f:
+        f.write(bytes(data))
+    os.replace(fpath + ".damaged", fpath)
+
+
 def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, recorded):
     ref = recorded["memory"]
     path = str(tmp_path / "h")
@@ -209,12 +218,12 @@ def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, recorded):
     fpath = os.path.join(path, "objects", digest)
     raw = bytearray(open(fpath, "rb").read())
     raw[-1] ^= 1
-    open(fpath, "wb").write(bytes(raw))
+    damage(fpath, raw)
     with pytest.raises(ValueError, match=f"{digest}.*corrupted"):
         history.row(1, 0)
     other = next(i for i in range(N) if where[(1, i)] != j)  # a row in another chunk still reads
     assert torch.equal(history.row(1, other), ref.row(1, other))
-    os.truncate(fpath, 100)
+    damage(fpath, raw[:100])
     with pytest.raises(ValueError, match=f"{digest}.*corrupted"):
         FirstEpochHistory.load(path).row(1, 0)
     # an index part is read at load: a damaged one refuses the load, naming it
@@ -222,7 +231,7 @@ def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, recorded):
     ipath = os.path.join(path, "objects", index)
     raw = bytearray(open(ipath, "rb").read())
     raw[-1] ^= 1
-    open(ipath, "wb").write(bytes(raw))
+    damage(ipath, raw)
     with pytest.raises(ValueError, match=f"{index}.*corrupted"):
         FirstEpochHistory.load(path)
     # a crafted version, every checksum right, whose chunk claims a row more than its tensors hold
@@ -280,3 +289,168 @@ def test_a_first_epoch_recording_streams_epoch_zero_only_and_its_manifest_says_s
     first = uf.lm.per_sample_gradients(new_run()[0], history.param_names, data.input_ids[last], data.labels[last])
     for k, i in enumerate(last.tolist()):
         assert torch.equal(history.row(0, i), expected[k]) and not torch.equal(expected[k], first[k])
+
+
+# ----------------------------------------------------------------------------- resume from a trainer checkpoint
+def run_steps(model, opt, rec, steps, data, start, stop, flush_after=None, epoch_ends=True):
+    """Steps start..stop-1 of the schedule, SGD on the LM loss, rec recording each batch. flush_after=t: after step t's
+    optimizer step, flush() and take a trainer checkpoint (model and optimizer state) before end_epoch(), as the HF
+    Trainer saves before on_epoch_end; returned. epoch_ends=False: no end_epoch() after the last step run."""
+    checkpoint = None
+    for t in range(start, stop):
+        epoch, batch = steps[t]
+        opt.zero_grad()
+        lm_loss(forward_logits(model, data.input_ids[batch]), data.labels[batch]).backward()
+        rec.record(batch, data.input_ids[batch], data.labels[batch])
+        opt.step()
+        if t == flush_after:
+            rec.flush()
+            checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict())}
+        if (t + 1 == len(steps) or steps[t + 1][0] != epoch) and (epoch_ends or t + 1 < stop):
+            rec.end_epoch()
+    return checkpoint
+
+
+def restored(checkpoint):
+    """A fresh model and optimizer holding a checkpoint's state (a new process resuming)."""
+    model, opt = new_run()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    return model, opt
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+EPOCH0_END = 4  # the schedule's step 4 is epoch 0's last (4 batches of 6, then one of 2)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, recorded):
+    """The run of `recorded`, stopped twice and resumed from its checkpoints, streamed in chunks of CHUNK rows:
+    run 1 flushes after step 1 (mid epoch 0: 12 rows, 2 chunks written and 2 rows open) and goes on to step 6 (into
+    epoch 1) before it stops; run 2 resumes there, flushes after step 4 (epoch 0's last step, before end_epoch(),
+    so training continues in epoch 1) and goes on to step 7; run 3 resumes there with epoch=1 and finishes."""
+    data, steps = recorded["data"], recorded["steps"]
+    path = str(tmp_path_factory.mktemp("resume") / "h")
+    model, opt = new_run()
+    rec = FirstEpochRecorder(model, opt, policy(), path=path)
+    rec.chunk_rows = CHUNK
+    first = run_steps(model, opt, rec, steps, data, 0, 7, flush_after=1)
+    rec.close()  # (the open rows of step 6 are written too: more chunks after the mark to drop)
+    chunks_1 = [(c["steps"], c["mark"] is not None) for c in FirstEpochHistory.load(path).chunks]
+    model, opt = restored(first)
+    rec = FirstEpochRecorder.resume(path, model, opt)
+    rec.chunk_rows = CHUNK
+    state_2 = dict(epoch=rec.epoch, rows=rec.rows, lrs=list(rec.lrs))
+    second = run_steps(model, opt, rec, steps, data, 2, 8, flush_after=EPOCH0_END)
+    rec.close()
+    model, opt = restored(second)
+    rec = FirstEpochRecorder.resume(path, model, opt, epoch=1)
+    rec.chunk_rows = CHUNK
+    state_3 = dict(epoch=rec.epoch, rows=rec.rows, lrs=list(rec.lrs))
+    run_steps(model, opt, rec, steps, data, EPOCH0_END + 1, len(steps))
+    return dict(path=path, model=model, history=rec.finish(), chunks_1=chunks_1, state_2=state_2, state_3=state_3)
+
+
+def test_a_recording_resumed_from_trainer_checkpoints_equals_the_uninterrupted_one(recorded, resumed):
+    ref, data, steps = recorded["memory"], recorded["data"], recorded["steps"]
+    # run 1 streamed chunks after its flush (rows of steps 2-6), which the resume drops: 12 rows, then 5 + 5 + ...
+    assert resumed["chunks_1"][:3] == [(5, False), (5, False), (2, True)] and sum(n for n, _ in resumed["chunks_1"]) == 6 * BATCH + 2
+    assert resumed["state_2"] == {"epoch": 0, "rows": 2 * BATCH, "lrs": [0.05]}
+    assert resumed["state_3"] == {"epoch": 1, "rows": 4 * BATCH + 2, "lrs": [0.05]}  # epoch 0 whole: 26 rows
+    # the trainer resumed exactly: the same final weights as the uninterrupted run
+    assert torch.equal(flat(resumed["model"]), flat(recorded["model"]))
+    for history in (resumed["history"], FirstEpochHistory.load(resumed["path"], model=resumed["model"])):
+        assert history.complete and (history.kind, history.codec, history.blocksize) == (ref.kind, ref.codec, ref.blocksize)
+        assert (history.param_names, history.shapes, history.dtypes) == (ref.param_names, ref.shapes, ref.dtypes)
+        assert history.n_epochs == ref.n_epochs == 2 and history.lrs == ref.lrs == [0.05, 0.05]
+        # every streamed row is one the schedule recorded once, the dropped chunks gone: 26 + 24 rows, epoch 0's in
+        # chunks cut short by the flushes (marked), epoch 1's from a fresh chunk
+        assert [(c["steps"], c["mark"] is not None) for c in history.chunks] == [
+            (5, False), (5, False), (2, True), (5, False), (5, False), (4, True), (5, False), (5, False), (5, False), (5, False), (4, False)]
+        for e in range(2):
+            assert torch.equal(history.epochs[e]["index"], ref.epochs[e]["index"])
+            for i in range(N):
+                assert torch.equal(history.row(e, i), ref.row(e, i)), (e, i)
+        assert all(torch.equal(history.activations[k], ref.activations[k]) for k in ("index", "values"))
+    # the stored facts as well, but the recording time
+    info = {k: v for k, v in store.read(resumed["path"], "FirstEpochHistory").info.items() if k != "record_seconds"}
+    assert info == {k: v for k, v in store.read(recorded["path"], "FirstEpochHistory").info.items() if k != "record_seconds"}
+    # the methods give the same model from both, bit for bit (fixed-scale ascent, and the fisher guard over retain rows)
+    for options in ({}, {"retain_guard": "fisher", "epochs": [1]}):
+        a, b = (flat(uf.unlearn(recorded["model"], h, FORGET, data, None, method="first_epoch_ascent", calibrate=False, **options).model)
+                for h in (ref, FirstEpochHistory.load(resumed["path"])))
+        assert torch.equal(a, b) and not torch.equal(a, flat(recorded["model"]))
+
+
+def test_a_flush_after_end_epoch_marks_a_chunk_of_no_rows_and_the_resume_continues_in_the_next_epoch(tmp_path, recorded):
+    """kind="first_epoch": a checkpoint after end_epoch() of epoch 0 (nothing open: the flush writes a chunk of no rows,
+    carrying the mark and epoch 1); resumed there, epoch 1 is not recorded and epoch 0's rows are the uninterrupted run's."""
+    ref, data, steps = recorded["memory"], recorded["data"], recorded["steps"]
+    path = str(tmp_path / "h")
+    model, opt = new_run()
+    rec = FirstEpochRecorder(model, opt, policy("first_epoch"), path=path)
+    rec.chunk_rows = CHUNK
+    run_steps(model, opt, rec, steps, data, 0, EPOCH0_END + 1)  # epoch 0, ended
+    rec.flush()
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict())}
+    run_steps(model, opt, rec, steps, data, EPOCH0_END + 1, EPOCH0_END + 3)
+    rec.close()
+    chunks = FirstEpochHistory.load(path).chunks
+    assert [(c["steps"], c["mark"] is not None) for c in chunks] == [(5, False)] * 5 + [(1, False), (0, True)]
+    model, opt = restored(checkpoint)
+    rec = FirstEpochRecorder.resume(path, model, opt)
+    assert (rec.epoch, rec.rows, rec.lrs) == (1, 4 * BATCH + 2, [0.05])
+    run_steps(model, opt, rec, steps, data, EPOCH0_END + 1, len(steps))
+    history = rec.finish()
+    assert torch.equal(flat(model), flat(recorded["model"]))
+    assert history.complete and history.n_epochs == 1 and history.lrs == [0.05] and len(history.chunks) == 7
+    assert torch.equal(history.epochs[0]["index"], ref.epochs[0]["index"])
+    assert all(torch.equal(history.row(0, i), ref.row(0, i)) for i in range(N))
+    assert all(torch.equal(history.activations[k], ref.activations[k]) for k in ("index", "values"))
+
+
+def test_resume_refuses_what_does_not_match_naming_it_and_leaves_the_recording_as_it_was(tmp_path, recorded):
+    data, steps = recorded["data"], recorded["steps"]
+    path = str(tmp_path / "h")
+    model, opt = new_run()
+    rec = FirstEpochRecorder(model, opt, policy(), path=path)
+    rec.chunk_rows = CHUNK
+    checkpoint = run_steps(model, opt, rec, steps, data, 0, 3, flush_after=1)  # then step 2: the stopped run's weights
+    rec.close()
+    with pytest.raises(RuntimeError, match="flush"):
+        rec.flush()
+    current = open(os.path.join(path, "CURRENT"), "rb").read()
+
+    def refused(match, model, **kwargs):
+        with pytest.raises(ValueError, match=match):
+            FirstEpochRecorder.resume(path, model, opt, **kwargs)
+        assert open(os.path.join(path, "CURRENT"), "rb").read() == current
+
+    refused(r"model: the recording .* another model \(recorded parameter .* vs model parameter .*; 16 recorded vs 28 model",
+            build_gpt2(n_layer=2, n_embd=16, n_head=2, n_positions=32, seed=0))
+    # weights of no flush point: the initial ones, the stopped run's (a step past the flush), the checkpoint's changed
+    refused("model: its weights match none of the 1 flush points", new_run()[0])
+    refused("model: its weights match none of the 1 flush points", model)
+    changed, _ = restored(checkpoint)
+    with torch.no_grad():
+        changed.transformer.wpe.weight[0, 0] += 1e-3
+    refused("model: its weights match none", changed)
+    at, _ = restored(checkpoint)
+    refused(r"policy: differs .* \(recorded, now\): \{'codec': \('int8', 'fp32'\)\}", at, policy=policy(codec="fp32"))
+    refused(r"policy: differs .*\{'activations': \(True, False\)\}", at, policy=policy(activations=False))
+    refused(r"policy: differs .*\{'kind': \('all_epochs', 'first_epoch'\)\}", at, policy=policy("first_epoch"))
+    refused("policy: a HistoryPolicy", at, policy="all")
+    refused("epoch: .* flushed in epoch 0; it continues there or later, got -1", at, epoch=-1)
+    with pytest.raises(ValueError, match="path: .* holds a finished history"):
+        FirstEpochRecorder.resume(recorded["path"], recorded["model"], opt)
+    with pytest.raises(ValueError, match="holds no history"):
+        FirstEpochRecorder.resume(str(tmp_path / "nothing"), at, opt)
+    # untouched: the checkpoint's model still resumes it (the steps after the flush dropped), with the policy given too
+    rec = FirstEpochRecorder.resume(path, at, restored(checkpoint)[1], policy=policy())
+    assert (rec.epoch, rec.rows) == (0, 2 * BATCH) and [c["steps"] for c in FirstEpochHistory.load(path).chunks] == [5, 5, 2]
+    rec.close()
+    memory = FirstEpochRecorder(at, opt, policy())
+    memory.flush()  # (no path: nothing to make durable)

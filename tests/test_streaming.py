@@ -86,8 +86,12 @@ def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memor
     assert torch.equal(flat_params(replay), flat_params(model))
 
 
-@pytest.mark.parametrize("links", [True, False], ids=["linked", "copied"])
-def test_a_copy_of_a_streamed_history_shares_its_chunks_or_copies_them_verified(tmp_path, in_memory, links, monkeypatch):
+@pytest.mark.parametrize("how", ["linked", "cross-device", "save"])
+def test_copies_of_a_streamed_history_share_its_chunks_only_when_asked(tmp_path, in_memory, how, monkeypatch):
+    # a trainer checkpoint's copy of the recording links its chunk files (store.stored_chunks(link=True)): else each
+    # checkpoint rewrites the whole recording; history.save(elsewhere) copies them (a copy that survives the original)
+    from unlearn_fast import store
+
     data, batches, _, ref = in_memory
     model, opt = new_run()
     path = str(tmp_path / "h")
@@ -95,15 +99,20 @@ def test_a_copy_of_a_streamed_history_shares_its_chunks_or_copies_them_verified(
     rec.chunk_steps = 5
     train(model, opt, rec, data, batches)
     rec.finish(data, LOSS)
-    if not links:  # another file system: os.link fails with EXDEV and every chunk is copied
-        def cross_device(*args, **kwargs):
-            raise OSError(18, "Invalid cross-device link")
-        monkeypatch.setattr(os, "link", cross_device)
-    copy_path = uf.GradientHistory.load(path).save(str(tmp_path / "copy"))
+    copy_path = str(tmp_path / "copy")
+    if how == "save":
+        uf.GradientHistory.load(path).save(copy_path)
+    else:
+        if how == "cross-device":  # another file system: os.link fails with EXDEV, and the chunks are copied
+            def cross_device(*args, **kwargs):
+                raise OSError(18, "Invalid cross-device link")
+            monkeypatch.setattr(os, "link", cross_device)
+        snap = store.read(path, "GradientHistory")
+        store.write(copy_path, "GradientHistory", snap.info, snap.tensors, (), store.stored_chunks(path, snap.chunks, link=True))
     objects = lambda p: {n: os.stat(os.path.join(p, "objects", n)).st_ino for n in os.listdir(os.path.join(p, "objects"))}
     src, dst = objects(path), objects(copy_path)
     shared = [n for n in dst if n in src and src[n] == dst[n]]
-    assert len(shared) == (5 if links else 0)  # the 5 chunks' objects; the head and manifest are new files
+    assert len(shared) == (10 if how == "linked" else 0)  # 5 chunks x (schedule, rows)
     # the original removed: the copy stands alone, with the same rows
     import shutil
     shutil.rmtree(path)

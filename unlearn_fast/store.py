@@ -72,19 +72,22 @@ class Snapshot:
 @dataclasses.dataclass
 class StoredPart:
     """A chunk part already stored as object `data` of the history at `path` (written again only where a
-    version goes to another directory: then its verified bytes are copied)."""
+    version goes to another directory: then its verified bytes are copied, or with `link` the file is hard-linked)."""
 
     path: str
     data: str
     tensors: dict
+    link: bool = False
 
 
-def stored_chunks(path, chunks, marks=None):
+def stored_chunks(path, chunks, marks=None, link=False):
     """The manifest `chunks` of the history at `path` as write()'s (steps, mark, {part: StoredPart}) entries, to write
     them into another version by reference (or, in another directory, as verified copies); `marks` replaces their
-    marks where given."""
+    marks where given. link: in another directory, share each chunk's file instead of copying it, where the file
+    system allows (_link_object): for copies of one run's recording (a trainer's checkpoints), not for a copy meant
+    to survive damage to the original."""
     return [(c["steps"], c["mark"] if marks is None else marks[j],
-             {name: StoredPart(path, part["data"], part["tensors"]) for name, part in c["parts"].items()}) for j, c in enumerate(chunks)]
+             {name: StoredPart(path, part["data"], part["tensors"], link) for name, part in c["parts"].items()}) for j, c in enumerate(chunks)]
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -279,8 +282,9 @@ def _table(tensors):
 def _link_object(source, path, name):
     """Give `path` the immutable object `name` of the history at `source` as a hard link (no bytes copied; it is
     verified, like every object, when read); False where the two directories cannot share a file (another file
-    system, links not supported), and the caller copies it. A checkpoint of a streamed recording holds every chunk
-    recorded so far: copied, each checkpoint would rewrite the whole recording."""
+    system, links not supported), and the caller copies it. A trainer checkpoint's copy of a streamed recording
+    holds every chunk recorded so far: copied, each checkpoint would rewrite the whole recording. Linked files are
+    one file: damage to it (never a write of ours: objects are immutable) shows in both histories."""
     tmp = os.path.join(path, TMP, uuid.uuid4().hex)
     try:
         os.link(os.path.join(source, OBJECTS, name), tmp, follow_symlinks=False)
@@ -298,7 +302,7 @@ def _link_object(source, path, name):
 def _put_part(path, part):
     """Store one chunk part (a dict of tensors, or a StoredPart) in `path`; its manifest entry."""
     if isinstance(part, StoredPart):
-        if os.path.abspath(part.path) != os.path.abspath(path) and not _link_object(part.path, path, part.data):
+        if os.path.abspath(part.path) != os.path.abspath(path) and not (part.link and _link_object(part.path, path, part.data)):
             data, _ = _read_object(part.path, part.data)
             if _put_object(path, [data], len(part.data)) != part.data:  # under its own name: the manifest's entry stays
                 raise ValueError(f"history: {part.path}/objects/{part.data} changed while being copied")

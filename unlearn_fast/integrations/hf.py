@@ -32,6 +32,9 @@ checkpoint (meta["checkpoint"]). trainer.train(resume_from_checkpoint=...) after
 copy, checks it against the restored Trainer (weights digest, global step, n_train, policy, parameter names,
 settings), copies it to a new recording directory and continues it with HistoryRecorder.resume: the finished history
 equals an uninterrupted run's (schedule, trajectory rows, Mini's checkpoints). The checkpoint is only read.
+A per_sample= recording (lm.FirstEpochRecorder) of a resumable run streams beside it (<run directory>PER_SAMPLE_SUFFIX),
+is flushed and copied into checkpoint-<step>/PER_SAMPLE_DIR by on_save, and is continued from that copy
+(FirstEpochRecorder.resume) by a resumed train(): its rows equal an uninterrupted run's.
 """
 import collections
 import dataclasses
@@ -55,6 +58,10 @@ from ..methods._common import graph_leaves
 
 INDEX_KEY = "uf_index"
 HISTORY_DIR = "unlearn_history"  # saved inside each checkpoint-<step> folder of the Trainer
+# a resumable per_sample= recording: its copy in each checkpoint-<step> folder, and the suffix of the directory it streams
+# to (beside the run's step recording)
+PER_SAMPLE_DIR = "unlearn_per_sample_history"
+PER_SAMPLE_SUFFIX = "-per_sample"
 # a run that saves checkpoints streams its recording to <output_dir>/RECORDING_DIR/run-<time>-<id> (one directory per
 # train() call, resumed ones included); each checkpoint gets a copy of it as it stands at that step
 RECORDING_DIR = "unlearn_recording"
@@ -263,9 +270,6 @@ class HistoryCallback(TrainerCallback):
             resumable = bool(save_history) and str(strategy) != "no"
         if resumable and not save_history:
             raise ValueError("hf.record: resumable=True needs save_history=True (a resume continues the history saved with its checkpoint)")
-        if resumable and per_sample is not None:
-            raise ValueError("hf.record: per_sample= recording keeps its first-epoch rows in memory and cannot be resumed; pass "
-                             "resumable=False (checkpoints then hold the schedule only, and a resumed train() is refused)")
         self.world_size = int(trainer.args.world_size)
         if self.world_size > 1:
             if resumable:
@@ -348,19 +352,25 @@ class HistoryCallback(TrainerCallback):
         allow = ("accumulation",) if self.accumulation > 1 else ()
         if self.recorder is not None:
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
-        self._prior, self._recorded_meta = {}, None
+        if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
+            self.per_sample.close()  # (its writer thread stops; the history there stays unfinished)
+        self._prior, self._recorded_meta, self._per_sample_history = {}, None, None
+        per_sample = None
         if self.world_size > 1:
             self.recorder = self._distributed(state, optimizer, allow)
         elif state.global_step > 0:
-            self.recorder = self._continue(args, state, model, optimizer, allow, checkpoint)
+            self.recorder, per_sample = self._continue(args, state, model, optimizer, allow, checkpoint)
         else:
             self.resumed_from = []
             path = self._new_recording_path(args) if self.resumable else None
             self.recorder = _Recorder(model, optimizer, self.policy, allow=allow, path=path)
-        if self.per_sample_policy is not None:
+        if self.per_sample_policy is not None and per_sample is None:
             from ..lm.recording import FirstEpochRecorder
 
-            self.per_sample = FirstEpochRecorder(model, optimizer, self.per_sample_policy)
+            # streamed beside the step recording when that one is (resumable): on_save copies it into each checkpoint
+            path = None if self.recorder.path is None else self.recorder.path + PER_SAMPLE_SUFFIX
+            per_sample = FirstEpochRecorder(model, optimizer, self.per_sample_policy, path=path)
+        self.per_sample = per_sample
         self.queue, self.inputs, self.micro_batches = [], [], 0
 
     def _distributed(self, state, optimizer, allow):
@@ -428,8 +438,23 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"checkpoint at global step {state.global_step}: the recording at {self.recorder.path} holds "
                              f"{sum(c['steps'] for c in snap.chunks)} steps after flush()")
         # the last chunk ends at this step: it carries the weights' digest (flush() marks it, unless it was sealed before)
-        chunks = store.stored_chunks(self.recorder.path, snap.chunks, [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]])
+        chunks = store.stored_chunks(self.recorder.path, snap.chunks, [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]], link=True)
         store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (), chunks)
+        if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
+            self._save_per_sample(os.path.join(os.path.dirname(path), PER_SAMPLE_DIR), state.global_step, history.meta["final_digest"])
+
+    def _save_per_sample(self, path, step, digest):
+        """The per-sample recording as it stands, copied into the checkpoint (chunks and flush marks included, like the
+        step recording's copy): flushed first, so its last chunk carries the checkpoint weights' digest that
+        FirstEpochRecorder.resume looks for; bound to the checkpoint (info["checkpoint"])."""
+        rec = self.per_sample
+        rec.flush()
+        snap = store.read(rec.path, "FirstEpochHistory")
+        if not snap.chunks or snap.chunks[-1]["mark"] != digest:
+            raise ValueError(f"checkpoint at global step {step}: the per-sample recording at {rec.path} does not end with a flush mark "
+                             "of the checkpoint's weights")
+        info = dict(snap.info, checkpoint={"global_step": step, "weights_digest": digest})
+        store.write(path, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(rec.path, snap.chunks, link=True))
 
     # -- resume
     def _new_recording_path(self, args):
@@ -445,8 +470,6 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"resume: training starts at global step {step}, not from a checkpoint passed to trainer.train(resume_from_checkpoint=...) "
                              "after hf.record(trainer); the recorder cannot tell which history to continue")
         where = f"resume_from_checkpoint={checkpoint!r}"
-        if self.per_sample_policy is not None:
-            raise ValueError(f"resume: {where}: a per_sample= recording keeps its first-epoch rows in memory and cannot be resumed")
         if not self.resumable:
             raise ValueError(f"resume: {where}: hf.record(..., resumable=False) records in memory and cannot continue a recording; "
                              "record with resumable=True (the default when checkpoints are saved)")
@@ -490,19 +513,51 @@ class HistoryCallback(TrainerCallback):
             problems.append(f"the restored weights' digest {digest[:16]} is not the one the history was saved with "
                             f"({str(mark.get('weights_digest'))[:16]}): the checkpoint's weights were modified or replaced, or its "
                             "history belongs to another run")
+        per_sample_path, epoch = os.path.join(checkpoint, PER_SAMPLE_DIR), int(state.epoch or 0)
+        if self.per_sample_policy is not None:
+            problems += self._per_sample_problems(per_sample_path, model, step, epoch)
         if problems:
             raise ValueError(f"resume: {where} does not match the history saved with it ({path}): {'; '.join(problems)}. Nothing was "
                              "recorded or changed; resume from an unmodified checkpoint of this run, with the same data and settings")
         snap = store.read(path, "GradientHistory")
         new = self._new_recording_path(args)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
-        chunks = store.stored_chunks(path, snap.chunks)
+        chunks = store.stored_chunks(path, snap.chunks, link=True)
         store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), chunks)
         recorder = _Recorder.resume(new, model, optimizer, allow=allow)
+        per_sample = None
+        if self.per_sample_policy is not None:  # the same: a copy of the checkpoint's, continued
+            from ..lm.recording import FirstEpochRecorder
+
+            snap = store.read(per_sample_path, "FirstEpochHistory")
+            info = {k: v for k, v in snap.info.items() if k != "checkpoint"}
+            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(per_sample_path, snap.chunks, link=True))
+            per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
         self._prior = dict(history.meta.get("recording") or {})
         self._recorded_meta = {k: history.meta[k] for k in ("optimizer", "group_of_param") if k in history.meta}
         self.resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
-        return recorder
+        return recorder, per_sample
+
+    def _per_sample_problems(self, path, model, step, epoch):
+        """Why the per-sample recording saved at `path` cannot be continued by this run (read only; [] if it can).
+        epoch: the one the Trainer resumes in (its global step // updates per epoch, int(state.epoch) as restored),
+        which is past the flush's when the checkpoint was saved at an epoch's last step (on_save runs before
+        on_epoch_end)."""
+        from ..lm.recording import FirstEpochRecorder
+
+        if not os.path.isdir(path):
+            return [f"it holds no {PER_SAMPLE_DIR!r}, the per-sample recording per_sample= continues (saved without per_sample= or "
+                    "with resumable=False); the rows of the steps before it are not recorded"]
+        problems = []
+        try:
+            mark = store.read(path, "FirstEpochHistory").info.get("checkpoint")
+            if not isinstance(mark, dict) or mark.get("global_step") != step:
+                problems.append(f"the per-sample recording {path} was saved at global step "
+                                f"{mark.get('global_step') if isinstance(mark, dict) else None}, the Trainer resumes at {step}")
+            FirstEpochRecorder.check_resume(path, model, self.per_sample_policy, epoch=epoch)
+        except ValueError as err:
+            problems.append(f"the per-sample recording {path}: {err}")
+        return problems
 
     # -- results
     @property
@@ -671,9 +726,10 @@ def record(trainer, policy=None, allow_dropout=False, save_history=True, per_sam
     per_sample: a HistoryPolicy of kind "first_epoch" / "all_epochs" (per_sample=True) to record, besides the
     step history, each sample's gradient for first_epoch_ascent (cb.per_sample_history()).
     resumable: stream the recording to disk (recording_dir, default <output_dir>/unlearn_recording, one new
-    directory per train() call) and save a copy of it with every checkpoint, so that
-    trainer.train(resume_from_checkpoint=...) continues it. Default: when the Trainer saves checkpoints
-    (save_strategy != "no"). False: in memory; checkpoints hold the schedule only and a resume is refused.
+    directory per train() call; a per_sample= recording beside it, PER_SAMPLE_SUFFIX) and save a copy of it with
+    every checkpoint (HISTORY_DIR, PER_SAMPLE_DIR), so that trainer.train(resume_from_checkpoint=...) continues it.
+    Default: when the Trainer saves checkpoints (save_strategy != "no"). False: in memory; checkpoints hold the
+    schedule only and a resume is refused.
 
     Wraps trainer.train_dataset (examples gain INDEX_KEY) and trainer.data_collator, registers a forward
     pre-hook on trainer.model that takes the indices out, adds the callback, and wraps trainer.train to learn

@@ -10,10 +10,14 @@ checksummed versions, no pickle; docs/storage.md). Single-file histories of form
 FirstEpochRecorder(..., path=DIR) streams the history to DIR while it records, as HistoryRecorder(path=) does
 (the same store.append_chunk versions, the same background writer): rows are encoded at record() and appended
 in chunks, so memory does not grow with the number of samples; a history loaded from chunks reads its rows one
-chunk at a time when a method needs them.
+chunk at a time when a method needs them. flush() marks a durable point with the weights' digest, and
+FirstEpochRecorder.resume continues the recording from a trainer checkpoint saved there (HistoryRecorder.resume's
+scheme: the chunks after the mark are dropped, the trainer repeats their steps).
 """
 import collections
+import dataclasses
 import fnmatch
+import json
 import os
 import time
 import uuid
@@ -22,7 +26,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .. import ops, store
-from ..history import CHUNK_BYTES, row_bytes
+from ..history import CHUNK_BYTES, HistoryPolicy, param_spec, row_bytes, weights_digest
 from ..recording import _ChunkWriter
 from .training import check_fits, eager_attention, eval_mode, sample_losses
 
@@ -121,7 +125,7 @@ def _encode(rows, codec, blocksize):
     return {"values": rows.to(torch.bfloat16 if codec == "bf16" else torch.float32).clone()}
 
 
-def _info(kind, codec, blocksize, names, shapes, dtypes, n_epochs, lrs, seconds, recording=None):
+def _info(kind, codec, blocksize, names, shapes, dtypes, n_epochs, lrs, seconds, recording=None, recorder=None):
     info = {
         "kind": kind, "codec": codec, "blocksize": blocksize,
         "params": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in zip(names, shapes, dtypes)],
@@ -129,6 +133,8 @@ def _info(kind, codec, blocksize, names, shapes, dtypes, n_epochs, lrs, seconds,
     }
     if recording is not None:  # set while a recorder streams to the directory (gone once it finishes)
         info["recording"] = recording
+        if recorder is not None:  # what FirstEpochRecorder.resume checks: {"policy", "param_spec"} (gone once it finishes)
+            info["recorder"] = recorder
     return info
 
 
@@ -161,6 +167,7 @@ class FirstEpochHistory:
         self.record_seconds = record_seconds
         self.path = None  # the directory saved to or loaded from
         self.recording_id = None  # a streamed recording that did not finish
+        self.recorder_facts = None  # an unfinished recording: the settings FirstEpochRecorder.resume checks (kept by save)
         self.chunks = []  # a chunked (streamed) history: the stored chunks (manifest entries) holding the rows
         self._located = None  # a chunked history: per epoch, (chunk, row in it) of each position of epochs[e]["index"]
         self._row_cache, self._cached_bytes = collections.OrderedDict(), 0
@@ -347,7 +354,8 @@ class FirstEpochHistory:
                 raise ValueError(f"path: {where}: chunk {j} holds epoch {epoch} or negative sample indices")
             if head["lr"].numel():
                 lrs.setdefault(epoch, float(head["lr"][0]))
-            by_epoch[epoch].append((j, index))
+            if index.numel():  # (a chunk of no rows carries a flush mark only: it makes no epoch)
+                by_epoch[epoch].append((j, index))
         self.chunks, self.epochs, self._located = list(chunks), [], []
         for epoch in sorted(by_epoch):  # epochs without rows are skipped, as in memory
             pieces = by_epoch[epoch]
@@ -377,7 +385,7 @@ class FirstEpochHistory:
         """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle). A chunked
         history keeps its chunks: by reference in its own directory, copied (verified) to another one."""
         info = _info(self.kind, self.codec, self.blocksize, self.param_names, self.shapes, self.dtypes, self.n_epochs, self.lrs,
-                     self.record_seconds, self.recording_id)
+                     self.record_seconds, self.recording_id, self.recorder_facts if self.recording_id is not None else None)
         if self._located is None:
             store.write(path, "FirstEpochHistory", info, self._tensors())
         else:
@@ -422,6 +430,7 @@ class FirstEpochHistory:
                 raise ValueError(f"path: {where}: the manifest says {info['n_epochs']} epochs, the chunks hold {history.n_epochs}")
             if recording is not None:  # a killed recording: the learning rates its chunks carry
                 history.recording_id, history.lrs = recording, lrs
+                history.recorder_facts = info.get("recorder")
             return history
         epochs = []
         for e in range(info["n_epochs"]):
@@ -462,7 +471,10 @@ class FirstEpochRecorder:
     record(), and every `chunk_rows` rows (about 64 MiB; an epoch ends its last chunk) are appended by a
     background thread through store.append_chunk, so memory holds the open chunk and at most two waiting
     ones, however many samples the run has; a run killed at any moment leaves a history that loads up to its
-    last chunk. A directory that already holds a history is refused (recording never overwrites one)."""
+    last chunk. A directory that already holds a history is refused (recording never overwrites one).
+
+    flush() makes every recorded row durable and marks the point with the model's weights digest; a trainer
+    checkpoint saved right after it can continue the recording: FirstEpochRecorder.resume(path, model, optimizer)."""
 
     def __init__(self, model, optimizer, policy, chunk_size=16, path=None):
         if policy.kind not in PER_SAMPLE_KINDS:
@@ -502,7 +514,8 @@ class FirstEpochRecorder:
 
     def _info(self, n_epochs, recording=None):
         p = self.policy
-        return _info(p.kind, p.codec, p.blocksize, self.names, self.shapes, self.dtypes, n_epochs, self.lrs, self.seconds, recording)
+        return _info(p.kind, p.codec, p.blocksize, self.names, self.shapes, self.dtypes, n_epochs, self.lrs, self.seconds, recording,
+                     {"policy": _policy_facts(p), "param_spec": [list(s) for s in param_spec(self.model)]})
 
     def _recording(self):
         return self.policy.kind == "all_epochs" or self.epoch == 0
@@ -541,9 +554,17 @@ class FirstEpochRecorder:
         self.rows += indices.numel()
         self.seconds += time.perf_counter() - start
 
-    def _seal(self, whole=True):
-        """Hand the open rows to the writer in chunks of chunk_rows (whole=True: the rest too, as a last shorter chunk)."""
+    def _seal(self, whole=True, mark=None):
+        """Hand the open rows to the writer in chunks of chunk_rows (whole=True: the rest too, as a last shorter chunk).
+        mark (flush): the last chunk carries it; with no open rows, a chunk of no rows does (resume finds the
+        recorder's epoch at the mark in its index part)."""
         if not self._open:
+            if mark is not None:
+                lr = torch.tensor(self.lrs[self.epoch : self.epoch + 1], dtype=torch.float64)
+                numel = sum(int(torch.Size(s).numel()) for s in self.shapes)
+                empty = {k: t[:0] for k, t in _encode(torch.zeros(1, numel), self.policy.codec, self.policy.blocksize).items()}
+                parts = {"index": {"index": torch.zeros(0, dtype=torch.int64), "epoch": torch.tensor([self.epoch]), "lr": lr}, "rows": empty}
+                self._writer.put((0, parts, mark, None))
             return
         if len(self._open) == 1:  # (no copy of a single batch)
             index, encoded, hidden = self._open[0]
@@ -559,7 +580,8 @@ class FirstEpochRecorder:
                      "rows": {k: t[start:stop] for k, t in encoded.items()}}
             if hidden is not None:
                 parts["activations"] = {"values": hidden[start:stop]}
-            self._writer.put((stop - start, parts, None, None))  # blocks while two chunks wait: memory stays bounded
+            # blocks while two chunks wait: memory stays bounded
+            self._writer.put((stop - start, parts, mark if whole and stop == n else None, None))
             start = stop
         rest = (index[start:].clone(), {k: t[start:].clone() for k, t in encoded.items()}, None if hidden is None else hidden[start:].clone())
         self._open, self._open_rows = ([rest] if start < n else []), n - start
@@ -569,6 +591,21 @@ class FirstEpochRecorder:
             self._raise_writer_error("end_epoch")
             self._seal()  # a chunk holds rows of one epoch
         self.epoch += 1
+
+    def flush(self):
+        """Make every row recorded so far durable at `path` (blocks until written) and mark this point with the
+        model's weights digest (uf.history.weights_digest), so that FirstEpochRecorder.resume can continue the
+        recording from a trainer checkpoint saved now: call it when the trainer saves one, after optimizer.step().
+        The open rows are written as a shorter chunk (the rows, not the chunk boundaries, make the history).
+        Without a path: nothing to do."""
+        if self.finished:
+            raise RuntimeError("FirstEpochRecorder: flush() called after finish() or close()")
+        if self.path is None:
+            return
+        self._raise_writer_error("flush")
+        self._seal(mark=weights_digest(self.model))
+        self._writer.join()
+        self._raise_writer_error("flush")
 
     def close(self):
         """Stop a streamed recording without finishing it: every recorded row is written, the history at `path`
@@ -618,3 +655,86 @@ class FirstEpochRecorder:
             self.policy.kind, self.policy.codec, self.policy.blocksize, self.names, self.shapes, self.dtypes,
             epochs, self.lrs, activations, self.seconds,
         )
+
+    # ------------------------------------------------------------------ resume
+    @classmethod
+    def check_resume(cls, path, model, policy=None, epoch=None):
+        """What resume() checks, reading only: ValueError naming what does not match, else the plan resume()
+        follows ({"policy", "recording_id", "mark" (the chunk index), "epoch", "rows", "lrs"})."""
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        history = FirstEpochHistory.load(path)  # (checks every chunk's tables and reads their index parts)
+        if history.recording_id is None:
+            raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
+        facts = history.recorder_facts
+        if not (isinstance(facts, dict) and isinstance(facts.get("policy"), dict) and isinstance(facts.get("param_spec"), list)):
+            raise ValueError(f"path: the recording at {path!r} does not say which policy and model recorded it (recorded before "
+                             "FirstEpochRecorder.resume existed); record the run again")
+        spec = [list(s) for s in param_spec(model)]
+        if spec != facts["param_spec"]:
+            recorded = facts["param_spec"]
+            diff = next(((a, b) for a, b in zip(recorded, spec) if a != b), (recorded[len(spec):][:3], spec[len(recorded):][:3]))
+            raise ValueError(f"model: the recording at {path!r} was made on another model (recorded parameter {diff[0]} vs model "
+                             f"parameter {diff[1]}; {len(recorded)} recorded vs {len(spec)} model parameters)")
+        recorded = facts["policy"]
+        if policy is None:
+            try:
+                policy = HistoryPolicy(**recorded)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"path: the recording at {path!r} holds an invalid policy {recorded!r:.200} ({err})") from None
+        elif not isinstance(policy, HistoryPolicy):
+            raise ValueError(f"policy: a HistoryPolicy (or None: the recording's own), got {type(policy).__name__}")
+        now = _policy_facts(policy)
+        if now != recorded:
+            changed = {k: (recorded.get(k), now.get(k)) for k in sorted(set(now) | set(recorded)) if recorded.get(k) != now.get(k)}
+            raise ValueError(f"policy: differs from the one the recording at {path!r} was made with (recorded, now): {changed}")
+        names = select_params(model, policy.params)
+        params = dict(model.named_parameters())
+        if names != history.param_names or [tuple(params[n].shape) for n in names] != history.shapes:
+            raise ValueError(f"model: policy.params selects {names[:5]} on the model, the recording at {path!r} holds {history.param_names[:5]}")
+        snap_marks = [c["mark"] for c in history.chunks]
+        digest = weights_digest(model)
+        marks = [j for j, m in enumerate(snap_marks) if m == digest]
+        if not marks:
+            raise ValueError(f"model: its weights match none of the {sum(m is not None for m in snap_marks)} flush points of the recording at "
+                             f"{path!r}; resume from the trainer checkpoint saved together with a flush() (the model's weights at that step)")
+        j = marks[-1]  # (two flushes at one step: the later one, which may follow an end_epoch())
+        epochs, lrs = [], {}
+        for c in history.chunks[: j + 1]:
+            head = store.read_part(path, c["parts"]["index"], repr(path))
+            epochs.append(int(head["epoch"][0]))
+            if head["lr"].numel():
+                lrs.setdefault(epochs[-1], float(head["lr"][0]))
+        at = epochs[-1]  # the recorder's epoch when it flushed (its open rows were of that epoch)
+        if epoch is None:
+            epoch = at
+        elif type(epoch) is not int or epoch < at:
+            raise ValueError(f"epoch: the recording at {path!r} was flushed in epoch {at}; it continues there or later, got {epoch!r}")
+        return {"policy": policy, "recording_id": history.recording_id, "mark": j, "epoch": epoch,
+                "rows": sum(c["steps"] for c in history.chunks[: j + 1]), "lrs": [lrs[e] for e in sorted(lrs)]}
+
+    @classmethod
+    def resume(cls, path, model, optimizer, policy=None, chunk_size=16, epoch=None):
+        """Continue a recording streamed to `path` (FirstEpochRecorder(..., path=)) by a run that stopped (killed, or
+        restarted from a trainer checkpoint): `model` and `optimizer` hold the state of a trainer checkpoint saved
+        right after a flush() of that recording. Rows streamed after that flush are dropped (the trainer repeats
+        their steps). policy: None takes the recording's; one given must equal it. epoch: the epoch training
+        continues in (default: the one of the flush; a trainer that saved at an epoch's last step, before
+        end_epoch(), continues in the next one).
+
+        ValueError naming what does not match: a finished history (path), another model (its parameter names or
+        shapes), weights that match no flush point (model), another policy (policy), an epoch before the flush's.
+        The run that streamed to `path` must have stopped (close(), or its process ended): the recording is cut back
+        to the mark in place (copy the directory first to keep what followed, as hf.record does per checkpoint)."""
+        plan = cls.check_resume(path, model, policy, epoch)
+        path = os.fspath(path) if isinstance(path, os.PathLike) else path
+        rec = cls(model, optimizer, plan["policy"], chunk_size)
+        rec.epoch, rec.lrs, rec.rows = plan["epoch"], plan["lrs"], plan["rows"]
+        rec.path, rec.recording_id = path, plan["recording_id"]
+        store.truncate(path, "FirstEpochHistory", rec.recording_id, plan["mark"] + 1)
+        rec._writer = _ChunkWriter(path, rec.recording_id, "FirstEpochHistory")
+        return rec
+
+
+def _policy_facts(policy):
+    """A policy as the recording stores it (JSON: a tuple of patterns reads back as a list)."""
+    return json.loads(json.dumps(dataclasses.asdict(policy)))
