@@ -330,7 +330,7 @@ def main():
     lines += ["", f"Ratios to the plain step (goals: minimal <= {GOALS['minimal']}, full int8 <= {GOALS['full_int8_stream']}). A minimal recorder "
               f"is timed as in the middle of a {LONG_RUN}-step run: 'no checkpoint' is its usual step, 'amortized' adds the steps that take "
               "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes w_t and g_t at record() "
-              "and keeps them; 'streamed' also hands each chunk to the background writer (sha256, write, fsync), which shares this "
+              "and keeps them; 'streamed' also hands each chunk to the background writer (XXH3-128 digest, write, fsync), which shares this "
               "2-core machine with training's threads. Both full modes are timed in steady state: after one untimed chunk, over "
               f"{FULL_WINDOW_CHUNKS} chunks' steps (at most {FULL_WINDOW_MAX}, at least the round's), and 'streamed' waits for "
               "the last chunk on disk at the end (that wait spread over the window)."]

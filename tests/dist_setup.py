@@ -43,3 +43,59 @@ def hand_retrain(history, forget):
         F.cross_entropy(model(X[rem]), y[rem]).backward()
         opt.step()
     return model
+
+
+# ----------------------------------------------------------------------------- a run stopped and resumed (both suites)
+STEPS = EPOCHS * N // (WORLD * PER_RANK)  # 12 optimizer steps, 6 an epoch
+# recorded in chunks of CHUNK steps, flushed (and a checkpoint saved) after FLUSH_AT steps, killed after all STEPS: the
+# recording on disk then holds chunks of 3, 3, 2 (the flush), 3; step 11, in the open chunk, is lost with the process
+CHUNK, FLUSH_AT = 3, 8
+
+
+def loader(ds):
+    import unlearn_fast as uf
+
+    sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=3)
+    return sampler, torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler)
+
+
+def steps(sampler, loader, start=0, stop=STEPS):
+    """(step, indices, x, y) of the run's steps start .. stop-1: the sampler's epochs, the batches before `start` skipped
+    (what a trainer restarted from a checkpoint at step `start` does)."""
+    per_epoch = len(loader)
+    for epoch in range(start // per_epoch, EPOCHS):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            step = epoch * per_epoch + i
+            if step >= stop:
+                return
+            if step >= start:
+                yield (step, *batch)
+
+
+def die():
+    """End this rank as a crash would (SIGKILL: no finish, no close, no interpreter exit), after a barrier, so that every
+    rank has written what it meant to before any is killed."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def spawn_killed(fn, args):
+    """mp.spawn WORLD processes of fn that end in die(); AssertionError unless they were killed (a worker's exception
+    propagates with its traceback)."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        if err.signal_name != "SIGKILL":
+            raise
+        return
+    raise AssertionError("the workers ended without being killed")

@@ -19,6 +19,9 @@ from dist_setup import data as _data  # noqa: E402
 from dist_setup import hand_retrain as _hand_retrain  # noqa: E402
 from dist_setup import net as _net  # noqa: E402
 from dist_setup import optimizer as _optimizer  # noqa: E402
+from dist_setup import CHUNK, FLUSH_AT, STEPS, die, spawn_killed  # noqa: E402
+from dist_setup import loader as _loader  # noqa: E402
+from dist_setup import steps as _steps  # noqa: E402
 
 
 def _worker(rank, init_file, out):
@@ -277,3 +280,165 @@ def test_no_gloo_thread_outlives_the_process_group(ddp_run):
     Fails without ufd's early import of torch.distributed.nn.functional (its defaults then pin the process group)."""
     for threads in ddp_run[4]:
         assert threads in ("none", None), threads  # None: no /proc (not Linux)
+
+
+# ----------------------------------------------------------------------------- a streamed DDP recording, killed and resumed
+def _stopped_worker(rank, init_file, out):
+    """Trains the run of _work, streaming its recording to out/rec in chunks of CHUNK steps, flushes and saves a
+    checkpoint after FLUSH_AT steps, and is killed after the last step (no finish, no close)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    ds, net = _data(), _net()
+    model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=2e-4)
+    opt, sched = _optimizer(net.parameters())
+    if rank == 0:  # a single-process recording (no distributed metadata: world size 1) of one flushed step
+        solo = _net()
+        solo_opt, _ = _optimizer(solo.parameters())
+        single = uf.HistoryRecorder(solo, solo_opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "single"))
+        X, y = ds.tensors
+        F.cross_entropy(solo(X[:4]), y[:4]).backward()
+        single.record(torch.arange(4))
+        solo_opt.step()
+        single.flush()
+        single.close()
+    rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "rec"))
+    if rank == 0:
+        rec.recorder.chunk_steps = CHUNK
+    sampler, loader = _loader(ds)
+    for step, idx, x, y in _steps(sampler, loader):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+        if step + 1 == FLUSH_AT:
+            rec.flush()  # every rank: the trainer's checkpoint comes with a flush
+            if rank == 0:
+                torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, os.path.join(out, "ckpt.pt"))
+    if rank == 0:
+        rec.recorder._writer.join()  # the sealed chunks are on disk (a kill mid-write keeps the earlier ones: store.py)
+    die()
+
+
+def _resumed_worker(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        _resume_work(rank, out)
+    finally:
+        _teardown(rank, out)
+
+
+def _resume_work(rank, out):
+    """New processes: the refusals, then the checkpoint loaded, the recording resumed and the run trained to its end."""
+    ds, net = _data(), _net()
+    model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=2e-4)
+    opt, sched = _optimizer(net.parameters())
+    root = os.path.join(out, "rec")
+    _message(lambda: ufd.DistributedRecorder.resume(os.path.join(out, "single"), model, opt), out, f"worldsize_{rank}.txt")
+    _message(lambda: ufd.DistributedRecorder.resume(root, model, opt), out, f"weights_{rank}.txt")  # untrained weights
+    # one process per group (a world size of 1) resuming the 2-rank recording
+    alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+    lone = torch.nn.parallel.DistributedDataParallel(_net(), process_group=alone)
+    _message(lambda: ufd.DistributedRecorder.resume(root, lone, _optimizer(lone.parameters())[0], group=alone), out, f"alone_{rank}.txt")
+    state = torch.load(os.path.join(out, "ckpt.pt"))
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rec = ufd.DistributedRecorder.resume(root, model, opt)
+    with open(os.path.join(out, f"resumed_at_{rank}.txt"), "w") as f:
+        f.write(str(rec.steps))
+    sampler, loader = _loader(ds)
+    for _, idx, x, y in _steps(sampler, loader, start=FLUSH_AT):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+    torch.save(net.state_dict(), os.path.join(out, f"final_{rank}.pt"))
+    rec.finish(ds, F.cross_entropy)
+    _message(rec.flush, out, f"flush_{rank}.txt")  # a finished recorder: refused on every rank
+    del rec, lone, model, opt, sched
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed():
+    with tempfile.TemporaryDirectory() as out:
+        spawn_killed(_stopped_worker, (os.path.join(out, "init1"), out))
+        root = os.path.join(out, "rec")
+        killed = GradientHistory.load(root)  # read now: the resume truncates it
+        partial = {"complete": killed.complete, "chunk_steps": killed.chunk_steps, "batches": killed.schedule["batches"],
+                   "w": killed.trajectory["w"].all().clone(), "g": killed.trajectory["g"].all().clone()}
+        mp.spawn(_resumed_worker, args=(os.path.join(out, "init2"), out), nprocs=WORLD, join=True)
+
+        def message(name):
+            path = os.path.join(out, name)
+            return open(path).read() if os.path.exists(path) else None
+
+        yield {"partial": partial, "history": GradientHistory.load(root), "root": root, "single": os.path.join(out, "single"),
+               "finals": [torch.load(os.path.join(out, f"final_{r}.pt")) for r in range(WORLD)],
+               "messages": {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in ("worldsize", "weights", "alone", "flush", "resumed_at", "threads")}}
+
+
+def _rows(history, key):
+    return history.trajectory[key].all()
+
+
+def test_ddp_killed_recording_loads_up_to_its_last_chunk(ddp_run, ddp_resumed):
+    uninterrupted, partial = ddp_run[5], ddp_resumed["partial"]
+    # chunks of 3, 3, 2 (the flush), 3 were written; step 11 was in the open chunk when the processes were killed
+    assert not partial["complete"] and partial["chunk_steps"] == [CHUNK, CHUNK, FLUSH_AT - 2 * CHUNK, CHUNK]
+    assert len(partial["batches"]) == STEPS - 1
+    assert all(torch.equal(a, b) for a, b in zip(partial["batches"], uninterrupted.schedule["batches"]))
+    for key in ("w", "g"):
+        assert torch.equal(partial[key], _rows(uninterrupted, key)[: STEPS - 1])
+
+
+def test_ddp_resumed_recording_equals_the_uninterrupted_one(ddp_run, ddp_resumed):
+    uninterrupted, finals = ddp_run[5], ddp_run[1]
+    history = ddp_resumed["history"]
+    assert ddp_resumed["messages"]["resumed_at"] == [str(FLUSH_AT)] * WORLD  # the steps after the flush were dropped
+    assert history.complete and history.num_steps == STEPS
+    assert history.meta["distributed"] == uninterrupted.meta["distributed"] == {"world_size": WORLD, "backend": "gloo", "recording_rank": 0}
+    assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], uninterrupted.schedule["batches"]))
+    for key in ("lrs", "batch_sizes", "micro_counts", "micro_sizes", "w0"):
+        assert torch.equal(history.schedule[key], uninterrupted.schedule[key]), key
+    for key in ("w", "g"):
+        assert torch.equal(_rows(history, key), _rows(uninterrupted, key)), key
+    for state in ddp_resumed["finals"]:  # the resumed run trained to the uninterrupted one's weights, on every rank
+        assert all(torch.equal(state[k], finals[0][k]) for k in state)
+
+
+def test_ddp_resumed_history_replays_the_trained_weights(ddp_resumed):
+    history, trained = ddp_resumed["history"], _trained(ddp_resumed["finals"][0])
+    replayed, _ = retrain.run(copy.deepcopy(trained), history, torch.zeros(0, dtype=torch.int64), _data(), F.cross_entropy)
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    assert _max_diff(replayed, trained) < TOL < moved / 100, (_max_diff(replayed, trained), moved)
+    # and forgetting: the hand-written loop over the resumed history's world batches
+    result = uf.unlearn(trained, history, FORGET, _data(), F.cross_entropy, method="retrain")
+    hand = _hand_retrain(history, torch.tensor(FORGET))
+    assert _max_diff(result.model, hand) < TOL < _max_diff(hand, trained) / 100
+
+
+def test_ddp_resume_refuses_another_world_size_on_every_rank(ddp_resumed):
+    messages = ddp_resumed["messages"]
+    single, root = ddp_resumed["single"], ddp_resumed["root"]
+    assert messages["worldsize"][0] == messages["worldsize"][1]  # rank 1 raises rank 0's error
+    assert messages["worldsize"][0].startswith(f"path: the recording at {single!r} was made with world size 1, resumed under world size 2")
+    for message in messages["alone"]:  # each rank alone in a group of 1
+        assert message is not None and message.startswith(f"path: the recording at {root!r} was made with world size 2, resumed under world size 1"), message
+
+
+def test_ddp_resume_refuses_weights_matching_no_flush_point_on_every_rank(ddp_resumed):
+    messages = ddp_resumed["messages"]["weights"]
+    assert messages[0] == messages[1] and messages[0].startswith("model: its weights match none of the 1 flush points"), messages
+
+
+def test_no_gloo_thread_outlives_the_process_group_after_a_resume(ddp_resumed):
+    for threads in ddp_resumed["messages"]["threads"]:  # (the resumed run also built a DDP model on a group of its own)
+        assert threads in ("none", None), threads
+
+
+def test_ddp_flush_refusal_on_every_rank(ddp_resumed):
+    messages = ddp_resumed["messages"]["flush"]
+    assert messages[0] == messages[1] and messages[0].startswith("flush: the recorder is finished"), messages

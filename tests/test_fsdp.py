@@ -3,6 +3,7 @@ sharding and gather into one single-process history."""
 import copy
 import gc
 import os
+import shutil
 import sys
 import tempfile
 
@@ -22,6 +23,9 @@ from dist_setup import data as _data  # noqa: E402
 from dist_setup import hand_retrain as _hand_retrain  # noqa: E402
 from dist_setup import net as _net  # noqa: E402
 from dist_setup import optimizer as _optimizer  # noqa: E402
+from dist_setup import CHUNK, FLUSH_AT, STEPS, die, spawn_killed  # noqa: E402
+from dist_setup import loader as _loader  # noqa: E402
+from dist_setup import steps as _steps  # noqa: E402
 
 FORGET = [0, 5, 17, 30, 41]
 
@@ -79,6 +83,9 @@ def _work(rank, out):
     ds, net = _data(), _sharded()
     opt, sched = _optimizer(net.parameters())
     rec = ufd.ShardedRecorder(net, opt)
+    # the same run recorded a second time, streamed to out/streamed/rank-<r> in chunks of 5 steps (12 steps: 5, 5, 2)
+    streamed = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "streamed"))
+    streamed.chunk_steps = 5
     sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=3)
     loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler)
     for epoch in range(EPOCHS):
@@ -87,9 +94,11 @@ def _work(rank, out):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
             rec.record(idx)
+            streamed.record(idx)
             opt.step()
             sched.step()
     history = rec.finish(ds)
+    streamed.finish(ds)
     ufd.save_sharded(history, os.path.join(out, "history"))
     trained = _full_state(net)
     if rank == 0:
@@ -173,7 +182,8 @@ def fsdp_run():
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second", "replay_edge")}
-        yield shards, states, refusals
+        streamed = [GradientHistory.load(os.path.join(out, "streamed", f"rank-{r}")) for r in range(WORLD)]
+        yield shards, states, refusals, streamed
 
 
 def _model(state):
@@ -235,7 +245,7 @@ def test_fsdp_replay_forgetting_nothing_equals_training(fsdp_run):
 
 
 def test_fsdp_replay_forgetting_equals_single_process_and_hand_retrain(fsdp_run):
-    shards, states, refusals = fsdp_run
+    shards, states, refusals = fsdp_run[:3]
     gathered = ufd.gather_shards(shards)
     trained, fsdp = _model(states["trained"]), _model(states["replay_forget"])
     single = uf.unlearn(trained, gathered, FORGET, _data(), F.cross_entropy, method="retrain").model
@@ -314,7 +324,7 @@ def test_ddp_api_and_plain_recorder_refuse_a_sharded_model_naming_fsdp2(fsdp_run
 
 
 def test_refuses_another_world_size(fsdp_run):
-    shards, _, refusals = fsdp_run
+    shards, _, refusals = fsdp_run[:3]
     for message in refusals["world"]:  # loaded by a rank in a group of 1, its model sharded over a 1-rank mesh
         assert message is not None and message.startswith("history: FSDP2 shards recorded with world size 2, used under world size 1"), message
     with pytest.raises(ValueError, match="FSDP2 shards recorded with world size 2, used under world size 4"):
@@ -341,3 +351,221 @@ def test_gather_refuses_missing_or_mixed_ranks(fsdp_run):
         ufd.gather_shards([shards[0], other])
     with pytest.raises(ValueError, match="not an FSDP2 shard history"):
         ufd.gather_shards([ufd.gather_shards(shards)])
+
+
+# ----------------------------------------------------------------------------- streamed shard histories, killed and resumed
+def _same_history(a, b, rows=None):
+    """Schedule and rows (the first `rows` of them when given) bit for bit."""
+    n = len(a.schedule["batches"]) if rows is None else rows
+    assert len(a.schedule["batches"]) == n and len(b.schedule["batches"]) >= n
+    assert all(torch.equal(x, y) for x, y in zip(a.schedule["batches"], b.schedule["batches"]))
+    assert torch.equal(a.schedule["w0"], b.schedule["w0"])
+    for key in ("lrs", "batch_sizes", "micro_counts"):
+        assert torch.equal(a.schedule[key], b.schedule[key][:n]), key
+    assert a.schedule["micro_sizes"].numel() == b.schedule["micro_sizes"].numel() == 0  # (no gradient accumulation)
+    for key in ("w", "g"):
+        assert torch.equal(a.trajectory[key].all(), b.trajectory[key].all()[:n]), key
+
+
+def _without_run(meta):
+    return dict(meta, distributed={k: v for k, v in meta["distributed"].items() if k != "run"})
+
+
+def test_streamed_shard_histories_equal_the_in_memory_ones(fsdp_run):
+    shards, streamed = fsdp_run[0], fsdp_run[3]
+    for rank, (memory, disk) in enumerate(zip(shards, streamed)):
+        assert disk.complete and disk.chunk_steps == [5, 5, 2]  # streamed in chunks of 5 steps
+        _same_history(disk, memory)
+        assert torch.equal(disk.summary["w_final"], memory.summary["w_final"])
+        assert _without_run(disk.meta) == _without_run(memory.meta) and disk.meta["distributed"]["rank"] == rank
+        assert disk.meta["distributed"]["run"] != memory.meta["distributed"]["run"]  # two recorders of one training run
+    # the streamed shards gather into the single-process history, as the in-memory ones do
+    gathered, reference = ufd.gather_shards(streamed), ufd.gather_shards(shards)
+    assert torch.equal(gathered.trajectory["g"].all(), reference.trajectory["g"].all())
+
+
+def _checkpoint(net, opt, sched):
+    """A rank's trainer checkpoint under FSDP2: its local shards of the parameters and of SGD's momentum, the groups'
+    hyper-parameters and the scheduler's state."""
+    params = list(net.parameters())
+    return {"params": [p.to_local().detach().clone() for p in params],
+            "momentum": [opt.state[p]["momentum_buffer"].to_local().clone() for p in params],
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], "sched": sched.state_dict()}
+
+
+def _restore(state, net, opt, sched):
+    params = list(net.parameters())
+    with torch.no_grad():
+        for p, local in zip(params, state["params"]):
+            p.to_local().copy_(local)
+    for p, local in zip(params, state["momentum"]):
+        buffer = torch.zeros_like(p)  # a DTensor sharded as p
+        buffer.to_local().copy_(local)
+        opt.state[p]["momentum_buffer"] = buffer
+    for group, saved in zip(opt.param_groups, state["groups"]):
+        group.update(saved)
+    sched.load_state_dict(state["sched"])
+
+
+def _train(net, opt, sched, rec, batches):
+    for _, idx, x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+
+
+def _stopped_worker(rank, init_file, out):
+    """The run of _work streamed to out/rec in chunks of CHUNK steps, flushed with a checkpoint after FLUSH_AT steps,
+    killed after the last step (no finish, no close)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    ds, net = _data(), _sharded()
+    opt, sched = _optimizer(net.parameters())
+    # another recording (another run id) of the initial weights, flushed at once: its rank-1 directory is the foreign run
+    other = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "other"))
+    other.flush()
+    other.close()
+    rec = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "rec"))
+    rec.chunk_steps = CHUNK
+    sampler, loader = _loader(ds)
+    _train(net, opt, sched, rec, _steps(sampler, loader, stop=FLUSH_AT))
+    rec.flush()  # every rank: the trainer's checkpoint comes with a flush
+    torch.save(_checkpoint(net, opt, sched), os.path.join(out, f"ckpt_{rank}.pt"))
+    _train(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
+    rec._writer.join()  # the sealed chunks are on disk (a kill mid-write keeps the earlier ones: store.py)
+    die()
+
+
+def _resumed_worker(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        _resume_work(rank, out)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # (fully_shard's gloo threads: see _worker)
+
+
+def _resume_work(rank, out):
+    """New processes: the refusals (nothing written), then every rank's checkpoint restored, the recording resumed and
+    the run trained to its end; the finished history replayed by run_sharded, forgetting nothing."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    ds, net = _data(), _sharded()
+    opt, sched = _optimizer(net.parameters())
+    root = os.path.join(out, "rec")
+    _message(lambda: ufd.ShardedRecorder.resume(root, net, opt), out, f"weights_{rank}.txt")  # untrained weights
+    _restore(torch.load(os.path.join(out, f"ckpt_{rank}.pt")), net, opt, sched)
+    other = _sharded(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    other.load_state_dict(net.state_dict())  # the same weights, sharded along dim 1
+    _message(lambda: ufd.ShardedRecorder.resume(root, other, _optimizer(other.parameters())[0]), out, f"sharding_{rank}.txt")
+    _message(lambda: ufd.ShardedRecorder.resume(os.path.join(out, "mixed_rank"), net, opt), out, f"rank_{rank}.txt")
+    _message(lambda: ufd.ShardedRecorder.resume(os.path.join(out, "mixed_run"), net, opt), out, f"run_{rank}.txt")
+    _message(lambda: ufd.ShardedRecorder(net, opt, path=root), out, f"exists_{rank}.txt")
+    alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+    single = fully_shard(_net(), mesh=DeviceMesh.from_group(alone, "cpu"))
+    _message(lambda: ufd.ShardedRecorder.resume(root, single, _optimizer(single.parameters())[0], group=alone), out, f"world_{rank}.txt")
+    rec = ufd.ShardedRecorder.resume(root, net, opt)
+    with open(os.path.join(out, f"resumed_at_{rank}.txt"), "w") as f:
+        f.write(str(rec.steps))
+    sampler, loader = _loader(ds)
+    _train(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
+    rec.finish(ds)
+    _message(rec.flush, out, f"flush_{rank}.txt")  # a finished recorder: refused on every rank
+    trained = _full_state(net)
+    history = ufd.load_sharded(root, net)  # the streamed layout, finished in place
+    replayed, _ = ufd.run_sharded(_sharded(), history, [], ds, F.cross_entropy)
+    replay = _full_state(replayed)
+    if rank == 0:
+        torch.save({"trained": trained, "replay": replay}, os.path.join(out, "resumed.pt"))
+    del rec, other, single, net, opt, sched, replayed, history
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed():
+    with tempfile.TemporaryDirectory() as out:
+        spawn_killed(_stopped_worker, (os.path.join(out, "init1"), out))
+        root = os.path.join(out, "rec")
+        killed = [GradientHistory.load(os.path.join(root, f"rank-{r}")) for r in range(WORLD)]
+        # read now (the resume truncates the recording): what each rank's directory held when the processes were killed
+        partial = [{"complete": h.complete, "chunk_steps": h.chunk_steps, "history": GradientHistory(
+            h.meta, dict(h.schedule), {k: _in_memory(v) for k, v in h.trajectory.items()})} for h in killed]
+        try:
+            ufd.gather_shards(killed)
+            gather = None
+        except ValueError as err:
+            gather = str(err)
+        # rank 1 given rank 0's directory; rank 1 given another run's
+        for name, sources in (("mixed_rank", ("rec/rank-0", "rec/rank-0")), ("mixed_run", ("rec/rank-0", "other/rank-1"))):
+            for r, source in enumerate(sources):
+                shutil.copytree(os.path.join(out, source), os.path.join(out, name, f"rank-{r}"))
+        mp.spawn(_resumed_worker, args=(os.path.join(out, "init2"), out), nprocs=WORLD, join=True)
+
+        def message(name):
+            path = os.path.join(out, name)
+            return open(path).read() if os.path.exists(path) else None
+
+        kinds = ("weights", "sharding", "rank", "run", "exists", "world", "flush", "resumed_at")
+        yield {"partial": partial, "gather": gather, "root": root, "states": torch.load(os.path.join(out, "resumed.pt")),
+               "histories": [GradientHistory.load(os.path.join(root, f"rank-{r}")) for r in range(WORLD)],
+               "messages": {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}}
+
+
+def _in_memory(rows):
+    from unlearn_fast.history import ChunkedRows, EncodedRows
+
+    values = rows.all().clone()
+    return ChunkedRows([(values.shape[0], EncodedRows({"values": values}, "fp32", rows.blocksize, rows.p, rows.dtype))], "fp32", rows.blocksize, rows.p, rows.dtype)
+
+
+def test_killed_shard_recording_loads_up_to_its_last_chunk(fsdp_run, fsdp_resumed):
+    for rank, partial in enumerate(fsdp_resumed["partial"]):
+        # chunks of 3, 3, 2 (the flush), 3 were written; step 11 was in the open chunk when the processes were killed
+        assert not partial["complete"] and partial["chunk_steps"] == [CHUNK, CHUNK, FLUSH_AT - 2 * CHUNK, CHUNK]
+        _same_history(partial["history"], fsdp_run[3][rank], rows=STEPS - 1)
+    assert fsdp_resumed["gather"] == "gather_shards: the shard histories of ranks [0, 1] are recordings that did not finish; resume and finish them"
+
+
+def test_resumed_shard_recording_equals_the_uninterrupted_one(fsdp_run, fsdp_resumed):
+    assert fsdp_resumed["messages"]["resumed_at"] == [str(FLUSH_AT)] * WORLD  # the steps after the flush were dropped
+    for rank, (resumed, uninterrupted) in enumerate(zip(fsdp_resumed["histories"], fsdp_run[3])):
+        assert resumed.complete and resumed.num_steps == STEPS
+        _same_history(resumed, uninterrupted)
+        assert torch.equal(resumed.summary["w_final"], uninterrupted.summary["w_final"])
+        assert _without_run(resumed.meta) == _without_run(uninterrupted.meta)
+    trained = fsdp_resumed["states"]["trained"]  # the resumed run trained to the uninterrupted one's weights
+    assert all(torch.equal(trained[k], fsdp_run[1]["trained"][k]) for k in trained)
+
+
+def test_fsdp_replay_of_a_resumed_streamed_history_reproduces_the_trained_weights(fsdp_resumed):
+    states = fsdp_resumed["states"]
+    trained, replay = _model(states["trained"]), _model(states["replay"])
+    moved = _max_diff(trained, _net())
+    assert _max_diff(replay, trained) < TOL < moved / 100, (_max_diff(replay, trained), moved)
+
+
+def test_resume_refusals_on_every_rank(fsdp_resumed):
+    m, root = fsdp_resumed["messages"], fsdp_resumed["root"]
+    prefix = "ShardedRecorder.resume: refused (nothing was changed at "
+    for rank in range(WORLD):
+        weights = m["weights"][rank] or ""
+        assert weights.startswith(prefix) and "rank 0: model: its local shards match none of the 1 flush points" in weights, weights
+        assert "rank 1: model: its local shards match none" in weights, weights
+        sharding = m["sharding"][rank] or ""
+        assert "rank 0: history: parameter 0.weight was sharded differently" in sharding and "rank 1: history: parameter 0.weight" in sharding, sharding
+        mixed = m["rank"][rank] or ""
+        assert "rank 1: history: holds the shards of rank 0, used on rank 1" in mixed and "rank 0:" not in mixed, mixed
+        run = m["run"][rank] or ""
+        assert "ranks [1] hold the shard recording of another run than rank 0's" in run, run
+        exists = m["exists"][rank] or ""
+        assert exists.startswith("ShardedRecorder: rank 0: path: ") and "rank 1: path: " in exists and "already holds a history" in exists, exists
+        world = m["world"][rank] or ""  # each rank alone in a group of 1
+        assert world.startswith(prefix) and "rank 0: history: FSDP2 shards recorded with world size 2, used under world size 1" in world, world
+        assert m["flush"][rank] == "flush: the recorder is finished", m["flush"][rank]

@@ -207,8 +207,15 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
         uf.HistoryRecorder.resume(path, model, opt)
     state = torch.load(ckpt)
     model.load_state_dict(state["model"])
+    # another optimizer (here: other momentum) would extend the history with steps it did not take: refused, untouched
+    with pytest.raises(ValueError, match="optimizer: torch.optim.sgd.SGD .* is not the recorded"):
+        uf.HistoryRecorder.resume(path, model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9))
+    assert uf.GradientHistory.load(path).num_steps == 14
     opt.load_state_dict(state["opt"])
+    opt.param_groups[0]["lr"] = 0.1  # a scheduler's change since step 0: the history keeps the optimizer as recorded
     rec = uf.HistoryRecorder.resume(path, model, opt)
+    assert rec.meta["optimizer"] == ref.meta["optimizer"]
+    opt.param_groups[0]["lr"] = 0.2
     assert rec.num_steps == 10 and uf.GradientHistory.load(path).num_steps == 10  # the steps after the checkpoint are dropped
     train(model, opt, rec, data, batches, start=10)
     history = rec.finish(data, LOSS)

@@ -76,6 +76,19 @@ def real_optimizer(optimizer):
     return optimizer
 
 
+def optimizer_meta(optimizer):
+    """meta["optimizer"] of a recording made with `optimizer` as it is now: its class and its groups' JSON-able settings."""
+    optimizer = real_optimizer(optimizer)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": _jsonable(groups)}
+
+
+def optimizer_settings(meta):
+    """meta["optimizer"]'s class and group settings without the learning rates (a scheduler changes them every step)."""
+    groups = [{k: v for k, v in g.items() if k not in ("lr", "initial_lr")} for g in meta.get("groups", [])]
+    return meta.get("class"), groups
+
+
 class HistoryRecorder:
     """Records a GradientHistory while a model trains:
 
@@ -125,7 +138,6 @@ class HistoryRecorder:
         self._scaler_keys = (id(wrapper), id(optimizer))
         # gradients times a scaler's scale may be near float32's largest value, where a float32 norm overflows: float64
         self._norm_dtype = torch.float64 if self.grad_scaler is not None else None
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
         self.steps = 0  # recorded steps
@@ -138,7 +150,7 @@ class HistoryRecorder:
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
             "param_spec": param_spec(model),
-            "optimizer": {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": _jsonable(groups)},
+            "optimizer": optimizer_meta(optimizer),
             "group_of_param": self.group_of_param,
         }
         p = self.w0.numel()
@@ -671,6 +683,10 @@ class HistoryRecorder:
             raise ValueError("grad_scaler: a recording with loss scaling cannot be resumed (the GradScaler scale of every step is kept in "
                              "memory until finish()); record the run again, or resume without the scaler if it trained without one")
         history.check_model(model)
+        recorded, now = history.meta.get("optimizer", {}), optimizer_meta(optimizer)
+        if optimizer_settings(recorded) != optimizer_settings(now):
+            raise ValueError(f"optimizer: {now['class']} {optimizer_settings(now)[1]} is not the recorded {recorded.get('class')} "
+                             f"{optimizer_settings(recorded)[1]} (learning rates aside); resume with the trainer checkpoint's optimizer")
         policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
         digest = weights_digest(model)
         marks = [j for j, mark in history.chunk_marks.items() if mark == digest]
@@ -680,6 +696,9 @@ class HistoryRecorder:
         j = marks[-1]
         steps = sum(history.chunk_steps[: j + 1])
         rec = cls(model, optimizer, policy, allow, grad_scaler=grad_scaler)
+        # the optimizer as recorded at step 0, like an uninterrupted run's meta (a scheduler has changed the groups' lr
+        # since; the replay reads every step's lr from the schedule)
+        rec.meta["optimizer"], rec.meta["group_of_param"] = recorded, history.meta.get("group_of_param", rec.meta["group_of_param"])
         rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
         for idx in history.schedule["batches"][:steps]:
             rec._note_seen(idx)

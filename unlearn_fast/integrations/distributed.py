@@ -23,7 +23,12 @@ retained samples only, weighted so that the all-reduced sum is the mean over the
 (what the single-process replay computes); every rank applies the same update and ends with the same model.
 check_world_size() refuses a history recorded under another world size.
 
-FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters): ShardedRecorder records one shard history per rank, run_sharded /
+DistributedRecorder(..., path=...) streams rank 0's recording to disk (HistoryRecorder's chunked store); flush() (a
+collective) marks a point a trainer checkpoint is saved at, and DistributedRecorder.resume continues the recording
+from it in a new job with the same world size (every rank raises rank 0's refusal alike).
+
+FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters): ShardedRecorder records one shard history per rank (streamed to
+path/rank-<r> with path=, resumed by ShardedRecorder.resume), run_sharded /
 unlearn_sharded replay it under the same sharding, gather_shards() makes one single-process history of them; DistributedRecorder
 and run refuse a sharded model, naming them. See docs/distributed.md.
 """
@@ -54,19 +59,63 @@ def _world(group, who="DistributedRecorder"):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _src(group):
+    """The global rank of rank 0 of `group` (broadcasts name their source by global rank)."""
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+def _on_rank0(group, rank, fn):
+    """fn() on rank 0 of `group`, its result there (None on the other ranks); its exception is broadcast and raised on
+    every rank (rank 0 re-raises its own; the others a ValueError with the same text, or a RuntimeError naming the
+    exception), so that no rank goes on into a collective the others never reach."""
+    outcome, failure, result = [None], None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every rank)
+            failure, outcome = err, [(isinstance(err, ValueError), f"{type(err).__name__}: {err}", str(err))]
+    dist.broadcast_object_list(outcome, src=_src(group), group=group)
+    if outcome[0] is None:
+        return result
+    if failure is not None:
+        raise failure
+    is_value_error, described, message = outcome[0]
+    if is_value_error:
+        raise ValueError(message)
+    raise RuntimeError(f"rank 0 failed: {described}")
+
+
 class DistributedRecorder:
     """HistoryRecorder for DDP: every rank calls record() and finish(); rank 0 (of `group`) records."""
 
     def __init__(self, model, optimizer, policy=None, group=None, **recorder_options):
-        refuse_sharded(model, "DistributedRecorder")
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise ValueError(f"DistributedRecorder: model must be the DistributedDataParallel wrapper (its gradients are the "
-                             f"ranks' average), got {type(model).__name__}")
-        self.group = group
-        self.world_size, self.rank = _world(group)
-        self.backend = str(dist.get_backend(group))
-        self.steps = 0
         allow = recorder_options.pop("allow", ())
+        path = recorder_options.pop("path", None)
+        self._attach(model, group, allow)
+        # only rank 0 holds a recorder: the others would record the same gradients and world batches again
+        self.recorder = None
+
+        def build():
+            import inspect
+
+            if self.allow and "allow" in inspect.signature(HistoryRecorder.__init__).parameters:
+                recorder_options["allow"] = self.allow
+            recorder = HistoryRecorder(model.module, optimizer, policy, **recorder_options)
+            # in the recorder's meta before a streamed recording (path=...) writes its head: resume() reads the world
+            # size there, in a recording that never finished
+            recorder.meta["distributed"] = self._meta()
+            if path is not None:
+                recorder._start_stream(path)
+            return recorder
+
+        # a refusal on rank 0 alone (path already holds a history, ...) would leave the others waiting in record()'s
+        # collectives: every rank raises it
+        self.recorder = _on_rank0(self.group, self.rank, build)
+
+    def _attach(self, model, group, allow):
+        """The checks of the model and the comm hook (every rank; no communication)."""
+        self._check_model(model, group, "DistributedRecorder")
+        self.steps = 0
         self.allow = (allow,) if isinstance(allow, str) else tuple(allow)
         # The recorder takes each gradient's norm when backward leaves it, to detect clipping (a later change) and
         # to check finish()'s loss_fn against; under DDP the all-reduce writes the averaged gradients after that.
@@ -87,18 +136,61 @@ class DistributedRecorder:
                                  "a model with its own comm hook is not supported") from None
             model._unlearn_fast_reduction = state
         state.recorder = self
-        # only rank 0 holds a recorder: the others would record the same gradients and world batches again
-        self.recorder = None
-        if self.rank == 0:
-            import inspect
-
-            if self.allow and "allow" in inspect.signature(HistoryRecorder.__init__).parameters:
-                recorder_options["allow"] = self.allow
-            self.recorder = HistoryRecorder(model.module, optimizer, policy, **recorder_options)
-            # in the recorder's meta from the start: a streamed recording (path=...) writes its head with it
-            if isinstance(getattr(self.recorder, "meta", None), dict):
-                self.recorder.meta["distributed"] = self._meta()
         self.params = [p for p in model.module.parameters() if p.requires_grad]
+
+    @classmethod
+    def resume(cls, path, model, optimizer, group=None, allow=()):
+        """Continue a DDP recording streamed to `path` (DistributedRecorder(..., path=path)) by a run that stopped: every
+        rank calls it (a collective) with `model` (the DDP wrapper) and `optimizer` holding the state of a trainer
+        checkpoint saved right after a flush() of that recording. Rank 0 continues it with HistoryRecorder.resume on
+        model.module (the steps streamed after that flush are dropped: the trainer repeats them). ValueError on every
+        rank when rank 0 refuses: a recording of another world size (naming path and both), a finished history,
+        another model, weights that match no flush point."""
+        self = cls.__new__(cls)
+        self._check_model(model, group, "DistributedRecorder.resume")
+
+        def resumed():
+            from .. import store
+
+            recorded = int(store.read(path, "GradientHistory").info.get("meta", {}).get("distributed", {}).get("world_size", 1))
+            if recorded != self.world_size:
+                raise ValueError(f"path: the recording at {path!r} was made with world size {recorded}, resumed under world size "
+                                 f"{self.world_size}; every rank's share of a world batch depends on it: resume with {recorded} ranks")
+            recorder = HistoryRecorder.resume(path, model.module, optimizer, allow)
+            # the resumed recorder's own meta holds no distributed facts: its finished history needs them
+            recorder.meta["distributed"] = self._meta()
+            return recorder
+
+        # rank 0 alone reads and continues the recording; its outcome is broadcast so that every rank returns or raises
+        # alike (a rank that went on would wait forever in record()'s first collective)
+        recorder = _on_rank0(group, self.rank, resumed)
+        self._attach(model, group, allow)
+        self.recorder = recorder
+        steps = [recorder.steps if recorder is not None else 0]
+        dist.broadcast_object_list(steps, src=_src(group), group=group)
+        self.steps = steps[0]
+        return self
+
+    def _check_model(self, model, group, who):
+        refuse_sharded(model, who)
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(f"{who}: model must be the DistributedDataParallel wrapper (its gradients are the "
+                             f"ranks' average), got {type(model).__name__}")
+        self.group = group
+        self.world_size, self.rank = _world(group)
+        self.backend = str(dist.get_backend(group))
+
+    def flush(self):
+        """Make every recorded step durable at the recording's path and mark this point (HistoryRecorder.flush), so that
+        resume() can continue from a trainer checkpoint saved now. Every rank calls it after optimizer.step() (a
+        collective: rank 0 flushes, and every rank returns once it is written, or raises what rank 0 raised)."""
+        _on_rank0(self.group, self.rank, lambda: self.recorder.flush())
+
+    def close(self):
+        """Stop recording without finishing (HistoryRecorder.close on rank 0; not collective): a streamed recording
+        keeps its flushed and sealed chunks, and resume() continues it."""
+        if self.recorder is not None:
+            self.recorder.close()
 
     def record(self, batch_indices):
         """Record the coming optimizer step; batch_indices: this rank's sample indices (1-D integers).
@@ -230,7 +322,7 @@ def _check_same_request(history, forget, group, world_size):
     lengths = torch.tensor([len(b) for b in history.schedule["batches"]], dtype=torch.int64)
     mine = torch.tensor([
         f.numel(), int((f * 2654435761 % 1000003).sum()), int(f.sum()),
-        lengths.numel(), int(lengths.sum()), history.n_train,
+        lengths.numel(), int(lengths.sum()), history.meta.get("n_train", -1),  # (none in a recording that did not finish)
         int(torch.as_tensor(history.schedule["batches"][0]).sum()) if lengths.numel() else 0,
     ], dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(world_size)]
@@ -452,11 +544,16 @@ class ShardedRecorder:
     the world batch's mean gradient), the world batches (every rank's indices in rank order; every rank stores the
     same schedule) and meta["distributed"]: world size, rank, backend, the mesh, per parameter its global and local
     shapes, shard offset and placements, and an id of the run shared by its ranks. Replay: run_sharded /
-    unlearn_sharded under the same sharding; gather_shards() builds the single-process history."""
+    unlearn_sharded under the same sharding; gather_shards() builds the single-process history.
 
-    def __init__(self, model, optimizer, policy=None, group=None):
-        from ..history import HistoryPolicy
-        from ..recording import InertWhenCopied, _jsonable, real_optimizer
+    path: stream each rank's shard history to path/rank-<r> while training (HistoryRecorder's chunked store: rows
+    sealed in chunks of about CHUNK_BYTES, appended by a background writer; a kill keeps every appended chunk), so
+    a rank holds a few chunks of rows instead of the whole trajectory; flush() (collective) marks a point that
+    ShardedRecorder.resume continues from after a trainer checkpoint saved there."""
+
+    def __init__(self, model, optimizer, policy=None, group=None, path=None):
+        from ..history import CHUNK_BYTES, CHUNK_STEPS, HistoryPolicy, row_bytes
+        from ..recording import InertWhenCopied, RowEncoder, _jsonable, real_optimizer
 
         who = "ShardedRecorder"
         self.group = group
@@ -480,7 +577,7 @@ class ShardedRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         # one id for the run, rank 0's: the replay refuses rank histories of different runs mixed together
         run_id = [uuid.uuid4().hex if self.rank == 0 else None]
-        dist.broadcast_object_list(run_id, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        dist.broadcast_object_list(run_id, src=_src(group), group=group)
         local_spec = [(s["name"] + SHARD_MARK.format(rank=self.rank, world=self.world_size), s["local_shape"], s["dtype"]) for s in self.sharding["shards"]]
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
@@ -492,15 +589,43 @@ class ShardedRecorder:
                             "sharding": "fsdp2", "run": run_id[0], **self.sharding},
         }
         self.w0 = _local_flat(model).clone()
-        self.steps, self.batches, self.lrs, self.w_rows, self.g_rows = 0, [], [], [], []
+        self.steps, self.batches, self.lrs = 0, [], []  # batches, lrs: in memory only without a path (on disk with one)
+        self._top = -1  # the largest recorded sample index (finish checks it against train_set)
+        # the rows of a step go straight into the open chunk's buffers, through the policy's codec (RowEncoder: byte for
+        # byte EncodedRows.encode of the flat local shards); a sealed chunk is kept (no path) or handed to the writer
+        c, bs, p = self.policy.codec, self.policy.blocksize, self.w0.numel()
+        self._encoder = RowEncoder([_local(q).numel() for q in self.params], c, bs, self.w0.dtype)
+        self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(2 * row_bytes(c, p, bs, self.w0.dtype), 1)))
+        self._open, self._chunks = _new_shard_chunk(), []
+        self.path, self.recording_id, self._writer = None, None, None
         # what FSDP2's post-accumulate-grad hooks saw since the last step: it calls them on the sharded parameter once
         # its reduce-scattered gradient is in place, so their norms are the baseline a later edit (clipping) is measured against
         self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
         self._recorded, self._unrecorded_step, self._steps_taken, self._autocast, self._finished = False, None, 0, False, False
+        if path is not None:
+            self._start_stream(path)
         self._handles = [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
         self._handles += [optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
                           optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
                           model.register_forward_pre_hook(InertWhenCopied(self._on_forward))]
+
+    def _start_stream(self, path):
+        """This rank's shard history streamed to path/rank-<rank>: a head holding w0 now (store.write, the layout of
+        HistoryRecorder's streamed recordings), then the chunks (_ChunkWriter: store.append_chunk)."""
+        from .. import store
+        from ..history import EncodedRows
+        from ..recording import _ChunkWriter
+
+        mine = _rank_dir(path, self.rank)
+        # decided on every rank alike: a rank refusing alone would leave the others waiting in record()'s collectives
+        _agree(self.group, self.world_size, lambda: _refuse_existing(mine), "ShardedRecorder")
+        self.recording_id = uuid.uuid4().hex
+        p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
+        info = {"meta": self.meta, "encoded": {f"trajectory.{key}": EncodedRows({}, c, bs, p, self.w0.dtype).meta() for key in ("w", "g")},
+                "recording": self.recording_id}
+        _agree(self.group, self.world_size, lambda: store.write(mine, "GradientHistory", info, {"schedule.w0": self.w0}), "ShardedRecorder")
+        self.path = mine
+        self._writer = _ChunkWriter(mine, self.recording_id)
 
     def _on_grad(self, i, p):
         self._passes[i] += 1
@@ -534,14 +659,20 @@ class ShardedRecorder:
         if not missing:
             now = [float(torch.linalg.vector_norm(_local(g).detach().double())) for g in grads]
             edited = any(b is not None and abs(a - b) > 1e-6 * max(b, 1e-30) for a, b in zip(now, self._norms))
-        # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record()
+        writer_failed = self._writer is not None and self._writer.error is not None
+        # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record(),
+        # its background writer failed
         flags = [local.numel(), int(missing), int(edited), int(max(self._passes) > 1), int(self._autocast),
-                 int(self._unrecorded_step is not None), int(self._recorded)]
+                 int(self._unrecorded_step is not None), int(self._recorded), int(writer_failed)]
         info = [torch.zeros(len(flags), dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(info, torch.tensor(flags, dtype=torch.int64), group=self.group)
         on = lambda k: [r for r, i in enumerate(info) if int(i[k])]  # noqa: E731
         sizes = [int(i[0]) for i in info]
         step = self.steps
+        if on(7):
+            raise RuntimeError(f"record: the background writer of the shard history failed on ranks {on(7)}"
+                               + (f" (here: {self._writer.error})" if writer_failed else "") + "; the history there holds the chunks "
+                               "written before it")
         if on(6):
             raise ValueError(f"record: called twice for step {step - 1} (ranks {on(6)}), before optimizer.step() ran; call it once per optimizer step")
         if on(5):
@@ -564,44 +695,238 @@ class ShardedRecorder:
         world = torch.cat(gathered)
         if world.numel() == 0 or bool((world < 0).any()) or torch.unique(world).numel() != world.numel():
             raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
-        from ..history import EncodedRows
-
-        c, bs = self.policy.codec, self.policy.blocksize
-        self.w_rows.append(EncodedRows.encode(_local_flat(self.model)[None], c, bs))
-        self.g_rows.append(EncodedRows.encode(torch.cat([_local(g).detach().reshape(-1) for g in grads])[None], c, bs))
-        self.batches.append(world)
-        self.lrs.append([float(g["lr"]) for g in self.optimizer.param_groups])
+        chunk = self._open
+        row = len(chunk["lrs"])
+        if chunk["w"] is None:
+            chunk["w"], chunk["g"] = self._row_buffers()
+        self._encoder.encode_into([_local(q).detach() for q in self.params], chunk["w"], row)
+        self._encoder.encode_into([_local(g).detach() for g in grads], chunk["g"], row)
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        chunk["lrs"].append(lrs)
+        chunk["indices"].append(world)
+        if self.path is None:
+            self.batches.append(world)
+            self.lrs.append(lrs)
+        self._top = max(self._top, int(world.max()))
         self.steps += 1
         self._recorded = True
+        if row + 1 >= self.chunk_steps:
+            self._seal()
         return world
+
+    def _row_buffers(self):
+        """(w, g) row buffers for a new chunk: ones the writer is done with (a streamed recording), else new."""
+        import queue
+
+        if self._writer is not None:
+            try:
+                return self._writer.spare.get_nowait()
+            except queue.Empty:
+                pass
+        device = self.w0.device
+        return self._encoder.buffers(self.chunk_steps, device), self._encoder.buffers(self.chunk_steps, device)
+
+    def _seal(self, mark=None):
+        """Close the open chunk: kept in memory (no path), or appended to path by the writer with its resume mark."""
+        from ..history import EncodedRows, compact_indices
+
+        chunk = self._open
+        n = len(chunk["lrs"])
+        if n == 0 and mark is None:
+            return
+        self._open = _new_shard_chunk()
+        schedule = {
+            "schedule.lrs": torch.tensor(chunk["lrs"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups)),
+            "schedule.batch_sizes": torch.tensor([b.numel() for b in chunk["indices"]], dtype=torch.int32),
+            "schedule.micro_counts": torch.ones(n, dtype=torch.int32),  # (no gradient accumulation: one micro-batch a step)
+            "schedule.micro_sizes": torch.zeros(0, dtype=torch.int32),
+            "schedule.batch_indices": compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64)),
+        }
+        rows = {}
+        if n:
+            for key in ("w", "g"):
+                tensors = {name: t[:n] for name, t in chunk[key].items()}
+                if self.path is None and n < self.chunk_steps:  # sealed early (finish): only its rows kept
+                    tensors = {name: t.clone() for name, t in tensors.items()}
+                rows[key] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
+        if self.path is None:
+            if n:
+                self._chunks.append((n, rows))
+            return
+        parts = {"schedule": schedule}
+        if rows:
+            parts["rows"] = {f"trajectory.{key}.{name}": t for key, r in rows.items() for name, t in r.tensors.items()}
+        # the row buffers come back to _row_buffers once written
+        self._writer.put((n, parts, mark, (chunk["w"], chunk["g"]) if chunk["w"] is not None else None))
+
+    def flush(self):
+        """Make every recorded step durable at path/rank-<r> and mark this point with the digest of the rank's local
+        shards, so that ShardedRecorder.resume can continue from a trainer checkpoint saved now (call it on every rank
+        when the trainer saves one, after optimizer.step()). Collective: every rank returns once its chunk is written,
+        or every rank raises. Without a path: only the checks."""
+
+        def flushed():
+            if self._finished:
+                raise ValueError("flush: the recorder is finished")
+            if self._recorded:
+                raise ValueError(f"flush: step {self.steps - 1} was recorded but optimizer.step() did not run after it; flush after the step")
+            if self._unrecorded_step is not None:
+                raise ValueError(f"flush: optimizer step {self._unrecorded_step} ran without a record() before it; the history misses its update")
+            if self.path is None:
+                return
+            self._seal(mark=_digest([_local(q) for q in self.params]))
+            self._writer.join()
+            if self._writer.error is not None:
+                raise RuntimeError(f"flush: the background writer of {self.path!r} failed ({self._writer.error})")
+
+        _agree(self.group, self.world_size, flushed, "flush")
+
+    def close(self):
+        """Stop recording without finishing (not collective): the hooks come off, a streamed recording's sealed chunks
+        are written (the open chunk is dropped: flush() first to keep it) and resume() can continue it."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._finished = True
 
     def finish(self, train_set):
         """This rank's shard history (a GradientHistory; not collective). train_set: the training set the indices
-        point into. Save it with save_sharded(history, path) on every rank."""
-        from ..history import ChunkedRows, EncodedRows, GradientHistory
+        point into. Save it with save_sharded(history, path) on every rank; a streamed one is finished in place
+        (path/rank-<r>, its rows stay on disk)."""
+        from ..history import ChunkedRows, GradientHistory
 
         if self._finished or not self.steps:
             raise ValueError("finish: nothing was recorded" if not self.steps else "finish: the recorder is finished")
         if self._recorded:
             raise ValueError(f"finish: step {self.steps - 1} was recorded but optimizer.step() did not run after it")
         n_train = len(train_set)
-        top = max(int(b.max()) for b in self.batches)
-        if top >= n_train:
-            raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
+        if self._top >= n_train:
+            raise ValueError(f"finish: recorded batch index {self._top} is out of range for train_set of {n_train} samples")
         T, p = self.steps, self.w0.numel()
-        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(T, -1),
-                    "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
-        c, bs = self.policy.codec, self.policy.blocksize
-        trajectory = {key: ChunkedRows([(T, EncodedRows.cat(rows))], c, bs, p, self.w0.dtype) for key, rows in (("w", self.w_rows), ("g", self.g_rows))}
         final = _local_flat(self.model).clone()
         meta = dict(self.meta, n_train=n_train, recording={"allow": [], "accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0},
                     final_digest=_digest([_local(q) for q in self.params]))
-        # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
-        history = GradientHistory(meta, schedule, trajectory, {"w_final": final})
-        for h in self._handles:
-            h.remove()
-        self._handles, self._finished, self.w_rows, self.g_rows = [], True, [], []
+        self._seal()
+        if self.path is None:
+            schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(T, -1),
+                        "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
+            c, bs = self.policy.codec, self.policy.blocksize
+            trajectory = {key: ChunkedRows([(n, rows[key]) for n, rows in self._chunks], c, bs, p, self.w0.dtype) for key in ("w", "g")}
+            # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
+            history = GradientHistory(meta, schedule, trajectory, {"w_final": final})
+        else:
+            self._writer.close()
+            error, self._writer = self._writer.error, None
+            if error is not None:
+                raise RuntimeError(f"finish: the background writer of {self.path!r} failed ({error}); the history there holds the chunks "
+                                   "written before it") from error
+            history = GradientHistory.load(self.path)  # what was streamed: the rows stay on disk
+            history.meta, history.summary = meta, {"w_final": final}
+            history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference
+            history.recording_id = None  # (no longer a recording to resume)
+        self.close()
+        self._chunks, self.batches, self.lrs = [], [], []
         return history
+
+    @classmethod
+    def resume(cls, path, model, optimizer, group=None):
+        """Continue a shard recording streamed to path (ShardedRecorder(..., path=path)) by a run that stopped (killed,
+        or restarted from a trainer checkpoint): every rank calls it (a collective) with `model` and `optimizer`
+        holding the state of a trainer checkpoint saved right after a flush() of that recording; each rank continues
+        path/rank-<r> from that flush (the steps streamed after it are dropped: the trainer repeats them). ValueError
+        on every rank, naming each rank's mismatch, unless every rank's directory is an unfinished recording of this
+        world size, this rank, this sharding, one run (the same on every rank), and the model's local shards match
+        one of its flush points (the same one on every rank); nothing is written then."""
+        from .. import store
+        from ..history import GradientHistory, HistoryPolicy
+        from ..recording import _ChunkWriter, real_optimizer
+
+        who = "ShardedRecorder.resume"
+        world_size, rank = _world(group, who)
+        _fsdp_root(model, who)
+        mine = _rank_dir(path, rank)
+        history, error, run, at = None, None, None, None
+        try:
+            history = GradientHistory.load(mine)
+            if history.recording_id is None:
+                raise ValueError(f"path: {mine!r} holds a finished history; there is no recording to resume")
+            check_sharding(history, sharding_of(model, who), world_size, rank)
+            run = history.meta["distributed"]["run"]
+            recorded = history.meta["optimizer"]["class"]
+            here = type(real_optimizer(optimizer))
+            if recorded != f"{here.__module__}.{here.__qualname__}":
+                raise ValueError(f"optimizer: the recording at {mine!r} was made with {recorded}, resumed with {here.__module__}.{here.__qualname__}")
+            digest = _digest([_local(p) for _, p in _trainable(model)])
+            marks = [j for j, mark in history.chunk_marks.items() if mark == digest]
+            if not marks:
+                raise ValueError(f"model: its local shards match none of the {len(history.chunk_marks)} flush points of the recording at "
+                                 f"{mine!r}; resume from the trainer checkpoint saved together with a flush()")
+            at = (marks[-1], sum(history.chunk_steps[: marks[-1] + 1]))
+        except ValueError as err:
+            error = str(err)
+        every = [None] * world_size
+        dist.all_gather_object(every, (error, run, at), group=group)
+        problems = [f"rank {r}: {e}" for r, (e, _, _) in enumerate(every) if e is not None]
+        runs = [r for r, (_, other, _) in enumerate(every) if other is not None and other != every[0][1]]
+        if every[0][1] is not None and runs:
+            problems.append(f"ranks {runs} hold the shard recording of another run than rank 0's (run ids differ): each rank must resume "
+                            "its own directory of one recording")
+        steps = sorted({a[1] for _, _, a in every if a is not None})
+        if not problems and len(steps) > 1:
+            problems.append(f"the ranks' local shards match flush points at different steps {steps}: restore every rank from one checkpoint")
+        if problems:
+            raise ValueError(f"{who}: refused (nothing was changed at {os.fspath(path)!r}): " + "; ".join(problems))
+        policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
+        rec = cls(model, optimizer, policy, group)  # (a collective: every rank gets here)
+        j, steps = at
+        # the recording's own facts: its run id, optimizer groups and w0 (the checkpoint's state is a later one)
+        rec.meta, rec.w0, rec.steps = history.meta, history.schedule["w0"].clone(), steps
+        rec._top = max((int(b.max()) for b in history.schedule["batches"][:steps]), default=-1)
+        store.truncate(mine, "GradientHistory", history.recording_id, j + 1)
+        rec.path, rec.recording_id = mine, history.recording_id
+        rec._writer = _ChunkWriter(mine, rec.recording_id)
+        return rec
+
+
+def _new_shard_chunk():
+    # w, g: the chunk's row buffers (RowEncoder.buffers), from its first step on
+    return {"lrs": [], "indices": [], "w": None, "g": None}
+
+
+def _rank_dir(path, rank):
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: must be a str or os.PathLike naming a directory (one rank-<r> directory per rank in it), got {type(path).__name__}")
+    return os.path.join(os.fspath(path), f"rank-{rank}")
+
+
+def _refuse_existing(mine):
+    from .. import store
+
+    if os.path.lexists(os.path.join(mine, store.CURRENT)):
+        raise ValueError(f"path: {mine!r} already holds a history; record to a new directory, or continue a stopped recording with "
+                         "ShardedRecorder.resume(path, model, optimizer)")
+
+
+def _agree(group, world_size, fn, who):
+    """fn() on every rank; every rank's outcome is all-gathered and, where one failed, every rank raises (a ValueError
+    with the error every rank met, or naming the failing ranks and their errors; a RuntimeError if one was not a
+    ValueError), so that none goes on alone into a collective."""
+    try:
+        fn()
+        mine = None
+    except Exception as err:  # noqa: BLE001 (raised below, on every rank)
+        mine = (isinstance(err, ValueError), str(err))
+    every = [None] * world_size
+    dist.all_gather_object(every, mine, group=group)
+    failed = [(r, e) for r, e in enumerate(every) if e is not None]
+    if failed:
+        texts = {text for _, (_, text) in failed}
+        # one error of every rank alike is raised as it is; else each failing rank's, named
+        message = texts.pop() if len(failed) == world_size and len(texts) == 1 else f"{who}: " + "; ".join(f"rank {r}: {text}" for r, (_, text) in failed)
+        raise (ValueError if all(v for _, (v, _) in failed) else RuntimeError)(message)
 
 
 def _shard_meta(history, who="history"):
@@ -619,8 +944,10 @@ def save_sharded(history, path):
 
 
 def load_sharded(path, model=None, group=None):
-    """This rank's shard history from path/rank-<rank>, checked against `model`'s sharding when given
-    (check_sharding: ValueError naming the mismatch)."""
+    """This rank's shard history from path/rank-<rank> (saved by save_sharded, or streamed by ShardedRecorder(path=path):
+    finished, or up to its last written chunk when the run stopped; such an unfinished one, `history.complete` False,
+    is refused by the replay), checked against `model`'s sharding when given (check_sharding: ValueError naming the
+    mismatch)."""
     from ..history import GradientHistory
 
     world_size, rank = _world(group, "load_sharded")
@@ -687,6 +1014,9 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     _check_same_run(history, group, world_size)
     # the local checks' outcome is gathered: a rank refusing alone would leave the others waiting in FSDP2's collectives
     try:
+        if not history.complete:
+            raise ValueError(f"history: its recording did not finish ({history.num_steps} steps were streamed to {history.path!r}); continue it "
+                             "with ShardedRecorder.resume and finish() it")
         check_sharding(history, sharding_of(model, "FSDP2 retrain"), world_size, rank)
         if len(train_set) != history.n_train:
             raise ValueError(f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}")
@@ -778,6 +1108,9 @@ def gather_shards(histories):
 
     histories = list(histories)
     metas = [_shard_meta(h, "gather_shards") for h in histories]
+    unfinished = [m["rank"] for h, m in zip(histories, metas) if not h.complete]
+    if unfinished:
+        raise ValueError(f"gather_shards: the shard histories of ranks {unfinished} are recordings that did not finish; resume and finish them")
     world = metas[0]["world_size"]
     runs = {m["run"] for m in metas}
     if len(runs) != 1:

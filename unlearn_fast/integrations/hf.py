@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 from .. import store
 from . import distributed  # before the Trainer initialises torch.distributed (see distributed.py's imports)
 from ..history import GradientHistory, HistoryPolicy, weights_digest
-from ..recording import HistoryRecorder
+from ..recording import HistoryRecorder, optimizer_meta, optimizer_settings
 from ..methods._common import graph_leaves
 
 INDEX_KEY = "uf_index"
@@ -298,7 +298,6 @@ class HistoryCallback(TrainerCallback):
         self._replay_set, self._hook, self._data_digest = None, None, None
         self._resume_from = None  # the checkpoint folder of the coming train() call (set by the wrapper record() installs)
         self._prior = {}  # a resumed run: meta["recording"] of the steps before its checkpoint
-        self._recorded_meta = None  # a resumed run: the optimizer as recorded at step 0 (the new recorder sees it at the checkpoint)
         self.resumed_from = []  # [{"global_step", "checkpoint"}] of every resume this recording went through
 
     # -- the forward pre-hook (registered on the model by `record`)
@@ -354,7 +353,7 @@ class HistoryCallback(TrainerCallback):
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
         if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
             self.per_sample.close()  # (its writer thread stops; the history there stays unfinished)
-        self._prior, self._recorded_meta, self._per_sample_history = {}, None, None
+        self._prior, self._per_sample_history = {}, None
         per_sample = None
         if self.world_size > 1:
             self.recorder = self._distributed(state, optimizer, allow)
@@ -500,10 +499,10 @@ class HistoryCallback(TrainerCallback):
         changed = {k: (old.get(k), now[k]) for k in ("max_grad_norm", "gradient_accumulation_steps", "loss_count") if old.get(k) != now[k]}
         if changed:
             problems.append(f"TrainingArguments changed since the checkpoint (recorded, now): {changed}")
-        recorded_opt, opt_now = history.meta.get("optimizer", {}), _optimizer_meta(optimizer)
-        if _optimizer_settings(recorded_opt) != _optimizer_settings(opt_now):
-            problems.append(f"optimizer {opt_now['class']} {_optimizer_settings(opt_now)[1]} vs the recorded "
-                            f"{recorded_opt.get('class')} {_optimizer_settings(recorded_opt)[1]} (learning rates aside)")
+        recorded_opt, opt_now = history.meta.get("optimizer", {}), optimizer_meta(optimizer)
+        if optimizer_settings(recorded_opt) != optimizer_settings(opt_now):
+            problems.append(f"optimizer {opt_now['class']} {optimizer_settings(opt_now)[1]} vs the recorded "
+                            f"{recorded_opt.get('class')} {optimizer_settings(recorded_opt)[1]} (learning rates aside)")
         if not (step == mark.get("global_step") == history.num_steps):
             problems.append(f"the Trainer resumes at global step {step}, the history was saved at step {mark.get('global_step')} with "
                             f"{history.num_steps} recorded steps")
@@ -534,7 +533,6 @@ class HistoryCallback(TrainerCallback):
             store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(per_sample_path, snap.chunks, link=True))
             per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
         self._prior = dict(history.meta.get("recording") or {})
-        self._recorded_meta = {k: history.meta[k] for k in ("optimizer", "group_of_param") if k in history.meta}
         self.resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
         return recorder, per_sample
 
@@ -608,12 +606,6 @@ class HistoryCallback(TrainerCallback):
             meta["resumed_from"] = self.resumed_from
         return meta
 
-    def _restore_recorded_meta(self, history):
-        # a resumed recorder was built at the checkpoint, where the scheduler had changed the groups' lr; the history
-        # keeps the optimizer as recorded at step 0, like an uninterrupted run's (the replay reads lrs per step)
-        if self._recorded_meta:
-            history.meta.update(self._recorded_meta)
-
     def snapshot(self):
         """The schedule recorded so far, as a GradientHistory without summary (what retrain needs); cheap. Bound to
         the model's current weights (the checkpoint's, in on_save)."""
@@ -624,7 +616,6 @@ class HistoryCallback(TrainerCallback):
         # the recorder's features so far (its finish() reports them; snapshot() does not): a resumed run adds to them
         seen = dict(getattr(rec, "_seen_features", {}), allow=list(rec.allow))
         history.meta["recording"] = self._recording_meta(seen)
-        self._restore_recorded_meta(history)
         return history
 
     def finish(self, summary=True):
@@ -638,7 +629,6 @@ class HistoryCallback(TrainerCallback):
         history = rec.finish(self.replay_set, self.loss_fn)
         history.meta["hf_trainer"] = self._trainer_meta()
         history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
-        self._restore_recorded_meta(history)
         if history.path is not None:  # streamed: the finished version at recording_path gets the same meta (its rows stay)
             history.save(history.path)
         return history
@@ -692,19 +682,6 @@ class _Recorder(HistoryRecorder):
             return
         super()._seal(mark)
         self._sealed_steps = self.steps
-
-
-def _optimizer_meta(optimizer):
-    """meta["optimizer"] as HistoryRecorder writes it, for `optimizer` now."""
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-               if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))} for g in optimizer.param_groups]
-    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "groups": groups}
-
-
-def _optimizer_settings(meta):
-    """An optimizer's class and group settings without the learning rates (the scheduler changes them every step)."""
-    groups = [{k: v for k, v in g.items() if k not in ("lr", "initial_lr")} for g in meta.get("groups", [])]
-    return meta.get("class"), groups
 
 
 class _IndexHook:
