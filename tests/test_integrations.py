@@ -1,6 +1,8 @@
 """transformers.Trainer integration: a real Trainer trains a tiny GPT-2 on CPU; method="retrain" forgetting
 nothing must land on the Trainer's weights, and forgetting samples on a hand-written Trainer-style loop."""
 import copy
+import json
+import os
 import subprocess
 import sys
 
@@ -683,10 +685,14 @@ def _hf_ddp_worker(rank, world, port, out):
             hf.record(_trainer(out, **dict(DDP_ARGS, average_tokens_across_devices=False)))
         except ValueError as err:
             open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
-        try:  # resuming a DDP recording is not implemented: refused when attached, not after a crash
-            hf.record(_trainer(out, **DDP_ARGS), resumable=True)
-        except ValueError as err:
-            open(os.path.join(out, f"refused_{rank}.txt"), "a").write("\n" + str(err))
+        # the same run streamed (checkpoints every 4 steps), killed at step 7 (a raise on every rank at the same step)
+        crashed = _trainer(os.path.join(out, "crash"), **DDP_ARGS, save_strategy="steps", save_steps=4)
+        hf.record(crashed, uf.HistoryPolicy(kind="full"))
+        crashed.add_callback(_Crash(7))
+        try:
+            crashed.train()
+        except RuntimeError as err:
+            assert "simulated crash" in str(err), err
     except BaseException:  # noqa: BLE001 (reported by the test)
         open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
         code = 1
@@ -694,8 +700,45 @@ def _hf_ddp_worker(rank, world, port, out):
     os._exit(code)
 
 
-def test_ddp_trainer_records_the_world_batches(tmp_path):
+def _hf_ddp_resume_worker(rank, world, port, out):
+    """Resumes the run _hf_ddp_worker killed at step 7 from its checkpoint-4 (new processes, as after a crash)."""
     import os
+    import shutil
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        run = os.path.join(out, "crash")
+        trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
+        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))  # (reads args.world_size: the process group is up)
+        # a checkpoint whose trainer state says step 3 (its history was saved at step 4): refused on every rank alike
+        if rank == 0:
+            shutil.copytree(os.path.join(run, "checkpoint-4"), os.path.join(out, "tampered"))
+            state_file = os.path.join(out, "tampered", "trainer_state.json")
+            state = json.loads(open(state_file).read())
+            open(state_file, "w").write(json.dumps(dict(state, global_step=3)))
+        torch.distributed.barrier()
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(out, "tampered"))
+        except ValueError as err:
+            open(os.path.join(out, f"refused_resume_{rank}.txt"), "w").write(str(err))
+        trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
+        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+        trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-4"))
+        history = cb.finish()
+        if rank == 0:
+            history.save(os.path.join(out, "resumed_history"))
+        torch.save(trainer.model.state_dict(), os.path.join(out, f"resumed_{rank}.pt"))
+    except BaseException:  # noqa: BLE001 (reported by the test)
+        open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
+        code = 1
+    os._exit(code)
+
+
+def _spawn_ddp(worker, out):
     import socket
 
     import torch.multiprocessing as mp
@@ -703,9 +746,13 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_hf_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
-    errors = [open(tmp_path / f).read() for f in os.listdir(tmp_path) if f.startswith("error_")]
+    mp.start_processes(worker, args=(2, port, str(out)), nprocs=2, start_method="spawn", join=True)
+    errors = [open(out / f).read() for f in os.listdir(out) if f.startswith("error_")]
     assert not errors, errors[0]
+
+
+def test_ddp_trainer_records_the_world_batches(tmp_path):
+    _spawn_ddp(_hf_ddp_worker, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     finals = []
     for rank in range(2):
@@ -731,5 +778,21 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
     local = GradientHistory(history.meta, dict(schedule, batches=[b[:4] for b in batches]), None, None)
     assert _max_dw(_replay(trained, local, data, loss), trained) > 100 * TIGHT
     for rank in range(2):
-        refused = open(tmp_path / f"refused_{rank}.txt").read()
-        assert "average_tokens_across_devices=False" in refused and "resuming a DDP recording is not implemented" in refused
+        assert "average_tokens_across_devices=False" in open(tmp_path / f"refused_{rank}.txt").read()
+    # the killed run resumed from its checkpoint-4 in new processes: the history of the uninterrupted run, bit for bit
+    crashed = GradientHistory.load(str(tmp_path / "crash" / "checkpoint-4" / hf.HISTORY_DIR))
+    assert crashed.num_steps == 4 and crashed.recording_id is not None  # streamed, resumable
+    _spawn_ddp(_hf_ddp_resume_worker, tmp_path)
+    for rank in range(2):  # every rank refused the tampered checkpoint (none left waiting in a collective)
+        assert "resumes at global step 3, the history was saved at step 4" in open(tmp_path / f"refused_resume_{rank}.txt").read()
+    resumed = GradientHistory.load(str(tmp_path / "resumed_history"))
+    assert [r["global_step"] for r in resumed.meta["hf_trainer"]["resumed_from"]] == [4]
+    assert resumed.meta["distributed"]["world_size"] == 2 and resumed.num_steps == 12
+    assert all(torch.equal(a, b) for a, b in zip(resumed.schedule["batches"], batches))
+    assert torch.equal(resumed.schedule["lrs"], history.schedule["lrs"])
+    for key in ("w", "g"):
+        assert torch.equal(resumed.trajectory[key].all(), history.trajectory[key].all()), key
+    for rank in range(2):
+        model = _model()
+        model.load_state_dict(torch.load(tmp_path / f"resumed_{rank}.pt"))
+        assert _max_dw(model, trained) == 0

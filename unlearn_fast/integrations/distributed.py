@@ -64,7 +64,7 @@ def _src(group):
     return dist.get_global_rank(group, 0) if group is not None else 0
 
 
-def _on_rank0(group, rank, fn):
+def on_rank0(group, rank, fn):
     """fn() on rank 0 of `group`, its result there (None on the other ranks); its exception is broadcast and raised on
     every rank (rank 0 re-raises its own; the others a ValueError with the same text, or a RuntimeError naming the
     exception), so that no rank goes on into a collective the others never reach."""
@@ -110,7 +110,7 @@ class DistributedRecorder:
 
         # a refusal on rank 0 alone (path already holds a history, ...) would leave the others waiting in record()'s
         # collectives: every rank raises it
-        self.recorder = _on_rank0(self.group, self.rank, build)
+        self.recorder = on_rank0(self.group, self.rank, build)
 
     def _attach(self, model, group, allow):
         """The checks of the model and the comm hook (every rank; no communication)."""
@@ -163,7 +163,7 @@ class DistributedRecorder:
 
         # rank 0 alone reads and continues the recording; its outcome is broadcast so that every rank returns or raises
         # alike (a rank that went on would wait forever in record()'s first collective)
-        recorder = _on_rank0(group, self.rank, resumed)
+        recorder = on_rank0(group, self.rank, resumed)
         self._attach(model, group, allow)
         self.recorder = recorder
         steps = [recorder.steps if recorder is not None else 0]
@@ -184,7 +184,7 @@ class DistributedRecorder:
         """Make every recorded step durable at the recording's path and mark this point (HistoryRecorder.flush), so that
         resume() can continue from a trainer checkpoint saved now. Every rank calls it after optimizer.step() (a
         collective: rank 0 flushes, and every rank returns once it is written, or raises what rank 0 raised)."""
-        _on_rank0(self.group, self.rank, lambda: self.recorder.flush())
+        on_rank0(self.group, self.rank, lambda: self.recorder.flush())
 
     def close(self):
         """Stop recording without finishing (HistoryRecorder.close on rank 0; not collective): a streamed recording

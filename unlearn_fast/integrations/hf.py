@@ -271,13 +271,8 @@ class HistoryCallback(TrainerCallback):
         if resumable and not save_history:
             raise ValueError("hf.record: resumable=True needs save_history=True (a resume continues the history saved with its checkpoint)")
         self.world_size = int(trainer.args.world_size)
-        if self.world_size > 1:
-            if resumable:
-                raise ValueError(f"hf.record: resumable=True with world_size={self.world_size}; resuming a DDP recording is not "
-                                 "implemented (rank 0 records in memory; checkpoints hold the schedule)")
-            if per_sample is not None:
-                raise ValueError(f"hf.record: per_sample= with world_size={self.world_size} is not implemented (each rank sees its own samples)")
-            resumable = False
+        if self.world_size > 1 and per_sample is not None:
+            raise ValueError(f"hf.record: per_sample= with world_size={self.world_size} is not implemented (each rank sees its own samples)")
         self.resumable, self.recording_dir = bool(resumable), recording_dir
         self._dist, self._trainer = None, None  # DDP: the DistributedRecorder (every rank); a weak reference to the Trainer
         if per_sample is not None and getattr(per_sample, "kind", None) not in ("first_epoch", "all_epochs"):
@@ -356,7 +351,7 @@ class HistoryCallback(TrainerCallback):
         self._prior, self._per_sample_history = {}, None
         per_sample = None
         if self.world_size > 1:
-            self.recorder = self._distributed(state, optimizer, allow)
+            self.recorder = self._distributed(args, state, model, optimizer, allow, checkpoint)
         elif state.global_step > 0:
             self.recorder, per_sample = self._continue(args, state, model, optimizer, allow, checkpoint)
         else:
@@ -372,14 +367,14 @@ class HistoryCallback(TrainerCallback):
         self.per_sample = per_sample
         self.queue, self.inputs, self.micro_batches = [], [], 0
 
-    def _distributed(self, state, optimizer, allow):
+    def _distributed(self, args, state, model, optimizer, allow, checkpoint):
         """DDP through the Trainer: a DistributedRecorder on the DDP-wrapped model (every rank); it gathers every
-        rank's indices of a step into the world batch and rank 0 records it. Returns rank 0's HistoryRecorder (None on
-        the other ranks). The Trainer clips after DDP's all-reduce, which the DistributedRecorder would refuse as an edit:
-        clipping is allowed there and replayed from the TrainingArguments (meta["recording"]["clip_max_norm"])."""
-        if state.global_step > 0:
-            raise ValueError(f"resume: training resumes at global step {state.global_step} with world_size={self.world_size}; resuming a "
-                             "DDP recording is not implemented (record the run from step 0)")
+        rank's indices of a step into the world batch and rank 0 records it (streamed when resumable, like a
+        single-process run). A resumed train(): rank 0 checks and copies the checkpoint's recording as _continue does,
+        every rank raises its refusal alike, and DistributedRecorder.resume continues the copy. Returns rank 0's
+        HistoryRecorder (None on the other ranks). The Trainer clips after DDP's all-reduce, which the
+        DistributedRecorder would refuse as an edit: clipping is allowed there and replayed from the TrainingArguments
+        (meta["recording"]["clip_max_norm"])."""
         trainer = self._trainer() if self._trainer is not None else None
         wrapped = getattr(trainer, "model_wrapped", None)
         if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
@@ -387,7 +382,16 @@ class HistoryCallback(TrainerCallback):
                              f"({type(wrapped).__name__}); the integration records DDP runs only")
         if self.max_grad_norm > 0:
             allow = tuple(allow) + ("clipping",)
-        self._dist = distributed.DistributedRecorder(wrapped, optimizer, self.policy, allow=allow)
+        if state.global_step == 0:
+            self.resumed_from = []
+            path = self._new_recording_path(args) if self.resumable else None
+            self._dist = distributed.DistributedRecorder(wrapped, optimizer, self.policy, allow=allow, path=path)
+            return self._dist.recorder
+        rank = torch.distributed.get_rank()
+        copied = distributed.on_rank0(None, rank, lambda: self._copy_for_resume(args, state, model, optimizer, checkpoint))
+        self._dist = distributed.DistributedRecorder.resume(copied[0] if copied else None, wrapped, optimizer, allow=allow)
+        if copied:
+            self._note_resume(copied[1], state.global_step, checkpoint)
         return self._dist.recorder
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -464,6 +468,29 @@ class HistoryCallback(TrainerCallback):
         """The recorder of a train() resumed from `checkpoint`: the recording saved there, checked against the restored
         Trainer, copied to a new recording directory and continued (HistoryRecorder.resume). Every check runs before
         anything is written; the checkpoint is only read."""
+        new, history, per_sample_path, epoch = self._copy_for_resume(args, state, model, optimizer, checkpoint)
+        recorder = _Recorder.resume(new, model, optimizer, allow=allow)
+        per_sample = None
+        if self.per_sample_policy is not None:  # the same: a copy of the checkpoint's, continued
+            from ..lm.recording import FirstEpochRecorder
+
+            snap = store.read(per_sample_path, "FirstEpochHistory")
+            info = {k: v for k, v in snap.info.items() if k != "checkpoint"}
+            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(per_sample_path, snap.chunks, link=True))
+            per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
+        self._note_resume(history, state.global_step, checkpoint)
+        return recorder, per_sample
+
+    def _note_resume(self, history, step, checkpoint):
+        # the counters of the steps before the checkpoint, and the chain of resumes, for the finished history's meta
+        self._prior = dict(history.meta.get("recording") or {})
+        self.resumed_from = list(history.meta.get("hf_trainer", {}).get("resumed_from", [])) + [
+            {"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
+
+    def _copy_for_resume(self, args, state, model, optimizer, checkpoint):
+        """The checks of a resume from `checkpoint` (ValueError listing every problem, before anything is written),
+        then its recording copied to a new recording directory: (that directory, the checkpoint's history, the
+        per-sample copy's path, the epoch the Trainer resumes in)."""
         step = state.global_step
         if checkpoint is None:
             raise ValueError(f"resume: training starts at global step {step}, not from a checkpoint passed to trainer.train(resume_from_checkpoint=...) "
@@ -523,18 +550,7 @@ class HistoryCallback(TrainerCallback):
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
         chunks = store.stored_chunks(path, snap.chunks, link=True)
         store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), chunks)
-        recorder = _Recorder.resume(new, model, optimizer, allow=allow)
-        per_sample = None
-        if self.per_sample_policy is not None:  # the same: a copy of the checkpoint's, continued
-            from ..lm.recording import FirstEpochRecorder
-
-            snap = store.read(per_sample_path, "FirstEpochHistory")
-            info = {k: v for k, v in snap.info.items() if k != "checkpoint"}
-            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(per_sample_path, snap.chunks, link=True))
-            per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
-        self._prior = dict(history.meta.get("recording") or {})
-        self.resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
-        return recorder, per_sample
+        return new, history, per_sample_path, epoch
 
     def _per_sample_problems(self, path, model, step, epoch):
         """Why the per-sample recording saved at `path` cannot be continued by this run (read only; [] if it can).
