@@ -452,14 +452,7 @@ class HistoryRecorder:
         return self.steps
 
     def _row_buffers(self):
-        """(w, g) row buffers for a new chunk: ones the writer is done with (a streamed recording), else new."""
-        if self._writer is not None:
-            try:
-                return self._writer.spare.get_nowait()
-            except queue.Empty:
-                pass
-        device = self.w0.device
-        return self._encoder.buffers(self.chunk_steps, device), self._encoder.buffers(self.chunk_steps, device)
+        return chunk_row_buffers(self._encoder, self._writer, self.chunk_steps, self.w0.device)
 
     def _note_seen(self, idx):
         top = int(idx.max())
@@ -816,6 +809,16 @@ class RowEncoder:
             c, sc = ops.quantize_blockwise(x.float(), bs, bits)  # (.float(): a float64 model's row is quantized as float32)
             codes[s if bits == 8 else s // 2 : e if bits == 8 else (e + 1) // 2].copy_(c)
             scales[s // bs : -(-e // bs)].copy_(sc)
+
+
+def chunk_row_buffers(encoder, writer, steps, device):
+    """(w, g) row buffers of `steps` rows for a new chunk: ones the writer is done with (a streamed recording), else new."""
+    if writer is not None:
+        try:
+            return writer.spare.get_nowait()
+        except queue.Empty:
+            pass
+    return encoder.buffers(steps, device), encoder.buffers(steps, device)
 
 
 class _ChunkWriter:

@@ -50,7 +50,7 @@ import torch.distributed as dist
 if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
-from ..recording import HistoryRecorder, check_recordable
+from ..recording import HistoryRecorder, check_recordable, chunk_row_buffers
 
 
 def _world(group, who="DistributedRecorder"):
@@ -715,16 +715,7 @@ class ShardedRecorder:
         return world
 
     def _row_buffers(self):
-        """(w, g) row buffers for a new chunk: ones the writer is done with (a streamed recording), else new."""
-        import queue
-
-        if self._writer is not None:
-            try:
-                return self._writer.spare.get_nowait()
-            except queue.Empty:
-                pass
-        device = self.w0.device
-        return self._encoder.buffers(self.chunk_steps, device), self._encoder.buffers(self.chunk_steps, device)
+        return chunk_row_buffers(self._encoder, self._writer, self.chunk_steps, self.w0.device)
 
     def _seal(self, mark=None):
         """Close the open chunk: kept in memory (no path), or appended to path by the writer with its resume mark."""
