@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import unlearn_fast as uf
 from unlearn_fast.methods import retrain
+from unlearn_fast.methods._common import NotUnlearnedError
 
 L = pytest.importorskip("lightning")  # CI installs it (make's venv: .[test,lightning]); a guard for other environments
 from unlearn_fast.integrations import lightning as ufl  # noqa: E402  (not skipped: without the module the tests fail)
@@ -217,8 +218,8 @@ def test_resume_continues_the_history_and_replays_to_the_resumed_weights(tmp_pat
     # the second fit's steps alone, replayed from the first run's start, are far off
     tail = uf.GradientHistory(dict(history.meta), {"w0": w0, "batches": history.schedule["batches"][6:], "lrs": history.schedule["lrs"][6:]})
     assert err < TOL and rel_error(replay(resumed, tail, train_set, cb2.replay_loss), w_resumed, w0) > 100 * TOL
-    # a resumed run's history is the schedule (retrain); it is bound to the resumed weights
-    assert history.meta["final_digest"] == uf.history.weights_digest(resumed)
+    # a resumed run's history is the whole recording (kind="full": every trajectory row); bound to the resumed weights
+    assert len(history.trajectory["w"]) == 18 and history.meta["final_digest"] == uf.history.weights_digest(resumed)
     result = uf.unlearn(resumed, history, [3, 7], train_set, cb2.replay_loss, method="retrain")
     assert result.stats["steps"] == 18
 
@@ -251,6 +252,170 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"resume: fit resumes at global step 4 from a checkpoint that holds no"):
         fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], ckpt_path=str(tmp_path / "plain" / "epoch=0-step=4.ckpt"),
             max_epochs=2, default_root_dir=tmp_path)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A shuffle seeded by the epoch (Lightning calls set_epoch before each one): a fit resumed in a new Trainer
+    draws the batches the uninterrupted fit drew, whatever the global RNG did in between."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def epoch_loader(train_set, batch_size=8):
+    return torch.utils.data.DataLoader(uf.IndexedDataset(train_set), batch_size=batch_size, sampler=EpochShuffle(len(train_set)))
+
+
+class Kill(L.Callback):
+    """Raises after optimizer step `step`: a fit that dies (the process would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed at step {self.step}")
+
+
+def listing(directory):
+    """Every file under `directory` with its size and modification time (a write changes them)."""
+    out = {}
+    for d, _, files in os.walk(directory):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def assert_same(a, b, where="history"):
+    """a and b equal bit for bit: tensors, EncodedRows, lists and dicts of them, numbers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, uf.history.EncodedRows):
+        assert (a.codec, a.blocksize, a.p, a.dtype) == (b.codec, b.blocksize, b.p, b.dtype), where
+        assert_same(a.tensors, b.tensors, where)
+    elif isinstance(a, dict):
+        assert sorted(a) == sorted(b), (where, sorted(a), sorted(b))
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("kind", ["full", "minimal"])
+def test_a_killed_fit_resumed_from_its_checkpoint_records_the_uninterrupted_history(tmp_path, kind):
+    train_set = dataset(48)  # 6 steps per epoch, 4 epochs; a checkpoint every epoch
+    policy = uf.HistoryPolicy(kind=kind)
+    # kind="full" with what a resume must restore besides the weights: momentum, StepLR's rate, the clipping setting;
+    # kind="minimal" (Mini, which refuses clipping) with momentum SGD
+    optimizer, kw = ("sgd+steplr", {"gradient_clip_val": 0.5}) if kind == "full" else ("sgd", {})
+    kw.update(max_epochs=4, default_root_dir=tmp_path)
+    # the reference: one uninterrupted fit, recorded in memory (no checkpoints)
+    reference, cb_ref = Net(optimizer=optimizer), ufl.HistoryCallback(F.cross_entropy, policy)
+    fit(reference, epoch_loader(train_set), [cb_ref], **kw)
+    assert cb_ref.recording_path is None
+    expected = cb_ref.finish()
+    # the same fit with checkpoints at steps 6 and 12, killed after step 15
+    killed, cb1 = Net(optimizer=optimizer), ufl.HistoryCallback(F.cross_entropy, policy)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed at step 15"):
+        fit(killed, epoch_loader(train_set), [cb1, ckpt, Kill(15)], enable_checkpointing=True, **kw)
+    assert cb1.recording_path.startswith(str(tmp_path / "ckpt" / ufl.RECORDING_DIR))
+    path = str(tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
+    at_ckpt = str(tmp_path / "ckpt" / ufl.HISTORY_DIR / "step=12")
+    assert torch.load(path, weights_only=False)[ufl.CHECKPOINT_KEY]["path"] == at_ckpt
+    # the copy next to the checkpoint: the recording so far (its chunk objects hard links to the recording's)
+    copy12 = uf.GradientHistory.load(at_ckpt)
+    assert copy12.num_steps == 12 and copy12.meta["checkpoint"]["global_step"] == 12 and copy12.recording_id is not None
+    assert torch.equal(copy12.schedule["batch_sizes"], expected.schedule["batch_sizes"][:12])
+    if kind == "full":
+        assert torch.equal(copy12.trajectory["g"].all(), expected.trajectory["g"].all()[:12])
+    for chunk in uf.store.read(at_ckpt, "GradientHistory").chunks:
+        for part in chunk["parts"].values():
+            assert os.stat(os.path.join(at_ckpt, uf.store.OBJECTS, part["data"])).st_nlink >= 2
+    before = listing(tmp_path / "ckpt" / ufl.HISTORY_DIR)
+
+    # resumed from the step-12 checkpoint in a new Trainer, with a new module and callback
+    resumed, cb2 = Net(seed=1, optimizer=optimizer), ufl.HistoryCallback(F.cross_entropy, policy)
+    ckpt2 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_top_k=-1, every_n_epochs=1)
+    fit(resumed, epoch_loader(train_set), [cb2, ckpt2], ckpt_path=path, enable_checkpointing=True, **kw)
+    history = cb2.finish()
+    assert listing(tmp_path / "ckpt" / ufl.HISTORY_DIR) == before  # the checkpoint's history was only read
+    assert cb2.recording_path.startswith(str(tmp_path / "ckpt2" / ufl.RECORDING_DIR)) and history.path == cb2.recording_path
+    assert torch.equal(flat(resumed), flat(reference))  # (training itself resumed exactly)
+    assert history.num_steps == 24 and history.meta["lightning"]["resumed_from"][0]["global_step"] == 12
+    assert history.meta["final_digest"] == expected.meta["final_digest"] == uf.history.weights_digest(resumed)
+    assert_same(history.schedule, expected.schedule, "schedule")
+    assert history.meta["recording"] == expected.meta["recording"] and history.meta["loss_check"] == expected.meta["loss_check"]
+    if kind == "full":
+        assert history.meta["recording"]["clipped_steps"] > 0
+        for key in ("w", "g"):  # every trajectory row, bit for bit
+            assert torch.equal(history.trajectory[key].all(), expected.trajectory[key].all()), key
+        w0 = history.schedule["w0"]
+        assert rel_error(replay(resumed, history, train_set, cb2.replay_loss), flat(resumed), w0) < TOL
+        got = uf.unlearn(resumed, history, [3, 7], train_set, cb2.replay_loss, method="retrain")
+        want = uf.unlearn(reference, expected, [3, 7], train_set, cb_ref.replay_loss, method="retrain")
+        assert torch.equal(flat(got.model), flat(want.model)) and not torch.equal(flat(got.model), flat(resumed))
+    else:
+        # the summary's inputs, the recorder's kept checkpoints (those before step 12 restored from the checkpoint's
+        # copy), bit for bit, and so the summary
+        assert [s for s, _ in cb2.recorder.checkpoints] == [s for s, _ in cb_ref.recorder.checkpoints]
+        assert_same([w for _, w in cb2.recorder.checkpoints], [w for _, w in cb_ref.recorder.checkpoints], "checkpoints")
+        assert_same(history.summary, expected.summary, "summary")
+        # and Mini's answer (on this small non-convex run its own a-posteriori check refuses the result: the same refusal)
+        outcomes = []
+        for module, h in ((resumed, history), (reference, expected)):
+            with pytest.raises(NotUnlearnedError) as err, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                uf.unlearn(module, h, [3, 7], train_set, F.cross_entropy, method="mini")
+            outcomes.append((str(err.value), err.value.stats))
+        assert outcomes[0] == outcomes[1]
+
+
+def test_a_resume_that_does_not_match_is_refused_and_writes_nothing(tmp_path):
+    train_set = dataset(32)  # 4 steps per epoch
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy), ckpt], max_epochs=1, enable_checkpointing=True,
+        default_root_dir=tmp_path)
+    path = str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    saved = torch.load(path, weights_only=False)
+    saved["state_dict"]["net.2.bias"] = saved["state_dict"]["net.2.bias"] + 1e-3  # weights the history never produced
+    torch.save(saved, tmp_path / "modified.ckpt")
+    before = listing(tmp_path / "ckpt")
+    refusals = [
+        (str(tmp_path / "modified.ckpt"), None, {}, r"resume: the checkpoint does not match the history .*step=4: the restored weights' digest"),
+        (path, uf.HistoryPolicy(kind="minimal"), {}, r"resume: .*the policy differs from the recorded one \(recorded, now\): \{'kind': \('full', 'minimal'\)\}"),
+        (path, None, {"gradient_clip_val": 0.5}, r"resume: .*Trainer settings changed .*'gradient_clip_val': \(0.0, 0.5\)"),
+    ]
+    for ckpt_path, policy, kw, match in refusals:
+        with pytest.raises(ValueError, match=match):
+            fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy, policy)], ckpt_path=ckpt_path, max_epochs=2,
+                default_root_dir=tmp_path / "refused", **kw)
+    assert listing(tmp_path / "ckpt") == before and not os.path.exists(tmp_path / "refused" / "checkpoints" / ufl.RECORDING_DIR)
+    # a fit without a checkpoint callback records in memory: a checkpoint saved by hand holds the schedule only
+    module, cb = Net(), ufl.HistoryCallback(F.cross_entropy)
+    trainer = fit(module, loader(train_set), [cb], max_epochs=1, default_root_dir=tmp_path / "memory")
+    assert cb.recording_path is None
+    trainer.save_checkpoint(tmp_path / "memory.ckpt")
+    schedule = uf.GradientHistory.load(str(tmp_path / "memory" / "checkpoints" / ufl.HISTORY_DIR / "step=4"))
+    assert schedule.num_steps == 4 and schedule.trajectory is None and schedule.recording_id is None
+    with pytest.raises(ValueError, match=r"resume: the history saved with this checkpoint .* holds the schedule only"):
+        fit(Net(), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], ckpt_path=str(tmp_path / "memory.ckpt"), max_epochs=2,
+            default_root_dir=tmp_path / "refused")
+    assert cb.finish().num_steps == 4  # (the recording itself is unaffected)
 
 
 class DictNet(Net):

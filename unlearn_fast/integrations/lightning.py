@@ -42,15 +42,23 @@ round differently), dropout (random masks; allow_dropout=True records anyway), b
 (batch statistics of micro-batches), manual optimization, several optimizers, a module overriding
 configure_gradient_clipping or optimizer_step, strategies that accumulate themselves, world_size > 1.
 
-Checkpoints. In on_save_checkpoint the schedule recorded so far is saved next to the checkpoint files
-(<dirpath>/unlearn_history/step=<global_step>, dirpath the ModelCheckpoint's) with meta["checkpoint"] =
-{"global_step", "weights_digest"}, and the checkpoint itself stores where (CHECKPOINT_KEY). When fit resumes
-from such a checkpoint (ckpt_path=...), the callback loads that history, checks that the restored weights are
-the ones it was saved with (weights digests and step) and continues it; a checkpoint without the reference, or
-one whose weights or step do not match the history, is refused.
+Checkpoints and resume (docs/integrations.md), as the Hugging Face integration does them. A fit whose Trainer has a
+checkpoint callback streams its recording (HistoryRecorder(path=...), a new directory per fit under
+<dirpath>/RECORDING_DIR, dirpath the ModelCheckpoint's or HistoryCallback(dirpath=)); on_save_checkpoint flushes it
+(its last chunk marked with the weights' digest) and copies it, chunks (batches, trajectory rows, Mini's parameter
+checkpoints) and marks included, their objects hard-linked, to <dirpath>/HISTORY_DIR/step=<global_step>, bound to the
+checkpoint (meta["checkpoint"] = {"global_step", "weights_digest"}); the checkpoint stores where (CHECKPOINT_KEY).
+fit(ckpt_path=...) with a HistoryCallback checks that copy against the restored Trainer (weights digest, global step,
+parameter names, n_train, policy, Trainer settings, optimizer; every problem in one ValueError, nothing written), copies
+it to a new recording directory and continues it there with HistoryRecorder.resume: the finished history equals an
+uninterrupted fit's (schedule, trajectory rows, Mini's checkpoints). A fit without a checkpoint callback records in
+memory (a checkpoint saved by hand then gets the schedule only, which a resume refuses).
 """
 import dataclasses
+import json
 import os
+import time
+import uuid
 
 import torch
 
@@ -59,12 +67,22 @@ try:
 except ImportError as err:  # the optional dependency: `import unlearn_fast` never imports this module
     raise ImportError("unlearn_fast.integrations.lightning needs PyTorch Lightning: pip install 'unlearn_fast[lightning]'") from err
 
+from .. import store
 from ..data import IndexedDataset
-from ..history import GradientHistory, HistoryPolicy, fetch, param_spec, weights_digest
+from ..history import GradientHistory, HistoryPolicy, fetch, weights_digest
 from ..methods._common import batch_gradient, clip_max_norm, graph_leaves
-from ..recording import HistoryRecorder, InertWhenCopied
+from ..recording import HistoryRecorder, InertWhenCopied, optimizer_meta, optimizer_settings
 
 HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/step=<global_step>
+# a fit that saves checkpoints streams its recording to <checkpoint directory>/RECORDING_DIR/run-<time>-<id> (a new
+# directory per fit, resumed ones included); each checkpoint's HISTORY_DIR/step=N gets a copy of it as it stands
+RECORDING_DIR = "unlearn_recording"
+# meta["recording"] counters of the recorder that a resumed fit adds to those of the steps before its checkpoint
+# (clipped_steps is the callback's own count: the recorder records before Lightning clips)
+FEATURE_COUNTS = ("accumulated_steps", "autocast_steps")
+# meta keys that bind a saved history to its checkpoint or are added by finish()/snapshot(): dropped from the copy a
+# resumed fit continues, which is an unfinished recording
+BOUND_KEYS = ("n_train", "final_digest", "checkpoint", "lightning", "recording", "loss_check")
 CHECKPOINT_KEY = "unlearn_fast_history"  # the checkpoint's reference to the history saved with it
 # relative difference allowed between Lightning's first gradient and loss_fn's on the same samples: float32
 # rounding of a different summation order is ~1e-7; dropout, an extra loss term or other data are far above it
@@ -163,11 +181,6 @@ def _flat(tensors):
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _jsonable(groups):
-    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-             if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))} for g in groups]
-
-
 class HistoryCallback(pl.Callback):
     """Records every optimizer step of a lightning.Trainer fit into a HistoryRecorder (module docstring).
 
@@ -176,8 +189,10 @@ class HistoryCallback(pl.Callback):
     train_set: the data set the indices point into (default: the training DataLoader's data set, unwrapped
       from uf.IndexedDataset); it is what uf.unlearn takes.
     indices_of: batch -> 1-D integer tensor of the batch's indices (default: the first field of the batch).
-    dirpath: where histories are saved with checkpoints (default: the ModelCheckpoint's directory).
-    save_history: save the history with every checkpoint (needed to resume a recording).
+    dirpath: where histories are saved with checkpoints and where a fit that saves checkpoints streams its
+      recording (default: the ModelCheckpoint's directory).
+    save_history: stream the recording when the Trainer has a checkpoint callback and save a copy of it with
+      every checkpoint (needed to resume a recording). False: record in memory, save nothing.
     allow_dropout: record a module with dropout anyway (the replay then differs: random masks).
     check_batches: compare every (indices, x, y) batch with train_set's samples (one fetch per micro-batch).
     """
@@ -193,13 +208,13 @@ class HistoryCallback(pl.Callback):
         self.recorder = None
         self.model = None
         self._resume = None  # (reference, checkpoint global_step) from on_load_checkpoint
+        self._handle = None  # the step post-hook on Lightning's optimizer
         self._reset()
 
     def _reset(self):
-        self._w0, self._batches, self._lrs, self._micro_sizes = None, [], [], []
-        self._meta = None
-        self._queue, self._pending, self._checked, self._handle = [], False, False, None
+        self._queue, self._pending, self._checked, self._finished = [], False, False, False
         self._clipped_steps, self._resumed_from, self._saved = 0, [], {}
+        self._prior = {}  # a resumed fit: meta["recording"] of the steps before its checkpoint
 
     # -- set-up
     def _check_trainer(self, trainer, module):
@@ -275,27 +290,29 @@ class HistoryCallback(pl.Callback):
             raise ValueError(f"optimizer: {type(optimizer).__name__} is not a torch.optim.Optimizer; the replay rebuilds a torch optimizer")
         settings = self._settings(trainer)
         self.accumulate, self.clip_val, self.clip_algorithm = accumulate, settings["gradient_clip_val"], settings["gradient_clip_algorithm"]
+        self._settings_now = settings
+        if self.recorder is not None:
+            self.recorder.close()  # an earlier fit's recording stops (its hooks come off; a streamed one stays on disk)
+            self.recorder = None
+        self._remove_hook()
         self._reset()
         resume, self._resume = self._resume, None
-        if trainer.global_step > 0:
-            self._continue(trainer, pl_module, resume, settings)
-        else:
-            params = [p for p in pl_module.parameters() if p.requires_grad]
-            self._w0 = _flat(params).clone()
-            groups = self.optimizer.param_groups
-            group_of = [next(i for i, g in enumerate(groups) if any(q is p for q in g["params"])) for p in params]
-            cls = type(self.optimizer)
-            self._meta = {"policy": dataclasses.asdict(self.policy), "param_spec": param_spec(pl_module),
-                          "optimizer": {"class": f"{cls.__module__}.{cls.__qualname__}", "groups": _jsonable(groups)},
-                          "group_of_param": group_of}
-        self._settings_now = settings
         # accumulation is allowed when the steps are uniform (checked per step); clipping is not allowed: record()
         # runs before Lightning clips, so any change it sees was made by something else (a hook editing gradients)
         allow = ("accumulation",) if accumulate > 1 else ()
-        self.recorder = HistoryRecorder(pl_module, _step_marker(self.optimizer), self.policy, allow=allow)
+        marker = _step_marker(self.optimizer)
+        if trainer.global_step > 0:
+            self.recorder = self._continue(trainer, pl_module, resume, marker, allow)
+        else:
+            # streamed (and so resumable) exactly when the Trainer will write checkpoints
+            path = self._new_recording_path(trainer) if self.save_history and trainer.checkpoint_callbacks else None
+            self.recorder = HistoryRecorder(pl_module, marker, self.policy, allow=allow, path=path)
         self._handle = self.optimizer.register_step_post_hook(InertWhenCopied(self._after_real_step))
 
-    def _continue(self, trainer, module, resume, settings):
+    def _continue(self, trainer, module, resume, marker, allow):
+        """The recorder of a fit resumed from a checkpoint: the recording saved with it, checked against the restored
+        Trainer (every check before anything is written; the checkpoint is only read), copied to a new recording
+        directory and continued there (HistoryRecorder.resume)."""
         step = trainer.global_step
         ref, ckpt_step = resume if resume is not None else (None, None)
         if ref is None:
@@ -303,36 +320,59 @@ class HistoryCallback(pl.Callback):
                 raise ValueError(f"resume: fit starts at global step {step} without a checkpoint (a second fit() on this Trainer?); "
                                  "the callback records one fit from step 0, or a fit resumed with ckpt_path= from its checkpoints")
             raise ValueError(f"resume: fit resumes at global step {step} from a checkpoint that holds no {CHECKPOINT_KEY!r} reference "
-                             "(saved without HistoryCallback, or with save_history=False); the steps before it cannot be replayed")
+                             "(saved without HistoryCallback, with save_history=False, or after finish()); the steps before it "
+                             "cannot be replayed")
         path = ref.get("path")
         if not path or not os.path.isdir(path):
             raise ValueError(f"resume: the history saved with this checkpoint is missing ({path!r})")
         history = GradientHistory.load(path)
         mark = history.meta.get("checkpoint") or {}
-        digest = weights_digest(module)
+        if history.recording_id is None or not history.chunk_marks:
+            raise ValueError(f"resume: the history saved with this checkpoint ({path}) holds the schedule only (recorded in memory: "
+                             "the fit had no checkpoint callback when it started, e.g. trainer.save_checkpoint() without "
+                             "ModelCheckpoint); its recording cannot be continued. Record the run from step 0 with a ModelCheckpoint")
         problems = []
-        if digest != ref.get("weights_digest") or digest != mark.get("weights_digest"):
+        digest = weights_digest(module)
+        last_mark = history.chunk_marks.get(len(history.chunk_steps) - 1)
+        if not (digest == ref.get("weights_digest") == mark.get("weights_digest") == history.meta.get("final_digest") == last_mark):
             problems.append(f"the restored weights' digest {digest[:16]} is not the history's {str(mark.get('weights_digest'))[:16]} "
-                            f"(checkpoint reference {str(ref.get('weights_digest'))[:16]})")
+                            f"(checkpoint reference {str(ref.get('weights_digest'))[:16]}, last flush mark {str(last_mark)[:16]})")
         if not (step == ckpt_step == ref.get("global_step") == mark.get("global_step") == history.num_steps):
             problems.append(f"global step {step} (checkpoint {ckpt_step}) vs the history's {mark.get('global_step')} with "
                             f"{history.num_steps} recorded steps")
-        if problems:
-            raise ValueError(f"resume: the checkpoint does not match the history at {path}: {'; '.join(problems)}. The checkpoint "
-                             "was modified, or its history belongs to another run; resume from an unmodified checkpoint")
-        history.check_model(module)
+        try:
+            history.check_model(module)
+        except ValueError as err:
+            problems.append(str(err))
         if history.n_train != len(self.train_set):
-            raise ValueError(f"resume: train_set has {len(self.train_set)} samples, the history was recorded on {history.n_train}")
+            problems.append(f"train_set has {len(self.train_set)} samples, the history was recorded on {history.n_train}")
+        recorded_policy, policy = history.meta.get("policy"), json.loads(json.dumps(dataclasses.asdict(self.policy)))  # (as stored)
+        if recorded_policy != policy:
+            changed = ({k: (recorded_policy.get(k), v) for k, v in policy.items() if recorded_policy.get(k) != v}
+                       if isinstance(recorded_policy, dict) else recorded_policy)
+            problems.append(f"the policy differs from the recorded one (recorded, now): {changed}")
         old = history.meta.get("lightning", {})
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        changed = {k: (old.get(k), v) for k, v in self._settings_now.items() if old.get(k) != v}
         if changed:
-            raise ValueError(f"resume: Trainer settings changed since the checkpoint ({changed}); one history replays one setting")
-        self._w0, self._batches = history.schedule["w0"], list(history.schedule["batches"])
-        self._lrs = history.schedule["lrs"].tolist()
-        self._micro_sizes = [list(s) for s in old.get("micro_batch_sizes", [])]
+            problems.append(f"Trainer settings changed since the checkpoint (recorded, now): {changed}; one history replays one setting")
+        recorded_opt, opt_now = history.meta.get("optimizer", {}), optimizer_meta(self.optimizer)
+        if optimizer_settings(recorded_opt) != optimizer_settings(opt_now):
+            problems.append(f"optimizer {opt_now['class']} {optimizer_settings(opt_now)[1]} vs the recorded "
+                            f"{recorded_opt.get('class')} {optimizer_settings(recorded_opt)[1]} (learning rates aside)")
+        if problems:
+            raise ValueError(f"resume: the checkpoint does not match the history at {path}: {'; '.join(problems)}. Nothing was recorded "
+                             "or changed; resume from an unmodified checkpoint of this run, with the same data, policy and settings")
+        # a copy, never the checkpoint's history itself: resume() truncates what it continues after its mark, and
+        # another fit may resume from the same checkpoint (or a later one of the run)
+        snap = store.read(path, "GradientHistory")
+        new = self._new_recording_path(trainer)
+        meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}
+        store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), store.stored_chunks(path, snap.chunks, link=True))
+        recorder = HistoryRecorder.resume(new, module, marker, allow=allow)
+        self._prior = dict(history.meta.get("recording") or {})
         self._clipped_steps = int(old.get("clipped_steps", 0))
         self._resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "history": os.path.abspath(path)}]
-        self._meta = {k: v for k, v in history.meta.items() if k not in ("lightning", "checkpoint", "final_digest", "loss_check", "n_train", "recording")}
+        return recorder
 
     def _remove_hook(self):
         if self._handle is not None:
@@ -371,7 +411,7 @@ class HistoryCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         micro, self._queue = self._queue, []
-        step = len(self._batches)
+        step = self.recorder.num_steps
         if not micro:
             raise ValueError(f"optimizer step {step}: no training batch was seen since the last step")
         sizes = [m.numel() for m in micro]
@@ -390,11 +430,7 @@ class HistoryCallback(pl.Callback):
                 self._clipped_steps += int(float(torch.nn.utils.get_total_norm(grads, 2.0)) > self.clip_val)
             else:
                 self._clipped_steps += int(any(bool((g.abs() > self.clip_val).any()) for g in grads))
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.recorder.record(indices, batch_size=indices.numel())
-        self._batches.append(indices)
-        self._lrs.append(lrs)
-        self._micro_sizes.append(sizes)
         self._pending = True
 
     def _check_loss(self, module, indices, step):
@@ -412,30 +448,49 @@ class HistoryCallback(pl.Callback):
 
     def _after_real_step(self, optimizer, args, kwargs):
         if not self._pending:
-            raise ValueError(f"optimizer step {len(self._batches)} ran without on_before_optimizer_step (a manual "
+            raise ValueError(f"optimizer step {self.recorder.num_steps} ran without on_before_optimizer_step (a manual "
                              "optimizer.step()?); the history would miss it")
         self._pending = False
         self.recorder.optimizer.step()  # the marker: the recorder's step hooks see the step end
 
     # -- checkpoints
+    def _base_dir(self, trainer):
+        return self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+
     def _history_dir(self, trainer):
-        base = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        return os.path.join(base, HISTORY_DIR, f"step={trainer.global_step}")
+        return os.path.join(self._base_dir(trainer), HISTORY_DIR, f"step={trainer.global_step}")
+
+    def _new_recording_path(self, trainer):
+        return os.path.join(self._base_dir(trainer), RECORDING_DIR, f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if not self.save_history or self.recorder is None or not self._batches:
+        rec = self.recorder
+        if not self.save_history or rec is None or self._finished or not rec.num_steps:
             return
+        if rec.path is None and rec.policy.kind != "full":
+            return  # a kind="minimal" recording in memory keeps no batch order: nothing a checkpoint's history could replay
         if self._queue:
             raise ValueError(f"checkpoint at global step {trainer.global_step}: {len(self._queue)} micro-batch(es) of an unfinished "
                              "accumulation are not in any step yet; save checkpoints after optimizer steps")
-        if len(self._batches) != trainer.global_step:
-            raise ValueError(f"checkpoint: global step {trainer.global_step} but {len(self._batches)} recorded steps")
+        if rec.num_steps != trainer.global_step:
+            raise ValueError(f"checkpoint: global step {trainer.global_step} but {rec.num_steps} recorded steps")
         digest = weights_digest(pl_module)
         path = os.path.abspath(self._history_dir(trainer))
-        if self._saved.get(path) != digest:
-            history = self.snapshot()
+        if self._saved.get(path) != digest:  # (two checkpoints of one step, e.g. ModelCheckpoint's and save_last, share one)
+            history = self.snapshot()  # a streamed recording is flushed first: its last chunk is marked with the weights' digest
             history.meta["checkpoint"] = {"global_step": trainer.global_step, "weights_digest": digest}
-            history.save(path)
+            if rec.path is None:
+                history.save(path)  # the schedule only (recorded in memory): enough for retrain to this checkpoint, not to resume
+            else:
+                # the recording as it stands, chunks (rows, Mini's checkpoints) and flush marks included, under the
+                # snapshot's meta: retrain replays it to this checkpoint, and a resumed fit copies it and continues the copy;
+                # its chunk objects are hard links to the recording's (immutable), so a copy writes only head and manifest
+                snap = store.read(rec.path, "GradientHistory")
+                if sum(c["steps"] for c in snap.chunks) != trainer.global_step or not snap.chunks or snap.chunks[-1]["mark"] != digest:
+                    raise ValueError(f"checkpoint at global step {trainer.global_step}: the recording at {rec.path} does not end with "
+                                     "a flush of the checkpoint's weights")
+                store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (),
+                            store.stored_chunks(rec.path, snap.chunks, link=True))
             self._saved[path] = digest
         checkpoint[CHECKPOINT_KEY] = {"path": path, "global_step": trainer.global_step, "weights_digest": digest}
 
@@ -450,52 +505,69 @@ class HistoryCallback(pl.Callback):
             return ReplayLoss(self.loss_fn)
         return ReplayLoss(self.loss_fn, self.clip_val, self.clip_algorithm)
 
-    def _mark_clipping(self, meta):
-        recording = dict(meta.get("recording") or {}, clipped_steps=self._clipped_steps)
+    @property
+    def recording_path(self):
+        """Where this fit's recording is streamed (None: in memory); finish() leaves the finished history there."""
+        return None if self.recorder is None else self.recorder.path
+
+    def _recording_meta(self, recording):
+        """meta["recording"]: the recorder's (finish()) or its counters so far (snapshot()), plus those of the steps
+        before a resumed fit's checkpoint, and Lightning's clipping, which the callback counts itself: Lightning clips
+        after the callback records, so the recorder saw unclipped gradients and the threshold comes from the Trainer."""
+        recording = dict(recording or {})
+        for key, value in self._prior.items():
+            if key in FEATURE_COUNTS:
+                recording[key] = recording.get(key, 0) + value
+            elif key not in recording:
+                recording[key] = value
+        recording["clipped_steps"] = self._clipped_steps
         if self.clip_val > 0 and self.clip_algorithm == "norm":
-            # Lightning clips after the callback records: the recorder saw unclipped gradients, so the threshold
-            # comes from the Trainer's settings
             recording["clip_max_norm"] = self.clip_val
-        meta["recording"] = recording
+        return recording
 
     def _lightning_meta(self):
-        return dict(self._settings_now, dropout=[[n, p] for n, p in self.dropout], clipped_steps=self._clipped_steps, micro_batch_sizes=self._micro_sizes,
+        return dict(self._settings_now, dropout=[[n, p] for n, p in self.dropout], clipped_steps=self._clipped_steps,
                     resumed_from=self._resumed_from)
 
     def snapshot(self):
         """The schedule recorded so far (every fit of a resumed run) as a GradientHistory without trajectory or
-        summary: what retrain needs. Bound to the module's current weights."""
-        self._require()
-        meta = dict(self._meta, n_train=len(self.train_set), lightning=self._lightning_meta())
-        meta["final_digest"] = weights_digest(self.model)
-        self._mark_clipping(meta)
-        schedule = {"w0": self._w0.clone(), "batches": list(self._batches), "lrs": torch.tensor(self._lrs, dtype=torch.float64)}
-        return GradientHistory(meta, schedule, None, None)
+        summary: what retrain needs. Bound to the module's current weights. A streamed recording is flushed (its
+        last chunk marked with the weights' digest); a kind="minimal" one in memory has no batch order to give."""
+        rec = self._require()
+        history = rec.snapshot(len(self.train_set))
+        history.meta = dict(history.meta, lightning=self._lightning_meta())
+        seen = dict(getattr(rec, "_seen_features", {}), allow=list(rec.allow))  # (finish() reports them; snapshot() does not)
+        history.meta["recording"] = self._recording_meta(seen)
+        return history
 
     def finish(self, summary=True):
-        """The GradientHistory of the run. summary=False, or a run resumed from a checkpoint: the schedule only
-        (retrain), as snapshot(). Otherwise HistoryRecorder.finish (the policy's trajectory or Mini's summary),
-        computed with the plain loss_fn; meta["loss_check"] then holds replay_loss's gradient norm, the loss that
-        uf.unlearn(method="retrain") is given."""
-        self._require()
+        """The GradientHistory of the run (every fit of a resumed one): HistoryRecorder.finish, i.e. the policy's
+        trajectory (kind="full") or Mini's summary (kind="minimal"), computed with the plain loss_fn; a streamed
+        recording is finished in its directory (recording_path). summary=False: the schedule only (retrain), as
+        snapshot(), and the recording stays open. meta["loss_check"] holds replay_loss's gradient norm, the loss
+        that uf.unlearn(method="retrain") is given."""
+        rec = self._require()
         if self._queue or self._pending:
             raise ValueError("finish: the last optimizer step did not complete; call finish() after trainer.fit()")
-        if not summary or self._resumed_from:
+        if not summary:
             history = self.snapshot()
-            batch = fetch(self.train_set, self._batches[-1])
+            probe = history.schedule["batches"][-1]
         else:
-            history = self.recorder.finish(self.train_set, self.loss_fn)
+            history = rec.finish(self.train_set, self.loss_fn)
+            self._finished = True
             history.meta["lightning"] = self._lightning_meta()
-            self._mark_clipping(history.meta)
-            batch = fetch(self.train_set, history.schedule["batches"][-1]) if "batches" in history.schedule else None
-        if batch is not None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            batch = tuple(t.to(params[0].device) if isinstance(t, torch.Tensor) else t for t in batch)
-            grad = batch_gradient(self.model, self.replay_loss, batch, _flat(params))
-            history.meta["loss_check"] = {"step": len(self._batches) - 1, "grad_norm": float(torch.linalg.vector_norm(grad)), "loss": "replay_loss"}
+            history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
+            probe = torch.as_tensor(history.meta["loss_check"]["indices"])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        batch = tuple(t.to(params[0].device) if isinstance(t, torch.Tensor) else t for t in fetch(self.train_set, probe))
+        grad = batch_gradient(self.model, self.replay_loss, batch, _flat(params))
+        history.meta["loss_check"] = {"step": rec.num_steps - 1, "indices": probe.tolist(),
+                                      "grad_norm": float(torch.linalg.vector_norm(grad)), "loss": "replay_loss"}
+        if summary and history.path is not None:  # the finished version at recording_path gets the same meta (its rows stay)
+            history.save(history.path)
         return history
 
     def _require(self):
-        if self.recorder is None or not self._batches:
+        if self.recorder is None or not self.recorder.num_steps:
             raise ValueError("HistoryCallback: nothing was recorded (pass it to lightning.Trainer(callbacks=[...]) and call fit)")
-
+        return self.recorder
