@@ -108,11 +108,11 @@ def test_copies_of_a_streamed_history_share_its_chunks_only_when_asked(tmp_path,
                 raise OSError(18, "Invalid cross-device link")
             monkeypatch.setattr(os, "link", cross_device)
         snap = store.read(path, "GradientHistory")
-        store.write(copy_path, "GradientHistory", snap.info, snap.tensors, (), store.stored_chunks(path, snap.chunks, link=True))
+        store.write(copy_path, "GradientHistory", snap.info, store.stored_head(path, snap, link=True), (), store.stored_chunks(path, snap.chunks, link=True))
     objects = lambda p: {n: os.stat(os.path.join(p, "objects", n)).st_ino for n in os.listdir(os.path.join(p, "objects"))}
     src, dst = objects(path), objects(copy_path)
     shared = [n for n in dst if n in src and src[n] == dst[n]]
-    assert len(shared) == (10 if how == "linked" else 0)  # 5 chunks x (schedule, rows)
+    assert len(shared) == (11 if how == "linked" else 0)  # the head (w0) and 5 chunks x (schedule, rows); the manifest is new
     # the original removed: the copy stands alone, with the same rows
     import shutil
     shutil.rmtree(path)

@@ -67,6 +67,7 @@ class Snapshot:
     requests: list  # [{"forget": [int], "method": str, "model_digest": str}], oldest first
     content: str  # sha256 of the manifest without its requests: names the history across appends
     chunks: list = dataclasses.field(default_factory=list)  # [{"steps", "mark", "parts": {name: {"data", "tensors"}}}]: read_part() reads a part
+    head: str = None  # the object holding `tensors`
 
 
 @dataclasses.dataclass
@@ -78,6 +79,12 @@ class StoredPart:
     data: str
     tensors: dict
     link: bool = False
+
+
+def stored_head(path, snap, link=False):
+    """The head tensors of `snap` (read from the history at `path`) as a StoredPart for write(): another version of
+    them, with `link` sharing their file like stored_chunks(link=True)."""
+    return StoredPart(path, snap.head, _table(snap.tensors), link)
 
 
 def stored_chunks(path, chunks, marks=None, link=False):
@@ -319,9 +326,12 @@ def _put_chunk(path, steps, mark, parts):
 
 def write(path, kind, info, tensors, requests=(), chunks=()):
     """Store a new version at directory `path` (created if needed); returns its Snapshot.content.
+    tensors: the head's {name: tensor}, or a StoredPart (stored_head: the head of a stored version, written again
+    only where `path` is another directory).
     chunks: [(steps, mark, {part name: tensors dict or StoredPart})], in order (a recording's appended steps)."""
     path = _as_dir(path)
-    tensors = _storable(tensors)
+    head = tensors if isinstance(tensors, StoredPart) else None
+    tensors = head.tensors if head is not None else _storable(tensors)
     requests = [check_request(r, "requests") for r in requests]
     try:
         _canonical(info)
@@ -329,12 +339,12 @@ def write(path, kind, info, tensors, requests=(), chunks=()):
         raise ValueError(f"history: meta must be JSON-able to be saved ({err})") from None
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "info": info,
-        "tensors": _table(tensors),
+        "tensors": head.tensors if head is not None else _table(tensors),
         "requests": requests,
     }
     with _writer(path):
         manifest["chunks"] = [_put_chunk(path, *chunk) for chunk in chunks]
-        manifest["data"] = _put_tensors(path, tensors)
+        manifest["data"] = _put_part(path, head)["data"] if head is not None else _put_tensors(path, tensors)
         _commit(path, manifest)
     return _content_digest(manifest)
 
@@ -491,7 +501,7 @@ def read(path, kind):
                 continue  # a writer replaced this version while we read it: read the new one
             raise ValueError(f"history: {err.filename} of the current version of {path!r} is missing") from None
         return Snapshot(manifest["kind"], manifest["info"], decode(data, manifest["tensors"], data_path), manifest["requests"],
-                        _content_digest(manifest), manifest["chunks"])
+                        _content_digest(manifest), manifest["chunks"], manifest["data"])
     raise ValueError(f"history: {path!r} was replaced {READ_ATTEMPTS} times while being read; try again")
 
 

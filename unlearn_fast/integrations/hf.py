@@ -442,7 +442,7 @@ class HistoryCallback(TrainerCallback):
                              f"{sum(c['steps'] for c in snap.chunks)} steps after flush()")
         # the last chunk ends at this step: it carries the weights' digest (flush() marks it, unless it was sealed before)
         chunks = store.stored_chunks(self.recorder.path, snap.chunks, [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]], link=True)
-        store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (), chunks)
+        store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), store.stored_head(self.recorder.path, snap, link=True), (), chunks)
         if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
             self._save_per_sample(os.path.join(os.path.dirname(path), PER_SAMPLE_DIR), state.global_step, history.meta["final_digest"])
 
@@ -457,7 +457,7 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"checkpoint at global step {step}: the per-sample recording at {rec.path} does not end with a flush mark "
                              "of the checkpoint's weights")
         info = dict(snap.info, checkpoint={"global_step": step, "weights_digest": digest})
-        store.write(path, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(rec.path, snap.chunks, link=True))
+        store.write(path, "FirstEpochHistory", info, store.stored_head(rec.path, snap, link=True), (), store.stored_chunks(rec.path, snap.chunks, link=True))
 
     # -- resume
     def _new_recording_path(self, args):
@@ -476,7 +476,8 @@ class HistoryCallback(TrainerCallback):
 
             snap = store.read(per_sample_path, "FirstEpochHistory")
             info = {k: v for k, v in snap.info.items() if k != "checkpoint"}
-            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, snap.tensors, (), store.stored_chunks(per_sample_path, snap.chunks, link=True))
+            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, store.stored_head(per_sample_path, snap, link=True), (),
+                        store.stored_chunks(per_sample_path, snap.chunks, link=True))
             per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
         self._note_resume(history, state.global_step, checkpoint)
         return recorder, per_sample
@@ -549,7 +550,7 @@ class HistoryCallback(TrainerCallback):
         new = self._new_recording_path(args)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
         chunks = store.stored_chunks(path, snap.chunks, link=True)
-        store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), chunks)
+        store.write(new, "GradientHistory", dict(snap.info, meta=meta), store.stored_head(path, snap, link=True), (), chunks)
         return new, history, per_sample_path, epoch
 
     def _per_sample_problems(self, path, model, step, epoch):

@@ -367,7 +367,8 @@ class HistoryCallback(pl.Callback):
         snap = store.read(path, "GradientHistory")
         new = self._new_recording_path(trainer)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}
-        store.write(new, "GradientHistory", dict(snap.info, meta=meta), snap.tensors, (), store.stored_chunks(path, snap.chunks, link=True))
+        store.write(new, "GradientHistory", dict(snap.info, meta=meta), store.stored_head(path, snap, link=True), (),
+                    store.stored_chunks(path, snap.chunks, link=True))
         recorder = HistoryRecorder.resume(new, module, marker, allow=allow)
         self._prior = dict(history.meta.get("recording") or {})
         self._clipped_steps = int(old.get("clipped_steps", 0))
@@ -484,12 +485,12 @@ class HistoryCallback(pl.Callback):
             else:
                 # the recording as it stands, chunks (rows, Mini's checkpoints) and flush marks included, under the
                 # snapshot's meta: retrain replays it to this checkpoint, and a resumed fit copies it and continues the copy;
-                # its chunk objects are hard links to the recording's (immutable), so a copy writes only head and manifest
+                # its head and chunk objects are hard links to the recording's (immutable), so a copy writes only its manifest
                 snap = store.read(rec.path, "GradientHistory")
                 if sum(c["steps"] for c in snap.chunks) != trainer.global_step or not snap.chunks or snap.chunks[-1]["mark"] != digest:
                     raise ValueError(f"checkpoint at global step {trainer.global_step}: the recording at {rec.path} does not end with "
                                      "a flush of the checkpoint's weights")
-                store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), snap.tensors, (),
+                store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), store.stored_head(rec.path, snap, link=True), (),
                             store.stored_chunks(rec.path, snap.chunks, link=True))
             self._saved[path] = digest
         checkpoint[CHECKPOINT_KEY] = {"path": path, "global_step": trainer.global_step, "weights_digest": digest}
