@@ -229,6 +229,66 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
         uf.HistoryRecorder.resume(path, model, opt)
 
 
+@pytest.mark.parametrize("feature", ["clipping", "autocast"])
+def test_a_resume_goes_on_from_what_the_steps_before_its_flush_did(tmp_path, feature):
+    # clipping active before the flush only (large features in the first steps' samples), or bfloat16 autocast on every
+    # step: the resumed recorder must know it, or the finished history replays a run that did not happen
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(N, 6, generator=gen), torch.randint(0, 3, (N,), generator=gen)
+    X[: N // 2] *= 10
+    data = torch.utils.data.TensorDataset(X, y)
+    perm = torch.Generator().manual_seed(1)
+    batches = [torch.randperm(N // 2, generator=perm)[:BATCH] + (0 if t < 10 else N // 2) for t in range(20)]
+
+    def run(t0, t1, model, opt, rec):
+        for t in range(t0, t1):
+            opt.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=feature == "autocast"):
+                loss = LOSS(model(X[batches[t]]), y[batches[t]])
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.85 if feature == "clipping" else 1e9)))
+            rec.record(batches[t])
+            opt.step()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        return model, torch.optim.SGD(model.parameters(), lr=0.2)
+
+    norms, path = [], str(tmp_path / "h")
+    model, opt = fresh()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=path)
+    run(0, 10, model, opt, rec)
+    rec.flush()
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    rec.close()
+    model, opt = fresh()
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    rec = uf.HistoryRecorder.resume(path, model, opt)
+    run(10, 20, model, opt, rec)
+    history = rec.finish(data, LOSS)
+    if feature == "clipping":
+        clipped = sum(n > 0.85 for n in norms)
+        assert clipped == sum(n > 0.85 for n in norms[:10]) > 0  # (so only the steps before the flush clipped)
+        assert history.meta["recording"]["clip_max_norm"] == 0.85 and history.meta["recording"]["clipped_steps"] == clipped
+    else:
+        assert history.meta["recording"]["autocast"] == "bfloat16" and history.meta["recording"]["autocast_steps"] == 20
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+
+
+@pytest.mark.parametrize("stored", [b'{"accumulated_steps": 0, "clipped_steps": -1, "autocast_steps": 0}', b'{"clipped_steps": 2}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 99, "autocast_steps": 0}', b"[1, 2]", b"\xff{",
+                                    b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "clip_max_norm": "1"}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 3, "autocast": "os.system"}'])
+def test_recorder_features_read_from_a_file_are_checked(stored):
+    from unlearn_fast.recording import _features_of
+
+    with pytest.raises(ValueError, match="malformed recorder features"):
+        _features_of({"recording.features": torch.frombuffer(bytearray(stored), dtype=torch.uint8)}, 10, "p")
+
+
 def test_recording_never_overwrites_a_history(tmp_path, in_memory):
     data, batches, _, ref = in_memory
     path = str(tmp_path / "h")

@@ -17,6 +17,7 @@ The recorder checks that this is what happened, through hooks, and refuses what 
 """
 import copy
 import dataclasses
+import json
 import functools
 import math
 import os
@@ -490,6 +491,8 @@ class HistoryRecorder:
         parts = {"schedule": schedule}
         if rows:
             parts["rows"] = {f"trajectory.{key}.{name}": t for key, r in rows.items() for name, t in r.tensors.items()}
+        if mark is not None:  # a flush: what the steps so far did (clipping, autocast, accumulation), for resume() to go on from
+            parts["recording"] = {"recording.features": _features_tensor(self._seen_features)}
         if chunk["ckpt"]:  # kind="minimal": the checkpoints taken in this chunk (resume() needs them; finish() drops the part)
             ckpt = EncodedRows.cat([row for _, row in chunk["ckpt"]])
             parts["ckpt"] = {"ckpt.steps": torch.tensor([s for s, _ in chunk["ckpt"]], dtype=torch.int64),
@@ -662,11 +665,13 @@ class HistoryRecorder:
         return GradientHistory(dict(self.meta, **bound), schedule, None, None)
 
     @classmethod
-    def resume(cls, path, model, optimizer, allow=(), grad_scaler=None):
+    def resume(cls, path, model, optimizer, allow=(), grad_scaler=None, features=None):
         """Continue a recording streamed to `path` by a run that stopped (killed, or restarted from a trainer
         checkpoint): `model` and `optimizer` must hold the state of a trainer checkpoint saved right after a
         flush() of that recording. Steps streamed after that flush are dropped (the trainer repeats them).
-        ValueError naming what does not match: a finished history, another model, weights that match no flush."""
+        ValueError naming what does not match: a finished history, another model, weights that match no flush.
+        What the steps before the flush did (clipping, autocast, accumulation: meta["recording"]) comes from the flush's
+        chunk, or from `features` (a trainer integration's checkpoint meta["recording"], as of that flush) where given."""
         history = GradientHistory.load(path)
         if history.recording_id is None:
             raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
@@ -711,9 +716,46 @@ class HistoryRecorder:
                                         for i, s in enumerate(tensors["ckpt.steps"].tolist()) if int(s) in kept]
             if sorted(s for s, _ in rec.checkpoints) != rec.grid.kept:
                 raise ValueError(f"path: the recording at {path!r} lacks checkpoints its grid keeps (steps {sorted(kept)[:8]}...)")
+        part = store.read(path, "GradientHistory").chunks[j]["parts"].get("recording")
+        if features is not None:
+            rec._seen_features.update(_check_features({k: v for k, v in features.items() if k in FEATURES}, steps, "features"))
+        elif part is not None:  # (recordings streamed before it was kept have none: their clipping is then seen only if it recurs)
+            rec._seen_features.update(_features_of(store.read_part(path, part, repr(path)), steps, path))
         store.truncate(path, "GradientHistory", history.recording_id, j + 1)
         rec._writer = _ChunkWriter(path, rec.recording_id)
         return rec
+
+
+FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
+FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast")
+
+
+def _features_tensor(features):
+    """The recorder's features so far (meta["recording"] of a finish() now) as JSON bytes in a uint8 tensor: a chunk
+    part of the flush that resume() continues from. A GradScaler's per-step scales are not kept (resume refuses one)."""
+    kept = {k: v for k, v in features.items() if k != "grad_scaler"}
+    return torch.frombuffer(bytearray(json.dumps(kept, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _features_of(tensors, steps, path):
+    """The features a flush stored (_features_tensor), checked as what they are: data from a file. ValueError naming `path`."""
+    try:
+        features = json.loads(bytes(store.check_tensor(tensors, "recording.features", repr(path), (torch.uint8,), 1).tolist()))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        features = None
+    return _check_features(features, steps, f"path: the recording at {path!r}")
+
+
+def _check_features(features, steps, who):
+    """`features` ({FEATURE_COUNTS: int, "clip_max_norm": number, "autocast": dtype name}) if well formed for `steps` steps;
+    else ValueError naming `who`."""
+    clip = features.get("clip_max_norm") if isinstance(features, dict) else None
+    if not (isinstance(features, dict) and set(FEATURE_COUNTS) <= set(features) <= set(FEATURES)
+            and all(type(features[k]) is int and 0 <= features[k] <= steps for k in FEATURE_COUNTS)
+            and (clip is None or (type(clip) in (int, float) and 0 < clip < math.inf))
+            and (features.get("autocast") is None or features["autocast"] in ("float16", "bfloat16", "float32", "float64"))):
+        raise ValueError(f"{who} holds malformed recorder features at its flush point: {features!r:.200}")
+    return dict(features, **({"clip_max_norm": float(clip)} if clip is not None else {}))
 
 
 def check_recordable(named, optimizer, who):

@@ -139,7 +139,7 @@ class DistributedRecorder:
         self.params = [p for p in model.module.parameters() if p.requires_grad]
 
     @classmethod
-    def resume(cls, path, model, optimizer, group=None, allow=()):
+    def resume(cls, path, model, optimizer, group=None, allow=(), features=None):
         """Continue a DDP recording streamed to `path` (DistributedRecorder(..., path=path)) by a run that stopped: every
         rank calls it (a collective) with `model` (the DDP wrapper) and `optimizer` holding the state of a trainer
         checkpoint saved right after a flush() of that recording. Rank 0 continues it with HistoryRecorder.resume on
@@ -156,7 +156,7 @@ class DistributedRecorder:
             if recorded != self.world_size:
                 raise ValueError(f"path: the recording at {path!r} was made with world size {recorded}, resumed under world size "
                                  f"{self.world_size}; every rank's share of a world batch depends on it: resume with {recorded} ranks")
-            recorder = HistoryRecorder.resume(path, model.module, optimizer, allow)
+            recorder = HistoryRecorder.resume(path, model.module, optimizer, allow, features=features)
             # the resumed recorder's own meta holds no distributed facts: its finished history needs them
             recorder.meta["distributed"] = self._meta()
             return recorder

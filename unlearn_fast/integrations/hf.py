@@ -65,8 +65,6 @@ PER_SAMPLE_SUFFIX = "-per_sample"
 # a run that saves checkpoints streams its recording to <output_dir>/RECORDING_DIR/run-<time>-<id> (one directory per
 # train() call, resumed ones included); each checkpoint gets a copy of it as it stands at that step
 RECORDING_DIR = "unlearn_recording"
-# counters of meta["recording"] that a resumed run adds to those of the steps before its checkpoint
-FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
 # meta keys the callback or the recorder's finish()/snapshot() add to the recorder's own (policy, param_spec,
 # optimizer, group_of_param): dropped from the copy a resumed run continues, which is an unfinished recording
 BOUND_KEYS = ("n_train", "final_digest", "checkpoint", "hf_trainer", "recording", "loss_check")
@@ -292,7 +290,6 @@ class HistoryCallback(TrainerCallback):
         self.recorder, self.queue, self.inputs, self.micro_batches = None, [], [], 0
         self._replay_set, self._hook, self._data_digest = None, None, None
         self._resume_from = None  # the checkpoint folder of the coming train() call (set by the wrapper record() installs)
-        self._prior = {}  # a resumed run: meta["recording"] of the steps before its checkpoint
         self.resumed_from = []  # [{"global_step", "checkpoint"}] of every resume this recording went through
 
     # -- the forward pre-hook (registered on the model by `record`)
@@ -348,7 +345,7 @@ class HistoryCallback(TrainerCallback):
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
         if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
             self.per_sample.close()  # (its writer thread stops; the history there stays unfinished)
-        self._prior, self._per_sample_history = {}, None
+        self._per_sample_history = None
         per_sample = None
         if self.world_size > 1:
             self.recorder = self._distributed(args, state, model, optimizer, allow, checkpoint)
@@ -389,7 +386,8 @@ class HistoryCallback(TrainerCallback):
             return self._dist.recorder
         rank = torch.distributed.get_rank()
         copied = distributed.on_rank0(None, rank, lambda: self._copy_for_resume(args, state, model, optimizer, checkpoint))
-        self._dist = distributed.DistributedRecorder.resume(copied[0] if copied else None, wrapped, optimizer, allow=allow)
+        self._dist = distributed.DistributedRecorder.resume(copied[0] if copied else None, wrapped, optimizer, allow=allow,
+                                                            features=copied[1].meta.get("recording") if copied else None)
         if copied:
             self._note_resume(copied[1], state.global_step, checkpoint)
         return self._dist.recorder
@@ -469,7 +467,7 @@ class HistoryCallback(TrainerCallback):
         Trainer, copied to a new recording directory and continued (HistoryRecorder.resume). Every check runs before
         anything is written; the checkpoint is only read."""
         new, history, per_sample_path, epoch = self._copy_for_resume(args, state, model, optimizer, checkpoint)
-        recorder = _Recorder.resume(new, model, optimizer, allow=allow)
+        recorder = _Recorder.resume(new, model, optimizer, allow=allow, features=history.meta.get("recording"))
         per_sample = None
         if self.per_sample_policy is not None:  # the same: a copy of the checkpoint's, continued
             from ..lm.recording import FirstEpochRecorder
@@ -484,7 +482,6 @@ class HistoryCallback(TrainerCallback):
 
     def _note_resume(self, history, step, checkpoint):
         # the counters of the steps before the checkpoint, and the chain of resumes, for the finished history's meta
-        self._prior = dict(history.meta.get("recording") or {})
         self.resumed_from = list(history.meta.get("hf_trainer", {}).get("resumed_from", [])) + [
             {"global_step": step, "checkpoint": os.path.abspath(checkpoint)}]
 
@@ -604,14 +601,9 @@ class HistoryCallback(TrainerCallback):
         return TrainerLoss(self.count)
 
     def _recording_meta(self, recording):
-        """meta["recording"]: the recorder's (finish()) or its features so far (snapshot()), plus those of the steps
-        before a resumed run's checkpoint, and the Trainer's clipping threshold."""
+        """meta["recording"]: the recorder's (finish()) or its features so far (snapshot(); a resumed recorder's count the
+        steps before its checkpoint too), and the Trainer's clipping threshold."""
         recording = dict(recording or {})
-        for key, value in self._prior.items():
-            if key in FEATURE_COUNTS:
-                recording[key] = recording.get(key, 0) + value
-            elif key not in recording:
-                recording[key] = value
         if self.max_grad_norm > 0:
             recording["clip_max_norm"] = self.max_grad_norm
         return recording

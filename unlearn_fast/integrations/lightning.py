@@ -77,9 +77,6 @@ HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/
 # a fit that saves checkpoints streams its recording to <checkpoint directory>/RECORDING_DIR/run-<time>-<id> (a new
 # directory per fit, resumed ones included); each checkpoint's HISTORY_DIR/step=N gets a copy of it as it stands
 RECORDING_DIR = "unlearn_recording"
-# meta["recording"] counters of the recorder that a resumed fit adds to those of the steps before its checkpoint
-# (clipped_steps is the callback's own count: the recorder records before Lightning clips)
-FEATURE_COUNTS = ("accumulated_steps", "autocast_steps")
 # meta keys that bind a saved history to its checkpoint or are added by finish()/snapshot(): dropped from the copy a
 # resumed fit continues, which is an unfinished recording
 BOUND_KEYS = ("n_train", "final_digest", "checkpoint", "lightning", "recording", "loss_check")
@@ -214,7 +211,6 @@ class HistoryCallback(pl.Callback):
     def _reset(self):
         self._queue, self._pending, self._checked, self._finished = [], False, False, False
         self._clipped_steps, self._resumed_from, self._saved = 0, [], {}
-        self._prior = {}  # a resumed fit: meta["recording"] of the steps before its checkpoint
 
     # -- set-up
     def _check_trainer(self, trainer, module):
@@ -369,8 +365,7 @@ class HistoryCallback(pl.Callback):
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}
         store.write(new, "GradientHistory", dict(snap.info, meta=meta), store.stored_head(path, snap, link=True), (),
                     store.stored_chunks(path, snap.chunks, link=True))
-        recorder = HistoryRecorder.resume(new, module, marker, allow=allow)
-        self._prior = dict(history.meta.get("recording") or {})
+        recorder = HistoryRecorder.resume(new, module, marker, allow=allow, features=history.meta.get("recording"))
         self._clipped_steps = int(old.get("clipped_steps", 0))
         self._resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "history": os.path.abspath(path)}]
         return recorder
@@ -516,11 +511,6 @@ class HistoryCallback(pl.Callback):
         before a resumed fit's checkpoint, and Lightning's clipping, which the callback counts itself: Lightning clips
         after the callback records, so the recorder saw unclipped gradients and the threshold comes from the Trainer."""
         recording = dict(recording or {})
-        for key, value in self._prior.items():
-            if key in FEATURE_COUNTS:
-                recording[key] = recording.get(key, 0) + value
-            elif key not in recording:
-                recording[key] = value
         recording["clipped_steps"] = self._clipped_steps
         if self.clip_val > 0 and self.clip_algorithm == "norm":
             recording["clip_max_norm"] = self.clip_val
