@@ -76,7 +76,7 @@ def main():
              f"`python benchmarks/trajectory_reconstruction.py {' '.join(sys.argv[1:])}` on {cpu}, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}. Logistic regression, the benchmark's decaying-lr regime (30 epochs, batch 64, lr 0.2 -> 0.002, "
              "weight decay 1e-3, no momentum), 10 % random deletion; DeltaGrad's relative distance to the exact retrain.", "",
-             "| data | codec | T | DeltaGrad on stored w_t | rebuilt from g only | rebuilt, stored w every 64 | every 16 | max |rebuilt - stored| / max |w| (g only) |",
+             "| data | codec | T | DeltaGrad on stored w_t | rebuilt from g only | rebuilt, stored w every 64 | every 16 | max abs(rebuilt - stored) / max abs(w) (g only) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['data']} | {r['codec']} | {r['T']} | {r['stored']:.4f} | {r['rebuilt_0']:.4f} | {r['rebuilt_64']:.4f} | "
