@@ -663,8 +663,9 @@ def test_resume_refuses_other_data_settings_or_step(resume_source, tmp_path):
 DDP_ARGS = dict(optim="sgd", learning_rate=0.5, num_train_epochs=2, max_grad_norm=0.2, ddp_backend="gloo")
 
 
-def _hf_ddp_worker(rank, world, port, out):
-    import os
+def _as_torchrun(rank, world, port, out, work):
+    """A spawned process as torchrun starts one (its environment), running work(rank, out); a failure is written to
+    error_<rank>.txt for the test to report."""
     import traceback
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -672,27 +673,7 @@ def _hf_ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
     code = 0
     try:
-        trainer = _trainer(out, **DDP_ARGS)
-        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
-        trainer.train()
-        history = cb.finish()
-        if rank == 0:
-            history.save(os.path.join(out, "history"))
-        else:
-            assert history is None
-        torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
-        try:  # each rank dividing by its own label count: refused when attached
-            hf.record(_trainer(out, **dict(DDP_ARGS, average_tokens_across_devices=False)))
-        except ValueError as err:
-            open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
-        # the same run streamed (checkpoints every 4 steps), killed at step 7 (a raise on every rank at the same step)
-        crashed = _trainer(os.path.join(out, "crash"), **DDP_ARGS, save_strategy="steps", save_steps=4)
-        hf.record(crashed, uf.HistoryPolicy(kind="full"))
-        crashed.add_callback(_Crash(7))
-        try:
-            crashed.train()
-        except RuntimeError as err:
-            assert "simulated crash" in str(err), err
+        work(rank, out)
     except BaseException:  # noqa: BLE001 (reported by the test)
         open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
         code = 1
@@ -700,45 +681,58 @@ def _hf_ddp_worker(rank, world, port, out):
     os._exit(code)
 
 
-def _hf_ddp_resume_worker(rank, world, port, out):
-    """Resumes the run _hf_ddp_worker killed at step 7 from its checkpoint-4 (new processes, as after a crash)."""
-    import os
-    import shutil
-    import traceback
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    code = 0
+def _hf_ddp_run(rank, out):
+    trainer = _trainer(out, **DDP_ARGS)
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+    trainer.train()
+    history = cb.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "history"))
+    else:
+        assert history is None
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
+    try:  # each rank dividing by its own label count: refused when attached
+        hf.record(_trainer(out, **dict(DDP_ARGS, average_tokens_across_devices=False)))
+    except ValueError as err:
+        open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
+    # the same run streamed (checkpoints every 4 steps), killed at step 7 (a raise on every rank at the same step)
+    crashed = _trainer(os.path.join(out, "crash"), **DDP_ARGS, save_strategy="steps", save_steps=4)
+    hf.record(crashed, uf.HistoryPolicy(kind="full"))
+    crashed.add_callback(_Crash(7))
     try:
-        run = os.path.join(out, "crash")
-        trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
-        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))  # (reads args.world_size: the process group is up)
-        # a checkpoint whose trainer state says step 3 (its history was saved at step 4): refused on every rank alike
-        if rank == 0:
-            shutil.copytree(os.path.join(run, "checkpoint-4"), os.path.join(out, "tampered"))
-            state_file = os.path.join(out, "tampered", "trainer_state.json")
-            state = json.loads(open(state_file).read())
-            open(state_file, "w").write(json.dumps(dict(state, global_step=3)))
-        torch.distributed.barrier()
-        try:
-            trainer.train(resume_from_checkpoint=os.path.join(out, "tampered"))
-        except ValueError as err:
-            open(os.path.join(out, f"refused_resume_{rank}.txt"), "w").write(str(err))
-        trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
-        cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
-        trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-4"))
-        history = cb.finish()
-        if rank == 0:
-            history.save(os.path.join(out, "resumed_history"))
-        torch.save(trainer.model.state_dict(), os.path.join(out, f"resumed_{rank}.pt"))
-    except BaseException:  # noqa: BLE001 (reported by the test)
-        open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
-        code = 1
-    os._exit(code)
+        crashed.train()
+    except RuntimeError as err:
+        assert "simulated crash" in str(err), err
 
 
-def _spawn_ddp(worker, out):
+def _hf_ddp_resume(rank, out):
+    """Resumes the run _hf_ddp_run killed at step 7 from its checkpoint-4 (new processes, as after a crash)."""
+    import shutil
+
+    run = os.path.join(out, "crash")
+    trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))  # (reads args.world_size: the process group is up)
+    # a checkpoint whose trainer state says step 3 (its history was saved at step 4): refused on every rank alike
+    if rank == 0:
+        shutil.copytree(os.path.join(run, "checkpoint-4"), os.path.join(out, "tampered"))
+        state_file = os.path.join(out, "tampered", "trainer_state.json")
+        state = json.loads(open(state_file).read())
+        open(state_file, "w").write(json.dumps(dict(state, global_step=3)))
+    torch.distributed.barrier()
+    try:
+        trainer.train(resume_from_checkpoint=os.path.join(out, "tampered"))
+    except ValueError as err:
+        open(os.path.join(out, f"refused_resume_{rank}.txt"), "w").write(str(err))
+    trainer = _trainer(run, **DDP_ARGS, save_strategy="steps", save_steps=4)
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+    trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-4"))
+    history = cb.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "resumed_history"))
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"resumed_{rank}.pt"))
+
+
+def _spawn_ddp(work, out):
     import socket
 
     import torch.multiprocessing as mp
@@ -746,13 +740,13 @@ def _spawn_ddp(worker, out):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(2, port, str(out)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_as_torchrun, args=(2, port, str(out), work), nprocs=2, start_method="spawn", join=True)
     errors = [open(out / f).read() for f in os.listdir(out) if f.startswith("error_")]
     assert not errors, errors[0]
 
 
 def test_ddp_trainer_records_the_world_batches(tmp_path):
-    _spawn_ddp(_hf_ddp_worker, tmp_path)
+    _spawn_ddp(_hf_ddp_run, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     finals = []
     for rank in range(2):
@@ -782,7 +776,7 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
     # the killed run resumed from its checkpoint-4 in new processes: the history of the uninterrupted run, bit for bit
     crashed = GradientHistory.load(str(tmp_path / "crash" / "checkpoint-4" / hf.HISTORY_DIR))
     assert crashed.num_steps == 4 and crashed.recording_id is not None  # streamed, resumable
-    _spawn_ddp(_hf_ddp_resume_worker, tmp_path)
+    _spawn_ddp(_hf_ddp_resume, tmp_path)
     for rank in range(2):  # every rank refused the tampered checkpoint (none left waiting in a collective)
         assert "resumes at global step 3, the history was saved at step 4" in open(tmp_path / f"refused_resume_{rank}.txt").read()
     resumed = GradientHistory.load(str(tmp_path / "resumed_history"))
