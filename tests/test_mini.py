@@ -361,3 +361,32 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
     short, long_ = finish_work(20, 64), finish_work(40, 64)  # at 100 steps the run has fewer checkpoints than the budget holds
     assert (short[2], long_[2]) == (400, 800)
     assert short[0] == long_[0] and short[0] <= short[1] and long_[0] <= long_[1], (short, long_)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_logistic_regression_curvature_products_go_through_the_fused_op_and_equal_the_hessian(bias, monkeypatch):
+    # for a bare nn.Linear under mean cross-entropy the Gauss-Newton matrix is the Hessian: the independent reference
+    # is autograd's Hessian of the loss in the flat parameters (float64)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 4, bias=bias).double()
+    X, y = torch.randn(33, 7, dtype=torch.float64), torch.randint(0, 4, (33,))
+    w = flat_params(model).clone()
+    c, d = model.weight.shape
+
+    def loss_at(flat):
+        logits = X @ flat[: c * d].view(c, d).T + (flat[c * d :] if bias else 0)
+        return LOSS(logits, y)
+
+    H = torch.autograd.functional.hessian(loss_at, w)
+    V = torch.randn(5, w.numel(), dtype=torch.float64)
+    calls = []
+    real = mini.ops.softmax_linear_hvp
+    monkeypatch.setattr(mini.ops, "softmax_linear_hvp", lambda *a: calls.append(1) or real(*a))
+    torch.testing.assert_close(mini._ggn_matmul(model, LOSS, (X, y), w, V), V @ H, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mini._ggn_quadratic(model, LOSS, (X, y), w, V), ((V @ H) * V).sum(1), rtol=1e-10, atol=1e-12)
+    assert len(calls) == 2
+    # a model of another structure (here: a sum loss) takes the generic vmapped products, and agrees with autograd too
+    H_sum = torch.autograd.functional.hessian(lambda f: loss_at(f) * len(y), w)
+    summed = lambda out, target: LOSS(out, target, reduction="sum")  # noqa: E731
+    torch.testing.assert_close(mini._ggn_matmul(model, summed, (X, y), w, V), V @ H_sum, rtol=1e-8, atol=1e-10)
+    assert len(calls) == 2

@@ -80,7 +80,7 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
             return loss_of_output(output_of(primals, inputs), targets)
 
         primals = tuple(trainable[name].detach() for name in names)
-        return Problem(names, primals, loss_of, output_of, loss_of_output, _is_softmax_linear(model, loss_fn, names))
+        return Problem(names, primals, loss_of, output_of, loss_of_output, is_softmax_linear(model, loss_fn, names))
     if isinstance(model_or_params, dict):
         if not model_or_params:
             raise ValueError(f"{op}: model_or_params is an empty dict; there are no parameters to differentiate")
@@ -115,7 +115,7 @@ def _check_training_mode_layers(model, op):
             )
 
 
-def _is_softmax_linear(model, loss_fn, names):
+def is_softmax_linear(model, loss_fn, names):
     """A bare nn.Linear, all of it trainable, under plain mean cross-entropy: the structure of the fused op."""
     if type(model) is not torch.nn.Linear or names != [name for name, _ in model.named_parameters()]:
         return False

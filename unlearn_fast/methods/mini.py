@@ -52,7 +52,9 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
+from ..hvp import is_softmax_linear
 from ._common import NotUnlearnedError, batch_loss, check_history, module_mode
 
 
@@ -117,8 +119,30 @@ def _tree_dot(a, b):
     return sum((u * v).sum() for u, v in zip(a, b))
 
 
+def _softmax_linear_ggn(model, loss_fn, batch, w, V):
+    """G V through the fused op ops.softmax_linear_hvp where the model is a bare nn.Linear under mean cross-entropy
+    (logistic regression: G is the Hessian, and the op is 10-13x the vmapped products on digits and MNIST-1D at 48
+    vectors, benchmarks/results/mini_finish_cost.md); None where the batch or the model does not fit that structure."""
+    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+        return None
+    x, y = batch
+    c, d = model.weight.shape
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
+            and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all())):
+        return None  # (the generic path raises what cross-entropy raises)
+    k, bias = V.shape[0], model.bias is not None
+    W, Vs = w[: c * d].view(c, d), V[:, : c * d].reshape(k, c, d)
+    if bias:  # a bias is a ones column of the inputs
+        x, W, Vs = torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([W, w[c * d :, None]], 1), torch.cat([Vs, V[:, c * d :, None]], 2)
+    GV = ops.softmax_linear_hvp(x.detach(), W.detach(), Vs.detach().contiguous())
+    return torch.cat([GV[..., :d].reshape(k, c * d), GV[..., d]], 1) if bias else GV.reshape(k, c * d)
+
+
 def _ggn_matmul(model, loss_fn, batch, w, V):
     """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p)."""
+    fused = _softmax_linear_ggn(model, loss_fn, batch, w, V)
+    if fused is not None:
+        return fused
     x, y = batch
     outputs = _outputs_fn(model, x)
     with math_attention():
@@ -135,6 +159,9 @@ def _ggn_matmul(model, loss_fn, batch, w, V):
 
 def _ggn_quadratic(model, loss_fn, batch, w, V):
     """v' G v for every row v of V (forward mode only: (J v)' H_out (J v))."""
+    fused = _softmax_linear_ggn(model, loss_fn, batch, w, V)
+    if fused is not None:
+        return (fused * V).sum(1)
     x, y = batch
     outputs = _outputs_fn(model, x)
     with math_attention():
