@@ -153,6 +153,39 @@ def test_deltagrad_rejects_param_groups_with_different_learning_rates():
         uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
 
 
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_deltagrad_rebuilds_the_recorded_weights_from_the_gradients(trained, codec):
+    # plain SGD: w_t follows from w0 and the recorded g_t, so DeltaGrad reads no w row; with fp32 rows its result
+    # equals the one on the stored w_t to rounding (the reference: the same algorithm fed the stored rows)
+    data, model, _ = trained
+    model, history = train(data, uf.HistoryPolicy(kind="full", codec=codec, rank=4))
+    forget = forget_set(len(data), 0.05)
+
+    class Unread:
+        def row(self, t):
+            raise AssertionError("deltagrad read a stored w_t")
+
+    lam, lrs = 1e-2, history.schedule["lrs"][:, 0]
+    stored = history.trajectory["w"]
+    rebuilt = history.schedule["w0"].double().clone()
+    for t in range(history.num_steps):  # the weights the recording holds, rebuilt here from w0 and g_t
+        if codec == "fp32":
+            torch.testing.assert_close(rebuilt, stored.row(t).double(), rtol=1e-9, atol=1e-9)
+        rebuilt = rebuilt - float(lrs[t]) * (history.trajectory["g"].row(t).double() + lam * rebuilt)
+    history.trajectory = dict(history.trajectory, w=Unread())
+    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
+    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    assert dg.stats["approx_steps"] > 0 and uf.metrics.relative_distance(dg.model, retrained, model) < 0.1
+
+
+def test_deltagrad_refuses_a_maximizing_sgd():
+    data = make_data(dtype=torch.float32)
+    model = torch.nn.Linear(12, 4)
+    history = record_in_order(model, torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), data, stop=64, batch=32)
+    with pytest.raises(ValueError, match="maximize"):
+        uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
+
+
 def test_sgd_methods_reject_adam_but_retrain_replays_it():
     data = make_data(dtype=torch.float32)
     model, history = train(data, uf.HistoryPolicy(kind="full", rank=4), optimizer="adam")
