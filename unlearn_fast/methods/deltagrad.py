@@ -10,8 +10,8 @@ trajectory (HistoryPolicy(kind="full")). Step t with batch B_t, deleted part D_t
 With T0 = 1 every step is exact and the result equals `retrain` to rounding.
 
 The recorded weights w_t are not read: plain SGD makes them a function of w0 and the recorded gradients,
-w_{t+1} = w_t - eta_t (g_t + lambda w_t), rebuilt here in float64 as the replay goes. With fp32 rows that equals the
-stored w_t to rounding; with int8 rows it is the better estimate (the stored rows carry their own quantisation
+w_{t+1} = w_t - eta_t (g_t + lambda w_t), rebuilt as the replay goes with the operations torch's SGD applies. With fp32
+rows that is the stored w_t bit for bit; with int8 rows it is the better estimate (the stored rows carry their own quantisation
 error): DeltaGrad landed at 0.0769 / 0.0860 of the gap on digits / MNIST-1D instead of 0.0963 / 0.0881
 (benchmarks/results/trajectory_reconstruction.md), and reads half the history.
 """
@@ -63,7 +63,7 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
     forget_mask[forget] = True
     traj = history.trajectory
     w = history.schedule["w0"].clone()
-    w_run = w.to(torch.float64)  # the recorded run's w_t, rebuilt step by step (module docstring)
+    w_run = w.clone()  # the recorded run's w_t, rebuilt step by step with torch SGD's operations (module docstring)
     S, Y = [], []
     compact = None
     exact_steps = approx_steps = guarded_steps = evals = 0
@@ -71,8 +71,8 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
         if progress is not None:
             progress.update(1)
         eta, g_t = float(history.schedule["lrs"][t, 0]), traj["g"].row(t)
-        w_t = w_run.to(w.dtype)
-        w_run = w_run - eta * (g_t.to(torch.float64) + lam * w_run)
+        w_t = w_run
+        w_run = w_run.add(g_t.to(w.dtype).add(w_run, alpha=lam), alpha=-eta)  # SGD: grad + lam w, then w - eta (...)
         rem = remaining(batch, forget_mask)
         if rem.numel() == 0:
             continue
