@@ -78,6 +78,29 @@ def test_quantize_codes_equal_reference(n, dtype, bits):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("bits", (4, 8))
+def test_quantize_into_given_buffers_equals_reference(n, bits):
+    # the recorder's CPU helper (not a registry op): writes the reference's codes and scales into slices of larger
+    # buffers, leaves the rest alone, and refuses outputs of the wrong size or overlapping x
+    from unlearn_fast import _C
+
+    x = randn(n, torch.float32, seed=n)
+    for blocksize in thin(n, BLOCKSIZES):
+        codes_ref, scales_ref = reference.quantize_blockwise(x, blocksize, bits, False, 0)
+        codes = torch.full((codes_ref.numel() + 6,), 5, dtype=codes_ref.dtype)
+        scales = torch.full((scales_ref.numel() + 3,), -1.0)
+        _C.quantize_blockwise_into_cpu(x, codes[2:-4], scales[1:-2], blocksize, bits)
+        assert torch.equal(codes[2:-4], codes_ref) and torch.equal(scales[1:-2], scales_ref), blocksize
+        assert (codes[:2] == 5).all() and (codes[-4:] == 5).all() and (scales[:1] == -1).all() and (scales[-2:] == -1).all()
+    with pytest.raises(RuntimeError, match="codes has the wrong number"):
+        _C.quantize_blockwise_into_cpu(x, codes_ref[:-1] if codes_ref.numel() > 1 else codes_ref[:0], scales_ref.clone(), 32, bits)
+    buffer = torch.zeros(n)  # codes written over x's own bytes
+    overlapping = buffer.view(torch.int8 if bits == 8 else torch.uint8)[: n if bits == 8 else (n + 1) // 2]
+    with pytest.raises(RuntimeError, match="must not overlap x"):
+        _C.quantize_blockwise_into_cpu(buffer, overlapping, torch.zeros(-(-n // 32)), 32, bits)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", (4, 8))
 def test_quantize_error_within_half_step(backend, n, bits):
     qmax = QMAX[bits]
     for dtype in thin(n, HALF_FLOATS):

@@ -28,6 +28,7 @@ import uuid
 import torch
 
 from . import ops, store
+from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
@@ -848,9 +849,17 @@ class RowEncoder:
                 if self._gather_buffer is None or self._gather_buffer.dtype != flat[0].dtype or self._gather_buffer.device != flat[0].device:
                     self._gather_buffer = torch.empty(self.gather, dtype=flat[0].dtype, device=flat[0].device)
                 x = torch.cat([flat[i][a:b] for i, a, b in pieces], out=self._gather_buffer[: e - s])
-            c, sc = ops.quantize_blockwise(x.float(), bs, bits)  # (.float(): a float64 model's row is quantized as float32)
-            codes[s if bits == 8 else s // 2 : e if bits == 8 else (e + 1) // 2].copy_(c)
-            scales[s // bs : -(-e // bs)].copy_(sc)
+            code_out, scale_out = codes[s if bits == 8 else s // 2 : e if bits == 8 else (e + 1) // 2], scales[s // bs : -(-e // bs)]
+            into = (_quantize_into() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+                    and forced_backend() in (None, "cpp") else None)
+            if into is None:
+                c, sc = ops.quantize_blockwise(x.float(), bs, bits)  # (.float(): a float64 model's row is quantized as float32)
+                code_out.copy_(c)
+                scale_out.copy_(sc)
+                continue
+            into(x.detach(), code_out, scale_out, bs, bits)  # straight into the chunk's buffers: no output, no copy
+            if not bool(torch.isfinite(scale_out).all()):  # (what ops.quantize_blockwise refuses: a NaN or Inf in x)
+                raise ValueError(f"record: a recorded vector contains NaN or Inf (elements {s}..{e - 1} of the flat parameters)")
 
 
 def chunk_row_buffers(encoder, writer, steps, device):
@@ -861,6 +870,17 @@ def chunk_row_buffers(encoder, writer, steps, device):
         except queue.Empty:
             pass
     return encoder.buffers(steps, device), encoder.buffers(steps, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_into():
+    """The C++ kernel that quantizes float32 into given codes and scales (RowEncoder's CPU path), or None without the
+    extension (then the op's default kernel runs and its outputs are copied)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return getattr(_C, "quantize_blockwise_into_cpu", None)
 
 
 class _ChunkWriter:
