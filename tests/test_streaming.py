@@ -88,7 +88,7 @@ def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memor
 
 @pytest.mark.parametrize("how", ["linked", "cross-device", "save"])
 def test_copies_of_a_streamed_history_share_its_chunks_only_when_asked(tmp_path, in_memory, how, monkeypatch):
-    # a trainer checkpoint's copy of the recording links its chunk files (store.stored_chunks(link=True)): else each
+    # a trainer checkpoint's copy of the recording links its files (store.link_copy): else each
     # checkpoint rewrites the whole recording; history.save(elsewhere) copies them (a copy that survives the original)
     from unlearn_fast import store
 
@@ -108,7 +108,7 @@ def test_copies_of_a_streamed_history_share_its_chunks_only_when_asked(tmp_path,
                 raise OSError(18, "Invalid cross-device link")
             monkeypatch.setattr(os, "link", cross_device)
         snap = store.read(path, "GradientHistory")
-        store.write(copy_path, "GradientHistory", snap.info, store.stored_head(path, snap, link=True), (), store.stored_chunks(path, snap.chunks, link=True))
+        store.link_copy(path, snap, copy_path, "GradientHistory", snap.info)
     objects = lambda p: {n: os.stat(os.path.join(p, "objects", n)).st_ino for n in os.listdir(os.path.join(p, "objects"))}
     src, dst = objects(path), objects(copy_path)
     shared = [n for n in dst if n in src and src[n] == dst[n]]

@@ -694,6 +694,7 @@ class HistoryRecorder:
                              "resume from the trainer checkpoint saved together with a flush() (the model's weights at that step)")
         j = marks[-1]
         steps = sum(history.chunk_steps[: j + 1])
+        snap = store.read(path, "GradientHistory")  # the chunks' parts up to the flush: checkpoints, the recorder's features
         rec = cls(model, optimizer, policy, allow, grad_scaler=grad_scaler)
         # the optimizer as recorded at step 0, like an uninterrupted run's meta (a scheduler has changed the groups' lr
         # since; the replay reads every step's lr from the schedule)
@@ -707,7 +708,6 @@ class HistoryRecorder:
             for step in range(steps):  # the grid's state at `steps`, replayed
                 rec.grid.offer(step)
             kept = set(rec.grid.kept)
-            snap = store.read(path, "GradientHistory")
             m = EncodedRows({}, policy.summary_codec, policy.blocksize, rec.w0.numel(), rec.w0.dtype).meta()
             for chunk in snap.chunks[: j + 1]:
                 if "ckpt" in chunk["parts"]:
@@ -717,7 +717,7 @@ class HistoryRecorder:
                                         for i, s in enumerate(tensors["ckpt.steps"].tolist()) if int(s) in kept]
             if sorted(s for s, _ in rec.checkpoints) != rec.grid.kept:
                 raise ValueError(f"path: the recording at {path!r} lacks checkpoints its grid keeps (steps {sorted(kept)[:8]}...)")
-        part = store.read(path, "GradientHistory").chunks[j]["parts"].get("recording")
+        part = snap.chunks[j]["parts"].get("recording")
         if features is not None:
             rec._seen_features.update(_check_features({k: v for k, v in features.items() if k in FEATURES}, steps, "features"))
         elif part is not None:  # (recordings streamed before it was kept have none: their clipping is then seen only if it recurs)
@@ -841,6 +841,7 @@ class RowEncoder:
             return
         bs, bits = self.blocksize, 8 if self.codec == "int8" else 4
         codes, scales = buffers["codes"][row], buffers["scales"][row]
+        into = _quantize_into() if flat[0].device.type == "cpu" and forced_backend() in (None, "cpp") else None
         for s, e, pieces in self.ranges:
             if len(pieces) == 1:
                 i, a, b = pieces[0]
@@ -850,9 +851,7 @@ class RowEncoder:
                     self._gather_buffer = torch.empty(self.gather, dtype=flat[0].dtype, device=flat[0].device)
                 x = torch.cat([flat[i][a:b] for i, a, b in pieces], out=self._gather_buffer[: e - s])
             code_out, scale_out = codes[s if bits == 8 else s // 2 : e if bits == 8 else (e + 1) // 2], scales[s // bs : -(-e // bs)]
-            into = (_quantize_into() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-                    and forced_backend() in (None, "cpp") else None)
-            if into is None:
+            if into is None or x.dtype != torch.float32 or not x.is_contiguous():
                 c, sc = ops.quantize_blockwise(x.float(), bs, bits)  # (.float(): a float64 model's row is quantized as float32)
                 code_out.copy_(c)
                 scale_out.copy_(sc)

@@ -439,8 +439,8 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"checkpoint at global step {state.global_step}: the recording at {self.recorder.path} holds "
                              f"{sum(c['steps'] for c in snap.chunks)} steps after flush()")
         # the last chunk ends at this step: it carries the weights' digest (flush() marks it, unless it was sealed before)
-        chunks = store.stored_chunks(self.recorder.path, snap.chunks, [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]], link=True)
-        store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), store.stored_head(self.recorder.path, snap, link=True), (), chunks)
+        store.link_copy(self.recorder.path, snap, path, "GradientHistory", dict(snap.info, meta=history.meta),
+                        [c["mark"] for c in snap.chunks[:-1]] + [history.meta["final_digest"]])
         if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
             self._save_per_sample(os.path.join(os.path.dirname(path), PER_SAMPLE_DIR), state.global_step, history.meta["final_digest"])
 
@@ -455,7 +455,7 @@ class HistoryCallback(TrainerCallback):
             raise ValueError(f"checkpoint at global step {step}: the per-sample recording at {rec.path} does not end with a flush mark "
                              "of the checkpoint's weights")
         info = dict(snap.info, checkpoint={"global_step": step, "weights_digest": digest})
-        store.write(path, "FirstEpochHistory", info, store.stored_head(rec.path, snap, link=True), (), store.stored_chunks(rec.path, snap.chunks, link=True))
+        store.link_copy(rec.path, snap, path, "FirstEpochHistory", info)
 
     # -- resume
     def _new_recording_path(self, args):
@@ -474,8 +474,7 @@ class HistoryCallback(TrainerCallback):
 
             snap = store.read(per_sample_path, "FirstEpochHistory")
             info = {k: v for k, v in snap.info.items() if k != "checkpoint"}
-            store.write(new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info, store.stored_head(per_sample_path, snap, link=True), (),
-                        store.stored_chunks(per_sample_path, snap.chunks, link=True))
+            store.link_copy(per_sample_path, snap, new + PER_SAMPLE_SUFFIX, "FirstEpochHistory", info)
             per_sample = FirstEpochRecorder.resume(new + PER_SAMPLE_SUFFIX, model, optimizer, self.per_sample_policy, epoch=epoch)
         self._note_resume(history, state.global_step, checkpoint)
         return recorder, per_sample
@@ -546,8 +545,7 @@ class HistoryCallback(TrainerCallback):
         snap = store.read(path, "GradientHistory")
         new = self._new_recording_path(args)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}  # an unfinished recording (no final_digest)
-        chunks = store.stored_chunks(path, snap.chunks, link=True)
-        store.write(new, "GradientHistory", dict(snap.info, meta=meta), store.stored_head(path, snap, link=True), (), chunks)
+        store.link_copy(path, snap, new, "GradientHistory", dict(snap.info, meta=meta))
         return new, history, per_sample_path, epoch
 
     def _per_sample_problems(self, path, model, step, epoch):

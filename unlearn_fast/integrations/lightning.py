@@ -363,8 +363,7 @@ class HistoryCallback(pl.Callback):
         snap = store.read(path, "GradientHistory")
         new = self._new_recording_path(trainer)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}
-        store.write(new, "GradientHistory", dict(snap.info, meta=meta), store.stored_head(path, snap, link=True), (),
-                    store.stored_chunks(path, snap.chunks, link=True))
+        store.link_copy(path, snap, new, "GradientHistory", dict(snap.info, meta=meta))
         recorder = HistoryRecorder.resume(new, module, marker, allow=allow, features=history.meta.get("recording"))
         self._clipped_steps = int(old.get("clipped_steps", 0))
         self._resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "history": os.path.abspath(path)}]
@@ -485,8 +484,7 @@ class HistoryCallback(pl.Callback):
                 if sum(c["steps"] for c in snap.chunks) != trainer.global_step or not snap.chunks or snap.chunks[-1]["mark"] != digest:
                     raise ValueError(f"checkpoint at global step {trainer.global_step}: the recording at {rec.path} does not end with "
                                      "a flush of the checkpoint's weights")
-                store.write(path, "GradientHistory", dict(snap.info, meta=history.meta), store.stored_head(rec.path, snap, link=True), (),
-                            store.stored_chunks(rec.path, snap.chunks, link=True))
+                store.link_copy(rec.path, snap, path, "GradientHistory", dict(snap.info, meta=history.meta))
             self._saved[path] = digest
         checkpoint[CHECKPOINT_KEY] = {"path": path, "global_step": trainer.global_step, "weights_digest": digest}
 
