@@ -24,12 +24,12 @@ from dist_setup import loader as _loader  # noqa: E402
 from dist_setup import steps as _steps  # noqa: E402
 
 
-def _worker(rank, init_file, out):
+def _worker(rank, init_file, out, work=None):
     # (ufd, imported with this module, imported torch.distributed.nn.functional before this init: see _teardown)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        _work(rank, out)
+        (work or _work)(rank, out)  # _work, or the resumed run's
     finally:
         _teardown(rank, out)
 
@@ -320,15 +320,6 @@ def _stopped_worker(rank, init_file, out):
     die()
 
 
-def _resumed_worker(rank, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        _resume_work(rank, out)
-    finally:
-        _teardown(rank, out)
-
-
 def _resume_work(rank, out):
     """New processes: the refusals, then the checkpoint loaded, the recording resumed and the run trained to its end."""
     ds, net = _data(), _net()
@@ -369,7 +360,7 @@ def ddp_resumed():
         killed = GradientHistory.load(root)  # read now: the resume truncates it
         partial = {"complete": killed.complete, "chunk_steps": killed.chunk_steps, "batches": killed.schedule["batches"],
                    "w": killed.trajectory["w"].all().clone(), "g": killed.trajectory["g"].all().clone()}
-        mp.spawn(_resumed_worker, args=(os.path.join(out, "init2"), out), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(os.path.join(out, "init2"), out, _resume_work), nprocs=WORLD, join=True)
 
         def message(name):
             path = os.path.join(out, name)

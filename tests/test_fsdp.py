@@ -60,11 +60,11 @@ def _edge_forget(history):
     return sorted(set(b[0][PER_RANK:].tolist()) | set(b[3].tolist()))
 
 
-def _worker(rank, init_file, out):
+def _worker(rank, init_file, out, work=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        _work(rank, out)
+        (work or _work)(rank, out)  # _work, or the resumed run's
     finally:
         gc.collect()
         dist.destroy_process_group()
@@ -438,19 +438,6 @@ def _stopped_worker(rank, init_file, out):
     die()
 
 
-def _resumed_worker(rank, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        _resume_work(rank, out)
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # (fully_shard's gloo threads: see _worker)
-
-
 def _resume_work(rank, out):
     """New processes: the refusals (nothing written), then every rank's checkpoint restored, the recording resumed and
     the run trained to its end; the finished history replayed by run_sharded, forgetting nothing."""
@@ -506,7 +493,7 @@ def fsdp_resumed():
         for name, sources in (("mixed_rank", ("rec/rank-0", "rec/rank-0")), ("mixed_run", ("rec/rank-0", "other/rank-1"))):
             for r, source in enumerate(sources):
                 shutil.copytree(os.path.join(out, source), os.path.join(out, name, f"rank-{r}"))
-        mp.spawn(_resumed_worker, args=(os.path.join(out, "init2"), out), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(os.path.join(out, "init2"), out, _resume_work), nprocs=WORLD, join=True)
 
         def message(name):
             path = os.path.join(out, name)
