@@ -19,9 +19,11 @@ from unlearn_fast import reference
 # moves a few KiB however small blocksize is.
 QUANT_TILE = 4096
 DEQUANT_TILE = 2048
-# Compiled jit code may read only constexpr globals.
+# Compiled jit code may read only constexpr globals. At every launch Triton checks with == that each
+# global a kernel read is unchanged, so a NaN global (never equal to itself) fails every launch: the
+# NaN scale is made from its bits instead.
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
-NAN = tl.constexpr(float("nan"))
+QUIET_NAN_BITS = tl.constexpr(0x7FC00000)
 
 
 def _seed_mixed(seed):
@@ -100,7 +102,7 @@ def _quantize_kernel(
     positive = absmax > 0
     scale = tl.math.div_rn(absmax, qmax)
     inv = tl.where(positive, tl.math.div_rn(qmax, tl.where(positive, absmax, 1.0)), 0.0)
-    scale = tl.where(finite, scale, NAN)
+    scale = tl.where(finite, scale, tl.full([ROWS], QUIET_NAN_BITS, tl.int32).to(tl.float32, bitcast=True))
     tl.store(scales_ptr + block, scale, mask=block < nblocks)
 
     if PACKED:

@@ -9,7 +9,8 @@
 # Steps: build, nvcc (tests/nvcc_check.sh), cuda, triton, bench. Each is logged to $OUT/<step>.log and its exit status goes to
 # $OUT/summary.txt; a failing step does not stop the later ones. A later call on the same machine
 # can skip `build` (the in-place extension and the editable install stay). Environment: PY (python
-# interpreter, default python3), BENCH_ARGS (extra arguments for bench_gpu.py, e.g. "--log2p 26").
+# interpreter, default python3), BENCH_ARGS (extra arguments for bench_gpu.py, e.g. "--log2p 26"),
+# PYTEST_XDIST (e.g. "-n 8": Triton's compiler is CPU-bound), LIMIT_<log name> (seconds, e.g. LIMIT_build=240).
 # With a 10-minute limit per remote command, split it: `build nvcc cuda`, then `triton bench`.
 set -u
 cd "$(dirname "$0")/../.."
@@ -26,6 +27,8 @@ log() { echo "[run_gpu_checks $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/summary.t
 # Runs one step with a time limit, output to $OUT/<name>.log (and the tail to stdout).
 step() {
   local name=$1 limit=$2
+  local override=LIMIT_$name
+  limit=${!override:-$limit}  # e.g. LIMIT_build=240 to fit a device lease
   shift 2
   log "step $name: $*"
   local start=$SECONDS
@@ -80,9 +83,9 @@ for s in "${STEPS[@]}"; do
   case $s in
     build) step build 540 bash -c build || status=1 ;;
     nvcc) step nvcc_check 120 bash tests/nvcc_check.sh || status=1 ;;
-    cuda) step cuda_tests 420 "$PY" -m pytest tests/test_cuda_ops.py tests/test_hvp.py -k "cuda or CUDA" -q -rs \
+    cuda) step cuda_tests 420 "$PY" -m pytest tests/test_cuda_ops.py tests/test_hvp.py -k "cuda or CUDA" -q -rs ${PYTEST_XDIST:-} \
             -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" || status=1 ;;
-    triton) step triton_tests 420 "$PY" -m pytest tests/triton -q -rs -p no:cacheprovider \
+    triton) step triton_tests 420 "$PY" -m pytest tests/triton -q -rs ${PYTEST_XDIST:-} -p no:cacheprovider \
               --junitxml="$OUT/triton_tests.xml" || status=1 ;;
     bench) step bench 480 "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} || status=1
            step bench_hvp 300 "$PY" benchmarks/bench_hvp.py --device cuda --out "$OUT/hvp_gpu" || status=1 ;;
