@@ -9,8 +9,10 @@ once per pass; qn_step_ and lbfgs_matvec make two passes (the S'v, Y'v reduction
 pairs), so their byte count includes both.
 
     python benchmarks/gpu/bench_gpu.py --out DIR [--log2p 28] [--m 4] [--reps 20]
+    python benchmarks/gpu/bench_gpu.py --replot DIR/bench_gpu.json   # the plot again, no GPU needed
 
-Writes DIR/bench_gpu.md (a markdown table) and DIR/bench_gpu.json.
+Writes DIR/bench_gpu.md (a markdown table), DIR/bench_gpu.json and DIR/bench_gpu.png (the share of copy
+bandwidth per op and backend; needs matplotlib).
 """
 import argparse
 import gc
@@ -34,7 +36,8 @@ PROVIDERS = ("cuda", "triton", "reference")
 
 def parse():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory for bench_gpu.md and bench_gpu.json")
+    parser.add_argument("--out", help="directory for bench_gpu.md, bench_gpu.json and bench_gpu.png")
+    parser.add_argument("--replot", metavar="JSON", help="draw bench_gpu.png beside an earlier bench_gpu.json and exit")
     parser.add_argument("--log2p", type=int, default=28, help="vector length p = 2^log2p (float32)")
     parser.add_argument("--m", type=int, default=4, help="curvature pairs for the L-BFGS ops")
     parser.add_argument("--blocksize", type=int, default=256)
@@ -120,6 +123,13 @@ def copy_bandwidth(p, reps):
 
 def main():
     args = parse()
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        plot(saved["meta"], saved["rows"], os.path.join(os.path.dirname(args.replot), "bench_gpu.png"))
+        return 0
+    if not args.out:
+        raise SystemExit("bench_gpu: --out DIR is required (or --replot JSON)")
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; nothing measured")
         return 0
@@ -183,7 +193,36 @@ def main():
     with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
         f.write(markdown(meta, rows))
     print(markdown(meta, rows))
+    plot(meta, rows, os.path.join(args.out, "bench_gpu.png"))
     return 0
+
+
+def plot(meta, rows, path):
+    """Horizontal bars: each op's share of the copy bandwidth, one bar per backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_gpu: matplotlib not installed, no plot")
+        return
+    ops = list(dict.fromkeys(row["op"] for row in rows))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(ops) * len(PROVIDERS) / 2 + 1.5))
+    height = 0.8 / len(PROVIDERS)
+    for k, provider in enumerate(PROVIDERS):
+        share = {row["op"]: 100 * row["copy_fraction"] for row in rows if row["provider"] == provider and "ms" in row}
+        ys = [i + k * height for i, op in enumerate(ops) if op in share]
+        ax.barh(ys, [share[op] for op in ops if op in share], height=height, label=provider)
+    ax.set_yticks([i + height for i in range(len(ops))], ops)
+    ax.invert_yaxis()
+    ax.axvline(100, color="black", lw=0.8)
+    ax.set_xlabel(f"% of device-to-device copy bandwidth ({meta['copy_gbs']:.0f} GB/s)")
+    ax.set_title(f"{meta['device']}, p = 2^{meta['p'].bit_length() - 1} float32")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _version(module):
