@@ -329,7 +329,7 @@ def main():
                      f"{cell('full_int8_memory')} | {cell('full_int8_stream')} |")
     lines += ["", f"Ratios to the plain step (goals: minimal <= {GOALS['minimal']}, full int8 <= {GOALS['full_int8_stream']}). A minimal recorder "
               f"is timed as in the middle of a {LONG_RUN}-step run: 'no checkpoint' is its usual step, 'amortized' adds the steps that take "
-              "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes w_t and g_t at record() "
+              "a parameter checkpoint (one in `every`, from its grid) spread over those steps. 'in memory' encodes g_t at record() "
               "and keeps them; 'streamed' also hands each chunk to the background writer (XXH3-128 digest, write, fsync), which shares this "
               "2-core machine with training's threads. Both full modes are timed in steady state: after one untimed chunk, over "
               f"{FULL_WINDOW_CHUNKS} chunks' steps (at most {FULL_WINDOW_MAX}, at least the round's), and 'streamed' waits for "
@@ -359,7 +359,7 @@ def main():
         slope = (rss[-1] - rss[half]) / max(1, len(rss) - 1 - half)  # second half: after the chunk buffers filled
         lines.append(f"| {mode.replace('_', ' ')} | {rss[0]:.0f} MiB | {rss[-1]:.0f} MiB | {slope:.1f} MiB |")
     lines += ["", "recording_rss.png plots both curves." if plotted else "(matplotlib missing: no plot)", "",
-              f"## Disk bytes per step ({small[0]}, {p / 1e6:.1f}M parameters, w_t and g_t per step)", "",
+              f"## Disk bytes per step ({small[0]}, {p / 1e6:.1f}M parameters, g_t per step)", "",
               "| codec | bytes per step | / model fp32 size |", "|---|---|---|"]
     for codec, b in bytes_per_step.items():
         lines.append(f"| {codec} | {b / 2**20:.2f} MiB | {b / (4 * p):.3f} |")

@@ -154,25 +154,12 @@ def test_deltagrad_rejects_param_groups_with_different_learning_rates():
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
-def test_deltagrad_rebuilds_the_recorded_weights_from_the_gradients(trained, codec):
-    # plain SGD: w_t follows from w0 and the recorded g_t, so DeltaGrad reads no w row; rebuilt with torch SGD's own
-    # operations it is the stored fp32 w_t bit for bit
+def test_deltagrad_replays_a_gradient_only_history(trained, codec):
+    # a kind="full" history holds g_t alone (w_t is rebuilt: tests/test_trajectory.py); DeltaGrad lands near retrain from it
     data, model, _ = trained
     model, history = train(data, uf.HistoryPolicy(kind="full", codec=codec, rank=4))
+    assert set(history.trajectory) == {"g"}
     forget = forget_set(len(data), 0.05)
-
-    class Unread:
-        def row(self, t):
-            raise AssertionError("deltagrad read a stored w_t")
-
-    lam, lrs = 1e-2, history.schedule["lrs"][:, 0]
-    stored = history.trajectory["w"]
-    rebuilt = history.schedule["w0"].clone()
-    for t in range(history.num_steps):  # the weights the recording holds, rebuilt here from w0 and g_t
-        if codec == "fp32":
-            assert torch.equal(rebuilt, stored.row(t)), t
-        rebuilt = rebuilt.add(history.trajectory["g"].row(t).add(rebuilt, alpha=lam), alpha=-float(lrs[t]))
-    history.trajectory = dict(history.trajectory, w=Unread())
     dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
     retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
     assert dg.stats["approx_steps"] > 0 and uf.metrics.relative_distance(dg.model, retrained, model) < 0.1
@@ -228,7 +215,8 @@ def test_mini_history_is_small_and_mini_beats_doing_nothing(trained):
     # the default policy (rank sized to the run); the fixture's rank 8 of 52 is below what the trajectory basis needs
     model, history = train(data, uf.HistoryPolicy(kind="full"), epochs=8)
     mini.prepare(history, model, data, LOSS)  # a "full" history gets Mini's summary from its trajectory
-    assert 0 < history.nbytes("summary") < 0.1 * history.nbytes("trajectory")
+    # (the trajectory holds every step's g_t alone: 64 float64 rows of 52 values; the summary is 15 % of it)
+    assert 0 < history.nbytes("summary") < 0.2 * history.nbytes("trajectory")
     forget = forget_set(len(data), 0.3)
     retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
     result = uf.unlearn(model, history, forget, data, LOSS, method="mini")

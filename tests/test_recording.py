@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from unlearn_fast.methods.trajectory import weights_at
 from unlearn_fast.history import flat_params
 from unlearn_fast.methods import mini, retrain
 
@@ -53,7 +54,7 @@ def test_a_second_record_for_one_step_is_refused_and_the_history_keeps_one_row_p
         rec.record(torch.arange(16))
     opt.step()
     history = rec.finish(data, LOSS)
-    assert history.num_steps == 3 and len(history.trajectory["w"]) == 3
+    assert history.num_steps == 3 and len(history.trajectory["g"]) == 3
     # forgetting nothing replays the 3 steps the optimizer took: the trained weights, bit for bit
     replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
     assert torch.equal(flat_params(replay), flat_params(model))
@@ -727,7 +728,7 @@ def test_recorded_rows_are_byte_for_byte_the_reference_codec_of_the_flat_vectors
     assert sum(p.numel() for p in model.parameters()) % 2 == 1 and not model.c.is_contiguous()
     gen = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(40, 7, generator=gen, dtype=dtype), torch.randint(0, 3, (40,), generator=gen))
-    histories, expected = [], {"w": [], "g": []}
+    histories, expected, weights = [], {"g": []}, []
     for path in (None, str(tmp_path / "h")):
         torch.manual_seed(0)
         model = Awkward().to(dtype)
@@ -739,7 +740,7 @@ def test_recorded_rows_are_byte_for_byte_the_reference_codec_of_the_flat_vectors
             opt.zero_grad()
             backward(model, data, idx)
             if path is None:
-                expected["w"].append(EncodedRows.encode(flat_params(model)[None], codec, 64))
+                weights.append(flat_params(model).clone())
                 expected["g"].append(EncodedRows.encode(flat_grads(model)[None], codec, 64))
             rec.record(idx)
             opt.step()
@@ -748,7 +749,11 @@ def test_recorded_rows_are_byte_for_byte_the_reference_codec_of_the_flat_vectors
     if direct == 64 and codec in ("int8", "int4"):
         assert any(len(pieces) == 1 and e - s >= 64 for s, e, pieces in rec._encoder.ranges)  # (the in-place path ran)
     for history in histories:
-        for key in ("w", "g"):
+        assert set(history.trajectory) == {"g"}
+        if codec == "fp32":  # w_t rebuilt by momentum SGD from w0 and the rows: the run's, bit for bit
+            rebuilt = weights_at(history, range(5))
+            assert all(torch.equal(rebuilt[t], weights[t]) for t in range(5))
+        for key in ("g",):
             rows = history.trajectory[key]
             got = EncodedRows.cat([rows._part(j) for j in range(len(rows.parts))])
             want = EncodedRows.cat(expected[key])

@@ -70,11 +70,11 @@ def test_a_streamed_history_equals_the_one_recorded_in_memory(tmp_path, in_memor
     rec.chunk_steps = 5  # 24 steps: chunks of 5, 5, 5, 5, 4
     train(model, opt, rec, data, batches)
     # the recorder holds at most the open chunk: every sealed one went to disk
-    assert rec.batches == [] and len(rec._open["w"]) < 5
+    assert rec.batches == [] and len(rec._open["sizes"]) < 5
     history = rec.finish(data, LOSS)
     assert torch.equal(flat_params(model), flat_params(model_ref))
     assert history.chunk_steps == [5, 5, 5, 5, 4] and history.path == path
-    for key in ("w", "g"):
+    for key in ("g",):
         assert torch.equal(rows(history, key), rows(ref, key))
     assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], ref.schedule["batches"]))
     assert torch.equal(history.schedule["lrs"], ref.schedule["lrs"])
@@ -117,7 +117,7 @@ def test_copies_of_a_streamed_history_share_its_chunks_only_when_asked(tmp_path,
     import shutil
     shutil.rmtree(path)
     copied = uf.GradientHistory.load(copy_path)
-    assert torch.equal(rows(copied, "w"), rows(ref, "w")) and torch.equal(rows(copied, "g"), rows(ref, "g"))
+    assert torch.equal(rows(copied, "g"), rows(ref, "g"))
 
 
 @pytest.mark.parametrize("flush_at", [(5,), (24,), (10, 10)], ids=["chunk-end", "last-step", "twice"])
@@ -136,7 +136,7 @@ def test_a_flush_with_no_step_since_the_last_chunk_loads_and_resumes(tmp_path, i
     checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
     train(model, opt, rec, data, batches, start=stop)
     history = rec.finish(data, LOSS)
-    assert history.num_steps == len(batches) and torch.equal(rows(uf.GradientHistory.load(path), "w"), rows(ref, "w"))
+    assert history.num_steps == len(batches) and torch.equal(rows(uf.GradientHistory.load(path), "g"), rows(ref, "g"))
     if stop < len(batches):  # and a resume from the flushed point finishes to the same history
         other = str(tmp_path / "resumed")
         model2, opt2 = new_run()
@@ -197,7 +197,7 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     partial = uf.GradientHistory.load(path)
     assert not partial.complete and partial.num_steps == 14 and partial.chunk_steps == [4, 4, 2, 4]
-    assert torch.equal(rows(partial, "w"), rows(ref, "w")[:14])
+    assert torch.equal(rows(partial, "g"), rows(ref, "g")[:14])
     # a method refuses a recording that did not finish, naming it
     model, opt = new_run()
     with pytest.raises(ValueError, match="did not finish"):
@@ -223,7 +223,7 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
     assert torch.equal(flat_params(model), flat_params(model_ref))
     assert history.num_steps == ref.num_steps
     assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], ref.schedule["batches"]))
-    for key in ("w", "g"):
+    for key in ("g",):
         assert torch.equal(rows(history, key), rows(ref, key))
     with pytest.raises(ValueError, match="finished history"):
         uf.HistoryRecorder.resume(path, model, opt)
@@ -305,13 +305,13 @@ def test_a_corrupted_chunk_is_a_value_error_naming_it(tmp_path, in_memory):
     path = str(tmp_path / "h")
     ref.save(path)
     history = uf.GradientHistory.load(path)
-    part = history.trajectory["w"].parts[0][1].part["data"]
+    part = history.trajectory["g"].parts[0][1].part["data"]
     fpath = os.path.join(path, "objects", part)
     raw = bytearray(open(fpath, "rb").read())
     raw[-1] ^= 1
     open(fpath, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match=f"{part}.*corrupted"):
-        history.trajectory["w"].row(0)
+        history.trajectory["g"].row(0)
     os.truncate(fpath, 100)  # truncated: the same refusal
     with pytest.raises(ValueError, match="corrupted"):
         uf.GradientHistory.load(path).trajectory["g"].row(1)

@@ -4,7 +4,8 @@ A GradientHistory has up to three sections (each method reads only what it needs
 bytes it read):
   schedule   always: initial parameters w_0, every step's batch indices and learning rates, the
              optimizer's class and hyper-parameters (what `retrain` replays).
-  trajectory kind="full": every step's parameters w_t and batch gradient g_t (what DeltaGrad reads).
+  trajectory kind="full": every step's batch gradient g_t as the optimizer stepped on it (the parameters w_t are
+             rebuilt from w_0 and them, methods/trajectory.py).
   summary    kind="full" or "minimal": at the final parameters w*, the full-data loss gradient g* and a
              rank-k sketch of the loss curvature (Gauss-Newton eigenpairs U, Lambda, and the mean
              curvature left off their span); plus a few evenly spaced parameter checkpoints with the
@@ -37,7 +38,7 @@ class HistoryPolicy:
     """What HistoryRecorder keeps.
 
     kind:
-      "full"        schedule + every step's w_t and g_t + the final summary (retrain, deltagrad, mini)
+      "full"        schedule + every step's gradient g_t + the final summary (retrain, deltagrad, mini)
       "minimal"     schedule + the final summary only (mini; at most a few % of "full")
       "first_epoch" per-sample gradients of `params` during the first epoch (language-model ascent)
       "all_epochs"  the same for every epoch (the multi-epoch baseline)
@@ -48,7 +49,7 @@ class HistoryPolicy:
       whose rows are long (one float32 scale per 4096 values makes int8 3.996x smaller than fp32;
       256 gives 3.94x; benchmarks/results/lm_unlearning.md measures both).
     rank: number of curvature eigenpairs in the summary; None sizes it to the training run:
-      min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/24 of the full trajectory's
+      min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/12 of the full trajectory's
       bytes (docs/mini_unlearning.md).
     budget_vectors: the most bytes Mini's summary may take, counted in int8 vectors of the model's size, whatever
       the run's length (checkpoints thinned, rank capped; docs/mini_unlearning.md). None: the summary is sized to
@@ -263,7 +264,7 @@ class ChunkedRows:
 
 
 class _StoredRows:
-    """One section's rows (e.g. trajectory.w) in a stored chunk part; the part is read through a cache
+    """One section's rows (e.g. trajectory.g) in a stored chunk part; the part is read through a cache
     shared by the sections, so w and g of one chunk are read once."""
 
     def __init__(self, cache, part, key, meta, rows, where):
@@ -312,7 +313,7 @@ class GradientHistory:
         if "batch_sizes" not in schedule and "batches" in schedule:
             schedule = dict(schedule, batch_sizes=torch.tensor([len(b) for b in schedule["batches"]], dtype=torch.int64))
         self.schedule = schedule
-        self.trajectory = trajectory  # {"w": EncodedRows | ChunkedRows, "g": ...} or None
+        self.trajectory = trajectory  # {"g": EncodedRows | ChunkedRows} or None (histories of format <= 4 also hold "w")
         self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals", "rho", checkpoints, "response"} or None
         self.chunk_marks = {}  # chunk index -> resume mark (weights digest) of a streamed recording
         self.chunk_steps = []  # steps of each stored chunk (a loaded history)
@@ -395,8 +396,9 @@ class GradientHistory:
         """[(first step, end step)] of the chunks a save writes: a streamed trajectory's own chunks, else
         at most CHUNK_STEPS steps and about CHUNK_BYTES of rows each."""
         T, traj = self.num_steps, self.trajectory
-        if traj and isinstance(traj.get("w"), ChunkedRows):
-            starts = traj["w"].starts
+        rows = next(iter(traj.values())) if traj else None
+        if isinstance(rows, ChunkedRows):
+            starts = rows.starts
             return list(zip(starts[:-1], starts[1:])) or [(0, 0)]
         step = CHUNK_STEPS
         if traj:
@@ -425,7 +427,7 @@ class GradientHistory:
         traj = self.trajectory
         if not traj:
             return None
-        if isinstance(traj["w"], ChunkedRows):
+        if isinstance(next(iter(traj.values())), ChunkedRows):
             sources = [rows.parts[j][1] for rows in traj.values()]
             if all(isinstance(src, _StoredRows) for src in sources) and len({src.part["data"] for src in sources}) == 1:
                 part = sources[0].part

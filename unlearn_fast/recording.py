@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import uuid
+import warnings
 
 import torch
 
@@ -135,6 +136,12 @@ class HistoryRecorder:
                              "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
                              "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
         check_recordable(named, optimizer, "HistoryRecorder")
+        if self.policy.kind == "full" and self.policy.codec in ("int8", "int4") and not isinstance(optimizer, torch.optim.SGD):
+            # w_t is rebuilt by replaying the optimizer on the stored g_t (methods/trajectory.py): an adaptive optimizer
+            # divides each coordinate by its own gradient scale, which magnifies a blockwise code's error on small ones
+            warnings.warn(f"HistoryRecorder: codec {self.policy.codec!r} with {type(optimizer).__name__}: the weights rebuilt from such "
+                          "rows drift (AdamW, 12 steps: 7.9 % of the distance trained, 0.07 % with bf16); use codec='bf16' or 'fp32' "
+                          "for adaptive optimizers", stacklevel=2)
         self.grad_scaler = _check_scaler(grad_scaler)
         # the scaler keeps its state per optimizer object it was handed: the wrapper (accelerate) or the real one
         self._scaler_keys = (id(wrapper), id(optimizer))
@@ -147,7 +154,7 @@ class HistoryRecorder:
         self.lrs = []  # kind="full" in memory: every step's learning rates (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
         self._open = _new_chunk()  # the chunk being filled
-        self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"w", "g"}: EncodedRows)
+        self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"g": EncodedRows})
         self.checkpoints, self.grid = [], CheckpointGrid()  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
         self.meta = {
             "policy": dataclasses.asdict(self.policy),
@@ -156,7 +163,7 @@ class HistoryRecorder:
             "group_of_param": self.group_of_param,
         }
         p = self.w0.numel()
-        step_bytes = 2 * row_bytes(self.policy.codec, p, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else 0
+        step_bytes = row_bytes(self.policy.codec, p, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else 0
         self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(step_bytes, 1)))
         sizes = [p.numel() for p in self.params]
         self._encoder = RowEncoder(sizes, self.policy.codec, self.policy.blocksize, self.w0.dtype) if self.policy.kind == "full" else None
@@ -418,12 +425,12 @@ class HistoryRecorder:
                 scales.append([step, scale])
         chunk = self._open
         if self.policy.kind == "full":
-            # encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording
+            # g_t only: w_t is the recorded optimizer's step from w_{t-1} on g_{t-1}, which methods/trajectory.py replays.
+            # Encoded now, through the policy's codec: an int8 history holds a quarter of fp32's memory while recording,
             # straight into this chunk's row buffers (RowEncoder: no flat copy, no concatenation at seal)
             row = len(chunk["sizes"])
-            if chunk["w"] is None:
-                chunk["w"], chunk["g"] = self._row_buffers()
-            self._encoder.encode_into([p.detach() for p in self.params], chunk["w"], row)
+            if chunk["g"] is None:
+                chunk["g"] = self._row_buffers()
             self._encoder.encode_into([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params], chunk["g"], row)
             if self.path is None:
                 self.batches.append(idx)
@@ -479,12 +486,11 @@ class HistoryRecorder:
         if self.path is not None:
             schedule["schedule.batch_indices"] = compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64))
         rows = {}
-        if chunk["w"] is not None and n:
-            for key in ("w", "g"):
-                tensors = {name: t[:n] for name, t in chunk[key].items()}
-                if self.path is None and n < len(next(iter(chunk[key].values()))):  # sealed early (flush, finish): only its rows kept
-                    tensors = {name: t.clone() for name, t in tensors.items()}
-                rows[key] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
+        if chunk["g"] is not None and n:
+            tensors = {name: t[:n] for name, t in chunk["g"].items()}
+            if self.path is None and n < len(next(iter(chunk["g"].values()))):  # sealed early (flush, finish): only its rows kept
+                tensors = {name: t.clone() for name, t in tensors.items()}
+            rows["g"] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
         if self.path is None:
             if n:
                 self._chunks.append((n, schedule, rows))
@@ -499,7 +505,7 @@ class HistoryRecorder:
             parts["ckpt"] = {"ckpt.steps": torch.tensor([s for s, _ in chunk["ckpt"]], dtype=torch.int64),
                              **{f"ckpt.w.{name}": t for name, t in ckpt.tensors.items()}}
         # the row buffers come back to _row_buffers once written
-        self._writer.put((n, parts, mark, (chunk["w"], chunk["g"]) if chunk["w"] is not None else None))
+        self._writer.put((n, parts, mark, chunk["g"]))
 
     def _start_stream(self, path):
         """Stream chunks to directory `path`: a first version holding w0 now, a chunk appended by a background
@@ -519,7 +525,7 @@ class HistoryRecorder:
         p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
         encoded = {}
         if self.policy.kind == "full":
-            encoded = {f"trajectory.{key}": EncodedRows({}, c, bs, p, self.w0.dtype).meta() for key in ("w", "g")}
+            encoded = {"trajectory.g": EncodedRows({}, c, bs, p, self.w0.dtype).meta()}
         return {"meta": self.meta, "encoded": encoded, "recording": self.recording_id}
 
     def _raise_writer_error(self):
@@ -601,7 +607,7 @@ class HistoryRecorder:
             if self.policy.kind == "full":
                 schedule["batches"] = self.batches
                 p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
-                trajectory = {key: ChunkedRows([(n, rows[key]) for n, _, rows in self._chunks], c, bs, p, self.w0.dtype) for key in ("w", "g")}
+                trajectory = {"g": ChunkedRows([(n, rows["g"]) for n, _, rows in self._chunks], c, bs, p, self.w0.dtype)}
             history = GradientHistory(meta, schedule, trajectory, None)
         else:
             self._writer.close()
@@ -773,8 +779,8 @@ def check_recordable(named, optimizer, who):
 
 
 def _new_chunk():
-    # w, g: kind="full", the chunk's row buffers (RowEncoder.buffers), from its first step on
-    return {"lrs": [], "sizes": [], "micro": [], "indices": [], "w": None, "g": None, "ckpt": []}
+    # g: kind="full", the chunk's gradient row buffers (RowEncoder.buffers), from its first step on
+    return {"lrs": [], "sizes": [], "micro": [], "indices": [], "g": None, "ckpt": []}
 
 
 # a block-aligned range of one parameter at least this long is quantized from the tensor itself; shorter ranges (biases,
@@ -862,13 +868,13 @@ class RowEncoder:
 
 
 def chunk_row_buffers(encoder, writer, steps, device):
-    """(w, g) row buffers of `steps` rows for a new chunk: ones the writer is done with (a streamed recording), else new."""
+    """Row buffers of `steps` rows for a new chunk's gradients: ones the writer is done with (a streamed recording), else new."""
     if writer is not None:
         try:
             return writer.spare.get_nowait()
         except queue.Empty:
             pass
-    return encoder.buffers(steps, device), encoder.buffers(steps, device)
+    return encoder.buffers(steps, device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -540,7 +540,7 @@ class ShardedRecorder:
             optimizer.step()
         history = rec.finish(train_set); save_sharded(history, "history/")   # history/rank-<r> on every rank
 
-    The history holds the rank's shards of w_t and g_t (kind="full": the reduce-scattered gradient, i.e. the shard of
+    The history holds the rank's shards of g_t (kind="full": the reduce-scattered gradient, i.e. the shard of
     the world batch's mean gradient), the world batches (every rank's indices in rank order; every rank stores the
     same schedule) and meta["distributed"]: world size, rank, backend, the mesh, per parameter its global and local
     shapes, shard offset and placements, and an id of the run shared by its ranks. Replay: run_sharded /
@@ -595,7 +595,7 @@ class ShardedRecorder:
         # byte EncodedRows.encode of the flat local shards); a sealed chunk is kept (no path) or handed to the writer
         c, bs, p = self.policy.codec, self.policy.blocksize, self.w0.numel()
         self._encoder = RowEncoder([_local(q).numel() for q in self.params], c, bs, self.w0.dtype)
-        self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(2 * row_bytes(c, p, bs, self.w0.dtype), 1)))
+        self.chunk_steps = max(1, min(CHUNK_STEPS, CHUNK_BYTES // max(row_bytes(c, p, bs, self.w0.dtype), 1)))
         self._open, self._chunks = _new_shard_chunk(), []
         self.path, self.recording_id, self._writer = None, None, None
         # what FSDP2's post-accumulate-grad hooks saw since the last step: it calls them on the sharded parameter once
@@ -621,8 +621,7 @@ class ShardedRecorder:
         _agree(self.group, self.world_size, lambda: _refuse_existing(mine), "ShardedRecorder")
         self.recording_id = uuid.uuid4().hex
         p, c, bs = self.w0.numel(), self.policy.codec, self.policy.blocksize
-        info = {"meta": self.meta, "encoded": {f"trajectory.{key}": EncodedRows({}, c, bs, p, self.w0.dtype).meta() for key in ("w", "g")},
-                "recording": self.recording_id}
+        info = {"meta": self.meta, "encoded": {"trajectory.g": EncodedRows({}, c, bs, p, self.w0.dtype).meta()}, "recording": self.recording_id}
         _agree(self.group, self.world_size, lambda: store.write(mine, "GradientHistory", info, {"schedule.w0": self.w0}), "ShardedRecorder")
         self.path = mine
         self._writer = _ChunkWriter(mine, self.recording_id)
@@ -697,10 +696,9 @@ class ShardedRecorder:
             raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
         chunk = self._open
         row = len(chunk["lrs"])
-        if chunk["w"] is None:
-            chunk["w"], chunk["g"] = self._row_buffers()
-        self._encoder.encode_into([_local(q).detach() for q in self.params], chunk["w"], row)
-        self._encoder.encode_into([_local(g).detach() for g in grads], chunk["g"], row)
+        if chunk["g"] is None:
+            chunk["g"] = self._row_buffers()
+        self._encoder.encode_into([_local(g).detach() for g in grads], chunk["g"], row)  # (w_t is rebuilt from w0 and the g rows: methods/trajectory.py)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         chunk["lrs"].append(lrs)
         chunk["indices"].append(world)
@@ -735,11 +733,10 @@ class ShardedRecorder:
         }
         rows = {}
         if n:
-            for key in ("w", "g"):
-                tensors = {name: t[:n] for name, t in chunk[key].items()}
-                if self.path is None and n < self.chunk_steps:  # sealed early (finish): only its rows kept
-                    tensors = {name: t.clone() for name, t in tensors.items()}
-                rows[key] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
+            tensors = {name: t[:n] for name, t in chunk["g"].items()}
+            if self.path is None and n < self.chunk_steps:  # sealed early (finish): only its rows kept
+                tensors = {name: t.clone() for name, t in tensors.items()}
+            rows["g"] = EncodedRows(tensors, self.policy.codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
         if self.path is None:
             if n:
                 self._chunks.append((n, rows))
@@ -748,7 +745,7 @@ class ShardedRecorder:
         if rows:
             parts["rows"] = {f"trajectory.{key}.{name}": t for key, r in rows.items() for name, t in r.tensors.items()}
         # the row buffers come back to _row_buffers once written
-        self._writer.put((n, parts, mark, (chunk["w"], chunk["g"]) if chunk["w"] is not None else None))
+        self._writer.put((n, parts, mark, chunk["g"]))
 
     def flush(self):
         """Make every recorded step durable at path/rank-<r> and mark this point with the digest of the rank's local
@@ -805,7 +802,7 @@ class ShardedRecorder:
             schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(T, -1),
                         "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
             c, bs = self.policy.codec, self.policy.blocksize
-            trajectory = {key: ChunkedRows([(n, rows[key]) for n, rows in self._chunks], c, bs, p, self.w0.dtype) for key in ("w", "g")}
+            trajectory = {"g": ChunkedRows([(n, rows["g"]) for n, rows in self._chunks], c, bs, p, self.w0.dtype)}
             # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
             history = GradientHistory(meta, schedule, trajectory, {"w_final": final})
         else:
@@ -884,7 +881,7 @@ class ShardedRecorder:
 
 def _new_shard_chunk():
     # w, g: the chunk's row buffers (RowEncoder.buffers), from its first step on
-    return {"lrs": [], "indices": [], "w": None, "g": None}
+    return {"lrs": [], "indices": [], "g": None}
 
 
 def _rank_dir(path, rank):
@@ -1147,7 +1144,7 @@ def gather_shards(histories):
     if first.trajectory:
         policy = first.meta["policy"]
         trajectory = {}
-        for key in ("w", "g"):
+        for key in first.trajectory:
             rows = assemble([h.trajectory[key].all() for h in histories])
             enc = EncodedRows.encode(rows, policy["codec"], policy["blocksize"])
             trajectory[key] = ChunkedRows([(rows.shape[0], enc)], enc.codec, enc.blocksize, enc.p, enc.dtype)

@@ -512,6 +512,8 @@ class HistoryCallback(pl.Callback):
         recording["clipped_steps"] = self._clipped_steps
         if self.clip_val > 0 and self.clip_algorithm == "norm":
             recording["clip_max_norm"] = self.clip_val
+        if self.clip_val > 0:  # methods/trajectory.py clips the recorded gradients as the Trainer did when it rebuilds w_t
+            recording["rows_unclipped"] = {"algorithm": self.clip_algorithm, "clip_val": self.clip_val}
         return recording
 
     def _lightning_meta(self):

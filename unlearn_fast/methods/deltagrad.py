@@ -9,11 +9,11 @@ trajectory (HistoryPolicy(kind="full")). Step t with batch B_t, deleted part D_t
       |D_t| deleted samples need a fresh gradient.
 With T0 = 1 every step is exact and the result equals `retrain` to rounding.
 
-The recorded weights w_t are not read: plain SGD makes them a function of w0 and the recorded gradients,
-w_{t+1} = w_t - eta_t (g_t + lambda w_t), rebuilt as the replay goes with the operations torch's SGD applies. With fp32
-rows that is the stored w_t bit for bit; with int8 rows it is the better estimate (the stored rows carry their own quantisation
-error): DeltaGrad landed at 0.0769 / 0.0860 of the gap on digits / MNIST-1D instead of 0.0963 / 0.0881
-(benchmarks/results/trajectory_reconstruction.md), and reads half the history.
+The recorded weights w_t are rebuilt as the replay goes from w0 and the recorded gradients by torch's SGD itself,
+w_{t+1} = w_t - eta_t (g_t + lambda w_t) (methods/trajectory.py; histories store no w_t). With fp32 rows that is the
+run's w_t bit for bit; with int8 rows it is a better estimate than int8-stored w_t, which carried their own quantisation
+error: DeltaGrad landed at 0.0769 / 0.0860 of the gap on digits / MNIST-1D instead of 0.0963 / 0.0881
+(benchmarks/results/trajectory_reconstruction.md).
 """
 import math
 
@@ -22,6 +22,7 @@ import torch
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
 from ._common import batch_loss, check_history, remaining
+from .trajectory import replay
 
 
 STEP_GUARD = 3.0  # an approximate step longer than this many recorded steps is redone exactly (3 and 2 measured alike; 10 let an MLP replay drift to 1.3x the gap)
@@ -63,16 +64,13 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
     forget_mask[forget] = True
     traj = history.trajectory
     w = history.schedule["w0"].clone()
-    w_run = w.clone()  # the recorded run's w_t, rebuilt step by step with torch SGD's operations (module docstring)
     S, Y = [], []
     compact = None
     exact_steps = approx_steps = guarded_steps = evals = 0
-    for t, batch in enumerate(history.schedule["batches"]):
+    for (t, w_t, g_t), batch in zip(replay(history), history.schedule["batches"]):  # w_t: the recorded run's (module docstring)
         if progress is not None:
             progress.update(1)
-        eta, g_t = float(history.schedule["lrs"][t, 0]), traj["g"].row(t)
-        w_t = w_run
-        w_run = w_run.add(g_t.to(w.dtype).add(w_run, alpha=lam), alpha=-eta)  # SGD: grad + lam w, then w - eta (...)
+        eta = float(history.schedule["lrs"][t, 0])
         rem = remaining(batch, forget_mask)
         if rem.numel() == 0:
             continue

@@ -56,6 +56,7 @@ from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ..hvp import is_softmax_linear
 from ._common import NotUnlearnedError, batch_loss, check_history, module_mode
+from .trajectory import weights_at
 
 
 # ----------------------------------------------------------------------------- recording side
@@ -225,7 +226,7 @@ CURVATURE_SAMPLES = 256  # samples each checkpoint's curvature along the basis i
 
 def summary_rank(policy, p, steps):
     """Default rank: the eigenvectors are stored as 8-bit codes (summary_codec), so steps // 3 of them cost
-    about 1/24 of the full trajectory's 2 x steps fp32 vectors (docs/mini_unlearning.md)."""
+    about 1/12 of the full trajectory's steps fp32 gradient vectors (docs/mini_unlearning.md)."""
     if policy.rank is not None:
         return min(p, policy.rank)
     per_vector = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[policy.summary_codec]
@@ -445,7 +446,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
 
 def prepare(history, model, train_set, loss_fn, batch_size=1024):
     """Mini's summary for a history that has none (kind="full": the recorder computes it only for "minimal"),
-    from the recorded trajectory: the decoded w_t at the checkpoint steps a "minimal" recorder would have kept.
+    from the recorded trajectory: w_t rebuilt (methods/trajectory.py) at the checkpoint steps a "minimal" recorder would have kept.
     Stores it in history.summary and returns it. This is Mini's preparation cost (benchmarks time it).
     `model` must hold the final trained weights (w*); it is left as it was (parameters and .grad)."""
     if history.summary is not None:
@@ -469,8 +470,8 @@ def prepare(history, model, train_set, loss_fn, batch_size=1024):
         sgd = sgd_settings(history.meta, "mini")
     except ValueError:
         sgd = None
-    rows = history.trajectory["w"]
-    checkpoints = [(t, EncodedRows.encode(rows.row(t)[None], policy.summary_codec, policy.blocksize)) for t in checkpoint_steps(T)]
+    rebuilt = weights_at(history, checkpoint_steps(T))
+    checkpoints = [(t, EncodedRows.encode(rebuilt[t][None], policy.summary_codec, policy.blocksize)) for t in sorted(rebuilt)]
     with module_mode(model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
         history.summary = final_summary(model, train_set, loss_fn, policy, T, checkpoints, history.schedule["lrs"][:, 0], sgd,
                                         batch_size=batch_size)

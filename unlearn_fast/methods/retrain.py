@@ -14,10 +14,10 @@ from ._common import check_history, clip, clip_max_norm, history_batch_order, re
 
 
 def build_optimizer(model, meta):
-    """The recorded optimizer over `model`'s parameters; its class comes from the allow-list in
-    optimizers.py (a history names it as text and may be crafted)."""
+    """The recorded optimizer over `model`'s trainable parameters (or over a list of tensors standing for them, in
+    order); its class comes from the allow-list in optimizers.py (a history names it as text and may be crafted)."""
     cls = optimizer_class(meta["optimizer"]["class"])
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else list(model)
     groups = []
     for gi, hyper in enumerate(meta["optimizer"]["groups"]):
         group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyper.items()}

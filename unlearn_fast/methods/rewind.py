@@ -2,8 +2,8 @@
 parameter checkpoint recorded before the end of training and replay the rest of the recorded schedule
 (its batches without the forgotten samples, its learning rates) on the retained data.
 
-Checkpoints: w_0 (schedule["w0"], every history), every step of a "full" history (trajectory["w"], row t
-is w_t before step t) and the few of a "minimal" one (summary["ckpt_steps"] / ["ckpt_w"], stored through
+Checkpoints: w_0 (schedule["w0"], every history), every step of a "full" history (w_t before step t, rebuilt from w_0
+and the recorded gradients of steps 0..t-1: methods/trajectory.py) and the few of a "minimal" one (summary["ckpt_steps"] / ["ckpt_w"], stored through
 the summary codec, int8 by default). With a budget of B steps it rewinds as far as the budget allows:
 to the EARLIEST checkpoint t with T - t <= B (the further back, the less of the forgotten samples'
 influence is left). A budget of T steps or more replays the whole run from w_0 and equals `retrain`
@@ -19,14 +19,15 @@ import torch
 
 from ..history import fetch, flat_params, set_flat_params
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, remaining, replayed_batches
+from .trajectory import weights_at
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
 def checkpoints(history):
     """[(step, source)] of every usable parameter checkpoint, ascending; source names where it is read from."""
     out = {0: "w0"}
-    if history.trajectory is not None and "w" in history.trajectory:
-        out.update({t: "trajectory" for t in range(1, len(history.trajectory["w"]))})
+    if history.trajectory is not None:
+        out.update({t: "trajectory" for t in range(1, history.num_steps)})
     summary = history.summary or {}
     if "ckpt_steps" in summary and "ckpt_w" in summary:
         for t in summary["ckpt_steps"].tolist():
@@ -38,16 +39,19 @@ def checkpoint_params(history, step, source):
     if source == "w0":
         return history.schedule["w0"].clone()
     if source == "trajectory":
-        return history.trajectory["w"].row(step).clone()
+        return weights_at(history, [step])[step]
     i = history.summary["ckpt_steps"].tolist().index(step)
     return history.summary["ckpt_w"].row(i).clone()
 
 
-def checkpoint_bytes(history, source):
+def checkpoint_bytes(history, step, source):
+    w0 = history.schedule["w0"]
     if source == "w0":
-        w0 = history.schedule["w0"]
         return w0.numel() * w0.element_size()
-    rows = history.trajectory["w"] if source == "trajectory" else history.summary["ckpt_w"]
+    if source == "trajectory":  # w0 and the gradient rows of the steps before
+        rows = history.trajectory["g"]
+        return w0.numel() * w0.element_size() + rows.nbytes // len(rows) * step
+    rows = history.summary["ckpt_w"]
     return rows.nbytes // len(rows)
 
 
@@ -111,7 +115,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         "steps": done, "gradient_evaluations": evals, "checkpoint_step": start_step, "checkpoint_source": source,
         "replayed_steps": (stopped if stopped is not None else T) - start_step, "budget_steps": budget,
         # read: one checkpoint, and the batches and learning rates from it on
-        "history_bytes_read": checkpoint_bytes(history, source)
+        "history_bytes_read": checkpoint_bytes(history, start_step, source)
         + 4 * int(history.schedule["batch_sizes"][start_step:].sum() if "batches" in history.schedule else 0)
         + lrs[start_step:].numel() * lrs.element_size(),
         "batch_order": history_batch_order(history),

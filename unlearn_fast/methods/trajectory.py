@@ -1,0 +1,69 @@
+"""The recorded run's parameters w_t, rebuilt from w_0 and the recorded gradients.
+
+A kind="full" history stores each step's gradient g_t as the optimizer stepped on it, not w_t: w_{t+1} is the recorded
+optimizer's step from w_t on g_t at step t's recorded learning rates. replay() takes those steps on a copy of w_0 with a
+fresh optimizer of the recorded class and hyper-parameters, whose state (momentum buffers, Adam's moments) is rebuilt
+along. With fp32 rows that is the run's w_t bit for bit (the same kernels on the same values, parameter by parameter);
+with int8 rows it carries the rows' quantisation error, which DeltaGrad measured as no worse than storing int8 w_t
+(benchmarks/results/trajectory_reconstruction.md). Storing g_t alone halves a full history's bytes and record()'s work.
+
+Clipping: the rows are the gradients after clipping, except where the trainer clipped after the recorder saw them
+(Lightning: meta["recording"]["rows_unclipped"] = {"algorithm": "norm" | "value", "clip_val": c}); those rows are
+clipped here as the trainer did.
+"""
+import math
+
+import torch
+
+from .retrain import build_optimizer
+
+
+def replay(history, until=None):
+    """(t, w_t, g_t) for t = 0, 1, ... until `until` (default: every recorded step): the parameters before step t and the
+    gradient row step t applied, flat. w_t is a buffer that the next step updates in place: clone it to keep it."""
+    history.require("trajectory", "the parameter trajectory")
+    rows, meta = history.trajectory["g"], history.meta
+    T = history.num_steps if until is None else until
+    w = history.schedule["w0"].clone()
+    shapes = [torch.Size(shape) for _, shape, _ in meta["param_spec"]]
+    bounds = [0]
+    for shape in shapes:
+        bounds.append(bounds[-1] + math.prod(shape))
+    params = [w[a:b].view(shape) for a, b, shape in zip(bounds, bounds[1:], shapes)]  # views: the optimizer steps w itself
+    optimizer = build_optimizer(params, meta)
+    clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
+    lrs = history.schedule["lrs"]
+    for t in range(T):
+        g = rows.row(t).to(w.dtype)
+        yield t, w, g
+        if clipping is not None:
+            g = g.clone()  # clipped in place below; a row may be a view of the history's own tensor
+        for p, a, b, shape in zip(params, bounds, bounds[1:], shapes):
+            p.grad = g[a:b].view(shape)
+        if clipping is not None:
+            clipping(params)
+        for group, lr in zip(optimizer.param_groups, lrs[t].tolist()):
+            group["lr"] = lr
+        optimizer.step()
+
+
+def weights_at(history, steps):
+    """{t: copy of w_t} for the given steps, each in [0, T) (the final weights are the trained model's)."""
+    wanted = {int(t) for t in steps}
+    if not wanted:
+        return {}
+    if min(wanted) < 0 or max(wanted) >= history.num_steps:
+        raise ValueError(f"steps: must lie in [0, {history.num_steps}), got {sorted(wanted)[:3]}..{max(wanted)}")
+    return {t: w.clone() for t, w, _ in replay(history, until=max(wanted) + 1) if t in wanted}
+
+
+def _clipping(unclipped):
+    """What the trainer did to the recorded (unclipped) gradients before its optimizer step, or None."""
+    if unclipped is None:
+        return None
+    algorithm, value = (unclipped.get("algorithm"), unclipped.get("clip_val")) if isinstance(unclipped, dict) else (None, None)
+    if not (type(value) in (int, float) and 0 < value < math.inf) or algorithm not in ("norm", "value"):
+        raise ValueError(f"history: meta['recording']['rows_unclipped'] is malformed: {unclipped!r:.200}")
+    if algorithm == "norm":
+        return lambda params: torch.nn.utils.clip_grad_norm_(params, value)
+    return lambda params: torch.nn.utils.clip_grad_value_(params, value)
