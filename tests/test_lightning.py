@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_fast as uf
-from unlearn_fast.methods import retrain
+from unlearn_fast.methods import retrain, trajectory
 from unlearn_fast.methods._common import NotUnlearnedError
 
 L = pytest.importorskip("lightning")  # CI installs it (make's venv: .[test,lightning]); a guard for other environments
@@ -127,6 +127,13 @@ def test_plain_shuffled_run_replays_to_the_trainers_weights(tmp_path):
     assert loaded.meta["lightning"]["gradient_clip_val"] == 0 and loaded.meta["lightning"]["accumulate_grad_batches"] == 1
 
 
+def rebuilt_final(history):
+    """The weights after the last step, rebuilt from w0 and the recorded gradient rows (methods/trajectory.py)."""
+    for _, w, _ in trajectory.replay(history):
+        pass
+    return w
+
+
 @pytest.mark.parametrize("algorithm,clip", [("norm", 0.3), ("value", 0.05)])
 def test_gradient_clipping_is_replayed(algorithm, clip):
     train_set = dataset(48)
@@ -140,6 +147,12 @@ def test_gradient_clipping_is_replayed(algorithm, clip):
     err = rel_error(replay(module, history, train_set, cb.replay_loss), w_trainer, w0)
     unclipped = rel_error(replay(module, without_clipping(history), train_set, F.cross_entropy), w_trainer, w0)
     assert err < TOL and unclipped > 100 * TOL, (err, unclipped)
+    # the rows are the gradients before Lightning clipped them: the weights rebuilt from them (rewind's checkpoints,
+    # Mini's prepare) clip as Lightning did, and reach the trainer's weights
+    assert history.meta["recording"]["rows_unclipped"] == {"algorithm": algorithm, "clip_val": clip}
+    assert rel_error(rebuilt_final(history), w_trainer, w0) < TOL
+    del history.meta["recording"]["rows_unclipped"]
+    assert rel_error(rebuilt_final(history), w_trainer, w0) > 100 * TOL
     if algorithm == "norm":  # in the history, where the methods that model plain SGD steps see it
         assert history.meta["recording"]["clip_max_norm"] == clip
         with pytest.raises(ValueError, match=r"mini: the training run clipped gradient norms at 0.3"):
