@@ -6,7 +6,7 @@ import torch
 
 import unlearn_fast as uf
 from unlearn_fast.history import EncodedRows, flat_params, set_flat_params
-from unlearn_fast.methods import finetune, rewind
+from unlearn_fast.methods import finetune, retrain, rewind
 
 LOSS = torch.nn.functional.cross_entropy
 
@@ -128,6 +128,21 @@ def test_rewind_with_nothing_forgotten_reproduces_training(full):
         out, stats = rewind.run(copy.deepcopy(model), history, torch.zeros(0, dtype=torch.int64), data, LOSS, steps=steps)
         assert stats["checkpoint_step"] == history.num_steps - steps and stats["checkpoint_source"] == "trajectory"
         assert torch.equal(flat_params(out), flat_params(model))
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("adam", 0.0)])
+def test_rewind_goes_on_with_the_runs_optimizer_state(optimizer, momentum):
+    """Momentum buffers and Adam moments are rebuilt with the checkpoint's weights (methods/trajectory.py): forgetting
+    nothing from t > 0 reproduces the trained weights bit for bit; with fresh state (the caller's factory) it does not."""
+    data = make_data()
+    model, history = train(data, "full", optimizer=optimizer, momentum=momentum)
+    nothing = torch.zeros(0, dtype=torch.int64)
+    for steps in (1, 13, history.num_steps - 1):
+        out, stats = rewind.run(copy.deepcopy(model), history, nothing, data, LOSS, steps=steps)
+        assert stats["checkpoint_source"] == "trajectory" and torch.equal(flat_params(out), flat_params(model)), steps
+    fresh = lambda params: retrain.build_optimizer(params, history.meta)  # noqa: E731 (the recorded class, fresh state)
+    out, _ = rewind.run(copy.deepcopy(model), history, nothing, data, LOSS, steps=13, optimizer=fresh)
+    assert not torch.allclose(flat_params(out), flat_params(model), rtol=0, atol=1e-6)
 
 
 def distances(model, history, data, ref, method, budgets, **options):

@@ -7,8 +7,9 @@ and the recorded gradients of steps 0..t-1: methods/trajectory.py) and the few o
 the summary codec, int8 by default). With a budget of B steps it rewinds as far as the budget allows:
 to the EARLIEST checkpoint t with T - t <= B (the further back, the less of the forgotten samples'
 influence is left). A budget of T steps or more replays the whole run from w_0 and equals `retrain`
-bit for bit on CPU. The optimizer restarts with fresh state (momentum buffers and Adam moments are not
-recorded), so with a stateful optimizer a rewind to t > 0 is not exact even when nothing is forgotten.
+bit for bit on CPU. From a step of a full history the recorded optimizer goes on with the state the run had there
+(momentum buffers, Adam moments: rebuilt with the weights), so a rewind forgetting nothing reproduces the run bit for bit
+with fp32 rows; from a minimal history's checkpoints, or with the caller's optimizer= factory, it starts with fresh state.
 No certification noise is added (the 2025 paper's calibrated noise is a separate choice). A kind="minimal"
 history keeps no batch order: the replay draws batches of the recorded sizes from the retained samples
 (seed=; stats["batch_order"]), as the stochastic R2D does.
@@ -19,7 +20,7 @@ import torch
 
 from ..history import fetch, flat_params, set_flat_params
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, remaining, replayed_batches
-from .trajectory import weights_at
+from .trajectory import state_at
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
 
 
@@ -35,13 +36,14 @@ def checkpoints(history):
     return sorted((t, src) for t, src in out.items() if t < history.num_steps)
 
 
-def checkpoint_params(history, step, source):
+def checkpoint(history, step, source):
+    """(parameters at `step`, the recorded optimizer's state there or None: a fresh state)."""
     if source == "w0":
-        return history.schedule["w0"].clone()
+        return history.schedule["w0"].clone(), None
     if source == "trajectory":
-        return weights_at(history, [step])[step]
+        return state_at(history, step)
     i = history.summary["ckpt_steps"].tolist().index(step)
-    return history.summary["ckpt_w"].row(i).clone()
+    return history.summary["ckpt_w"].row(i).clone(), None
 
 
 def checkpoint_bytes(history, step, source):
@@ -89,8 +91,11 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         return model, not_unlearned(f"{why}: the trained model is returned unchanged", checkpoint_step=None)
     start_step, source = choose(history, budget, "seconds" if seconds is not None and (steps is None or budget < steps) else "steps")
     trained = flat_params(model).clone()
-    set_flat_params(model, checkpoint_params(history, start_step, source))
+    w, state = checkpoint(history, start_step, source)
+    set_flat_params(model, w)
     opt = make_optimizer(model, history, optimizer, lr)
+    if state is not None and optimizer is None:  # the recorded optimizer: it goes on with the run's own state
+        opt.load_state_dict(state)
     lrs = history.schedule["lrs"]
     done = evals = 0
     stopped = None

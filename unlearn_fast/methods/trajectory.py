@@ -11,6 +11,7 @@ Clipping: the rows are the gradients after clipping, except where the trainer cl
 (Lightning: meta["recording"]["rows_unclipped"] = {"algorithm": "norm" | "value", "clip_val": c}); those rows are
 clipped here as the trainer did.
 """
+import copy
 import math
 
 import torch
@@ -21,6 +22,11 @@ from .retrain import build_optimizer
 def replay(history, until=None):
     """(t, w_t, g_t) for t = 0, 1, ... until `until` (default: every recorded step): the parameters before step t and the
     gradient row step t applied, flat. w_t is a buffer that the next step updates in place: clone it to keep it."""
+    return ((t, w, g) for t, w, g, _ in _replay(history, until))
+
+
+def _replay(history, until):
+    """replay()'s steps, each with the rebuilt optimizer as it is before step t."""
     history.require("trajectory", "the parameter trajectory")
     rows, meta = history.trajectory["g"], history.meta
     T = history.num_steps if until is None else until
@@ -35,7 +41,7 @@ def replay(history, until=None):
     lrs = history.schedule["lrs"]
     for t in range(T):
         g = rows.row(t).to(w.dtype)
-        yield t, w, g
+        yield t, w, g, optimizer
         if clipping is not None:
             g = g.clone()  # clipped in place below; a row may be a view of the history's own tensor
         for p, a, b, shape in zip(params, bounds, bounds[1:], shapes):
@@ -47,13 +53,26 @@ def replay(history, until=None):
         optimizer.step()
 
 
+def state_at(history, step):
+    """(w_t, the recorded optimizer's state_dict before step t), copies: where a rewind restarts with the run's own
+    momentum buffers or Adam moments."""
+    _check_steps(history, [step])
+    for t, w, _, optimizer in _replay(history, step + 1):
+        if t == step:
+            return w.clone(), copy.deepcopy(optimizer.state_dict())
+
+
+def _check_steps(history, steps):
+    if min(steps) < 0 or max(steps) >= history.num_steps:
+        raise ValueError(f"steps: must lie in [0, {history.num_steps}), got {sorted(steps)[:3]}..{max(steps)}")
+
+
 def weights_at(history, steps):
     """{t: copy of w_t} for the given steps, each in [0, T) (the final weights are the trained model's)."""
     wanted = {int(t) for t in steps}
     if not wanted:
         return {}
-    if min(wanted) < 0 or max(wanted) >= history.num_steps:
-        raise ValueError(f"steps: must lie in [0, {history.num_steps}), got {sorted(wanted)[:3]}..{max(wanted)}")
+    _check_steps(history, wanted)
     return {t: w.clone() for t, w, _ in replay(history, until=max(wanted) + 1) if t in wanted}
 
 
