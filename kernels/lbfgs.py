@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 # Reductions use at most this many programs (each loops over its chunk), so partial-sum buffers
-# stay small for any p; on a GPU that is still several waves over every SM.
-MAX_REDUCE_PROGRAMS = 1024
+# stay small for any p (8192 x 2 MP^2 float64). 1024 programs left the last of ~3 waves on an H200
+# a quarter full; 8192 make ~20 waves.
+MAX_REDUCE_PROGRAMS = 8192
 # Compiled kernels get register-sized tiles. The interpreter (TRITON_INTERPRET=1) runs every tile
 # operation as a numpy call and pays per call, not per element, so it gets much larger tiles.
 # Read at call time: tests shrink them to exercise multi-iteration chunks and many programs.
@@ -78,28 +79,31 @@ def _gram_kernel(S_ptr, Y_ptr, partial_ptr, m, p, chunk, MP: tl.constexpr, TILE:
     stride = tl.cast(p, tl.int64)
     start = pid * chunk
     end = tl.minimum(start + chunk, stride)
-    ss = tl.zeros([MP, MP], dtype=tl.float64)
-    sy = tl.zeros([MP, MP], dtype=tl.float64)
+    # Per-lane products accumulate elementwise over the chunk; the cross-lane sum runs once at the
+    # end (a tl.sum per tile cost a block-wide reduction of 2 MP^2 values every iteration).
+    ss = tl.zeros([MP, MP, TILE], dtype=tl.float64)
+    sy = tl.zeros([MP, MP, TILE], dtype=tl.float64)
     for first in range(start, end, TILE):
         cols = first + tl.arange(0, TILE)
         mask = (rows[:, None] < m) & (cols[None, :] < end)
         S = _load_pairs(S_ptr, S_ptr, rows[:, None], cols[None, :], mask, stride, 0, False, False, 1)
         Y = _load_pairs(Y_ptr, Y_ptr, rows[:, None], cols[None, :], mask, stride, 0, False, False, 1)
-        ss += tl.sum(S[:, None, :] * S[None, :, :], axis=2)
-        sy += tl.sum(S[:, None, :] * Y[None, :, :], axis=2)
+        ss += S[:, None, :] * S[None, :, :]
+        sy += S[:, None, :] * Y[None, :, :]
     out = partial_ptr + pid * 2 * MP * MP + rows[:, None] * MP + rows[None, :]
-    tl.store(out, ss)
-    tl.store(out + MP * MP, sy)
+    tl.store(out, tl.sum(ss, axis=2))
+    tl.store(out + MP * MP, tl.sum(sy, axis=2))
 
 
 def lbfgs_gram(S, Y):
     """Triton twin of reference.lbfgs_gram: (S S', S Y') as float64 (m, m)."""
     m, p = S.shape
     mp = _pow2(m)
-    tile = _reduce_tile(mp, mp)
+    # Two (MP, MP, TILE) float64 accumulators of 2 * REDUCE_TILE_ELEMENTS values: 32 per thread at 8 warps.
+    tile = 2 * _reduce_tile(mp, mp)
     programs, chunk = _reduce_grid(p, tile)
     partial = torch.empty((programs, 2, mp, mp), dtype=torch.float64, device=S.device)
-    _gram_kernel[(programs,)](S, Y, partial, m, p, chunk, MP=mp, TILE=tile)
+    _gram_kernel[(programs,)](S, Y, partial, m, p, chunk, MP=mp, TILE=tile, num_warps=NUM_WARPS)
     total = partial.sum(0)
     return total[0, :m, :m].contiguous(), total[1, :m, :m].contiguous()
 
@@ -204,8 +208,8 @@ def _qn_project_kernel(w_ptr, w_ref_ptr, S_ptr, Y_ptr, S_scales_ptr, Y_scales_pt
     nblocks = tl.cast(nblocks, tl.int64)
     start = pid * chunk
     end = tl.minimum(start + chunk, tl.cast(p, tl.int64))
-    yv = tl.zeros([MP], dtype=tl.float64)
-    sv = tl.zeros([MP], dtype=tl.float64)
+    yv = tl.zeros([MP, TILE], dtype=tl.float64)  # summed over the columns once, after the loop (see _gram_kernel)
+    sv = tl.zeros([MP, TILE], dtype=tl.float64)
     for first in range(start, end, TILE):
         cols = first + tl.arange(0, TILE)
         col_mask = cols < end
@@ -214,10 +218,10 @@ def _qn_project_kernel(w_ptr, w_ref_ptr, S_ptr, Y_ptr, S_scales_ptr, Y_scales_pt
         mask = (rows[:, None] < m) & col_mask[None, :]
         S = _load_pairs(S_ptr, S_scales_ptr, rows[:, None], cols[None, :], mask, stride, nblocks, QUANTIZED, PACKED, BLOCKSIZE)
         Y = _load_pairs(Y_ptr, Y_scales_ptr, rows[:, None], cols[None, :], mask, stride, nblocks, QUANTIZED, PACKED, BLOCKSIZE)
-        yv += tl.sum(Y * v[None, :], axis=1)
-        sv += tl.sum(S * v[None, :], axis=1)
-    tl.store(partial_ptr + pid * 2 * MP + rows, yv)
-    tl.store(partial_ptr + pid * 2 * MP + MP + rows, sv)
+        yv += Y * v[None, :]
+        sv += S * v[None, :]
+    tl.store(partial_ptr + pid * 2 * MP + rows, tl.sum(yv, axis=1))
+    tl.store(partial_ptr + pid * 2 * MP + MP + rows, tl.sum(sv, axis=1))
 
 
 @triton.jit

@@ -316,6 +316,33 @@ def test_qn_step_quantized_pairs_match_reference(p, bits, blocksize, dtype):
     _check_qn(args, quant)
 
 
+@pytest.mark.parametrize("m", [1, 4, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lbfgs_vector_path_matches_reference(m, dtype):
+    # p % 4 == 0 on fresh (aligned) buffers: the 16-byte-load path of the tiled kernels, which the
+    # SIZES above (all odd) never take; m = 5 and 17 cover partial 4-pair tiles and the m > 16 fallback.
+    p = 4 * 12289
+    S, Y = _pairs(m, p, dtype, seed=m)
+    SS, SY = _kernel("lbfgs_gram")(S.to(CUDA), Y.to(CUDA))
+    ref_SS, ref_SY = reference.lbfgs_gram(S, Y)
+    scale = float(ref_SS.abs().max())
+    assert_close(SS.cpu(), ref_SS, scale=scale)
+    assert_close(SY.cpu(), ref_SY, scale=scale)
+    assert torch.equal(SS, SS.T)
+    args = _qn_inputs(p, dtype, m, seed=m)
+    _check_qn(args)
+    for bits in (8, 4):
+        S_rows = [reference.quantize_blockwise(row, 32, bits, False, 0) for row in args[4]]
+        Y_rows = [reference.quantize_blockwise(row, 32, bits, False, 0) for row in args[5]]
+        quant = {
+            "S": torch.stack([c for c, _ in S_rows]),
+            "Y": torch.stack([c for c, _ in Y_rows]),
+            "kwargs": {"S_scales": torch.stack([s for _, s in S_rows]), "Y_scales": torch.stack([s for _, s in Y_rows]),
+                       "blocksize": 32, "bits": bits},
+        }
+        _check_qn(args, quant)
+
+
 def test_qn_step_shape_mismatch_names_argument():
     w, w_ref, g_ref, g_extra, S, Y, sigma, Minv = (t.to(CUDA) for t in _qn_inputs(300, torch.float32, 2, seed=1))
     with pytest.raises(ValueError, match="g_extra shape"):

@@ -9,7 +9,7 @@ once per pass; qn_step_ and lbfgs_matvec make two passes (the S'v, Y'v reduction
 pairs), so their byte count includes both.
 
     python benchmarks/gpu/bench_gpu.py --out DIR [--log2p 28] [--m 4] [--reps 20]
-    python benchmarks/gpu/bench_gpu.py --replot DIR/bench_gpu.json   # the plot again, no GPU needed
+    python benchmarks/gpu/bench_gpu.py --replot DIR/NAME.json   # DIR/NAME.png again, no GPU needed
 
 Writes DIR/bench_gpu.md (a markdown table), DIR/bench_gpu.json and DIR/bench_gpu.png (the share of copy
 bandwidth per op and backend; needs matplotlib).
@@ -37,7 +37,7 @@ PROVIDERS = ("cuda", "triton", "reference")
 def parse():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="directory for bench_gpu.md, bench_gpu.json and bench_gpu.png")
-    parser.add_argument("--replot", metavar="JSON", help="draw bench_gpu.png beside an earlier bench_gpu.json and exit")
+    parser.add_argument("--replot", metavar="JSON", help="draw NAME.png beside an earlier NAME.json and exit")
     parser.add_argument("--log2p", type=int, default=28, help="vector length p = 2^log2p (float32)")
     parser.add_argument("--m", type=int, default=4, help="curvature pairs for the L-BFGS ops")
     parser.add_argument("--blocksize", type=int, default=256)
@@ -126,7 +126,7 @@ def main():
     if args.replot:
         with open(args.replot) as f:
             saved = json.load(f)
-        plot(saved["meta"], saved["rows"], os.path.join(os.path.dirname(args.replot), "bench_gpu.png"))
+        plot(saved["meta"], saved["rows"], os.path.splitext(args.replot)[0] + ".png")
         return 0
     if not args.out:
         raise SystemExit("bench_gpu: --out DIR is required (or --replot JSON)")

@@ -42,6 +42,9 @@ int64_t uf_lbfgs_reduce_blocks(int64_t p);
 cudaError_t uf_lbfgs_row_dots(UfRows rows, int64_t m, int64_t p, const void* v, int v_dtype, int64_t stride_c,
                               int64_t stride_j, int64_t nj, double* partials, cudaStream_t stream);
 
+// lbfgs_gram: the partials of uf_lbfgs_row_dots with v = S (nj = m), from one pass over S and Y (dense rows).
+cudaError_t uf_lbfgs_gram(UfRows rows, int64_t m, int64_t p, double* partials, cudaStream_t stream);
+
 // As uf_lbfgs_row_dots with nj = 1 and v = w - w_ref (both of dtype, float32 or float64).
 cudaError_t uf_qn_row_dots(UfRows rows, int64_t m, int64_t p, const void* w, const void* w_ref, int dtype,
                            double* partials, cudaStream_t stream);

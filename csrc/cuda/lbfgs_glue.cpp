@@ -62,8 +62,7 @@ std::tuple<at::Tensor, at::Tensor> lbfgs_gram_cuda(const at::Tensor& S, const at
   const int64_t m = S.size(0), p = S.size(1);
   // partials (m, blocks, 2m): [j, b, r] = block b's part of row_r . s_j, rows = [Y; S].
   auto partials = at::empty({m, uf_lbfgs_reduce_blocks(p), 2 * m}, S.options().dtype(at::kDouble));
-  check_launch(uf_lbfgs_row_dots(dense_rows(S, Y), m, p, S.data_ptr(), float_dtype(S), 1, p, m,
-                                 partials.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(uf_lbfgs_gram(dense_rows(S, Y), m, p, partials.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
                op);
   const at::Tensor dots = partials.sum(1);  // (m, 2m): [i, j] = s_i . y_j, [i, m + j] = s_i . s_j
   return {dots.slice(1, m).contiguous(), dots.slice(1, 0, m).contiguous()};
