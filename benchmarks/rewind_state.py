@@ -4,12 +4,18 @@ Logistic regression, SGD momentum 0.9, lr 0.02, 30 epochs of batch 64, 10 % rand
 
     python benchmarks/rewind_state.py
 """
-import copy, sys, torch
-sys.path.insert(0, "benchmarks")
-import e2e_workloads as wl
-import unlearn_fast as uf
-from unlearn_fast.methods import retrain, rewind
-from unlearn_fast.workloads import train
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_workloads as wl  # noqa: E402
+
+import unlearn_fast as uf  # noqa: E402
+from unlearn_fast.methods import retrain  # noqa: E402
+from unlearn_fast.workloads import train  # noqa: E402
+
 for data in ("wine", "breast_cancer", "digits"):
     for regime in ({"schedule": "constant", "momentum": 0.9, "lr": 0.02}, {"schedule": "decay", "momentum": 0.9, "lr": 0.02}):
         Xtr, ytr, Xte, yte = wl.load_data(data)
@@ -19,12 +25,14 @@ for data in ("wine", "breast_cancer", "digits"):
         forget = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[: len(ds) // 10]
         ref = uf.unlearn(model, history, forget, ds, torch.nn.functional.cross_entropy, method="retrain").model
         T = history.num_steps
-        fresh = lambda params: retrain.build_optimizer(params, history.meta)
+        def fresh(params, meta=history.meta):  # the recorded optimizer class, empty state
+            return retrain.build_optimizer(params, meta)
+
         out = []
         for frac in (0.2, 0.5):
             B = int(frac * T)
             a = uf.unlearn(model, history, forget, ds, torch.nn.functional.cross_entropy, method="rewind", steps=B).model
             b = uf.unlearn(model, history, forget, ds, torch.nn.functional.cross_entropy, method="rewind", steps=B, optimizer=fresh).model
-            d = lambda m: uf.metrics.relative_distance(m, ref, model)
-            out.append(f"budget {frac:.0%} of T: state {d(a):.3f} fresh {d(b):.3f}")
+            da, db = (uf.metrics.relative_distance(m, ref, model) for m in (a, b))
+            out.append(f"budget {frac:.0%} of T: state {da:.3f} fresh {db:.3f}")
         print(data, regime["schedule"], "T", T, " | ".join(out), flush=True)
