@@ -105,8 +105,11 @@ def loss_for(classes):
 class Run:
     """One workload's training loop; `steps(k, recorder)` runs k steps and returns their wall time."""
 
+    device = "cpu"  # main() sets it from --device
+
     def __init__(self, spec):
         self.name, self.model, self.make_x, self.classes, self.batch = spec
+        self.model.to(self.device)
         self.loss = loss_for(self.classes)
         self.gen = torch.Generator().manual_seed(0)
         self.n = 10_000
@@ -116,8 +119,8 @@ class Run:
         return torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
 
     def steps(self, k, opt, rec=None, rss=None):
-        x = self.make_x(self.batch, self.gen)
-        y = x if self.classes is None else torch.randint(0, self.classes, (self.batch,), generator=self.gen)
+        x = self.make_x(self.batch, self.gen).to(self.device)
+        y = x if self.classes is None else torch.randint(0, self.classes, (self.batch,), generator=self.gen).to(self.device)
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(k):
             idx = torch.arange(self.at, self.at + self.batch) % self.n
@@ -129,6 +132,8 @@ class Run:
             opt.step()
             if rss is not None:
                 rss.append(rss_mib())
+        if self.device != "cpu":  # the queued kernels belong to these steps
+            torch.cuda.synchronize()
         self.cpu_seconds = time.process_time() - cpu  # every thread's: training's, and the writer's
         return time.perf_counter() - start
 
@@ -277,11 +282,13 @@ def main():
     ap.add_argument("--rss-steps", type=int, default=40)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the models train (the history is written from host memory)")
     ap.add_argument("--before", default=None, help="recording.json of an earlier run (another commit) to show next to this one")
     ap.add_argument("--label", default=None, help="what is measured, recorded as its commit (default: git HEAD of unlearn_fast)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    Run.device = args.device
     before = None
     if args.before:
         with open(args.before) as f:
@@ -304,7 +311,7 @@ def main():
     load_after = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     command = "python benchmarks/recording.py " + " ".join(sys.argv[1:])
-    result = {"command": command, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"command": command, "cpu": cpu_name(), "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "loadavg_before": load_before, "loadavg_after": load_after, "rounds": args.rounds, "steps_per_round": args.steps,
               "overhead": rows, "rss_mib": curves, "rss_model": big[0], "disk_bytes_per_step": bytes_per_step,
               "disk_model": {"name": small[0], "params": params(small[1])}, "before": before and {k: before[k] for k in ("command", "overhead", "loadavg_before", "loadavg_after", "commit") if k in before},
@@ -314,7 +321,8 @@ def main():
     plotted = plot(curves, big[0], os.path.join(args.out, "recording_rss.png"))
     lines = [
         "# Recording overhead, memory and bytes", "",
-        f"`{command}` on {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"`{command}` on {cpu_name()}{'' if args.device == 'cpu' else ', models on ' + torch.cuda.get_device_name()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Medians over {args.rounds} interleaved rounds of "
         f"{args.steps} steps per mode; ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",
         "| workload | parameters | plain step | minimal (no checkpoint) | amortized | full int8 in memory | full int8 streamed |",

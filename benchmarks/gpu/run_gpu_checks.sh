@@ -6,7 +6,8 @@
 #   OUT=/some/dir bash benchmarks/gpu/run_gpu_checks.sh            # all steps
 #   OUT=/some/dir bash benchmarks/gpu/run_gpu_checks.sh build cuda  # some steps, in this order
 #
-# Steps: build, nvcc (tests/nvcc_check.sh), cuda, triton, bench. Each is logged to $OUT/<step>.log and its exit status goes to
+# Steps: build, nvcc (tests/nvcc_check.sh), cuda, triton, bench, and (named only) recording: record()'s overhead with
+# the models on the GPU (benchmarks/recording.py --device cuda; not yet run on a GPU). Each is logged to $OUT/<step>.log and its exit status goes to
 # $OUT/summary.txt; a failing step does not stop the later ones. A later call on the same machine
 # can skip `build` (the in-place extension and the editable install stay). Environment: PY (python
 # interpreter, default python3), BENCH_ARGS (extra arguments for bench_gpu.py, e.g. "--log2p 26"),
@@ -89,7 +90,9 @@ for s in "${STEPS[@]}"; do
               --junitxml="$OUT/triton_tests.xml" || status=1 ;;
     bench) step bench 480 "$PY" benchmarks/gpu/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} || status=1
            step bench_hvp 300 "$PY" benchmarks/bench_hvp.py --device cuda --out "$OUT/hvp_gpu" || status=1 ;;
-    *) log "unknown step '$s' (steps: build nvcc cuda triton bench)"; status=1 ;;
+    recording) step recording 420 "$PY" benchmarks/recording.py --device cuda --sizes 10,100 --rounds 3 --steps 3 --rss-steps 12 \
+                 --out "$OUT/recording_gpu" || status=1 ;;
+    *) log "unknown step '$s' (steps: build nvcc cuda triton bench recording)"; status=1 ;;
   esac
 done
 log "done: overall exit $status; results in $OUT"
