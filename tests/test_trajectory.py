@@ -141,3 +141,12 @@ def test_int8_replay_yields_each_row_as_decoded_afresh():
     rows = history.trajectory["g"]
     for t, _, g in replay(history):  # g: replay's reused buffer; rows.row(t): a new tensor, as before
         assert torch.equal(g, rows.row(t)), t
+
+
+@pytest.mark.parametrize("owners", [[0, 0, 0], [0, 0, 0, 2], [0, 0, 0, "0"], None])
+def test_a_crafted_group_of_param_is_refused_naming_it(owners):
+    # a history from an untrusted store: a short or out-of-range map would leave parameters out of the optimizer
+    history, _ = train("sgd", "fp32")
+    history.meta["group_of_param"] = owners
+    with pytest.raises(ValueError, match=r"meta\['group_of_param'\]"):
+        weights_at(history, [1])

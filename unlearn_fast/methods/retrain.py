@@ -18,6 +18,11 @@ def build_optimizer(model, meta):
     order); its class comes from the allow-list in optimizers.py (a history names it as text and may be crafted)."""
     cls = optimizer_class(meta["optimizer"]["class"])
     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else list(model)
+    owners, n_groups = meta.get("group_of_param"), len(meta["optimizer"]["groups"])
+    if not (isinstance(owners, list) and len(owners) == len(params)
+            and all(type(g) is int and 0 <= g < n_groups for g in owners)):  # else parameters would silently go unoptimized
+        raise ValueError(f"history: meta['group_of_param'] must give each of the {len(params)} parameters one of the {n_groups} "
+                         f"recorded optimizer groups, got {owners!r:.200}")
     groups = []
     for gi, hyper in enumerate(meta["optimizer"]["groups"]):
         group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyper.items()}
