@@ -136,8 +136,9 @@ def test_a_row_decoded_into_a_buffer_is_the_row(codec, dtype):
         assert rows.row(i, out) is out and torch.equal(out, rows.row(i)), (codec, i)
 
 
-def test_int8_replay_yields_each_row_as_decoded_afresh():
-    history, _ = train("nesterov", "int8")
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_replay_yields_each_row_as_decoded_afresh(codec):
+    history, _ = train("nesterov", codec)
     rows = history.trajectory["g"]
     for t, _, g in replay(history):  # g: replay's reused buffer; rows.row(t): a new tensor, as before
         assert torch.equal(g, rows.row(t)), t

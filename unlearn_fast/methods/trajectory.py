@@ -39,12 +39,12 @@ def _replay(history, until):
     optimizer = build_optimizer(params, meta)
     clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
     lrs = history.schedule["lrs"]
-    decoded = torch.empty_like(w) if rows.codec in ("int8", "int4") else None  # (fp32 rows are views: nothing to decode)
+    decoded = None if rows.codec == "fp32" else torch.empty_like(w)  # (fp32 rows are views of the history: nothing to decode)
     for t in range(T):
         g = rows.row(t, decoded).to(w.dtype)
         yield t, w, g, optimizer
-        if clipping is not None:
-            g = g.clone()  # clipped in place below; a row may be a view of the history's own tensor
+        if clipping is not None and decoded is None:
+            g = g.clone()  # clipped in place below: an fp32 row is a view of the history's own tensor
         for p, a, b, shape in zip(params, bounds, bounds[1:], shapes):
             p.grad = g[a:b].view(shape)
         if clipping is not None:
