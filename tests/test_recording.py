@@ -8,6 +8,7 @@ import torch
 import unlearn_fast as uf
 from unlearn_fast.methods.trajectory import weights_at
 from unlearn_fast.history import flat_params
+from unlearn_fast.recording import gradient_norm
 from unlearn_fast.methods import mini, retrain
 
 LOSS = torch.nn.functional.cross_entropy
@@ -695,6 +696,24 @@ def test_non_finite_gradients_without_a_grad_scaler_name_the_cause():
     assert rec.num_steps == 0
     with pytest.raises(ValueError, match="grad_scaler: must be a torch.amp.GradScaler"):
         uf.HistoryRecorder(model, opt, grad_scaler=object())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (1_000_003,), (37, 41)])
+def test_gradient_norm_matches_a_float64_reference_and_survives_a_sum_of_squares_past_float32(dtype, shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    want = torch.linalg.vector_norm(g.double())
+    for t in (g, g.t() if g.dim() == 2 else g):  # (a transposed view takes vector_norm's path)
+        got = gradient_norm(t)
+        assert got.dtype == dtype and got.dim() == 0
+        assert abs(float(got) - float(want)) <= 1e-6 * float(want) + 1e-30
+    big = torch.full((64,), 1e20, dtype=torch.float32)  # finite elements whose squares overflow float32
+    assert float(gradient_norm(big)) == pytest.approx(8e20, rel=1e-6)
+    bad = big.clone()
+    bad[3] = float("nan")
+    assert torch.isnan(gradient_norm(bad))
+    bad[3] = float("inf")
+    assert not torch.isfinite(gradient_norm(bad))
 
 
 # ----------------------------------------------------------------------------- the encoding record() writes

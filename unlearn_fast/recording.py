@@ -202,7 +202,7 @@ class HistoryRecorder:
     # -- hooks
     def _on_grad(self, i, p):
         self._passes[i] += 1
-        self._raw_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
+        self._raw_norms[i] = gradient_norm(p.grad.detach(), self._norm_dtype)
         self._raw_versions[i] = (p.grad, p.grad._version)
 
     def _on_forward(self, module, args):
@@ -346,7 +346,7 @@ class HistoryRecorder:
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
         audit = step % AUDIT_EVERY == 0 or self.grad_scaler is not None  # (unscale_'s fused kernel bumps no version counter)
         now = torch.stack([
-            self._raw_norms[i] if not audit and self._untouched(i, g) else torch.linalg.vector_norm(g.detach(), dtype=self._norm_dtype)
+            self._raw_norms[i] if not audit and self._untouched(i, g) else gradient_norm(g.detach(), self._norm_dtype)
             for i, g in zip(reached, grads)
         ])
         total = torch.linalg.vector_norm(now)
@@ -776,6 +776,21 @@ def check_recordable(named, optimizer, who):
     opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(p) not in opt_ids for _, p in named):
         raise ValueError(f"{who}: optimizer does not hold every trainable parameter of model")
+
+
+def gradient_norm(grad, dtype=None):
+    """The 2-norm of `grad` as a 0-d tensor. On CPU a float32/float64 gradient's is the square root of a BLAS dot product:
+    torch.linalg.vector_norm runs there on one thread with float32 sums (8 ms per 100 MB on 1 or 2 threads, against
+    2 ms for the dot on 2 threads; 1e-5 relative error at 1M elements, against the dot's 2e-7), and the hooks take
+    one norm of every gradient each step (a tenth of a 100M-parameter MLP's step before). A sum of squares past
+    float32's range is taken again in float64, where vector_norm would give inf as well."""
+    if dtype is None and grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
+        flat = grad.view(-1)
+        norm = torch.dot(flat, flat).sqrt()
+        if bool(torch.isfinite(norm)) or not bool(torch.isfinite(flat).all()):
+            return norm
+        return torch.linalg.vector_norm(flat, dtype=torch.float64).to(grad.dtype)
+    return torch.linalg.vector_norm(grad, dtype=dtype)
 
 
 def _new_chunk():
