@@ -716,6 +716,38 @@ def test_gradient_norm_matches_a_float64_reference_and_survives_a_sum_of_squares
     assert not torch.isfinite(gradient_norm(bad))
 
 
+def test_norms_are_taken_as_clip_grad_norm_takes_them_only_while_a_clipping_threshold_is_unknown(monkeypatch):
+    import unlearn_fast.recording as recording
+
+    fast = []
+    monkeypatch.setattr(recording, "gradient_norm", lambda g, dtype=None: fast.append(1) or torch.linalg.vector_norm(g.double()).to(g.dtype))
+    torch.manual_seed(0)
+    # a million float32 weights: vector_norm's float32 sums and a dot product's differ in the 6th digit here, which a
+    # threshold recovered from the faster norm would carry into the replay
+    model = torch.nn.Linear(1000, 1000)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="fp32"))
+    x, y = torch.randn(8, 1000), torch.randint(0, 1000, (8,))
+    for step in range(4):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        if step >= 1:  # clipping from step 1 on, at a threshold below every step's norm
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0123)
+        rec.record(torch.arange(step * 8, step * 8 + 8))
+        opt.step()
+    assert rec._seen_features["clip_max_norm"] == 0.0123 and rec._seen_features["clipped_steps"] == 3
+    # step 1's raw norms came from the faster norm (step 0 had no edit), and the threshold they gave (0.0123025 here)
+    # was replaced by step 2's, taken as clip_grad_norm_ takes them; after a step without edits the faster norm runs
+    assert len(fast) > 0
+    calls = len(fast)
+    for step in range(4, 6):
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        rec.record(torch.arange(step * 8, step * 8 + 8))
+        opt.step()
+    assert len(fast) - calls == 2 * 2  # step 5's hooks: weight and bias (step 4 followed an edited step)
+
+
 # ----------------------------------------------------------------------------- the encoding record() writes
 class Awkward(torch.nn.Module):
     """Parameters whose flat ranges straddle codec blocks: tiny ones, odd sizes, one non-contiguous (a transposed view)."""

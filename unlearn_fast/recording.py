@@ -48,6 +48,7 @@ AUDIT_EVERY = 16
 # per-parameter scale factors of norm clipping agree to rounding; a threshold recovered from them is rounded to 6
 # significant digits when that is within this tolerance (0.5 is recovered as 0.5000000x)
 CLIP_TOLERANCE = 1e-4
+PROVISIONAL_TOLERANCE = 1e-2  # the same, between thresholds one of which was recovered from gradient_norm's sums
 
 # training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
 # Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
@@ -147,6 +148,11 @@ class HistoryRecorder:
         self._scaler_keys = (id(wrapper), id(optimizer))
         # gradients times a scaler's scale may be near float32's largest value, where a float32 norm overflows: float64
         self._norm_dtype = torch.float64 if self.grad_scaler is not None else None
+        # the hooks also take each norm as clip_grad_norm_ takes it (vector_norm: float32 sums that differ from
+        # gradient_norm's by 1e-5 at 1M elements, enough to move a threshold recovered from them) while a clipping
+        # threshold may still be recovered: at step 0 and after any step whose gradients were edited, until it is known
+        self._clip_norms = True
+        self._clip_exact = True  # False: the known threshold was recovered from faster norms, to be replaced at the next clipped step
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self.w0 = flat_params(model).clone()
         self.steps = 0  # recorded steps
@@ -174,6 +180,7 @@ class HistoryRecorder:
         # what the hooks saw since the last optimizer step
         self._passes = [0] * len(self.params)  # backward passes that reached each parameter
         self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
+        self._raw_clip_norms = [None] * len(self.params)  # the same taken as clip_grad_norm_ takes it (when _clip_norms)
         self._raw_versions = [None] * len(self.params)  # (the gradient tensor, its version counter) as backward left it
         self._autocast = None  # the autocast dtype of a training forward, if any
         self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
@@ -203,6 +210,8 @@ class HistoryRecorder:
     def _on_grad(self, i, p):
         self._passes[i] += 1
         self._raw_norms[i] = gradient_norm(p.grad.detach(), self._norm_dtype)
+        if self._clip_norms:
+            self._raw_clip_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
         self._raw_versions[i] = (p.grad, p.grad._version)
 
     def _on_forward(self, module, args):
@@ -235,6 +244,7 @@ class HistoryRecorder:
         self._autocast, self._micro = None, []
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
+        self._raw_clip_norms = [None] * len(self.params)
         self._raw_versions = [None] * len(self.params)
 
     def rebase_gradients(self, norms):
@@ -349,6 +359,8 @@ class HistoryRecorder:
             self._raw_norms[i] if not audit and self._untouched(i, g) else gradient_norm(g.detach(), self._norm_dtype)
             for i, g in zip(reached, grads)
         ])
+        edited = not all(self._untouched(i, g) for i, g in zip(reached, grads))
+        clip_raw = torch.stack([self._raw_clip_norms[i] for i in reached]) / scale if self._clip_norms else None
         total = torch.linalg.vector_norm(now)
         if not bool(torch.isfinite(total)):
             j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
@@ -361,14 +373,15 @@ class HistoryRecorder:
             if "clipping" in self.allow:
                 self._seen_features["clipped_steps"] += 1
             else:
-                self._note_clipping(step, raw, now)
+                self._note_clipping(step, raw, now, clip_raw)
+        self._clip_norms = edited and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
         return torch.linalg.vector_norm(raw), micro
 
     def _untouched(self, i, grad):
         seen = self._raw_versions[i]
         return seen is not None and seen[0] is grad and seen[1] == grad._version
 
-    def _note_clipping(self, step, raw, now):
+    def _note_clipping(self, step, raw, now, clip_raw=None):
         """Gradients scaled between backward and record(): norm clipping (torch.nn.utils.clip_grad_norm_) scales every
         parameter's gradient by one factor min(1, max_norm / (norm + 1e-6)). Its threshold is recovered from the factor
         and replayed (meta["recording"]["clip_max_norm"]); any other edit, or a threshold that changes, is refused."""
@@ -386,12 +399,18 @@ class HistoryRecorder:
             # every gradient divided by one power of two: a GradScaler's unscale_ (a clip factor is never that exact)
             raise ValueError(f"record: step {step}'s gradients were divided by 2^{k} between backward and record(), as a GradScaler's "
                              "unscale_ does; pass the scaler: HistoryRecorder(..., grad_scaler=scaler)")
-        max_norm = _round_threshold(factor * (float(torch.linalg.vector_norm(raw)) + 1e-6))
+        exact = clip_raw is not None  # the raw norms as clip_grad_norm_ summed them (else the threshold is provisional)
+        max_norm = _round_threshold(factor * (float(torch.linalg.vector_norm(clip_raw if exact else raw)) + 1e-6))
         known = self._seen_features.get("clip_max_norm")
-        if known is not None and abs(max_norm - known) > CLIP_TOLERANCE * known:
+        # (a provisional threshold is off by float32 vector_norm's error: 2e-4 measured at 1M elements)
+        tolerance = CLIP_TOLERANCE if self._clip_exact and exact else PROVISIONAL_TOLERANCE
+        if known is not None and abs(max_norm - known) > tolerance * known:
             raise ValueError(f"record: step {step} clipped the gradient norm to {max_norm:.6g}, earlier steps to {known:.6g}; the replay "
                              "reproduces clipping at one threshold (clip_grad_norm_ with a constant max_norm)")
-        self._seen_features["clip_max_norm"] = known if known is not None else max_norm
+        # a threshold first recovered from the faster norms (clipping began after a step without edits) is replaced by
+        # the next clipped step's, taken as clip_grad_norm_ takes them
+        self._seen_features["clip_max_norm"] = known if known is not None and (self._clip_exact or not exact) else max_norm
+        self._clip_exact = self._clip_exact and known is not None or exact
         self._seen_features["clipped_steps"] += 1
 
     # -- the recording

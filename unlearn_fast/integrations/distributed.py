@@ -50,7 +50,7 @@ import torch.distributed as dist
 if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
-from ..recording import HistoryRecorder, check_recordable, chunk_row_buffers
+from ..recording import HistoryRecorder, check_recordable, chunk_row_buffers, gradient_norm
 
 
 def _world(group, who="DistributedRecorder"):
@@ -452,7 +452,7 @@ def _allreduce_measuring(state, bucket):
         # bucket's own keys (single dict assignments)
         reduced, recorder = fut.value()[0], state.recorder
         square = float(reduced.double().pow(2).sum())
-        norms = {id(p): torch.linalg.vector_norm(g.detach()).clone() for p, g in zip(bucket.parameters(), bucket.gradients())}
+        norms = {id(p): gradient_norm(g.detach()).clone() for p, g in zip(bucket.parameters(), bucket.gradients())}
         recorder._reduced_norms.update(norms)
         recorder._bucket_sq[bucket.index()] = square
         return reduced
@@ -628,7 +628,7 @@ class ShardedRecorder:
 
     def _on_grad(self, i, p):
         self._passes[i] += 1
-        self._norms[i] = float(torch.linalg.vector_norm(_local(p.grad).detach().double()))
+        self._norms[i] = float(gradient_norm(_local(p.grad).detach()))
 
     def _on_forward(self, module, args):
         if module.training and torch.is_grad_enabled() and torch.is_autocast_enabled(_local(self.params[0]).device.type):
@@ -656,7 +656,7 @@ class ShardedRecorder:
         missing = any(g is None for g in grads) or max(self._passes) == 0
         edited = False
         if not missing:
-            now = [float(torch.linalg.vector_norm(_local(g).detach().double())) for g in grads]
+            now = [float(gradient_norm(_local(g).detach())) for g in grads]
             edited = any(b is not None and abs(a - b) > 1e-6 * max(b, 1e-30) for a, b in zip(now, self._norms))
         writer_failed = self._writer is not None and self._writer.error is not None
         # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record(),
