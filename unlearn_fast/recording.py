@@ -247,16 +247,20 @@ class HistoryRecorder:
         self._raw_clip_norms = [None] * len(self.params)
         self._raw_versions = [None] * len(self.params)
 
-    def rebase_gradients(self, norms):
+    def rebase_gradients(self, norms, clip_norms=None):
         """Declare that this step's gradients were replaced after backward in a way the replay reproduces (DDP
-        averaging them over ranks): `norms` maps parameters to their gradient norms as replaced, the baseline
-        record() checks later edits (clipping) against. Integrations call it; a plain loop never needs to."""
+        averaging them over ranks): `norms` maps parameters to their gradient norms as replaced (gradient_norm), the
+        baseline record() checks later edits (clipping) against; `clip_norms` the same taken as clip_grad_norm_ takes
+        them (vector_norm), from which a clipping threshold is recovered exactly (without them it is provisional).
+        Integrations call it; a plain loop never needs to."""
         ids = {id(p): n for p, n in norms.items()} if isinstance(norms, dict) else None
         if ids is None:
             raise ValueError(f"rebase_gradients: norms must be a dict of parameter -> gradient norm, got {type(norms).__name__}")
+        clip_ids = {id(p): n for p, n in clip_norms.items()} if isinstance(clip_norms, dict) else {}
         for i, p in enumerate(self.params):
             if self._raw_norms[i] is not None and id(p) in ids:
                 self._raw_norms[i] = torch.as_tensor(ids[id(p)])
+                self._raw_clip_norms[i] = torch.as_tensor(clip_ids[id(p)]) if id(p) in clip_ids else None
 
     # -- checks
     def _check_open(self, call):
@@ -360,7 +364,8 @@ class HistoryRecorder:
             for i, g in zip(reached, grads)
         ])
         edited = not all(self._untouched(i, g) for i, g in zip(reached, grads))
-        clip_raw = torch.stack([self._raw_clip_norms[i] for i in reached]) / scale if self._clip_norms else None
+        clip = [self._raw_clip_norms[i] for i in reached]
+        clip_raw = torch.stack(clip) / scale if self._clip_norms and None not in clip else None
         total = torch.linalg.vector_norm(now)
         if not bool(torch.isfinite(total)):
             j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)

@@ -124,7 +124,7 @@ class DistributedRecorder:
         # written by the hook's callbacks, which run on the backend's worker threads (one per bucket, concurrently):
         # one dict entry per bucket, never a read-modify-write of a shared number (a "+=" there lost a bucket's
         # share now and then, and that rank alone refused the step)
-        self._bucket_sq, self._reduced_norms = {}, {}
+        self._bucket_sq, self._reduced_norms, self._reduced_clip_norms = {}, {}, {}
         # DDP takes one comm hook per model for its lifetime: a later recorder on the same model takes it over
         state = getattr(model, "_unlearn_fast_reduction", None)
         if state is None:
@@ -247,8 +247,9 @@ class DistributedRecorder:
         # the recorder took each gradient's norm as backward left it (this rank's own); after DDP's all-reduce the
         # gradients it records are the averaged ones, whose norms the comm hook measured: they become its baseline
         norms = {p: self._reduced_norms[id(p)] for p in self.params if id(p) in self._reduced_norms}
-        self.recorder.rebase_gradients(norms)
-        self._reduced_norms = {}
+        clip_norms = {p: self._reduced_clip_norms[id(p)] for p in self.params if id(p) in self._reduced_clip_norms}
+        self.recorder.rebase_gradients(norms, clip_norms)
+        self._reduced_norms, self._reduced_clip_norms = {}, {}
 
     def finish(self, train_set, loss_fn, **finish_options):
         """The GradientHistory (rank 0) or None (other ranks). Not collective: rank 0 computes alone."""
@@ -452,8 +453,9 @@ def _allreduce_measuring(state, bucket):
         # bucket's own keys (single dict assignments)
         reduced, recorder = fut.value()[0], state.recorder
         square = float(reduced.double().pow(2).sum())
-        norms = {id(p): gradient_norm(g.detach()).clone() for p, g in zip(bucket.parameters(), bucket.gradients())}
-        recorder._reduced_norms.update(norms)
+        pairs = list(zip(bucket.parameters(), bucket.gradients()))
+        recorder._reduced_norms.update({id(p): gradient_norm(g.detach()).clone() for p, g in pairs})
+        recorder._reduced_clip_norms.update({id(p): torch.linalg.vector_norm(g.detach()).clone() for p, g in pairs})
         recorder._bucket_sq[bucket.index()] = square
         return reduced
 
