@@ -706,7 +706,9 @@ def test_gradient_norm_matches_a_float64_reference_and_survives_a_sum_of_squares
     for t in (g, g.t() if g.dim() == 2 else g):  # (a transposed view takes vector_norm's path)
         got = gradient_norm(t)
         assert got.dtype == dtype and got.dim() == 0
-        assert abs(float(got) - float(want)) <= 1e-6 * float(want) + 1e-30
+        # float32 sums of 1M squares: 2e-7 relative on MKL's native path, 3e-6 under MKL_CBWR=COMPATIBLE; the bound
+        # holds for any summation order of random data (about sqrt(n) eps)
+        assert abs(float(got) - float(want)) <= (1e-4 if dtype == torch.float32 else 1e-12) * float(want) + 1e-30
     big = torch.full((64,), 1e20, dtype=torch.float32)  # finite elements whose squares overflow float32
     assert float(gradient_norm(big)) == pytest.approx(8e20, rel=1e-6)
     bad = big.clone()
