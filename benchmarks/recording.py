@@ -6,7 +6,8 @@ recorder), kind="minimal", and kind="full" with codec int8 streamed to disk by t
 (path=), and kind="full" int8 in memory. The table reports the median over rounds of each mode's mean step time
 and the ratio to the plain step measured in the same round (medians of per-round ratios: this machine is shared
 and noisy). The full modes are timed in steady state: one untimed chunk first, then several chunks' steps
-(FULL_WINDOW_CHUNKS), the streamed one including the wait for the last chunk at the end.
+(FULL_WINDOW_CHUNKS), the streamed one including the wait for the last chunk at the end (not the weights digest of
+flush(): that is a trainer checkpoint's cost, reported apart per flush).
 Goals (issue 13): minimal at most +5 %, full int8 streamed at most +25 %.
 
 Memory: one run of S steps per mode on the largest MLP with VmRSS read after every step: full int8
@@ -170,7 +171,7 @@ def overhead(spec, rounds, k, tmp):
     run.steps(2, opt)  # warm-up: allocator, thread pool
     times = {mode: [] for mode in MODES}
     cpu = {mode: [] for mode in MODES}  # CPU seconds per step of the whole process: less sensitive to other users of the machine
-    checkpoint_steps, every = [], None
+    checkpoint_steps, every, flush_seconds = [], None, []
     for r in range(rounds):
         for mode in MODES:
             opt = run.optimizer()
@@ -192,10 +193,17 @@ def overhead(spec, rounds, k, tmp):
                 else:
                     plain_steps.append(seconds)
             if mode == "full_int8_stream":
+                # what is still queued counts (spread over the window): a writer slower than training shows here. Waited
+                # for without flush(), whose resume mark hashes the weights: a cost of each trainer checkpoint, not of
+                # every step (timed apart below)
                 start, cpu_start = time.perf_counter(), time.process_time()
-                rec.flush()  # what is still queued counts (spread over the window): a slower writer shows here
+                rec._seal()
+                rec._writer.join()
                 plain_steps[-1] += time.perf_counter() - start
                 cpu_seconds += time.process_time() - cpu_start
+                start = time.perf_counter()
+                rec.flush()
+                flush_seconds.append(time.perf_counter() - start)
             if mode == "minimal":
                 every = rec.grid.every
             if rec is not None:
@@ -211,6 +219,7 @@ def overhead(spec, rounds, k, tmp):
         cpu_ratios = [m / p for m, p in zip(cpu[mode], cpu["plain"])]
         out[mode] = {"ms": 1e3 * statistics.median(times[mode]), "ratio": statistics.median(ratios), "ratios": ratios,
                      "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios}
+    out["full_int8_stream"]["flush_ms"] = 1e3 * statistics.median(flush_seconds)
     if checkpoint_steps:  # one checkpoint every `every` steps: its extra time spread over them
         extra = statistics.median(checkpoint_steps) / statistics.median(plain) - 1
         out["minimal"]["checkpoint_step_ratio"] = 1 + extra
@@ -341,7 +350,9 @@ def main():
               "and keeps them; 'streamed' also hands each chunk to the background writer (XXH3-128 digest, write, fsync), which shares this "
               "2-core machine with training's threads. Both full modes are timed in steady state: after one untimed chunk, over "
               f"{FULL_WINDOW_CHUNKS} chunks' steps (at most {FULL_WINDOW_MAX}, at least the round's), and 'streamed' waits for "
-              "the last chunk on disk at the end (that wait spread over the window)."]
+              "the last chunk on disk at the end (that wait spread over the window). A `flush()` (what a trainer checkpoint "
+              "calls: a resume mark with the weights' sha256) is timed apart: " + ", ".join(
+                  f"{name} {r['full_int8_stream']['flush_ms']:.0f} ms" for name, r in rows.items()) + " per flush."]
     lines += ["", "CPU time of the whole process per step (every thread: training's and the writer's; a minimal step that takes a "
               "checkpoint counted in), against the plain step's, median of rounds: the work record() adds, less sensitive to "
               "other users of this shared machine than wall time.", "",

@@ -710,3 +710,44 @@ def test_crafted_safetensors_headers_are_refused_before_any_tensor_is_made():
                 torch.tensor([1.0, 2.0, 3.0, 4.0]).numpy().tobytes())
     tensors = store.decode(good, two_floats, "crafted")
     assert tensors["a"].tolist() == [1.0, 2.0] and tensors["b"].tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("sizes", [[8], [1], [4095, 1, 3], [4096 * 3], [5, 4096 * 2 + 7, 12000]])
+def test_direct_writes_hold_the_same_bytes_and_digest_as_buffered_ones(tmp_path, monkeypatch, sizes):
+    """store's O_DIRECT path (a recording's large chunks) against hashlib/xxhash on the bytes: odd lengths, several
+    staging buffers (shrunk to 2 blocks here), the last block padded then truncated."""
+    from unlearn_fast import store
+    import xxhash
+
+    monkeypatch.setattr(store, "DIRECT_STAGE_BYTES", 2 * store.DIRECT_ALIGN)
+    (tmp_path / "tmp").mkdir()
+    gen = torch.Generator().manual_seed(len(sizes))
+    parts = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).numpy() for n in sizes]
+    expected = b"".join(p.tobytes() for p in parts)
+    try:
+        digest = store._write_direct(str(tmp_path / "tmp" / "direct"), [memoryview(p) for p in parts], xxhash.xxh3_128())
+    except store._DirectIORefused:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the buffered path is tested by every other test)")
+    assert (tmp_path / "tmp" / "direct").read_bytes() == expected
+    assert digest == xxhash.xxh3_128(expected).hexdigest()
+
+
+def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
+    from unlearn_fast import store
+
+    (tmp_path / "tmp").mkdir()
+    real_open, opened = os.open, []
+
+    def no_direct(path, flags, *args):
+        opened.append(bool(flags & getattr(os, "O_DIRECT", 0)))
+        if opened[-1]:
+            raise OSError(22, "Invalid argument")  # EINVAL: what tmpfs answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(store.os, "open", no_direct)
+    monkeypatch.setattr(store, "_DIRECT_REFUSED", set())
+    data = torch.arange(3 * store.DIRECT_MIN_BYTES // 2, dtype=torch.int64).to(torch.uint8).numpy()
+    for _ in range(2):
+        tmp, digest = store._write_durably(str(tmp_path), [data])
+        assert open(tmp, "rb").read() == data.tobytes() and digest == store.DIGESTS[32][1](data.tobytes()).hexdigest()
+    assert opened == ([True, False, False] if hasattr(os, "O_DIRECT") else [False, False])  # refused once, then not tried

@@ -151,7 +151,7 @@ def weights_digest(model):
     for p in model.parameters():
         if p.requires_grad:
             h.update(str(p.dtype).encode())
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place: no copy
     return h.hexdigest()
 
 
