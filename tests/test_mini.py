@@ -128,7 +128,7 @@ def test_prepare_builds_the_summary_of_a_full_history_from_its_trajectory():
 
 
 def test_the_summary_stays_within_its_budget_whatever_the_number_of_steps(monkeypatch):
-    monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", 64)  # the issue's budget (not the default yet: see the docs)
+    monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", 64)  # the issue's budget (not the default: see the docs)
     data = blobs(n=400)
     p = 10 * 4 + 4
     sizes = []
@@ -137,6 +137,22 @@ def test_the_summary_stays_within_its_budget_whatever_the_number_of_steps(monkey
         sizes.append(history.nbytes("summary"))
         assert history.nbytes("summary") <= mini.DEFAULT_BUDGET_VECTORS * p  # 64 int8 vectors of the model's size
     assert sizes[0] == sizes[1], sizes  # measured 2764 bytes both (62.8 vectors); the sizing without a budget grows with T
+
+
+def test_the_default_budget_bounds_a_long_runs_summary():
+    """With no budget named, a run long enough for the old sizing (rank T // 3) to outgrow DEFAULT_BUDGET_VECTORS
+    vectors of the model's size is capped there: twice the steps, the same bytes within one basis vector."""
+    assert mini.DEFAULT_BUDGET_VECTORS is not None
+    data = blobs(n=240, d=129, c=10)  # p = 1300: the rank the budget allows (about 740) is below p and below T // 3
+    p = 129 * 10 + 10
+    sizes, ranks = [], []
+    for epochs in (100, 200):  # 2400 and 4800 steps
+        _, history = train(data, epochs=epochs, batch=10, lr=0.05)
+        sizes.append(history.nbytes("summary"))
+        ranks.append(len(history.summary["eigvecs"]))
+        assert sizes[-1] <= mini.DEFAULT_BUDGET_VECTORS * p
+        assert ranks[-1] < min(p, history.num_steps // 3)  # the budget, not the run's length, set the rank
+    assert abs(sizes[1] - sizes[0]) <= 2 * p, sizes
 
 
 def test_budget_too_small_or_rank_too_large_is_refused(monkeypatch):

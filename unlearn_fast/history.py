@@ -52,8 +52,9 @@ class HistoryPolicy:
       min(p, max(16, steps // 3)) with 8-bit eigenvectors, about 1/12 of the full trajectory's
       bytes (docs/mini_unlearning.md).
     budget_vectors: the most bytes Mini's summary may take, counted in int8 vectors of the model's size, whatever
-      the run's length (checkpoints thinned, rank capped; docs/mini_unlearning.md). None: the summary is sized to
-      the run (the default: a budget of 64 costs digits and MNIST-1D logistic regression most of their accuracy today).
+      the run's length (checkpoints thinned, rank capped; docs/mini_unlearning.md). None: methods.mini's
+      DEFAULT_BUDGET_VECTORS, 1024 (a budget of 64 costs digits and MNIST-1D logistic regression most of their
+      accuracy today: their curvature needs a basis of about p directions).
     summary_codec: storage of the summary's eigenvectors and parameter checkpoints (int8 default;
       both are decoded and re-orthonormalised / re-evaluated consistently, docs/mini_unlearning.md).
     params: which parameters the per-sample kinds record: a preset ("embeddings", "last_blocks:N",
