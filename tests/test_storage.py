@@ -751,3 +751,60 @@ def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, mon
         tmp, digest = store._write_durably(str(tmp_path), [data])
         assert open(tmp, "rb").read() == data.tobytes() and digest == store.DIGESTS[32][1](data.tobytes()).hexdigest()
     assert opened == ([True, False, False] if hasattr(os, "O_DIRECT") else [False, False])  # refused once, then not tried
+
+
+@pytest.mark.parametrize("lead,shift", [(100, 100), (100, 0), (4096, 0), (0, 0), (5000, 904)])
+def test_direct_writes_from_memory_in_place_hold_the_same_bytes(tmp_path, monkeypatch, lead, shift):
+    """A part whose memory sits at its file offset within a block is written from where it lies (lead bytes before
+    it, its memory `shift` bytes into a page: congruent when lead = shift mod 4096), the rest staged; the file and the
+    digest are those of the bytes either way."""
+    import mmap
+    import numpy as np
+    from unlearn_fast import store
+    import xxhash
+
+    monkeypatch.setattr(store, "DIRECT_IN_PLACE_BYTES", store.DIRECT_ALIGN)
+    monkeypatch.setattr(store, "DIRECT_STAGE_BYTES", 2 * store.DIRECT_ALIGN)
+    (tmp_path / "tmp").mkdir()
+    pages = np.frombuffer(mmap.mmap(-1, 16 * store.DIRECT_ALIGN), dtype=np.uint8)  # page-aligned memory
+    pages[:] = torch.randint(0, 256, (pages.size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(lead)).numpy()
+    parts = [bytes(range(256)) * (lead // 256) + bytes(lead % 256), pages[shift:shift + 9 * store.DIRECT_ALIGN + 77], pages[:3]]
+    expected = b"".join(bytes(p) for p in parts)
+    written = []
+    real_write = os.write
+    monkeypatch.setattr(store.os, "write", lambda fd, view: written.append(len(view)) or real_write(fd, view))
+    try:
+        digest = store._write_direct(str(tmp_path / "tmp" / "f"), [memoryview(p) for p in parts], xxhash.xxh3_128())
+    except store._DirectIORefused:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the buffered path is tested by every other test)")
+    assert (tmp_path / "tmp" / "f").read_bytes() == expected
+    assert digest == xxhash.xxh3_128(expected).hexdigest()
+    in_place = (lead - shift) % store.DIRECT_ALIGN == 0
+    assert any(n > 2 * store.DIRECT_ALIGN for n in written) == in_place, written  # in place: one write longer than the stage
+
+
+def test_a_recorders_chunks_are_laid_out_for_in_place_direct_writes(tmp_path):
+    """The header padding puts a chunk's gradient codes at the file offset, within a block, at which the recorder's
+    page-aligned buffers hold them; the file is still plain safetensors."""
+    from unlearn_fast import store
+
+    model = torch.nn.Linear(600, 500)  # 300k parameters: a chunk of 4 int8 rows is over store.DIRECT_MIN_BYTES
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"), path=str(tmp_path / "h"))
+    x, y = torch.randn(8, 600), torch.randint(0, 500, (8,))
+    for step in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(torch.arange(8 * step, 8 * step + 8))
+        opt.step()
+    rec.flush()
+    rec.close()
+    big = max((tmp_path / "h" / "objects").iterdir(), key=lambda f: f.stat().st_size)
+    data = big.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:start])
+    codes = max(header, key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+    assert header[codes]["dtype"] == "I8"
+    assert (start + header[codes]["data_offsets"][0]) % store.DIRECT_ALIGN == 0  # the buffers are page-aligned
+    tensors = safetensors.torch.load(data)
+    assert tensors[codes].shape == (4, 600 * 500 + 500)

@@ -876,7 +876,7 @@ class RowEncoder:
             return {"values": torch.empty(rows, self.p, dtype=torch.bfloat16, device=device)}
         bits = 8 if self.codec == "int8" else 4
         width = self.p if bits == 8 else (self.p + 1) // 2
-        return {"codes": torch.empty(rows, width, dtype=torch.int8 if bits == 8 else torch.uint8, device=device),
+        return {"codes": _page_aligned(rows, width, torch.int8 if bits == 8 else torch.uint8, device),
                 "scales": torch.empty(rows, -(-self.p // self.blocksize), dtype=torch.float32, device=device)}
 
     def encode_into(self, tensors, buffers, row):
@@ -904,6 +904,16 @@ class RowEncoder:
             into(x.detach(), code_out, scale_out, bs, bits)  # straight into the chunk's buffers: no output, no copy
             if not bool(torch.isfinite(scale_out).all()):  # (what ops.quantize_blockwise refuses: a NaN or Inf in x)
                 raise ValueError(f"record: a recorded vector contains NaN or Inf (elements {s}..{e - 1} of the flat parameters)")
+
+
+def _page_aligned(rows, width, dtype, device):
+    """An empty (rows, width) tensor of 1-byte `dtype` starting on a page boundary on CPU: the background writer's
+    direct I/O writes it from where it lies instead of copying it (store._DirectFile)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(rows, width, dtype=dtype, device=device)
+    raw = torch.empty(rows * width + store.DIRECT_ALIGN, dtype=dtype)
+    start = -raw.data_ptr() % store.DIRECT_ALIGN
+    return raw[start:start + rows * width].view(rows, width)
 
 
 def chunk_row_buffers(encoder, writer, steps, device):

@@ -240,12 +240,15 @@ def _write_durably(path, parts, name_length=32):
 
 # Large objects (a recording's chunks) are written with O_DIRECT where the file system takes it: the page cache's copy
 # and write-back cost 1.5 ms of kernel CPU per MB on the VMs measured (dd, 1 GiB, fsync'd: 1.56 s of system time),
-# direct writes 0.11 ms, and that CPU is taken from training's cores (docs/storage.md). Direct I/O needs aligned
-# memory, offsets and lengths: the bytes go through an aligned staging buffer, the last block is padded with zeros
-# and the file truncated to its length before the fsync.
+# direct writes 0.11 ms, and that CPU is taken from training's cores (docs/storage.md). Direct I/O needs memory, file
+# offsets and lengths aligned to the device's blocks. A part whose memory lies at the same offset within a block as its
+# bytes in the file (a recorder's row buffers are page-aligned, and _put_tensors pads the header to match) is written
+# from where it lies; everything else goes through an aligned staging buffer. The last block is padded with zeros and
+# the file truncated to its length before the fsync.
 DIRECT_MIN_BYTES = 1 << 20
 DIRECT_ALIGN = 4096  # the largest logical block size of common devices; 512-byte devices accept it too
 DIRECT_STAGE_BYTES = 8 << 20
+DIRECT_IN_PLACE_BYTES = 1 << 20  # a shorter aligned run is copied: a separate write() costs more than the copy
 _DIRECT_REFUSED = set()  # st_dev of file systems that refused O_DIRECT (tmpfs, some FUSE): buffered writes there
 _STAGE = threading.local()
 
@@ -266,54 +269,90 @@ def _stage():
     return _STAGE.array
 
 
-def _write_direct(tmp, views, digest):
-    """_write_durably's file written with O_DIRECT; raises _DirectIORefused where the file system does not take it
-    (EINVAL at open or at the first write), before anything reached the file."""
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
-    except OSError as err:
-        if err.errno == errno.EINVAL:
-            raise _DirectIORefused from None
-        raise
-    stage, fill, total = _stage(), 0, 0
+class _DirectFile:
+    """A file written with O_DIRECT, hashed in file order. `written` (what reached the file) stays a multiple of
+    DIRECT_ALIGN until close(); `fill` bytes wait in the staging buffer."""
 
-    def write_stage(length):
-        # whole staging buffers are aligned; the last one is padded to the block size and the file truncated after
-        padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
-        stage[length:padded] = 0
-        view = memoryview(stage[:padded])
+    def __init__(self, tmp, digest):
+        try:
+            self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                raise _DirectIORefused from None
+            raise
+        self.tmp, self.digest, self.stage, self.fill, self.written = tmp, digest, _stage(), 0, 0
+
+    def _write(self, view):
+        """write() an aligned run (or the padded last one), hashed by the caller."""
         while view:
             try:
-                done = os.write(fd, view)
+                done = os.write(self.fd, view)
             except OSError as err:
-                if err.errno == errno.EINVAL and total == 0:
+                if err.errno == errno.EINVAL and self.written == 0:  # the file system took the open, not the write
                     raise _DirectIORefused from None
                 raise
             if done % DIRECT_ALIGN and done != len(view):  # a short write off the block grid cannot be continued directly
-                raise OSError(errno.EIO, f"history: short direct write to {tmp}")
+                raise OSError(errno.EIO, f"history: short direct write to {self.tmp}")
             view = view[done:]
+            self.written += done
 
+    def _flush_stage(self, pad=False):
+        length = self.fill
+        padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN if pad else length
+        self.digest.update(self.stage[:length])  # hashed while in cache
+        self.stage[length:padded] = 0
+        self._write(memoryview(self.stage[:padded]))
+        self.fill = 0
+
+    def _copy(self, src):
+        at = 0
+        while at < src.size:
+            n = min(src.size - at, DIRECT_STAGE_BYTES - self.fill)
+            self.stage[self.fill:self.fill + n] = src[at:at + n]  # (numpy's copy releases the GIL: training's thread goes on)
+            self.fill, at = self.fill + n, at + n
+            if self.fill == DIRECT_STAGE_BYTES:
+                self._flush_stage()
+
+    def add(self, view):
+        src = np.frombuffer(view, dtype=np.uint8)
+        if not src.size:
+            return
+        position = self.written + self.fill
+        head = -position % DIRECT_ALIGN
+        if (src.ctypes.data - position) % DIRECT_ALIGN or src.size - head < DIRECT_IN_PLACE_BYTES:
+            return self._copy(src)
+        self._copy(src[:head])  # up to the block boundary, where memory and file are both aligned
+        if self.fill:
+            self._flush_stage()  # ends on a block boundary: written + fill is one
+        run = (src.size - head) // DIRECT_ALIGN * DIRECT_ALIGN
+        self.digest.update(src[head:head + run])
+        self._write(memoryview(src[head:head + run]))
+        self._copy(src[head + run:])
+
+    def close(self):
+        """Write what waits (its last block padded), cut the file to its length, fsync; the digest."""
+        try:
+            length = self.written + self.fill
+            if self.fill:
+                self._flush_stage(pad=True)
+            os.ftruncate(self.fd, length)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        return self.digest.hexdigest()
+
+
+def _write_direct(tmp, views, digest):
+    """_write_durably's file written with O_DIRECT; raises _DirectIORefused where the file system does not take it
+    (EINVAL at open or at the first write), before anything reached the file."""
+    out = _DirectFile(tmp, digest)
     try:
         for view in views:
-            src = np.frombuffer(view, dtype=np.uint8)
-            at = 0
-            while at < src.size:
-                n = min(src.size - at, DIRECT_STAGE_BYTES - fill)
-                stage[fill:fill + n] = src[at:at + n]  # (numpy's copy releases the GIL: training's thread goes on)
-                fill, at = fill + n, at + n
-                if fill == DIRECT_STAGE_BYTES:
-                    digest.update(stage)  # hashed from the staging buffer, still in cache
-                    write_stage(fill)
-                    total, fill = total + fill, 0
-        if fill:
-            digest.update(stage[:fill])
-            write_stage(fill)
-            total += fill
-        os.ftruncate(fd, total)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
+            out.add(view)
+    except BaseException:
+        os.close(out.fd)
+        raise
+    return out.close()
 
 
 def _put_object(path, parts, name_length=32):
@@ -333,7 +372,16 @@ def _put_tensors(path, tensors):
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    pad = -len(head) % 8
+    if offset >= DIRECT_MIN_BYTES:
+        # the header's trailing spaces (which safetensors allows) put the largest tensor at the offset within a disk
+        # block at which its memory lies, so a direct write takes it from there (_DirectFile); not where that would
+        # misalign the data for the wider dtypes before it
+        name, t = max(tensors.items(), key=lambda item: item[1].numel() * item[1].element_size())
+        at = t.data_ptr() - header[name]["data_offsets"][0]  # where the data section would lie in memory, mod the block
+        if at % 8 == 0:
+            pad = (at - 8 - len(head)) % DIRECT_ALIGN
+    head += b" " * pad
     data = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values() if t.numel()]
     return _put_object(path, [len(head).to_bytes(8, "little"), head, *data])
 
