@@ -833,3 +833,25 @@ def test_a_disabled_grad_scaler_is_no_scaler_and_resume_refuses_one(tmp_path):
     rec = uf.HistoryRecorder.resume(str(tmp_path / "h"), model, opt)  # without one it continues
     assert rec.num_steps == 1
     rec.close()
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_a_nan_gradient_is_refused_by_name_and_the_recorded_steps_stay(codec):
+    model = torch.nn.Sequential(torch.nn.Linear(300, 20), torch.nn.Linear(20, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec=codec))
+    x, y = torch.randn(8, 300), torch.randint(0, 3, (8,))
+    for step in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == 2:
+            model[0].weight.grad[5, 250] = float("nan")  # flat element 5 * 300 + 250 = 1750
+        if step < 2:
+            rec.record(torch.arange(8))
+            opt.step()
+    with pytest.raises(ValueError, match=r"step 2 has non-finite .* 0\.weight"):
+        rec.record(torch.arange(8))
+    assert rec.num_steps == 2
+    # the encoder's own check (a gradient changed after the norm hooks read it) names the elements
+    with pytest.raises(ValueError, match=r"NaN or Inf \(in elements 1536\.\.1791"):
+        rec._encoder.encode_into([p.grad for p in model.parameters()], rec._encoder.buffers(1), 0)

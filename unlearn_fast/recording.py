@@ -902,8 +902,10 @@ class RowEncoder:
                 scale_out.copy_(sc)
                 continue
             into(x.detach(), code_out, scale_out, bs, bits)  # straight into the chunk's buffers: no output, no copy
-            if not bool(torch.isfinite(scale_out).all()):  # (what ops.quantize_blockwise refuses: a NaN or Inf in x)
-                raise ValueError(f"record: a recorded vector contains NaN or Inf (elements {s}..{e - 1} of the flat parameters)")
+        # (what ops.quantize_blockwise refuses: a NaN or Inf in x gives a NaN scale), checked once per row
+        if into is not None and not bool(torch.isfinite(scales).all()):
+            first = int((~torch.isfinite(scales)).nonzero()[0]) * bs
+            raise ValueError(f"record: a recorded vector contains NaN or Inf (in elements {first}..{first + bs - 1} of the flat parameters)")
 
 
 def _page_aligned(rows, width, dtype, device):
