@@ -76,6 +76,29 @@ def test_quantize_codes_equal_reference(n, dtype, bits):
             assert torch.equal(scales, expected[1]), (blocksize, stochastic)
 
 
+@pytest.mark.parametrize("bad", (float("nan"), float("inf"), -float("inf")))
+def test_quantize_into_marks_exactly_the_blocks_holding_a_non_finite_value(bad):
+    # the CPU encoder's absmax runs over four interleaved quarters of a block plus a tail (len % 4): a NaN or Inf in
+    # any of them, in a full block or in the short last one, gives that block a NaN scale and zero codes (the
+    # reference's finite mask), and the other blocks the reference's codes and scales
+    from unlearn_fast import _C
+
+    blocksize, n = 64, 3 * 64 + 39  # the last block: 39 values, quarters of 9 and a tail of 3
+    for at in (0, 15, 16, 40, 63, 64 + 33, 128 + 48, 192 + 8, 192 + 35, 192 + 36, 192 + 38):
+        x = randn(n, torch.float32, seed=at)
+        x[at] = bad
+        x[130] = 1e-30  # a tiny value beside the others changes nothing (absmax is the block's largest)
+        codes_ref, scales_ref = reference.quantize_blockwise(x, blocksize, 8, False, 0)
+        codes, scales = torch.empty_like(codes_ref), torch.empty_like(scales_ref)
+        _C.quantize_blockwise_into_cpu(x, codes, scales, blocksize, 8)
+        block = at // blocksize
+        assert torch.isnan(scales[block]) and torch.isnan(scales_ref[block]), at
+        assert (codes[block * blocksize : (block + 1) * blocksize] == 0).all(), at
+        assert torch.equal(codes, codes_ref), at
+        others = torch.arange(scales.numel()) != block
+        assert torch.equal(scales[others], scales_ref[others]), at
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("bits", (4, 8))
 def test_quantize_into_given_buffers_equals_reference(n, bits):
