@@ -717,13 +717,20 @@ def test_direct_writes_hold_the_same_bytes_and_digest_as_buffered_ones(tmp_path,
     """store's O_DIRECT path (a recording's large chunks) against hashlib/xxhash on the bytes: odd lengths, several
     staging buffers (shrunk to 2 blocks here), the last block padded then truncated."""
     from unlearn_fast import store
-    import xxhash
 
     monkeypatch.setattr(store, "DIRECT_STAGE_BYTES", 2 * store.DIRECT_ALIGN)
     (tmp_path / "tmp").mkdir()
     gen = torch.Generator().manual_seed(len(sizes))
     parts = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).numpy() for n in sizes]
     expected = b"".join(p.tobytes() for p in parts)
+    assert_direct_write(tmp_path, parts, expected)
+
+
+def assert_direct_write(tmp_path, parts, expected):
+    """store._write_direct of `parts` gives a file of `expected` bytes and their XXH3-128."""
+    from unlearn_fast import store
+    import xxhash
+
     try:
         digest = store._write_direct(str(tmp_path / "tmp" / "direct"), [memoryview(p) for p in parts], xxhash.xxh3_128())
     except store._DirectIORefused:
@@ -761,7 +768,6 @@ def test_direct_writes_from_memory_in_place_hold_the_same_bytes(tmp_path, monkey
     import mmap
     import numpy as np
     from unlearn_fast import store
-    import xxhash
 
     monkeypatch.setattr(store, "DIRECT_IN_PLACE_BYTES", store.DIRECT_ALIGN)
     monkeypatch.setattr(store, "DIRECT_STAGE_BYTES", 2 * store.DIRECT_ALIGN)
@@ -773,12 +779,7 @@ def test_direct_writes_from_memory_in_place_hold_the_same_bytes(tmp_path, monkey
     written = []
     real_write = os.write
     monkeypatch.setattr(store.os, "write", lambda fd, view: written.append(len(view)) or real_write(fd, view))
-    try:
-        digest = store._write_direct(str(tmp_path / "tmp" / "f"), [memoryview(p) for p in parts], xxhash.xxh3_128())
-    except store._DirectIORefused:
-        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the buffered path is tested by every other test)")
-    assert (tmp_path / "tmp" / "f").read_bytes() == expected
-    assert digest == xxhash.xxh3_128(expected).hexdigest()
+    assert_direct_write(tmp_path, parts, expected)
     in_place = (lead - shift) % store.DIRECT_ALIGN == 0
     assert any(n > 2 * store.DIRECT_ALIGN for n in written) == in_place, written  # in place: one write longer than the stage
 
