@@ -264,7 +264,8 @@ def _direct_io_allowed(path):
 def _stage():
     """This thread's page-aligned staging buffer (an anonymous mmap) as a numpy byte array."""
     if getattr(_STAGE, "array", None) is None or _STAGE.array.size != DIRECT_STAGE_BYTES:
-        _STAGE.map = mmap.mmap(-1, DIRECT_STAGE_BYTES)
+        # private: a process forked from this one (a DataLoader worker) does not share it
+        _STAGE.map = mmap.mmap(-1, DIRECT_STAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         _STAGE.array = np.frombuffer(_STAGE.map, dtype=np.uint8)
     return _STAGE.array
 
