@@ -19,7 +19,7 @@ steps), against the model's fp32 size.
 
     .venv/bin/python benchmarks/recording.py [--sizes 10,50,100] [--rounds 5] [--steps 4] [--rss-steps 40] [--threads N]
         [--before OLD/recording.json]
-Writes benchmarks/results/recording.md, .json and recording_rss.png. --before adds a table of an earlier run's ratios
+Writes benchmarks/results/recording.md, .json, recording_rss.png and recording_overhead.png. --before adds a table of an earlier run's ratios
 (e.g. this script run at another commit into another --out, just before) next to this run's.
 """
 import argparse
@@ -263,13 +263,47 @@ def disk_bytes(spec, steps, tmp):
     return out
 
 
-def plot(curves, name, path):
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_overhead(rows, path):
+    """Each mode's step-time ratio to plain training per workload (median of rounds, with each round's ratio as a
+    dot), and the goals as lines."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    modes = MODES[1:]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[mode]["ratio"] for r in rows.values()], width, label=mode.replace("_", " "))
+        for x, r in zip(xs, rows.values()):
+            ax.plot([x] * len(r[mode]["ratios"]), r[mode]["ratios"], "k.", markersize=3)
+    for mode, style in (("minimal", ":"), ("full_int8_stream", "--")):
+        ax.axhline(GOALS[mode], color="grey", linestyle=style, linewidth=1, label=f"goal {mode.split('_')[0]} ({GOALS[mode]})")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(list(rows))
+    ax.set_ylabel("step time / plain step")
+    ax.set_ylim(0.8, max(1.5, max(max(r[m]["ratios"]) for r in rows.values() for m in modes) + 0.05))
+    ax.set_title("record() overhead (bars: median of rounds; dots: each round)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot(curves, name, path):
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mode, rss in curves.items():
@@ -328,6 +362,7 @@ def main():
     with open(os.path.join(args.out, "recording.json"), "w") as f:
         json.dump(result, f, indent=1)
     plotted = plot(curves, big[0], os.path.join(args.out, "recording_rss.png"))
+    plot_overhead(rows, os.path.join(args.out, "recording_overhead.png"))
     lines = [
         "# Recording overhead, memory and bytes", "",
         f"`{command}` on {cpu_name()}{'' if args.device == 'cpu' else ', models on ' + torch.cuda.get_device_name()}, "
@@ -353,6 +388,7 @@ def main():
               "the last chunk on disk at the end (that wait spread over the window). A `flush()` (what a trainer checkpoint "
               "calls: a resume mark with the weights' sha256) is timed apart: " + ", ".join(
                   f"{name} {r['full_int8_stream']['flush_ms']:.0f} ms" for name, r in rows.items()) + " per flush."]
+    lines += ["", "recording_overhead.png plots these ratios, each round's as a dot." if plotted else ""]
     lines += ["", "CPU time of the whole process per step (every thread: training's and the writer's; a minimal step that takes a "
               "checkpoint counted in), against the plain step's, median of rounds: the work record() adds, less sensitive to "
               "other users of this shared machine than wall time.", "",
