@@ -406,3 +406,59 @@ def test_logistic_regression_curvature_products_go_through_the_fused_op_and_equa
     summed = lambda out, target: LOSS(out, target, reduction="sum")  # noqa: E731
     torch.testing.assert_close(mini._ggn_matmul(model, summed, (X, y), w, V), V @ H_sum, rtol=1e-8, atol=1e-10)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_logistic_regressions_formed_matrix_is_the_hessian_and_serves_many_columns(bias, dtype):
+    # the p x p matrix final_summary forms for logistic regression (instead of products with it), against autograd's
+    # Hessian in float64; quadratic forms of at least p / 2 rows are taken from it
+    torch.manual_seed(1)
+    model = torch.nn.Linear(9, 5, bias=bias).to(dtype)
+    X, y = torch.randn(41, 9, dtype=dtype), torch.randint(0, 5, (41,))
+    w = flat_params(model).clone()
+    c, d = model.weight.shape
+    X64, w64 = X.double(), w.double()
+    H = torch.autograd.functional.hessian(lambda f: LOSS(X64 @ f[: c * d].view(c, d).T + (f[c * d :] if bias else 0), y), w64)
+    tol = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}[dtype]
+    G = mini._softmax_linear_matrix(model, LOSS, (X, y), w)
+    assert G.dtype == dtype
+    torch.testing.assert_close(G.double(), H, **tol)
+    p = w.numel()
+    V = torch.randn(p // 2 + 1, p, dtype=dtype)
+    assert mini.form_matrix(model, LOSS, p, V.shape[0]) and not mini.form_matrix(model, LOSS, p, p // 2 - 1)
+    torch.testing.assert_close(mini._ggn_quadratic(model, LOSS, (X, y), w, V).double(), ((V.double() @ H) * V.double()).sum(1), **tol)
+    # labels out of range: not the fused structure, so no matrix (the generic path raises what cross-entropy raises)
+    assert mini._softmax_linear_matrix(model, LOSS, (X, torch.full_like(y, c)), w) is None
+
+
+def test_a_formed_basis_is_the_top_eigenspace_of_the_hessian():
+    # without a schedule the basis is the top-k eigenvectors of the Hessian at w*: formed (logistic regression, exact
+    # eigenvectors) it must span autograd's top-k eigenspace; the randomized subspace iteration it replaced (the same
+    # loss written as a sum / n: the generic products) can only capture less of the curvature (Ky Fan: tr U H U' is
+    # largest on the top eigenspace)
+    torch.manual_seed(2)
+    n, d, c, k = 300, 12, 4, 20
+    X, y = torch.randn(n, d, dtype=torch.float64), torch.randint(0, c, (n,))
+    model = torch.nn.Linear(d, c).double()
+    train_set = torch.utils.data.TensorDataset(X, y)
+    w = flat_params(model).clone()
+    H = torch.autograd.functional.hessian(lambda f: LOSS(X @ f[: c * d].view(c, d).T + f[c * d :], y), w)
+    evals, evecs = torch.linalg.eigh(H)
+    assert float(evals[-k] - evals[-k - 1]) > 1e-3 * float(evals[-1])  # a gap: the top-k space is well defined
+    top = evecs[:, -k:]
+    policy = uf.HistoryPolicy(kind="minimal", rank=k, summary_codec="fp32")
+
+    def basis(loss_fn):
+        s = mini.final_summary(model, train_set, loss_fn, policy, steps=60)
+        return mini.decode_basis(s["eigvecs"], torch.float64)
+
+    U = basis(LOSS)
+    assert U.shape == (k, w.numel())
+    assert float(torch.linalg.matrix_norm(U.T @ (U @ top) - top)) < 1e-8  # the space itself
+    mean = lambda out, target: LOSS(out, target, reduction="sum") / n  # noqa: E731  (the same loss, generic path)
+    assert not mini.form_matrix(model, mean, w.numel(), 10**6)
+    U_iter = basis(mean)
+    captured = lambda B: float(torch.trace(B @ H @ B.T))  # noqa: E731
+    assert abs(captured(U) - float(evals[-k:].sum())) < 1e-10 * float(evals[-k:].sum())
+    assert captured(U_iter) <= captured(U) + 1e-12

@@ -120,10 +120,9 @@ def _tree_dot(a, b):
     return sum((u * v).sum() for u, v in zip(a, b))
 
 
-def _softmax_linear_ggn(model, loss_fn, batch, w, V):
-    """G V through the fused op ops.softmax_linear_hvp where the model is a bare nn.Linear under mean cross-entropy
-    (logistic regression: G is the Hessian, and the op is 10-13x the vmapped products on digits and MNIST-1D at 48
-    vectors, benchmarks/results/mini_finish_cost.md); None where the batch or the model does not fit that structure."""
+def _softmax_linear_inputs(model, loss_fn, batch, w):
+    """(inputs with a ones column for the bias, (c, d + 1) weights, d, has bias) where the model is a bare nn.Linear under
+    mean cross-entropy (logistic regression: its GGN is its Hessian); None where the batch or the model does not fit."""
     if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
         return None
     x, y = batch
@@ -131,12 +130,58 @@ def _softmax_linear_ggn(model, loss_fn, batch, w, V):
     if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
             and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all())):
         return None  # (the generic path raises what cross-entropy raises)
-    k, bias = V.shape[0], model.bias is not None
-    W, Vs = w[: c * d].view(c, d), V[:, : c * d].reshape(k, c, d)
+    W, bias = w[: c * d].view(c, d), model.bias is not None
     if bias:  # a bias is a ones column of the inputs
-        x, W, Vs = torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([W, w[c * d :, None]], 1), torch.cat([Vs, V[:, c * d :, None]], 2)
-    GV = ops.softmax_linear_hvp(x.detach(), W.detach(), Vs.detach().contiguous())
+        x, W = torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([W, w[c * d :, None]], 1)
+    return x.detach(), W.detach(), d, bias
+
+
+def form_matrix(model, loss_fn, p, columns):
+    """Whether to form the GGN rather than take `columns` products with it: logistic regression up to DENSE_MAX
+    parameters, whose matrix costs 2 n p^2 flops in matrix products against 4 n p per product through the fused
+    kernel (at about a third of the matrix products' flop rate), for at least p / 2 columns."""
+    return p <= DENSE_MAX and 2 * columns >= p and is_softmax_linear(model, loss_fn, [name for name, q in model.named_parameters() if q.requires_grad])
+
+
+def _softmax_linear_ggn(model, loss_fn, batch, w, V):
+    """G V through the fused op ops.softmax_linear_hvp for logistic regression (10-13x the vmapped products on digits
+    and MNIST-1D at 48 vectors, benchmarks/results/mini_finish_cost.md); None where it does not apply."""
+    fit = _softmax_linear_inputs(model, loss_fn, batch, w)
+    if fit is None:
+        return None
+    x, W, d, bias = fit
+    c, k = W.shape[0], V.shape[0]
+    Vs = V[:, : c * d].reshape(k, c, d)
+    if bias:
+        Vs = torch.cat([Vs, V[:, c * d :, None]], 2)
+    GV = ops.softmax_linear_hvp(x, W, Vs.detach().contiguous())
     return torch.cat([GV[..., :d].reshape(k, c * d), GV[..., d]], 1) if bias else GV.reshape(k, c * d)
+
+
+def _softmax_linear_matrix(model, loss_fn, batch, w):
+    """The p x p GGN (= Hessian) of the batch's mean cross-entropy for logistic regression, formed in c + 1 matrix
+    products: G = (1/n) sum_i (diag(p_i) - p_i p_i') kron x_i x_i', i.e. one block X' diag(P_a) X per class minus Z'Z
+    with the rows z_i = p_i kron x_i. A quarter of the flops of G I through the fused op (n p^2 / 2 against 2 n p c d);
+    None where it does not apply."""
+    fit = _softmax_linear_inputs(model, loss_fn, batch, w)
+    if fit is None:
+        return None
+    x, W, d, bias = fit
+    n, c, e = len(x), W.shape[0], x.shape[1]
+    P = torch.softmax(x @ W.T, dim=1)
+    # in the parameters' order: every class's weights, then the biases (the ones column of x)
+    Z = (P[:, :, None] * x[:, None, :d]).reshape(n, c * d)
+    if bias:
+        Z = torch.cat([Z, P], 1)
+    G = torch.mm(Z.T, Z).neg_()
+    B = torch.einsum("na,nd,ne->ade", P, x, x)  # each class's block X' diag(P_a) X, added where its parameters meet
+    cd = c * d
+    torch.diagonal(G[:cd, :cd].view(c, d, c, d), dim1=0, dim2=2).add_(B[:, :d, :d].permute(1, 2, 0))
+    if bias:
+        torch.diagonal(G[:cd, cd:].view(c, d, c), dim1=0, dim2=2).add_(B[:, :d, d].T)
+        torch.diagonal(G[cd:, :cd].view(c, c, d), dim1=0, dim2=1).add_(B[:, d, :d].T)
+        torch.diagonal(G[cd:, cd:]).add_(B[:, d, d])
+    return G.div_(n)
 
 
 def _ggn_matmul(model, loss_fn, batch, w, V):
@@ -160,6 +205,10 @@ def _ggn_matmul(model, loss_fn, batch, w, V):
 
 def _ggn_quadratic(model, loss_fn, batch, w, V):
     """v' G v for every row v of V (forward mode only: (J v)' H_out (J v))."""
+    if form_matrix(model, loss_fn, w.numel(), V.shape[0]):
+        G = _softmax_linear_matrix(model, loss_fn, batch, w)
+        if G is not None:
+            return ((V @ G) * V).sum(1)
     fused = _softmax_linear_ggn(model, loss_fn, batch, w, V)
     if fused is not None:
         return (fused * V).sum(1)
@@ -181,17 +230,32 @@ PRODUCT_ELEMENTS = 2**30  # samples x vectors x parameters per vmapped curvature
 # activations grow with all three; the CNN's summary grew past 11 GB at 1024 samples x 228 vectors)
 
 
-def _product_batch(batch_size, V):
-    """Samples per vmapped product with the rows of V: at most batch_size, fewer for many or long vectors."""
-    return max(1, min(batch_size, PRODUCT_ELEMENTS // max(1, V.shape[0] * V.shape[1])))
+def _product_batch(batch_size, V, p):
+    """Samples per vmapped product with the rows of V: at most batch_size, fewer for many or long vectors (V = None:
+    the matrix, p elements per sample)."""
+    return max(1, min(batch_size, PRODUCT_ELEMENTS // max(1, p if V is None else V.shape[0] * V.shape[1])))
+
+
+def _ggn_product(model, loss_fn, batch, w, V):
+    """G V, or with V = None the matrix G itself (formed directly for logistic regression, else G I)."""
+    if V is None:
+        G = _softmax_linear_matrix(model, loss_fn, batch, w)
+        return G if G is not None else _ggn_matmul(model, loss_fn, batch, w, torch.eye(w.numel(), dtype=w.dtype))
+    return _ggn_matmul(model, loss_fn, batch, w, V)
 
 
 def _full_ggn_matmul(model, loss_fn, train_set, w, V, batch_size):
-    n = len(train_set)
-    total = torch.zeros_like(V)
-    for idx in _chunks(n, _product_batch(batch_size, V)):
-        total += _ggn_matmul(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
+    """G V over the training set at w; V = None: G itself."""
+    n, p = len(train_set), w.numel()
+    total = None
+    for idx in _chunks(n, _product_batch(batch_size, V, p)):
+        total = _accumulate(total, _ggn_product(model, loss_fn, fetch(train_set, idx), w, V), idx.numel() / n)
     return total
+
+
+def _accumulate(total, part, weight):
+    """total + weight part, in place (part is a fresh product)."""
+    return part.mul_(weight) if total is None else total.add_(part, alpha=weight)
 
 
 def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
@@ -200,7 +264,7 @@ def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
     n, p = len(train_set), w.numel()
     V = torch.cat([U, Z])
     quad = torch.zeros(V.shape[0], dtype=w.dtype)
-    for idx in _chunks(n, _product_batch(batch_size, V)):
+    for idx in _chunks(n, _product_batch(batch_size, V, p)):
         quad += _ggn_quadratic(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
     diag = quad[: U.shape[0]].clamp(min=0)
     # Rayleigh quotient over the probes together: sum z'Gz / sum z'z
@@ -216,6 +280,7 @@ def _full_gradient(model, loss_fn, train_set, w, batch_size):
 
 PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
 # finish() cost (final_summary; docs/mini_unlearning.md, "finish() cost"): the curvature passes run on random subsets
+DENSE_MAX = 4096  # logistic regression up to this many parameters gets its basis from the formed p x p matrix (final_summary)
 POWER_ITERATIONS = 2  # subspace iterations for the basis (none when k + oversample >= p)
 REPEATS = 4  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (docs: 1 is 2.5x cheaper, same distances on digits, +0.004 / +0.008 on MNIST-1D)
 BASIS_SAMPLES = 10**9  # samples the basis's GGN products run on
@@ -311,13 +376,13 @@ def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size,
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     bounds = torch.round(torch.cumsum(torch.tensor([0.0] + list(shares), dtype=torch.float64), 0) * n).long().clamp(max=n)
     bounds[-1] = n
-    total = torch.zeros_like(V)
+    total, p = None, points[0].numel()
+    chunk = _product_batch(batch_size, V, p)
     for j in range(len(points)):
         part = order[bounds[j] : bounds[j + 1]]
-        chunk = _product_batch(batch_size, V)
         for start in range(0, part.numel(), chunk):
             idx = part[start : start + chunk]
-            total += _ggn_matmul(model, loss_fn, fetch(train_set, idx), points[j], V) * (idx.numel() / n)
+            total = _accumulate(total, _ggn_product(model, loss_fn, fetch(train_set, idx), points[j], V), idx.numel() / n)
     return total
 
 
@@ -368,8 +433,10 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     width = min(k + oversample, p)
     gen = torch.Generator().manual_seed(seed)
     basis_set = _subset(train_set, basis_samples, gen)
-    if width == p:
-        Q, power_iterations = torch.eye(p, dtype=w.dtype), 0
+    if width == p or form_matrix(model, loss_fn, p, (power_iterations + 1) * width):
+        # M itself (M(None)) and its exact eigenvectors: when the subspace is the whole space, or when forming it
+        # is cheaper than the subspace iteration's products
+        Q, power_iterations = None, 0
     else:
         Q = torch.linalg.qr(torch.randn(p, width, generator=gen, dtype=w.dtype)).Q
 
@@ -378,7 +445,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         share = [(b - a) / steps for a, b in zip(marks[:-1], marks[1:])]
 
     def M(X):
-        Xt = X.T.contiguous()
+        Xt = None if X is None else X.T.contiguous()
         if ckpts is None:
             return _full_ggn_matmul(model, loss_fn, basis_set, w, Xt, batch_size).T
         if SPLIT_END:  # every sample once: half of them (at random) at w*, the rest split over the checkpoints by share
@@ -391,8 +458,9 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
 
     for _ in range(power_iterations):
         Q = torch.linalg.qr(M(Q)).Q
-    ritz, vecs = torch.linalg.eigh(Q.T @ M(Q))
-    U = (Q @ vecs[:, torch.argsort(ritz, descending=True)[:k]]).T.contiguous()
+    ritz, vecs = torch.linalg.eigh(M(None) if Q is None else Q.T @ M(Q))
+    top = vecs[:, torch.argsort(ritz, descending=True)[:k]]
+    U = (top if Q is None else Q @ top).T.contiguous()
     eigvecs = EncodedRows.encode(U, policy.summary_codec, policy.blocksize)
     Ud = decode_basis(eigvecs, w.dtype)  # what the unlearning side will see
     # Probes for the curvature left off span(U): the deviations of small random batches' gradients from g*, projected
