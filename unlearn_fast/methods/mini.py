@@ -159,10 +159,10 @@ def _softmax_linear_ggn(model, loss_fn, batch, w, V):
 
 
 def _softmax_linear_matrix(model, loss_fn, batch, w):
-    """The p x p GGN (= Hessian) of the batch's mean cross-entropy for logistic regression, formed in c + 1 matrix
-    products: G = (1/n) sum_i (diag(p_i) - p_i p_i') kron x_i x_i', i.e. one block X' diag(P_a) X per class minus Z'Z
-    with the rows z_i = p_i kron x_i. A quarter of the flops of G I through the fused op (n p^2 / 2 against 2 n p c d);
-    None where it does not apply."""
+    """The p x p GGN (= Hessian) of the batch's mean cross-entropy for logistic regression:
+    G = (1/n) sum_i (diag(p_i) - p_i p_i') kron x_i x_i', i.e. one block X' diag(P_a) X per class minus Z'Z with the
+    rows z_i = p_i kron x_i: one matrix product and one einsum, half the flops of G I through the fused kernel
+    (2 n p^2 against 4 n p^2) at about 3x its flop rate. None where it does not apply."""
     fit = _softmax_linear_inputs(model, loss_fn, batch, w)
     if fit is None:
         return None
