@@ -24,6 +24,7 @@ Writes benchmarks/results/recording.md, .json, recording_rss.png and recording_o
 """
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -97,6 +98,18 @@ def gpt2():
     return "GPT-2 4x256", LM(model), (lambda n, g: torch.randint(0, 2048, (n, 64), generator=g)), None, 8
 
 
+def e2e_logistic():
+    """The end-to-end benchmark's logistic regression on 8x8 digits (64 features, 10 classes, batch 64): a step of a few
+    tenths of a millisecond, where the recorder's per-step Python work is what shows."""
+    return "Logistic 64x10", torch.nn.Linear(64, 10), (lambda n, g: torch.randn(n, 64, generator=g)), 10, 64
+
+
+def e2e_mlp():
+    """The end-to-end benchmark's MLP on 8x8 digits."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return "MLP 64-64-10", model, (lambda n, g: torch.randn(n, 64, generator=g)), 10, 64
+
+
 def loss_for(classes):
     if classes is None:  # language model: targets are the next tokens of x
         return lambda out, x: torch.nn.functional.cross_entropy(out, x[:, 1:].reshape(-1))
@@ -149,6 +162,7 @@ LONG_RUN = 1152  # a minimal recorder is timed as in the middle of a run this lo
 # kind="full": timed over this many chunks (at most FULL_WINDOW_MAX steps) after one untimed chunk: the background writer
 # may hold MAX_WAITING chunks, so a writer slower than training blocks record() within the window
 FULL_WINDOW_CHUNKS, FULL_WINDOW_MAX = 4, 96
+MIN_WINDOW_S = 0.05  # each mode's steps in a round span at least this many seconds of plain training (small models take more steps)
 
 
 def recorder(mode, run, opt, path):
@@ -169,6 +183,7 @@ def overhead(spec, rounds, k, tmp):
     run = Run(spec)
     opt = run.optimizer()
     run.steps(2, opt)  # warm-up: allocator, thread pool
+    k = max(k, math.ceil(MIN_WINDOW_S / (run.steps(3, opt) / 3)))
     times = {mode: [] for mode in MODES}
     cpu = {mode: [] for mode in MODES}  # CPU seconds per step of the whole process: less sensitive to other users of the machine
     checkpoint_steps, every, flush_seconds = [], None, []
@@ -337,7 +352,7 @@ def main():
         with open(args.before) as f:
             before = json.load(f)
     sizes = [float(s) if "." in s else int(s) for s in args.sizes.split(",")]
-    specs = [mlp(s) for s in sizes] + [cnn(), gpt2()]
+    specs = [mlp(s) for s in sizes] + [cnn(), gpt2(), e2e_logistic(), e2e_mlp()]
     tmp = tempfile.mkdtemp(prefix="uf-recording-", dir=os.environ.get("UF_BENCH_TMP"))
     load_before = os.getloadavg()
     try:
@@ -368,7 +383,7 @@ def main():
         f"`{command}` on {cpu_name()}{'' if args.device == 'cpu' else ', models on ' + torch.cuda.get_device_name()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Medians over {args.rounds} interleaved rounds of "
-        f"{args.steps} steps per mode; ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",
+        f"at least {args.steps} steps per mode (more for small models: at least {MIN_WINDOW_S * 1e3:.0f} ms of plain steps); ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",
         "| workload | parameters | plain step | minimal (no checkpoint) | amortized | full int8 in memory | full int8 streamed |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -377,7 +392,7 @@ def main():
             value = r[mode].get(key)
             return "n/a" if value is None else f"{value:.3f} ({'met' if value <= GOALS[mode] else 'MISSED'})"
 
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} ms | {cell('minimal')} | {cell('minimal', 'amortized_ratio')} | "
+        lines.append(f"| {name} | {r['params'] / 1e6:.3g}M | {r['plain_ms']:.3g} ms | {cell('minimal')} | {cell('minimal', 'amortized_ratio')} | "
                      f"{cell('full_int8_memory')} | {cell('full_int8_stream')} |")
     lines += ["", f"Ratios to the plain step (goals: minimal <= {GOALS['minimal']}, full int8 <= {GOALS['full_int8_stream']}). A minimal recorder "
               f"is timed as in the middle of a {LONG_RUN}-step run: 'no checkpoint' is its usual step, 'amortized' adds the steps that take "

@@ -169,6 +169,36 @@ def test_bad_batch_indices_are_refused_and_leave_the_history_unchanged(indices, 
     assert rec.num_steps == 1
 
 
+def test_repeated_indices_are_found_in_batches_of_any_size_and_order():
+    # record()'s scratch-table test against a set, over batches that grow the table, repeat earlier steps' indices
+    # (allowed) and hide one repeat anywhere (refused), in integer dtypes and non-contiguous views
+    data = make_data()
+    model, opt, rec = setup(kind="minimal")
+    gen = torch.Generator().manual_seed(5)
+    recorded = refused = 0
+    for trial in range(40):
+        n = int(torch.randint(1, 300, (1,), generator=gen))
+        idx = torch.randperm(n + 50 * trial, generator=gen)[:n]
+        if trial % 2 and n > 1:
+            i, j = torch.randperm(n, generator=gen)[:2].tolist()
+            idx[i] = idx[j]
+        if trial % 5 == 0:
+            idx = torch.stack([idx, idx]).t().reshape(-1)[::2]  # a strided view of the same values
+        idx = idx.to((torch.int32, torch.int64, torch.int16)[trial % 3]) if int(idx.max()) < 2**15 else idx
+        opt.zero_grad()
+        backward(model, data, torch.arange(16))
+        if len(set(idx.tolist())) != n:
+            refused += 1
+            with pytest.raises(ValueError, match="repeats"):
+                rec.record(idx)
+            assert rec.num_steps == recorded
+            idx = torch.unique(idx)  # the same step, recorded right
+        rec.record(idx)
+        recorded += 1
+        opt.step()
+    assert refused == 20 and rec.num_steps == recorded == 40
+
+
 def test_indices_beyond_the_training_set_are_refused_at_finish():
     data = make_data()
     model, opt, rec = setup()

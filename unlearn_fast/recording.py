@@ -26,6 +26,7 @@ import threading
 import uuid
 import warnings
 
+import numpy as np
 import torch
 
 from . import ops, store
@@ -159,6 +160,7 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs = []  # kind="full" in memory: every step's learning rates (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
+        self._positions, self._order = np.zeros(0, np.int32), np.zeros(0, np.int32)  # record()'s scratch for finding repeated indices
         self._open = _new_chunk()  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"g": EncodedRows})
         self.checkpoints, self.grid = [], CheckpointGrid()  # kind="minimal": (step, EncodedRows of w_step), a few evenly spaced snapshots for the summary
@@ -285,20 +287,30 @@ class HistoryRecorder:
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() != 1:
             raise ValueError(f"record: batch_indices must be a 1-D integer tensor of sample indices into train_set, got {idx.dtype} of shape {tuple(idx.shape)}")
         idx = idx.to("cpu", torch.int64).clone()
-        if bool((idx < 0).any()):
+        values = idx.numpy()  # (numpy: these few checks on a small batch cost a tenth of what torch's dispatch of them does)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0:
             raise ValueError(f"record: batch_indices holds negative values {idx[idx < 0][:10].tolist()}; they are positions in train_set")
         if batch_size is not None:
             if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
                 raise ValueError(f"record: batch_size must be a positive int, got {batch_size!r}")
             if idx.numel() != batch_size:
                 raise ValueError(f"record: batch_indices has {idx.numel()} indices for a batch of {batch_size} samples")
-        unique, counts = torch.unique(idx, return_counts=True)
-        if unique.numel() != idx.numel():
+        # repeats: each index writes its position into a scratch table, and a repeated one finds another's there (O(batch);
+        # sorting, as torch.unique does, costs 2-4x a small model's whole step)
+        if hi >= len(self._positions):
+            self._positions = np.zeros(max(hi + 1, 2 * len(self._positions)), np.int32)
+        if len(values) > len(self._order):
+            self._order = np.arange(len(values), dtype=np.int32)
+        order = self._order[: len(values)]
+        self._positions[values] = order
+        if (self._positions[values] != order).any():
+            unique, counts = torch.unique(idx, return_counts=True)
             raise ValueError(
                 f"record: batch_indices repeats {unique[counts > 1][:10].tolist()} within one step; each sample appears once in a "
                 "batch (were labels passed instead of sample indices?)"
             )
-        return idx
+        return idx, hi
 
     def _scaler_state(self, step):
         """With a grad_scaler: the scale backward ran at (the raw norms are of gradients times it), and whether the
@@ -317,7 +329,7 @@ class HistoryRecorder:
         return self.grad_scaler.get_scale(), found_inf > 0
 
     def _check_gradients(self, step, n_samples, scale=1.0):
-        """The step's gradients as the replay must reproduce them; returns (their norm as backward left them, the
+        """The step's gradients as the replay must reproduce them; returns (each parameter's gradient norm as backward left it, the
         micro-batch sizes of an accumulated step or None). `scale`: a GradScaler's, which backward's gradients
         were multiplied by and unscale_ divided out."""
         passes, micro = max(self._passes), None
@@ -352,35 +364,36 @@ class HistoryRecorder:
             raise ValueError(f"record: step {step} ran its forward without autocast, earlier steps under {self._seen_features['autocast']}; "
                              "the replay reproduces autocast on every step or on none")
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
-        raw = torch.stack([self._raw_norms[i] for i in reached])
-        if scale != 1.0:  # (a power of two, the scaler's default, divides out exactly)
-            raw = raw / scale
         grads = [self.params[i].grad for i in reached]
         if any(g is None for g in grads):
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
-        audit = step % AUDIT_EVERY == 0 or self.grad_scaler is not None  # (unscale_'s fused kernel bumps no version counter)
-        now = torch.stack([
-            self._raw_norms[i] if not audit and self._untouched(i, g) else gradient_norm(g.detach(), self._norm_dtype)
-            for i, g in zip(reached, grads)
-        ])
-        edited = not all(self._untouched(i, g) for i, g in zip(reached, grads))
+        untouched = [self._untouched(i, g) for i, g in zip(reached, grads)]
+        raw = torch.stack([self._raw_norms[i] for i in reached])
+        if scale != 1.0:  # (a power of two, the scaler's default, divides out exactly)
+            raw = raw / scale
+        total = torch.linalg.vector_norm(raw)
+        finite = math.isfinite(float(total))  # (a Python test: torch.isfinite costs 7 us per call)
+        now = raw
+        if step % AUDIT_EVERY == 0 or self.grad_scaler is not None or not all(untouched):  # (unscale_'s fused kernel bumps no version counter)
+            now = torch.stack([gradient_norm(g.detach(), self._norm_dtype) for g in grads])
+            total = torch.linalg.vector_norm(now)
+            finite = math.isfinite(float(total))
         clip = [self._raw_clip_norms[i] for i in reached]
         clip_raw = torch.stack(clip) / scale if self._clip_norms and None not in clip else None
-        total = torch.linalg.vector_norm(now)
-        if not bool(torch.isfinite(total)):
+        if not finite:
             j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
             hint = ("The GradScaler found none when it unscaled them: were they edited after scaler.unscale_?" if self.grad_scaler is not None else
                     "With mixed-precision loss scaling, pass the scaler (HistoryRecorder(..., grad_scaler=scaler)): the steps it skips are "
                     "then left out. Otherwise the loss diverged (lower the learning rate)")
             raise ValueError(f"record: step {step} has non-finite (inf/nan) gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}); "
                              f"history not extended. {hint}")
-        if bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
+        if now is not raw and bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
             if "clipping" in self.allow:
                 self._seen_features["clipped_steps"] += 1
             else:
                 self._note_clipping(step, raw, now, clip_raw)
-        self._clip_norms = edited and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
-        return torch.linalg.vector_norm(raw), micro
+        self._clip_norms = not all(untouched) and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
+        return raw, micro
 
     def _untouched(self, i, grad):
         seen = self._raw_versions[i]
@@ -430,7 +443,7 @@ class HistoryRecorder:
         if self._recorded:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         self._raise_writer_error()
-        idx = self._check_indices(batch_indices, batch_size)
+        idx, top = self._check_indices(batch_indices, batch_size)
         scale = 1.0
         if self.grad_scaler is not None:
             scale, skipped = self._scaler_state(step)
@@ -441,7 +454,7 @@ class HistoryRecorder:
                 self._skipping = True
                 self._reset_step()
                 return False
-        raw_norm, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
+        raw_norms, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
         self._skipping = False  # (a step the scaler skipped before this one is behind us)
         if self.grad_scaler is not None:
             scales = self._seen_features["grad_scaler"]["scales"]
@@ -461,8 +474,8 @@ class HistoryRecorder:
         else:
             self._keep_checkpoint(step)
         if step == 0:
-            self._first_raw_norm = float(raw_norm)
-        self._note_seen(idx)
+            self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
+        self._note_seen(idx, top)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         if self.policy.kind == "full" and self.path is None:  # what snapshot() replays; a streamed recording reads them back
             self.lrs.append(lrs)
@@ -487,11 +500,10 @@ class HistoryRecorder:
     def _row_buffers(self):
         return chunk_row_buffers(self._encoder, self._writer, self.chunk_steps, self.w0.device)
 
-    def _note_seen(self, idx):
-        top = int(idx.max())
+    def _note_seen(self, idx, top):
         if top >= self._trained.numel():
             self._trained = torch.cat([self._trained, torch.zeros(max(top + 1, 2 * self._trained.numel()) - self._trained.numel(), dtype=torch.bool)])
-        self._trained[idx] = True
+        self._trained.numpy()[idx.numpy()] = True
 
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
@@ -581,8 +593,9 @@ class HistoryRecorder:
             self.checkpoints.append((step, row))
             if self.path is not None:
                 self._open["ckpt"].append((step, row))
-        kept = set(self.grid.kept)
-        self.checkpoints = [(s, w) for s, w in self.checkpoints if s in kept]
+        if len(self.checkpoints) != len(self.grid.kept):  # the grid dropped some (it only ever drops or takes this step)
+            kept = set(self.grid.kept)
+            self.checkpoints = [(s, w) for s, w in self.checkpoints if s in kept]
 
     def finish(self, train_set, loss_fn, batch_size=1024):
         """Close the recording and return the GradientHistory. Checks loss_fn against the first recorded step's
@@ -731,7 +744,7 @@ class HistoryRecorder:
         rec.meta["optimizer"], rec.meta["group_of_param"] = recorded, history.meta.get("group_of_param", rec.meta["group_of_param"])
         rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
         for idx in history.schedule["batches"][:steps]:
-            rec._note_seen(idx)
+            rec._note_seen(idx, int(idx.max()))
         rec._last_indices = history.schedule["batches"][steps - 1] if steps else None
         rec._first_indices, rec._first_raw_norm = history.schedule["batches"][0] if steps else None, None
         if policy.kind != "full":  # the checkpoints the grid still keeps at `steps`, from the chunks that took them
@@ -811,7 +824,8 @@ def gradient_norm(grad, dtype=None):
     if dtype is None and grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
         flat = grad.view(-1)
         norm = torch.dot(flat, flat).sqrt()
-        if bool(torch.isfinite(norm)) or not bool(torch.isfinite(flat).all()):
+        # (tested in Python: a CPU tensor's float() is a read, torch.isfinite would cost more than the dot on small gradients)
+        if math.isfinite(float(norm)) or not bool(torch.isfinite(flat).all()):
             return norm
         return torch.linalg.vector_norm(flat, dtype=torch.float64).to(grad.dtype)
     return torch.linalg.vector_norm(grad, dtype=dtype)
