@@ -885,3 +885,51 @@ def test_a_nan_gradient_is_refused_by_name_and_the_recorded_steps_stay(codec):
     # the encoder's own check (a gradient changed after the norm hooks read it) names the elements
     with pytest.raises(ValueError, match=r"NaN or Inf \(in elements 1536\.\.1791"):
         rec._encoder.encode_into([p.grad for p in model.parameters()], rec._encoder.buffers(1), 0)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_a_compiled_model_records_and_unlearns_as_its_eager_module():
+    data = make_data(n=96)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    init = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")  # (AOTAutograd's backward, no C++ toolchain needed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    rec = uf.HistoryRecorder(compiled, opt, uf.HistoryPolicy(kind="full"))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randperm(96, generator=gen)[:16] for _ in range(8)]
+    for t, idx in enumerate(batches):
+        opt.zero_grad()
+        x, y = data[idx]
+        if t % 3 == 2:  # gradient accumulation: two micro-batches through the compiled module
+            for half in (slice(0, 10), slice(10, 16)):
+                (LOSS(compiled(x[half]), y[half]) / 2).backward()
+        else:
+            LOSS(compiled(x), y).backward()
+        rec.record(idx, batch_size=16)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    assert [name for name, _, _ in history.meta["param_spec"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    forget = torch.unique(torch.cat(batches))[::7]
+    assert history.meta["recording"]["accumulated_steps"] == 2  # (steps 2 and 5: micro-batches seen through the compiled call)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.allclose(flat_params(replay), flat_params(model), rtol=1e-12, atol=1e-14)  # (compiled and eager kernels may round apart)
+    results = [uf.unlearn(m, history, forget, data, LOSS, method="retrain").model for m in (compiled, model)]
+    assert all(isinstance(r, torch.nn.Sequential) for r in results)  # the eager module, unlearned
+    assert torch.equal(flat_params(results[0]), flat_params(results[1]))
+    # against a hand-written retrain of the eager module on the retained samples of each (micro-)batch
+    keep = torch.ones(96, dtype=torch.bool)
+    keep[forget] = False
+    ref = copy.deepcopy(init)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+    for t, idx in enumerate(batches):
+        opt.zero_grad()
+        parts = [idx[:10], idx[10:]] if t % 3 == 2 else [idx]
+        for part in parts:
+            part = part[keep[part]]
+            if part.numel():
+                x, y = data[part]
+                (LOSS(ref(x), y) / len(parts)).backward()
+        opt.step()
+    assert torch.allclose(flat_params(results[0]), flat_params(ref), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(flat_params(ref), flat_params(model), atol=1e-3)  # the request moved the model

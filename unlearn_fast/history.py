@@ -93,6 +93,15 @@ class HistoryPolicy:
 
 
 # ----------------------------------------------------------------------------- flat parameter helpers
+def eager_module(model):
+    """The module a torch.compile wrapper runs (its _orig_mod, through nested wrappers), else model itself. Histories
+    name parameters as the eager module does (no "_orig_mod." prefix), so that a compiled model and its eager original
+    are one model to them: record either, unlearn either."""
+    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
 def param_spec(model):
     return [(name, list(p.shape), str(p.dtype).replace("torch.", "")) for name, p in model.named_parameters() if p.requires_grad]
 

@@ -32,7 +32,7 @@ import torch
 from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
-                      fetch, flat_params, param_spec, row_bytes, weights_digest)
+                      eager_module, fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -118,6 +118,9 @@ class HistoryRecorder:
                              "batch inputs: use unlearn_fast.lm.FirstEpochRecorder(model, optimizer, policy)")
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"HistoryRecorder: model must be an nn.Module, got {type(model).__name__}")
+        # a torch.compile'd model: parameters named as the eager module's; the training forward is seen where it is
+        # called (a hook inside the compiled region would be traced)
+        called, model = model, eager_module(model)
         wrapper, optimizer = optimizer, real_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"HistoryRecorder: optimizer must be a torch.optim.Optimizer (or hold one in .optimizer), got {type(optimizer).__name__}")
@@ -200,7 +203,7 @@ class HistoryRecorder:
         self._handles = [
             optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
             optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
-            model.register_forward_pre_hook(InertWhenCopied(self._on_forward)),
+            called.register_forward_pre_hook(InertWhenCopied(self._on_forward)),
         ]
         # autocast seen where the parameters are used: a wrapper (accelerate's mixed precision) may enter it inside the
         # model's forward, after the model's own pre-hook ran
@@ -716,6 +719,7 @@ class HistoryRecorder:
         ValueError naming what does not match: a finished history, another model, weights that match no flush.
         What the steps before the flush did (clipping, autocast, accumulation: meta["recording"]) comes from the flush's
         chunk, or from `features` (a trainer integration's checkpoint meta["recording"], as of that flush) where given."""
+        called, model = model, eager_module(model)
         history = GradientHistory.load(path)
         if history.recording_id is None:
             raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
@@ -738,7 +742,7 @@ class HistoryRecorder:
         j = marks[-1]
         steps = sum(history.chunk_steps[: j + 1])
         snap = store.read(path, "GradientHistory")  # the chunks' parts up to the flush: checkpoints, the recorder's features
-        rec = cls(model, optimizer, policy, allow, grad_scaler=grad_scaler)
+        rec = cls(called, optimizer, policy, allow, grad_scaler=grad_scaler)
         # the optimizer as recorded at step 0, like an uninterrupted run's meta (a scheduler has changed the groups' lr
         # since; the replay reads every step's lr from the schedule)
         rec.meta["optimizer"], rec.meta["group_of_param"] = recorded, history.meta.get("group_of_param", rec.meta["group_of_param"])

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .history import GradientHistory, fetch, flat_params, weights_digest
+from .history import GradientHistory, eager_module, fetch, flat_params, weights_digest
 from .methods._common import NotUnlearnedError, loss_ratio
 
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
@@ -128,6 +128,7 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     """
     run = _method(method)
     check_fallback(fallback, method)
+    model = eager_module(model)  # (a torch.compile'd model: its eager module is unlearned, and returned)
     if isinstance(forget, str) and method not in TEXT_METHODS:
         raise ValueError(f"forget: a text request works only with methods {TEXT_METHODS}; method {method!r} needs training-set indices")
     if not isinstance(forget, str):
