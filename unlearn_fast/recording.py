@@ -6,7 +6,8 @@ The recorder checks that this is what happened, through hooks, and refuses what 
   optimizer step hooks       exactly one record() per optimizer step (a second record, or a step without one,
                              is an error naming the step);
   gradient-accumulation hooks how many backward passes made the step's gradients (several: gradient
-                             accumulation) and their norms as backward left them. Changed by record() time
+                             accumulation, whose weighting of unequal micro-batches finish() tells from the first
+                             such step) and their norms as backward left them. Changed by record() time
                              by one factor for every parameter: norm clipping, whose threshold is recovered
                              and replayed (meta["recording"]["clip_max_norm"]); any other edit is refused;
   a forward pre-hook         autocast during a training forward: its dtype is recorded (meta["recording"]["autocast"])
@@ -50,6 +51,10 @@ AUDIT_EVERY = 16
 # significant digits when that is within this tolerance (0.5 is recovered as 0.5000000x)
 CLIP_TOLERANCE = 1e-4
 PROVISIONAL_TOLERANCE = 1e-2  # the same, between thresholds one of which was recovered from gradient_norm's sums
+
+# finish(): an accumulated step's gradient norms and the closer weighting rule's, recomputed, may differ by dropout masks
+# or autocast rounding (a few per cent), not by a rule off by a factor (a sum of micro-batch sums: the batch size)
+ACCUMULATION_TOLERANCE = 0.25
 
 # training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
 # Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
@@ -199,6 +204,7 @@ class HistoryRecorder:
         self._skipping = False  # record() saw the scaler's inf/nan: the coming optimizer.step() must not update
         self._first_indices = self._last_indices = None
         self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
+        self._accumulation_probe = None  # the first step accumulated over unequal micro-batches: finish() tells how they were weighted
         self._finished = False
         self._handles = [
             optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
@@ -340,7 +346,8 @@ class HistoryRecorder:
             raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
         if passes > 1:
             if "accumulation" not in self.allow:
-                # replayed as it ran: one backward per micro-batch of mean loss / passes (loss / accumulation_steps, the usual idiom)
+                # replayed as it ran: one backward per micro-batch of mean loss / passes (loss / accumulation_steps, the usual idiom),
+                # or of mean loss times its share of the batch where finish() finds that rule (_check_accumulation)
                 micro = self._micro
                 if len(micro) != passes or None in micro or sum(micro) != n_samples:
                     raise ValueError(
@@ -478,6 +485,10 @@ class HistoryRecorder:
             self._keep_checkpoint(step)
         if step == 0:
             self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
+        if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None:
+            # (its weights: one copy, once; equal micro-batches weigh the same under either rule)
+            reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+            self._accumulation_probe = (step, flat_params(self.model).clone(), idx, list(micro), reached, raw_norms.clone())
         self._note_seen(idx, top)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         if self.policy.kind == "full" and self.path is None:  # what snapshot() replays; a streamed recording reads them back
@@ -629,6 +640,8 @@ class HistoryRecorder:
                                      "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
                                      "scaler.unscale_(optimizer); record again") from err
                 raise
+        if self._accumulation_probe is not None:
+            self._check_accumulation(train_set, loss_fn)
         w_final = flat_params(self.model)
         meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **copy.deepcopy(self._seen_features)})
         # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
@@ -675,6 +688,30 @@ class HistoryRecorder:
         self.close()
         self._chunks, self.batches = [], []  # the history holds them now
         return history
+
+    def _check_accumulation(self, train_set, loss_fn):
+        """How the first step accumulated over unequal micro-batches weighed them: each micro-batch's mean loss divided by
+        their number (the replay's default), or times its share of the batch (the batch's mean loss, as a trainer that
+        normalises by the items in the batch does). Told from the per-parameter gradient norms backward left, against
+        both rules' gradients at that step's weights (recomputed with loss_fn); the closer rule is replayed
+        (meta["recording"]["accumulation_weighting"]), and a gradient near neither is refused, naming the step."""
+        step, w, idx, micro, reached, raw = self._accumulation_probe
+        parts = [batch_gradient(self.model, loss_fn, fetch(train_set, part), w) for part in torch.split(idx, micro)]
+        sizes = [q.numel() for q in self.params]
+        errors = {}
+        for rule, weights in (("micro_mean", [1 / len(micro)] * len(micro)), ("batch_mean", [m / sum(micro) for m in micro])):
+            g = sum(c * part for c, part in zip(weights, parts))
+            norms = torch.stack([torch.linalg.vector_norm(v) for v in torch.split(g, sizes)])[reached].to(raw.dtype)
+            errors[rule] = float(torch.linalg.vector_norm(norms - raw) / torch.linalg.vector_norm(raw).clamp(min=1e-300))
+        rule = min(errors, key=errors.get)
+        if errors[rule] > ACCUMULATION_TOLERANCE:
+            raise ValueError(
+                f"finish: step {step} accumulated gradients over micro-batches of {micro} samples that match neither the mean of their "
+                f"mean losses (loss / {len(micro)}: relative error {errors['micro_mean']:.3g}) nor the batch's mean loss (each micro-batch's "
+                f"mean times its share of the batch: {errors['batch_mean']:.3g}) under loss_fn; the replay reproduces these two. Pass "
+                "allow=('accumulation',) to HistoryRecorder if your replay loss_fn reproduces the accumulated gradient")
+        if rule != "micro_mean":
+            self._seen_features["accumulation_weighting"] = rule
 
     def close(self):
         """Stop recording without finishing: the hooks come off the model and optimizer, a streamed recording's

@@ -56,7 +56,8 @@ def remaining(batch, forget_mask):
 
 def replayed_batches(history, forget_mask, seed=0):
     """(step, retained micro-batches) for every recorded step: the recorded batch without the forgotten samples, split
-    as it was into the micro-batches of gradient accumulation (each a backward of mean loss / their number). A
+    as it was into the micro-batches of gradient accumulation (each a backward of mean loss / their number, or times
+    its share of the batch: replay_step). A
     history that keeps no batch order (kind="minimal") gets batches of the recorded sizes drawn without replacement
     from a seeded permutation of the trained samples, epoch after epoch, the forgotten ones then dropped: a retrain
     with another batch order (see history_batch_order)."""
@@ -84,13 +85,16 @@ def replay_step(model, loss_fn, train_set, history, parts, step=None):
     recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale); returns the
     samples it used (0: nothing to step on)."""
     scale = grad_scale(history, step)
+    # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch
+    by_share = (history.meta.get("recording") or {}).get("accumulation_weighting") == "batch_mean"
+    retained = sum(part.numel() for part in parts)
     while True:
         used = 0
         for part in parts:
             if part.numel():
                 with replay_autocast(history, model):
                     loss = batch_loss(model, loss_fn, fetch(train_set, part))
-                loss = loss if len(parts) == 1 else loss / len(parts)
+                loss = loss if len(parts) == 1 else loss * (part.numel() / retained) if by_share else loss / len(parts)
                 (loss if scale is None else loss * torch.full((), scale, dtype=torch.float32, device=loss.device)).backward()  # scaler.scale(loss)
                 used += part.numel()
         if scale is None or not used or _unscale(model, scale):
