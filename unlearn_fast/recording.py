@@ -163,6 +163,9 @@ class HistoryRecorder:
         self._clip_norms = True
         self._clip_exact = True  # False: the known threshold was recovered from faster norms, to be replaced at the next clipped step
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
+        # the settings the replay keeps as they are now (only the learning rates are recorded per step)
+        self._replayed_keys = sorted(k for k in optimizer.defaults if k != "lr")
+        self._replayed_settings = self._group_settings()
         self.w0 = flat_params(model).clone()
         self.steps = 0  # recorded steps
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
@@ -216,6 +219,21 @@ class HistoryRecorder:
         self._handles += [m.register_forward_pre_hook(InertWhenCopied(self._on_inner_forward))
                           for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         self._handles += [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
+
+    def _group_settings(self):
+        return [[_plain_value(g.get(k)) for k in self._replayed_keys] for g in self.optimizer.param_groups]
+
+    def _check_settings(self, step):
+        now, then = self._group_settings(), self._replayed_settings
+        if now == then:
+            return
+        if len(now) != len(then):
+            raise ValueError(f"record: step {step}: the optimizer has {len(now)} parameter groups, {len(then)} when recording began")
+        i, key, x, y = next((i, key, x, y) for i, (a, b) in enumerate(zip(now, then)) for key, x, y in zip(self._replayed_keys, a, b) if x != y)
+        raise ValueError(
+            f"record: step {step}: optimizer parameter group {i}'s {key} is {x!r}, {y!r} when recording began; the replay changes only "
+            "the learning rates step by step. A scheduler that cycles momentum changes it (OneCycleLR and CyclicLR with "
+            "cycle_momentum=True, the default: pass cycle_momentum=False); keep the other settings fixed")
 
     # -- hooks
     def _on_grad(self, i, p):
@@ -454,6 +472,7 @@ class HistoryRecorder:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         self._raise_writer_error()
         idx, top = self._check_indices(batch_indices, batch_size)
+        self._check_settings(step)
         scale = 1.0
         if self.grad_scaler is not None:
             scale, skipped = self._scaler_state(step)
@@ -675,7 +694,7 @@ class HistoryRecorder:
             from .methods.mini import final_summary, sgd_settings
 
             try:
-                sgd = sgd_settings(meta, "mini")
+                sgd = sgd_settings(meta, "mini", history.schedule["lrs"])
             except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
                 sgd = None
             with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
@@ -1062,6 +1081,13 @@ def _check_scaler(scaler):
 def _round_threshold(value):
     rounded = float(f"{value:.6g}")
     return rounded if abs(rounded - value) <= CLIP_TOLERANCE * value else value
+
+
+def _plain_value(v):
+    """A group setting as a comparable Python value (a tensor's float, a tuple's list)."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return [_plain_value(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def _jsonable(groups):

@@ -537,7 +537,7 @@ def prepare(history, model, train_set, loss_fn, batch_size=1024):
     policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
     T = history.num_steps
     try:
-        sgd = sgd_settings(history.meta, "mini")
+        sgd = sgd_settings(history.meta, "mini", history.schedule["lrs"])
     except ValueError:
         sgd = None
     rebuilt = weights_at(history, checkpoint_steps(T))
@@ -600,8 +600,9 @@ class _Basis:
 
 
 # ----------------------------------------------------------------------------- unlearning side
-def sgd_settings(meta, method):
-    """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError.
+def sgd_settings(meta, method, lrs=None):
+    """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError, and so do
+    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one).
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
@@ -616,6 +617,10 @@ def sgd_settings(meta, method):
         raise ValueError(f"{method}: needs one weight_decay, momentum, dampening and nesterov for every parameter group, got {sorted(settings)}")
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
+    if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
+        t = int(torch.nonzero((lrs != lrs[:, :1]).any(1))[0])
+        raise ValueError(f"{method}: models one learning rate for every parameter group; the recorded groups trained at {lrs[t].tolist()} "
+                         f"at step {t}. Use method='retrain', or the finetune / rewind baselines")
     decay, momentum, dampening, _ = settings.pop()
     if not 0 <= momentum < 1:
         raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {momentum}")
@@ -981,7 +986,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
-    lam, lr_scale = sgd_settings(history.meta, "mini")
+    lam, lr_scale = sgd_settings(history.meta, "mini", history.schedule["lrs"])
     if history.summary is None:
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
