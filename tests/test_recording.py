@@ -1021,3 +1021,55 @@ def test_mini_refuses_parameter_groups_at_different_learning_rates():
     history = rec.finish(data, LOSS)
     with pytest.raises(ValueError, match=r"mini: models one learning rate for every parameter group; the recorded groups trained at \[0\.2, 0\.02\] at step 0"):
         uf.unlearn(model, history, torch.tensor([1, 2]), data, LOSS, method="mini")
+
+
+class TwoHeads(torch.nn.Module):
+    """A linear model with a second head that some batches do not use (a routing of the batch's own): a parameter
+    without gradient on a step is not a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.body(x) + self.head(x) if float(x[0, 0]) > 0 else self.body(x)
+
+
+@pytest.mark.parametrize("change", ["freeze", "thaw", "freeze_after"])
+def test_a_parameter_frozen_or_thawed_mid_run_is_refused_by_name_and_an_unused_one_is_not(change):
+    data = make_data()
+    torch.manual_seed(0)
+    model = TwoHeads()
+    if change == "thaw":
+        model.head.bias.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    unused = 0
+    for t in range(6):
+        if change == "freeze" and t == 3:
+            model.head.weight.requires_grad_(False)
+        if change == "thaw" and t == 3:
+            model.head.bias.requires_grad_(True)
+        idx = torch.arange(t * 8, t * 8 + 8)
+        opt.zero_grad()
+        backward(model, data, idx)
+        if change in ("freeze", "thaw") and t == 3:
+            who = "'head.weight' was trainable when recording began" if change == "freeze" else "'head.bias' was frozen when recording began"
+            with pytest.raises(ValueError, match=f"record: step 3: parameter {who}"):
+                rec.record(idx)
+            assert rec.num_steps == 3
+            return
+        unused += model.head.weight.grad is None
+        rec.record(idx)
+        opt.step()
+    assert 0 < unused < 6  # the head had no gradient on some steps (accepted)
+    model.head.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="finish: recorded parameter 'head.weight' is frozen in model"):
+        rec.finish(data, LOSS)
+    model.head.weight.requires_grad_(True)
+    history = rec.finish(data, LOSS)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))  # the unused head's steps replayed as trained
+    model.head.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="history: recorded parameter 'head.weight' is frozen in model"):
+        uf.unlearn(model, history, [0], data, LOSS, method="retrain")

@@ -106,6 +106,25 @@ def param_spec(model):
     return [(name, list(p.shape), str(p.dtype).replace("torch.", "")) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def check_parameters(recorded, model, who):
+    """ValueError (prefixed `who`) unless model's trainable parameters are `recorded` (a param_spec): same names,
+    shapes, dtypes, in order. A recorded parameter that is frozen now is named as such."""
+    spec = [list(s) for s in param_spec(model)]
+    recorded = [list(s) for s in recorded]
+    if spec == recorded:
+        return
+    trainable = {s[0] for s in spec}
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad and name in {s[0] for s in recorded} - trainable]
+    if frozen:
+        raise ValueError(f"{who}: recorded parameter {frozen[0]!r} is frozen in model (requires_grad=False); the history covers the "
+                         "parameters trainable when recording began: make it trainable again (requires_grad_(True))")
+    diff = next(((a, b) for a, b in zip(recorded, spec) if a != b), (recorded[len(spec):], spec[len(recorded):]))
+    raise ValueError(
+        f"{who}: recorded for another model (recorded parameter {diff[0]} vs model parameter {diff[1]}; "
+        f"{len(recorded)} recorded vs {len(spec)} model parameters)"
+    )
+
+
 def flat_params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
@@ -388,14 +407,7 @@ class GradientHistory:
 
     def check_model(self, model):
         """Raise ValueError if this history was recorded for a model with other parameters."""
-        spec = [list(s) for s in param_spec(model)]
-        recorded = [list(s) for s in self.meta["param_spec"]]
-        if spec != recorded:
-            diff = next(((a, b) for a, b in zip(recorded, spec) if a != b), (recorded[len(spec):], spec[len(recorded):]))
-            raise ValueError(
-                f"history: recorded for another model (recorded parameter {diff[0]} vs model parameter {diff[1]}; "
-                f"{len(recorded)} recorded vs {len(spec)} model parameters)"
-            )
+        check_parameters(self.meta["param_spec"], model, "history")
 
     def require(self, section, method):
         if section == "batches":

@@ -32,7 +32,7 @@ import torch
 
 from . import ops, store
 from .backends import forced as forced_backend
-from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
+from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       eager_module, fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
 
@@ -146,6 +146,9 @@ class HistoryRecorder:
                              "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
                              "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
         check_recordable(named, optimizer, "HistoryRecorder")
+        # frozen parameters the optimizer holds: unfrozen later, optimizer.step() would train them unrecorded
+        held = {id(q) for g in optimizer.param_groups for q in g["params"]}
+        self._held_frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad and id(p) in held]
         if self.policy.kind == "full" and self.policy.codec in ("int8", "int4") and not isinstance(optimizer, torch.optim.SGD):
             # w_t is rebuilt by replaying the optimizer on the stored g_t (methods/trajectory.py): an adaptive optimizer
             # divides each coordinate by its own gradient scale, which magnifies a blockwise code's error on small ones
@@ -392,6 +395,8 @@ class HistoryRecorder:
             raise ValueError(f"record: step {step} ran its forward without autocast, earlier steps under {self._seen_features['autocast']}; "
                              "the replay reproduces autocast on every step or on none")
         reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+        if len(reached) < len(self.params) or self._held_frozen:
+            self._check_frozen(step, reached)
         grads = [self.params[i].grad for i in reached]
         if any(g is None for g in grads):
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
@@ -422,6 +427,21 @@ class HistoryRecorder:
                 self._note_clipping(step, raw, now, clip_raw)
         self._clip_norms = not all(untouched) and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
         return raw, micro
+
+    def _check_frozen(self, step, reached):
+        """The parameters trained are those trainable when recording began, at every step: the replay trains each recorded
+        parameter on every step and no other (unfreezing mid-run, e.g. a backbone after warm-up, is not modelled)."""
+        unreached = set(range(len(self.params))) - set(reached)
+        frozen = [self.param_names[i] for i in sorted(unreached) if not self.params[i].requires_grad]
+        if frozen:
+            raise ValueError(f"record: step {step}: parameter {frozen[0]!r} was trainable when recording began and is frozen now "
+                             "(requires_grad=False); the replay trains every recorded parameter on every step. Freeze it before "
+                             "creating the HistoryRecorder, or keep it trainable; history not extended")
+        thawed = [name for name, p in self._held_frozen if p.grad is not None]
+        if thawed:
+            raise ValueError(f"record: step {step}: parameter {thawed[0]!r} was frozen when recording began and now holds a gradient "
+                             "that optimizer.step() applies; the history does not cover it. Unfreeze it before creating the "
+                             "HistoryRecorder (a recording covers the parameters trainable then); history not extended")
 
     def _untouched(self, i, grad):
         seen = self._raw_versions[i]
@@ -643,6 +663,7 @@ class HistoryRecorder:
         if self._recorded:
             raise ValueError(f"finish: step {T - 1} was recorded but optimizer.step() did not run after it")
         self._raise_writer_error()
+        check_parameters(self.meta["param_spec"], self.model, "finish")
         n_train = len(train_set)
         if self._trained.numel() > n_train and bool(self._trained[n_train:].any()):
             top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
