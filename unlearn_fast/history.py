@@ -106,6 +106,14 @@ def param_spec(model):
     return [(name, list(p.shape), str(p.dtype).replace("torch.", "")) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def _momenta_as_recorded(momenta, meta):
+    """Whether every step's momentum is its group's setting in meta (what the replay keeps when none is recorded)."""
+    groups = meta.get("optimizer", {}).get("groups", [])
+    fixed = [g.get("betas", [None])[0] if "betas" in g else g.get("momentum") for g in groups]
+    return len(fixed) == momenta.shape[1] and all(isinstance(m, (int, float)) for m in fixed) and \
+        bool((momenta == torch.tensor(fixed, dtype=momenta.dtype)).all())
+
+
 def check_parameters(recorded, model, who):
     """ValueError (prefixed `who`) unless model's trainable parameters are `recorded` (a param_spec): same names,
     shapes, dtypes, in order. A recorded parameter that is frozen now is named as such."""
@@ -338,7 +346,8 @@ class GradientHistory:
 
     schedule: {"w0": (p,), "lrs": (T, groups) float64, "batch_sizes": (T,) int64, "micro_counts": (T,) int64 and
     "micro_sizes" (the micro-batches of gradient-accumulation steps: how many, and the sizes of those with more
-    than one, in order; absent in older histories), and either
+    than one, in order; absent in older histories), "momenta": (T, groups) float64 (each step's momentum, or Adam's
+    beta1, where a scheduler cycled it: absent when it stayed as recorded in meta), and either
     "batches": [LongTensor] (the order of every batch: kind "full") or "seen": (n_train,) bool (which
     samples were trained on: kind "minimal", whose methods do not replay batches)}."""
 
@@ -346,6 +355,8 @@ class GradientHistory:
         self.meta = meta  # policy, param_spec, optimizer, n_train, weight_decay, momentum
         if "batch_sizes" not in schedule and "batches" in schedule:
             schedule = dict(schedule, batch_sizes=torch.tensor([len(b) for b in schedule["batches"]], dtype=torch.int64))
+        if "momenta" in schedule and _momenta_as_recorded(schedule["momenta"], meta):
+            schedule = {k: v for k, v in schedule.items() if k != "momenta"}  # the settings in meta say it all
         self.schedule = schedule
         self.trajectory = trajectory  # {"g": EncodedRows | ChunkedRows} or None (histories of format <= 4 also hold "w")
         self.summary = summary  # {"w_star", "g_star", "eigvecs": EncodedRows, "eigvals", "rho", checkpoints, "response"} or None
@@ -409,6 +420,11 @@ class GradientHistory:
         """Raise ValueError if this history was recorded for a model with other parameters."""
         check_parameters(self.meta["param_spec"], model, "history")
 
+    def step_settings(self, t):
+        """Step t's recorded learning rates, and momenta (None unless a scheduler cycled them), as lists per group."""
+        momenta = self.schedule.get("momenta")
+        return self.schedule["lrs"][t].tolist(), (None if momenta is None else momenta[t].tolist())
+
     def require(self, section, method):
         if section == "batches":
             if "batches" not in self.schedule:
@@ -440,6 +456,8 @@ class GradientHistory:
     def _schedule_part(self, a, b, micro_ends):
         sched = self.schedule
         part = {"schedule.lrs": sched["lrs"][a:b], "schedule.batch_sizes": sched["batch_sizes"][a:b].to(torch.int32)}
+        if "momenta" in sched:
+            part["schedule.momenta"] = sched["momenta"][a:b]
         if micro_ends is not None:
             first, last = (int(micro_ends[a - 1]) if a else 0), (int(micro_ends[b - 1]) if b else 0)
             part["schedule.micro_counts"] = sched["micro_counts"][a:b].to(torch.int32)
@@ -510,7 +528,8 @@ class GradientHistory:
             arrays, parts = dict(snap.tensors), None
             if snap.chunks:  # version 3: the schedule and the trajectory in chunks
                 scheds = [store.read_part(path, c["parts"]["schedule"], where) if "schedule" in c["parts"] else {} for c in snap.chunks]
-                for name in ("schedule.lrs", "schedule.batch_sizes", "schedule.batch_indices", "schedule.micro_counts", "schedule.micro_sizes"):
+                for name in ("schedule.lrs", "schedule.momenta", "schedule.batch_sizes", "schedule.batch_indices", "schedule.micro_counts",
+                             "schedule.micro_sizes"):
                     got = [sc[name] for sc in scheds if name in sc]
                     if got:
                         if len(got) != len(scheds):
@@ -586,6 +605,12 @@ class GradientHistory:
         if w0.numel() != n_params:
             raise ValueError(f"history: {where}: schedule.w0 has {w0.numel()} values, the recorded parameters {n_params}")
         schedule = {"w0": w0, "lrs": lrs, "batch_sizes": sizes}
+        if "schedule.momenta" in arrays:
+            momenta = store.check_tensor(arrays, "schedule.momenta", where, (torch.float64,), 2)
+            if momenta.shape != lrs.shape or not bool((momenta >= 0).all()) or not bool(torch.isfinite(momenta).all()):
+                raise ValueError(f"history: {where}: schedule.momenta must hold a finite momentum >= 0 per step and group, like schedule.lrs "
+                                 f"{tuple(lrs.shape)}, got shape {tuple(momenta.shape)}")
+            schedule["momenta"] = momenta
         if "schedule.batch_indices" in arrays:
             indices = store.check_tensor(arrays, "schedule.batch_indices", where, ints, 1).to(torch.int64)
             if int(sizes.sum()) != indices.numel():

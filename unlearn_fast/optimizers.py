@@ -38,3 +38,28 @@ for _cls in vars(torch.optim).values():
     if isinstance(_cls, type) and issubclass(_cls, torch.optim.Optimizer) and _cls is not torch.optim.Optimizer:
         register_optimizer(_cls)
         _ALLOWED[f"torch.optim.{_cls.__name__}"] = _cls
+
+
+def cycled_setting(optimizer):
+    """The setting a momentum-cycling scheduler (OneCycleLR, CyclicLR with cycle_momentum=True) changes every step:
+    "betas", whose first entry it sets (Adam and its kin), or "momentum" (SGD, RMSprop); None if neither. torch's
+    schedulers look for them in this order."""
+    return next((key for key in ("betas", "momentum") if key in optimizer.defaults), None)
+
+
+def momentum_of(group, key):
+    """A parameter group's momentum under cycled_setting's `key` (beta1 for "betas") as a float."""
+    value = group[key]
+    return float(value[0] if key == "betas" else value)
+
+
+def set_step_settings(optimizer, lrs, momenta=None):
+    """Set each parameter group's learning rate to lrs[i] and, where a recorded run cycled it (momenta not None), its
+    momentum (Adam's beta1) to momenta[i]: one recorded step's settings, as the run's scheduler had set them."""
+    key = cycled_setting(optimizer) if momenta is not None else None
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lrs[i]
+        if key == "betas":
+            group["betas"] = (momenta[i], *group["betas"][1:])
+        elif key == "momentum":
+            group["momentum"] = momenta[i]

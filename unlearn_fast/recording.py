@@ -35,6 +35,7 @@ from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       eager_module, fetch, flat_params, param_spec, row_bytes, weights_digest)
 from .methods._common import batch_gradient, loss_ratio, module_mode
+from .optimizers import cycled_setting, momentum_of
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
 # gradients compare equal (the same kernel on the same values)
@@ -166,13 +167,11 @@ class HistoryRecorder:
         self._clip_norms = True
         self._clip_exact = True  # False: the known threshold was recovered from faster norms, to be replaced at the next clipped step
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
-        # the settings the replay keeps as they are now (only the learning rates are recorded per step)
-        self._replayed_keys = sorted(k for k in optimizer.defaults if k != "lr")
-        self._replayed_settings = self._group_settings()
+        self._settings = StepSettings(optimizer)
         self.w0 = flat_params(model).clone()
         self.steps = 0  # recorded steps
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
-        self.lrs = []  # kind="full" in memory: every step's learning rates (snapshot() replays them)
+        self.lrs, self.momenta = [], []  # kind="full" in memory: every step's learning rates and momenta (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
         self._positions, self._order = np.zeros(0, np.int32), np.zeros(0, np.int32)  # record()'s scratch for finding repeated indices
         self._open = _new_chunk()  # the chunk being filled
@@ -222,21 +221,6 @@ class HistoryRecorder:
         self._handles += [m.register_forward_pre_hook(InertWhenCopied(self._on_inner_forward))
                           for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         self._handles += [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
-
-    def _group_settings(self):
-        return [[_plain_value(g.get(k)) for k in self._replayed_keys] for g in self.optimizer.param_groups]
-
-    def _check_settings(self, step):
-        now, then = self._group_settings(), self._replayed_settings
-        if now == then:
-            return
-        if len(now) != len(then):
-            raise ValueError(f"record: step {step}: the optimizer has {len(now)} parameter groups, {len(then)} when recording began")
-        i, key, x, y = next((i, key, x, y) for i, (a, b) in enumerate(zip(now, then)) for key, x, y in zip(self._replayed_keys, a, b) if x != y)
-        raise ValueError(
-            f"record: step {step}: optimizer parameter group {i}'s {key} is {x!r}, {y!r} when recording began; the replay changes only "
-            "the learning rates step by step. A scheduler that cycles momentum changes it (OneCycleLR and CyclicLR with "
-            "cycle_momentum=True, the default: pass cycle_momentum=False); keep the other settings fixed")
 
     # -- hooks
     def _on_grad(self, i, p):
@@ -492,7 +476,7 @@ class HistoryRecorder:
             raise ValueError(f"record: called twice for step {step - 1}, before optimizer.step() ran; call it once per optimizer step")
         self._raise_writer_error()
         idx, top = self._check_indices(batch_indices, batch_size)
-        self._check_settings(step)
+        self._settings.check(step)
         scale = 1.0
         if self.grad_scaler is not None:
             scale, skipped = self._scaler_state(step)
@@ -529,10 +513,12 @@ class HistoryRecorder:
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
             self._accumulation_probe = (step, flat_params(self.model).clone(), idx, list(micro), reached, raw_norms.clone())
         self._note_seen(idx, top)
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        lrs, momenta = self._settings.now()
         if self.policy.kind == "full" and self.path is None:  # what snapshot() replays; a streamed recording reads them back
             self.lrs.append(lrs)
+            self.momenta.append(momenta)
         chunk["lrs"].append(lrs)
+        chunk["momenta"].append(momenta)
         chunk["sizes"].append(idx.numel())
         chunk["micro"].append(micro or [idx.numel()])
         if self.path is not None:  # on disk, a streamed recording keeps every batch (resume and retrain need them)
@@ -572,6 +558,8 @@ class HistoryRecorder:
             "schedule.micro_counts": torch.tensor([len(m) for m in chunk["micro"]], dtype=torch.int32),
             "schedule.micro_sizes": torch.tensor([s for m in chunk["micro"] if len(m) > 1 for s in m], dtype=torch.int32),
         }
+        if self._settings.cycled:  # (GradientHistory drops them where they stayed as meta records them)
+            schedule["schedule.momenta"] = torch.tensor(chunk["momenta"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups))
         if self.path is not None:
             schedule["schedule.batch_indices"] = compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64))
         rows = {}
@@ -694,6 +682,8 @@ class HistoryRecorder:
             lrs = torch.cat([sched["schedule.lrs"] for _, sched, _ in self._chunks])
             sizes = torch.cat([sched["schedule.batch_sizes"] for _, sched, _ in self._chunks]).to(torch.int64)
             schedule = {"w0": self.w0, "lrs": lrs, "batch_sizes": sizes}
+            if self._settings.cycled:
+                schedule["momenta"] = torch.cat([sched["schedule.momenta"] for _, sched, _ in self._chunks])
             for key in ("micro_counts", "micro_sizes"):
                 schedule[key] = torch.cat([sched[f"schedule.{key}"] for _, sched, _ in self._chunks]).to(torch.int64)
             trajectory = None
@@ -710,12 +700,12 @@ class HistoryRecorder:
             history.meta = meta
         if self.policy.kind != "full":
             # Mini reads which samples were trained on, not the order of the batches
-            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "batch_sizes") if key in history.schedule}
+            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes") if key in history.schedule}
             history.schedule["seen"] = seen
             from .methods.mini import final_summary, sgd_settings
 
             try:
-                sgd = sgd_settings(meta, "mini", history.schedule["lrs"])
+                sgd = sgd_settings(meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
             except ValueError:  # not SGD: mini refuses such histories, so the schedule response is not computed
                 sgd = None
             with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
@@ -780,7 +770,10 @@ class HistoryRecorder:
             return history
         if self.policy.kind != "full":
             raise ValueError("snapshot: a kind='minimal' recording in memory keeps no batches to replay; record with kind='full' or a path")
-        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, len(self.optimizer.param_groups))}
+        groups = len(self.optimizer.param_groups)
+        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, groups)}
+        if self._settings.cycled:
+            schedule["momenta"] = torch.tensor(self.momenta, dtype=torch.float64).reshape(-1, groups)
         for key in ("micro_counts", "micro_sizes"):  # gradient accumulation, sealed chunks then the open one
             parts = [sched[f"schedule.{key}"] for _, sched, _ in self._chunks]
             parts.append(torch.tensor([len(m) for m in self._open["micro"]] if key == "micro_counts" else
@@ -855,6 +848,37 @@ FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
 FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast")
 
 
+class StepSettings:
+    """The optimizer settings the replay sets step by step, as a recorder reads them before each step: the learning
+    rates, and the momentum (Adam's beta1) that OneCycleLR / CyclicLR cycle by default. Every other setting is kept as
+    it was when recording began: check() refuses a step where one changed."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.cycled = cycled_setting(optimizer)
+        self.keys = sorted(k for k in optimizer.defaults if k not in ("lr", "momentum"))
+        self.fixed = self._fixed()
+
+    def _fixed(self):
+        # (betas: beta1 is recorded per step, beta2 must stay)
+        return [[_plain_value(g.get(k))[1:] if k == "betas" else _plain_value(g.get(k)) for k in self.keys] for g in self.optimizer.param_groups]
+
+    def now(self):
+        """(each group's learning rate, each group's momentum or None if the optimizer has none)."""
+        groups = self.optimizer.param_groups
+        return [float(g["lr"]) for g in groups], ([momentum_of(g, self.cycled) for g in groups] if self.cycled else None)
+
+    def check(self, step):
+        now, then = self._fixed(), self.fixed
+        if now == then:
+            return
+        if len(now) != len(then):
+            raise ValueError(f"record: step {step}: the optimizer has {len(now)} parameter groups, {len(then)} when recording began")
+        i, key, x, y = next((i, key, x, y) for i, (a, b) in enumerate(zip(now, then)) for key, x, y in zip(self.keys, a, b) if x != y)
+        raise ValueError(f"record: step {step}: optimizer parameter group {i}'s {key} is {x!r}, {y!r} when recording began; the replay "
+                         "changes only the learning rates and the momentum (Adam's beta1) step by step: keep the other settings fixed")
+
+
 def _features_tensor(features):
     """The recorder's features so far (meta["recording"] of a finish() now) as JSON bytes in a uint8 tensor: a chunk
     part of the flush that resume() continues from. A GradScaler's per-step scales are not kept (resume refuses one)."""
@@ -914,7 +938,7 @@ def gradient_norm(grad, dtype=None):
 
 def _new_chunk():
     # g: kind="full", the chunk's gradient row buffers (RowEncoder.buffers), from its first step on
-    return {"lrs": [], "sizes": [], "micro": [], "indices": [], "g": None, "ckpt": []}
+    return {"lrs": [], "momenta": [], "sizes": [], "micro": [], "indices": [], "g": None, "ckpt": []}
 
 
 # a block-aligned range of one parameter at least this long is quantized from the tensor itself; shorter ranges (biases,

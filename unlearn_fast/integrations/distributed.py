@@ -50,7 +50,8 @@ import torch.distributed as dist
 if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
-from ..recording import HistoryRecorder, check_recordable, chunk_row_buffers, gradient_norm
+from ..optimizers import set_step_settings
+from ..recording import HistoryRecorder, StepSettings, check_recordable, chunk_row_buffers, gradient_norm
 
 
 def _world(group, who="DistributedRecorder"):
@@ -350,8 +351,7 @@ def _rank_steps(history, keep, rank, world_size, optimizer, progress):
         retained = int(keep[batch].sum())
         if retained == 0:
             continue
-        for group_, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
-            group_["lr"] = lr
+        set_step_settings(optimizer, *history.step_settings(t))
         yield t, mine, mine[keep[mine]], retained
 
 
@@ -577,6 +577,7 @@ class ShardedRecorder:
                              "the mesh must be the whole group in rank order")
         check_recordable(named, optimizer, who)
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
+        self._settings = StepSettings(optimizer)
         # one id for the run, rank 0's: the replay refuses rank histories of different runs mixed together
         run_id = [uuid.uuid4().hex if self.rank == 0 else None]
         dist.broadcast_object_list(run_id, src=_src(group), group=group)
@@ -591,7 +592,7 @@ class ShardedRecorder:
                             "sharding": "fsdp2", "run": run_id[0], **self.sharding},
         }
         self.w0 = _local_flat(model).clone()
-        self.steps, self.batches, self.lrs = 0, [], []  # batches, lrs: in memory only without a path (on disk with one)
+        self.steps, self.batches, self.lrs, self.momenta = 0, [], [], []  # batches, lrs, momenta: in memory only without a path (on disk with one)
         self._top = -1  # the largest recorded sample index (finish checks it against train_set)
         # the rows of a step go straight into the open chunk's buffers, through the policy's codec (RowEncoder: byte for
         # byte EncodedRows.encode of the flat local shards); a sealed chunk is kept (no path) or handed to the writer
@@ -696,17 +697,20 @@ class ShardedRecorder:
         world = torch.cat(gathered)
         if world.numel() == 0 or bool((world < 0).any()) or torch.unique(world).numel() != world.numel():
             raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
+        self._settings.check(step)  # (every rank's optimizer runs the same scheduler: all raise or none)
         chunk = self._open
         row = len(chunk["lrs"])
         if chunk["g"] is None:
             chunk["g"] = self._row_buffers()
         self._encoder.encode_into([_local(g).detach() for g in grads], chunk["g"], row)  # (w_t is rebuilt from w0 and the g rows: methods/trajectory.py)
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        lrs, momenta = self._settings.now()
         chunk["lrs"].append(lrs)
+        chunk["momenta"].append(momenta)
         chunk["indices"].append(world)
         if self.path is None:
             self.batches.append(world)
             self.lrs.append(lrs)
+            self.momenta.append(momenta)
         self._top = max(self._top, int(world.max()))
         self.steps += 1
         self._recorded = True
@@ -733,6 +737,8 @@ class ShardedRecorder:
             "schedule.micro_sizes": torch.zeros(0, dtype=torch.int32),
             "schedule.batch_indices": compact_indices(torch.cat(chunk["indices"]) if n else torch.zeros(0, dtype=torch.int64)),
         }
+        if self._settings.cycled:  # (GradientHistory drops them where they stayed as meta records them)
+            schedule["schedule.momenta"] = torch.tensor(chunk["momenta"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups))
         rows = {}
         if n:
             tensors = {name: t[:n] for name, t in chunk["g"].items()}
@@ -803,6 +809,8 @@ class ShardedRecorder:
         if self.path is None:
             schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(T, -1),
                         "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
+            if self._settings.cycled:
+                schedule["momenta"] = torch.tensor(self.momenta, dtype=torch.float64).reshape(T, -1)
             c, bs = self.policy.codec, self.policy.blocksize
             trajectory = {"g": ChunkedRows([(n, rows["g"]) for n, rows in self._chunks], c, bs, p, self.w0.dtype)}
             # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
@@ -818,7 +826,7 @@ class ShardedRecorder:
             history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference
             history.recording_id = None  # (no longer a recording to resume)
         self.close()
-        self._chunks, self.batches, self.lrs = [], [], []
+        self._chunks, self.batches, self.lrs, self.momenta = [], [], [], []
         return history
 
     @classmethod
@@ -883,7 +891,7 @@ class ShardedRecorder:
 
 def _new_shard_chunk():
     # w, g: the chunk's row buffers (RowEncoder.buffers), from its first step on
-    return {"lrs": [], "indices": [], "g": None}
+    return {"lrs": [], "momenta": [], "indices": [], "g": None}
 
 
 def _rank_dir(path, rank):

@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..history import fetch
+from ..optimizers import set_step_settings
 from ._common import batch_loss, check_history
 
 DEFAULT_BUDGET_FRACTION = 0.1  # with no budget given: a tenth of the recorded steps
@@ -64,9 +65,13 @@ def make_optimizer(model, history, optimizer, lr):
     return opt
 
 
-def set_lrs(opt, lrs):
-    for group, value in zip(opt.param_groups, lrs):
-        group["lr"] = value
+def set_settings(opt, history, t, lr, recorded_optimizer):
+    """Step t's recorded learning rates, and its cycled momenta where the recorded optimizer runs; or `lr` for every group."""
+    if lr is not None:
+        set_step_settings(opt, [lr] * len(opt.param_groups))
+    else:
+        lrs, momenta = history.step_settings(t)
+        set_step_settings(opt, lrs, momenta if recorded_optimizer else None)
 
 
 def step_seconds(model, loss_fn, batch):
@@ -149,7 +154,6 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         why = "a budget of 0 steps" if seconds is None or seconds > 0 else "a budget of 0 seconds"
         return model, not_unlearned(f"{why}: the trained model is returned unchanged", planned_steps=0)
     opt = make_optimizer(model, history, optimizer, lr)
-    lrs = None if lr is not None else history.schedule["lrs"]
     done = evals = 0
     batch = first
     for k in range(steps):
@@ -158,7 +162,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         if k:
             batch = next(stream)
         # the tail of the recorded schedule (repeated from its start when the budget exceeds the run)
-        set_lrs(opt, [lr] * len(opt.param_groups) if lrs is None else lrs[(T - steps + k) % T].tolist())
+        set_settings(opt, history, None if lr is not None else (T - steps + k) % T, lr, optimizer is None)
         opt.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, fetch(train_set, batch)).backward()
         opt.step()

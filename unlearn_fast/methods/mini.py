@@ -537,7 +537,7 @@ def prepare(history, model, train_set, loss_fn, batch_size=1024):
     policy = HistoryPolicy(**{k: v for k, v in history.meta["policy"].items() if k in HistoryPolicy.__dataclass_fields__})
     T = history.num_steps
     try:
-        sgd = sgd_settings(history.meta, "mini", history.schedule["lrs"])
+        sgd = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
     except ValueError:
         sgd = None
     rebuilt = weights_at(history, checkpoint_steps(T))
@@ -600,9 +600,10 @@ class _Basis:
 
 
 # ----------------------------------------------------------------------------- unlearning side
-def sgd_settings(meta, method, lrs=None):
+def sgd_settings(meta, method, lrs=None, momenta=None):
     """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError, and so do
-    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one).
+    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one) and a
+    momentum that a scheduler changed step by step (`momenta`, the schedule's: the model has one multiplier).
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
@@ -621,6 +622,9 @@ def sgd_settings(meta, method, lrs=None):
         t = int(torch.nonzero((lrs != lrs[:, :1]).any(1))[0])
         raise ValueError(f"{method}: models one learning rate for every parameter group; the recorded groups trained at {lrs[t].tolist()} "
                          f"at step {t}. Use method='retrain', or the finetune / rewind baselines")
+    if momenta is not None:
+        raise ValueError(f"{method}: models one SGD momentum for the whole run; the recorded run's scheduler changed it step by step "
+                         f"({float(momenta.min()):g} to {float(momenta.max()):g}). Use method='retrain', or the finetune / rewind baselines")
     decay, momentum, dampening, _ = settings.pop()
     if not 0 <= momentum < 1:
         raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {momentum}")
@@ -986,7 +990,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
-    lam, lr_scale = sgd_settings(history.meta, "mini", history.schedule["lrs"])
+    lam, lr_scale = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
     if history.summary is None:
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")

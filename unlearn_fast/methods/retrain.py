@@ -9,7 +9,7 @@ another batch order, reported in stats["batch_order"].
 import torch
 
 from ..history import set_flat_params
-from ..optimizers import optimizer_class
+from ..optimizers import optimizer_class, set_step_settings
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, replayed_batches
 
 
@@ -47,8 +47,7 @@ def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
             progress.update(1)
         if not any(part.numel() for part in parts):
             continue
-        for group, lr in zip(optimizer.param_groups, history.schedule["lrs"][t].tolist()):
-            group["lr"] = lr
+        set_step_settings(optimizer, *history.step_settings(t))
         optimizer.zero_grad(set_to_none=True)
         evals += replay_step(model, loss_fn, train_set, history, parts, t)
         clip(model, max_norm)

@@ -21,7 +21,7 @@ import torch
 from ..history import fetch, flat_params, set_flat_params
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, remaining, replayed_batches
 from .trajectory import state_at
-from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_lrs, step_seconds
+from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_settings, step_seconds
 
 
 def checkpoints(history):
@@ -110,7 +110,7 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
             progress.update(1)
         if not any(part.numel() for part in parts):
             continue
-        set_lrs(opt, [lr] * len(opt.param_groups) if lr is not None else lrs[t].tolist())
+        set_settings(opt, history, t, lr, optimizer is None)
         opt.zero_grad(set_to_none=True)
         evals += replay_step(model, loss_fn, train_set, history, parts, t)
         clip(model, max_norm)

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..optimizers import set_step_settings
 from .retrain import build_optimizer
 
 
@@ -38,7 +39,6 @@ def _replay(history, until):
     params = [w[a:b].view(shape) for a, b, shape in zip(bounds, bounds[1:], shapes)]  # views: the optimizer steps w itself
     optimizer = build_optimizer(params, meta)
     clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
-    lrs = history.schedule["lrs"]
     decoded = None if rows.codec == "fp32" else torch.empty_like(w)  # (fp32 rows are views of the history: nothing to decode)
     for t in range(T):
         g = rows.row(t, decoded).to(w.dtype)
@@ -49,8 +49,7 @@ def _replay(history, until):
             p.grad = g[a:b].view(shape)
         if clipping is not None:
             clipping(params)
-        for group, lr in zip(optimizer.param_groups, lrs[t].tolist()):
-            group["lr"] = lr
+        set_step_settings(optimizer, *history.step_settings(t))
         optimizer.step()
 
 
