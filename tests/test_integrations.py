@@ -226,8 +226,10 @@ def test_per_sample_first_epoch_history_from_the_trainer(tmp_path):
 
 
 def test_unreplayable_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="dropout.*attn_pdrop=0.1"):
-        hf.record(_trainer(tmp_path, model=_model(dropout=0.1)))
+    with pytest.raises(ValueError, match="dropout.*attn_pdrop=0.1.*kind='minimal' recording keeps no random generator states"):
+        hf.record(_trainer(tmp_path, model=_model(dropout=0.1)), policy=uf.HistoryPolicy(kind="minimal"))
+    with pytest.raises(ValueError, match="dropout.*gradient_accumulation_steps=2 the replay forwards each step's samples as one batch"):
+        hf.record(_trainer(tmp_path, model=_model(dropout=0.1), gradient_accumulation_steps=2))
     with pytest.raises(ValueError, match="remove_unused_columns"):
         hf.record(_trainer(tmp_path, remove_unused_columns=True))
     with pytest.raises(ValueError, match="label_smoothing_factor"):
@@ -271,15 +273,22 @@ def test_left_padding_and_lost_indices_are_refused(tmp_path):
         trainer.train()
 
 
-def test_dropout_allowed_is_recorded_and_replays_only_approximately(tmp_path):
-    trainer = _trainer(tmp_path, model=_model(dropout=0.1), optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
-    cb = hf.record(trainer, allow_dropout=True)
+@pytest.mark.parametrize("clip", [0.0, 0.2])
+def test_dropout_is_replayed_with_the_trainers_masks(clip, tmp_path):
+    # GPT-2's default dropout (0.1 in embeddings, attention and residuals) was refused until 2026-12-05: the replay drew
+    # other masks (6e-2 off). The recording keeps each step's generator state and the replay pads batches as the collator did
+    trainer = _trainer(tmp_path, model=_model(dropout=0.1), optim="sgd", learning_rate=0.5, max_grad_norm=clip)
+    cb = hf.record(trainer)
     trainer.train()
     history = cb.finish(summary=False)
     assert ["config.attn_pdrop", 0.1] in history.meta["hf_trainer"]["dropout"]
     model = trainer.model
-    dw = _max_dw(_replay(model.eval(), history, cb.replay_set, cb.replay_loss), model)  # eval: no masks in the replay
-    assert dw > 100 * TIGHT  # not reproduced: why dropout is refused by default
+    assert model.training
+    moved = float((flat_params(model) - history.schedule["w0"]).abs().max())
+    assert _max_dw(_replay(model, history, cb.replay_set, cb.replay_loss), model) < TIGHT < moved / 1000
+    # the batches' shape matters: padded to the whole set's longest example, the replay draws other masks
+    padded = torch.utils.data.TensorDataset(*cb.replay_set.tensors)
+    assert _max_dw(_replay(model, history, padded, cb.replay_loss), model) > 100 * TIGHT
 
 
 def test_import_unlearn_fast_imports_no_trainer_framework():

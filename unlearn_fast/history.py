@@ -347,7 +347,8 @@ class GradientHistory:
     schedule: {"w0": (p,), "lrs": (T, groups) float64, "batch_sizes": (T,) int64, "micro_counts": (T,) int64 and
     "micro_sizes" (the micro-batches of gradient-accumulation steps: how many, and the sizes of those with more
     than one, in order; absent in older histories), "momenta": (T, groups) float64 (each step's momentum, or Adam's
-    beta1, where a scheduler cycled it: absent when it stayed as recorded in meta), and either
+    beta1, where a scheduler cycled it: absent when it stayed as recorded in meta), "rng_states": (T, state bytes) uint8
+    (the random generator's state at each step's first training forward, kind "full" of a model with dropout), and either
     "batches": [LongTensor] (the order of every batch: kind "full") or "seen": (n_train,) bool (which
     samples were trained on: kind "minimal", whose methods do not replay batches)}."""
 
@@ -458,6 +459,8 @@ class GradientHistory:
         part = {"schedule.lrs": sched["lrs"][a:b], "schedule.batch_sizes": sched["batch_sizes"][a:b].to(torch.int32)}
         if "momenta" in sched:
             part["schedule.momenta"] = sched["momenta"][a:b]
+        if "rng_states" in sched:
+            part["schedule.rng_states"] = sched["rng_states"][a:b]
         if micro_ends is not None:
             first, last = (int(micro_ends[a - 1]) if a else 0), (int(micro_ends[b - 1]) if b else 0)
             part["schedule.micro_counts"] = sched["micro_counts"][a:b].to(torch.int32)
@@ -528,7 +531,7 @@ class GradientHistory:
             arrays, parts = dict(snap.tensors), None
             if snap.chunks:  # version 3: the schedule and the trajectory in chunks
                 scheds = [store.read_part(path, c["parts"]["schedule"], where) if "schedule" in c["parts"] else {} for c in snap.chunks]
-                for name in ("schedule.lrs", "schedule.momenta", "schedule.batch_sizes", "schedule.batch_indices", "schedule.micro_counts",
+                for name in ("schedule.lrs", "schedule.momenta", "schedule.rng_states", "schedule.batch_sizes", "schedule.batch_indices", "schedule.micro_counts",
                              "schedule.micro_sizes"):
                     got = [sc[name] for sc in scheds if name in sc]
                     if got:
@@ -611,6 +614,11 @@ class GradientHistory:
                 raise ValueError(f"history: {where}: schedule.momenta must hold a finite momentum >= 0 per step and group, like schedule.lrs "
                                  f"{tuple(lrs.shape)}, got shape {tuple(momenta.shape)}")
             schedule["momenta"] = momenta
+        if "schedule.rng_states" in arrays:  # (set as a generator's state only through torch's own checks: no code, no pickle)
+            states = store.check_tensor(arrays, "schedule.rng_states", where, (torch.uint8,), 2)
+            if states.shape[0] != lrs.shape[0]:
+                raise ValueError(f"history: {where}: schedule.rng_states has {states.shape[0]} rows for {lrs.shape[0]} steps")
+            schedule["rng_states"] = states
         if "schedule.batch_indices" in arrays:
             indices = store.check_tensor(arrays, "schedule.batch_indices", where, ints, 1).to(torch.int64)
             if int(sizes.sum()) != indices.numel():
@@ -728,7 +736,11 @@ def _encoded_rows(name, m, tensors, where):
 
 
 def fetch(train_set, indices):
-    """Collate the samples `indices` of a map-style data set into a batch (x, y)."""
+    """Collate the samples `indices` of a map-style data set into a batch (x, y); a data set that batches its samples
+    itself (padded text: integrations/hf.py) does so through its fetch_batch(indices)."""
+    own = getattr(train_set, "fetch_batch", None)
+    if callable(own):
+        return own(indices)
     if isinstance(train_set, torch.utils.data.TensorDataset):
         return tuple(t[indices] for t in train_set.tensors)
     return torch.utils.data.default_collate([train_set[int(i)] for i in indices])

@@ -19,8 +19,10 @@ loss is the next-token cross-entropy summed over all micro-batches of the step a
 (`num_items_in_batch`), so replaying the step's samples as one batch with `TrainerLoss` gives the same gradient;
 its clipping (`max_grad_norm`, on by default at 1.0, `clip_grad_norm_`) goes into the history as
 meta["recording"]["clip_max_norm"], which retrain and rewind replay after each replayed backward (so a retrain
-without some samples clips what it really would) and deltagrad / mini refuse. Dropout (a new
-random mask per forward) cannot be replayed and is refused unless allow_dropout=True; mixed precision, label
+without some samples clips what it really would) and deltagrad / mini refuse. Dropout is replayed with the Trainer's
+masks by a single-process kind="full" recording without accumulation (each step's random generator state is recorded
+and the replay pads each batch as the collator did: ReplayTexts); elsewhere it is refused unless allow_dropout=True
+(the replay then draws other masks); mixed precision, label
 smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
 rank 0 records it (cb.finish() returns None on the other ranks).
@@ -174,9 +176,26 @@ def replay_set(dataset, collator, pad_id=0):
     labels = torch.full((len(rows), length), -100, dtype=torch.int64)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)], labels[i, : len(lab)] = ids, lab
-    out = torch.utils.data.TensorDataset(input_ids, labels)
-    out.lengths = torch.tensor([len(ids) for ids, _ in rows])  # real tokens per example (the hook compares batches with them)
-    return out
+    return ReplayTexts(input_ids, labels, torch.tensor([len(ids) for ids, _ in rows]), getattr(collator, "pad_to_multiple_of", None) or 1)
+
+
+class ReplayTexts(torch.utils.data.TensorDataset):
+    """replay_set()'s data set: (input_ids, labels) right-padded to the longest example, whose batches (fetch_batch)
+    are padded as the Trainer's collator pads them: to the batch's longest example, rounded up to pad_multiple. The
+    shape matters to dropout: its masks are drawn over the padded batch, so only a batch of the Trainer's shape
+    replays the Trainer's masks."""
+
+    def __init__(self, input_ids, labels, lengths, pad_multiple=1):
+        super().__init__(input_ids, labels)
+        self.lengths, self.pad_multiple = lengths, int(pad_multiple)  # real tokens per example (the hook compares batches with them)
+
+    def width(self, indices):
+        longest = int(self.lengths[indices].max()) if len(indices) else 0
+        return min(-(-longest // self.pad_multiple) * self.pad_multiple, self.tensors[0].shape[1])
+
+    def fetch_batch(self, indices):
+        w = self.width(indices)
+        return tuple(t[indices, :w] for t in self.tensors)
 
 
 def _check_right_padded(mask, labels, where):
@@ -203,7 +222,7 @@ def dropout_settings(model):
     return found
 
 
-def _check_trainer(trainer, allow_dropout):
+def _check_trainer(trainer, allow_dropout, kind):
     from transformers import Trainer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -250,11 +269,18 @@ def _check_trainer(trainer, allow_dropout):
         raise ValueError(f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} with a model that takes no "
                          "num_items_in_batch: the Trainer averages per micro-batch means, which one replayed batch does not")
     drop = dropout_settings(model)
-    if drop and not allow_dropout:
+    # a single-process kind="full" recording keeps each step's random generator state: its replay draws the Trainer's masks
+    accumulation = args.gradient_accumulation_steps
+    if drop and not allow_dropout and (kind != "full" or args.world_size > 1 or accumulation > 1):
         names = ", ".join(f"{n}={p}" for n, p in drop[:6])
-        raise ValueError(f"model: dropout is active in training ({names}); its random masks cannot be replayed, so retrain "
-                         "would not reproduce the model. Set these to 0 (e.g. GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) "
-                         "or pass allow_dropout=True to record anyway (replays then differ)")
+        why = (f"a kind={kind!r} recording keeps no random generator states to replay its masks" if kind != "full" else
+               f"with world_size={args.world_size} the recording keeps rank 0's random generator states only, not every rank's"
+               if args.world_size > 1 else
+               f"with gradient_accumulation_steps={accumulation} the replay forwards each step's samples as one batch (the Trainer "
+               "divides the micro-batches' summed loss by the step's label count), which draws other masks than its micro-batches")
+        raise ValueError(f"model: dropout is active in training ({names}); {why}, "
+                         "so retrain would not reproduce the model. Record kind='full' in one process, set these to 0 (e.g. GPT2Config("
+                         "resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) or pass allow_dropout=True to record anyway (replays then differ)")
     return drop
 
 
@@ -278,7 +304,7 @@ class HistoryCallback(TrainerCallback):
         if per_sample is not None and not per_sample.per_sample:
             raise ValueError("per_sample: the policy records per-sample gradients; set HistoryPolicy(..., per_sample=True)")
         self.per_sample_policy, self.per_sample, self._per_sample_history = per_sample, None, None
-        self.dropout = _check_trainer(trainer, allow_dropout)
+        self.dropout, self.allow_dropout = _check_trainer(trainer, allow_dropout, self.policy.kind), allow_dropout
         self.dataset = trainer.train_dataset.dataset if isinstance(trainer.train_dataset, IndexedExamples) else trainer.train_dataset
         self.collator = trainer.data_collator.collator if isinstance(trainer.data_collator, IndexCollator) else trainer.data_collator
         self.max_grad_norm = float(trainer.args.max_grad_norm or 0.0)
@@ -329,6 +355,12 @@ class HistoryCallback(TrainerCallback):
                 raise ValueError(f"training batch: example {i} differs from the same example collated alone (a random transform "
                                  "in the data set, or a collator whose output depends on the batch); the replay could not feed "
                                  "what the Trainer trained on")
+        width = self.replay_set.width(indices)
+        if self.dropout and not self.allow_dropout and input_ids.shape[1] != width:
+            raise ValueError(f"training batch: padded to {input_ids.shape[1]} tokens where the replay pads to {width} (the longest "
+                             f"example, rounded up to the collator's pad_to_multiple_of={self.replay_set.pad_multiple}); dropout masks "
+                             "are drawn over the padded batch, so the replay would draw others. Pad to the longest example (or to a "
+                             "multiple of it), set the dropout to 0, or pass allow_dropout=True to record anyway (replays then differ)")
 
     # -- Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

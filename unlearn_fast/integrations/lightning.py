@@ -190,7 +190,8 @@ class HistoryCallback(pl.Callback):
       recording (default: the ModelCheckpoint's directory).
     save_history: stream the recording when the Trainer has a checkpoint callback and save a copy of it with
       every checkpoint (needed to resume a recording). False: record in memory, save nothing.
-    allow_dropout: record a module with dropout anyway (the replay then differs: random masks).
+    allow_dropout: record a module with dropout in a kind="minimal" history anyway (its replay draws other masks; a
+      kind="full" history keeps each step's random generator state and replays training's masks).
     check_batches: compare every (indices, x, y) batch with train_set's samples (one fetch per micro-batch).
     """
 
@@ -234,9 +235,10 @@ class HistoryCallback(pl.Callback):
                                  "clipping and optimizer step only")
         drop = [(n, m.p) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
         self.dropout = drop
-        if drop and not self.allow_dropout:
-            raise ValueError(f"module: dropout is active in training ({', '.join(f'{n}: p={p}' for n, p in drop[:6])}); its random "
-                             "masks cannot be replayed. Set p=0, or pass allow_dropout=True to record anyway (replays then differ)")
+        if drop and not self.allow_dropout and self.policy.kind != "full":  # (a "full" recording replays training's masks)
+            raise ValueError(f"module: dropout is active in training ({', '.join(f'{n}: p={p}' for n, p in drop[:6])}); a kind="
+                             f"{self.policy.kind!r} recording keeps no random generator states to replay its masks. Record kind='full', "
+                             "set p=0, or pass allow_dropout=True to record anyway (replays then differ)")
         accumulate = int(trainer.accumulate_grad_batches)
         norms = [n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
         if norms and accumulate > 1:

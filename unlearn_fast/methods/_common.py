@@ -82,8 +82,35 @@ def replayed_batches(history, forget_mask, seed=0):
 
 def replay_step(model, loss_fn, train_set, history, parts, step=None):
     """Forward and backward of one replayed step (its retained micro-batches, from replayed_batches) under the
-    recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale); returns the
-    samples it used (0: nothing to step on)."""
+    recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale) and random
+    generator state (dropout masks); returns the samples it used (0: nothing to step on)."""
+    with replay_rng(history, step, model):
+        return _replay_step(model, loss_fn, train_set, history, parts, step)
+
+
+@contextlib.contextmanager
+def replay_rng(history, step, model):
+    """Within: the random generator as training's was at recorded step `step`'s first forward (a history of a model with
+    dropout keeps it), so that the replay draws training's dropout masks; the caller's generator state is restored
+    after. Without a recorded state: nothing changes (the replay draws masks of its own)."""
+    states = history.schedule.get("rng_states")
+    if states is None or step is None:
+        yield
+        return
+    device = next(p.device for p in model.parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        state = states[step].clone()  # (torch 2.13's set_rng_state of a row view at a storage offset crashes the process)
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state, device)
+            else:
+                torch.set_rng_state(state)
+        except RuntimeError as err:  # a state of another size or generator (a crafted or foreign file)
+            raise ValueError(f"history: schedule.rng_states row {step} is not a {device.type} generator state ({err})") from None
+        yield
+
+
+def _replay_step(model, loss_fn, train_set, history, parts, step):
     scale = grad_scale(history, step)
     # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch
     by_share = (history.meta.get("recording") or {}).get("accumulation_weighting") == "batch_mean"
