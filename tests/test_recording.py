@@ -1197,3 +1197,43 @@ def test_recorded_generator_states_are_checked_as_data_from_a_file_and_minimal_h
         retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
     data, model, rec = dropout_run(kind="minimal")
     assert "rng_states" not in rec.finish(data, LOSS).schedule  # (its replay draws batches of its own)
+
+
+SMOOTHED = lambda out, y: LOSS(out, y, label_smoothing=0.01)  # noqa: E731
+WEIGHTED = lambda out, y: LOSS(out, y, weight=torch.tensor([1.0, 2.0, 0.5], dtype=out.dtype))  # noqa: E731
+
+
+@pytest.mark.parametrize("training", ["label smoothing 0.01", "class weights", "inputs scaled by 1.01", "an L2 term 1e-4 |w|^2", "augmentation"])
+def test_a_loss_fn_or_train_set_that_does_not_reproduce_training_is_refused_at_finish(training):
+    # each was accepted until 2026-12-05 (the check compared the total gradient norm within a factor 1.5) and replayed
+    # 0.5-20 % off the trained weights, silently
+    data = make_data()
+    X, y = data.tensors
+    loss_fn = {"label smoothing 0.01": SMOOTHED, "class weights": WEIGHTED}.get(training, LOSS)
+
+    def train(allow=()):
+        model, opt, rec = setup(kind="minimal" if training == "augmentation" else "full", allow=allow)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(4):
+            idx = torch.arange(t * 16, t * 16 + 16)
+            x = X[idx] * (1.01 if training == "inputs scaled by 1.01" else 1.0)
+            if training == "augmentation":
+                x = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y[idx])
+            if training.startswith("an L2 term"):
+                loss = loss + 1e-4 * sum((p ** 2).sum() for p in model.parameters())
+            loss.backward()
+            rec.record(idx)
+            opt.step()
+        return model, rec
+
+    model, rec = train()
+    with pytest.raises(ValueError, match=r"finish: loss_fn on train_set does not reproduce step 0's gradient: parameter (weight|bias)'s"):
+        rec.finish(data, LOSS)
+    if loss_fn is not LOSS:  # the recorder is still open: finish with the loss training minimised
+        history = rec.finish(data, loss_fn)
+        replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, loss_fn)
+        assert torch.equal(flat_params(replay), flat_params(model))
+    if training == "augmentation":  # declared: recorded (the replay draws augmentations of its own)
+        assert train(allow=("augmentation",))[1].finish(data, LOSS).num_steps == 4

@@ -60,7 +60,14 @@ ACCUMULATION_TOLERANCE = 0.25
 # training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
 # Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
 # a step's micro-batches.
-ALLOWABLE = ("accumulation", "clipping", "autocast")
+ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation")
+
+# finish(): loss_fn on train_set at w0 must give step 0's gradient as training's backward gave it, each parameter's norm
+# within this share of the step's gradient norm. The same computation agrees to rounding (measured: 0); training that
+# differs is far above (label smoothing 0.01: 6e-3, inputs scaled by 1.01: 5e-3, an L2 term of 1e-4 |w|^2 in the loss:
+# 1e-4, class weights: 0.15), and its replay silently wrong (0.5-20 % off the trained weights, measured)
+FIRST_STEP_TOLERANCE = 2e-5
+FIRST_STEP_TOLERANCE_CUDA = 1e-3  # (TF32 convolutions and atomics in some backward kernels: not measured on a GPU yet)
 
 
 class InertWhenCopied:
@@ -214,6 +221,7 @@ class HistoryRecorder:
         self._skipping = False  # record() saw the scaler's inf/nan: the coming optimizer.step() must not update
         self._first_indices = self._last_indices = None
         self._first_raw_norm = None  # step 0's gradient norm as backward left it (before clipping): finish() checks loss_fn at w0 against it
+        self._first_step = None  # (parameters reached, their raw norms, micro-batches, autocast, generator state) of step 0: the same, closely
         self._accumulation_probe = None  # the first step accumulated over unequal micro-batches: finish() tells how they were weighted
         self._finished = False
         self._handles = [
@@ -237,7 +245,7 @@ class HistoryRecorder:
 
     def _on_forward(self, module, args):
         if module.training and torch.is_grad_enabled():
-            if self._keep_rng and not self._micro:
+            if self._random_layers and not self._micro and (self._keep_rng or self.steps == 0):
                 self._rng = rng_state(self.params[0].device)
             x = args[0] if args else None  # (a model called with keyword arguments only: its micro-batch size is unknown)
             self._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None)
@@ -515,6 +523,8 @@ class HistoryRecorder:
             self._keep_checkpoint(step)
         if step == 0:
             self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
+            reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+            self._first_step = (reached, raw_norms.clone(), micro, self._autocast, self._rng)
         if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None:
             # (its weights: one copy, once; equal micro-batches weigh the same under either rule)
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
@@ -679,6 +689,7 @@ class HistoryRecorder:
                                      "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
                                      "scaler.unscale_(optimizer); record again") from err
                 raise
+            self._check_first_step(train_set, loss_fn)
         if self._accumulation_probe is not None:
             self._check_accumulation(train_set, loss_fn)
         w_final = flat_params(self.model)
@@ -731,6 +742,31 @@ class HistoryRecorder:
         self.close()
         self._chunks, self.batches = [], []  # the history holds them now
         return history
+
+    def _check_first_step(self, train_set, loss_fn):
+        """loss_fn on train_set must reproduce step 0's gradient, parameter by parameter (FIRST_STEP_TOLERANCE): the replay
+        recomputes every gradient with them. Skipped where step 0 is not one plain backward the check can redo exactly
+        (micro-batches, autocast, loss scaling, features the caller's loss_fn reproduces, dropout without its state):
+        the looser checks (loss_ratio, _check_accumulation) remain there."""
+        reached, raw, micro, autocast, rng = self._first_step
+        if self.allow or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
+            return
+        g = batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, rng=rng)
+        parts = torch.split(g, [p.numel() for p in self.params])
+        now = torch.stack([gradient_norm(parts[i], self._norm_dtype) for i in reached]).to(raw.dtype)
+        gap = (now - raw).abs()
+        j = int(gap.argmax())
+        tolerance = FIRST_STEP_TOLERANCE_CUDA if self.w0.device.type == "cuda" else FIRST_STEP_TOLERANCE
+        if not float(gap[j]) <= tolerance * float(torch.linalg.vector_norm(raw)):  # (also NaN)
+            name = self.param_names[reached[j]]
+            raise ValueError(
+                f"finish: loss_fn on train_set does not reproduce step 0's gradient: parameter {name}'s gradient norm is "
+                f"{float(now[j]):.7g} under loss_fn, {float(raw[j]):.7g} as training's backward gave it ({float(gap[j]) / float(torch.linalg.vector_norm(raw)):.2g} "
+                "of the step's gradient norm). Every replay recomputes gradients with loss_fn on train_set, so it would replay another "
+                "training. Pass the loss training minimised (label smoothing, class weights and extra terms such as an L2 penalty "
+                "included) and a train_set that returns the samples as the training loader fed them (the same transforms). "
+                "Random augmentation cannot be replayed: pass allow=('augmentation',) to record anyway (the replay then draws "
+                "augmentations of its own)")
 
     def _check_accumulation(self, train_set, loss_fn):
         """How the first step accumulated over unequal micro-batches weighed them: each micro-batch's mean loss divided by

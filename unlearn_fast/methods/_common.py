@@ -99,15 +99,20 @@ def replay_rng(history, step, model):
         return
     device = next(p.device for p in model.parameters())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        state = states[step].clone()  # (torch 2.13's set_rng_state of a row view at a storage offset crashes the process)
         try:
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(state, device)
-            else:
-                torch.set_rng_state(state)
+            set_rng_state(states[step], device)
         except RuntimeError as err:  # a state of another size or generator (a crafted or foreign file)
             raise ValueError(f"history: schedule.rng_states row {step} is not a {device.type} generator state ({err})") from None
         yield
+
+
+def set_rng_state(state, device):
+    """Make `state` (recording.rng_state's) the state of the generator a model on `device` draws dropout from."""
+    state = state.clone()  # (torch 2.13's set_rng_state of a row view at a storage offset crashes the process)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _replay_step(model, loss_fn, train_set, history, parts, step):
@@ -239,10 +244,10 @@ def module_mode(model, training):
             m.training = mode
 
 
-def batch_gradient(model, loss_fn, batch, w):
+def batch_gradient(model, loss_fn, batch, w, rng=None):
     """The flat gradient of loss_fn on `batch` at flat parameters w, in training mode (the mode the recorded
-    gradients were computed in). Leaves the model untouched: parameters, .grad, buffers (batch norm's running
-    statistics) and the global RNG (dropout)."""
+    gradients were computed in), with dropout drawn from generator state `rng` if given. Leaves the model
+    untouched: parameters, .grad, buffers (batch norm's running statistics) and the global RNG (dropout)."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in model.parameters() if p.requires_grad]
     w = w.detach().clone().requires_grad_(True)
@@ -251,6 +256,8 @@ def batch_gradient(model, loss_fn, batch, w):
     x, y = batch
     devices = [w.device] if w.device.type == "cuda" else []
     with module_mode(model, True), torch.random.fork_rng(devices=devices), torch.enable_grad():
+        if rng is not None:
+            set_rng_state(rng, w.device)
         loss = loss_fn(torch.func.functional_call(model, {**params, **buffers}, (x,)), y)
         check_scalar_loss(loss)
         (grad,) = torch.autograd.grad(loss, w, allow_unused=True)
