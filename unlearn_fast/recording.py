@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import functools
+import inspect
 import math
 import os
 import queue
@@ -154,6 +155,10 @@ class HistoryRecorder:
                              "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
                              "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
         check_recordable(named, optimizer, "HistoryRecorder")
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(f"HistoryRecorder: {type(optimizer).__name__}.step needs a closure: it evaluates the loss and its gradient "
+                             "several times inside one step (a line search), which a history of one gradient per step cannot replay")
         # frozen parameters the optimizer holds: unfrozen later, optimizer.step() would train them unrecorded
         held = {id(q) for g in optimizer.param_groups for q in g["params"]}
         self._held_frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad and id(p) in held]
@@ -214,6 +219,8 @@ class HistoryRecorder:
         self._recorded = False  # record() ran for the coming step
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
+        self._left = self._left_norms = None
+        self._note_parameters(0)
         self._seen_features = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
         if self.grad_scaler is not None:
             # the scale of each recorded step, run-length [[first step, scale], ...]: the replay scales as training did
@@ -270,6 +277,29 @@ class HistoryRecorder:
             self._steps_taken += 1
         self._recorded, self._skipping = False, False
         self._reset_step()
+        self._note_parameters(self.steps)
+
+    def _note_parameters(self, step):
+        """The parameters as the optimizer left them (as constructed, before step 0): record() of `step` and finish()
+        check that nothing changed them since. Version counters catch in-place edits under no_grad (clamp_, renorm,
+        nn.init, load_state_dict) and data pointers a replaced .data; an edit through .data in place bumps neither, so
+        before steps 0, 1, 2, 4, ... and every AUDIT_EVERY-th step the parameters' norms are compared too."""
+        self._left = [(p._version, p.data_ptr()) for p in self.params]
+        audit = step % AUDIT_EVERY == 0 or step & (step - 1) == 0
+        self._left_norms = [gradient_norm(p.detach()) for p in self.params] if audit else None
+
+    def _check_parameters_left(self, call, step):
+        if self._left is None:  # (a resumed recording: its first step)
+            return
+        changed = [i for i, (p, (version, ptr)) in enumerate(zip(self.params, self._left)) if p._version != version or p.data_ptr() != ptr]
+        if not changed and self._left_norms is not None:
+            changed = [i for i, (p, n) in enumerate(zip(self.params, self._left_norms)) if not torch.equal(gradient_norm(p.detach()), n)]
+        if changed:
+            when = "between HistoryRecorder() and the first step (w0 is taken when the recorder is created: create it after " \
+                   "initialising or loading the weights)" if step == 0 else f"after optimizer step {step - 1}"
+            raise ValueError(f"{call}: parameter {self.param_names[changed[0]]!r} changed {when}; the replay reproduces the optimizer's "
+                             "steps only. A weight constraint applied after step() (clamp_, renorm, a projection) is not replayed: "
+                             "express it in the model (torch.nn.utils.parametrize) or train without it; history not extended")
 
     def _reset_step(self):
         self._autocast, self._micro, self._rng = None, [], None
@@ -492,6 +522,7 @@ class HistoryRecorder:
         self._raise_writer_error()
         idx, top = self._check_indices(batch_indices, batch_size)
         self._settings.check(step)
+        self._check_parameters_left("record", step)
         scale = 1.0
         if self.grad_scaler is not None:
             scale, skipped = self._scaler_state(step)
@@ -673,6 +704,7 @@ class HistoryRecorder:
             raise ValueError(f"finish: step {T - 1} was recorded but optimizer.step() did not run after it")
         self._raise_writer_error()
         check_parameters(self.meta["param_spec"], self.model, "finish")
+        self._check_parameters_left("finish", T)
         n_train = len(train_set)
         if self._trained.numel() > n_train and bool(self._trained[n_train:].any()):
             top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
