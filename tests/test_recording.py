@@ -1271,3 +1271,37 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused():
     model = torch.nn.Linear(5, 3).double()
     with pytest.raises(ValueError, match="HistoryRecorder: LBFGS.step needs a closure"):
         uf.HistoryRecorder(model, torch.optim.LBFGS(model.parameters()))
+
+
+def test_a_sampler_with_replacement_is_recorded_when_declared_and_its_replay_trains_on_every_copy():
+    data = make_data()
+    weights = torch.linspace(0.2, 1.0, len(data), dtype=torch.float64)  # class-balancing style: repeats within a batch
+    sampler = list(torch.utils.data.WeightedRandomSampler(weights, 64, replacement=True, generator=torch.Generator().manual_seed(0)))
+    batches = [torch.tensor(sampler[t * 16 : t * 16 + 16]) for t in range(4)]
+    assert any(len(set(b.tolist())) < 16 for b in batches)
+    model, opt, rec = setup()
+    opt.zero_grad()
+    backward(model, data, batches[0])
+    with pytest.raises(ValueError, match=r"repeats .* allow=\('repeated_samples',\)"):
+        rec.record(batches[0])
+    model, opt, rec = setup(allow=("repeated_samples",))
+    for idx in batches:
+        opt.zero_grad()
+        backward(model, data, idx)
+        rec.record(idx)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    # forgetting a repeated sample removes every copy, as a retrain without it would
+    twice = next(int(v) for b in batches for v, c in zip(*torch.unique(b, return_counts=True)) if c > 1)
+    torch.manual_seed(0)  # (setup's initial weights)
+    reference = torch.nn.Linear(5, 3).double()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for idx in batches:
+        kept = idx[idx != twice]
+        ref_opt.zero_grad()
+        backward(reference, data, kept)
+        ref_opt.step()
+    result = uf.unlearn(model, history, [twice], data, LOSS, method="retrain").model
+    torch.testing.assert_close(flat_params(result), flat_params(reference), rtol=1e-12, atol=1e-12)

@@ -58,10 +58,11 @@ PROVISIONAL_TOLERANCE = 1e-2  # the same, between thresholds one of which was re
 # or autocast rounding (a few per cent), not by a rule off by a factor (a sum of micro-batch sums: the batch size)
 ACCUMULATION_TOLERANCE = 0.25
 
-# training features a caller may declare its replay loss_fn reproduces itself (HistoryRecorder(allow=...)); the
-# Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of
-# a step's micro-batches.
-ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation")
+# training features a caller may declare (HistoryRecorder(allow=...)): that its replay loss_fn reproduces them itself
+# (the Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of a
+# step's micro-batches: accumulation, clipping, autocast), that its data are random (augmentation), or that its
+# sampler draws with replacement (repeated_samples: refused by default as the mark of labels passed for indices)
+ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation", "repeated_samples")
 
 # finish(): loss_fn on train_set at w0 must give step 0's gradient as training's backward gave it, each parameter's norm
 # within this share of the step's gradient norm. The same computation agrees to rounding (measured: 0); training that
@@ -118,8 +119,10 @@ class HistoryRecorder:
             optimizer.step()
         history = rec.finish(train_set, loss_fn)
 
-    allow: training features among ALLOWABLE that the caller's replay loss_fn reproduces itself; by default
-    each is refused when record() sees it (their replay would be silently wrong).
+    allow: training features among ALLOWABLE the caller declares: "accumulation", "clipping", "autocast" (its replay
+    loss_fn reproduces them itself), "augmentation" (train_set draws random transforms: the replay draws its own),
+    "repeated_samples" (a sampler with replacement); by default each is refused when seen (its replay would be
+    silently wrong, or it is the mark of a mistake).
 
     Kinds "first_epoch" / "all_epochs" are recorded by unlearn_fast.lm.FirstEpochRecorder, which takes the
     batch inputs as well (this class refuses them, naming it).
@@ -363,11 +366,12 @@ class HistoryRecorder:
             self._order = np.arange(len(values), dtype=np.int32)
         order = self._order[: len(values)]
         self._positions[values] = order
-        if (self._positions[values] != order).any():
+        if "repeated_samples" not in self.allow and (self._positions[values] != order).any():
             unique, counts = torch.unique(idx, return_counts=True)
             raise ValueError(
                 f"record: batch_indices repeats {unique[counts > 1][:10].tolist()} within one step; each sample appears once in a "
-                "batch (were labels passed instead of sample indices?)"
+                "batch (were labels passed instead of sample indices?). A sampler that draws with replacement (WeightedRandomSampler's "
+                "default) repeats samples: pass allow=('repeated_samples',) (a replay trains on each copy, forgetting removes all)"
             )
         return idx, hi
 
@@ -781,7 +785,7 @@ class HistoryRecorder:
         (micro-batches, autocast, loss scaling, features the caller's loss_fn reproduces, dropout without its state):
         the looser checks (loss_ratio, _check_accumulation) remain there."""
         reached, raw, micro, autocast, rng = self._first_step
-        if self.allow or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
+        if set(self.allow) - {"repeated_samples"} or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
             return
         g = batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, rng=rng)
         parts = torch.split(g, [p.numel() for p in self.params])
