@@ -1305,3 +1305,28 @@ def test_a_sampler_with_replacement_is_recorded_when_declared_and_its_replay_tra
         ref_opt.step()
     result = uf.unlearn(model, history, [twice], data, LOSS, method="retrain").model
     torch.testing.assert_close(flat_params(result), flat_params(reference), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("given", ["a permuted train_set", "inputs scaled by 1.01", "label smoothing 0.01"])
+def test_uf_unlearn_refuses_a_train_set_or_loss_fn_other_than_finishes(given, tmp_path):
+    # accepted until 2026-12-05 (a norm ratio within 1.5): retrain then landed 0.6-2.0 gaps from the true retrain, silently
+    data = make_data()
+    model, opt, rec = setup()
+    steps(model, opt, rec, data, n_steps=4)
+    history = uf.GradientHistory.load(rec.finish(data, LOSS).save(str(tmp_path / "h")))
+    X, y = data.tensors
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    other, loss_fn = {"a permuted train_set": (torch.utils.data.TensorDataset(X[perm], y[perm]), LOSS),
+                      "inputs scaled by 1.01": (torch.utils.data.TensorDataset(X * 1.01, y), LOSS),
+                      "label smoothing 0.01": (data, SMOOTHED)}[given]
+    with pytest.raises(ValueError, match=r"loss_fn / train_set: on the batch of recorded step 3 at the trained weights, parameter (weight|bias)'s"):
+        uf.unlearn(model, history, [1, 2], other, loss_fn, method="retrain")
+    assert uf.unlearn(model, history, [1, 2], data, LOSS, method="retrain").stats["forgotten_total"] == 2
+
+
+def test_the_loss_check_draws_the_same_dropout_masks_at_finish_and_at_unlearn():
+    data, model, rec = dropout_run(kind="minimal")
+    history = rec.finish(data, LOSS)
+    for _ in range(3):  # whatever the caller's random state, the check's masks are the same
+        torch.rand(7)
+        assert uf.unlearn(model, history, [1], data, LOSS, method="retrain").stats["forgotten_total"] == 1

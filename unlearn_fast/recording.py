@@ -35,7 +35,7 @@ from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       eager_module, fetch, flat_params, param_spec, row_bytes, weights_digest)
-from .methods._common import batch_gradient, loss_ratio, module_mode
+from .methods._common import batch_gradient, loss_fingerprint, loss_ratio, module_mode
 from .optimizers import cycled_setting, momentum_of
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -289,14 +289,16 @@ class HistoryRecorder:
         before steps 0, 1, 2, 4, ... and every AUDIT_EVERY-th step the parameters' norms are compared too."""
         self._left = [(p._version, p.data_ptr()) for p in self.params]
         audit = step % AUDIT_EVERY == 0 or step & (step - 1) == 0
-        self._left_norms = [gradient_norm(p.detach()) for p in self.params] if audit else None
+        self._left_norms = [float(torch.linalg.vector_norm(p.detach())) for p in self.params] if audit else None
 
     def _check_parameters_left(self, call, step):
         if self._left is None:  # (a resumed recording: its first step)
             return
         changed = [i for i, (p, (version, ptr)) in enumerate(zip(self.params, self._left)) if p._version != version or p.data_ptr() != ptr]
         if not changed and self._left_norms is not None:
-            changed = [i for i, (p, n) in enumerate(zip(self.params, self._left_norms)) if not torch.equal(gradient_norm(p.detach()), n)]
+            # (a tolerance, not equality: a threaded BLAS may sum in another order from one call to the next)
+            changed = [i for i, (p, n) in enumerate(zip(self.params, self._left_norms))
+                       if not abs(float(torch.linalg.vector_norm(p.detach())) - n) <= 1e-6 * n]
         if changed:
             when = "between HistoryRecorder() and the first step (w0 is taken when the recorder is created: create it after " \
                    "initialising or loading the weights)" if step == 0 else f"after optimizer step {step - 1}"
@@ -731,8 +733,9 @@ class HistoryRecorder:
         w_final = flat_params(self.model)
         meta = dict(self.meta, n_train=n_train, recording={"allow": list(self.allow), **copy.deepcopy(self._seen_features)})
         # uf.unlearn checks its loss_fn on the same batch at the final weights (the model it is given)
-        grad = batch_gradient(self.model, loss_fn, fetch(train_set, self._last_indices), w_final)
-        meta["loss_check"] = {"step": T - 1, "indices": self._last_indices.tolist(), "grad_norm": float(torch.linalg.vector_norm(grad))}
+        norms = loss_fingerprint(self.model, loss_fn, fetch(train_set, self._last_indices), w_final)
+        meta["loss_check"] = {"step": T - 1, "indices": self._last_indices.tolist(), "grad_norm": math.sqrt(sum(n * n for n in norms)),
+                              "param_norms": norms}
         seen = torch.zeros(n_train, dtype=torch.bool)
         seen[: min(n_train, self._trained.numel())] = self._trained[:n_train]
         self._seal()

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .history import GradientHistory, eager_module, fetch, flat_params, weights_digest
-from .methods._common import NotUnlearnedError, loss_ratio
+from .methods._common import NotUnlearnedError, check_loss_fingerprint
 
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
 METHODS = {
@@ -152,7 +152,7 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
             probe = check["indices"] if "indices" in check else history.schedule["batches"][check["step"]]
             batch = fetch(train_set, torch.as_tensor(probe)) if len(train_set) == history.n_train else None
             if batch is not None:  # (another train_set is refused by the method, naming train_set)
-                loss_ratio(model, loss_fn, batch, flat_params(model), check["grad_norm"])
+                check_loss_fingerprint(check, model, loss_fn, batch, flat_params(model))
         forgotten_before, forget = new.numel() - forget.numel(), new  # samples added by the earlier requests
     start = time.perf_counter()
     new_model = copy.deepcopy(model)

@@ -56,6 +56,7 @@ memory (a checkpoint saved by hand then gets the schedule only, which a resume r
 """
 import dataclasses
 import json
+import math
 import os
 import time
 import uuid
@@ -70,7 +71,7 @@ except ImportError as err:  # the optional dependency: `import unlearn_fast` nev
 from .. import store
 from ..data import IndexedDataset
 from ..history import GradientHistory, HistoryPolicy, fetch, weights_digest
-from ..methods._common import batch_gradient, clip_max_norm, graph_leaves
+from ..methods._common import batch_gradient, clip_max_norm, graph_leaves, loss_fingerprint
 from ..recording import HistoryRecorder, InertWhenCopied, optimizer_meta, optimizer_settings
 
 HISTORY_DIR = "unlearn_history"  # inside the checkpoint directory: HISTORY_DIR/step=<global_step>
@@ -553,9 +554,9 @@ class HistoryCallback(pl.Callback):
             probe = torch.as_tensor(history.meta["loss_check"]["indices"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         batch = tuple(t.to(params[0].device) if isinstance(t, torch.Tensor) else t for t in fetch(self.train_set, probe))
-        grad = batch_gradient(self.model, self.replay_loss, batch, _flat(params))
-        history.meta["loss_check"] = {"step": rec.num_steps - 1, "indices": probe.tolist(),
-                                      "grad_norm": float(torch.linalg.vector_norm(grad)), "loss": "replay_loss"}
+        norms = loss_fingerprint(self.model, self.replay_loss, batch, _flat(params))
+        history.meta["loss_check"] = {"step": rec.num_steps - 1, "indices": probe.tolist(), "grad_norm": math.sqrt(sum(n * n for n in norms)),
+                                      "param_norms": norms, "loss": "replay_loss"}
         if summary and history.path is not None:  # the finished version at recording_path gets the same meta (its rows stay)
             history.save(history.path)
         return history

@@ -1,5 +1,6 @@
 """Small pieces every history-based method shares, and the loss_fn check the recorder and uf.unlearn both run."""
 import contextlib
+import math
 
 import torch
 
@@ -264,9 +265,47 @@ def batch_gradient(model, loss_fn, batch, w, rng=None):
     return torch.zeros_like(w) if grad is None else grad.detach()
 
 
-def loss_ratio(model, loss_fn, batch, w, reference_norm):
-    """|gradient of loss_fn on batch at w| / reference_norm, ValueError naming loss_fn when it is far from 1."""
-    norm = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w)))
+# uf.unlearn's check of its loss_fn and train_set against finish()'s on the same batch and weights: the same computation,
+# on this machine or another (other kernels' summation orders move a norm by ~1e-6 of it); a train_set in another order,
+# transformed otherwise, or another loss moves some parameter's norm by far more (measured: a permuted train_set, inputs
+# scaled by 1.05, label smoothing 0.05 were accepted by the norm ratio and retrain landed 0.64-2.0 gaps from the truth)
+LOSS_CHECK_TOLERANCE = 1e-4
+
+
+def seeded_state(device, seed=0):
+    """A fixed generator state for `device`: gradients compared across calls draw the same dropout masks."""
+    return torch.Generator(device).manual_seed(seed).get_state()
+
+
+def loss_fingerprint(model, loss_fn, batch, w):
+    """Each trainable parameter's gradient norm under loss_fn on `batch` at w (dropout from a fixed seed): what finish()
+    stores in meta["loss_check"] and uf.unlearn compares its own loss_fn and train_set with."""
+    g = batch_gradient(model, loss_fn, batch, w, rng=seeded_state(w.device))
+    return [float(torch.linalg.vector_norm(t)) for t in torch.split(g, [p.numel() for p in model.parameters() if p.requires_grad])]
+
+
+def check_loss_fingerprint(check, model, loss_fn, batch, w):
+    """ValueError naming loss_fn / train_set unless they give the gradient finish() measured (check: meta["loss_check"])."""
+    if "param_norms" not in check:  # (histories written before 2026-12-05: the norm ratio only)
+        return loss_ratio(model, loss_fn, batch, w, check["grad_norm"])
+    now, then = loss_fingerprint(model, loss_fn, batch, w), check["param_norms"]
+    total = math.sqrt(sum(n * n for n in then))
+    loss_ratio(model, loss_fn, batch, w, total, norm=math.sqrt(sum(n * n for n in now)))  # (a sum for a mean: its own message)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    j = max(range(len(now)), key=lambda i: abs(now[i] - then[i]))
+    if not abs(now[j] - then[j]) <= LOSS_CHECK_TOLERANCE * total:
+        raise ValueError(
+            f"loss_fn / train_set: on the batch of recorded step {check['step']} at the trained weights, parameter {names[j]}'s gradient "
+            f"norm is {now[j]:.7g}, {then[j]:.7g} when the history was finished ({abs(now[j] - then[j]) / max(total, 1e-300):.2g} of the "
+            "gradient's norm). Pass the training set as recorded (the same samples in the same order, the same transforms) and "
+            "the loss_fn finish() was given; another one would replay another training")
+
+
+def loss_ratio(model, loss_fn, batch, w, reference_norm, norm=None):
+    """|gradient of loss_fn on batch at w| / reference_norm (`norm`: that gradient norm, if known), ValueError naming
+    loss_fn when it is far from 1."""
+    if norm is None:
+        norm = float(torch.linalg.vector_norm(batch_gradient(model, loss_fn, batch, w)))
     if norm == reference_norm == 0:  # a stationary point: nothing to compare, and both losses agree there
         return 1.0
     ratio = norm / max(reference_norm, 1e-300)
