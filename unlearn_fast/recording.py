@@ -48,6 +48,9 @@ EDIT_TOLERANCE = 1e-6
 # spares a pass over every gradient per step; edits the counter cannot see (through .data, numpy or a C extension)
 # are caught by re-measuring every gradient at every AUDIT_EVERY-th step, step 0 included
 AUDIT_EVERY = 16
+# the parameters' norms (an edit through .data between steps: see _note_parameters) are compared before steps 0, 1, 2, 4, ...
+# and every PARAMETER_AUDIT_EVERY-th: two passes over the parameters each time (~1 % of a 10M-parameter MLP's step at 16)
+PARAMETER_AUDIT_EVERY = 64
 
 # per-parameter scale factors of norm clipping agree to rounding; a threshold recovered from them is rounded to 6
 # significant digits when that is within this tolerance (0.5 is recovered as 0.5000000x)
@@ -286,9 +289,9 @@ class HistoryRecorder:
         """The parameters as the optimizer left them (as constructed, before step 0): record() of `step` and finish()
         check that nothing changed them since. Version counters catch in-place edits under no_grad (clamp_, renorm,
         nn.init, load_state_dict) and data pointers a replaced .data; an edit through .data in place bumps neither, so
-        before steps 0, 1, 2, 4, ... and every AUDIT_EVERY-th step the parameters' norms are compared too."""
+        before steps 0, 1, 2, 4, ... and every PARAMETER_AUDIT_EVERY-th step the parameters' norms are compared too."""
         self._left = [(p._version, p.data_ptr()) for p in self.params]
-        audit = step % AUDIT_EVERY == 0 or step & (step - 1) == 0
+        audit = step % PARAMETER_AUDIT_EVERY == 0 or step & (step - 1) == 0
         self._left_norms = [float(torch.linalg.vector_norm(p.detach())) for p in self.params] if audit else None
 
     def _check_parameters_left(self, call, step):
