@@ -150,6 +150,7 @@ class HistoryRecorder:
             raise ValueError(f"HistoryRecorder: allow must name features among {ALLOWABLE}, got {unknown}")
         self.allow = allow
         self.model, self.optimizer = model, optimizer
+        self._compiled = called is not model
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.param_names = [name for name, _ in named]
@@ -801,6 +802,11 @@ class HistoryRecorder:
         tolerance = FIRST_STEP_TOLERANCE_CUDA if self.w0.device.type == "cuda" else FIRST_STEP_TOLERANCE
         if not float(gap[j]) <= tolerance * float(torch.linalg.vector_norm(raw)):  # (also NaN)
             name = self.param_names[reached[j]]
+            if self._compiled and self._random_layers:
+                raise ValueError(f"finish: step 0's gradient under loss_fn differs from training's (parameter {name}: {float(now[j]):.7g} vs "
+                                 f"{float(raw[j]):.7g}); the model was torch.compile'd and has dropout ({self._random_layers[0]}): "
+                                 "a compiled graph (inductor) draws its masks from a generator of its own, which the eager replay "
+                                 "cannot redraw. Record the eager model, compile with backend='aot_eager', or set the dropout to 0")
             raise ValueError(
                 f"finish: loss_fn on train_set does not reproduce step 0's gradient: parameter {name}'s gradient norm is "
                 f"{float(now[j]):.7g} under loss_fn, {float(raw[j]):.7g} as training's backward gave it ({float(gap[j]) / float(torch.linalg.vector_norm(raw)):.2g} "
