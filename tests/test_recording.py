@@ -1330,3 +1330,11 @@ def test_the_loss_check_draws_the_same_dropout_masks_at_finish_and_at_unlearn():
     for _ in range(3):  # whatever the caller's random state, the check's masks are the same
         torch.rand(7)
         assert uf.unlearn(model, history, [1], data, LOSS, method="retrain").stats["forgotten_total"] == 1
+
+
+def test_deltagrad_refuses_a_model_with_dropout_and_retrain_replays_it():
+    data, model, rec = dropout_run()
+    history = rec.finish(data, LOSS)
+    with pytest.raises(ValueError, match=r"model: has dropout \(drop: p=0.3\); deltagrad compares"):
+        uf.unlearn(model, history, [1], data, LOSS, method="deltagrad")
+    assert uf.unlearn(model, history, [1], data, LOSS, method="retrain").stats["forgotten_total"] == 1
