@@ -103,6 +103,10 @@ def _work(rank, out):
     except ValueError as err:
         with open(os.path.join(out, f"clipped_{rank}.txt"), "w") as f:
             f.write(str(err))
+    # dropout: every rank draws its own masks, which no replay could redraw (before 2026-12-05 recorded, replayed otherwise)
+    dropped = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(_net(), torch.nn.Dropout(0.1)))
+    _message(lambda: ufd.DistributedRecorder(dropped, torch.optim.SGD(dropped.parameters(), lr=0.1)), out, f"dropout_{rank}.txt")
+    ufd.DistributedRecorder(dropped, torch.optim.SGD(dropped.parameters(), lr=0.1), allow=("dropout",)).close()  # declared: recorded
 
 
 FORGET = [0, 5, 17, 30, 41]  # ~10 % of the training set
@@ -152,7 +156,7 @@ def ddp_run():
             return open(path).read() if os.path.exists(path) else None
 
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)]
-                    for kind in ("unequal", "clipped", "worldsize", "mismatch")}
+                    for kind in ("unequal", "clipped", "worldsize", "mismatch", "dropout")}
         threads = [message(f"threads_{r}.txt") for r in range(WORLD)]
         replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
         streamed = GradientHistory.load(os.path.join(out, "streamed"))
@@ -207,6 +211,11 @@ def test_unequal_rank_batches_refused_on_every_rank(ddp_run):
 def test_clipping_after_the_all_reduce_refused_on_every_rank(ddp_run):
     for message in ddp_run[2]["clipped"]:
         assert message is not None and "changed after DDP's all-reduce" in message and "clipping" in message
+
+
+def test_dropout_refused_on_every_rank_unless_declared(ddp_run):
+    for message in ddp_run[2]["dropout"]:
+        assert message is not None and "DistributedRecorder: model has dropout (1: p=0.1); every rank draws its own masks" in message
 
 
 def test_world_size_check(ddp_run):

@@ -1338,3 +1338,16 @@ def test_deltagrad_refuses_a_model_with_dropout_and_retrain_replays_it():
     with pytest.raises(ValueError, match=r"model: has dropout \(drop: p=0.3\); deltagrad compares"):
         uf.unlearn(model, history, [1], data, LOSS, method="deltagrad")
     assert uf.unlearn(model, history, [1], data, LOSS, method="retrain").stats["forgotten_total"] == 1
+
+
+def test_a_scheduler_stepped_between_record_and_the_optimizer_step_is_refused():
+    # accepted until 2026-12-05: the history held the lr record() read, the step ran at the next one (replay 0.8 % off)
+    data = make_data()
+    model, opt, rec = setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    opt.zero_grad()
+    backward(model, data, torch.arange(16))
+    rec.record(torch.arange(16))
+    sched.step()
+    with pytest.raises(ValueError, match=r"optimizer.step\(\): the learning rates \[0.05\] .* not those record\(\) read for step 0: \[0.1\]"):
+        opt.step()

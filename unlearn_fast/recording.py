@@ -63,9 +63,10 @@ ACCUMULATION_TOLERANCE = 0.25
 
 # training features a caller may declare (HistoryRecorder(allow=...)): that its replay loss_fn reproduces them itself
 # (the Hugging Face integration's replay loss, for example, applies the Trainer's clipping and averages over all of a
-# step's micro-batches: accumulation, clipping, autocast), that its data are random (augmentation), or that its
+# step's micro-batches: accumulation, clipping, autocast), that its data are random (augmentation), that its replay may
+# draw dropout masks of its own (dropout: distributed recordings, which keep no rank's generator states), or that its
 # sampler draws with replacement (repeated_samples: refused by default as the mark of labels passed for indices)
-ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation", "repeated_samples")
+ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation", "repeated_samples", "dropout")
 
 # finish(): loss_fn on train_set at w0 must give step 0's gradient as training's backward gave it, each parameter's norm
 # within this share of the step's gradient norm. The same computation agrees to rounding (measured: 0); training that
@@ -124,7 +125,8 @@ class HistoryRecorder:
 
     allow: training features among ALLOWABLE the caller declares: "accumulation", "clipping", "autocast" (its replay
     loss_fn reproduces them itself), "augmentation" (train_set draws random transforms: the replay draws its own),
-    "repeated_samples" (a sampler with replacement); by default each is refused when seen (its replay would be
+    "repeated_samples" (a sampler with replacement), "dropout" (the replay may draw masks of its own: distributed
+    recordings); by default each is refused when seen (its replay would be
     silently wrong, or it is the mark of a mistake).
 
     Kinds "first_epoch" / "all_epochs" are recorded by unlearn_fast.lm.FirstEpochRecorder, which takes the
@@ -221,12 +223,13 @@ class HistoryRecorder:
         # a model with dropout: a "full" recording keeps the random generator's state at each step's first training
         # forward, so that the replay draws the masks training drew (without it, retrain forgetting nothing landed 7 % off)
         self._random_layers = [name for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
-        self._keep_rng = self.policy.kind == "full" and bool(self._random_layers)
+        self._keep_rng = self.policy.kind == "full" and bool(self._random_layers) and "dropout" not in self.allow
         self._rng = None  # this step's state, taken at its first training forward
         self._recorded = False  # record() ran for the coming step
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
         self._left = self._left_norms = None
+        self._read = None  # the settings record() read for the coming step
         self._note_parameters(0)
         self._seen_features = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
         if self.grad_scaler is not None:
@@ -278,6 +281,11 @@ class HistoryRecorder:
             return
         if not self._recorded and self._unrecorded_step is None:
             self._unrecorded_step = self._steps_taken
+        if self._recorded and self._settings.now() != self._read:
+            (lrs, momenta), (then, then_m) = self._settings.now(), self._read
+            raise ValueError(f"optimizer.step(): the learning rates {lrs} (momenta {momenta}) are not those record() read for step "
+                             f"{self.steps - 1}: {then} ({then_m}); a scheduler stepped between record() and optimizer.step(), so the "
+                             "history would replay other learning rates. Call record() right before optimizer.step() (scheduler.step() after it)")
 
     def _after_step(self, optimizer, args, kwargs):
         if not self._skipping:
@@ -572,6 +580,7 @@ class HistoryRecorder:
             self._accumulation_probe = (step, flat_params(self.model).clone(), idx, list(micro), reached, raw_norms.clone())
         self._note_seen(idx, top)
         lrs, momenta = self._settings.now()
+        self._read = (lrs, momenta)  # (optimizer.step() must run at these: _before_step)
         if self.policy.kind == "full" and self.path is None:  # what snapshot() replays; a streamed recording reads them back
             self.lrs.append(lrs)
             self.momenta.append(momenta)

@@ -54,6 +54,16 @@ from ..optimizers import set_step_settings
 from ..recording import HistoryRecorder, StepSettings, check_recordable, chunk_row_buffers, gradient_norm
 
 
+def refuse_dropout(model, allow, who):
+    """ValueError naming the first dropout layer (p > 0) unless allow holds "dropout": every rank draws its own masks, and
+    a distributed recording keeps no rank's generator states, so no replay could redraw them."""
+    drops = [f"{name}: p={m.p}" for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    if drops and "dropout" not in allow:
+        raise ValueError(f"{who}: model has dropout ({', '.join(drops[:3])}); every rank draws its own masks, which a distributed "
+                         "recording does not keep, so a replay would draw others and not reproduce the run. Train without dropout"
+                         + ("" if who.startswith("ShardedRecorder") else ", or pass allow=('dropout',) to record anyway (replays then differ)"))
+
+
 def _world(group, who="DistributedRecorder"):
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{who}: torch.distributed is not initialised (call dist.init_process_group first)")
@@ -118,6 +128,7 @@ class DistributedRecorder:
         self._check_model(model, group, "DistributedRecorder")
         self.steps = 0
         self.allow = (allow,) if isinstance(allow, str) else tuple(allow)
+        refuse_dropout(model.module, self.allow, "DistributedRecorder")
         # The recorder takes each gradient's norm when backward leaves it, to detect clipping (a later change) and
         # to check finish()'s loss_fn against; under DDP the all-reduce writes the averaged gradients after that.
         # A communication hook measures the norms the all-reduce produced: this class refuses a later edit itself
@@ -149,6 +160,7 @@ class DistributedRecorder:
         another model, weights that match no flush point."""
         self = cls.__new__(cls)
         self._check_model(model, group, "DistributedRecorder.resume")
+        refuse_dropout(model.module, (allow,) if isinstance(allow, str) else tuple(allow), "DistributedRecorder.resume")
 
         def resumed():
             from .. import store
@@ -561,6 +573,7 @@ class ShardedRecorder:
         self.group = group
         self.world_size, self.rank = _world(group, who)
         _fsdp_root(model, who)
+        refuse_dropout(model, (), who)
         self.policy = policy or HistoryPolicy(kind="full")
         if self.policy.kind != "full":
             raise ValueError(f"{who}: policy kind {self.policy.kind!r} is not supported for FSDP2 shard histories (Mini's summary needs "

@@ -411,6 +411,8 @@ class HistoryCallback(TrainerCallback):
                              f"({type(wrapped).__name__}); the integration records DDP runs only")
         if self.max_grad_norm > 0:
             allow = tuple(allow) + ("clipping",)
+        if self.dropout:  # (refused by _check_trainer unless allow_dropout=True)
+            allow = tuple(allow) + ("dropout",)
         if state.global_step == 0:
             self.resumed_from = []
             path = self._new_recording_path(args) if self.resumable else None
