@@ -244,7 +244,7 @@ class HistoryRecorder:
         self._handles = [
             optimizer.register_step_pre_hook(InertWhenCopied(self._before_step)),
             optimizer.register_step_post_hook(InertWhenCopied(self._after_step)),
-            called.register_forward_pre_hook(InertWhenCopied(self._on_forward)),
+            called.register_forward_pre_hook(InertWhenCopied(self._on_forward), with_kwargs=True),
         ]
         # autocast seen where the parameters are used: a wrapper (accelerate's mixed precision) may enter it inside the
         # model's forward, after the model's own pre-hook ran
@@ -260,11 +260,12 @@ class HistoryRecorder:
             self._raw_clip_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
         self._raw_versions[i] = (p.grad, p.grad._version)
 
-    def _on_forward(self, module, args):
+    def _on_forward(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
             if self._random_layers and not self._micro and (self._keep_rng or self.steps == 0):
                 self._rng = rng_state(self.params[0].device)
-            x = args[0] if args else None  # (a model called with keyword arguments only: its micro-batch size is unknown)
+            # the batch: the first positional argument, else the first tensor keyword argument (input_ids=...)
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             self._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None)
             self._on_inner_forward(module, args)
 
@@ -954,7 +955,9 @@ class HistoryRecorder:
 
 
 FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
-FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast")
+FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting")
+# how the replay weighs the micro-batches of an accumulated step (methods/_common.replay_step); absent: each mean loss / their number
+ACCUMULATION_WEIGHTINGS = ("batch_mean", "loss_count")
 
 
 # layers that draw random numbers in a training forward (their p: the probability of a dropped element)
@@ -1025,7 +1028,8 @@ def _check_features(features, steps, who):
     if not (isinstance(features, dict) and set(FEATURE_COUNTS) <= set(features) <= set(FEATURES)
             and all(type(features[k]) is int and 0 <= features[k] <= steps for k in FEATURE_COUNTS)
             and (clip is None or (type(clip) in (int, float) and 0 < clip < math.inf))
-            and (features.get("autocast") is None or features["autocast"] in ("float16", "bfloat16", "float32", "float64"))):
+            and (features.get("autocast") is None or features["autocast"] in ("float16", "bfloat16", "float32", "float64"))
+            and features.get("accumulation_weighting", "batch_mean") in ACCUMULATION_WEIGHTINGS):
         raise ValueError(f"{who} holds malformed recorder features at its flush point: {features!r:.200}")
     return dict(features, **({"clip_max_norm": float(clip)} if clip is not None else {}))
 

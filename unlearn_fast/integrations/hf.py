@@ -20,8 +20,9 @@ loss is the next-token cross-entropy summed over all micro-batches of the step a
 its clipping (`max_grad_norm`, on by default at 1.0, `clip_grad_norm_`) goes into the history as
 meta["recording"]["clip_max_norm"], which retrain and rewind replay after each replayed backward (so a retrain
 without some samples clips what it really would) and deltagrad / mini refuse. Dropout is replayed with the Trainer's
-masks by a single-process kind="full" recording without accumulation (each step's random generator state is recorded
-and the replay pads each batch as the collator did: ReplayTexts); elsewhere it is refused unless allow_dropout=True
+masks by a single-process kind="full" recording (each step's random generator state is recorded, the replay pads each
+batch as the collator did: ReplayTexts, and with accumulation replays the micro-batches one by one, weighted by their
+label tokens); elsewhere it is refused unless allow_dropout=True
 (the replay then draws other masks); mixed precision, label
 smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
@@ -132,6 +133,10 @@ class TrainerLoss:
         if count not in ("shifted", "all"):
             raise ValueError(f"TrainerLoss: count must be 'shifted' or 'all', got {count!r}")
         self.count, self.max_grad_norm = count, float(max_grad_norm)
+
+    def count_items(self, labels):
+        """The label tokens this loss averages over in `labels`: a micro-batch's share of the Trainer's num_items_in_batch."""
+        return int(((labels[:, 1:] if self.count == "shifted" else labels) != -100).sum())
 
     def __call__(self, output, labels):
         logits = output.logits if hasattr(output, "logits") else output
@@ -270,14 +275,10 @@ def _check_trainer(trainer, allow_dropout, kind):
                          "num_items_in_batch: the Trainer averages per micro-batch means, which one replayed batch does not")
     drop = dropout_settings(model)
     # a single-process kind="full" recording keeps each step's random generator state: its replay draws the Trainer's masks
-    accumulation = args.gradient_accumulation_steps
-    if drop and not allow_dropout and (kind != "full" or args.world_size > 1 or accumulation > 1):
+    if drop and not allow_dropout and (kind != "full" or args.world_size > 1):
         names = ", ".join(f"{n}={p}" for n, p in drop[:6])
         why = (f"a kind={kind!r} recording keeps no random generator states to replay its masks" if kind != "full" else
-               f"with world_size={args.world_size} the recording keeps rank 0's random generator states only, not every rank's"
-               if args.world_size > 1 else
-               f"with gradient_accumulation_steps={accumulation} the replay forwards each step's samples as one batch (the Trainer "
-               "divides the micro-batches' summed loss by the step's label count), which draws other masks than its micro-batches")
+               f"with world_size={args.world_size} the recording keeps rank 0's random generator states only, not every rank's")
         raise ValueError(f"model: dropout is active in training ({names}); {why}, "
                          "so retrain would not reproduce the model. Record kind='full' in one process, set these to 0 (e.g. GPT2Config("
                          "resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) or pass allow_dropout=True to record anyway (replays then differ)")
@@ -372,7 +373,11 @@ class HistoryCallback(TrainerCallback):
         # not to refuse it; the Trainer's clipping (clip_grad_norm_ at max_grad_norm) is norm clipping, which the
         # recorder notes itself and retrain / rewind replay (meta["recording"]["clip_max_norm"], set from the
         # TrainingArguments by finish() and snapshot(), also when no step happened to clip)
-        allow = ("accumulation",) if self.accumulation > 1 else ()
+        # With dropout, though, one replayed batch would draw other masks than the micro-batches did: the recorder then
+        # records the micro-batches and the replay runs them one by one, each weighted by its share of the step's label
+        # tokens (accumulation_weighting "loss_count", TrainerLoss.count_items)
+        per_micro = bool(self.dropout) and self.accumulation > 1 and self.world_size == 1
+        allow = ("accumulation",) if self.accumulation > 1 and not per_micro else ()
         if self.recorder is not None:
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
         if self.per_sample is not None and self.per_sample.path is not None and not self.per_sample.finished:
@@ -387,6 +392,8 @@ class HistoryCallback(TrainerCallback):
             self.resumed_from = []
             path = self._new_recording_path(args) if self.resumable else None
             self.recorder = _Recorder(model, optimizer, self.policy, allow=allow, path=path)
+        if per_micro:
+            self.recorder._seen_features["accumulation_weighting"] = "loss_count"
         if self.per_sample_policy is not None and per_sample is None:
             from ..lm.recording import FirstEpochRecorder
 
@@ -723,6 +730,10 @@ class _Recorder(HistoryRecorder):
             return
         super()._seal(mark)
         self._sealed_steps = self.steps
+
+    def _check_accumulation(self, train_set, loss_fn):
+        if self._seen_features.get("accumulation_weighting") != "loss_count":  # (known: the Trainer's token weighting)
+            super()._check_accumulation(train_set, loss_fn)
 
 
 class _IndexHook:

@@ -118,16 +118,30 @@ def set_rng_state(state, device):
 
 def _replay_step(model, loss_fn, train_set, history, parts, step):
     scale = grad_scale(history, step)
-    # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch
-    by_share = (history.meta.get("recording") or {}).get("accumulation_weighting") == "batch_mean"
+    # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch ("batch_mean"), or
+    # of the items loss_fn averages over ("loss_count": a Hugging Face Trainer's tokens, loss_fn.count_items)
+    weighting = (history.meta.get("recording") or {}).get("accumulation_weighting")
     retained = sum(part.numel() for part in parts)
+    if len(parts) == 1:
+        weights = [1.0]
+    elif weighting == "loss_count":
+        count = getattr(loss_fn, "count_items", None)
+        if not callable(count):
+            raise ValueError("loss_fn: the history weighs accumulated micro-batches by the items the loss averages over (a Hugging Face "
+                             "Trainer's label tokens); pass a loss_fn with count_items(targets), such as the callback's replay_loss")
+        counts = [float(count(fetch(train_set, part)[1])) if part.numel() else 0.0 for part in parts]
+        weights = [c / max(sum(counts), 1.0) for c in counts]
+    elif weighting == "batch_mean":
+        weights = [part.numel() / max(retained, 1) for part in parts]
+    else:
+        weights = [None] * len(parts)  # loss / their number, as the accumulation idiom divides (bit for bit)
     while True:
         used = 0
-        for part in parts:
+        for part, weight in zip(parts, weights):
             if part.numel():
                 with replay_autocast(history, model):
                     loss = batch_loss(model, loss_fn, fetch(train_set, part))
-                loss = loss if len(parts) == 1 else loss * (part.numel() / retained) if by_share else loss / len(parts)
+                loss = loss if len(parts) == 1 else loss / len(parts) if weight is None else loss * weight
                 (loss if scale is None else loss * torch.full((), scale, dtype=torch.float32, device=loss.device)).backward()  # scaler.scale(loss)
                 used += part.numel()
         if scale is None or not used or _unscale(model, scale):
