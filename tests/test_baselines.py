@@ -68,7 +68,8 @@ def retained_optimum(data, forget, wd):
 
 def snapshot(history):
     """Every tensor the history holds, cloned (to check that no method writes into it)."""
-    out = {key: [b.clone() for b in value] if isinstance(value, list) else value.clone() for key, value in history.schedule.items()}
+    out = {key: [b.clone() for b in value] if isinstance(value, list) else {k: b.clone() for k, b in value.items()} if isinstance(value, dict)
+           else value.clone() for key, value in history.schedule.items()}
     for section in ("trajectory", "summary"):
         for key, value in (getattr(history, section) or {}).items():
             if isinstance(value, uf.history.ChunkedRows):

@@ -1351,3 +1351,44 @@ def test_a_scheduler_stepped_between_record_and_the_optimizer_step_is_refused():
     sched.step()
     with pytest.raises(ValueError, match=r"optimizer.step\(\): the learning rates \[0.05\] .* not those record\(\) read for step 0: \[0.1\]"):
         opt.step()
+
+
+class Normed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.norm, self.out = torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.hidden(x))))
+
+
+@pytest.mark.parametrize("where", ["memory", "saved", "streamed"])
+def test_a_replay_starts_from_the_recorded_buffers_not_the_trained_models(where, tmp_path):
+    # until 2026-12-05 retrain began from the trained model's running statistics: they went on from there (32 batches
+    # tracked for 16 steps, eval outputs 0.056 off) and carried the forgotten samples into the unlearned model
+    data = make_data()
+    torch.manual_seed(0)
+    model = Normed().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=str(tmp_path / "s") if where == "streamed" else None)
+    steps(model, opt, rec, data, n_steps=6)
+    history = rec.finish(data, LOSS)
+    if where == "saved":
+        history = uf.GradientHistory.load(history.save(str(tmp_path / "h")))
+    assert set(history.schedule["buffers0"]) == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+    replay, _ = retrain.run(copy.deepcopy(model), history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert all(torch.equal(a, b) for a, b in zip(replay.state_dict().values(), model.state_dict().values()))
+    forget = torch.tensor([0, 17, 40])
+    torch.manual_seed(0)
+    truth = Normed().double()  # a hand-written retrain from the same start without the forgotten samples
+    truth_opt = torch.optim.SGD(truth.parameters(), lr=0.1)
+    for t in range(6):
+        idx = torch.arange(t * 16, t * 16 + 16) % len(data)
+        idx = idx[~torch.isin(idx, forget)]
+        truth_opt.zero_grad()
+        backward(truth, data, idx)
+        truth_opt.step()
+    for method, options in (("retrain", {}), ("rewind", {"steps": 6})):
+        result = uf.unlearn(model, history, forget, data, LOSS, method=method, **options).model
+        for (name, a), b in zip(result.state_dict().items(), truth.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)

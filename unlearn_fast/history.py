@@ -114,6 +114,28 @@ def _momenta_as_recorded(momenta, meta):
         bool((momenta == torch.tensor(fixed, dtype=momenta.dtype)).all())
 
 
+def saved_buffers(model):
+    """The model's persistent buffers (what its state_dict holds besides parameters: batch norm's running statistics), copies."""
+    kept = set(model.state_dict(keep_vars=True))
+    return {name: b.detach().clone() for name, b in model.named_buffers() if name in kept}
+
+
+def restore_buffers(model, buffers, who="history"):
+    """Copy `buffers` (saved_buffers of the recorded model at step 0) into the model's: a replay from w0 starts from the
+    statistics training started from, not from the trained model's (which carry every trained sample, forgotten ones too).
+    ValueError naming the buffer if the model's are others."""
+    if not buffers:
+        return
+    own = dict(model.named_buffers())
+    for name, value in buffers.items():
+        b = own.get(name)
+        if b is None or b.shape != value.shape or b.dtype != value.dtype:
+            raise ValueError(f"{who}: recorded buffer {name!r} {tuple(value.shape)} {value.dtype} is not the model's "
+                             f"({'missing' if b is None else f'{tuple(b.shape)} {b.dtype}'}); recorded for another model")
+        with torch.no_grad():
+            b.copy_(value)
+
+
 def check_parameters(recorded, model, who):
     """ValueError (prefixed `who`) unless model's trainable parameters are `recorded` (a param_spec): same names,
     shapes, dtypes, in order. A recorded parameter that is frozen now is named as such."""
@@ -399,8 +421,8 @@ class GradientHistory:
                 return v.nbytes
             if isinstance(v, torch.Tensor):
                 return v.numel() * v.element_size()
-            if isinstance(v, list):
-                return sum(size(x) for x in v)
+            if isinstance(v, (list, dict)):  # (batches; buffers0)
+                return sum(size(x) for x in (v.values() if isinstance(v, dict) else v))
             return 0
 
         part = getattr(self, section)
@@ -489,7 +511,7 @@ class GradientHistory:
     def save(self, path):
         """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle;
         docs/storage.md), with the request log; later append_request calls log there. Returns path."""
-        head = {"schedule.w0": self.schedule["w0"]}
+        head = {"schedule.w0": self.schedule["w0"], **{f"buffers0.{n}": b for n, b in self.schedule.get("buffers0", {}).items()}}
         if "seen" in self.schedule:
             head["schedule.seen"] = pack_bits(self.schedule["seen"])
         encoded = {f"trajectory.{key}": rows.meta() for key, rows in (self.trajectory or {}).items()}
@@ -608,6 +630,9 @@ class GradientHistory:
         if w0.numel() != n_params:
             raise ValueError(f"history: {where}: schedule.w0 has {w0.numel()} values, the recorded parameters {n_params}")
         schedule = {"w0": w0, "lrs": lrs, "batch_sizes": sizes}
+        buffers = {n[len("buffers0."):]: arrays[n] for n in arrays if n.startswith("buffers0.")}
+        if buffers:  # (checked against the model when a replay restores them; histories before 2026-12-05 hold none)
+            schedule["buffers0"] = buffers
         if "schedule.momenta" in arrays:
             momenta = store.check_tensor(arrays, "schedule.momenta", where, (torch.float64,), 2)
             if momenta.shape != lrs.shape or not bool((momenta >= 0).all()) or not bool(torch.isfinite(momenta).all()):

@@ -34,7 +34,7 @@ import torch
 from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
-                      eager_module, fetch, flat_params, param_spec, row_bytes, weights_digest)
+                      eager_module, fetch, flat_params, param_spec, row_bytes, saved_buffers, weights_digest)
 from .methods._common import batch_gradient, loss_fingerprint, loss_ratio, module_mode
 from .optimizers import cycled_setting, momentum_of
 
@@ -190,6 +190,7 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self._settings = StepSettings(optimizer)
         self.w0 = flat_params(model).clone()
+        self.buffers0 = saved_buffers(model)  # (batch norm's running statistics at step 0: a replay starts from them)
         self.steps = 0  # recorded steps
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs, self.momenta = [], []  # kind="full" in memory: every step's learning rates and momenta (snapshot() replays them)
@@ -230,6 +231,7 @@ class HistoryRecorder:
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
         self._left = self._left_norms = None
         self._read = None  # the settings record() read for the coming step
+        self._stock_optimizer = type(optimizer).__module__.startswith("torch.optim.")
         self._note_parameters(0)
         self._seen_features = {"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0}
         if self.grad_scaler is not None:
@@ -282,7 +284,8 @@ class HistoryRecorder:
             return
         if not self._recorded and self._unrecorded_step is None:
             self._unrecorded_step = self._steps_taken
-        if self._recorded and self._settings.now() != self._read:
+        # (a torch.optim class: a subclass of one may change its learning rates inside step() itself, which its replay repeats)
+        if self._recorded and self._stock_optimizer and self._settings.now() != self._read:
             (lrs, momenta), (then, then_m) = self._settings.now(), self._read
             raise ValueError(f"optimizer.step(): the learning rates {lrs} (momenta {momenta}) are not those record() read for step "
                              f"{self.steps - 1}: {then} ({then_m}); a scheduler stepped between record() and optimizer.step(), so the "
@@ -666,7 +669,7 @@ class HistoryRecorder:
             raise ValueError(f"path: {path!r} already holds a history; record to a new directory, or continue a killed recording "
                              "with HistoryRecorder.resume(path, model, optimizer)")
         self.recording_id = uuid.uuid4().hex
-        store.write(path, "GradientHistory", self._info(), {"schedule.w0": self.w0})
+        store.write(path, "GradientHistory", self._info(), {"schedule.w0": self.w0, **{f"buffers0.{n}": b for n, b in self.buffers0.items()}})
         self.path = path
         self._writer = _ChunkWriter(path, self.recording_id)
 
@@ -756,7 +759,7 @@ class HistoryRecorder:
         if self.path is None:
             lrs = torch.cat([sched["schedule.lrs"] for _, sched, _ in self._chunks])
             sizes = torch.cat([sched["schedule.batch_sizes"] for _, sched, _ in self._chunks]).to(torch.int64)
-            schedule = {"w0": self.w0, "lrs": lrs, "batch_sizes": sizes}
+            schedule = {"w0": self.w0, "lrs": lrs, "batch_sizes": sizes, **({"buffers0": self.buffers0} if self.buffers0 else {})}
             if self._settings.cycled:
                 schedule["momenta"] = torch.cat([sched["schedule.momenta"] for _, sched, _ in self._chunks])
             if self._keep_rng:
@@ -777,7 +780,7 @@ class HistoryRecorder:
             history.meta = meta
         if self.policy.kind != "full":
             # Mini reads which samples were trained on, not the order of the batches
-            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes") if key in history.schedule}
+            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes", "buffers0") if key in history.schedule}
             history.schedule["seen"] = seen
             from .methods.mini import final_summary, sgd_settings
 
@@ -878,7 +881,8 @@ class HistoryRecorder:
         if self.policy.kind != "full":
             raise ValueError("snapshot: a kind='minimal' recording in memory keeps no batches to replay; record with kind='full' or a path")
         groups = len(self.optimizer.param_groups)
-        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, groups)}
+        schedule = {"w0": self.w0, "batches": list(self.batches), "lrs": torch.tensor(self.lrs, dtype=torch.float64).reshape(-1, groups),
+                    **({"buffers0": self.buffers0} if self.buffers0 else {})}
         if self._settings.cycled:
             schedule["momenta"] = torch.tensor(self.momenta, dtype=torch.float64).reshape(-1, groups)
         for key in ("micro_counts", "micro_sizes"):  # gradient accumulation, sealed chunks then the open one
@@ -927,6 +931,7 @@ class HistoryRecorder:
         # since; the replay reads every step's lr from the schedule)
         rec.meta["optimizer"], rec.meta["group_of_param"] = recorded, history.meta.get("group_of_param", rec.meta["group_of_param"])
         rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
+        rec.buffers0 = history.schedule.get("buffers0", {})
         for idx in history.schedule["batches"][:steps]:
             rec._note_seen(idx, int(idx.max()))
         rec._last_indices = history.schedule["batches"][steps - 1] if steps else None

@@ -375,7 +375,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     gradient of the mean loss over the retained world batch. A step whose world batch is all forgotten is skipped
     on every rank, as in the single-process replay. model: the module (its parameters are overwritten) or the DDP
     wrapper (its .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
-    from ..history import fetch, set_flat_params
+    from ..history import fetch, restore_buffers, set_flat_params
     from ..methods._common import batch_loss, check_history
     from ..methods.retrain import build_optimizer
 
@@ -387,6 +387,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     module = _unwrap(model)
     check_history(history, module, forget, train_set, "retrain")
     set_flat_params(module, history.schedule["w0"])
+    restore_buffers(module, history.schedule.get("buffers0"))
     optimizer = build_optimizer(module, history.meta)
     params = [p for p in module.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]

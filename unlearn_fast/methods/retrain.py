@@ -8,7 +8,7 @@ another batch order, reported in stats["batch_order"].
 """
 import torch
 
-from ..history import set_flat_params
+from ..history import restore_buffers, set_flat_params
 from ..optimizers import optimizer_class, set_step_settings
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, replayed_batches
 
@@ -37,6 +37,7 @@ def build_optimizer(model, meta):
 def run(model, history, forget, train_set, loss_fn, progress=None, seed=0):
     check_history(history, model, forget, train_set, "retrain")
     set_flat_params(model, history.schedule["w0"])
+    restore_buffers(model, history.schedule.get("buffers0"))
     optimizer = build_optimizer(model, history.meta)
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
     forget_mask[forget] = True

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..history import fetch, flat_params, set_flat_params
+from ..history import fetch, flat_params, restore_buffers, set_flat_params
 from ._common import check_history, clip, clip_max_norm, history_batch_order, replay_step, remaining, replayed_batches
 from .trajectory import state_at
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_settings, step_seconds
@@ -93,6 +93,9 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
     trained = flat_params(model).clone()
     w, state = checkpoint(history, start_step, source)
     set_flat_params(model, w)
+    # the buffers (batch norm's running statistics) of step 0: a history keeps no later ones, and the trained model's carry
+    # every trained sample, the forgotten ones too (from a later checkpoint the statistics then see the replayed steps only)
+    restore_buffers(model, history.schedule.get("buffers0"))
     opt = make_optimizer(model, history, optimizer, lr)
     if state is not None and optimizer is None:  # the recorded optimizer: it goes on with the run's own state
         opt.load_state_dict(state)
