@@ -314,7 +314,8 @@ def test_accumulation_whose_micro_batches_cannot_be_told_is_refused_unless_allow
         rec.record(torch.arange(16) + 16 * t)
         opt.step()
     history = rec.finish(data, LOSS)
-    assert history.meta["recording"] == {"allow": ["accumulation"], "accumulated_steps": 2, "clipped_steps": 0, "autocast_steps": 0}
+    assert history.meta["recording"] == {"allow": ["accumulation"], "accumulated_steps": 2, "clipped_steps": 0, "autocast_steps": 0,
+                                         "eval_modules": []}
 
 
 def clipped_run(clip, n_steps=12, kind="full"):
@@ -1392,3 +1393,42 @@ def test_a_replay_starts_from_the_recorded_buffers_not_the_trained_models(where,
         result = uf.unlearn(model, history, forget, data, LOSS, method=method, **options).model
         for (name, a), b in zip(result.state_dict().items(), truth.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("layer", ["batch norm", "dropout"])
+@pytest.mark.parametrize("modes", ["trained in train mode, unlearned from eval mode", "trained in eval mode", "its norm frozen in eval mode"])
+def test_the_replay_runs_each_module_in_the_mode_training_ran_it_in(layer, modes):
+    # until 2026-12-05 the replay ran in the modes of the model it was given: a model.eval() before uf.unlearn replayed
+    # a train-mode run in eval mode (2-5 % off, silently), and finish() refused eval-mode training with batch norm
+    data = make_data()
+    torch.manual_seed(0)
+    model = (Normed() if layer == "batch norm" else Dropped()).double()
+    frozen = model.norm if layer == "batch norm" else model.drop
+    if modes == "trained in eval mode":
+        model.eval()
+    elif modes.startswith("its norm frozen"):
+        frozen.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    steps(model, opt, rec, data, n_steps=6)
+    history = rec.finish(data, LOSS)
+    expected = {"trained in eval mode": [name for name, _ in model.named_modules()], "its norm frozen in eval mode": ["norm" if layer == "batch norm" else "drop"]}
+    assert history.meta["recording"]["eval_modules"] == expected.get(modes, [])
+    given = copy.deepcopy(model).eval() if modes.startswith("trained in train mode") else copy.deepcopy(model)
+    caller_modes = [m.training for m in given.modules()]
+    replay, _ = retrain.run(given, history, torch.empty(0, dtype=torch.int64), data, LOSS)
+    assert torch.equal(flat_params(replay), flat_params(model))
+    assert [m.training for m in replay.modules()] == caller_modes  # the caller's modes, restored
+
+
+def test_a_mode_that_changes_between_steps_is_refused():
+    data = make_data()
+    torch.manual_seed(0)
+    model = Normed().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    steps(model, opt, rec, data, n_steps=2)
+    model.norm.eval()  # freezing batch norm's statistics mid-run
+    with pytest.raises(ValueError, match="record: step 2: module 'norm' is in eval mode, train mode on the steps before"):
+        steps(model, opt, rec, data, n_steps=1)
+    assert rec.num_steps == 2

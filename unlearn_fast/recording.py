@@ -191,6 +191,7 @@ class HistoryRecorder:
         self._settings = StepSettings(optimizer)
         self.w0 = flat_params(model).clone()
         self.buffers0 = saved_buffers(model)  # (batch norm's running statistics at step 0: a replay starts from them)
+        self._named_modules = list(model.named_modules())  # (their train / eval modes at each step: _check_modes)
         self.steps = 0  # recorded steps
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs, self.momenta = [], []  # kind="full" in memory: every step's learning rates and momenta (snapshot() replays them)
@@ -479,6 +480,25 @@ class HistoryRecorder:
         self._clip_norms = not all(untouched) and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
         return raw, micro
 
+    def _eval_modules(self):
+        return self._seen_features.get("eval_modules") or ()
+
+    def _check_modes(self, step):
+        """The modules in eval mode during training (none, usually; all for a model fine-tuned under model.eval()) are
+        kept (meta["recording"]["eval_modules"]), and the replay runs each module in its mode: a caller's model.eval()
+        before uf.unlearn does not change what is replayed. A mode that changes between steps (freezing batch norm's
+        statistics mid-run) is refused: the replay keeps one set of modes."""
+        eval_modules = [name for name, m in self._named_modules if not m.training]
+        known = self._seen_features.get("eval_modules")
+        if known is None:
+            self._seen_features["eval_modules"] = eval_modules
+        elif eval_modules != known:
+            changed = sorted(set(eval_modules) ^ set(known))[0]
+            who = f"module {changed!r}" if changed else "the model"
+            raise ValueError(f"record: step {step}: {who} is in {'eval' if changed in eval_modules else 'train'} mode, "
+                             f"{'train' if changed in eval_modules else 'eval'} mode on the steps before; the replay runs every step in one set "
+                             "of modes (call model.train() / .eval() as on the first step before each training step); history not extended")
+
     def _check_frozen(self, step, reached):
         """The parameters trained are those trainable when recording began, at every step: the replay trains each recorded
         parameter on every step and no other (unfreezing mid-run, e.g. a backbone after warm-up, is not modelled)."""
@@ -556,6 +576,7 @@ class HistoryRecorder:
                 self._reset_step()
                 return False
         raw_norms, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
+        self._check_modes(step)
         self._skipping = False  # (a step the scaler skipped before this one is behind us)
         if self.grad_scaler is not None:
             scales = self._seen_features["grad_scaler"]["scales"]
@@ -733,11 +754,12 @@ class HistoryRecorder:
             top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
         if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
+            batch = fetch(train_set, self._first_indices)
+            norm = float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, batch, self.w0, eval_modules=self._eval_modules())))
             try:
-                loss_ratio(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, self._first_raw_norm)
+                loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
             except ValueError as err:
-                ratio = float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0)))
-                ratio /= max(self._first_raw_norm, 1e-300)
+                ratio = norm / max(self._first_raw_norm, 1e-300)
                 k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
                 if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
                     raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
@@ -807,7 +829,7 @@ class HistoryRecorder:
         reached, raw, micro, autocast, rng = self._first_step
         if set(self.allow) - {"repeated_samples"} or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
             return
-        g = batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, rng=rng)
+        g = batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, rng=rng, eval_modules=self._eval_modules())
         parts = torch.split(g, [p.numel() for p in self.params])
         now = torch.stack([gradient_norm(parts[i], self._norm_dtype) for i in reached]).to(raw.dtype)
         gap = (now - raw).abs()
@@ -836,7 +858,7 @@ class HistoryRecorder:
         both rules' gradients at that step's weights (recomputed with loss_fn); the closer rule is replayed
         (meta["recording"]["accumulation_weighting"]), and a gradient near neither is refused, naming the step."""
         step, w, idx, micro, reached, raw = self._accumulation_probe
-        parts = [batch_gradient(self.model, loss_fn, fetch(train_set, part), w) for part in torch.split(idx, micro)]
+        parts = [batch_gradient(self.model, loss_fn, fetch(train_set, part), w, eval_modules=self._eval_modules()) for part in torch.split(idx, micro)]
         sizes = [q.numel() for q in self.params]
         errors = {}
         for rule, weights in (("micro_mean", [1 / len(micro)] * len(micro)), ("batch_mean", [m / sum(micro) for m in micro])):
@@ -960,7 +982,7 @@ class HistoryRecorder:
 
 
 FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
-FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting")
+FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting", "eval_modules")
 # how the replay weighs the micro-batches of an accumulated step (methods/_common.replay_step); absent: each mean loss / their number
 ACCUMULATION_WEIGHTINGS = ("batch_mean", "loss_count")
 
@@ -1034,7 +1056,9 @@ def _check_features(features, steps, who):
             and all(type(features[k]) is int and 0 <= features[k] <= steps for k in FEATURE_COUNTS)
             and (clip is None or (type(clip) in (int, float) and 0 < clip < math.inf))
             and (features.get("autocast") is None or features["autocast"] in ("float16", "bfloat16", "float32", "float64"))
-            and features.get("accumulation_weighting", "batch_mean") in ACCUMULATION_WEIGHTINGS):
+            and features.get("accumulation_weighting", "batch_mean") in ACCUMULATION_WEIGHTINGS
+            and (features.get("eval_modules") is None or (isinstance(features["eval_modules"], list)
+                                                          and all(isinstance(n, str) for n in features["eval_modules"])))):
         raise ValueError(f"{who} holds malformed recorder features at its flush point: {features!r:.200}")
     return dict(features, **({"clip_max_norm": float(clip)} if clip is not None else {}))
 

@@ -376,7 +376,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     on every rank, as in the single-process replay. model: the module (its parameters are overwritten) or the DDP
     wrapper (its .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
     from ..history import fetch, restore_buffers, set_flat_params
-    from ..methods._common import batch_loss, check_history
+    from ..methods._common import batch_loss, check_history, replay_modes
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "distributed retrain")
@@ -397,7 +397,8 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     for t, _, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         if part.numel():
-            batch_loss(module, loss_fn, fetch(train_set, part)).backward()
+            with replay_modes(history, module):
+                batch_loss(module, loss_fn, fetch(train_set, part)).backward()
         # one buffer: the scaled gradients, then one flag per parameter (reached by backward on this rank)
         flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                          + [torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype)])

@@ -84,8 +84,9 @@ def replayed_batches(history, forget_mask, seed=0):
 def replay_step(model, loss_fn, train_set, history, parts, step=None):
     """Forward and backward of one replayed step (its retained micro-batches, from replayed_batches) under the
     recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale) and random
-    generator state (dropout masks); returns the samples it used (0: nothing to step on)."""
-    with replay_rng(history, step, model):
+    generator state (dropout masks), each module in the train / eval mode training ran it in; returns the samples it
+    used (0: nothing to step on)."""
+    with replay_rng(history, step, model), replay_modes(history, model):
         return _replay_step(model, loss_fn, train_set, history, parts, step)
 
 
@@ -248,10 +249,16 @@ def check_history(history, model, forget, train_set, method):
 
 
 @contextlib.contextmanager
-def module_mode(model, training):
-    """Every module in training (or eval) mode inside the block, each module's own mode restored after it."""
+def module_mode(model, training, eval_modules=()):
+    """Every module in training (or eval) mode inside the block, except the modules named in eval_modules in eval mode;
+    each module's own mode restored after it."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(training)
+    named = dict(model.named_modules())
+    for name in eval_modules:
+        if name not in named:
+            raise ValueError(f"history: recorded module {name!r} (in eval mode during training) is not the model's; recorded for another model")
+        named[name].training = False
     try:
         yield
     finally:
@@ -259,10 +266,19 @@ def module_mode(model, training):
             m.training = mode
 
 
-def batch_gradient(model, loss_fn, batch, w, rng=None):
+def replay_modes(history, model):
+    """Within: the model's modules in the train / eval modes training ran them in (meta["recording"]["eval_modules"]:
+    a caller's model.eval() before uf.unlearn must not replay training in eval mode: 2-5 % off with batch norm or dropout,
+    measured); a history recorded before 2026-12-05 replays in the model's modes as given."""
+    eval_modules = (history.meta.get("recording") or {}).get("eval_modules")
+    return contextlib.nullcontext() if eval_modules is None else module_mode(model, True, eval_modules)
+
+
+def batch_gradient(model, loss_fn, batch, w, rng=None, eval_modules=()):
     """The flat gradient of loss_fn on `batch` at flat parameters w, in training mode (the mode the recorded
-    gradients were computed in), with dropout drawn from generator state `rng` if given. Leaves the model
-    untouched: parameters, .grad, buffers (batch norm's running statistics) and the global RNG (dropout)."""
+    gradients were computed in; the modules named in eval_modules in eval mode, as training ran them), with dropout
+    drawn from generator state `rng` if given. Leaves the model untouched: parameters, .grad, buffers (batch norm's
+    running statistics) and the global RNG (dropout)."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in model.parameters() if p.requires_grad]
     w = w.detach().clone().requires_grad_(True)
@@ -270,7 +286,7 @@ def batch_gradient(model, loss_fn, batch, w, rng=None):
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     x, y = batch
     devices = [w.device] if w.device.type == "cuda" else []
-    with module_mode(model, True), torch.random.fork_rng(devices=devices), torch.enable_grad():
+    with module_mode(model, True, eval_modules), torch.random.fork_rng(devices=devices), torch.enable_grad():
         if rng is not None:
             set_rng_state(rng, w.device)
         loss = loss_fn(torch.func.functional_call(model, {**params, **buffers}, (x,)), y)
