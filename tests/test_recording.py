@@ -1134,19 +1134,24 @@ def test_a_minimal_history_keeps_a_cycled_momentum_through_save_and_mini_refuses
         uf.unlearn(model, loaded, [1], data, LOSS, method="mini")
 
 
-class Dropped(torch.nn.Module):
-    def __init__(self):
+class Middle(torch.nn.Module):
+    """5 -> 16 -> 3 with a layer between: Dropout(0.3) as .drop, or BatchNorm1d as .norm."""
+
+    def __init__(self, layer="dropout"):
         super().__init__()
-        self.hidden, self.drop, self.out = torch.nn.Linear(5, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)
+        self.hidden = torch.nn.Linear(5, 16)
+        self.layer = "drop" if layer == "dropout" else "norm"
+        setattr(self, self.layer, torch.nn.Dropout(0.3) if layer == "dropout" else torch.nn.BatchNorm1d(16))
+        self.out = torch.nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.out(self.drop(torch.tanh(self.hidden(x))))
+        return self.out(torch.tanh(getattr(self, self.layer)(self.hidden(x))))
 
 
 def dropout_run(kind="full", path=None, micro=1, n_steps=8):
     data = make_data()
     torch.manual_seed(0)
-    model = Dropped().double()
+    model = Middle("dropout").double()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2), path=path)
     for t in range(n_steps):
@@ -1354,22 +1359,13 @@ def test_a_scheduler_stepped_between_record_and_the_optimizer_step_is_refused():
         opt.step()
 
 
-class Normed(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.hidden, self.norm, self.out = torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.norm(self.hidden(x))))
-
-
 @pytest.mark.parametrize("where", ["memory", "saved", "streamed"])
 def test_a_replay_starts_from_the_recorded_buffers_not_the_trained_models(where, tmp_path):
     # until 2026-12-05 retrain began from the trained model's running statistics: they went on from there (32 batches
     # tracked for 16 steps, eval outputs 0.056 off) and carried the forgotten samples into the unlearned model
     data = make_data()
     torch.manual_seed(0)
-    model = Normed().double()
+    model = Middle("batch norm").double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=str(tmp_path / "s") if where == "streamed" else None)
     steps(model, opt, rec, data, n_steps=6)
@@ -1381,7 +1377,7 @@ def test_a_replay_starts_from_the_recorded_buffers_not_the_trained_models(where,
     assert all(torch.equal(a, b) for a, b in zip(replay.state_dict().values(), model.state_dict().values()))
     forget = torch.tensor([0, 17, 40])
     torch.manual_seed(0)
-    truth = Normed().double()  # a hand-written retrain from the same start without the forgotten samples
+    truth = Middle("batch norm").double()  # a hand-written retrain from the same start without the forgotten samples
     truth_opt = torch.optim.SGD(truth.parameters(), lr=0.1)
     for t in range(6):
         idx = torch.arange(t * 16, t * 16 + 16) % len(data)
@@ -1402,7 +1398,7 @@ def test_the_replay_runs_each_module_in_the_mode_training_ran_it_in(layer, modes
     # a train-mode run in eval mode (2-5 % off, silently), and finish() refused eval-mode training with batch norm
     data = make_data()
     torch.manual_seed(0)
-    model = (Normed() if layer == "batch norm" else Dropped()).double()
+    model = Middle(layer).double()
     frozen = model.norm if layer == "batch norm" else model.drop
     if modes == "trained in eval mode":
         model.eval()
@@ -1424,7 +1420,7 @@ def test_the_replay_runs_each_module_in_the_mode_training_ran_it_in(layer, modes
 def test_a_mode_that_changes_between_steps_is_refused():
     data = make_data()
     torch.manual_seed(0)
-    model = Normed().double()
+    model = Middle("batch norm").double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
     steps(model, opt, rec, data, n_steps=2)
