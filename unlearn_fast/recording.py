@@ -755,7 +755,9 @@ class HistoryRecorder:
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
         if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
             batch = fetch(train_set, self._first_indices)
-            norm = float(torch.linalg.vector_norm(batch_gradient(self.model, loss_fn, batch, self.w0, eval_modules=self._eval_modules())))
+            # step 0 again, as training ran it (its modes, its dropout masks where the generator state was taken)
+            g0 = batch_gradient(self.model, loss_fn, batch, self.w0, rng=self._first_step[4], eval_modules=self._eval_modules())
+            norm = float(torch.linalg.vector_norm(g0))
             try:
                 loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
             except ValueError as err:
@@ -766,7 +768,7 @@ class HistoryRecorder:
                                      "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
                                      "scaler.unscale_(optimizer); record again") from err
                 raise
-            self._check_first_step(train_set, loss_fn)
+            self._check_first_step(g0)
         if self._accumulation_probe is not None:
             self._check_accumulation(train_set, loss_fn)
         w_final = flat_params(self.model)
@@ -821,15 +823,14 @@ class HistoryRecorder:
         self._chunks, self.batches = [], []  # the history holds them now
         return history
 
-    def _check_first_step(self, train_set, loss_fn):
-        """loss_fn on train_set must reproduce step 0's gradient, parameter by parameter (FIRST_STEP_TOLERANCE): the replay
-        recomputes every gradient with them. Skipped where step 0 is not one plain backward the check can redo exactly
-        (micro-batches, autocast, loss scaling, features the caller's loss_fn reproduces, dropout without its state):
-        the looser checks (loss_ratio, _check_accumulation) remain there."""
+    def _check_first_step(self, g):
+        """loss_fn on train_set must reproduce step 0's gradient (g, recomputed with them), parameter by parameter
+        (FIRST_STEP_TOLERANCE): the replay recomputes every gradient with them. Skipped where step 0 is not one plain
+        backward the check can redo exactly (micro-batches, autocast, loss scaling, features the caller's loss_fn
+        reproduces, dropout without its state): the looser checks (loss_ratio, _check_accumulation) remain there."""
         reached, raw, micro, autocast, rng = self._first_step
         if set(self.allow) - {"repeated_samples"} or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
             return
-        g = batch_gradient(self.model, loss_fn, fetch(train_set, self._first_indices), self.w0, rng=rng, eval_modules=self._eval_modules())
         parts = torch.split(g, [p.numel() for p in self.params])
         now = torch.stack([gradient_norm(parts[i], self._norm_dtype) for i in reached]).to(raw.dtype)
         gap = (now - raw).abs()
