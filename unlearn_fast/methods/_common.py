@@ -1,10 +1,11 @@
 """Small pieces every history-based method shares, and the loss_fn check the recorder and uf.unlearn both run."""
 import contextlib
+import copy
 import math
 
 import torch
 
-from ..history import fetch
+from ..history import fetch, set_flat_params
 
 # finish() and uf.unlearn compare loss_fn's gradient on a recorded batch with the recorded one: a ratio of norms
 # outside these bounds is not noise (dropout masks, one step of drift) but another loss (a sum, for one: ratio = batch size).
@@ -278,21 +279,32 @@ def batch_gradient(model, loss_fn, batch, w, rng=None, eval_modules=()):
     """The flat gradient of loss_fn on `batch` at flat parameters w, in training mode (the mode the recorded
     gradients were computed in; the modules named in eval_modules in eval mode, as training ran them), with dropout
     drawn from generator state `rng` if given. Leaves the model untouched: parameters, .grad, buffers (batch norm's
-    running statistics) and the global RNG (dropout)."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for p in model.parameters() if p.requires_grad]
-    w = w.detach().clone().requires_grad_(True)
-    params = dict(zip(names, [v.view(s) for v, s in zip(torch.split(w, [s.numel() for s in shapes]), shapes)]))
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    running statistics) and the global RNG (dropout).
+
+    At other weights than the model's it runs on a copy holding w, not through torch.func.functional_call: a
+    checkpointed segment (torch.utils.checkpoint) recomputes its forward during backward, after functional_call has
+    put the model's own weights back (measured: step 0's gradient of a checkpointed model 7.6e-4 off)."""
+    own = [p for p in model.parameters() if p.requires_grad]
+    here = torch.equal(w.detach(), torch.cat([p.detach().reshape(-1) for p in own]))
+    target = model if here else copy.deepcopy(model)  # (hooks on a copy are inert: recording.InertWhenCopied)
+    if not here:
+        set_flat_params(target, w)
+    params = own if here else [p for p in target.parameters() if p.requires_grad]
+    buffers = [(b, b.clone()) for b in target.buffers()] if here else []  # (batch norm's statistics, put back)
     x, y = batch
     devices = [w.device] if w.device.type == "cuda" else []
-    with module_mode(model, True, eval_modules), torch.random.fork_rng(devices=devices), torch.enable_grad():
-        if rng is not None:
-            set_rng_state(rng, w.device)
-        loss = loss_fn(torch.func.functional_call(model, {**params, **buffers}, (x,)), y)
-        check_scalar_loss(loss)
-        (grad,) = torch.autograd.grad(loss, w, allow_unused=True)
-    return torch.zeros_like(w) if grad is None else grad.detach()
+    try:
+        with module_mode(target, True, eval_modules), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            if rng is not None:
+                set_rng_state(rng, w.device)
+            loss = loss_fn(target(x), y)
+            check_scalar_loss(loss)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+    return torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for p, g in zip(params, grads)])
 
 
 # uf.unlearn's check of its loss_fn and train_set against finish()'s on the same batch and weights: the same computation,
