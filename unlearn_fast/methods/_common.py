@@ -219,9 +219,6 @@ def refuse_unmodelled_features(history, method):
     if bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
         raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
                          "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
-    if "momenta" in history.schedule:
-        raise ValueError(f"{method}: the training run's scheduler changed the momentum step by step (OneCycleLR / CyclicLR with "
-                         "cycle_momentum=True), which its model of an SGD step does not include; use method='retrain' or 'rewind' (they replay it)")
     if autocast is not None:
         raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
                          "include; use method='retrain' or 'rewind' (they replay it)")

@@ -1,14 +1,19 @@
 """DeltaGrad (Wu, Dobriban, Davidson, ICML 2020): replay SGD without the forgotten samples, with
 quasi-Newton approximations of the retained-batch gradient on all but every T0-th step.
 
-Needs plain SGD (no momentum, no dampening, no Nesterov), and the full trajectory (HistoryPolicy(kind="full")).
+Needs torch.optim.SGD and the full trajectory (HistoryPolicy(kind="full")). The paper replays plain SGD; the
+quasi-Newton part approximates only the retained batch's gradient, so any SGD update rule can take it: with momentum
+(heavy ball or Nesterov, dampening, a momentum cycled per step by OneCycleLR) the replay keeps its own velocity as
+torch.optim.SGD does (`Velocity`), fed with the exact or approximated gradient of each step.
 The weight decay lambda may differ between parameter groups (no decay on biases and norms, as Hugging Face's
 trainers group them): then lambda is a vector over the coordinates and every product with it is elementwise.
 Step t with batch B_t, deleted part D_t, remainder R_t:
   exact (t < j0 or (t - j0) % T0 == 0): gradients of R_t and D_t at w; new curvature pair
-      s = w - w_t, y = (|R_t| g_R + |D_t| g_D)/|B_t| - g_t + lambda s; w <- w - eta (g_R + lambda w)
-  approximate: one fused ops.qn_step_ with the compact L-BFGS matrix of the last m pairs; only the
-      |D_t| deleted samples need a fresh gradient.
+      s = w - w_t, y = (|R_t| g_R + |D_t| g_D)/|B_t| - g_t + lambda s; d = g_R + lambda w
+  approximate: d from the compact L-BFGS matrix B of the last m pairs,
+      d = (|B_t| (B (w - w_t) + g_t + lambda w_t) - |D_t| (g_D + lambda w)) / |R_t|; only the |D_t| deleted samples
+      need a fresh gradient. Plain SGD takes it and the step w <- w - eta d in one fused ops.qn_step_.
+  then w <- w - eta d, or with momentum the SGD step on the velocity.
 With T0 = 1 every step is exact and the result equals `retrain` to rounding.
 
 The recorded weights w_t are rebuilt as the replay goes from w0 and the recorded gradients by torch's SGD itself,
@@ -30,26 +35,59 @@ from .trajectory import replay
 STEP_GUARD = 3.0  # an approximate step longer than this many recorded steps is redone exactly (3 and 2 measured alike; 10 let an MLP replay drift to 1.3x the gap)
 
 
-def check_plain_sgd(history, method):
-    """lambda of a plain-SGD history with one learning rate per step: a float, or a (p,) tensor (each coordinate its
-    group's weight decay) where groups decay differently; else ValueError."""
+def check_sgd(history, method):
+    """(lambda, Velocity or None) of an SGD history with one learning rate per step: lambda a float, or a (p,) tensor
+    (each coordinate its group's weight decay) where groups decay differently; a Velocity where the run used momentum.
+    Else ValueError."""
     meta = history.meta
     cls = meta["optimizer"]["class"]
     groups = meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
         raise ValueError(f"{method}: needs torch.optim.SGD (it models the SGD update exactly), history was recorded with {cls}")
-    for g in groups:
-        if g.get("momentum", 0) or g.get("nesterov", False) or g.get("dampening", 0) or g.get("maximize", False):
-            raise ValueError(f"{method}: needs plain SGD without momentum/nesterov/dampening/maximize, got {g}")
+    if any(g.get("maximize", False) for g in groups):
+        raise ValueError(f"{method}: SGD with maximize=True is not modelled")
     lrs = history.schedule["lrs"]
     if not bool((lrs == lrs[:, :1]).all()):
         raise ValueError(f"{method}: needs one learning rate for every parameter group at every step")
+    velocity = Velocity.of(history, method)
     decays = [float(g.get("weight_decay", 0.0)) for g in groups]
     if len(set(decays)) == 1:
-        return decays[0]
+        return decays[0], velocity
     sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]
     w0 = history.schedule["w0"]
-    return torch.cat([torch.full((n,), decays[g], dtype=w0.dtype) for n, g in zip(sizes, meta["group_of_param"])])
+    return torch.cat([torch.full((n,), decays[g], dtype=w0.dtype) for n, g in zip(sizes, meta["group_of_param"])]), velocity
+
+
+class Velocity:
+    """torch.optim.SGD's momentum buffer, kept by the replay: step() updates w from the decayed gradient d as
+    torch's SGD updates the parameters from grad + weight_decay * p (the first step copies d into the buffer)."""
+
+    def __init__(self, momentum, dampening, nesterov, momenta=None):
+        self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
+        self.momenta = momenta  # (T,) a scheduler's per-step momentum (OneCycleLR), or None
+        self.buf = None
+
+    @classmethod
+    def of(cls, history, method):
+        """The recorded run's velocity, or None for plain SGD; ValueError where parameter groups differ in it."""
+        groups = history.meta["optimizer"]["groups"]
+        settings = {(float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0)), bool(g.get("nesterov", False))) for g in groups}
+        momenta = history.schedule.get("momenta")
+        if len(settings) != 1 or (momenta is not None and bool((momenta != momenta[:, :1]).any())):
+            raise ValueError(f"{method}: needs one momentum, dampening and nesterov for every parameter group, got {sorted(settings)}"
+                             + ("" if momenta is None else " (momenta cycled per group)"))
+        momentum, dampening, nesterov = settings.pop()
+        if momenta is None and momentum == 0:
+            return None
+        return cls(momentum, dampening, nesterov, None if momenta is None else momenta[:, 0].tolist())
+
+    def step(self, w, d, eta, t):
+        beta = self.momentum if self.momenta is None else self.momenta[t]
+        if self.buf is None:
+            self.buf = d.clone()
+        else:
+            self.buf.mul_(beta).add_(d, alpha=1 - self.dampening)
+        return w - eta * (d + beta * self.buf if self.nesterov else self.buf)
 
 
 def _mean_grad(model, loss_fn, train_set, idx, w):
@@ -62,7 +100,7 @@ def _mean_grad(model, loss_fn, train_set, idx, w):
 def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
     check_history(history, model, forget, train_set, "deltagrad")
     history.require("trajectory", "deltagrad")
-    lam = check_plain_sgd(history, "deltagrad")
+    lam, velocity = check_sgd(history, "deltagrad")
     per_group = isinstance(lam, torch.Tensor)
     if T0 < 1 or j0 < 0 or m < 1:
         raise ValueError(f"deltagrad: need T0 >= 1, j0 >= 0, m >= 1; got T0={T0}, j0={j0}, m={m}")
@@ -84,19 +122,28 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
         g_del = _mean_grad(model, loss_fn, train_set, deleted, w) if deleted.numel() else torch.zeros_like(w)
         evals += deleted.numel()
         if not (t < j0 or (t - j0) % T0 == 0 or compact is None):
-            w_before = w.clone()
             alpha, beta = batch.numel() / rem.numel(), deleted.numel() / rem.numel()
-            step = float(ops.qn_step_(w, w_t, g_t, g_del, S_mat, Y_mat, *compact, eta, alpha, beta, 0.0 if per_group else lam))
-            if per_group:  # the op's scalar decay terms, elementwise: alpha lam w_ref - beta lam w
-                w.sub_(eta * lam * (alpha * w_t - beta * w_before))
-                step = float(torch.linalg.vector_norm(w - w_before))
-            # Guard: an approximate step far longer than the recorded one means the quasi-Newton model broke
+            # Guard: an approximate gradient far longer than the recorded one means the quasi-Newton model broke
             # down here (non-convex losses); without it the replay can diverge while staying finite
             # (measured on an MNIST-1D MLP at 1% deletion: relative distance 2.7e7, 0.87 with the guard). Such a step is redone exactly.
-            if math.isfinite(step) and step <= STEP_GUARD * eta * float(torch.linalg.vector_norm(g_t + lam * w_t)):
-                approx_steps += 1
-                continue
-            w = w_before
+            limit = STEP_GUARD * eta * float(torch.linalg.vector_norm(g_t + lam * w_t))
+            if velocity is None:
+                w_before = w.clone()
+                step = float(ops.qn_step_(w, w_t, g_t, g_del, S_mat, Y_mat, *compact, eta, alpha, beta, 0.0 if per_group else lam))
+                if per_group:  # the op's scalar decay terms, elementwise: alpha lam w_ref - beta lam w
+                    w.sub_(eta * lam * (alpha * w_t - beta * w_before))
+                    step = float(torch.linalg.vector_norm(w - w_before))
+                if math.isfinite(step) and step <= limit:
+                    approx_steps += 1
+                    continue
+                w = w_before
+            else:
+                d = alpha * (ops.lbfgs_matvec(S_mat, Y_mat, *compact, w - w_t) + g_t + lam * w_t) - beta * (g_del + lam * w)
+                step = eta * float(torch.linalg.vector_norm(d))
+                if math.isfinite(step) and step <= limit:
+                    w = velocity.step(w, d, eta, t)
+                    approx_steps += 1
+                    continue
             guarded_steps += 1
         g_rem = _mean_grad(model, loss_fn, train_set, rem, w)
         evals += rem.numel()
@@ -106,7 +153,8 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
             S, Y = (S + [s])[-m:], (Y + [y])[-m:]
             S_mat, Y_mat = torch.stack(S), torch.stack(Y)
             compact = ops.lbfgs_compact(S_mat, Y_mat, skip_bad_pairs=True)
-        w = w - eta * (g_rem + lam * w)
+        d = g_rem + lam * w
+        w = w - eta * d if velocity is None else velocity.step(w, d, eta, t)
         exact_steps += 1
     set_flat_params(model, w)
     if not bool(torch.isfinite(w).all()):
