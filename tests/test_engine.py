@@ -143,14 +143,33 @@ def test_deltagrad_approximates_retrain(trained, codec):
     assert dist[2] < 0.1 and dist[2] < dist[10] < 0.3, dist
 
 
-def test_deltagrad_rejects_param_groups_with_different_learning_rates():
-    data = make_data(dtype=torch.float32)
-    model = torch.nn.Linear(12, 4)
-    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.05}], lr=0.1)
-    history = record_in_order(model, opt, data, stop=64, batch=32)
-    assert model.weight.grad is not None  # finish() leaves the trainer's gradients in place
-    with pytest.raises(ValueError, match="one learning rate"):
-        uf.unlearn(model, history, [0], data, LOSS, method="deltagrad")
+def test_deltagrad_replays_param_groups_at_their_own_learning_rates():
+    # a head trained at 10x the body's rate, as fine-tuning often does: refused until 2026-12-05 ("one learning rate")
+    data = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 4).double()
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.05, momentum=0.5, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(6):
+        order = torch.randperm(len(data), generator=gen)
+        for b in range(0, len(data), 32):
+            idx = order[b : b + 32]
+            opt.zero_grad()
+            LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+            rec.record(idx)
+            opt.step()
+            sched.step()
+    history = rec.finish(data, LOSS)
+    torch.testing.assert_close(history.schedule["lrs"][:, 1], 10 * history.schedule["lrs"][:, 0])
+    forget = forget_set(len(data), 0.1)
+    exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
+    every_step = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=1, j0=0).model
+    torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
+    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
+    assert dg.stats["approx_steps"] > 0
+    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.3  # measured 0.145 (the untouched model: 1)
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
@@ -191,7 +210,7 @@ def test_deltagrad_replays_momentum_sgd(momentum, dampening, nesterov):
     torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
     dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
     assert dg.stats["approx_steps"] > 0
-    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.15
+    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.3  # measured 0.086-0.099 (the untouched model: 1)
 
 
 def test_deltagrad_refuses_a_maximizing_sgd():

@@ -1,9 +1,10 @@
 """DeltaGrad (Wu, Dobriban, Davidson, ICML 2020): replay SGD without the forgotten samples, with
 quasi-Newton approximations of the retained-batch gradient on all but every T0-th step.
 
-Needs torch.optim.SGD and the full trajectory (HistoryPolicy(kind="full")). The paper replays plain SGD; the
-quasi-Newton part approximates only the retained batch's gradient, so any SGD update rule can take it: with momentum
-(heavy ball or Nesterov, dampening, a momentum cycled per step by OneCycleLR) the replay keeps its own velocity as
+Needs torch.optim.SGD and the full trajectory (HistoryPolicy(kind="full")). The paper replays plain SGD at one
+learning rate; the quasi-Newton part approximates only the retained batch's gradient, so any SGD update rule can take
+it: parameter groups at their own learning rates (each coordinate steps at its group's), and momentum (heavy ball or
+Nesterov, dampening, a momentum cycled per step by OneCycleLR), for which the replay keeps its own velocity as
 torch.optim.SGD does (`Velocity`), fed with the exact or approximated gradient of each step.
 The weight decay lambda may differ between parameter groups (no decay on biases and norms, as Hugging Face's
 trainers group them): then lambda is a vector over the coordinates and every product with it is elementwise.
@@ -12,7 +13,7 @@ Step t with batch B_t, deleted part D_t, remainder R_t:
       s = w - w_t, y = (|R_t| g_R + |D_t| g_D)/|B_t| - g_t + lambda s; d = g_R + lambda w
   approximate: d from the compact L-BFGS matrix B of the last m pairs,
       d = (|B_t| (B (w - w_t) + g_t + lambda w_t) - |D_t| (g_D + lambda w)) / |R_t|; only the |D_t| deleted samples
-      need a fresh gradient. Plain SGD takes it and the step w <- w - eta d in one fused ops.qn_step_.
+      need a fresh gradient. Plain SGD at one learning rate takes it and the step w <- w - eta d in one fused ops.qn_step_.
   then w <- w - eta d, or with momentum the SGD step on the velocity.
 With T0 = 1 every step is exact and the result equals `retrain` to rounding.
 
@@ -36,8 +37,9 @@ STEP_GUARD = 3.0  # an approximate step longer than this many recorded steps is 
 
 
 def check_sgd(history, method):
-    """(lambda, Velocity or None) of an SGD history with one learning rate per step: lambda a float, or a (p,) tensor
-    (each coordinate its group's weight decay) where groups decay differently; a Velocity where the run used momentum.
+    """(lambda, Velocity or None, coordinate groups or None) of an SGD history: lambda a float, or a (p,) tensor (each
+    coordinate its group's weight decay) where groups decay differently; a Velocity where the run used momentum; each
+    coordinate's parameter group (p,) where the groups' learning rates differ at some step (else one rate per step).
     Else ValueError."""
     meta = history.meta
     cls = meta["optimizer"]["class"]
@@ -46,16 +48,15 @@ def check_sgd(history, method):
         raise ValueError(f"{method}: needs torch.optim.SGD (it models the SGD update exactly), history was recorded with {cls}")
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
-    lrs = history.schedule["lrs"]
-    if not bool((lrs == lrs[:, :1]).all()):
-        raise ValueError(f"{method}: needs one learning rate for every parameter group at every step")
     velocity = Velocity.of(history, method)
+    sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]
+    group_of = torch.cat([torch.full((n,), g, dtype=torch.int64) for n, g in zip(sizes, meta["group_of_param"])])
+    lrs = history.schedule["lrs"]
+    coord_groups = None if bool((lrs == lrs[:, :1]).all()) else group_of
     decays = [float(g.get("weight_decay", 0.0)) for g in groups]
     if len(set(decays)) == 1:
-        return decays[0], velocity
-    sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]
-    w0 = history.schedule["w0"]
-    return torch.cat([torch.full((n,), decays[g], dtype=w0.dtype) for n, g in zip(sizes, meta["group_of_param"])]), velocity
+        return decays[0], velocity, coord_groups
+    return torch.tensor(decays, dtype=history.schedule["w0"].dtype)[group_of], velocity, coord_groups
 
 
 class Velocity:
@@ -82,6 +83,7 @@ class Velocity:
         return cls(momentum, dampening, nesterov, None if momenta is None else momenta[:, 0].tolist())
 
     def step(self, w, d, eta, t):
+        """w after step t at learning rate eta (a float, or per coordinate) on the decayed gradient d."""
         beta = self.momentum if self.momenta is None else self.momenta[t]
         if self.buf is None:
             self.buf = d.clone()
@@ -100,8 +102,9 @@ def _mean_grad(model, loss_fn, train_set, idx, w):
 def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
     check_history(history, model, forget, train_set, "deltagrad")
     history.require("trajectory", "deltagrad")
-    lam, velocity = check_sgd(history, "deltagrad")
+    lam, velocity, coord_groups = check_sgd(history, "deltagrad")
     per_group = isinstance(lam, torch.Tensor)
+    fused = velocity is None and coord_groups is None  # plain SGD at one learning rate: the step is one qn_step_
     if T0 < 1 or j0 < 0 or m < 1:
         raise ValueError(f"deltagrad: need T0 >= 1, j0 >= 0, m >= 1; got T0={T0}, j0={j0}, m={m}")
     forget_mask = torch.zeros(history.n_train, dtype=torch.bool)
@@ -114,7 +117,7 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
     for (t, w_t, g_t), batch in zip(replay(history), history.schedule["batches"]):  # w_t: the recorded run's (module docstring)
         if progress is not None:
             progress.update(1)
-        eta = float(history.schedule["lrs"][t, 0])
+        eta = float(history.schedule["lrs"][t, 0]) if coord_groups is None else history.schedule["lrs"][t].to(w.dtype)[coord_groups]
         rem = remaining(batch, forget_mask)
         if rem.numel() == 0:
             continue
@@ -126,8 +129,8 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
             # Guard: an approximate gradient far longer than the recorded one means the quasi-Newton model broke
             # down here (non-convex losses); without it the replay can diverge while staying finite
             # (measured on an MNIST-1D MLP at 1% deletion: relative distance 2.7e7, 0.87 with the guard). Such a step is redone exactly.
-            limit = STEP_GUARD * eta * float(torch.linalg.vector_norm(g_t + lam * w_t))
-            if velocity is None:
+            limit = STEP_GUARD * float(torch.linalg.vector_norm(eta * (g_t + lam * w_t)))
+            if fused:
                 w_before = w.clone()
                 step = float(ops.qn_step_(w, w_t, g_t, g_del, S_mat, Y_mat, *compact, eta, alpha, beta, 0.0 if per_group else lam))
                 if per_group:  # the op's scalar decay terms, elementwise: alpha lam w_ref - beta lam w
@@ -139,9 +142,9 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
                 w = w_before
             else:
                 d = alpha * (ops.lbfgs_matvec(S_mat, Y_mat, *compact, w - w_t) + g_t + lam * w_t) - beta * (g_del + lam * w)
-                step = eta * float(torch.linalg.vector_norm(d))
+                step = float(torch.linalg.vector_norm(eta * d))
                 if math.isfinite(step) and step <= limit:
-                    w = velocity.step(w, d, eta, t)
+                    w = w - eta * d if velocity is None else velocity.step(w, d, eta, t)
                     approx_steps += 1
                     continue
             guarded_steps += 1
