@@ -227,6 +227,7 @@ class HistoryRecorder:
         self._random_layers = [name for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
         self._keep_rng = self.policy.kind == "full" and bool(self._random_layers) and "dropout" not in self.allow
         self._rng = None  # this step's state, taken at its first training forward
+        self._rank_states = 1  # states per step: a DDP world batch's ranks each drew from their own (set_step_rng)
         self._recorded = False  # record() ran for the coming step
         self._steps_taken = 0
         self._unrecorded_step = None  # the first optimizer step that ran without a record()
@@ -329,6 +330,15 @@ class HistoryRecorder:
         self._raw_norms = [None] * len(self.params)
         self._raw_clip_norms = [None] * len(self.params)
         self._raw_versions = [None] * len(self.params)
+
+    def set_step_rng(self, states):
+        """Declare the random generator states the coming step's forwards drew their dropout masks from, one per rank of
+        a DDP world batch, in rank order (DistributedRecorder calls it before record()): the step's row of
+        schedule.rng_states holds them all, and the replay splits the batch into that many equal parts, drawing each
+        part's masks from its state. Integrations call it; a plain loop never needs to."""
+        if self._rank_states not in (1, len(states)) and self.steps:
+            raise ValueError(f"set_step_rng: {len(states)} states for step {self.steps}, {self._rank_states} for the steps before")
+        self._rng, self._rank_states = torch.cat([torch.as_tensor(t, dtype=torch.uint8).reshape(-1) for t in states]), len(states)
 
     def rebase_gradients(self, norms, clip_norms=None):
         """Declare that this step's gradients were replaced after backward in a way the replay reproduces (DDP
@@ -598,7 +608,8 @@ class HistoryRecorder:
         if step == 0:
             self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
-            self._first_step = (reached, raw_norms.clone(), micro, self._autocast, self._rng)
+            # (one state per rank: finish() cannot redo the ranks' forwards as one backward, so it skips that check)
+            self._first_step = (reached, raw_norms.clone(), micro, self._autocast, self._rng if self._rank_states == 1 else None)
         if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None:
             # (its weights: one copy, once; equal micro-batches weigh the same under either rule)
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
@@ -653,7 +664,8 @@ class HistoryRecorder:
             "schedule.micro_sizes": torch.tensor([s for m in chunk["micro"] if len(m) > 1 for s in m], dtype=torch.int32),
         }
         if self._keep_rng:
-            schedule["schedule.rng_states"] = torch.stack(chunk["rng"]) if n else rng_state(self.params[0].device)[None, :][:0]
+            schedule["schedule.rng_states"] = (torch.stack(chunk["rng"]) if n else
+                                               torch.zeros(0, rng_state(self.params[0].device).numel() * self._rank_states, dtype=torch.uint8))
         if self._settings.cycled:  # (GradientHistory drops them where they stayed as meta records them)
             schedule["schedule.momenta"] = torch.tensor(chunk["momenta"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups))
         if self.path is not None:

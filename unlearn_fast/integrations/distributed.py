@@ -51,17 +51,16 @@ if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
 from ..optimizers import set_step_settings
-from ..recording import HistoryRecorder, StepSettings, check_recordable, chunk_row_buffers, gradient_norm
+from ..recording import RANDOM_LAYERS, HistoryRecorder, InertWhenCopied, StepSettings, check_recordable, chunk_row_buffers, gradient_norm, rng_state
 
 
-def refuse_dropout(model, allow, who):
-    """ValueError naming the first dropout layer (p > 0) unless allow holds "dropout": every rank draws its own masks, and
-    a distributed recording keeps no rank's generator states, so no replay could redraw them."""
-    drops = [f"{name}: p={m.p}" for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
-    if drops and "dropout" not in allow:
-        raise ValueError(f"{who}: model has dropout ({', '.join(drops[:3])}); every rank draws its own masks, which a distributed "
-                         "recording does not keep, so a replay would draw others and not reproduce the run. Train without dropout"
-                         + ("" if who.startswith("ShardedRecorder") else ", or pass allow=('dropout',) to record anyway (replays then differ)"))
+def refuse_dropout(model, who):
+    """ValueError naming the first dropout layer (p > 0): every rank of a sharded run draws its own masks, and a shard
+    recording keeps no rank's generator states, so no replay could redraw them."""
+    drops = [f"{name}: p={m.p}" for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
+    if drops:
+        raise ValueError(f"{who}: model has dropout ({', '.join(drops[:3])}); every rank draws its own masks, which a sharded "
+                         "recording does not keep, so a replay would draw others and not reproduce the run. Train without dropout")
 
 
 def _world(group, who="DistributedRecorder"):
@@ -128,7 +127,17 @@ class DistributedRecorder:
         self._check_model(model, group, "DistributedRecorder")
         self.steps = 0
         self.allow = (allow,) if isinstance(allow, str) else tuple(allow)
-        refuse_dropout(model.module, self.allow, "DistributedRecorder")
+        # dropout: every rank draws its masks from its own generator; each rank takes its state at the step's first
+        # training forward, record() gathers them in rank order and rank 0's recorder keeps them with the step
+        # (set_step_rng), so that a replay draws every rank's masks (allow=('dropout',): not kept, replays draw others)
+        self._keep_states = "dropout" not in self.allow and any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.module.modules())
+        self._rng = None
+        taker = getattr(model, "_unlearn_fast_rng", None)  # (one hook per model: a later recorder on it takes it over)
+        if taker is None and self._keep_states:
+            taker = model._unlearn_fast_rng = _RngTaker()
+            model.module.register_forward_pre_hook(InertWhenCopied(taker))
+        if taker is not None:
+            taker.recorder = self if self._keep_states else None
         # The recorder takes each gradient's norm when backward leaves it, to detect clipping (a later change) and
         # to check finish()'s loss_fn against; under DDP the all-reduce writes the averaged gradients after that.
         # A communication hook measures the norms the all-reduce produced: this class refuses a later edit itself
@@ -160,7 +169,6 @@ class DistributedRecorder:
         another model, weights that match no flush point."""
         self = cls.__new__(cls)
         self._check_model(model, group, "DistributedRecorder.resume")
-        refuse_dropout(model.module, (allow,) if isinstance(allow, str) else tuple(allow), "DistributedRecorder.resume")
 
         def resumed():
             from .. import store
@@ -240,8 +248,16 @@ class DistributedRecorder:
         padded = [torch.empty(sizes[0], dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(padded, local, group=self.group)
         world = torch.cat(padded)
+        states = None
+        if self._keep_states:  # (no training forward seen, e.g. trained in eval mode: no masks drawn, any state will do)
+            mine = self._rng if self._rng is not None else rng_state(self.params[0].device)
+            states = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(states, mine, group=self.group)
+            self._rng = None
         if self.recorder is not None:
             self._rebaseline()
+            if states is not None:
+                self.recorder.set_step_rng(states)
             self.recorder.record(world)
         self.steps += 1
         return world
@@ -274,6 +290,18 @@ class DistributedRecorder:
 
     def _meta(self):
         return {"world_size": self.world_size, "backend": self.backend, "recording_rank": 0}
+
+
+class _RngTaker:
+    """Forward pre-hook of a DDP model's module with dropout: the generator's state at each step's first training
+    forward, for the recorder that now records the model."""
+
+    recorder = None
+
+    def __call__(self, module, args):
+        rec = self.recorder
+        if rec is not None and rec._rng is None and module.training and torch.is_grad_enabled():
+            rec._rng = rng_state(rec.params[0].device)
 
 
 def recorded_world_size(history):
@@ -376,7 +404,7 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     on every rank, as in the single-process replay. model: the module (its parameters are overwritten) or the DDP
     wrapper (its .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
     from ..history import fetch, restore_buffers, set_flat_params
-    from ..methods._common import batch_loss, check_history, replay_modes
+    from ..methods._common import batch_loss, check_history, replay_modes, replay_rng
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "distributed retrain")
@@ -397,7 +425,8 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     for t, _, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         if part.numel():
-            with replay_modes(history, module):
+            with replay_rng(history, t, module) as draw_part, replay_modes(history, module):
+                draw_part(rank)  # (this rank's masks, where the history keeps each rank's generator state)
                 batch_loss(module, loss_fn, fetch(train_set, part)).backward()
         # one buffer: the scaled gradients, then one flag per parameter (reached by backward on this rank)
         flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
@@ -575,7 +604,7 @@ class ShardedRecorder:
         self.group = group
         self.world_size, self.rank = _world(group, who)
         _fsdp_root(model, who)
-        refuse_dropout(model, (), who)
+        refuse_dropout(model, who)
         self.policy = policy or HistoryPolicy(kind="full")
         if self.policy.kind != "full":
             raise ValueError(f"{who}: policy kind {self.policy.kind!r} is not supported for FSDP2 shard histories (Mini's summary needs "

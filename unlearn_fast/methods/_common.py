@@ -67,9 +67,13 @@ def replayed_batches(history, forget_mask, seed=0):
     if "batches" in sched:
         counts = sched.get("micro_counts")
         micro = iter(sched["micro_sizes"].tolist()) if counts is not None else None
+        ranks = rank_parts(history)
         for t, batch in enumerate(sched["batches"]):
             c = 1 if counts is None else int(counts[t])
-            parts = [batch] if c == 1 else torch.split(batch, [next(micro) for _ in range(c)])
+            if ranks > 1:  # a DDP world batch whose ranks drew dropout masks from their own generators: one part per rank
+                parts = batch.chunk(ranks)
+            else:
+                parts = [batch] if c == 1 else torch.split(batch, [next(micro) for _ in range(c)])
             yield t, [remaining(part, forget_mask) for part in parts]
         return
     pool = torch.nonzero(history.seen_mask()).flatten()
@@ -87,26 +91,47 @@ def replay_step(model, loss_fn, train_set, history, parts, step=None):
     recorded autocast and, for recorded step `step`, the recorded GradScaler scale (see grad_scale) and random
     generator state (dropout masks), each module in the train / eval mode training ran it in; returns the samples it
     used (0: nothing to step on)."""
-    with replay_rng(history, step, model), replay_modes(history, model):
-        return _replay_step(model, loss_fn, train_set, history, parts, step)
+    with replay_rng(history, step, model) as draw_part, replay_modes(history, model):
+        return _replay_step(model, loss_fn, train_set, history, parts, step, draw_part)
+
+
+def rank_parts(history):
+    """The number of DDP ranks whose own generator states a step of `history` keeps (DistributedRecorder of a model
+    with dropout: a row of schedule.rng_states holds one state per rank, in rank order), else 1."""
+    if "rng_states" not in history.schedule:
+        return 1
+    return int((history.meta.get("distributed") or {}).get("world_size", 1))
 
 
 @contextlib.contextmanager
 def replay_rng(history, step, model):
     """Within: the random generator as training's was at recorded step `step`'s first forward (a history of a model with
     dropout keeps it), so that the replay draws training's dropout masks; the caller's generator state is restored
-    after. Without a recorded state: nothing changes (the replay draws masks of its own)."""
+    after. Without a recorded state: nothing changes (the replay draws masks of its own). Yields draw_part(i): for a
+    step whose ranks drew from their own generators (rank_parts), it sets rank i's state before part i's forward."""
     states = history.schedule.get("rng_states")
     if states is None or step is None:
-        yield
+        yield lambda i: None
         return
     device = next(p.device for p in model.parameters())
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    ranks = rank_parts(history)
+    row = states[step]
+    if row.numel() % ranks:
+        raise ValueError(f"history: schedule.rng_states row {step} has {row.numel()} bytes, not one state per rank of {ranks}")
+    rows = row.view(ranks, -1)
+
+    def draw(i):
         try:
-            set_rng_state(states[step], device)
+            set_rng_state(rows[i], device)
         except RuntimeError as err:  # a state of another size or generator (a crafted or foreign file)
             raise ValueError(f"history: schedule.rng_states row {step} is not a {device.type} generator state ({err})") from None
-        yield
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if ranks == 1:
+            draw(0)
+            yield lambda i: None
+        else:
+            yield draw
 
 
 def set_rng_state(state, device):
@@ -118,7 +143,7 @@ def set_rng_state(state, device):
         torch.set_rng_state(state)
 
 
-def _replay_step(model, loss_fn, train_set, history, parts, step):
+def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lambda i: None):
     scale = grad_scale(history, step)
     # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch ("batch_mean"), or
     # of the items loss_fn averages over ("loss_count": a Hugging Face Trainer's tokens, loss_fn.count_items)
@@ -126,6 +151,8 @@ def _replay_step(model, loss_fn, train_set, history, parts, step):
     retained = sum(part.numel() for part in parts)
     if len(parts) == 1:
         weights = [1.0]
+    elif rank_parts(history) > 1:  # DDP's ranks: the all-reduced mean over the world batch's retained samples
+        weights = [part.numel() / max(retained, 1) for part in parts]
     elif weighting == "loss_count":
         count = getattr(loss_fn, "count_items", None)
         if not callable(count):
@@ -139,8 +166,9 @@ def _replay_step(model, loss_fn, train_set, history, parts, step):
         weights = [None] * len(parts)  # loss / their number, as the accumulation idiom divides (bit for bit)
     while True:
         used = 0
-        for part, weight in zip(parts, weights):
+        for i, (part, weight) in enumerate(zip(parts, weights)):
             if part.numel():
+                draw_part(i)
                 with replay_autocast(history, model):
                     loss = batch_loss(model, loss_fn, fetch(train_set, part))
                 loss = loss if len(parts) == 1 else loss / len(parts) if weight is None else loss * weight
