@@ -134,6 +134,7 @@ def _dropout_run(rank, out):
         replayed, _ = ufd.run(_dropout_net(), history, torch.tensor(forget, dtype=torch.int64), ds, F.cross_entropy)
         torch.save(replayed.state_dict(), os.path.join(out, f"dropout_replay_{name}_{rank}.pt"))
     ufd.DistributedRecorder(model, opt, allow=("dropout",)).close()  # declared: recorded without the states
+    _message(lambda: ufd.DistributedRecorder(model, opt, allow=("accumulation",)), out, f"dropout_accumulation_{rank}.txt")
 
 
 FORGET = [0, 5, 17, 30, 41]  # ~10 % of the training set
@@ -183,7 +184,7 @@ def ddp_run():
             return open(path).read() if os.path.exists(path) else None
 
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)]
-                    for kind in ("unequal", "clipped", "worldsize", "mismatch")}
+                    for kind in ("unequal", "clipped", "worldsize", "mismatch", "dropout_accumulation")}
         threads = [message(f"threads_{r}.txt") for r in range(WORLD)]
         replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
         streamed = GradientHistory.load(os.path.join(out, "streamed"))
@@ -266,6 +267,11 @@ def test_dropout_keeps_every_ranks_generator_state_and_is_replayed_exactly(ddp_r
     unseeded = copy.copy(history)
     unseeded.schedule = {k: v for k, v in history.schedule.items() if k != "rng_states"}
     assert _max_diff(retrain.run(_dropout_net(), unseeded, nothing, _data(), F.cross_entropy)[0], trained) > 100 * TOL
+
+
+def test_dropout_with_declared_accumulation_refused_on_every_rank(ddp_run):
+    for message in ddp_run[2]["dropout_accumulation"]:
+        assert message is not None and "dropout with allow=('accumulation',)" in message
 
 
 def test_dropout_forgetting_replays_the_same_under_ddp_and_in_one_process(ddp_run):

@@ -131,6 +131,11 @@ class DistributedRecorder:
         # training forward, record() gathers them in rank order and rank 0's recorder keeps them with the step
         # (set_step_rng), so that a replay draws every rank's masks (allow=('dropout',): not kept, replays draw others)
         self._keep_states = "dropout" not in self.allow and any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.module.modules())
+        if self._keep_states and "accumulation" in self.allow:
+            # (a rank's micro-batches draw one after the other from its generator; the replay takes a rank's part at once)
+            raise ValueError("DistributedRecorder: dropout with allow=('accumulation',): the replay draws each rank's masks for its "
+                             "whole part of the world batch at once, not micro-batch by micro-batch; train without accumulation, "
+                             "or pass allow=('accumulation', 'dropout') to record without the masks (replays then differ)")
         self._rng = None
         taker = getattr(model, "_unlearn_fast_rng", None)  # (one hook per model: a later recorder on it takes it over)
         if taker is None and self._keep_states:
