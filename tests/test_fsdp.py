@@ -167,6 +167,43 @@ def _work(rank, out):
     single = fully_shard(_net(), mesh=DeviceMesh.from_group(alone, "cpu"))
     _message(lambda: ufd.load_sharded(os.path.join(out, "history"), single, group=alone), out, f"world_{rank}.txt")
     del rec4, single, edge, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
+    _dropout_run(rank, out)
+
+
+def _dropout_sharded():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    fully_shard(net)
+    return net
+
+
+def _dropout_run(rank, out):
+    """Dropout under FSDP2: every rank draws its masks from its own generator (seeded per rank); each shard history keeps
+    every rank's state of every step (refused until 2026-12-05). Streamed in chunks of 5 steps."""
+    ds, net = _data(), _dropout_sharded()
+    opt, sched = _optimizer(net.parameters())
+    torch.manual_seed(100 + rank)
+    rec = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "dropout"))
+    rec.chunk_steps = 5
+    sampler, loader = _loader(ds)
+    for _, idx, x, y in _steps(sampler, loader):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+    rec.finish(ds)
+    trained = _full_state(net)
+    if rank == 0:
+        torch.save(trained, os.path.join(out, "dropout_trained.pt"))
+    history = ufd.load_sharded(os.path.join(out, "dropout"), net)
+    for name, forget in (("none", []), ("forget", FORGET)):
+        replayed, _ = ufd.run_sharded(_dropout_sharded(), history, forget, ds, F.cross_entropy)
+        state = _full_state(replayed)
+        if rank == 0:
+            torch.save(state, os.path.join(out, f"dropout_replay_{name}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +220,9 @@ def fsdp_run():
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second", "replay_edge")}
         streamed = [GradientHistory.load(os.path.join(out, "streamed", f"rank-{r}")) for r in range(WORLD)]
-        yield shards, states, refusals, streamed
+        dropout = {"shards": [GradientHistory.load(os.path.join(out, "dropout", f"rank-{r}")) for r in range(WORLD)],
+                   **{name: torch.load(os.path.join(out, f"dropout_{name}.pt")) for name in ("trained", "replay_none", "replay_forget")}}
+        yield shards, states, refusals, streamed, dropout
 
 
 def _model(state):
@@ -305,6 +344,34 @@ def test_refuses_shards_of_another_run_on_every_rank(fsdp_run):
 def test_refuses_clipping_after_the_reduce_scatter_on_every_rank(fsdp_run):
     for message in fsdp_run[2]["clipped"]:
         assert message is not None and "changed after FSDP2's reduce-scatter" in message, message
+
+
+def _dropout_model(state):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    net.load_state_dict(state)
+    return net
+
+
+def test_dropout_keeps_every_ranks_generator_state_and_is_replayed_exactly(fsdp_run):
+    run = fsdp_run[4]
+    shards, trained = run["shards"], _dropout_model(run["trained"])
+    width = torch.get_rng_state().numel()
+    states = shards[0].schedule["rng_states"]
+    assert states.shape == (STEPS, WORLD * width) and torch.equal(shards[1].schedule["rng_states"], states)  # every shard keeps them all
+    assert not torch.equal(states[:, :width], states[:, width:])  # the ranks' generators differ
+    assert _max_diff(_dropout_model(run["replay_none"]), trained) < TOL  # the FSDP2 replay, each rank drawing its own masks
+    gathered = ufd.gather_shards(shards)
+    nothing = torch.zeros(0, dtype=torch.int64)
+    single, _ = retrain.run(_dropout_model(run["trained"]), gathered, nothing, _data(), F.cross_entropy)
+    moved = float((flat_params(trained) - gathered.schedule["w0"]).abs().max())
+    assert _max_diff(single, trained) < TOL < moved / 100, (_max_diff(single, trained), moved)
+    forgot, _ = retrain.run(_dropout_model(run["trained"]), gathered, torch.tensor(FORGET), _data(), F.cross_entropy)
+    assert _max_diff(forgot, trained) > 100 * TOL
+    assert _max_diff(_dropout_model(run["replay_forget"]), forgot) < TOL
+    unseeded = copy.copy(gathered)  # without the states the replay draws other masks
+    unseeded.schedule = {k: v for k, v in gathered.schedule.items() if k != "rng_states"}
+    assert _max_diff(retrain.run(_dropout_model(run["trained"]), unseeded, nothing, _data(), F.cross_entropy)[0], trained) > 100 * TOL
 
 
 def test_recorder_refusals_on_every_rank(fsdp_run):

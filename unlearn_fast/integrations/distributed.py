@@ -23,6 +23,10 @@ retained samples only, weighted so that the all-reduced sum is the mean over the
 (what the single-process replay computes); every rank applies the same update and ends with the same model.
 check_world_size() refuses a history recorded under another world size.
 
+Dropout: every rank draws its masks from its own random generator. Both recorders take each rank's generator state at
+the step's first training forward and gather them in rank order into the step's row of schedule.rng_states; every
+replay (DDP, FSDP2, single process) draws each rank's part of the world batch from that rank's state.
+
 DistributedRecorder(..., path=...) streams rank 0's recording to disk (HistoryRecorder's chunked store); flush() (a
 collective) marks a point a trainer checkpoint is saved at, and DistributedRecorder.resume continues the recording
 from it in a new job with the same world size (every rank raises rank 0's refusal alike).
@@ -52,15 +56,6 @@ if dist.is_available():
 
 from ..optimizers import set_step_settings
 from ..recording import RANDOM_LAYERS, HistoryRecorder, InertWhenCopied, StepSettings, check_recordable, chunk_row_buffers, gradient_norm, rng_state
-
-
-def refuse_dropout(model, who):
-    """ValueError naming the first dropout layer (p > 0): every rank of a sharded run draws its own masks, and a shard
-    recording keeps no rank's generator states, so no replay could redraw them."""
-    drops = [f"{name}: p={m.p}" for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
-    if drops:
-        raise ValueError(f"{who}: model has dropout ({', '.join(drops[:3])}); every rank draws its own masks, which a sharded "
-                         "recording does not keep, so a replay would draw others and not reproduce the run. Train without dropout")
 
 
 def _world(group, who="DistributedRecorder"):
@@ -609,7 +604,6 @@ class ShardedRecorder:
         self.group = group
         self.world_size, self.rank = _world(group, who)
         _fsdp_root(model, who)
-        refuse_dropout(model, who)
         self.policy = policy or HistoryPolicy(kind="full")
         if self.policy.kind != "full":
             raise ValueError(f"{who}: policy kind {self.policy.kind!r} is not supported for FSDP2 shard histories (Mini's summary needs "
@@ -654,6 +648,10 @@ class ShardedRecorder:
         # its reduce-scattered gradient is in place, so their norms are the baseline a later edit (clipping) is measured against
         self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
         self._recorded, self._unrecorded_step, self._steps_taken, self._autocast, self._finished = False, None, 0, False, False
+        # dropout: as DistributedRecorder, every rank's generator state at the step's first training forward, gathered
+        # in rank order; every shard history keeps them all (run_sharded draws its own, gather_shards' replay every rank's)
+        self._keep_states = any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.modules())
+        self._rng, self.rng_rows = None, []  # rng_rows: in memory only without a path (on disk with one)
         if path is not None:
             self._start_stream(path)
         self._handles = [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
@@ -683,8 +681,12 @@ class ShardedRecorder:
         self._norms[i] = float(gradient_norm(_local(p.grad).detach()))
 
     def _on_forward(self, module, args):
-        if module.training and torch.is_grad_enabled() and torch.is_autocast_enabled(_local(self.params[0]).device.type):
-            self._autocast = True
+        if module.training and torch.is_grad_enabled():
+            device = _local(self.params[0]).device
+            if torch.is_autocast_enabled(device.type):
+                self._autocast = True
+            if self._keep_states and self._rng is None:
+                self._rng = rng_state(device)
 
     def _before_step(self, optimizer, args, kwargs):
         if not self._recorded and self._unrecorded_step is None:
@@ -692,7 +694,7 @@ class ShardedRecorder:
 
     def _after_step(self, optimizer, args, kwargs):
         self._steps_taken += 1
-        self._recorded, self._autocast = False, False
+        self._recorded, self._autocast, self._rng = False, False, None
         self._passes, self._norms = [0] * len(self.params), [None] * len(self.params)
 
     def record(self, batch_indices):
@@ -748,6 +750,13 @@ class ShardedRecorder:
             raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
         self._settings.check(step)  # (every rank's optimizer runs the same scheduler: all raise or none)
         chunk = self._open
+        if self._keep_states:  # (no training forward seen: no masks drawn, any state will do)
+            mine = self._rng if self._rng is not None else rng_state(_local(self.params[0]).device)
+            states = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(states, mine, group=self.group)
+            chunk["rng"].append(torch.cat(states))
+            if self.path is None:
+                self.rng_rows.append(chunk["rng"][-1])
         row = len(chunk["lrs"])
         if chunk["g"] is None:
             chunk["g"] = self._row_buffers()
@@ -788,6 +797,9 @@ class ShardedRecorder:
         }
         if self._settings.cycled:  # (GradientHistory drops them where they stayed as meta records them)
             schedule["schedule.momenta"] = torch.tensor(chunk["momenta"], dtype=torch.float64).reshape(n, len(self.optimizer.param_groups))
+        if self._keep_states:
+            width = rng_state(_local(self.params[0]).device).numel() * self.world_size
+            schedule["schedule.rng_states"] = torch.stack(chunk["rng"]) if n else torch.zeros(0, width, dtype=torch.uint8)
         rows = {}
         if n:
             tensors = {name: t[:n] for name, t in chunk["g"].items()}
@@ -860,6 +872,8 @@ class ShardedRecorder:
                         "micro_counts": torch.ones(T, dtype=torch.int64), "micro_sizes": torch.zeros(0, dtype=torch.int64)}
             if self._settings.cycled:
                 schedule["momenta"] = torch.tensor(self.momenta, dtype=torch.float64).reshape(T, -1)
+            if self._keep_states:
+                schedule["rng_states"] = torch.stack(self.rng_rows)
             c, bs = self.policy.codec, self.policy.blocksize
             trajectory = {"g": ChunkedRows([(n, rows["g"]) for n, rows in self._chunks], c, bs, p, self.w0.dtype)}
             # the rank's final shards: gather_shards binds the single-process history to the whole trained model with them
@@ -875,7 +889,7 @@ class ShardedRecorder:
             history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference
             history.recording_id = None  # (no longer a recording to resume)
         self.close()
-        self._chunks, self.batches, self.lrs, self.momenta = [], [], [], []
+        self._chunks, self.batches, self.lrs, self.momenta, self.rng_rows = [], [], [], [], []
         return history
 
     @classmethod
@@ -940,7 +954,7 @@ class ShardedRecorder:
 
 def _new_shard_chunk():
     # w, g: the chunk's row buffers (RowEncoder.buffers), from its first step on
-    return {"lrs": [], "momenta": [], "indices": [], "g": None}
+    return {"lrs": [], "momenta": [], "indices": [], "rng": [], "g": None}
 
 
 def _rank_dir(path, rank):
@@ -1050,7 +1064,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     parameters. A rank with no retained sample runs a zero-weighted loss (it must join FSDP2's collectives); a step
     whose whole world batch is forgotten is skipped on every rank. Returns (model, stats)."""
     from ..history import fetch
-    from ..methods._common import batch_loss
+    from ..methods._common import batch_loss, replay_rng
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "FSDP2 retrain")
@@ -1090,10 +1104,12 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     evals = steps = 0
     for t, mine, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
-        if part.numel():
-            (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
-        else:
-            (batch_loss(model, loss_fn, fetch(train_set, mine[:1])) * 0.0).backward()
+        with replay_rng(history, t, model) as draw_part:
+            draw_part(rank)  # (this rank's dropout masks, where the history keeps each rank's generator state)
+            if part.numel():
+                (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
+            else:
+                (batch_loss(model, loss_fn, fetch(train_set, mine[:1])) * 0.0).backward()
         optimizer.step()
         evals += part.numel()
         steps += 1
@@ -1170,7 +1186,9 @@ def gather_shards(histories):
     first = histories[0]
     for h in histories[1:]:
         same = (len(h.schedule["batches"]) == len(first.schedule["batches"]) and torch.equal(h.schedule["lrs"], first.schedule["lrs"])
-                and all(torch.equal(a, b) for a, b in zip(h.schedule["batches"], first.schedule["batches"])))
+                and all(torch.equal(a, b) for a, b in zip(h.schedule["batches"], first.schedule["batches"]))
+                and ("rng_states" in h.schedule) == ("rng_states" in first.schedule)
+                and ("rng_states" not in h.schedule or torch.equal(h.schedule["rng_states"], first.schedule["rng_states"])))
         if not same:
             raise ValueError(f"gather_shards: rank {h.meta['distributed']['rank']}'s schedule differs from rank 0's")
     shards = [m["shards"] for m in metas]
