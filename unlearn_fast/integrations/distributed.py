@@ -399,12 +399,17 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     """method="retrain" under DDP, called on every rank of `group` (a collective): replays the recorded schedule
     from w0 without `forget` (a sorted int64 tensor, the same on every rank). Rank r computes the mean-loss gradient
     of its part of each world batch (positions r*B/W .. (r+1)*B/W, the indices it trained on) over its retained
-    samples, scales it by (its retained) / (the world batch's retained), and the ranks all-reduce (sum) it: the
-    gradient of the mean loss over the retained world batch. A step whose world batch is all forgotten is skipped
-    on every rank, as in the single-process replay. model: the module (its parameters are overwritten) or the DDP
-    wrapper (its .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
+    samples, scales it by its share of the retained world batch, and the ranks all-reduce (sum) it: the gradient of
+    the mean loss over the retained world batch. The share counts what loss_fn averages over: the samples, or where
+    loss_fn has count_items(targets) (a Hugging Face Trainer's label tokens: hf.TrainerLoss) those items, summed over
+    the ranks (one more all-reduce a step). Then, as training did after DDP's all-reduce, the recorded clipping
+    (clip_grad_norm_ at meta["recording"]["clip_max_norm"]) and the optimizer step; forwards run under the recorded
+    autocast, each rank's dropout drawn from its recorded generator state. A step whose world batch is all forgotten
+    is skipped on every rank, as in the single-process replay. A history recorded with a GradScaler is refused (the
+    single-process retrain replays it). model: the module (its parameters are overwritten) or the DDP wrapper (its
+    .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
     from ..history import fetch, restore_buffers, set_flat_params
-    from ..methods._common import batch_loss, check_history, replay_modes, replay_rng
+    from ..methods._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, replay_modes, replay_rng
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "distributed retrain")
@@ -414,6 +419,9 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     check_world_size(history, world_size)
     module = _unwrap(model)
     check_history(history, module, forget, train_set, "retrain")
+    if ((history.meta.get("recording") or {}).get("grad_scaler") or {}).get("scales"):
+        raise ValueError("distributed retrain: the history was recorded with a GradScaler, whose per-step scales this replay does not "
+                         "reproduce; replay it in one process (uf.unlearn with method='retrain')")
     set_flat_params(module, history.schedule["w0"])
     restore_buffers(module, history.schedule.get("buffers0"))
     optimizer = build_optimizer(module, history.meta)
@@ -421,22 +429,33 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     sizes = [p.numel() for p in params]
     keep = torch.ones(history.n_train, dtype=torch.bool)
     keep[forget] = False
+    count, max_norm = getattr(loss_fn, "count_items", None), clip_max_norm(history)
     evals = steps = 0
     for t, _, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
-        if part.numel():
+        batch = fetch(train_set, part) if part.numel() else None
+        share = part.numel() / retained
+        if callable(count):  # (every rank joins the all-reduce, one without retained samples with 0 items)
+            items = torch.tensor([float(count(batch[1])) if batch is not None else 0.0, 0.0], dtype=torch.float64)
+            items[1] = items[0]
+            dist.all_reduce(items[1:], group=group)
+            share = float(items[0]) / max(float(items[1]), 1.0)
+        if batch is not None:
             with replay_rng(history, t, module) as draw_part, replay_modes(history, module):
                 draw_part(rank)  # (this rank's masks, where the history keeps each rank's generator state)
-                batch_loss(module, loss_fn, fetch(train_set, part)).backward()
+                with replay_autocast(history, module):
+                    loss = batch_loss(module, loss_fn, batch)
+                loss.backward()
         # one buffer: the scaled gradients, then one flag per parameter (reached by backward on this rank)
         flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                          + [torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype)])
-        flat[: sum(sizes)] *= part.numel() / retained
+        flat[: sum(sizes)] *= share
         dist.all_reduce(flat, group=group)
         grads, reached = flat[: sum(sizes)].split(sizes), flat[sum(sizes):]
         for p, g, r in zip(params, grads, reached.tolist()):
             # a parameter no rank's backward reached keeps grad None (the optimizer skips it, as in a single process)
             p.grad = g.view_as(p).clone() if r > 0 else None
+        clip(module, max_norm)
         optimizer.step()
         evals += part.numel()
         steps += 1

@@ -151,9 +151,10 @@ def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lamb
     retained = sum(part.numel() for part in parts)
     if len(parts) == 1:
         weights = [1.0]
-    elif rank_parts(history) > 1:  # DDP's ranks: the all-reduced mean over the world batch's retained samples
+    elif rank_parts(history) > 1 and not callable(getattr(loss_fn, "count_items", None)):
+        # DDP's ranks: the all-reduced mean over the world batch's retained samples (or items: below)
         weights = [part.numel() / max(retained, 1) for part in parts]
-    elif weighting == "loss_count":
+    elif weighting == "loss_count" or rank_parts(history) > 1:
         count = getattr(loss_fn, "count_items", None)
         if not callable(count):
             raise ValueError("loss_fn: the history weighs accumulated micro-batches by the items the loss averages over (a Hugging Face "
