@@ -724,6 +724,30 @@ def _hf_ddp_replay(rank, out):
     torch.save(replayed.state_dict(), os.path.join(out, f"ddp_replay_{rank}.pt"))
 
 
+class _SeedPerRank(transformers.TrainerCallback):
+    """Each rank's generator seeded apart once training begins (the Trainer seeds every rank alike)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(100 + args.process_index)
+
+
+def _hf_ddp_dropout(rank, out):
+    """A Trainer DDP run of a GPT-2 with dropout 0.1 (refused until 2026-12-05), then its DDP replay forgetting nothing."""
+    trainer = _trainer(out, model=_model(dropout=0.1), **DDP_ARGS)
+    trainer.add_callback(_SeedPerRank())
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+    trainer.train()
+    history = cb.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "history"))
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
+    torch.distributed.barrier()
+    history = GradientHistory.load(os.path.join(out, "history"))
+    replayed, _ = distributed.run(_model(dropout=0.1), history, torch.zeros(0, dtype=torch.int64), hf.replay_set(_Texts(), _collate),
+                                  hf.TrainerLoss("all"))
+    torch.save(replayed.state_dict(), os.path.join(out, f"ddp_replay_{rank}.pt"))
+
+
 def _hf_ddp_resume(rank, out):
     """Resumes the run _hf_ddp_run killed at step 7 from its checkpoint-4 (new processes, as after a crash)."""
     import shutil
@@ -825,6 +849,26 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
         model = _model()
         model.load_state_dict(torch.load(tmp_path / f"resumed_{rank}.pt"))
         assert _max_dw(model, trained) == 0
+
+
+def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
+    _spawn_ddp(_hf_ddp_dropout, tmp_path)
+    history = GradientHistory.load(str(tmp_path / "history"))
+    width = torch.get_rng_state().numel()
+    states = history.schedule["rng_states"]
+    assert states.shape == (12, 2 * width) and not torch.equal(states[:, :width], states[:, width:])  # each rank's own
+    trained = _model(dropout=0.1)
+    trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
+    # one process: each rank's part of a world batch padded as its collator did, its masks from its state, weighted by tokens
+    assert _max_dw(_replay(trained, history, data, loss), trained) < TIGHT < moved / 1000
+    for rank in range(2):  # under DDP, each rank drawing its own masks
+        replayed = _model(dropout=0.1)
+        replayed.load_state_dict(torch.load(tmp_path / f"ddp_replay_{rank}.pt"))
+        assert _max_dw(replayed, trained) < TIGHT
+    without = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("rng_states", "batch_sizes")}, None, None)
+    assert _max_dw(_replay(trained, without, data, loss), trained) > 100 * TIGHT  # other masks
 
 
 def test_ddp_trainer_with_gradient_accumulation_replays_exactly(tmp_path):

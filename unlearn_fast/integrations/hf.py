@@ -22,7 +22,7 @@ meta["recording"]["clip_max_norm"], which retrain and rewind replay after each r
 without some samples clips what it really would) and deltagrad / mini refuse. Dropout is replayed with the Trainer's
 masks by a single-process kind="full" recording (each step's random generator state is recorded, the replay pads each
 batch as the collator did: ReplayTexts, and with accumulation replays the micro-batches one by one, weighted by their
-label tokens); elsewhere it is refused unless allow_dropout=True
+label tokens), and under DDP without accumulation (every rank's states); elsewhere it is refused unless allow_dropout=True
 (the replay then draws other masks); mixed precision, label
 smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
@@ -274,14 +274,17 @@ def _check_trainer(trainer, allow_dropout, kind):
         raise ValueError(f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} with a model that takes no "
                          "num_items_in_batch: the Trainer averages per micro-batch means, which one replayed batch does not")
     drop = dropout_settings(model)
-    # a single-process kind="full" recording keeps each step's random generator state: its replay draws the Trainer's masks
-    if drop and not allow_dropout and (kind != "full" or args.world_size > 1):
+    # a kind="full" recording keeps each step's random generator state (under DDP every rank's): its replay draws the
+    # Trainer's masks; under DDP with accumulation a rank's micro-batches draw one after the other, which it does not replay
+    ddp_accumulated = args.world_size > 1 and args.gradient_accumulation_steps > 1
+    if drop and not allow_dropout and (kind != "full" or ddp_accumulated):
         names = ", ".join(f"{n}={p}" for n, p in drop[:6])
         why = (f"a kind={kind!r} recording keeps no random generator states to replay its masks" if kind != "full" else
-               f"with world_size={args.world_size} the recording keeps rank 0's random generator states only, not every rank's")
+               f"with world_size={args.world_size} and gradient_accumulation_steps={args.gradient_accumulation_steps} each rank's "
+               "micro-batches draw their masks one after the other, which the replay of a rank's part does not")
         raise ValueError(f"model: dropout is active in training ({names}); {why}, "
-                         "so retrain would not reproduce the model. Record kind='full' in one process, set these to 0 (e.g. GPT2Config("
-                         "resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) or pass allow_dropout=True to record anyway (replays then differ)")
+                         "so retrain would not reproduce the model. Record kind='full' (without accumulation under DDP), set these to 0 "
+                         "(e.g. GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) or pass allow_dropout=True to record anyway (replays then differ)")
     return drop
 
 
@@ -418,7 +421,7 @@ class HistoryCallback(TrainerCallback):
                              f"({type(wrapped).__name__}); the integration records DDP runs only")
         if self.max_grad_norm > 0:
             allow = tuple(allow) + ("clipping",)
-        if self.dropout:  # (refused by _check_trainer unless allow_dropout=True)
+        if self.dropout and self.allow_dropout:  # (else each rank's generator states are kept: DistributedRecorder)
             allow = tuple(allow) + ("dropout",)
         if state.global_step == 0:
             self.resumed_from = []
