@@ -3,6 +3,10 @@ the single-process replay (methods.retrain.run, 1 and 2 threads) of the same DDP
 
     python benchmarks/ddp.py [--repeats 5] [--epochs 2] [--out benchmarks/results/ddp]
     python benchmarks/ddp.py --fsdp [--repeats 5] [--epochs 2] [--out benchmarks/results/fsdp]
+    python benchmarks/ddp.py --dropout 0.2 [--out benchmarks/results/ddp_dropout]
+
+--dropout P: the MLP with dropout P after each hidden layer, each rank's generator seeded apart: the history keeps
+every rank's generator state per step and every replay draws each rank's masks from its own.
 
 --fsdp: the same workload trained under FSDP2 (fully_shard, 2 gloo processes) with and without ShardedRecorder, the
 FSDP2 replay (run_sharded) timed, and compared with the single-process replay of the gathered shard histories.
@@ -48,10 +52,14 @@ def data():
     return torch.utils.data.TensorDataset(X, y)
 
 
+DROPOUT = float(os.environ.get("UF_BENCH_DROPOUT", "0"))  # (--dropout: set before the ranks spawn, which inherit it)
+
+
 def net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(D, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
-                               torch.nn.Linear(HIDDEN, CLASSES))
+    drop = [torch.nn.Dropout(DROPOUT)] if DROPOUT else []
+    return torch.nn.Sequential(torch.nn.Linear(D, HIDDEN), torch.nn.ReLU(), *drop, torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+                               *drop, torch.nn.Linear(HIDDEN, CLASSES))
 
 
 def forget_set():
@@ -65,6 +73,7 @@ def worker(rank, init_file, out, epochs, repeats):
     try:
         ds, model = data(), net()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(1000 + rank)  # (dropout: each rank's own masks)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         rec = ufd.DistributedRecorder(ddp, opt, uf.HistoryPolicy(kind="full", codec="int8"))
         sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=0, drop_last=True)
@@ -229,7 +238,7 @@ def fsdp_main(args):
         "command": "python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "logical_cpus": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(os.getloadavg()),
-        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU", "parameters": sum(p.numel() for p in net().parameters()),
+        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU" + (f", dropout {DROPOUT} (each rank's masks)" if DROPOUT else ""), "parameters": sum(p.numel() for p in net().parameters()),
                      "n_train": N, "world_size": WORLD, "world_batch": WORLD * PER_RANK, "epochs": args.epochs,
                      "recorded_steps": res["recorded_steps"], "replayed_steps": res["steps"], "forget": len(forget), "codec": "int8"},
         "fsdp_training_s": {"plain": max(r["train_plain_s"] for r in ranks), "with_ShardedRecorder": max(r["train_s"] for r in ranks)},
@@ -297,7 +306,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp"))
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (ShardedRecorder, run_sharded) instead of DDP")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (DDP only)")
     args = ap.parse_args()
+    if args.dropout:
+        global DROPOUT
+        DROPOUT = args.dropout
+        os.environ["UF_BENCH_DROPOUT"] = str(args.dropout)  # (the spawned ranks import this module again)
     if args.fsdp:
         if args.out.endswith(os.path.join("results", "ddp")):
             args.out = args.out[: -len("ddp")] + "fsdp"
@@ -325,7 +339,7 @@ def main():
         "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
-        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU", "parameters": sum(p.numel() for p in net().parameters()),
+        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU" + (f", dropout {DROPOUT} (each rank's masks)" if DROPOUT else ""), "parameters": sum(p.numel() for p in net().parameters()),
                      "n_train": N, "world_size": WORLD, "per_rank_batch": PER_RANK, "world_batch": WORLD * PER_RANK,
                      "epochs": args.epochs, "recorded_steps": res["recorded_steps"], "replayed_steps": res["steps"],
                      "replayed_steps_single_process": res["single_steps"], "forget": len(forget_set()), "optimizer": "SGD lr 0.05 momentum 0.9"},
