@@ -166,7 +166,17 @@ def _work(rank, out):
     alone = [dist.new_group([r]) for r in range(WORLD)][rank]
     single = fully_shard(_net(), mesh=DeviceMesh.from_group(alone, "cpu"))
     _message(lambda: ufd.load_sharded(os.path.join(out, "history"), single, group=alone), out, f"world_{rank}.txt")
-    del rec4, single, edge, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
+    # a module's train / eval mode changed after step 0: refused on every rank (the replay runs one set of modes)
+    rec5 = ufd.ShardedRecorder(net, opt)
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    rec5.record(idx)
+    opt.step()
+    net[0].eval()
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    _message(lambda: rec5.record(idx), out, f"modes_{rank}.txt")
+    del rec4, rec5, single, edge, rec, rec2, rec3, net, fresh, other, mixed, replayed, result, second, opt, sched
     _dropout_run(rank, out)
 
 
@@ -200,7 +210,8 @@ def _dropout_run(rank, out):
         torch.save(trained, os.path.join(out, "dropout_trained.pt"))
     history = ufd.load_sharded(os.path.join(out, "dropout"), net)
     for name, forget in (("none", []), ("forget", FORGET)):
-        replayed, _ = ufd.run_sharded(_dropout_sharded(), history, forget, ds, F.cross_entropy)
+        # (the replay model in eval mode, as a caller may leave it: the replay runs the modules in training's modes)
+        replayed, _ = ufd.run_sharded(_dropout_sharded().eval(), history, forget, ds, F.cross_entropy)
         state = _full_state(replayed)
         if rank == 0:
             torch.save(state, os.path.join(out, f"dropout_replay_{name}.pt"))
@@ -215,7 +226,7 @@ def fsdp_run():
             path = os.path.join(out, name)
             return open(path).read() if os.path.exists(path) else None
 
-        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "world", "ddp_recorder", "ddp_replay", "clipped", "requests")
+        kinds = ("sharding", "load", "mixed", "run", "unknown", "plain", "unequal", "unrecorded", "minimal", "world", "ddp_recorder", "ddp_replay", "clipped", "requests", "modes")
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in kinds}
         shards = [GradientHistory.load(os.path.join(out, "history", f"rank-{r}")) for r in range(WORLD)]
         states = {name: torch.load(os.path.join(out, f"{name}.pt")) for name in ("trained", "replay_none", "replay_forget", "replay_second", "replay_edge")}
@@ -380,6 +391,7 @@ def test_recorder_refusals_on_every_rank(fsdp_run):
         assert "per-rank batch sizes [3, 4]" in (refusals["unequal"][rank] or ""), refusals["unequal"][rank]
         assert "an optimizer step ran without a record() before it (ranks [0, 1])" in (refusals["unrecorded"][rank] or ""), refusals["unrecorded"][rank]
         assert "policy kind 'minimal' is not supported for FSDP2" in (refusals["minimal"][rank] or ""), refusals["minimal"][rank]
+        assert "step 1: modules are in other train / eval modes than at step 0 (ranks [0, 1])" in (refusals["modes"][rank] or ""), refusals["modes"][rank]
 
 
 def test_ddp_api_and_plain_recorder_refuse_a_sharded_model_naming_fsdp2(fsdp_run):

@@ -671,6 +671,7 @@ class ShardedRecorder:
         # in rank order; every shard history keeps them all (run_sharded draws its own, gather_shards' replay every rank's)
         self._keep_states = any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.modules())
         self._rng, self.rng_rows = None, []  # rng_rows: in memory only without a path (on disk with one)
+        self._eval_modules = None  # the modules in eval mode when step 0 was recorded (the replay runs them so)
         if path is not None:
             self._start_stream(path)
         self._handles = [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
@@ -732,10 +733,12 @@ class ShardedRecorder:
             now = [float(gradient_norm(_local(g).detach())) for g in grads]
             edited = any(b is not None and abs(a - b) > 1e-6 * max(b, 1e-30) for a, b in zip(now, self._norms))
         writer_failed = self._writer is not None and self._writer.error is not None
+        eval_modules = [name for name, m in self.model.named_modules() if not m.training]
+        modes_changed = self._eval_modules is not None and eval_modules != self._eval_modules
         # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record(),
-        # its background writer failed
+        # its background writer failed, train / eval modes other than at step 0
         flags = [local.numel(), int(missing), int(edited), int(max(self._passes) > 1), int(self._autocast),
-                 int(self._unrecorded_step is not None), int(self._recorded), int(writer_failed)]
+                 int(self._unrecorded_step is not None), int(self._recorded), int(writer_failed), int(modes_changed)]
         info = [torch.zeros(len(flags), dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(info, torch.tensor(flags, dtype=torch.int64), group=self.group)
         on = lambda k: [r for r, i in enumerate(info) if int(i[k])]  # noqa: E731
@@ -762,6 +765,11 @@ class ShardedRecorder:
         if on(2):
             raise ValueError(f"record: step {step}'s gradients changed after FSDP2's reduce-scatter on ranks {on(2)}: gradient clipping? The "
                              "replay computes unclipped gradients; clipping is not supported for FSDP2 shard histories")
+        if on(8):
+            raise ValueError(f"record: step {step}: modules are in other train / eval modes than at step 0 (ranks {on(8)}); the replay runs "
+                             "every step in one set of modes (call model.train() / .eval() as on the first step)")
+        if self._eval_modules is None:
+            self._eval_modules = eval_modules
         gathered = [torch.empty(sizes[0], dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         world = torch.cat(gathered)
@@ -883,7 +891,8 @@ class ShardedRecorder:
             raise ValueError(f"finish: recorded batch index {self._top} is out of range for train_set of {n_train} samples")
         T, p = self.steps, self.w0.numel()
         final = _local_flat(self.model).clone()
-        meta = dict(self.meta, n_train=n_train, recording={"allow": [], "accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0},
+        meta = dict(self.meta, n_train=n_train, recording={"allow": [], "accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 0,
+                                                           "eval_modules": self._eval_modules or []},
                     final_digest=_digest([_local(q) for q in self.params]))
         self._seal()
         if self.path is None:
@@ -1083,7 +1092,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     parameters. A rank with no retained sample runs a zero-weighted loss (it must join FSDP2's collectives); a step
     whose whole world batch is forgotten is skipped on every rank. Returns (model, stats)."""
     from ..history import fetch
-    from ..methods._common import batch_loss, replay_rng
+    from ..methods._common import batch_loss, replay_modes, replay_rng
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "FSDP2 retrain")
@@ -1123,7 +1132,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     evals = steps = 0
     for t, mine, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
-        with replay_rng(history, t, model) as draw_part:
+        with replay_rng(history, t, model) as draw_part, replay_modes(history, model):
             draw_part(rank)  # (this rank's dropout masks, where the history keeps each rank's generator state)
             if part.numel():
                 (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
