@@ -783,6 +783,8 @@ def _hf_ddp_accumulated(rank, out):
     if rank == 0:
         history.save(os.path.join(out, "history"))
     torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
+    torch.distributed.barrier()
+    _hf_ddp_replay(rank, out)
 
 
 def _spawn_ddp(work, out):
@@ -887,3 +889,7 @@ def test_ddp_trainer_with_gradient_accumulation_replays_exactly(tmp_path):
     for _, w, _ in trajectory.replay(history):
         pass
     assert float((w - flat_params(trained)).abs().max()) < TIGHT
+    for rank in range(2):  # the DDP replay: each rank's two micro-batches as one part, weighted by their label tokens
+        replayed = _model()
+        replayed.load_state_dict(torch.load(tmp_path / f"ddp_replay_{rank}.pt"))
+        assert _max_dw(replayed, trained) < TIGHT
