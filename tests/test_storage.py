@@ -384,6 +384,18 @@ def test_optimizer_names_from_a_file_are_never_imported(tmp_path, recorded, monk
         assert type(build_optimizer(model, meta)) is torch.optim.SGD
 
 
+@pytest.mark.parametrize("world_size", [0, -1, None, "2", 2.5, True, 2**40])
+def test_a_crafted_world_size_is_refused_naming_it(tmp_path, recorded, world_size):
+    # it splits every replayed batch and generator-state row into ranks: 0 was a ZeroDivisionError, None a TypeError
+    history = fresh(recorded["full"][2])
+    path = history.save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    manifest["info"]["meta"]["distributed"] = {"world_size": world_size, "backend": "gloo", "recording_rank": 0}
+    forge(path, manifest)
+    with pytest.raises(ValueError, match=r"meta\['distributed'\] must hold the world size as an int in \[1, 2\*\*20\]"):
+        uf.GradientHistory.load(path)
+
+
 class HalfStepSGD(torch.optim.SGD):
     """A user's optimizer: SGD at half the learning rate."""
 

@@ -625,6 +625,11 @@ class GradientHistory:
         n_train = meta.get("n_train")  # None in a recording that did not finish
         if not (n_train is None or (type(n_train) is int and n_train >= 0)):
             raise ValueError(f"history: {where}: n_train must be a non-negative int, got {n_train!r:.60}")
+        dist_meta = meta.get("distributed")
+        if dist_meta is not None and not (isinstance(dist_meta, dict) and type(dist_meta.get("world_size")) is int
+                                          and 1 <= dist_meta["world_size"] <= 2**20):
+            # (its world size splits every replayed batch and generator-state row into ranks)
+            raise ValueError(f"history: {where}: meta['distributed'] must hold the world size as an int in [1, 2**20], got {dist_meta!r:.100}")
         if bool((sizes < 0).any()) or lrs.shape[0] != sizes.numel():
             raise ValueError(f"history: {where}: schedule.batch_sizes ({sizes.numel()} steps) disagrees with schedule.lrs ({lrs.shape[0]} steps)")
         if w0.numel() != n_params:
