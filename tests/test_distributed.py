@@ -445,6 +445,63 @@ def ddp_resumed():
                "messages": {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)] for kind in ("worldsize", "weights", "alone", "flush", "resumed_at", "threads")}}
 
 
+def _dropout_stopped(rank, out):
+    """The dropout run of _dropout_run streamed to out/dropout_rec, flushed with a checkpoint (its generator state
+    included) after FLUSH_AT steps and stopped there (closed, as a job ends)."""
+    ds, net = _data(), _dropout_net()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt, sched = _optimizer(net.parameters())
+    torch.manual_seed(100 + rank)
+    rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "dropout_rec"))
+    sampler, loader = _loader(ds)
+    for _, idx, x, y in _steps(sampler, loader, stop=FLUSH_AT):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+    rec.flush()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()},
+               os.path.join(out, f"dropout_ckpt_{rank}.pt"))
+    rec.close()
+
+
+def _dropout_resumed(rank, out):
+    """New processes: the checkpoint loaded (each rank's generator too), the recording resumed, flushed at once, trained to the end."""
+    ds, net = _data(), _dropout_net()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt, sched = _optimizer(net.parameters())
+    state = torch.load(os.path.join(out, f"dropout_ckpt_{rank}.pt"))
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    rec = ufd.DistributedRecorder.resume(os.path.join(out, "dropout_rec"), model, opt)
+    rec.flush()  # (a flush before any resumed step: an empty chunk whose state rows must have the ranks' width)
+    sampler, loader = _loader(ds)
+    for _, idx, x, y in _steps(sampler, loader, start=FLUSH_AT):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+    torch.save(net.state_dict(), os.path.join(out, f"dropout_resumed_final_{rank}.pt"))
+    rec.finish(ds, F.cross_entropy)
+
+
+def test_a_resumed_dropout_recording_replays_its_run_exactly():
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(os.path.join(out, "init1"), out, _dropout_stopped), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(os.path.join(out, "init2"), out, _dropout_resumed), nprocs=WORLD, join=True)
+        history = GradientHistory.load(os.path.join(out, "dropout_rec"))
+        trained = _dropout_model(torch.load(os.path.join(out, "dropout_resumed_final_0.pt")))
+    assert history.complete and history.num_steps == STEPS
+    assert history.schedule["rng_states"].shape == (STEPS, WORLD * torch.get_rng_state().numel())
+    single, _ = retrain.run(_dropout_net(), history, torch.zeros(0, dtype=torch.int64), _data(), F.cross_entropy)
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    assert _max_diff(single, trained) < TOL < moved / 100, (_max_diff(single, trained), moved)
+
+
 def _rows(history, key):
     return history.trajectory[key].all()
 

@@ -967,6 +967,8 @@ class HistoryRecorder:
         rec.meta["optimizer"], rec.meta["group_of_param"] = recorded, history.meta.get("group_of_param", rec.meta["group_of_param"])
         rec.w0, rec.steps, rec.path, rec.recording_id = history.schedule["w0"], steps, path, history.recording_id
         rec.buffers0 = history.schedule.get("buffers0", {})
+        if "rng_states" in history.schedule and rec._keep_rng:  # (a DDP recording's rows: one state per rank)
+            rec._rank_states = max(1, history.schedule["rng_states"].shape[1] // rng_state(rec.params[0].device).numel())
         for idx in history.schedule["batches"][:steps]:
             rec._note_seen(idx, int(idx.max()))
         rec._last_indices = history.schedule["batches"][steps - 1] if steps else None
