@@ -19,6 +19,19 @@ def net():
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
+def dropout_net():
+    """net() with dropout 0.3 between its layers: each rank draws its own masks."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+
+
+def dropout_model(state):
+    """dropout_net() holding the weights of a state_dict."""
+    model = dropout_net()
+    model.load_state_dict(state)
+    return model
+
+
 def optimizer(params):
     opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=1e-3)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
@@ -71,6 +84,16 @@ def steps(sampler, loader, start=0, stop=STEPS):
                 return
             if step >= start:
                 yield (step, *batch)
+
+
+def train(model, opt, sched, rec, batches):
+    """SGD steps on the (step, indices, x, y) batches of steps(), each recorded by rec."""
+    for _, idx, x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
 
 
 def die():

@@ -22,6 +22,9 @@ from dist_setup import optimizer as _optimizer  # noqa: E402
 from dist_setup import CHUNK, FLUSH_AT, STEPS, die, spawn_killed  # noqa: E402
 from dist_setup import loader as _loader  # noqa: E402
 from dist_setup import steps as _steps  # noqa: E402
+from dist_setup import train as _train_steps  # noqa: E402
+from dist_setup import dropout_net as _dropout_net  # noqa: E402
+from dist_setup import dropout_model as _dropout_model  # noqa: E402
 
 
 def _worker(rank, init_file, out, work=None):
@@ -106,11 +109,6 @@ def _work(rank, out):
     _dropout_run(rank, out)
 
 
-def _dropout_net():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
-
-
 def _dropout_run(rank, out):
     """Dropout under DDP: every rank draws its masks from its own generator (seeded per rank here); the recording keeps
     each rank's state of every step (refused until 2026-12-05: no replay could redraw the masks)."""
@@ -119,13 +117,7 @@ def _dropout_run(rank, out):
     torch.manual_seed(100 + rank)  # (after the net's own seeding)
     opt, sched = _optimizer(net.parameters())
     rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "dropout_streamed"))
-    sampler, loader = _loader(ds)
-    for _, idx, x, y in _steps(sampler, loader):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        rec.record(idx)
-        opt.step()
-        sched.step()
+    _train_steps(model, opt, sched, rec, _steps(*_loader(ds)))
     torch.save(net.state_dict(), os.path.join(out, f"dropout_final_{rank}.pt"))
     rec.finish(ds, F.cross_entropy)
     dist.barrier()
@@ -242,12 +234,6 @@ def test_unequal_rank_batches_refused_on_every_rank(ddp_run):
 def test_clipping_after_the_all_reduce_refused_on_every_rank(ddp_run):
     for message in ddp_run[2]["clipped"]:
         assert message is not None and "changed after DDP's all-reduce" in message and "clipping" in message
-
-
-def _dropout_model(state):
-    net = _dropout_net()
-    net.load_state_dict(state)
-    return net
 
 
 def test_dropout_keeps_every_ranks_generator_state_and_is_replayed_exactly(ddp_run):
@@ -453,13 +439,7 @@ def _dropout_stopped(rank, out):
     opt, sched = _optimizer(net.parameters())
     torch.manual_seed(100 + rank)
     rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=os.path.join(out, "dropout_rec"))
-    sampler, loader = _loader(ds)
-    for _, idx, x, y in _steps(sampler, loader, stop=FLUSH_AT):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        rec.record(idx)
-        opt.step()
-        sched.step()
+    _train_steps(model, opt, sched, rec, _steps(*_loader(ds), stop=FLUSH_AT))
     rec.flush()
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()},
                os.path.join(out, f"dropout_ckpt_{rank}.pt"))
@@ -478,13 +458,7 @@ def _dropout_resumed(rank, out):
     torch.set_rng_state(state["rng"])
     rec = ufd.DistributedRecorder.resume(os.path.join(out, "dropout_rec"), model, opt)
     rec.flush()  # (a flush before any resumed step: an empty chunk whose state rows must have the ranks' width)
-    sampler, loader = _loader(ds)
-    for _, idx, x, y in _steps(sampler, loader, start=FLUSH_AT):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        rec.record(idx)
-        opt.step()
-        sched.step()
+    _train_steps(model, opt, sched, rec, _steps(*_loader(ds), start=FLUSH_AT))
     torch.save(net.state_dict(), os.path.join(out, f"dropout_resumed_final_{rank}.pt"))
     rec.finish(ds, F.cross_entropy)
 

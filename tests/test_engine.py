@@ -145,31 +145,12 @@ def test_deltagrad_approximates_retrain(trained, codec):
 
 def test_deltagrad_replays_param_groups_at_their_own_learning_rates():
     # a head trained at 10x the body's rate, as fine-tuning often does: refused until 2026-12-05 ("one learning rate")
-    data = make_data()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(12, 4).double()
-    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.05, momentum=0.5, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
-    gen = torch.Generator().manual_seed(0)
-    for epoch in range(6):
-        order = torch.randperm(len(data), generator=gen)
-        for b in range(0, len(data), 32):
-            idx = order[b : b + 32]
-            opt.zero_grad()
-            LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
-            rec.record(idx)
-            opt.step()
-            sched.step()
-    history = rec.finish(data, LOSS)
+    _, history, every_step, exact, distance = deltagrad_on_sgd_run(
+        lambda m: torch.optim.SGD([{"params": [m.weight]}, {"params": [m.bias], "lr": 0.5}], lr=0.05, momentum=0.5, weight_decay=1e-2),
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7))
     torch.testing.assert_close(history.schedule["lrs"][:, 1], 10 * history.schedule["lrs"][:, 0])
-    forget = forget_set(len(data), 0.1)
-    exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
-    every_step = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=1, j0=0).model
     torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
-    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
-    assert dg.stats["approx_steps"] > 0
-    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.3  # measured 0.145 (the untouched model: 1)
+    assert distance < 0.3  # measured 0.145 (the untouched model: 1)
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
@@ -184,15 +165,15 @@ def test_deltagrad_replays_a_gradient_only_history(trained, codec):
     assert dg.stats["approx_steps"] > 0 and uf.metrics.relative_distance(dg.model, retrained, model) < 0.1
 
 
-@pytest.mark.parametrize("momentum, dampening, nesterov", [(0.9, 0.0, False), (0.5, 0.3, False), (0.9, 0.0, True)],
-                         ids=["heavy_ball", "dampened", "nesterov"])
-def test_deltagrad_replays_momentum_sgd(momentum, dampening, nesterov):
-    # refused until 2026-12-05 ("needs plain SGD without momentum"): the quasi-Newton part approximates the retained
-    # batch's gradient only, and the replay's own velocity takes it as torch's SGD takes a gradient
+def deltagrad_on_sgd_run(optimizer, scheduler=None):
+    """A double-precision linear model trained 6 epochs with optimizer(model) (and scheduler(opt), stepped every step),
+    recorded kind="full"; returns (model, history, DeltaGrad's T0=1 result, the exact retrain, DeltaGrad's T0=2 distance
+    to it) for a 10 % forget set."""
     data = make_data()
     torch.manual_seed(0)
     model = torch.nn.Linear(12, 4).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=1e-2)
+    opt = optimizer(model)
+    sched = scheduler(opt) if scheduler else None
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
     gen = torch.Generator().manual_seed(0)
     for epoch in range(6):
@@ -203,14 +184,26 @@ def test_deltagrad_replays_momentum_sgd(momentum, dampening, nesterov):
             LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
             rec.record(idx)
             opt.step()
+            if sched:
+                sched.step()
     history = rec.finish(data, LOSS)
     forget = forget_set(len(data), 0.1)
     exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
     every_step = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=1, j0=0).model
-    torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
     dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
     assert dg.stats["approx_steps"] > 0
-    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.3  # measured 0.086-0.099 (the untouched model: 1)
+    return model, history, every_step, exact, uf.metrics.relative_distance(dg.model, exact, model)
+
+
+@pytest.mark.parametrize("momentum, dampening, nesterov", [(0.9, 0.0, False), (0.5, 0.3, False), (0.9, 0.0, True)],
+                         ids=["heavy_ball", "dampened", "nesterov"])
+def test_deltagrad_replays_momentum_sgd(momentum, dampening, nesterov):
+    # refused until 2026-12-05 ("needs plain SGD without momentum"): the quasi-Newton part approximates the retained
+    # batch's gradient only, and the replay's own velocity takes it as torch's SGD takes a gradient
+    _, _, every_step, exact, distance = deltagrad_on_sgd_run(lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=1e-2))
+    torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
+    assert distance < 0.3  # measured 0.086-0.099 (the untouched model: 1)
 
 
 def test_deltagrad_refuses_a_maximizing_sgd():
@@ -642,27 +635,9 @@ def test_metrics_restore_training_mode_and_handle_a_zero_gap():
 
 def test_deltagrad_replays_parameter_groups_with_their_own_weight_decay():
     # no decay on the bias, as Hugging Face's trainers group parameters: refused until 2026-12-05 ("needs one weight_decay")
-    data = make_data()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(12, 4).double()
-    opt = torch.optim.SGD([{"params": [model.weight], "weight_decay": 0.05}, {"params": [model.bias], "weight_decay": 0.0}], lr=0.3)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
-    gen = torch.Generator().manual_seed(0)
-    for epoch in range(6):
-        order = torch.randperm(len(data), generator=gen)
-        for b in range(0, len(data), 32):
-            idx = order[b : b + 32]
-            opt.zero_grad()
-            LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
-            rec.record(idx)
-            opt.step()
-    history = rec.finish(data, LOSS)
-    forget = forget_set(len(data), 0.1)
-    exact = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
-    every_step = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=1, j0=0).model
+    _, _, every_step, exact, distance = deltagrad_on_sgd_run(lambda m: torch.optim.SGD(
+        [{"params": [m.weight], "weight_decay": 0.05}, {"params": [m.bias], "weight_decay": 0.0}], lr=0.3))
     torch.testing.assert_close(flat_params(every_step), flat_params(exact), rtol=1e-10, atol=1e-12)
-    dg = uf.unlearn(model, history, forget, data, LOSS, method="deltagrad", T0=2, j0=5, m=2)
-    assert dg.stats["approx_steps"] > 0
     # measured: 0.080 of the gap (0.080 with one decay of 0.05 for both groups on the same data); replayed with one decay
     # of 0.05 for every coordinate this history lands at 1.46, with none at 5.3
-    assert uf.metrics.relative_distance(dg.model, exact, model) < 0.15
+    assert distance < 0.15

@@ -26,6 +26,9 @@ from dist_setup import optimizer as _optimizer  # noqa: E402
 from dist_setup import CHUNK, FLUSH_AT, STEPS, die, spawn_killed  # noqa: E402
 from dist_setup import loader as _loader  # noqa: E402
 from dist_setup import steps as _steps  # noqa: E402
+from dist_setup import train as _train_steps  # noqa: E402
+from dist_setup import dropout_net  # noqa: E402
+from dist_setup import dropout_model as _dropout_model  # noqa: E402
 
 FORGET = [0, 5, 17, 30, 41]
 
@@ -183,8 +186,7 @@ def _work(rank, out):
 def _dropout_sharded():
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    net = dropout_net()
     fully_shard(net)
     return net
 
@@ -197,13 +199,7 @@ def _dropout_run(rank, out):
     torch.manual_seed(100 + rank)
     rec = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "dropout"))
     rec.chunk_steps = 5
-    sampler, loader = _loader(ds)
-    for _, idx, x, y in _steps(sampler, loader):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        rec.record(idx)
-        opt.step()
-        sched.step()
+    _train_steps(net, opt, sched, rec, _steps(*_loader(ds)))
     rec.finish(ds)
     trained = _full_state(net)
     if rank == 0:
@@ -357,13 +353,6 @@ def test_refuses_clipping_after_the_reduce_scatter_on_every_rank(fsdp_run):
         assert message is not None and "changed after FSDP2's reduce-scatter" in message, message
 
 
-def _dropout_model(state):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
-    net.load_state_dict(state)
-    return net
-
-
 def test_dropout_keeps_every_ranks_generator_state_and_is_replayed_exactly(fsdp_run):
     run = fsdp_run[4]
     shards, trained = run["shards"], _dropout_model(run["trained"])
@@ -485,15 +474,6 @@ def _restore(state, net, opt, sched):
     sched.load_state_dict(state["sched"])
 
 
-def _train(net, opt, sched, rec, batches):
-    for _, idx, x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        rec.record(idx)
-        opt.step()
-        sched.step()
-
-
 def _stopped_worker(rank, init_file, out):
     """The run of _work streamed to out/rec in chunks of CHUNK steps, flushed with a checkpoint after FLUSH_AT steps,
     killed after the last step (no finish, no close)."""
@@ -508,10 +488,10 @@ def _stopped_worker(rank, init_file, out):
     rec = ufd.ShardedRecorder(net, opt, path=os.path.join(out, "rec"))
     rec.chunk_steps = CHUNK
     sampler, loader = _loader(ds)
-    _train(net, opt, sched, rec, _steps(sampler, loader, stop=FLUSH_AT))
+    _train_steps(net, opt, sched, rec, _steps(sampler, loader, stop=FLUSH_AT))
     rec.flush()  # every rank: the trainer's checkpoint comes with a flush
     torch.save(_checkpoint(net, opt, sched), os.path.join(out, f"ckpt_{rank}.pt"))
-    _train(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
+    _train_steps(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
     rec._writer.join()  # the sealed chunks are on disk (a kill mid-write keeps the earlier ones: store.py)
     die()
 
@@ -541,7 +521,7 @@ def _resume_work(rank, out):
     with open(os.path.join(out, f"resumed_at_{rank}.txt"), "w") as f:
         f.write(str(rec.steps))
     sampler, loader = _loader(ds)
-    _train(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
+    _train_steps(net, opt, sched, rec, _steps(sampler, loader, start=FLUSH_AT))
     rec.finish(ds)
     _message(rec.flush, out, f"flush_{rank}.txt")  # a finished recorder: refused on every rank
     trained = _full_state(net)

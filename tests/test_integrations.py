@@ -715,13 +715,26 @@ def _hf_ddp_run(rank, out):
         assert "simulated crash" in str(err), err
 
 
-def _hf_ddp_replay(rank, out):
+def _hf_ddp_replay(rank, out, dropout=0.0):
     """The DDP replay (distributed.run, every rank) of the history _hf_ddp_run saved, forgetting nothing."""
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     history = GradientHistory.load(os.path.join(out, "history"))
-    replayed, _ = distributed.run(_model(), history, torch.zeros(0, dtype=torch.int64), hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all"))
+    replayed, _ = distributed.run(_model(dropout=dropout), history, torch.zeros(0, dtype=torch.int64), hf.replay_set(_Texts(), _collate),
+                                  hf.TrainerLoss("all"))
     torch.save(replayed.state_dict(), os.path.join(out, f"ddp_replay_{rank}.pt"))
+
+
+def _record_ddp_training(rank, out, trainer):
+    """hf.record, train, the history saved by rank 0 and every rank's final weights; then the DDP replay of it."""
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+    trainer.train()
+    history = cb.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "history"))
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
+    torch.distributed.barrier()
+    _hf_ddp_replay(rank, out, dropout=trainer.model.config.resid_pdrop)
 
 
 class _SeedPerRank(transformers.TrainerCallback):
@@ -735,17 +748,15 @@ def _hf_ddp_dropout(rank, out):
     """A Trainer DDP run of a GPT-2 with dropout 0.1 (refused until 2026-12-05), then its DDP replay forgetting nothing."""
     trainer = _trainer(out, model=_model(dropout=0.1), **DDP_ARGS)
     trainer.add_callback(_SeedPerRank())
-    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
-    trainer.train()
-    history = cb.finish()
-    if rank == 0:
-        history.save(os.path.join(out, "history"))
-    torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
-    torch.distributed.barrier()
-    history = GradientHistory.load(os.path.join(out, "history"))
-    replayed, _ = distributed.run(_model(dropout=0.1), history, torch.zeros(0, dtype=torch.int64), hf.replay_set(_Texts(), _collate),
-                                  hf.TrainerLoss("all"))
-    torch.save(replayed.state_dict(), os.path.join(out, f"ddp_replay_{rank}.pt"))
+    _record_ddp_training(rank, out, trainer)
+
+
+def _assert_ddp_replays(out, trained, dropout=0.0):
+    """Every rank's DDP replay (ddp_replay_<rank>.pt) lands on the trained weights."""
+    for rank in range(2):
+        replayed = _model(dropout=dropout)
+        replayed.load_state_dict(torch.load(out / f"ddp_replay_{rank}.pt"))
+        assert _max_dw(replayed, trained) < TIGHT, rank
 
 
 def _hf_ddp_resume(rank, out):
@@ -776,15 +787,7 @@ def _hf_ddp_resume(rank, out):
 
 
 def _hf_ddp_accumulated(rank, out):
-    trainer = _trainer(out, **DDP_ARGS, gradient_accumulation_steps=2)
-    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
-    trainer.train()
-    history = cb.finish()
-    if rank == 0:
-        history.save(os.path.join(out, "history"))
-    torch.save(trainer.model.state_dict(), os.path.join(out, f"final_{rank}.pt"))
-    torch.distributed.barrier()
-    _hf_ddp_replay(rank, out)
+    _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, gradient_accumulation_steps=2))
 
 
 def _spawn_ddp(work, out):
@@ -831,10 +834,7 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
     # the DDP replay of the Trainer's history: before 2026-12-05 it skipped the Trainer's clipping and weighed the ranks by
     # samples, not label tokens: 0.066 off the trained weights (training moved them 0.028), 0.0023 with clipping alone
     _spawn_ddp(_hf_ddp_replay, tmp_path)
-    for rank in range(2):
-        replayed = _model()
-        replayed.load_state_dict(torch.load(tmp_path / f"ddp_replay_{rank}.pt"))
-        assert _max_dw(replayed, trained) < TIGHT
+    _assert_ddp_replays(tmp_path, trained)
     # the killed run resumed from its checkpoint-4 in new processes: the history of the uninterrupted run, bit for bit
     crashed = GradientHistory.load(str(tmp_path / "crash" / "checkpoint-4" / hf.HISTORY_DIR))
     assert crashed.num_steps == 4 and crashed.recording_id is not None  # streamed, resumable
@@ -865,10 +865,7 @@ def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
     data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
     # one process: each rank's part of a world batch padded as its collator did, its masks from its state, weighted by tokens
     assert _max_dw(_replay(trained, history, data, loss), trained) < TIGHT < moved / 1000
-    for rank in range(2):  # under DDP, each rank drawing its own masks
-        replayed = _model(dropout=0.1)
-        replayed.load_state_dict(torch.load(tmp_path / f"ddp_replay_{rank}.pt"))
-        assert _max_dw(replayed, trained) < TIGHT
+    _assert_ddp_replays(tmp_path, trained, dropout=0.1)  # under DDP, each rank drawing its own masks
     without = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("rng_states", "batch_sizes")}, None, None)
     assert _max_dw(_replay(trained, without, data, loss), trained) > 100 * TIGHT  # other masks
 
@@ -889,7 +886,4 @@ def test_ddp_trainer_with_gradient_accumulation_replays_exactly(tmp_path):
     for _, w, _ in trajectory.replay(history):
         pass
     assert float((w - flat_params(trained)).abs().max()) < TIGHT
-    for rank in range(2):  # the DDP replay: each rank's two micro-batches as one part, weighted by their label tokens
-        replayed = _model()
-        replayed.load_state_dict(torch.load(tmp_path / f"ddp_replay_{rank}.pt"))
-        assert _max_dw(replayed, trained) < TIGHT
+    _assert_ddp_replays(tmp_path, trained)  # each rank's two micro-batches as one part, weighted by their label tokens
