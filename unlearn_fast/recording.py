@@ -224,7 +224,7 @@ class HistoryRecorder:
         self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
         # a model with dropout: a "full" recording keeps the random generator's state at each step's first training
         # forward, so that the replay draws the masks training drew (without it, retrain forgetting nothing landed 7 % off)
-        self._random_layers = [name for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
+        self._random_layers = random_layers(model)
         self._keep_rng = self.policy.kind == "full" and bool(self._random_layers) and "dropout" not in self.allow
         self._rng = None  # this step's state, taken at its first training forward
         self._rank_states = 1  # states per step: a DDP world batch's ranks each drew from their own (set_step_rng)
@@ -1004,6 +1004,11 @@ ACCUMULATION_WEIGHTINGS = ("batch_mean", "loss_count")
 
 # layers that draw random numbers in a training forward (their p: the probability of a dropped element)
 RANDOM_LAYERS = (torch.nn.modules.dropout._DropoutNd,)
+
+
+def random_layers(model):
+    """The names of model's modules that draw random masks in training (dropout with p > 0)."""
+    return [name for name, m in model.named_modules() if isinstance(m, RANDOM_LAYERS) and m.p > 0]
 
 
 def rng_state(device):

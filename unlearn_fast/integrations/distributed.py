@@ -55,7 +55,7 @@ if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
 from ..optimizers import set_step_settings
-from ..recording import RANDOM_LAYERS, HistoryRecorder, InertWhenCopied, StepSettings, check_recordable, chunk_row_buffers, gradient_norm, rng_state
+from ..recording import HistoryRecorder, InertWhenCopied, StepSettings, check_recordable, chunk_row_buffers, gradient_norm, random_layers, rng_state
 
 
 def _world(group, who="DistributedRecorder"):
@@ -125,7 +125,7 @@ class DistributedRecorder:
         # dropout: every rank draws its masks from its own generator; each rank takes its state at the step's first
         # training forward, record() gathers them in rank order and rank 0's recorder keeps them with the step
         # (set_step_rng), so that a replay draws every rank's masks (allow=('dropout',): not kept, replays draw others)
-        self._keep_states = "dropout" not in self.allow and any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.module.modules())
+        self._keep_states = "dropout" not in self.allow and bool(random_layers(model.module))
         if self._keep_states and "accumulation" in self.allow:
             # (a rank's micro-batches draw one after the other from its generator; the replay takes a rank's part at once)
             raise ValueError("DistributedRecorder: dropout with allow=('accumulation',): the replay draws each rank's masks for its "
@@ -249,11 +249,8 @@ class DistributedRecorder:
         dist.all_gather(padded, local, group=self.group)
         world = torch.cat(padded)
         states = None
-        if self._keep_states:  # (no training forward seen, e.g. trained in eval mode: no masks drawn, any state will do)
-            mine = self._rng if self._rng is not None else rng_state(self.params[0].device)
-            states = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(states, mine, group=self.group)
-            self._rng = None
+        if self._keep_states:
+            states, self._rng = _gather_rng(self._rng, self.params[0].device, self.world_size, self.group), None
         if self.recorder is not None:
             self._rebaseline()
             if states is not None:
@@ -290,6 +287,15 @@ class DistributedRecorder:
 
     def _meta(self):
         return {"world_size": self.world_size, "backend": self.backend, "recording_rank": 0}
+
+
+def _gather_rng(rng, device, world_size, group):
+    """Every rank's generator state of this step in rank order (a collective): its own `rng`, taken at the step's first
+    training forward, or the state now where there was none (no training forward: no masks drawn, any state will do)."""
+    mine = rng if rng is not None else rng_state(device)
+    states = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(states, mine, group=group)
+    return states
 
 
 class _RngTaker:
@@ -669,7 +675,7 @@ class ShardedRecorder:
         self._recorded, self._unrecorded_step, self._steps_taken, self._autocast, self._finished = False, None, 0, False, False
         # dropout: as DistributedRecorder, every rank's generator state at the step's first training forward, gathered
         # in rank order; every shard history keeps them all (run_sharded draws its own, gather_shards' replay every rank's)
-        self._keep_states = any(isinstance(m, RANDOM_LAYERS) and m.p > 0 for m in model.modules())
+        self._keep_states = bool(random_layers(model))
         self._rng, self.rng_rows = None, []  # rng_rows: in memory only without a path (on disk with one)
         self._eval_modules = None  # the modules in eval mode when step 0 was recorded (the replay runs them so)
         if path is not None:
@@ -777,11 +783,8 @@ class ShardedRecorder:
             raise ValueError(f"record: step {step}'s world batch must be non-empty, distinct, non-negative sample indices")
         self._settings.check(step)  # (every rank's optimizer runs the same scheduler: all raise or none)
         chunk = self._open
-        if self._keep_states:  # (no training forward seen: no masks drawn, any state will do)
-            mine = self._rng if self._rng is not None else rng_state(_local(self.params[0]).device)
-            states = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(states, mine, group=self.group)
-            chunk["rng"].append(torch.cat(states))
+        if self._keep_states:
+            chunk["rng"].append(torch.cat(_gather_rng(self._rng, _local(self.params[0]).device, self.world_size, self.group)))
             if self.path is None:
                 self.rng_rows.append(chunk["rng"][-1])
         row = len(chunk["lrs"])
