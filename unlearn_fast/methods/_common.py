@@ -149,19 +149,17 @@ def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lamb
     # of the items loss_fn averages over ("loss_count": a Hugging Face Trainer's tokens, loss_fn.count_items)
     weighting = (history.meta.get("recording") or {}).get("accumulation_weighting")
     retained = sum(part.numel() for part in parts)
+    count = getattr(loss_fn, "count_items", None)
+    by_rank = rank_parts(history) > 1  # DDP's ranks: the all-reduced mean over the world batch's retained items, or samples
     if len(parts) == 1:
         weights = [1.0]
-    elif rank_parts(history) > 1 and not callable(getattr(loss_fn, "count_items", None)):
-        # DDP's ranks: the all-reduced mean over the world batch's retained samples (or items: below)
-        weights = [part.numel() / max(retained, 1) for part in parts]
-    elif weighting == "loss_count" or rank_parts(history) > 1:
-        count = getattr(loss_fn, "count_items", None)
+    elif weighting == "loss_count" or (by_rank and callable(count)):
         if not callable(count):
             raise ValueError("loss_fn: the history weighs accumulated micro-batches by the items the loss averages over (a Hugging Face "
                              "Trainer's label tokens); pass a loss_fn with count_items(targets), such as the callback's replay_loss")
         counts = [float(count(fetch(train_set, part)[1])) if part.numel() else 0.0 for part in parts]
         weights = [c / max(sum(counts), 1.0) for c in counts]
-    elif weighting == "batch_mean":
+    elif weighting == "batch_mean" or by_rank:
         weights = [part.numel() / max(retained, 1) for part in parts]
     else:
         weights = [None] * len(parts)  # loss / their number, as the accumulation idiom divides (bit for bit)
