@@ -122,3 +122,39 @@ def spawn_killed(fn, args):
             raise
         return
     raise AssertionError("the workers ended without being killed")
+
+
+# ----------------------------------------------------------------------------- trainers launched as torchrun would
+def _as_torchrun(rank, world, port, out, work):
+    """A spawned process as torchrun starts one (its environment), running work(rank, out); a failure is written to
+    error_<rank>.txt for the test to report."""
+    import os
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        work(rank, out)
+    except BaseException:  # noqa: BLE001 (reported by the test)
+        open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
+        code = 1
+    # gloo's threads may outlive interpreter teardown and abort it (docs/distributed.md, "Teardown"): leave now
+    os._exit(code)
+
+
+def spawn_as_torchrun(work, out):
+    """work(rank, out) in WORLD processes started with torchrun's environment (the Hugging Face and Lightning trainers
+    take the process group from it); AssertionError with the first rank's traceback if any failed."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_as_torchrun, args=(WORLD, port, str(out), work), nprocs=WORLD, start_method="spawn", join=True)
+    errors = [open(os.path.join(out, f)).read() for f in os.listdir(out) if f.startswith("error_")]
+    assert not errors, errors[0]

@@ -16,6 +16,7 @@ import unlearn_fast as uf  # noqa: E402
 from unlearn_fast.history import GradientHistory, flat_params, set_flat_params  # noqa: E402
 from unlearn_fast.integrations import distributed, hf  # noqa: E402
 from unlearn_fast.methods import retrain, trajectory  # noqa: E402
+from dist_setup import spawn_as_torchrun  # noqa: E402  (tests/ is on sys.path)
 
 N, BATCH = 48, 4
 TIGHT = 1e-6  # SGD: the replay differs from the Trainer by float rounding only (other padding and summation order)
@@ -673,24 +674,6 @@ def test_resume_refuses_other_data_settings_or_step(resume_source, tmp_path):
 DDP_ARGS = dict(optim="sgd", learning_rate=0.5, num_train_epochs=2, max_grad_norm=0.2, ddp_backend="gloo")
 
 
-def _as_torchrun(rank, world, port, out, work):
-    """A spawned process as torchrun starts one (its environment), running work(rank, out); a failure is written to
-    error_<rank>.txt for the test to report."""
-    import traceback
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        work(rank, out)
-    except BaseException:  # noqa: BLE001 (reported by the test)
-        open(os.path.join(out, f"error_{rank}.txt"), "w").write(traceback.format_exc())
-        code = 1
-    # gloo's threads may outlive interpreter teardown and abort it (docs/distributed.md, "Teardown"): leave now
-    os._exit(code)
-
-
 def _hf_ddp_run(rank, out):
     trainer = _trainer(out, **DDP_ARGS)
     cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
@@ -790,21 +773,8 @@ def _hf_ddp_accumulated(rank, out):
     _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, gradient_accumulation_steps=2))
 
 
-def _spawn_ddp(work, out):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_as_torchrun, args=(2, port, str(out), work), nprocs=2, start_method="spawn", join=True)
-    errors = [open(out / f).read() for f in os.listdir(out) if f.startswith("error_")]
-    assert not errors, errors[0]
-
-
 def test_ddp_trainer_records_the_world_batches(tmp_path):
-    _spawn_ddp(_hf_ddp_run, tmp_path)
+    spawn_as_torchrun(_hf_ddp_run, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     finals = []
     for rank in range(2):
@@ -833,12 +803,12 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
         assert "average_tokens_across_devices=False" in open(tmp_path / f"refused_{rank}.txt").read()
     # the DDP replay of the Trainer's history: before 2026-12-05 it skipped the Trainer's clipping and weighed the ranks by
     # samples, not label tokens: 0.066 off the trained weights (training moved them 0.028), 0.0023 with clipping alone
-    _spawn_ddp(_hf_ddp_replay, tmp_path)
+    spawn_as_torchrun(_hf_ddp_replay, tmp_path)
     _assert_ddp_replays(tmp_path, trained)
     # the killed run resumed from its checkpoint-4 in new processes: the history of the uninterrupted run, bit for bit
     crashed = GradientHistory.load(str(tmp_path / "crash" / "checkpoint-4" / hf.HISTORY_DIR))
     assert crashed.num_steps == 4 and crashed.recording_id is not None  # streamed, resumable
-    _spawn_ddp(_hf_ddp_resume, tmp_path)
+    spawn_as_torchrun(_hf_ddp_resume, tmp_path)
     for rank in range(2):  # every rank refused the tampered checkpoint (none left waiting in a collective)
         assert "resumes at global step 3, the history was saved at step 4" in open(tmp_path / f"refused_resume_{rank}.txt").read()
     resumed = GradientHistory.load(str(tmp_path / "resumed_history"))
@@ -854,7 +824,7 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
 
 
 def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
-    _spawn_ddp(_hf_ddp_dropout, tmp_path)
+    spawn_as_torchrun(_hf_ddp_dropout, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     width = torch.get_rng_state().numel()
     states = history.schedule["rng_states"]
@@ -872,7 +842,7 @@ def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
 
 def test_ddp_trainer_with_gradient_accumulation_replays_exactly(tmp_path):
     # 2 ranks x 2 micro-batches x 4 samples: 6 steps of 16-sample world batches (no_sync on the first micro-batch)
-    _spawn_ddp(_hf_ddp_accumulated, tmp_path)
+    spawn_as_torchrun(_hf_ddp_accumulated, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     trained = _model()
     trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))

@@ -549,3 +549,142 @@ def test_import_unlearn_fast_without_lightning():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused: unlearn_fast.integrations.lightning needs PyTorch Lightning: pip install 'unlearn_fast[lightning]'" in out.stdout
+
+
+# ----------------------------------------------------------------------------- DDP (strategy="ddp", 2 gloo ranks on CPU)
+DDP_N = 64  # 32 samples a rank, batches of 4: 8 micro-batches a rank and epoch
+
+
+class _SeedPerRank(L.Callback):
+    """Each rank's generator seeded apart once training starts (both ranks built Net(seed=0), so their masks would agree)."""
+
+    def on_train_start(self, trainer, pl_module):
+        torch.manual_seed(100 + trainer.global_rank)
+
+
+def _ddp_fit(module, callbacks, **kw):
+    return fit(module, loader(dataset(DDP_N), batch_size=4), callbacks, devices=2, strategy="ddp", **kw)
+
+
+def _ddp_clipped_accumulated_resumed(rank, out):
+    """Fit A: 3 epochs, norm clipping 0.3, 2 micro-batches a step, a checkpoint every epoch; its DDP replay forgetting
+    nothing. Fit B (new module, new callback): resumed from fit A's first checkpoint to the same end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from unlearn_fast.integrations import distributed
+
+    settings = dict(max_epochs=3, gradient_clip_val=0.3, accumulate_grad_batches=2, enable_checkpointing=True)
+    ckpt = os.path.join(out, "ckpt")
+    module, cb = Net(optimizer="sgd+steplr"), ufl.HistoryCallback(F.cross_entropy)
+    _ddp_fit(module, [cb, ModelCheckpoint(dirpath=ckpt, save_top_k=-1, every_n_epochs=1)], **settings)
+    history = cb.finish()
+    assert (history is None) == (rank != 0)
+    if rank == 0:
+        history.save(os.path.join(out, "history"))
+        torch.save(module.state_dict(), os.path.join(out, "trained.pt"))
+    torch.distributed.barrier()
+    history = uf.GradientHistory.load(os.path.join(out, "history"))
+    replayed, _ = distributed.run(Net(optimizer="sgd+steplr"), history, torch.zeros(0, dtype=torch.int64), dataset(DDP_N),
+                                  ufl.replay_loss(history, F.cross_entropy))
+    torch.save(replayed.state_dict(), os.path.join(out, f"ddp_replay_{rank}.pt"))
+    first = os.path.join(ckpt, next(f for f in sorted(os.listdir(ckpt)) if f.startswith("epoch=0")))
+    resumed, cb2 = Net(optimizer="sgd+steplr"), ufl.HistoryCallback(F.cross_entropy)
+    _ddp_fit(resumed, [cb2, ModelCheckpoint(dirpath=os.path.join(out, "ckpt2"), save_top_k=-1, every_n_epochs=1)],
+             ckpt_path=first, **settings)
+    history = cb2.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "resumed_history"))
+        torch.save(resumed.state_dict(), os.path.join(out, "resumed.pt"))
+
+
+def _ddp_dropout(rank, out):
+    module, cb = Net(dropout=0.3), ufl.HistoryCallback(F.cross_entropy)
+    _ddp_fit(module, [cb, _SeedPerRank()], max_epochs=2)
+    history = cb.finish()
+    if rank == 0:
+        history.save(os.path.join(out, "history"))
+        torch.save(module.state_dict(), os.path.join(out, "trained.pt"))
+
+
+def _ddp_refused(rank, out):
+    """A data set of 63 samples: DistributedSampler pads it to 64 by repeating one; every rank refuses it."""
+    try:
+        fit(Net(), loader(dataset(63), batch_size=4), [ufl.HistoryCallback(F.cross_entropy)], devices=2, strategy="ddp", max_epochs=1)
+    except ValueError as err:
+        open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
+
+
+def _trained(out, name="trained.pt", **net):
+    module = Net(**net)
+    module.load_state_dict(torch.load(os.path.join(out, name)))
+    return module
+
+
+def test_ddp_fit_records_the_world_batches_and_replays_clipping_accumulation_and_a_resume(tmp_path):
+    from dist_setup import spawn_as_torchrun
+
+    spawn_as_torchrun(_ddp_clipped_accumulated_resumed, tmp_path)
+    history = uf.GradientHistory.load(str(tmp_path / "history"))
+    trained, train_set = _trained(tmp_path, optimizer="sgd+steplr"), dataset(DDP_N)
+    w0 = history.schedule["w0"]
+    batches = history.schedule["batches"]
+    # world batches: 2 micro-batches of 4 on each of 2 ranks per optimizer step, every sample once an epoch
+    assert history.meta["distributed"]["world_size"] == 2 and len(batches) == 12 and all(len(b) == 16 for b in batches)
+    for epoch in range(3):
+        assert sorted(torch.cat(batches[4 * epoch: 4 * epoch + 4]).tolist()) == list(range(DDP_N))
+    assert history.meta["lightning"]["clipped_steps"] > 0 and history.meta["recording"]["clip_max_norm"] == 0.3
+    loss = ufl.replay_loss(history, F.cross_entropy)
+    # forgetting nothing: the single-process replay and every rank's DDP replay land on the weights Lightning trained
+    assert rel_error(replay(trained, history, train_set, loss), flat(trained), w0) < TOL
+    for rank in range(2):
+        assert rel_error(flat(_trained(tmp_path, f"ddp_replay_{rank}.pt", optimizer="sgd+steplr")), flat(trained), w0) < TOL
+    # forgetting 10 %: against a hand-written loop over the recorded world batches without them (mean loss, clipping at
+    # 0.3, SGD with the recorded learning rates); a replay that ignored the clipping lands far off
+    forget = torch.randperm(DDP_N, generator=torch.Generator().manual_seed(5))[:6]
+    reference = Net(optimizer="sgd+steplr")
+    opt = reference.configure_optimizers()["optimizer"]
+    keep = torch.ones(DDP_N, dtype=torch.bool)
+    keep[forget] = False
+    X, y = train_set.tensors
+    for batch, lr in zip(batches, history.schedule["lrs"][:, 0].tolist()):
+        rem = batch[keep[batch]]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        F.cross_entropy(reference(X[rem]), y[rem]).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.3)
+        opt.step()
+    result = uf.unlearn(trained, history, forget, train_set, loss, method="retrain")
+    moved = float(torch.linalg.vector_norm(flat(reference) - flat(trained)))
+    assert moved > 0.01 * float(torch.linalg.vector_norm(flat(trained) - w0))
+    assert float(torch.linalg.vector_norm(flat(result.model) - flat(reference))) < 10 * TOL * moved
+    unclipped = replay(trained, without_clipping(history), train_set, F.cross_entropy, forget)
+    assert float(torch.linalg.vector_norm(unclipped - flat(reference))) > 100 * 10 * TOL * moved
+    # the fit resumed from the first epoch's checkpoint recorded the same history and trained the same weights
+    resumed = uf.GradientHistory.load(str(tmp_path / "resumed_history"))
+    assert [r["global_step"] for r in resumed.meta["lightning"]["resumed_from"]] == [4]
+    assert resumed.num_steps == 12 and all(torch.equal(a, b) for a, b in zip(resumed.schedule["batches"], batches))
+    assert torch.equal(resumed.schedule["lrs"], history.schedule["lrs"])
+    assert torch.equal(flat(_trained(tmp_path, "resumed.pt", optimizer="sgd+steplr")), flat(trained))
+
+
+def test_ddp_fit_with_dropout_replays_every_ranks_masks(tmp_path):
+    from dist_setup import spawn_as_torchrun
+
+    spawn_as_torchrun(_ddp_dropout, tmp_path)
+    history = uf.GradientHistory.load(str(tmp_path / "history"))
+    trained, train_set = _trained(tmp_path, dropout=0.3), dataset(DDP_N)
+    states, width = history.schedule["rng_states"], torch.get_rng_state().numel()
+    assert states.shape == (16, 2 * width) and not torch.equal(states[:, :width], states[:, width:])  # each rank's own
+    w0 = history.schedule["w0"]
+    assert rel_error(replay(trained, history, train_set, F.cross_entropy), flat(trained), w0) < TOL
+    history.schedule.pop("rng_states")  # without them: other masks, far off
+    assert rel_error(replay(trained, history, train_set, F.cross_entropy), flat(trained), w0) > 100 * TOL
+
+
+def test_ddp_fit_whose_sampler_repeats_samples_is_refused_on_every_rank(tmp_path):
+    from dist_setup import spawn_as_torchrun
+
+    spawn_as_torchrun(_ddp_refused, tmp_path)
+    for rank in range(2):
+        assert "DistributedSampler pads 63 samples to 64 by repeating 1" in open(tmp_path / f"refused_{rank}.txt").read()

@@ -40,7 +40,16 @@ What the replay reproduces (tests/test_lightning.py, docs/integrations.md):
 Refused, each naming the setting: precision other than "32-true"/"64-true" (autocast and fp16/bf16 weights
 round differently), dropout (random masks; allow_dropout=True records anyway), batch norm with accumulation
 (batch statistics of micro-batches), manual optimization, several optimizers, a module overriding
-configure_gradient_clipping or optimizer_step, strategies that accumulate themselves, world_size > 1.
+configure_gradient_clipping or optimizer_step, strategies that accumulate themselves, multi-process strategies other
+than DDP (FSDP, DeepSpeed, ddp_spawn: its processes end with fit()).
+
+DDP (strategy="ddp", every rank runs the callback): a distributed.DistributedRecorder on Lightning's DDP model gathers
+every rank's indices of a step into the world batch and rank 0 records it, with each rank's generator state where the
+module has dropout (kind="full"); finish() and snapshot() return the history on rank 0 and None on the others. The
+first step's check compares Lightning's averaged gradient with the mean of loss_fn's gradients over the ranks' parts.
+A DistributedSampler that pads the data set (its size not divisible by the world size) repeats samples and is
+refused. Checkpoints and resume work as in one process: rank 0 saves the history copies and checks and copies the
+checkpoint's recording on resume, and every rank raises a refusal alike (none is left waiting in a collective).
 
 Checkpoints and resume (docs/integrations.md), as the Hugging Face integration does them. A fit whose Trainer has a
 checkpoint callback streams its recording (HistoryRecorder(path=...), a new directory per fit under
@@ -69,6 +78,7 @@ except ImportError as err:  # the optional dependency: `import unlearn_fast` nev
     raise ImportError("unlearn_fast.integrations.lightning needs PyTorch Lightning: pip install 'unlearn_fast[lightning]'") from err
 
 from .. import store
+from . import distributed  # before Lightning initialises torch.distributed (see distributed.py's imports)
 from ..data import IndexedDataset
 from ..history import GradientHistory, HistoryPolicy, fetch, weights_digest
 from ..methods._common import batch_gradient, clip_max_norm, graph_leaves, loss_fingerprint
@@ -204,7 +214,8 @@ class HistoryCallback(pl.Callback):
         self._train_set, self.indices_of, self.dirpath = train_set, indices_of, dirpath
         self.train_set = train_set  # resolved at the start of fit
         self.save_history, self.allow_dropout, self.check_batches = save_history, allow_dropout, check_batches
-        self.recorder = None
+        self.recorder = None  # the HistoryRecorder (under DDP rank 0's; None on the other ranks)
+        self._dist = None  # DDP: the DistributedRecorder (every rank)
         self.model = None
         self._resume = None  # (reference, checkpoint global_step) from on_load_checkpoint
         self._handle = None  # the step post-hook on Lightning's optimizer
@@ -220,11 +231,10 @@ class HistoryCallback(pl.Callback):
         if str(trainer.precision) not in PRECISIONS:
             raise ValueError(f"{where}(precision={trainer.precision!r}): mixed or half precision rounds differently from the replay, "
                              "which runs in the parameters' dtype; train with precision='32-true' (or '64-true')")
-        if trainer.world_size > 1:
-            raise ValueError(f"{where}: world_size={trainer.world_size}; the Lightning callback records single-process runs "
-                             "(for DDP loops see unlearn_fast.integrations.distributed)")
         if getattr(trainer.strategy, "handles_gradient_accumulation", False):
             raise ValueError(f"{where}: strategy {type(trainer.strategy).__name__} accumulates gradients itself; not replayed")
+        if trainer.world_size > 1:
+            self._check_ddp(trainer)
         if not module.automatic_optimization:
             raise ValueError("LightningModule.automatic_optimization=False (manual optimization): the callback records "
                              "Lightning's automatic optimization only (for a loop of your own use uf.HistoryRecorder)")
@@ -262,6 +272,26 @@ class HistoryCallback(pl.Callback):
                                      "DataLoader(drop_last=True) or a data set size divisible by the batch size")
         return accumulate
 
+    @staticmethod
+    def _check_ddp(trainer):
+        """A multi-process fit is recorded under DDP only, launched so that the processes that record are those that
+        go on (the recording lives in them), with every rank's share of a world batch distinct and of one size."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        where, strategy = f"lightning.Trainer(world_size={trainer.world_size})", trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise ValueError(f"{where}: strategy {type(strategy).__name__}; the Lightning callback records single-process and DDP "
+                             "(strategy='ddp') runs; a sharded or other strategy is not replayed")
+        if getattr(strategy, "_start_method", "popen") != "popen":
+            raise ValueError(f"{where}: strategy {type(strategy).__name__}(start_method={strategy._start_method!r}) records in processes "
+                             "that end with fit(), and the history with them; use strategy='ddp' (torchrun or Lightning's own launcher)")
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        total, size = getattr(sampler, "total_size", None), len(getattr(sampler, "dataset", ()) or ())
+        if isinstance(sampler, torch.utils.data.DistributedSampler) and total is not None and total > size:
+            raise ValueError(f"{where}: DistributedSampler pads {size} samples to {total} by repeating {total - size} of them, so "
+                             f"those train twice an epoch; use a data set size divisible by {trainer.world_size}, or a loader with "
+                             "DistributedSampler(drop_last=True) and Trainer(use_distributed_sampler=False)")
+
     def _resolve_train_set(self, trainer):
         if self._train_set is not None:
             return self._train_set
@@ -292,7 +322,7 @@ class HistoryCallback(pl.Callback):
         self._settings_now = settings
         if self.recorder is not None:
             self.recorder.close()  # an earlier fit's recording stops (its hooks come off; a streamed one stays on disk)
-            self.recorder = None
+        self.recorder, self._dist = None, None
         self._remove_hook()
         self._reset()
         resume, self._resume = self._resume, None
@@ -300,18 +330,48 @@ class HistoryCallback(pl.Callback):
         # runs before Lightning clips, so any change it sees was made by something else (a hook editing gradients)
         allow = ("accumulation",) if accumulate > 1 else ()
         marker = _step_marker(self.optimizer)
-        if trainer.global_step > 0:
-            self.recorder = self._continue(trainer, pl_module, resume, marker, allow)
+        if trainer.world_size > 1:
+            self.recorder = self._distributed(trainer, pl_module, resume, marker, allow)
+        elif trainer.global_step > 0:
+            new, history = self._copy_for_resume(trainer, pl_module, resume)
+            self.recorder = HistoryRecorder.resume(new, pl_module, marker, allow=allow, features=history.meta.get("recording"))
+            self._note_resume(history, trainer.global_step)
         else:
-            # streamed (and so resumable) exactly when the Trainer will write checkpoints
-            path = self._new_recording_path(trainer) if self.save_history and trainer.checkpoint_callbacks else None
-            self.recorder = HistoryRecorder(pl_module, marker, self.policy, allow=allow, path=path)
+            self.recorder = HistoryRecorder(pl_module, marker, self.policy, allow=allow, path=self._recording_path(trainer))
         self._handle = self.optimizer.register_step_post_hook(InertWhenCopied(self._after_real_step))
 
-    def _continue(self, trainer, module, resume, marker, allow):
-        """The recorder of a fit resumed from a checkpoint: the recording saved with it, checked against the restored
-        Trainer (every check before anything is written; the checkpoint is only read), copied to a new recording
-        directory and continued there (HistoryRecorder.resume)."""
+    def _recording_path(self, trainer):
+        """Where a new fit streams its recording: a new directory when the Trainer will write checkpoints (then the
+        recording is resumable), else None (in memory)."""
+        return self._new_recording_path(trainer) if self.save_history and trainer.checkpoint_callbacks else None
+
+    def _distributed(self, trainer, module, resume, marker, allow):
+        """DDP: a distributed.DistributedRecorder on Lightning's DDP model (every rank); record() gathers every rank's
+        indices of a step into the world batch and rank 0 records it (streamed when the Trainer saves checkpoints).
+        A resumed fit: rank 0 checks and copies the checkpoint's recording as a single-process resume does, every rank
+        raises its refusal alike, and DistributedRecorder.resume continues the copy. Returns rank 0's HistoryRecorder
+        (None on the other ranks). record() runs before Lightning clips, so no edit after DDP's all-reduce is allowed."""
+        wrapped = trainer.strategy.model
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(f"lightning.Trainer(world_size={trainer.world_size}): the strategy's model is "
+                             f"{type(wrapped).__name__}, not DistributedDataParallel; the callback records DDP runs only")
+        if self.dropout and self.allow_dropout:  # (else every rank's generator states are kept: DistributedRecorder)
+            allow = tuple(allow) + ("dropout",)
+        if trainer.global_step == 0:
+            path = distributed.on_rank0(None, trainer.global_rank, lambda: self._recording_path(trainer))
+            self._dist = distributed.DistributedRecorder(wrapped, marker, self.policy, allow=allow, path=path)
+            return self._dist.recorder
+        copied = distributed.on_rank0(None, trainer.global_rank, lambda: self._copy_for_resume(trainer, module, resume))
+        features = copied[1].meta.get("recording") if copied else None
+        self._dist = distributed.DistributedRecorder.resume(copied[0] if copied else None, wrapped, marker, allow=allow, features=features)
+        if copied:
+            self._note_resume(copied[1], trainer.global_step)
+        return self._dist.recorder
+
+    def _copy_for_resume(self, trainer, module, resume):
+        """A fit resumed from a checkpoint: the recording saved with it, checked against the restored Trainer (every
+        check before anything is written; the checkpoint is only read) and copied to a new recording directory, which
+        the caller continues (HistoryRecorder.resume). Returns (that directory, the checkpoint's history)."""
         step = trainer.global_step
         ref, ckpt_step = resume if resume is not None else (None, None)
         if ref is None:
@@ -367,10 +427,13 @@ class HistoryCallback(pl.Callback):
         new = self._new_recording_path(trainer)
         meta = {k: v for k, v in history.meta.items() if k not in BOUND_KEYS}
         store.link_copy(path, snap, new, "GradientHistory", dict(snap.info, meta=meta))
-        recorder = HistoryRecorder.resume(new, module, marker, allow=allow, features=history.meta.get("recording"))
+        return new, history
+
+    def _note_resume(self, history, step):
+        # the counters of the steps before the checkpoint, and the chain of resumes, for the finished history's meta
+        old = history.meta.get("lightning", {})
         self._clipped_steps = int(old.get("clipped_steps", 0))
-        self._resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "history": os.path.abspath(path)}]
-        return recorder
+        self._resumed_from = list(old.get("resumed_from", [])) + [{"global_step": step, "history": os.path.abspath(history.path)}]
 
     def _remove_hook(self):
         if self._handle is not None:
@@ -407,9 +470,14 @@ class HistoryCallback(pl.Callback):
                 raise ValueError(f"training batch: its {name} are not train_set's samples at its indices (a random transform in "
                                  "the data set, or indices into another data set); the replay could not feed what Lightning trained on")
 
+    @property
+    def num_steps(self):
+        """Optimizer steps recorded so far (every rank)."""
+        return self._dist.steps if self._dist is not None else self.recorder.num_steps if self.recorder is not None else 0
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         micro, self._queue = self._queue, []
-        step = self.recorder.num_steps
+        step = self.num_steps
         if not micro:
             raise ValueError(f"optimizer step {step}: no training batch was seen since the last step")
         sizes = [m.numel() for m in micro]
@@ -419,8 +487,13 @@ class HistoryCallback(pl.Callback):
                              f"{self.accumulate}, which the replay (a mean over the step's samples) reproduces only for "
                              f"{self.accumulate} micro-batches of one size")
         indices = torch.cat(micro)
+        if self._dist is not None:  # (a collective: every rank its own indices; the world batch in rank order)
+            indices, parts = self._dist.record(indices), self._dist.world_size
+        else:
+            self.recorder.record(indices, batch_size=indices.numel())
+            parts = 1
         if not self._checked and not self.dropout:  # (dropout's masks would fail it; allowed by allow_dropout=True)
-            self._check_loss(pl_module, indices, step)
+            self._check_loss(pl_module, indices, step, parts)
             self._checked = True
         if self.clip_val > 0:
             grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
@@ -428,16 +501,18 @@ class HistoryCallback(pl.Callback):
                 self._clipped_steps += int(float(torch.nn.utils.get_total_norm(grads, 2.0)) > self.clip_val)
             else:
                 self._clipped_steps += int(any(bool((g.abs() > self.clip_val).any()) for g in grads))
-        self.recorder.record(indices, batch_size=indices.numel())
         self._pending = True
 
-    def _check_loss(self, module, indices, step):
-        """Lightning's gradient of this step (before clipping) against loss_fn's on train_set's samples."""
+    def _check_loss(self, module, indices, step, parts=1):
+        """Lightning's gradient of this step (before clipping) against loss_fn's on train_set's samples; under DDP the
+        mean of loss_fn's gradients over the ranks' parts of the world batch (what DDP's all-reduce averages)."""
         params = [p for p in module.parameters() if p.requires_grad]
         got = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        device = params[0].device
-        batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in fetch(self.train_set, indices))
-        want = batch_gradient(module, self.loss_fn, batch, _flat(params))
+        device, w = params[0].device, _flat(params)
+        want = 0
+        for part in indices.chunk(parts):
+            batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in fetch(self.train_set, part))
+            want = want + batch_gradient(module, self.loss_fn, batch, w) / parts
         err = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(got).clamp(min=1e-30))
         if not err <= LOSS_TOLERANCE:
             raise ValueError(f"optimizer step {step}: Lightning's gradient differs from that of loss_fn(module(x), y) over the step's "
@@ -446,10 +521,11 @@ class HistoryCallback(pl.Callback):
 
     def _after_real_step(self, optimizer, args, kwargs):
         if not self._pending:
-            raise ValueError(f"optimizer step {self.recorder.num_steps} ran without on_before_optimizer_step (a manual "
+            raise ValueError(f"optimizer step {self.num_steps} ran without on_before_optimizer_step (a manual "
                              "optimizer.step()?); the history would miss it")
         self._pending = False
-        self.recorder.optimizer.step()  # the marker: the recorder's step hooks see the step end
+        if self.recorder is not None:  # (under DDP on rank 0 only)
+            self.recorder.optimizer.step()  # the marker: the recorder's step hooks see the step end
 
     # -- checkpoints
     def _base_dir(self, trainer):
@@ -526,8 +602,11 @@ class HistoryCallback(pl.Callback):
     def snapshot(self):
         """The schedule recorded so far (every fit of a resumed run) as a GradientHistory without trajectory or
         summary: what retrain needs. Bound to the module's current weights. A streamed recording is flushed (its
-        last chunk marked with the weights' digest); a kind="minimal" one in memory has no batch order to give."""
+        last chunk marked with the weights' digest); a kind="minimal" one in memory has no batch order to give.
+        DDP: on rank 0; None on the other ranks (not collective)."""
         rec = self._require()
+        if rec is None:
+            return None
         history = rec.snapshot(len(self.train_set))
         history.meta = dict(history.meta, lightning=self._lightning_meta())
         seen = dict(getattr(rec, "_seen_features", {}), allow=list(rec.allow))  # (finish() reports them; snapshot() does not)
@@ -539,15 +618,18 @@ class HistoryCallback(pl.Callback):
         trajectory (kind="full") or Mini's summary (kind="minimal"), computed with the plain loss_fn; a streamed
         recording is finished in its directory (recording_path). summary=False: the schedule only (retrain), as
         snapshot(), and the recording stays open. meta["loss_check"] holds replay_loss's gradient norm, the loss
-        that uf.unlearn(method="retrain") is given."""
+        that uf.unlearn(method="retrain") is given. DDP: every rank may call it; rank 0 returns the history (its
+        meta["distributed"] names the world size), the other ranks None (not collective)."""
         rec = self._require()
+        if rec is None:
+            return None
         if self._queue or self._pending:
             raise ValueError("finish: the last optimizer step did not complete; call finish() after trainer.fit()")
         if not summary:
             history = self.snapshot()
             probe = history.schedule["batches"][-1]
         else:
-            history = rec.finish(self.train_set, self.loss_fn)
+            history = (self._dist or rec).finish(self.train_set, self.loss_fn)
             self._finished = True
             history.meta["lightning"] = self._lightning_meta()
             history.meta["recording"] = self._recording_meta(history.meta.get("recording"))
@@ -562,6 +644,7 @@ class HistoryCallback(pl.Callback):
         return history
 
     def _require(self):
-        if self.recorder is None or not self.recorder.num_steps:
+        """The recorder (None on DDP ranks other than 0, which hold no history); ValueError if nothing was recorded."""
+        if not self.num_steps:
             raise ValueError("HistoryCallback: nothing was recorded (pass it to lightning.Trainer(callbacks=[...]) and call fit)")
         return self.recorder
