@@ -63,7 +63,7 @@ class Regime:
     """SGD settings. lr is the step size without momentum; with momentum beta it is scaled by (1 - beta) so that
     the effective step lr / (1 - beta) stays the same (0.2 with momentum 0.9 diverges on these models)."""
 
-    schedule: str = "decay"  # "decay": cosine from lr to lr_min; "constant": lr throughout
+    schedule: str = "decay"  # "decay": cosine from lr to lr_min; "constant": lr throughout; "onecycle": OneCycleLR
     momentum: float = 0.0
     epochs: int = 30
     batch_size: int = 64

@@ -45,6 +45,7 @@ REFERENCES = ("retrain, other seed", "untouched")
 FORGET_KINDS = {"random10": ("random", 0.1), "random30": ("random", 0.3), "flipped10": ("flipped", 0.1),
                 "flipped30": ("flipped", 0.3), "memorised": ("memorised", 0.1)}
 REGIMES = {f"{s}-{m:g}": wl.Regime(schedule=s, momentum=m) for s in ("decay", "constant") for m in (0.0, 0.9)}
+REGIMES["onecycle-0.9"] = wl.Regime(schedule="onecycle", momentum=0.9)  # momentum cycled 0.95 -> 0.85 -> 0.95 (OneCycleLR)
 SKIP_MINI_NOTE = ("skipped: no minimal history recorded (--skip-mini; on the CNN, Mini's finish() grew past 11 GB of memory "
                   "in 7 minutes on this machine and was stopped)")
 FALLBACK_BUDGET = 5  # finetune / rewind get T / 5 steps where mini gives no time to match (the 5x goal of issue 12)

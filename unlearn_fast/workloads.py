@@ -46,16 +46,19 @@ CONFIG = {"epochs": 30, "batch_size": 64, "lr": 0.2, "lr_min": 0.002, "weight_de
 
 
 def train(model, train_set, policy=None, seed=0, progress=None, **cfg):
-    """SGD (cfg["momentum"]) with a cosine learning-rate schedule down to cfg["lr_min"] (cfg["schedule"] "decay") or a
-    constant one ("constant"); records a GradientHistory when a policy is given.
+    """SGD (cfg["momentum"]) with a cosine learning-rate schedule down to cfg["lr_min"] (cfg["schedule"] "decay"), a
+    constant one ("constant"), or OneCycleLR up to cfg["lr"] and down ("onecycle": it also cycles the momentum between
+    0.95 and 0.85, inversely to the learning rate); records a GradientHistory when a policy is given.
     Returns (history or None, training seconds, finish() seconds); `progress(epoch)` is called after each epoch."""
     cfg = {**CONFIG, **cfg}
-    if cfg["schedule"] not in ("decay", "constant"):
-        raise ValueError(f"schedule: must be 'decay' or 'constant', got {cfg['schedule']!r}")
+    if cfg["schedule"] not in ("decay", "constant", "onecycle"):
+        raise ValueError(f"schedule: must be 'decay', 'constant' or 'onecycle', got {cfg['schedule']!r}")
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     n, bs = len(train_set), min(cfg["batch_size"], len(train_set))
     steps = cfg["epochs"] * (n // bs)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"]) if cfg["schedule"] == "decay" else None
+    sched = {"decay": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=cfg["lr_min"]),
+             "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps),
+             "constant": lambda: None}[cfg["schedule"]]()
     rec = HistoryRecorder(model, opt, policy) if policy else None
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.functional.cross_entropy

@@ -602,35 +602,42 @@ class _Basis:
 # ----------------------------------------------------------------------------- unlearning side
 def sgd_settings(meta, method, lrs=None, momenta=None):
     """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError, and so do
-    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one) and a
-    momentum that a scheduler changed step by step (`momenta`, the schedule's: the model has one multiplier).
+    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one).
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
-    the transient of the velocity (about 1 / (1 - beta) steps) is not modelled. maximize=True is refused.
+    the transient of the velocity (about 1 / (1 - beta) steps) is not modelled. A momentum a scheduler changed step by
+    step (`momenta`, the schedule's (T, groups): OneCycleLR's cycle_momentum) gives a multiplier per step, a (T,)
+    float32 tensor, the same quasi-static reading (valid while beta changes little within 1 / (1 - beta) steps).
+    maximize=True is refused.
     """
     cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
         raise ValueError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with "
                          f"{cls}. Use method='retrain', or the finetune / rewind baselines, for other optimizers")
-    settings = {(g.get("weight_decay", 0.0), g.get("momentum", 0.0), g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
+    settings = {(g.get("weight_decay", 0.0), g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
     if len(settings) != 1:
-        raise ValueError(f"{method}: needs one weight_decay, momentum, dampening and nesterov for every parameter group, got {sorted(settings)}")
+        raise ValueError(f"{method}: needs one weight_decay, dampening and nesterov for every parameter group, got {sorted(settings)}")
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
     if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
         t = int(torch.nonzero((lrs != lrs[:, :1]).any(1))[0])
         raise ValueError(f"{method}: models one learning rate for every parameter group; the recorded groups trained at {lrs[t].tolist()} "
                          f"at step {t}. Use method='retrain', or the finetune / rewind baselines")
-    if momenta is not None:
-        raise ValueError(f"{method}: models one SGD momentum for the whole run; the recorded run's scheduler changed it step by step "
-                         f"({float(momenta.min()):g} to {float(momenta.max()):g}). Use method='retrain', or the finetune / rewind baselines")
-    decay, momentum, dampening, _ = settings.pop()
-    if not 0 <= momentum < 1:
-        raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {momentum}")
+    if momenta is None:
+        momenta = torch.tensor([[float(g.get("momentum", 0.0)) for g in groups]], dtype=torch.float64)
+    if bool((momenta != momenta[:, :1]).any()):
+        t = int(torch.nonzero((momenta != momenta[:, :1]).any(1))[0])
+        raise ValueError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
+                         f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
+    decay, dampening, _ = settings.pop()
+    beta = momenta[:, 0]
+    if not bool(((beta >= 0) & (beta < 1)).all()):
+        raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {float(beta.min()):g} to {float(beta.max()):g}")
     if not 0 <= dampening < 1:
         raise ValueError(f"{method}: needs SGD dampening in [0, 1), got {dampening}")
-    return decay, (1.0 - dampening) / (1.0 - momentum)
+    scale = (1.0 - dampening) / (1.0 - beta)
+    return decay, (float(scale[0]) if scale.numel() == 1 else scale.to(torch.float32))
 
 
 def batches_of(train_set, indices, batch_size):
