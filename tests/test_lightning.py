@@ -503,7 +503,7 @@ def test_forgetting_10_percent_matches_lightning_retrained_on_the_retained_sampl
 
 
 @pytest.mark.parametrize("case,match", [
-    ("bf16-mixed", r"precision='bf16-mixed'.*mixed or half precision"),
+    ("bf16-true", r"precision='bf16-true'.*half-precision weights"),
     ("dropout", r"dropout is active in training \(net.2: p=0.1\); a kind='minimal' recording keeps no random generator states"),
     ("extra_loss", r"Lightning's gradient differs from that of loss_fn"),
     ("augmented", r"inputs are not train_set's samples"),
@@ -514,8 +514,8 @@ def test_what_cannot_be_replayed_is_refused_by_name(case, match):
     train_set = dataset(32)
     module = Net(dropout=0.1 if case == "dropout" else 0.0, extra_loss=0.01 if case == "extra_loss" else 0.0, manual=case == "manual")
     data, kw = loader(train_set), {}
-    if case == "bf16-mixed":
-        kw["precision"] = "bf16-mixed"
+    if case == "bf16-true":
+        kw["precision"] = "bf16-true"
     if case == "augmented":  # a random transform: the batch is not train_set[indices]
         noisy = torch.utils.data.TensorDataset(train_set.tensors[0] + 0.01 * torch.randn(32, 6), train_set.tensors[1])
         data = loader(noisy)
@@ -539,6 +539,30 @@ def test_dropout_masks_are_replayed_from_the_recorded_generator_states(accumulat
     assert rel_error(replay(module, history, train_set, cb.replay_loss), flat(module), history.schedule["w0"]) < TOL
     history.schedule.pop("rng_states")  # (before 2026-12-05: other masks, the replay far off)
     assert rel_error(replay(module, history, train_set, cb.replay_loss), flat(module), history.schedule["w0"]) > 100 * TOL
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_bf16_mixed_precision_is_replayed_under_the_recorded_autocast(accumulate):
+    # refused until 2026-12-06; with accumulation the micro-batches are recorded (each a bfloat16 product of its own)
+    train_set = dataset(64)
+    module, cb = Net(optimizer="sgd+steplr"), ufl.HistoryCallback(F.cross_entropy)
+    fit(module, loader(train_set), [cb], precision="bf16-mixed", max_epochs=3, accumulate_grad_batches=accumulate, gradient_clip_val=0.3)
+    history = cb.finish()
+    assert history.meta["recording"]["autocast"] == "bfloat16" and history.meta["lightning"]["precision"] == "bf16-mixed"
+    w0 = history.schedule["w0"]
+    assert rel_error(replay(module, history, train_set, cb.replay_loss), flat(module), w0) < TOL  # measured 0
+    # the same replay in float32, or under autocast with each step's micro-batches forwarded as one: 1.4e-3 to 3.0e-3 off
+    plain = uf.GradientHistory(dict(history.meta, recording={k: v for k, v in history.meta["recording"].items() if k != "autocast"}),
+                               dict(history.schedule))
+    assert rel_error(replay(module, plain, train_set, cb.replay_loss), flat(module), w0) > 30 * TOL
+    if accumulate > 1:
+        assert history.schedule["micro_counts"].tolist() == [2] * 12
+        one_batch = {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")}
+        assert rel_error(replay(module, uf.GradientHistory(history.meta, one_batch), train_set, cb.replay_loss), flat(module), w0) > 30 * TOL
+    # the first step's check still sees a loss term training_step adds
+    with pytest.raises(ValueError, match=r"Lightning's gradient differs from that of loss_fn"):
+        fit(Net(extra_loss=0.01), loader(train_set), [ufl.HistoryCallback(F.cross_entropy)], precision="bf16-mixed", max_epochs=1,
+            accumulate_grad_batches=accumulate)
 
 
 def test_import_unlearn_fast_without_lightning():
@@ -597,21 +621,31 @@ def _ddp_clipped_accumulated_resumed(rank, out):
         torch.save(resumed.state_dict(), os.path.join(out, "resumed.pt"))
 
 
-def _ddp_dropout(rank, out):
-    module, cb = Net(dropout=0.3), ufl.HistoryCallback(F.cross_entropy)
-    _ddp_fit(module, [cb, _SeedPerRank()], max_epochs=2)
-    history = cb.finish()
-    if rank == 0:
-        history.save(os.path.join(out, "history"))
-        torch.save(module.state_dict(), os.path.join(out, "trained.pt"))
+def _ddp_dropout_then_bf16(rank, out):
+    """Two fits in the same processes: dropout 0.3 (ranks seeded apart), then bf16-mixed precision (and its DDP replay)."""
+    from unlearn_fast.integrations import distributed
+
+    for name, module, kw in (("dropout", Net(dropout=0.3), {}), ("bf16", Net(), {"precision": "bf16-mixed"})):
+        cb = ufl.HistoryCallback(F.cross_entropy)
+        _ddp_fit(module, [cb, _SeedPerRank()], max_epochs=2, **kw)
+        history = cb.finish()
+        if rank == 0:
+            history.save(os.path.join(out, f"{name}_history"))
+            torch.save(module.state_dict(), os.path.join(out, f"{name}_trained.pt"))
+    torch.distributed.barrier()
+    history = uf.GradientHistory.load(os.path.join(out, "bf16_history"))
+    replayed, _ = distributed.run(Net(), history, torch.zeros(0, dtype=torch.int64), dataset(DDP_N), F.cross_entropy)
+    torch.save(replayed.state_dict(), os.path.join(out, f"bf16_ddp_replay_{rank}.pt"))
 
 
 def _ddp_refused(rank, out):
-    """A data set of 63 samples: DistributedSampler pads it to 64 by repeating one; every rank refuses it."""
-    try:
-        fit(Net(), loader(dataset(63), batch_size=4), [ufl.HistoryCallback(F.cross_entropy)], devices=2, strategy="ddp", max_epochs=1)
-    except ValueError as err:
-        open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
+    """A data set of 63 samples (DistributedSampler pads it to 64 by repeating one), and bf16-mixed precision with
+    accumulation: every rank refuses each."""
+    for name, n, kw in (("padded", 63, {}), ("bf16_accumulated", DDP_N, {"precision": "bf16-mixed", "accumulate_grad_batches": 2})):
+        try:
+            fit(Net(), loader(dataset(n), batch_size=4), [ufl.HistoryCallback(F.cross_entropy)], devices=2, strategy="ddp", max_epochs=1, **kw)
+        except ValueError as err:
+            open(os.path.join(out, f"refused_{name}_{rank}.txt"), "w").write(str(err))
 
 
 def _trained(out, name="trained.pt", **net):
@@ -668,12 +702,22 @@ def test_ddp_fit_records_the_world_batches_and_replays_clipping_accumulation_and
     assert torch.equal(flat(_trained(tmp_path, "resumed.pt", optimizer="sgd+steplr")), flat(trained))
 
 
-def test_ddp_fit_with_dropout_replays_every_ranks_masks(tmp_path):
+def test_ddp_fit_with_dropout_or_bf16_autocast_replays_every_ranks_forward(tmp_path):
     from dist_setup import spawn_as_torchrun
 
-    spawn_as_torchrun(_ddp_dropout, tmp_path)
-    history = uf.GradientHistory.load(str(tmp_path / "history"))
-    trained, train_set = _trained(tmp_path, dropout=0.3), dataset(DDP_N)
+    spawn_as_torchrun(_ddp_dropout_then_bf16, tmp_path)
+    # bf16-mixed: each rank's part of a world batch is its own bfloat16 forward in the replays too (one forward of the
+    # world batch rounds otherwise)
+    history, trained, train_set = uf.GradientHistory.load(str(tmp_path / "bf16_history")), _trained(tmp_path, "bf16_trained.pt"), dataset(DDP_N)
+    assert history.meta["recording"]["autocast"] == "bfloat16" and history.meta["distributed"]["world_size"] == 2
+    w0 = history.schedule["w0"]
+    assert rel_error(replay(trained, history, train_set, F.cross_entropy), flat(trained), w0) < TOL
+    for rank in range(2):
+        assert rel_error(flat(_trained(tmp_path, f"bf16_ddp_replay_{rank}.pt")), flat(trained), w0) < TOL
+    whole = uf.GradientHistory(dict(history.meta, distributed=None), dict(history.schedule))
+    assert rel_error(replay(trained, whole, train_set, F.cross_entropy), flat(trained), w0) > 30 * TOL
+    history = uf.GradientHistory.load(str(tmp_path / "dropout_history"))
+    trained = _trained(tmp_path, "dropout_trained.pt", dropout=0.3)
     states, width = history.schedule["rng_states"], torch.get_rng_state().numel()
     assert states.shape == (16, 2 * width) and not torch.equal(states[:, :width], states[:, width:])  # each rank's own
     w0 = history.schedule["w0"]
@@ -682,9 +726,10 @@ def test_ddp_fit_with_dropout_replays_every_ranks_masks(tmp_path):
     assert rel_error(replay(trained, history, train_set, F.cross_entropy), flat(trained), w0) > 100 * TOL
 
 
-def test_ddp_fit_whose_sampler_repeats_samples_is_refused_on_every_rank(tmp_path):
+def test_ddp_fits_the_replay_cannot_reproduce_are_refused_on_every_rank(tmp_path):
     from dist_setup import spawn_as_torchrun
 
     spawn_as_torchrun(_ddp_refused, tmp_path)
     for rank in range(2):
-        assert "DistributedSampler pads 63 samples to 64 by repeating 1" in open(tmp_path / f"refused_{rank}.txt").read()
+        assert "DistributedSampler pads 63 samples to 64 by repeating 1" in open(tmp_path / f"refused_padded_{rank}.txt").read()
+        assert "a rank's micro-batches are separate bfloat16 products" in open(tmp_path / f"refused_bf16_accumulated_{rank}.txt").read()

@@ -37,8 +37,12 @@ What the replay reproduces (tests/test_lightning.py, docs/integrations.md):
   concatenated). Steps Lightning scales otherwise are refused: the epoch's last step with fewer than A
   micro-batches (batches per epoch not a multiple of A) and micro-batches of different sizes (a short last
   batch), because the replay, whose loss sees only the step's samples, computes a plain mean over them.
-Refused, each naming the setting: precision other than "32-true"/"64-true" (autocast and fp16/bf16 weights
-round differently), dropout (random masks; allow_dropout=True records anyway), batch norm with accumulation
+- precision="bf16-mixed" (float32 weights, forwards under bfloat16 autocast; "16-mixed" is that on CPU): recorded
+  as meta["recording"]["autocast"], under which the replay forwards; with accumulation the recorder keeps the
+  micro-batches (each a bfloat16 product rounded once) and the replay forwards them one by one, under DDP each rank's
+  part of the world batch is its own forward (bit for bit in the tests; as one batch 1e-3 to 4e-3 off).
+Refused, each naming the setting: half-precision weights ("bf16-true", "16-true": they round differently from the
+replay), bf16-mixed with accumulation under DDP (a rank's micro-batches are not recorded), dropout (random masks; allow_dropout=True records anyway), batch norm with accumulation
 (batch statistics of micro-batches), manual optimization, several optimizers, a module overriding
 configure_gradient_clipping or optimizer_step, strategies that accumulate themselves, multi-process strategies other
 than DDP (FSDP, DeepSpeed, ddp_spawn: its processes end with fit()).
@@ -63,6 +67,7 @@ it to a new recording directory and continues it there with HistoryRecorder.resu
 uninterrupted fit's (schedule, trajectory rows, Mini's checkpoints). A fit without a checkpoint callback records in
 memory (a checkpoint saved by hand then gets the schedule only, which a resume refuses).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -95,7 +100,8 @@ CHECKPOINT_KEY = "unlearn_fast_history"  # the checkpoint's reference to the his
 # relative difference allowed between Lightning's first gradient and loss_fn's on the same samples: float32
 # rounding of a different summation order is ~1e-7; dropout, an extra loss term or other data are far above it
 LOSS_TOLERANCE = 1e-3
-PRECISIONS = ("32-true", "32", "64-true", "64")
+PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+AUTOCAST = ("bf16-mixed",)  # float32 weights, forwards under bfloat16 autocast: recorded and replayed (meta["recording"]["autocast"])
 
 
 class ReplayLoss:
@@ -229,12 +235,16 @@ class HistoryCallback(pl.Callback):
     def _check_trainer(self, trainer, module):
         where = "lightning.Trainer"
         if str(trainer.precision) not in PRECISIONS:
-            raise ValueError(f"{where}(precision={trainer.precision!r}): mixed or half precision rounds differently from the replay, "
-                             "which runs in the parameters' dtype; train with precision='32-true' (or '64-true')")
+            raise ValueError(f"{where}(precision={trainer.precision!r}): half-precision weights or a gradient scaler round differently "
+                             "from the replay; train with precision='32-true', '64-true' or 'bf16-mixed'")
         if getattr(trainer.strategy, "handles_gradient_accumulation", False):
             raise ValueError(f"{where}: strategy {type(trainer.strategy).__name__} accumulates gradients itself; not replayed")
         if trainer.world_size > 1:
             self._check_ddp(trainer)
+            if str(trainer.precision) in AUTOCAST and int(trainer.accumulate_grad_batches) > 1:
+                raise ValueError(f"{where}(precision={trainer.precision!r}, accumulate_grad_batches={trainer.accumulate_grad_batches}) with "
+                                 f"world_size={trainer.world_size}: a rank's micro-batches are separate bfloat16 products, which the "
+                                 "replay of a rank's part (one forward) rounds otherwise; train without accumulation or in float32")
         if not module.automatic_optimization:
             raise ValueError("LightningModule.automatic_optimization=False (manual optimization): the callback records "
                              "Lightning's automatic optimization only (for a loop of your own use uf.HistoryRecorder)")
@@ -328,7 +338,9 @@ class HistoryCallback(pl.Callback):
         resume, self._resume = self._resume, None
         # accumulation is allowed when the steps are uniform (checked per step); clipping is not allowed: record()
         # runs before Lightning clips, so any change it sees was made by something else (a hook editing gradients)
-        allow = ("accumulation",) if accumulate > 1 else ()
+        # (under autocast a micro-batch is its own bfloat16 product, rounded once: the recorder keeps the micro-batches and the
+        # replay forwards them one by one; in float32 the step's samples replay as one batch, within 2e-7)
+        allow = ("accumulation",) if accumulate > 1 and str(trainer.precision) not in AUTOCAST else ()
         marker = _step_marker(self.optimizer)
         if trainer.world_size > 1:
             self.recorder = self._distributed(trainer, pl_module, resume, marker, allow)
@@ -488,12 +500,13 @@ class HistoryCallback(pl.Callback):
                              f"{self.accumulate} micro-batches of one size")
         indices = torch.cat(micro)
         if self._dist is not None:  # (a collective: every rank its own indices; the world batch in rank order)
-            indices, parts = self._dist.record(indices), self._dist.world_size
+            indices = self._dist.record(indices)
+            parts = list(indices.chunk(self._dist.world_size))
         else:
             self.recorder.record(indices, batch_size=indices.numel())
-            parts = 1
+            parts = micro
         if not self._checked and not self.dropout:  # (dropout's masks would fail it; allowed by allow_dropout=True)
-            self._check_loss(pl_module, indices, step, parts)
+            self._check_loss(pl_module, parts, step, str(trainer.precision) in AUTOCAST)
             self._checked = True
         if self.clip_val > 0:
             grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
@@ -503,16 +516,18 @@ class HistoryCallback(pl.Callback):
                 self._clipped_steps += int(any(bool((g.abs() > self.clip_val).any()) for g in grads))
         self._pending = True
 
-    def _check_loss(self, module, indices, step, parts=1):
-        """Lightning's gradient of this step (before clipping) against loss_fn's on train_set's samples; under DDP the
-        mean of loss_fn's gradients over the ranks' parts of the world batch (what DDP's all-reduce averages)."""
+    def _check_loss(self, module, parts, step, autocast):
+        """Lightning's gradient of this step (before clipping) against the mean of loss_fn's gradients on train_set's
+        samples of its parts (the micro-batches, or under DDP the ranks' parts of the world batch, which DDP's all-reduce
+        averages), each under bfloat16 autocast where Lightning's forward ran under it."""
         params = [p for p in module.parameters() if p.requires_grad]
         got = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         device, w = params[0].device, _flat(params)
         want = 0
-        for part in indices.chunk(parts):
+        for part in parts:
             batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in fetch(self.train_set, part))
-            want = want + batch_gradient(module, self.loss_fn, batch, w) / parts
+            with torch.autocast(device.type, torch.bfloat16) if autocast else contextlib.nullcontext():
+                want = want + batch_gradient(module, self.loss_fn, batch, w) / len(parts)
         err = float(torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(got).clamp(min=1e-30))
         if not err <= LOSS_TOLERANCE:
             raise ValueError(f"optimizer step {step}: Lightning's gradient differs from that of loss_fn(module(x), y) over the step's "

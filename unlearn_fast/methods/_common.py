@@ -96,9 +96,11 @@ def replay_step(model, loss_fn, train_set, history, parts, step=None):
 
 
 def rank_parts(history):
-    """The number of DDP ranks whose own generator states a step of `history` keeps (DistributedRecorder of a model
-    with dropout: a row of schedule.rng_states holds one state per rank, in rank order), else 1."""
-    if "rng_states" not in history.schedule:
+    """The number of parts a replay forwards a DDP world batch in, one per rank, in rank order: the world size where
+    each rank's part must be its own forward (a model with dropout: a row of schedule.rng_states holds one generator
+    state per rank; autocast: a bf16 / fp16 matrix product rounds its output once per call, so a world batch forwarded
+    at once rounds otherwise than its ranks did), else 1."""
+    if "rng_states" not in history.schedule and (history.meta.get("recording") or {}).get("autocast") is None:
         return 1
     return int((history.meta.get("distributed") or {}).get("world_size", 1))
 
