@@ -242,7 +242,8 @@ def write_outputs(workloads, rows, args, elapsed, out_dir, stem, commands):
         f"{LOAD_BEFORE}, after {tuple(round(x, 2) for x in os.getloadavg())}), {torch.get_num_threads()} torch thread(s), "
         f"torch {torch.__version__}. Wall time {elapsed / 60:.1f} min.  ",
         f"Regimes: {', '.join(f'{k} = {v.name}' for k, v in REGIMES.items())}; lr 0.2 (CNN {wl.CNN_LR}) times (1 - momentum), "
-        f"cosine to 1 % of it for 'decay', batch 64, 30 epochs, weight decay 1e-3.  ",
+        f"cosine to 1 % of it for 'decay', OneCycleLR up to it and down for 'onecycle' (momentum cycled 0.95 -> 0.85 -> 0.95), "
+        "batch 64, 30 epochs, weight decay 1e-3.  ",
         f"Seconds: median of {args.rounds} interleaved calls. Speed-up: retrain's median over the method's, same run; given only "
         "where uf.metrics.verdict accepts the result (not 'not unlearned') and the method did not refuse.  ",
         "Gaps and KL are against the retrained model (KL(p_retrain || p), mean over samples). MIA: loss threshold, forget vs "
