@@ -773,6 +773,15 @@ def _hf_ddp_accumulated(rank, out):
     _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, gradient_accumulation_steps=2))
 
 
+def _hf_ddp_bf16(rank, out):
+    """bf16=True under DDP: refused with accumulation (on every rank), recorded and DDP-replayed without."""
+    try:
+        hf.record(_trainer(out, **DDP_ARGS, bf16=True, gradient_accumulation_steps=2), uf.HistoryPolicy(kind="full"))
+    except ValueError as err:
+        open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
+    _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, bf16=True))
+
+
 def test_ddp_trainer_records_the_world_batches(tmp_path):
     spawn_as_torchrun(_hf_ddp_run, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
@@ -838,6 +847,44 @@ def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
     _assert_ddp_replays(tmp_path, trained, dropout=0.1)  # under DDP, each rank drawing its own masks
     without = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("rng_states", "batch_sizes")}, None, None)
     assert _max_dw(_replay(trained, without, data, loss), trained) > 100 * TIGHT  # other masks
+
+
+def test_ddp_trainer_in_bf16_replays_each_ranks_forward(tmp_path):
+    spawn_as_torchrun(_hf_ddp_bf16, tmp_path)
+    for rank in range(2):
+        assert "a rank's micro-batches are separate bfloat16 products" in open(tmp_path / f"refused_{rank}.txt").read()
+    history = GradientHistory.load(str(tmp_path / "history"))
+    assert history.meta["recording"]["autocast"] == "bfloat16"
+    trained = _model()  # (not accelerate's patched model: the replay's autocast comes from the history)
+    trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
+    assert _max_dw(_replay(trained, history, data, loss), trained) < TIGHT < moved / 1000
+    _assert_ddp_replays(tmp_path, trained)
+    whole = GradientHistory(dict(history.meta, distributed=None), dict(history.schedule))  # each world batch one bf16 forward
+    assert _max_dw(_replay(trained, whole, data, loss), trained) > 10 * TIGHT
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_bf16_trainer_is_replayed_under_the_recorded_autocast(accumulation, tmp_path):
+    # refused until 2026-12-06; with accumulation the micro-batches are recorded (each a bfloat16 product of its own)
+    trainer = _trainer(tmp_path, bf16=True, optim="sgd", learning_rate=0.5, max_grad_norm=0.2, gradient_accumulation_steps=accumulation)
+    cb = hf.record(trainer, uf.HistoryPolicy(kind="full"))
+    trainer.train()
+    history = cb.finish()
+    assert history.meta["recording"]["autocast"] == "bfloat16"
+    trained = _model()  # (not accelerate's patched model: the replay's autocast comes from the history)
+    trained.load_state_dict(trainer.model.state_dict())
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    assert _max_dw(_replay(trained, history, cb.replay_set, cb.replay_loss), trained) < TIGHT < moved / 1000
+    plain = GradientHistory(dict(history.meta, recording={k: v for k, v in history.meta["recording"].items() if k != "autocast"}),
+                            dict(history.schedule))
+    assert _max_dw(_replay(trained, plain, cb.replay_set, cb.replay_loss), trained) > 10 * TIGHT
+    if accumulation > 1:
+        assert history.schedule["micro_counts"].tolist() == [2] * history.num_steps
+        one_batch = {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")}
+        one = GradientHistory(dict(history.meta, recording=dict(history.meta["recording"], accumulation_weighting=None)), one_batch)
+        assert _max_dw(_replay(trained, one, cb.replay_set, cb.replay_loss), trained) > 10 * TIGHT
 
 
 def test_ddp_trainer_with_gradient_accumulation_replays_exactly(tmp_path):

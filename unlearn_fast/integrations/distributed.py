@@ -451,11 +451,12 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
                 draw_part(rank)  # (this rank's masks, where the history keeps each rank's generator state)
                 with replay_autocast(history, module):
                     loss = batch_loss(module, loss_fn, batch)
-                loss.backward()
+                # scaled before backward, as training scaled its loss (and as the single-process replay does): under
+                # autocast the bfloat16 products of backward round the scaled gradient, not the unscaled one
+                (loss * share).backward()
         # one buffer: the scaled gradients, then one flag per parameter (reached by backward on this rank)
         flat = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                          + [torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype)])
-        flat[: sum(sizes)] *= share
         dist.all_reduce(flat, group=group)
         grads, reached = flat[: sum(sizes)].split(sizes), flat[sum(sizes):]
         for p, g, r in zip(params, grads, reached.tolist()):

@@ -23,7 +23,9 @@ without some samples clips what it really would) and deltagrad / mini refuse. Dr
 masks by a single-process kind="full" recording (each step's random generator state is recorded, the replay pads each
 batch as the collator did: ReplayTexts, and with accumulation replays the micro-batches one by one, weighted by their
 label tokens), and under DDP without accumulation (every rank's states); elsewhere it is refused unless allow_dropout=True
-(the replay then draws other masks); mixed precision, label
+(the replay then draws other masks). bf16=True (CPU autocast) is recorded and replayed under it, the micro-batches
+of an accumulated step one by one (a bfloat16 product rounds once per call), each DDP rank's part as its own forward;
+refused: fp16 (its gradient scaler), bf16 with accumulation under DDP, label
 smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
 rank 0 records it (cb.finish() returns None on the other ranks).
@@ -255,9 +257,13 @@ def _check_trainer(trainer, allow_dropout, kind):
                          f"(checkpoint-N/{HISTORY_DIR}, bound to its weights)")
     if args.n_gpu > 1:
         raise ValueError(f"TrainingArguments: n_gpu={args.n_gpu} (DataParallel); the Trainer integration records single-device runs")
-    for flag in ("bf16", "fp16"):
-        if getattr(args, flag, False):
-            raise ValueError(f"TrainingArguments.{flag}=True: mixed-precision steps are not replayed exactly; train in full precision")
+    if getattr(args, "fp16", False):
+        raise ValueError("TrainingArguments.fp16=True: float16 steps with a gradient scaler are not replayed exactly; train in "
+                         "full precision or with bf16=True")
+    if getattr(args, "bf16", False) and args.world_size > 1 and args.gradient_accumulation_steps > 1:
+        raise ValueError(f"TrainingArguments.bf16=True with gradient_accumulation_steps={args.gradient_accumulation_steps} and "
+                         f"world_size={args.world_size}: a rank's micro-batches are separate bfloat16 products, which the replay of "
+                         "a rank's part (one forward) rounds otherwise; train without accumulation or in full precision")
     if getattr(args, "label_smoothing_factor", 0):
         raise ValueError(f"TrainingArguments.label_smoothing_factor={args.label_smoothing_factor}: the replay loss has no label smoothing")
     if getattr(args, "neftune_noise_alpha", None):
@@ -376,10 +382,11 @@ class HistoryCallback(TrainerCallback):
         # not to refuse it; the Trainer's clipping (clip_grad_norm_ at max_grad_norm) is norm clipping, which the
         # recorder notes itself and retrain / rewind replay (meta["recording"]["clip_max_norm"], set from the
         # TrainingArguments by finish() and snapshot(), also when no step happened to clip)
-        # With dropout, though, one replayed batch would draw other masks than the micro-batches did: the recorder then
-        # records the micro-batches and the replay runs them one by one, each weighted by its share of the step's label
-        # tokens (accumulation_weighting "loss_count", TrainerLoss.count_items)
-        per_micro = bool(self.dropout) and self.accumulation > 1 and self.world_size == 1
+        # With dropout, though, one replayed batch would draw other masks than the micro-batches did, and under bf16 autocast
+        # round otherwise (a bfloat16 product rounds its output once per call): the recorder then records the micro-batches
+        # and the replay runs them one by one, each weighted by its share of the step's label tokens
+        # (accumulation_weighting "loss_count", TrainerLoss.count_items)
+        per_micro = (bool(self.dropout) or bool(args.bf16)) and self.accumulation > 1 and self.world_size == 1
         allow = ("accumulation",) if self.accumulation > 1 and not per_micro else ()
         if self.recorder is not None:
             self.recorder.close()  # a second train() on this Trainer: the earlier recording stops (its hooks come off)
