@@ -126,7 +126,46 @@ def _dropout_run(rank, out):
         replayed, _ = ufd.run(_dropout_net(), history, torch.tensor(forget, dtype=torch.int64), ds, F.cross_entropy)
         torch.save(replayed.state_dict(), os.path.join(out, f"dropout_replay_{name}_{rank}.pt"))
     ufd.DistributedRecorder(model, opt, allow=("dropout",)).close()  # declared: recorded without the states
-    _message(lambda: ufd.DistributedRecorder(model, opt, allow=("accumulation",)), out, f"dropout_accumulation_{rank}.txt")
+    _dropout_accumulated_run(rank, out)
+
+
+def _two_dropout_net(state=None):
+    """Two dropout layers: a rank part forwarded at once draws the second layer's masks after all of the first's, its
+    micro-batches one by one draw them in between (one dropout layer would draw the same sequence either way on CPU)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                              torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    if state is not None:
+        net.load_state_dict(state)
+    return net
+
+
+def _dropout_accumulated_run(rank, out):
+    """Dropout with gradient accumulation under DDP (refused until 2026-12-06): each rank's batch as 2 micro-batches, the
+    first under no_sync, each loss / 2; every rank's micro-batches are kept with the step and replayed one by one, the
+    second drawing its masks on from where the first left the rank's generator."""
+    ds, net = _data(), _two_dropout_net()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    torch.manual_seed(200 + rank)
+    opt, sched = _optimizer(net.parameters())
+    rec = ufd.DistributedRecorder(model, opt, uf.HistoryPolicy(kind="full"), allow=("accumulation",))
+    for _, idx, x, y in _steps(*_loader(ds)):
+        opt.zero_grad()
+        with model.no_sync():
+            (F.cross_entropy(model(x[:2]), y[:2]) / 2).backward()
+        (F.cross_entropy(model(x[2:]), y[2:]) / 2).backward()
+        rec.record(idx)
+        opt.step()
+        sched.step()
+    torch.save(net.state_dict(), os.path.join(out, f"accumulated_final_{rank}.pt"))
+    history = rec.finish(ds, F.cross_entropy)
+    if rank == 0:
+        history.save(os.path.join(out, "accumulated_history"))
+    dist.barrier()
+    history = GradientHistory.load(os.path.join(out, "accumulated_history"))
+    for name, forget in (("none", []), ("forget", FORGET)):
+        replayed, _ = ufd.run(_two_dropout_net(), history, torch.tensor(forget, dtype=torch.int64), ds, F.cross_entropy)
+        torch.save(replayed.state_dict(), os.path.join(out, f"accumulated_replay_{name}_{rank}.pt"))
 
 
 FORGET = [0, 5, 17, 30, 41]  # ~10 % of the training set
@@ -176,14 +215,18 @@ def ddp_run():
             return open(path).read() if os.path.exists(path) else None
 
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)]
-                    for kind in ("unequal", "clipped", "worldsize", "mismatch", "dropout_accumulation")}
+                    for kind in ("unequal", "clipped", "worldsize", "mismatch")}
         threads = [message(f"threads_{r}.txt") for r in range(WORLD)]
         replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
         streamed = GradientHistory.load(os.path.join(out, "streamed"))
         dropout = {"history": GradientHistory.load(os.path.join(out, "dropout_streamed")),
                    "finals": [torch.load(os.path.join(out, f"dropout_final_{r}.pt")) for r in range(WORLD)],
                    **{name: [torch.load(os.path.join(out, f"dropout_replay_{name}_{r}.pt")) for r in range(WORLD)] for name in ("none", "forget")}}
-        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals, replays, threads, streamed, dropout
+        accumulated = {"history": GradientHistory.load(os.path.join(out, "accumulated_history")),
+                       "finals": [torch.load(os.path.join(out, f"accumulated_final_{r}.pt")) for r in range(WORLD)],
+                       **{name: [torch.load(os.path.join(out, f"accumulated_replay_{name}_{r}.pt")) for r in range(WORLD)]
+                          for name in ("none", "forget")}}
+        yield GradientHistory.load(os.path.join(out, "history")), finals, refusals, replays, threads, streamed, dropout, accumulated
 
 
 def _trained(state):
@@ -255,9 +298,25 @@ def test_dropout_keeps_every_ranks_generator_state_and_is_replayed_exactly(ddp_r
     assert _max_diff(retrain.run(_dropout_net(), unseeded, nothing, _data(), F.cross_entropy)[0], trained) > 100 * TOL
 
 
-def test_dropout_with_declared_accumulation_refused_on_every_rank(ddp_run):
-    for message in ddp_run[2]["dropout_accumulation"]:
-        assert message is not None and "dropout with allow=('accumulation',)" in message
+def test_dropout_with_accumulation_replays_every_ranks_micro_batches(ddp_run):
+    run = ddp_run[7]
+    history, trained = run["history"], _two_dropout_net(run["finals"][0])
+    # every rank's 2 micro-batches of 2, rank after rank, and every rank's generator state at its first forward
+    assert history.schedule["micro_counts"].tolist() == [2 * WORLD] * STEPS and set(history.schedule["micro_sizes"].tolist()) == {2}
+    assert history.schedule["rng_states"].shape == (STEPS, WORLD * torch.get_rng_state().numel())
+    nothing = torch.zeros(0, dtype=torch.int64)
+    single, _ = retrain.run(_two_dropout_net(), history, nothing, _data(), F.cross_entropy)
+    moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
+    assert _max_diff(single, trained) < TOL < moved / 100, (_max_diff(single, trained), moved)
+    for r in range(WORLD):
+        assert _max_diff(_two_dropout_net(run["none"][r]), trained) < TOL
+    # each rank's part forwarded at once (the one-batch replay of before): other masks for its second micro-batch
+    whole = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")})
+    assert _max_diff(retrain.run(_two_dropout_net(), whole, nothing, _data(), F.cross_entropy)[0], trained) > 100 * TOL
+    forgot = uf.unlearn(trained, history, FORGET, _data(), F.cross_entropy, method="retrain").model
+    assert _max_diff(forgot, trained) > 100 * TOL
+    for r in range(WORLD):  # forgetting: the DDP replay and the single-process one agree
+        assert _max_diff(_two_dropout_net(run["forget"][r]), forgot) < TOL
 
 
 def test_dropout_forgetting_replays_the_same_under_ddp_and_in_one_process(ddp_run):

@@ -728,8 +728,9 @@ class _SeedPerRank(transformers.TrainerCallback):
 
 
 def _hf_ddp_dropout(rank, out):
-    """A Trainer DDP run of a GPT-2 with dropout 0.1 (refused until 2026-12-05), then its DDP replay forgetting nothing."""
-    trainer = _trainer(out, model=_model(dropout=0.1), **DDP_ARGS)
+    """A Trainer DDP run of a GPT-2 with dropout 0.1 (refused until 2026-12-05) and 2 micro-batches a step (refused until
+    2026-12-06), then its DDP replay forgetting nothing."""
+    trainer = _trainer(out, model=_model(dropout=0.1), **DDP_ARGS, gradient_accumulation_steps=2)
     trainer.add_callback(_SeedPerRank())
     _record_ddp_training(rank, out, trainer)
 
@@ -774,12 +775,8 @@ def _hf_ddp_accumulated(rank, out):
 
 
 def _hf_ddp_bf16(rank, out):
-    """bf16=True under DDP: refused with accumulation (on every rank), recorded and DDP-replayed without."""
-    try:
-        hf.record(_trainer(out, **DDP_ARGS, bf16=True, gradient_accumulation_steps=2), uf.HistoryPolicy(kind="full"))
-    except ValueError as err:
-        open(os.path.join(out, f"refused_{rank}.txt"), "w").write(str(err))
-    _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, bf16=True))
+    """bf16=True under DDP with 2 micro-batches a step (each rank's kept with the step), then its DDP replay."""
+    _record_ddp_training(rank, out, _trainer(out, **DDP_ARGS, bf16=True, gradient_accumulation_steps=2))
 
 
 def test_ddp_trainer_records_the_world_batches(tmp_path):
@@ -832,12 +829,13 @@ def test_ddp_trainer_records_the_world_batches(tmp_path):
         assert _max_dw(model, trained) == 0
 
 
-def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
+def test_ddp_trainer_with_dropout_and_accumulation_replays_every_ranks_masks(tmp_path):
     spawn_as_torchrun(_hf_ddp_dropout, tmp_path)
     history = GradientHistory.load(str(tmp_path / "history"))
     width = torch.get_rng_state().numel()
     states = history.schedule["rng_states"]
-    assert states.shape == (12, 2 * width) and not torch.equal(states[:, :width], states[:, width:])  # each rank's own
+    assert states.shape == (6, 2 * width) and not torch.equal(states[:, :width], states[:, width:])  # each rank's own
+    assert history.schedule["micro_counts"].tolist() == [4] * 6  # 2 ranks x 2 micro-batches, replayed one by one
     trained = _model(dropout=0.1)
     trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
     moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
@@ -847,22 +845,25 @@ def test_ddp_trainer_with_dropout_replays_every_ranks_masks(tmp_path):
     _assert_ddp_replays(tmp_path, trained, dropout=0.1)  # under DDP, each rank drawing its own masks
     without = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("rng_states", "batch_sizes")}, None, None)
     assert _max_dw(_replay(trained, without, data, loss), trained) > 100 * TIGHT  # other masks
+    # each rank's part forwarded at once (what the DDP replay did before 2026-12-06, when this was refused): other masks
+    parts = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")})
+    assert _max_dw(_replay(trained, parts, data, loss), trained) > 100 * TIGHT
 
 
-def test_ddp_trainer_in_bf16_replays_each_ranks_forward(tmp_path):
+def test_ddp_trainer_in_bf16_with_accumulation_replays_each_ranks_micro_batches(tmp_path):
     spawn_as_torchrun(_hf_ddp_bf16, tmp_path)
-    for rank in range(2):
-        assert "a rank's micro-batches are separate bfloat16 products" in open(tmp_path / f"refused_{rank}.txt").read()
     history = GradientHistory.load(str(tmp_path / "history"))
     assert history.meta["recording"]["autocast"] == "bfloat16"
+    assert history.schedule["micro_counts"].tolist() == [4] * history.num_steps  # 2 ranks x 2 micro-batches
     trained = _model()  # (not accelerate's patched model: the replay's autocast comes from the history)
     trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
     moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
     data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
     assert _max_dw(_replay(trained, history, data, loss), trained) < TIGHT < moved / 1000
     _assert_ddp_replays(tmp_path, trained)
-    whole = GradientHistory(dict(history.meta, distributed=None), dict(history.schedule))  # each world batch one bf16 forward
-    assert _max_dw(_replay(trained, whole, data, loss), trained) > 10 * TIGHT
+    # each rank's part forwarded at once: other bfloat16 products
+    parts = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")})
+    assert _max_dw(_replay(trained, parts, data, loss), trained) > 10 * TIGHT
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -222,6 +222,7 @@ class HistoryRecorder:
         self._raw_versions = [None] * len(self.params)  # (the gradient tensor, its version counter) as backward left it
         self._autocast = None  # the autocast dtype of a training forward, if any
         self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
+        self._step_micro = None  # micro-batches an integration declared for the coming step (set_step_micro)
         # a model with dropout: a "full" recording keeps the random generator's state at each step's first training
         # forward, so that the replay draws the masks training drew (without it, retrain forgetting nothing landed 7 % off)
         self._random_layers = random_layers(model)
@@ -325,7 +326,7 @@ class HistoryRecorder:
                              "express it in the model (torch.nn.utils.parametrize) or train without it; history not extended")
 
     def _reset_step(self):
-        self._autocast, self._micro, self._rng = None, [], None
+        self._autocast, self._micro, self._rng, self._step_micro = None, [], None, None
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
         self._raw_clip_norms = [None] * len(self.params)
@@ -339,6 +340,16 @@ class HistoryRecorder:
         if self._rank_states not in (1, len(states)) and self.steps:
             raise ValueError(f"set_step_rng: {len(states)} states for step {self.steps}, {self._rank_states} for the steps before")
         self._rng, self._rank_states = torch.cat([torch.as_tensor(t, dtype=torch.uint8).reshape(-1) for t in states]), len(states)
+
+    def set_step_micro(self, sizes):
+        """Declare the micro-batches of the coming step's batch, in its order (DistributedRecorder calls it before record()
+        where every rank's forwards must be replayed one by one: each rank's micro-batches, rank after rank); they are
+        recorded as an accumulated step's (schedule["micro_sizes"]) whatever allow says. Integrations call it; a plain
+        loop never needs to."""
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"set_step_micro: sizes must be at least two positive micro-batch sizes, got {sizes[:8]}")
+        self._step_micro = sizes
 
     def rebase_gradients(self, norms, clip_norms=None):
         """Declare that this step's gradients were replaced after backward in a way the replay reproduces (DDP
@@ -428,7 +439,9 @@ class HistoryRecorder:
         if passes == 0:
             raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
         if passes > 1:
-            if "accumulation" not in self.allow:
+            if self._step_micro is not None:  # declared by an integration (a DDP world batch's micro-batches): checked there
+                micro = list(self._step_micro)
+            elif "accumulation" not in self.allow:
                 # replayed as it ran: one backward per micro-batch of mean loss / passes (loss / accumulation_steps, the usual idiom),
                 # or of mean loss times its share of the batch where finish() finds that rule (_check_accumulation)
                 micro = self._micro
@@ -586,6 +599,11 @@ class HistoryRecorder:
                 self._reset_step()
                 return False
         raw_norms, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
+        declared, self._step_micro = self._step_micro, None
+        if declared is not None:  # (set_step_micro: a DDP world batch's micro-batches, every rank's)
+            if sum(declared) != idx.numel():
+                raise ValueError(f"record: step {step}: the declared micro-batches {declared[:8]} hold {sum(declared)} samples, the batch {idx.numel()}")
+            micro = declared
         self._check_modes(step)
         self._skipping = False  # (a step the scaler skipped before this one is behind us)
         if self.grad_scaler is not None:
@@ -610,7 +628,7 @@ class HistoryRecorder:
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
             # (one state per rank: finish() cannot redo the ranks' forwards as one backward, so it skips that check)
             self._first_step = (reached, raw_norms.clone(), micro, self._autocast, self._rng if self._rank_states == 1 else None)
-        if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None:
+        if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None and declared is None:
             # (its weights: one copy, once; equal micro-batches weigh the same under either rule)
             reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
             self._accumulation_probe = (step, flat_params(self.model).clone(), idx, list(micro), reached, raw_norms.clone())

@@ -96,7 +96,7 @@ class DistributedRecorder:
     def __init__(self, model, optimizer, policy=None, group=None, **recorder_options):
         allow = recorder_options.pop("allow", ())
         path = recorder_options.pop("path", None)
-        self._attach(model, group, allow)
+        self._attach(model, optimizer, group, allow)
         # only rank 0 holds a recorder: the others would record the same gradients and world batches again
         self.recorder = None
 
@@ -117,8 +117,8 @@ class DistributedRecorder:
         # collectives: every rank raises it
         self.recorder = on_rank0(self.group, self.rank, build)
 
-    def _attach(self, model, group, allow):
-        """The checks of the model and the comm hook (every rank; no communication)."""
+    def _attach(self, model, optimizer, group, allow):
+        """The checks of the model, the forward and comm hooks (every rank; no communication)."""
         self._check_model(model, group, "DistributedRecorder")
         self.steps = 0
         self.allow = (allow,) if isinstance(allow, str) else tuple(allow)
@@ -126,18 +126,21 @@ class DistributedRecorder:
         # training forward, record() gathers them in rank order and rank 0's recorder keeps them with the step
         # (set_step_rng), so that a replay draws every rank's masks (allow=('dropout',): not kept, replays draw others)
         self._keep_states = "dropout" not in self.allow and bool(random_layers(model.module))
-        if self._keep_states and "accumulation" in self.allow:
-            # (a rank's micro-batches draw one after the other from its generator; the replay takes a rank's part at once)
-            raise ValueError("DistributedRecorder: dropout with allow=('accumulation',): the replay draws each rank's masks for its "
-                             "whole part of the world batch at once, not micro-batch by micro-batch; train without accumulation, "
-                             "or pass allow=('accumulation', 'dropout') to record without the masks (replays then differ)")
-        self._rng = None
-        taker = getattr(model, "_unlearn_fast_rng", None)  # (one hook per model: a later recorder on it takes it over)
-        if taker is None and self._keep_states:
-            taker = model._unlearn_fast_rng = _RngTaker()
-            model.module.register_forward_pre_hook(InertWhenCopied(taker))
-        if taker is not None:
-            taker.recorder = self if self._keep_states else None
+        # each rank's training forwards of the coming step (their batch sizes: an accumulated step's micro-batches) and
+        # whether they ran under autocast: where each rank's part must be replayed as its own forwards (dropout, autocast)
+        # the recorder keeps every rank's micro-batches with the step (set_step_micro)
+        self._rng, self._micro, self._autocast = None, [], False
+        taker = getattr(model, "_unlearn_fast_forwards", None)  # (one hook set per model: a later recorder on it takes it over)
+        if taker is None:
+            taker = model._unlearn_fast_forwards = _ForwardTaker()
+            model.module.register_forward_pre_hook(InertWhenCopied(taker), with_kwargs=True)
+            # autocast seen where the parameters are used (accelerate enters it inside the model's patched forward)
+            for m in model.module.modules():
+                if any(p.requires_grad for p in m.parameters(recurse=False)):
+                    m.register_forward_pre_hook(InertWhenCopied(taker.inner))
+        taker.recorder = self
+        # a step's forwards end with its optimizer step: a forward after record() (a check's) belongs to no step
+        self._step_hook = optimizer.register_step_post_hook(InertWhenCopied(self._step_done))
         # The recorder takes each gradient's norm when backward leaves it, to detect clipping (a later change) and
         # to check finish()'s loss_fn against; under DDP the all-reduce writes the averaged gradients after that.
         # A communication hook measures the norms the all-reduce produced: this class refuses a later edit itself
@@ -185,7 +188,7 @@ class DistributedRecorder:
         # rank 0 alone reads and continues the recording; its outcome is broadcast so that every rank returns or raises
         # alike (a rank that went on would wait forever in record()'s first collective)
         recorder = on_rank0(group, self.rank, resumed)
-        self._attach(model, group, allow)
+        self._attach(model, optimizer, group, allow)
         self.recorder = recorder
         steps = [recorder.steps if recorder is not None else 0]
         dist.broadcast_object_list(steps, src=_src(group), group=group)
@@ -210,6 +213,7 @@ class DistributedRecorder:
     def close(self):
         """Stop recording without finishing (HistoryRecorder.close on rank 0; not collective): a streamed recording
         keeps its flushed and sealed chunks, and resume() continues it."""
+        self._step_hook.remove()
         if self.recorder is not None:
             self.recorder.close()
 
@@ -223,10 +227,12 @@ class DistributedRecorder:
         norms = self._reduced_gradient_norms()
         reduced, now = norms if norms is not None else (0.0, 0.0)
         edited = norms is not None and abs(now - reduced) > 1e-6 * reduced and "clipping" not in self.allow
-        # one gather of (batch size, no all-reduce, edited) from every rank: every rank sees the same and raises alike
-        # (none is left waiting in the next collective)
-        info = [torch.zeros(3, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(info, torch.tensor([local.numel(), int(norms is None), int(edited)]), group=self.group)
+        micro, self._micro = [m for m in self._micro if m > 0] or self._micro, []
+        autocast, self._autocast = self._autocast, False
+        # one gather of (batch size, no all-reduce, edited, training forwards, autocast) from every rank: every rank sees
+        # the same and raises alike (none is left waiting in the next collective)
+        info = [torch.zeros(5, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(info, torch.tensor([local.numel(), int(norms is None), int(edited), len(micro), int(autocast)]), group=self.group)
         sizes = [int(i[0]) for i in info]
         unreduced_on = [r for r, i in enumerate(info) if int(i[1])]
         edited_on = [r for r, i in enumerate(info) if int(i[2])]
@@ -248,6 +254,7 @@ class DistributedRecorder:
         padded = [torch.empty(sizes[0], dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(padded, local, group=self.group)
         world = torch.cat(padded)
+        world_micro = self._gather_micro(micro, info, sizes[0])
         states = None
         if self._keep_states:
             states, self._rng = _gather_rng(self._rng, self.params[0].device, self.world_size, self.group), None
@@ -255,9 +262,44 @@ class DistributedRecorder:
             self._rebaseline()
             if states is not None:
                 self.recorder.set_step_rng(states)
+            if world_micro is not None:
+                self.recorder.set_step_micro(world_micro)
             self.recorder.record(world)
         self.steps += 1
         return world
+
+    def _step_done(self, optimizer, args, kwargs):
+        self._rng, self._micro, self._autocast = None, [], False
+
+    def _gather_micro(self, micro, info, size):
+        """Every rank's micro-batch sizes of this step, rank after rank, where the step accumulated over several and each
+        rank's forwards must be replayed one by one (its dropout masks drawn on from one state, or bfloat16 products that
+        round once per call); None elsewhere. A collective where it is needed (the same decision on every rank)."""
+        counts = [int(i[3]) for i in info]
+        if max(counts) <= 1:
+            return None
+        if not (self._keep_states or any(int(i[4]) for i in info)):
+            if "accumulation" not in self.allow:  # (rank 0's recorder would refuse it alone, the others waiting in a collective)
+                raise ValueError(f"record: step {self.steps}: the ranks ran {counts} training forwards (gradient accumulation); the "
+                                 "replay forwards each step's world batch as one batch, which reproduces accumulation over micro-"
+                                 "batches of one size, each averaged (loss / their number): pass allow=('accumulation',) if so")
+            return None
+        if len(set(counts)) != 1:
+            raise ValueError(f"record: step {self.steps}: the ranks ran {counts} training forwards; every rank's micro-batches are "
+                             "replayed one by one (dropout or autocast), which needs the same number on every rank")
+        mine = torch.tensor(micro if sum(micro) == size else [-1] * len(micro), dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        bad = [r for r, g in enumerate(gathered) if bool((g < 1).any())]
+        if not bad and len({int(v) for g in gathered for v in g}) > 1:
+            raise ValueError(f"record: step {self.steps}: micro-batches of sizes {[g.tolist() for g in gathered]}; every rank's micro-"
+                             "batches are replayed one by one (dropout or autocast), each weighted by its share of the world batch, "
+                             "which is how training weighed them only for one size")
+        if bad:
+            raise ValueError(f"record: step {self.steps}: the training forwards of ranks {bad} (here of {micro} samples) do not split their {size} samples into "
+                             "micro-batches (call the model once per micro-batch with the batch as its first argument); every rank's "
+                             "micro-batches are replayed one by one (dropout or autocast)")
+        return torch.cat(gathered).tolist()
 
     def _reduced_gradient_norms(self):
         """(norm of the gradients as DDP's all-reduce produced them, norm of the gradients now); None when no
@@ -298,16 +340,30 @@ def _gather_rng(rng, device, world_size, group):
     return states
 
 
-class _RngTaker:
-    """Forward pre-hook of a DDP model's module with dropout: the generator's state at each step's first training
-    forward, for the recorder that now records the model."""
+class _ForwardTaker:
+    """Forward pre-hooks of a DDP model's module for the DistributedRecorder that now records the model: at each training
+    forward the batch size (the module's pre-hook: its first positional argument, else its first tensor keyword
+    argument, as HistoryRecorder reads it) and, at the step's first, the generator's state where the module has dropout;
+    whether a parameter-owning submodule ran under autocast (`inner`)."""
 
     recorder = None
 
-    def __call__(self, module, args):
+    def __call__(self, module, args, kwargs):
         rec = self.recorder
-        if rec is not None and rec._rng is None and module.training and torch.is_grad_enabled():
+        if rec is None or not module.training or not torch.is_grad_enabled():
+            return
+        if rec._keep_states and rec._rng is None:
             rec._rng = rng_state(rec.params[0].device)
+        # the batch: the first positional argument, else the first tensor keyword argument (input_ids=...); a call with
+        # another first argument counts as none (-1): Lightning redirects DDP's call, (batch, batch_idx), to
+        # training_step, which calls the module again on x (record() drops such calls where the others give the sizes)
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        rec._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else -1)
+
+    def inner(self, module, args):
+        rec = self.recorder
+        if rec is not None and module.training and torch.is_grad_enabled() and torch.is_autocast_enabled(rec.params[0].device.type):
+            rec._autocast = True
 
 
 def recorded_world_size(history):
@@ -415,7 +471,8 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     single-process retrain replays it). model: the module (its parameters are overwritten) or the DDP wrapper (its
     .module is used, DDP's own hooks are bypassed). Returns (module, stats) like methods.retrain.run."""
     from ..history import fetch, restore_buffers, set_flat_params
-    from ..methods._common import batch_loss, check_history, clip, clip_max_norm, replay_autocast, replay_modes, replay_rng
+    from ..methods._common import (batch_loss, check_history, clip, clip_max_norm, replay_autocast, replay_modes, replay_rng,
+                                   step_micro_sizes)
     from ..methods.retrain import build_optimizer
 
     world_size, rank = _world(group, "distributed retrain")
@@ -436,19 +493,32 @@ def run(model, history, forget, train_set, loss_fn, group=None, progress=None):
     keep = torch.ones(history.n_train, dtype=torch.bool)
     keep[forget] = False
     count, max_norm = getattr(loss_fn, "count_items", None), clip_max_norm(history)
+    micro_sizes = step_micro_sizes(history)
     evals = steps = 0
-    for t, _, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
+    for t, mine, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
-        batch = fetch(train_set, part) if part.numel() else None
-        share = part.numel() / retained
-        if callable(count):  # (every rank joins the all-reduce, one without retained samples with 0 items)
-            items = torch.tensor([float(count(batch[1])) if batch is not None else 0.0, 0.0], dtype=torch.float64)
-            items[1] = items[0]
-            dist.all_reduce(items[1:], group=group)
-            share = float(items[0]) / max(float(items[1]), 1.0)
-        if batch is not None:
-            with replay_rng(history, t, module) as draw_part, replay_modes(history, module):
-                draw_part(rank)  # (this rank's masks, where the history keeps each rank's generator state)
+        # this rank's micro-batches where the step accumulated and each forward was its own (dropout, autocast), in order
+        micro = [part]
+        if micro_sizes[t] is not None:
+            step_sizes, per = micro_sizes[t], len(micro_sizes[t]) // world_size
+            if len(step_sizes) % world_size or sum(step_sizes[rank * per:(rank + 1) * per]) != mine.numel():
+                raise ValueError(f"history: step {t}'s micro-batches {step_sizes[:8]} are not {world_size} ranks' parts of its world batch")
+            micro = [m[keep[m]] for m in torch.split(mine, step_sizes[rank * per:(rank + 1) * per])]
+        batches = [fetch(train_set, m) if m.numel() else None for m in micro]
+        # each forward's share of the retained world batch: its samples, or where loss_fn counts them (a Hugging Face
+        # Trainer's label tokens) its items over the world's (every rank joins the all-reduce, one without retained
+        # samples with 0 items)
+        shares = [m.numel() / retained for m in micro]
+        if callable(count):
+            items = [float(count(b[1])) if b is not None else 0.0 for b in batches]
+            total = torch.tensor([sum(items)], dtype=torch.float64)
+            dist.all_reduce(total, group=group)
+            shares = [i / max(float(total), 1.0) for i in items]
+        with replay_rng(history, t, module) as draw_part, replay_modes(history, module):
+            draw_part(rank, world_size)  # (this rank's masks, where the history keeps each rank's generator state)
+            for batch, share in zip(batches, shares):
+                if batch is None:
+                    continue
                 with replay_autocast(history, module):
                     loss = batch_loss(module, loss_fn, batch)
                 # scaled before backward, as training scaled its loss (and as the single-process replay does): under
@@ -1137,7 +1207,7 @@ def run_sharded(model, history, forget, train_set, loss_fn, group=None, progress
     for t, mine, part, retained in _rank_steps(history, keep, rank, world_size, optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         with replay_rng(history, t, model) as draw_part, replay_modes(history, model):
-            draw_part(rank)  # (this rank's dropout masks, where the history keeps each rank's generator state)
+            draw_part(rank, world_size)  # (this rank's dropout masks, where the history keeps each rank's generator state)
             if part.numel():
                 (batch_loss(model, loss_fn, fetch(train_set, part)) * (world_size * part.numel() / retained)).backward()
             else:

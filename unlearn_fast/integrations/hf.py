@@ -22,10 +22,10 @@ meta["recording"]["clip_max_norm"], which retrain and rewind replay after each r
 without some samples clips what it really would) and deltagrad / mini refuse. Dropout is replayed with the Trainer's
 masks by a single-process kind="full" recording (each step's random generator state is recorded, the replay pads each
 batch as the collator did: ReplayTexts, and with accumulation replays the micro-batches one by one, weighted by their
-label tokens), and under DDP without accumulation (every rank's states); elsewhere it is refused unless allow_dropout=True
-(the replay then draws other masks). bf16=True (CPU autocast) is recorded and replayed under it, the micro-batches
-of an accumulated step one by one (a bfloat16 product rounds once per call), each DDP rank's part as its own forward;
-refused: fp16 (its gradient scaler), bf16 with accumulation under DDP, label
+label tokens), and under DDP (every rank's states; with accumulation every rank's micro-batches, replayed one by one);
+a kind="minimal" recording refuses it unless allow_dropout=True (the replay then draws other masks). bf16=True (CPU autocast) is recorded and replayed under it, the micro-batches
+of an accumulated step one by one (a bfloat16 product rounds once per call), each DDP rank's part as its own forward
+(with accumulation its micro-batches one by one, as with dropout); refused: fp16 (its gradient scaler), label
 smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
 rank 0 records it (cb.finish() returns None on the other ranks).
@@ -260,10 +260,6 @@ def _check_trainer(trainer, allow_dropout, kind):
     if getattr(args, "fp16", False):
         raise ValueError("TrainingArguments.fp16=True: float16 steps with a gradient scaler are not replayed exactly; train in "
                          "full precision or with bf16=True")
-    if getattr(args, "bf16", False) and args.world_size > 1 and args.gradient_accumulation_steps > 1:
-        raise ValueError(f"TrainingArguments.bf16=True with gradient_accumulation_steps={args.gradient_accumulation_steps} and "
-                         f"world_size={args.world_size}: a rank's micro-batches are separate bfloat16 products, which the replay of "
-                         "a rank's part (one forward) rounds otherwise; train without accumulation or in full precision")
     if getattr(args, "label_smoothing_factor", 0):
         raise ValueError(f"TrainingArguments.label_smoothing_factor={args.label_smoothing_factor}: the replay loss has no label smoothing")
     if getattr(args, "neftune_noise_alpha", None):
@@ -280,16 +276,12 @@ def _check_trainer(trainer, allow_dropout, kind):
         raise ValueError(f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} with a model that takes no "
                          "num_items_in_batch: the Trainer averages per micro-batch means, which one replayed batch does not")
     drop = dropout_settings(model)
-    # a kind="full" recording keeps each step's random generator state (under DDP every rank's): its replay draws the
-    # Trainer's masks; under DDP with accumulation a rank's micro-batches draw one after the other, which it does not replay
-    ddp_accumulated = args.world_size > 1 and args.gradient_accumulation_steps > 1
-    if drop and not allow_dropout and (kind != "full" or ddp_accumulated):
+    # a kind="full" recording keeps each step's random generator state (under DDP every rank's, and with accumulation every
+    # rank's micro-batches, which the replay forwards one by one): its replay draws the Trainer's masks
+    if drop and not allow_dropout and kind != "full":
         names = ", ".join(f"{n}={p}" for n, p in drop[:6])
-        why = (f"a kind={kind!r} recording keeps no random generator states to replay its masks" if kind != "full" else
-               f"with world_size={args.world_size} and gradient_accumulation_steps={args.gradient_accumulation_steps} each rank's "
-               "micro-batches draw their masks one after the other, which the replay of a rank's part does not")
-        raise ValueError(f"model: dropout is active in training ({names}); {why}, "
-                         "so retrain would not reproduce the model. Record kind='full' (without accumulation under DDP), set these to 0 "
+        raise ValueError(f"model: dropout is active in training ({names}); a kind={kind!r} recording keeps no random generator states "
+                         "to replay its masks, so retrain would not reproduce the model. Record kind='full', set these to 0 "
                          "(e.g. GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)) or pass allow_dropout=True to record anyway (replays then differ)")
     return drop
 

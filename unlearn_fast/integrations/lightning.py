@@ -40,9 +40,10 @@ What the replay reproduces (tests/test_lightning.py, docs/integrations.md):
 - precision="bf16-mixed" (float32 weights, forwards under bfloat16 autocast; "16-mixed" is that on CPU): recorded
   as meta["recording"]["autocast"], under which the replay forwards; with accumulation the recorder keeps the
   micro-batches (each a bfloat16 product rounded once) and the replay forwards them one by one, under DDP each rank's
-  part of the world batch is its own forward (bit for bit in the tests; as one batch 1e-3 to 4e-3 off).
+  part of the world batch is its own forward, with accumulation its micro-batches one by one (bit for bit in the
+  tests; as one batch 1e-3 to 4e-3 off).
 Refused, each naming the setting: half-precision weights ("bf16-true", "16-true": they round differently from the
-replay), bf16-mixed with accumulation under DDP (a rank's micro-batches are not recorded), dropout (random masks; allow_dropout=True records anyway), batch norm with accumulation
+replay), dropout (random masks; allow_dropout=True records anyway), batch norm with accumulation
 (batch statistics of micro-batches), manual optimization, several optimizers, a module overriding
 configure_gradient_clipping or optimizer_step, strategies that accumulate themselves, multi-process strategies other
 than DDP (FSDP, DeepSpeed, ddp_spawn: its processes end with fit()).
@@ -241,10 +242,6 @@ class HistoryCallback(pl.Callback):
             raise ValueError(f"{where}: strategy {type(trainer.strategy).__name__} accumulates gradients itself; not replayed")
         if trainer.world_size > 1:
             self._check_ddp(trainer)
-            if str(trainer.precision) in AUTOCAST and int(trainer.accumulate_grad_batches) > 1:
-                raise ValueError(f"{where}(precision={trainer.precision!r}, accumulate_grad_batches={trainer.accumulate_grad_batches}) with "
-                                 f"world_size={trainer.world_size}: a rank's micro-batches are separate bfloat16 products, which the "
-                                 "replay of a rank's part (one forward) rounds otherwise; train without accumulation or in float32")
         if not module.automatic_optimization:
             raise ValueError("LightningModule.automatic_optimization=False (manual optimization): the callback records "
                              "Lightning's automatic optimization only (for a loop of your own use uf.HistoryRecorder)")
@@ -339,9 +336,10 @@ class HistoryCallback(pl.Callback):
         # accumulation is allowed when the steps are uniform (checked per step); clipping is not allowed: record()
         # runs before Lightning clips, so any change it sees was made by something else (a hook editing gradients)
         # (under autocast a micro-batch is its own bfloat16 product, rounded once: the recorder keeps the micro-batches and the
-        # replay forwards them one by one; in float32 the step's samples replay as one batch, within 2e-7)
-        allow = ("accumulation",) if accumulate > 1 and str(trainer.precision) not in AUTOCAST else ()
-        marker = _step_marker(self.optimizer)
+        # replay forwards them one by one; in float32 the step's samples replay as one batch, within 2e-7. Under DDP the
+        # DistributedRecorder keeps every rank's micro-batches where they must be replayed so: autocast, dropout)
+        allow = ("accumulation",) if accumulate > 1 and (str(trainer.precision) not in AUTOCAST or trainer.world_size > 1) else ()
+        marker = self._marker = _step_marker(self.optimizer)
         if trainer.world_size > 1:
             self.recorder = self._distributed(trainer, pl_module, resume, marker, allow)
         elif trainer.global_step > 0:
@@ -501,7 +499,8 @@ class HistoryCallback(pl.Callback):
         indices = torch.cat(micro)
         if self._dist is not None:  # (a collective: every rank its own indices; the world batch in rank order)
             indices = self._dist.record(indices)
-            parts = list(indices.chunk(self._dist.world_size))
+            # (every rank's micro-batches, rank after rank: each rank's split like this one's, DistributedRecorder checked)
+            parts = [m for rank_part in indices.chunk(self._dist.world_size) for m in rank_part.split(sizes)]
         else:
             self.recorder.record(indices, batch_size=indices.numel())
             parts = micro
@@ -539,8 +538,7 @@ class HistoryCallback(pl.Callback):
             raise ValueError(f"optimizer step {self.num_steps} ran without on_before_optimizer_step (a manual "
                              "optimizer.step()?); the history would miss it")
         self._pending = False
-        if self.recorder is not None:  # (under DDP on rank 0 only)
-            self.recorder.optimizer.step()  # the marker: the recorder's step hooks see the step end
+        self._marker.step()  # the recorders' step hooks (under DDP every rank's) see the step end
 
     # -- checkpoints
     def _base_dir(self, trainer):

@@ -65,15 +65,12 @@ def replayed_batches(history, forget_mask, seed=0):
     with another batch order (see history_batch_order)."""
     sched = history.schedule
     if "batches" in sched:
-        counts = sched.get("micro_counts")
-        micro = iter(sched["micro_sizes"].tolist()) if counts is not None else None
         ranks = rank_parts(history)
-        for t, batch in enumerate(sched["batches"]):
-            c = 1 if counts is None else int(counts[t])
-            if ranks > 1:  # a DDP world batch whose ranks drew dropout masks from their own generators: one part per rank
-                parts = batch.chunk(ranks)
-            else:
-                parts = [batch] if c == 1 else torch.split(batch, [next(micro) for _ in range(c)])
+        for t, (batch, sizes) in enumerate(zip(sched["batches"], step_micro_sizes(history))):
+            if sizes is not None:  # the micro-batches of gradient accumulation (under DDP every rank's, rank after rank)
+                parts = torch.split(batch, sizes)
+            else:  # a DDP world batch whose ranks each forwarded their own part (dropout, autocast): one part per rank
+                parts = batch.chunk(ranks) if ranks > 1 else [batch]
             yield t, [remaining(part, forget_mask) for part in parts]
         return
     pool = torch.nonzero(history.seen_mask()).flatten()
@@ -95,6 +92,27 @@ def replay_step(model, loss_fn, train_set, history, parts, step=None):
         return _replay_step(model, loss_fn, train_set, history, parts, step, draw_part)
 
 
+def step_micro_sizes(history):
+    """Per recorded step, the sizes of its micro-batches (a list) where it accumulated over several, else None; under
+    DDP with rank_parts > 1 an accumulated step's micro-batches are every rank's, rank after rank, the same number per
+    rank. ValueError naming the history if they do not split the step's batch so."""
+    sched, ranks = history.schedule, rank_parts(history)
+    counts, out = sched.get("micro_counts"), []
+    micro = iter(sched["micro_sizes"].tolist()) if counts is not None else iter(())
+    for t, batch in enumerate(sched["batches"]):
+        c = 1 if counts is None else int(counts[t])
+        if c == 1:
+            out.append(None)
+            continue
+        sizes = [next(micro, 0) for _ in range(c)]
+        per = c // ranks
+        if sum(sizes) != len(batch) or c % ranks or any(sum(sizes[r * per:(r + 1) * per]) != len(batch) // ranks for r in range(ranks)):
+            raise ValueError(f"history: step {t}'s micro-batches {sizes[:8]} do not split its batch of {len(batch)} samples"
+                             + (f" into {ranks} equal rank parts" if ranks > 1 else ""))
+        out.append(sizes)
+    return out
+
+
 def rank_parts(history):
     """The number of parts a replay forwards a DDP world batch in, one per rank, in rank order: the world size where
     each rank's part must be its own forward (a model with dropout: a row of schedule.rng_states holds one generator
@@ -109,11 +127,13 @@ def rank_parts(history):
 def replay_rng(history, step, model):
     """Within: the random generator as training's was at recorded step `step`'s first forward (a history of a model with
     dropout keeps it), so that the replay draws training's dropout masks; the caller's generator state is restored
-    after. Without a recorded state: nothing changes (the replay draws masks of its own). Yields draw_part(i): for a
-    step whose ranks drew from their own generators (rank_parts), it sets rank i's state before part i's forward."""
+    after. Without a recorded state: nothing changes (the replay draws masks of its own). Yields draw_part(i, n): for a
+    step whose ranks drew from their own generators (rank_parts), called before the forward of part i of the step's
+    n parts (its ranks' parts, or their micro-batches rank after rank), it sets the state of the rank part i belongs
+    to at that rank's first part (its later micro-batches draw on from there, as training's did)."""
     states = history.schedule.get("rng_states")
     if states is None or step is None:
-        yield lambda i: None
+        yield lambda i, n=1: None
         return
     device = next(p.device for p in model.parameters())
     ranks = rank_parts(history)
@@ -122,16 +142,19 @@ def replay_rng(history, step, model):
         raise ValueError(f"history: schedule.rng_states row {step} has {row.numel()} bytes, not one state per rank of {ranks}")
     rows = row.view(ranks, -1)
 
-    def draw(i):
+    def draw(i, n):
+        per = max(n // ranks, 1)
+        if i % per:
+            return
         try:
-            set_rng_state(rows[i], device)
+            set_rng_state(rows[i // per], device)
         except RuntimeError as err:  # a state of another size or generator (a crafted or foreign file)
             raise ValueError(f"history: schedule.rng_states row {step} is not a {device.type} generator state ({err})") from None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if ranks == 1:
-            draw(0)
-            yield lambda i: None
+            draw(0, 1)
+            yield lambda i, n=1: None
         else:
             yield draw
 
@@ -145,7 +168,7 @@ def set_rng_state(state, device):
         torch.set_rng_state(state)
 
 
-def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lambda i: None):
+def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lambda i, n=1: None):
     scale = grad_scale(history, step)
     # each micro-batch's mean loss / their number, or (recorded so) times its share of the retained batch ("batch_mean"), or
     # of the items loss_fn averages over ("loss_count": a Hugging Face Trainer's tokens, loss_fn.count_items)
@@ -168,8 +191,8 @@ def _replay_step(model, loss_fn, train_set, history, parts, step, draw_part=lamb
     while True:
         used = 0
         for i, (part, weight) in enumerate(zip(parts, weights)):
+            draw_part(i, len(parts))  # (also before an emptied part: the rank's later micro-batches draw on from its state)
             if part.numel():
-                draw_part(i)
                 with replay_autocast(history, model):
                     loss = batch_loss(model, loss_fn, fetch(train_set, part))
                 loss = loss if len(parts) == 1 else loss / len(parts) if weight is None else loss * weight
