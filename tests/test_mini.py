@@ -19,12 +19,15 @@ def blobs(n=600, d=10, c=4, seed=0):
     return torch.utils.data.TensorDataset(centers[y] + torch.randn(n, d, generator=gen), y)
 
 
-def train(data, kind="minimal", epochs=10, batch=50, lr=0.2, wd=1e-3, rank=None, momentum=0.0, nesterov=False, seed=0, budget=None):
-    """Logistic regression, SGD with a CONSTANT learning rate (the regime of issue 12)."""
+def train(data, kind="minimal", epochs=10, batch=50, lr=0.2, wd=1e-3, rank=None, momentum=0.0, nesterov=False, seed=0, budget=None,
+          scheduler=None):
+    """Logistic regression, SGD with a CONSTANT learning rate (the regime of issue 12), or the one
+    scheduler(optimizer, steps) sets."""
     X, y = data.tensors
     torch.manual_seed(seed)
     model = torch.nn.Linear(X.shape[1], int(y.max()) + 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=momentum, nesterov=nesterov)
+    sched = scheduler(opt, epochs * (len(X) // batch)) if scheduler else None
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=rank, budget_vectors=budget))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -35,6 +38,8 @@ def train(data, kind="minimal", epochs=10, batch=50, lr=0.2, wd=1e-3, rank=None,
             LOSS(model(X[idx]), y[idx]).backward()
             rec.record(idx)
             opt.step()
+            if sched:
+                sched.step()
     return model, rec.finish(data, LOSS)
 
 
@@ -210,26 +215,10 @@ def test_momentum_and_nesterov_sgd_are_replayed(nesterov):
     assert result.stats["unlearned"] and dist < 0.5, (dist, result.stats)  # measured 0.209 heavy ball, 0.211 Nesterov
 
 
-def one_cycle_train(data, epochs=10, batch=50):
-    """Logistic regression, SGD momentum under OneCycleLR, which cycles the momentum between 0.95 and 0.85 as it
-    raises and lowers the learning rate (refused by Mini until 2026-12-06)."""
-    X, y = data.tensors
-    torch.manual_seed(0)
-    model = torch.nn.Linear(X.shape[1], int(y.max()) + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, weight_decay=1e-3, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.03, total_steps=epochs * (len(X) // batch))
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        order = torch.randperm(len(X), generator=gen)
-        for b in range(0, len(X) - batch + 1, batch):
-            idx = order[b : b + batch]
-            opt.zero_grad()
-            LOSS(model(X[idx]), y[idx]).backward()
-            rec.record(idx)
-            opt.step()
-            sched.step()
-    return model, rec.finish(data, LOSS)
+def one_cycle_train(data):
+    """SGD momentum under OneCycleLR, which cycles the momentum between 0.95 and 0.85 as it raises and lowers the
+    learning rate (refused by Mini until 2026-12-06)."""
+    return train(data, lr=0.02, momentum=0.9, scheduler=lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.03, total_steps=steps))
 
 
 def test_a_cycled_momentum_scales_each_step_by_its_own_momentum(monkeypatch):
