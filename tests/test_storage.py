@@ -396,6 +396,27 @@ def test_a_crafted_world_size_is_refused_naming_it(tmp_path, recorded, world_siz
         uf.GradientHistory.load(path)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_crafted_micro_batches_that_split_no_step_are_refused_naming_them(tmp_path, recorded, world_size):
+    # the load checks only that the sizes add up over the run; a step they do not split (or, under DDP, whose ranks' parts
+    # they do not split equally) was a RuntimeError deep in torch.split, or a silently wrong replay
+    data, model, history = recorded["full"]
+    history = fresh(history)
+    sched = dict(history.schedule)
+    T = len(sched["batches"])
+    sched["micro_counts"] = torch.tensor([2] * T)
+    sched["micro_sizes"] = torch.tensor([5, 7] * T if world_size == 1 else [3, 9] * T)  # batches of 12
+    meta = dict(history.meta, distributed={"world_size": world_size, "backend": "gloo", "recording_rank": 0})
+    crafted = uf.GradientHistory(meta, sched, history.trajectory)
+    if world_size == 1:
+        crafted.schedule["micro_sizes"] = torch.tensor([5, 8] + [5, 7] * (T - 1))  # step 0 split into 13
+        crafted.schedule["micro_sizes"][3] = 6  # (the run's total kept: 13 + 11 + ...)
+    else:
+        crafted.schedule["rng_states"] = torch.zeros(T, 2 * torch.get_rng_state().numel(), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"history: step \d+'s micro-batches .* do not split its batch of 12 samples"):
+        uf.unlearn(model, crafted, [0], data, LOSS, method="retrain")
+
+
 class HalfStepSGD(torch.optim.SGD):
     """A user's optimizer: SGD at half the learning rate."""
 
