@@ -113,6 +113,21 @@ def step_micro_sizes(history):
     return out
 
 
+def coordinate_groups(meta):
+    """Each coordinate's parameter group (p,) int64, from meta["param_spec"] and meta["group_of_param"]."""
+    sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]
+    return torch.cat([torch.full((n,), g, dtype=torch.int64) for n, g in zip(sizes, meta["group_of_param"])])
+
+
+def coordinate_decay(meta, dtype=torch.float64):
+    """The recorded SGD's weight decay: a float where every parameter group has the same, else a (p,) tensor holding
+    each coordinate's group's (Hugging Face's trainers put biases and norms in a group without decay)."""
+    decays = [float(g.get("weight_decay", 0.0)) for g in meta["optimizer"]["groups"]]
+    if len(set(decays)) == 1:
+        return decays[0]
+    return torch.tensor(decays, dtype=dtype)[coordinate_groups(meta)]
+
+
 def rank_parts(history):
     """The number of parts a replay forwards a DDP world batch in, one per rank, in rank order: the world size where
     each rank's part must be its own forward (a model with dropout: a row of schedule.rng_states holds one generator

@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
-from ._common import batch_loss, check_history, remaining
+from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, remaining
 from .trajectory import replay
 
 
@@ -49,14 +49,9 @@ def check_sgd(history, method):
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
     velocity = Velocity.of(history, method)
-    sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]
-    group_of = torch.cat([torch.full((n,), g, dtype=torch.int64) for n, g in zip(sizes, meta["group_of_param"])])
     lrs = history.schedule["lrs"]
-    coord_groups = None if bool((lrs == lrs[:, :1]).all()) else group_of
-    decays = [float(g.get("weight_decay", 0.0)) for g in groups]
-    if len(set(decays)) == 1:
-        return decays[0], velocity, coord_groups
-    return torch.tensor(decays, dtype=history.schedule["w0"].dtype)[group_of], velocity, coord_groups
+    coord_groups = None if bool((lrs == lrs[:, :1]).all()) else coordinate_groups(meta)
+    return coordinate_decay(meta, history.schedule["w0"].dtype), velocity, coord_groups
 
 
 class Velocity:

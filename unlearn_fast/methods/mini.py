@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ..hvp import is_softmax_linear
-from ._common import NotUnlearnedError, batch_loss, check_history, module_mode
+from ._common import NotUnlearnedError, batch_loss, check_history, coordinate_decay, module_mode
 from .trajectory import weights_at
 
 
@@ -504,7 +504,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         decay, lr_scale = sgd
         points = [s for s, _ in checkpoints] + [steps]
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
-        summary["response"] = propagation_weights(lr_scale * lrs.to(w.dtype), points, curv, decay).to(store)
+        summary["response"] = propagation_weights(lr_scale * lrs.to(w.dtype), points, *fold_decay(curv, decay, Ud)).to(store)
         summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
         if KEEP_CURVATURE:  # (K + 1) x (k + 1): the per-step responses of the opt-in batch term (run(batch_effect=True))
             summary["curvature"] = curv.to(store)
@@ -602,7 +602,9 @@ class _Basis:
 # ----------------------------------------------------------------------------- unlearning side
 def sgd_settings(meta, method, lrs=None, momenta=None):
     """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError, and so do
-    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one).
+    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one). The
+    weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each coordinate its
+    group's: fold_decay puts it into the replay's curvature).
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
@@ -615,9 +617,9 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
     if cls != "torch.optim.sgd.SGD":
         raise ValueError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with "
                          f"{cls}. Use method='retrain', or the finetune / rewind baselines, for other optimizers")
-    settings = {(g.get("weight_decay", 0.0), g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
+    settings = {(g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
     if len(settings) != 1:
-        raise ValueError(f"{method}: needs one weight_decay, dampening and nesterov for every parameter group, got {sorted(settings)}")
+        raise ValueError(f"{method}: needs one dampening and nesterov for every parameter group, got {sorted(settings)}")
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
     if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
@@ -630,7 +632,8 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         t = int(torch.nonzero((momenta != momenta[:, :1]).any(1))[0])
         raise ValueError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
                          f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
-    decay, dampening, _ = settings.pop()
+    dampening, _ = settings.pop()
+    decay = coordinate_decay(meta)
     beta = momenta[:, 0]
     if not bool(((beta >= 0) & (beta < 1)).all()):
         raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {float(beta.min()):g} to {float(beta.max()):g}")
@@ -676,6 +679,24 @@ def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
     except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
         total = torch.stack([forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size) for w in points])
     return total
+
+
+def fold_decay(curvature, decay, rows, off_span=True):
+    """(curvature, decay) for propagation_weights / step_responses / segment_weights, whose columns are directions:
+    `rows` (m, p), and with off_span a last column for everything off their span. A float decay is returned as is; a
+    per-coordinate one (sgd_settings: parameter groups that decay differently) is added to each column's curvature as
+    its Rayleigh quotient along that column's direction (off the span: the mean decay left there, rows taken as
+    orthonormal), and the decay returned is 0. The replay's curvature is then diagonal in these directions as before,
+    which is exact for a uniform decay and neglects the decay's coupling of the directions otherwise."""
+    if not isinstance(decay, torch.Tensor):
+        return curvature, decay
+    lam = decay.to(curvature.dtype)
+    sq = rows.to(curvature.dtype) ** 2
+    along = (sq @ lam) / sq.sum(1).clamp(min=1e-30)
+    if off_span:
+        p, m = lam.numel(), rows.shape[0]
+        along = torch.cat([along, ((lam.sum() - along.sum()) / max(p - m, 1)).clamp(min=0).reshape(1)])
+    return curvature + along, 0.0
 
 
 def propagation_weights(lrs, points, curvature, decay):
@@ -748,7 +769,8 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
     Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal.
     Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
     n, r, K, k, p = history.n_train, forget.numel(), points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
-    P, A, B = segment_weights(lr_scale * history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), curvature + decay)
+    folded, folded_decay = fold_decay(curvature, decay, basis.rows())
+    P, A, B = segment_weights(lr_scale * history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay)
     P, A, B, curv = (torch.cat([x[..., :-1], x[..., -1:].expand(*x.shape[:-1], p)], -1) for x in (P, A, B, curvature))
 
     def split(v):
@@ -917,6 +939,7 @@ def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_sta
     at_star = (n * g_star - forget_at_star) / (n - r)
     norm = torch.linalg.vector_norm
     before = float(norm(at_star - g_star))
+    decay = decay.to(w.dtype) if isinstance(decay, torch.Tensor) else decay  # (per coordinate where parameter groups differ)
     after = float(norm(g_w + decay * (w - history.summary["w_star"]) - g_star))
     return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
 
@@ -965,7 +988,7 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
         T = C.T @ (N @ M.T) @ C
         ritz, vecs = torch.linalg.eigh(0.5 * (T + T.T))
         Q, ritz = (C @ vecs).T @ N, ritz.clamp(min=0)
-        Wq = propagation_weights(lrs, points, scale[:, None] * ritz[None], decay)
+        Wq = propagation_weights(lrs, points, *fold_decay(scale[:, None] * ritz[None], decay, Q, off_span=False))
         c = S @ Q.T
         response = ((Wq[:-1] * c[:-1]).sum(0) + Wq.sum(0) * c[-1]) @ Q  # the linear replay's answer off the span
         if previous is not None:
@@ -1016,7 +1039,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         W = s["response"].to(dtype)
     else:  # a summary without the schedule response: constant curvature over the whole schedule
         lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        W = propagation_weights(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam)
+        W = propagation_weights(lrs, [T], *fold_decay(torch.cat([eig, rho.reshape(1)])[None], lam, basis.rows()))
         has_ckpt = False
 
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
@@ -1059,7 +1082,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     use_batches = batch_effect
     if use_batches:
         lrs_all = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        omega = step_responses(lrs_all, marks_of(history), s["curvature"].to(dtype), lam)[0]
+        omega = step_responses(lrs_all, marks_of(history), *fold_decay(s["curvature"].to(dtype), lam, _Basis(s["eigvecs"], dtype).rows()))[0]
         ck = [int(x) for x in s["ckpt_steps"]]
         marks = batch_marks(ck, T)
         d_ck = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r)
