@@ -1066,15 +1066,20 @@ def test_a_stored_momentum_schedule_is_checked_as_data_from_a_file():
             uf.GradientHistory._from_arrays(meta, {}, dict(arrays, **{"schedule.momenta": bad}), "'h'")
 
 
-def test_mini_refuses_parameter_groups_at_different_learning_rates():
+def test_mini_refuses_parameter_groups_whose_learning_rates_change_apart():
+    # one ratio between the groups' rates is modelled (tests/test_mini.py); until 2026-12-05 Mini read the first group's
+    # rate for every group, and until 2026-12-06 it refused any groups at different rates
     data = make_data()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters()}], lr=0.02)
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
-    steps(model, opt, rec, data, n_steps=8)
+    steps(model, opt, rec, data, n_steps=4)
+    opt.param_groups[0]["lr"] = 0.1  # the first group's rate halved, the second's kept
+    steps(model, opt, rec, data, n_steps=4)
     history = rec.finish(data, LOSS)
-    with pytest.raises(ValueError, match=r"mini: models one learning rate for every parameter group; the recorded groups trained at \[0\.2, 0\.02\] at step 0"):
+    with pytest.raises(ValueError, match=r"mini: models parameter groups whose learning rates keep one ratio to the first group's; "
+                                         r"the recorded groups trained at \[0\.2, 0\.02\] at step 0 and \[0\.1, 0\.02\] at step 4"):
         uf.unlearn(model, history, torch.tensor([1, 2]), data, LOSS, method="mini")
 
 

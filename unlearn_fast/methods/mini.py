@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ..hvp import is_softmax_linear
-from ._common import NotUnlearnedError, batch_loss, check_history, coordinate_decay, module_mode
+from ._common import NotUnlearnedError, batch_loss, check_history, coordinate_decay, coordinate_groups, module_mode
 from .trajectory import weights_at
 
 
@@ -501,10 +501,11 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         if checkpoints:
             summary.update({"ckpt_steps": torch.tensor([s for s, _ in checkpoints], dtype=torch.int64), "ckpt_w": ckpt_w, "ckpt_g": _stored_gradients(torch.stack(grads), policy)})
         # the schedule's response weights (docs/mini_unlearning.md): they depend on the training run only
-        decay, lr_scale = sgd
+        decay, lr_scale, lr_coords = sgd
         points = [s for s, _ in checkpoints] + [steps]
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
-        summary["response"] = propagation_weights(lr_scale * lrs.to(w.dtype), points, *fold_decay(curv, decay, Ud)).to(store)
+        folded, folded_decay, mult = fold_coordinates(curv, decay, lr_coords, Ud)
+        summary["response"] = _times(propagation_weights(lr_scale * lrs.to(w.dtype), points, folded, folded_decay), mult).to(store)
         summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
         if KEEP_CURVATURE:  # (K + 1) x (k + 1): the per-step responses of the opt-in batch term (run(batch_effect=True))
             summary["curvature"] = curv.to(store)
@@ -601,10 +602,12 @@ class _Basis:
 
 # ----------------------------------------------------------------------------- unlearning side
 def sgd_settings(meta, method, lrs=None, momenta=None):
-    """(weight decay, learning-rate multiplier) of the recorded SGD; other optimizers raise ValueError, and so do
-    parameter groups trained at different learning rates (`lrs`, the (T, groups) schedule: the model has one). The
-    weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each coordinate its
-    group's: fold_decay puts it into the replay's curvature).
+    """(weight decay, learning-rate multiplier, coordinate learning rates) of the recorded SGD; other optimizers raise
+    ValueError. The weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each
+    coordinate its group's). The coordinate learning rates are None where every group trained at the first group's
+    learning rate (`lrs`, the (T, groups) schedule), else a (p,) float64 tensor: each coordinate's group's rate over the
+    first group's, which must be the same at every step (one scheduler scaling every group alike); groups whose rates
+    change apart are refused. fold_coordinates puts both into the replay's curvature and response.
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
@@ -622,10 +625,18 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         raise ValueError(f"{method}: needs one dampening and nesterov for every parameter group, got {sorted(settings)}")
     if any(g.get("maximize", False) for g in groups):
         raise ValueError(f"{method}: SGD with maximize=True is not modelled")
+    lr_coords = None
     if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
-        t = int(torch.nonzero((lrs != lrs[:, :1]).any(1))[0])
-        raise ValueError(f"{method}: models one learning rate for every parameter group; the recorded groups trained at {lrs[t].tolist()} "
-                         f"at step {t}. Use method='retrain', or the finetune / rewind baselines")
+        # each group's rate over the first group's, at the steps where any group moved (a warm-up from 0 moves none)
+        moving = lrs.abs().amax(1) > 0
+        first, ratios = lrs[moving, :1], lrs[moving] / lrs[moving, :1]
+        if bool((first <= 0).any()) or not bool(torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all()):
+            bad = ~torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all(1) | (first[:, 0] <= 0)
+            t = int(torch.nonzero(moving)[int(torch.nonzero(bad)[0])])
+            raise ValueError(f"{method}: models parameter groups whose learning rates keep one ratio to the first group's; the recorded "
+                             f"groups trained at {lrs[0].tolist()} at step 0 and {lrs[t].tolist()} at step {t}. Use method='retrain', "
+                             "or the finetune / rewind baselines")
+        lr_coords = ratios[0].to(torch.float64)[coordinate_groups(meta)]
     if momenta is None:
         momenta = torch.tensor([[float(g.get("momentum", 0.0)) for g in groups]], dtype=torch.float64)
     if bool((momenta != momenta[:, :1]).any()):
@@ -640,7 +651,7 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
     if not 0 <= dampening < 1:
         raise ValueError(f"{method}: needs SGD dampening in [0, 1), got {dampening}")
     scale = (1.0 - dampening) / (1.0 - beta)
-    return decay, (float(scale[0]) if scale.numel() == 1 else scale.to(torch.float32))
+    return decay, (float(scale[0]) if scale.numel() == 1 else scale.to(torch.float32)), lr_coords
 
 
 def batches_of(train_set, indices, batch_size):
@@ -681,22 +692,36 @@ def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
     return total
 
 
-def fold_decay(curvature, decay, rows, off_span=True):
-    """(curvature, decay) for propagation_weights / step_responses / segment_weights, whose columns are directions:
-    `rows` (m, p), and with off_span a last column for everything off their span. A float decay is returned as is; a
-    per-coordinate one (sgd_settings: parameter groups that decay differently) is added to each column's curvature as
-    its Rayleigh quotient along that column's direction (off the span: the mean decay left there, rows taken as
-    orthonormal), and the decay returned is 0. The replay's curvature is then diagonal in these directions as before,
-    which is exact for a uniform decay and neglects the decay's coupling of the directions otherwise."""
-    if not isinstance(decay, torch.Tensor):
-        return curvature, decay
-    lam = decay.to(curvature.dtype)
+def fold_coordinates(curvature, decay, lr_coords, rows, off_span=True):
+    """(curvature, decay, multiplier) for propagation_weights / step_responses / segment_weights, whose columns are
+    directions: `rows` (m, p), and with off_span a last column for everything off their span. With a float decay and no
+    coordinate learning rates (sgd_settings) they are returned as they are (multiplier None). Otherwise each column gets
+    the Rayleigh quotient along its direction (off the span: the mean left there, rows taken as orthonormal) of the
+    per-coordinate decay, added to its curvature, and of the learning-rate ratio d: the replay along the column is then
+    e <- e - eta d ((a + decay) e + s), which is the replay of curvature d (a + decay) and decay 0, its response to the
+    source times d (the multiplier the caller applies to the weights). The replay stays diagonal in these directions:
+    exact for uniform settings, and neglecting how per-coordinate ones couple the directions otherwise."""
+    if not isinstance(decay, torch.Tensor) and lr_coords is None:
+        return curvature, decay, None
     sq = rows.to(curvature.dtype) ** 2
-    along = (sq @ lam) / sq.sum(1).clamp(min=1e-30)
-    if off_span:
-        p, m = lam.numel(), rows.shape[0]
-        along = torch.cat([along, ((lam.sum() - along.sum()) / max(p - m, 1)).clamp(min=0).reshape(1)])
-    return curvature + along, 0.0
+    p, m = sq.shape[1], sq.shape[0]
+
+    def along(values):
+        v = values.to(curvature.dtype)
+        q = (sq @ v) / sq.sum(1).clamp(min=1e-30)
+        if off_span:
+            q = torch.cat([q, ((v.sum() - q.sum()) / max(p - m, 1)).clamp(min=0).reshape(1)])
+        return q
+
+    folded = curvature + (along(decay) if isinstance(decay, torch.Tensor) else decay)
+    if lr_coords is None:
+        return folded, 0.0, None
+    d = along(lr_coords)
+    return folded * d, 0.0, d
+
+
+def _times(weights, multiplier):
+    return weights if multiplier is None else weights * multiplier
 
 
 def propagation_weights(lrs, points, curvature, decay):
@@ -760,8 +785,8 @@ SKIP = 0.1  # checkpoints whose predicted |e_j| is under SKIP |w - w*| keep the 
 CORRECTIONS, STEP_TOL = 3, 0.01  # corrector passes per checkpoint, stopping once a pass moves e_j by under STEP_TOL |e_j|
 
 
-def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, lr_scale, tol,
-                     max_iter, batch_size, scale):
+def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, lr_scale, lr_coords,
+                     tol, max_iter, batch_size, scale):
     """The replay for large changes: checkpoint by checkpoint, the retained data's exact gradient at the predicted
     retrained point w_j + e_j replaces the linearised source (a predictor-corrector per segment; at the end a
     fixed-point iteration). points: the K checkpoints and w*; gbars: the full-data gradients there; linear: the
@@ -769,8 +794,9 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
     Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal.
     Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
     n, r, K, k, p = history.n_train, forget.numel(), points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
-    folded, folded_decay = fold_decay(curvature, decay, basis.rows())
+    folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis.rows())
     P, A, B = segment_weights(lr_scale * history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay)
+    A, B = _times(A, mult), _times(B, mult)
     P, A, B, curv = (torch.cat([x[..., :-1], x[..., -1:].expand(*x.shape[:-1], p)], -1) for x in (P, A, B, curvature))
 
     def split(v):
@@ -951,7 +977,7 @@ REQUEST_MIN_SHARE = 0.25  # below this share of the sources off the stored span,
 # logistic without a budget (k = 220 of 650): share 0.11-0.15, the same distances (0.060 / 0.078) at 3x Mini's time with the request
 
 
-def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star, lrs, points, rho_path, decay, batch_size):
+def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star, lrs, points, rho_path, decay, lr_coords, batch_size):
     """The stored basis extended, for this request, by Ritz directions of P G(w*) P in the block Krylov space of
     the request's sources S projected off span(U) (P), block after block until the response off the span settles.
 
@@ -988,7 +1014,8 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
         T = C.T @ (N @ M.T) @ C
         ritz, vecs = torch.linalg.eigh(0.5 * (T + T.T))
         Q, ritz = (C @ vecs).T @ N, ritz.clamp(min=0)
-        Wq = propagation_weights(lrs, points, *fold_decay(scale[:, None] * ritz[None], decay, Q, off_span=False))
+        folded, folded_decay, mult = fold_coordinates(scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False)
+        Wq = _times(propagation_weights(lrs, points, folded, folded_decay), mult)
         c = S @ Q.T
         response = ((Wq[:-1] * c[:-1]).sum(0) + Wq.sum(0) * c[-1]) @ Q  # the linear replay's answer off the span
         if previous is not None:
@@ -1020,7 +1047,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
-    lam, lr_scale = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
+    lam, lr_scale, lr_coords = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
     if history.summary is None:
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
@@ -1039,7 +1066,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         W = s["response"].to(dtype)
     else:  # a summary without the schedule response: constant curvature over the whole schedule
         lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        W = propagation_weights(lrs, [T], *fold_decay(torch.cat([eig, rho.reshape(1)])[None], lam, basis.rows()))
+        folded, folded_decay, mult = fold_coordinates(torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis.rows())
+        W = _times(propagation_weights(lrs, [T], folded, folded_decay), mult)
         has_ckpt = False
 
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
@@ -1052,7 +1080,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     if has_ckpt and "rho_path" in s and eig.numel() < w_star.numel():  # directions off the stored span: model them for this request
         sources = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star, d_star[None]])
         basis, eig, W, request = request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star,
-                                                     lr_scale * history.schedule["lrs"][:, 0].to(dtype), marks_of(history), s["rho_path"], lam, batch_size)
+                                                     lr_scale * history.schedule["lrs"][:, 0].to(dtype), marks_of(history), s["rho_path"], lam, lr_coords, batch_size)
 
     def apply(weights, v):
         """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
@@ -1082,7 +1110,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     use_batches = batch_effect
     if use_batches:
         lrs_all = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        omega = step_responses(lrs_all, marks_of(history), *fold_decay(s["curvature"].to(dtype), lam, _Basis(s["eigvecs"], dtype).rows()))[0]
+        folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), lam, lr_coords, _Basis(s["eigvecs"], dtype).rows())
+        omega = _times(step_responses(lrs_all, marks_of(history), folded, folded_decay)[0], mult)
         ck = [int(x) for x in s["ckpt_steps"]]
         marks = batch_marks(ck, T)
         d_ck = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r)
@@ -1147,7 +1176,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         gbars = torch.cat([s["ckpt_g"].to(dtype), g_star[None]])
         linear = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r), d_star[None]])  # the sources at e = 0
         replay, passes = _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, torch.cat([eig, rho.reshape(1)]),
-                                          lam, lr_scale, tol, max_iter, batch_size, float(torch.linalg.vector_norm(moved)))
+                                          lam, lr_scale, lr_coords, tol, max_iter, batch_size, float(torch.linalg.vector_norm(moved)))
         evals += passes * (n - r) / r
         if replay is None:  # keep the linear replay's result, and say so
             refined = False
