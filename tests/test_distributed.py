@@ -106,6 +106,14 @@ def _work(rank, out):
     except ValueError as err:
         with open(os.path.join(out, f"clipped_{rank}.txt"), "w") as f:
             f.write(str(err))
+    # two backward passes (accumulation) without allow=('accumulation',): refused on every rank (until 2026-12-06 by rank
+    # 0's recorder alone, the other rank then waiting in the next collective)
+    rec3 = ufd.DistributedRecorder(model, opt)
+    opt.zero_grad()
+    with model.no_sync():
+        F.cross_entropy(model(x[:2]), y[:2]).backward()
+    F.cross_entropy(model(x[2:]), y[2:]).backward()
+    _message(lambda: rec3.record(idx), out, f"accumulated_{rank}.txt")
     _dropout_run(rank, out)
 
 
@@ -215,7 +223,7 @@ def ddp_run():
             return open(path).read() if os.path.exists(path) else None
 
         refusals = {kind: [message(f"{kind}_{r}.txt") for r in range(WORLD)]
-                    for kind in ("unequal", "clipped", "worldsize", "mismatch")}
+                    for kind in ("unequal", "clipped", "worldsize", "mismatch", "accumulated")}
         threads = [message(f"threads_{r}.txt") for r in range(WORLD)]
         replays = {kind: [torch.load(os.path.join(out, f"replay_{kind}_{r}.pt")) for r in range(WORLD)] for kind in ("none", "forget", "edge")}
         streamed = GradientHistory.load(os.path.join(out, "streamed"))
@@ -272,6 +280,11 @@ def test_forgetting_matches_hand_written_retrain(ddp_run):
 def test_unequal_rank_batches_refused_on_every_rank(ddp_run):
     for message in ddp_run[2]["unequal"]:
         assert message is not None and "per-rank batch sizes [3, 4]" in message
+
+
+def test_undeclared_accumulation_refused_on_every_rank(ddp_run):
+    for message in ddp_run[2]["accumulated"]:
+        assert message is not None and "backward passes (gradient accumulation)" in message and "allow=('accumulation',)" in message
 
 
 def test_clipping_after_the_all_reduce_refused_on_every_rank(ddp_run):

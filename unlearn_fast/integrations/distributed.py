@@ -129,7 +129,8 @@ class DistributedRecorder:
         # each rank's training forwards of the coming step (their batch sizes: an accumulated step's micro-batches) and
         # whether they ran under autocast: where each rank's part must be replayed as its own forwards (dropout, autocast)
         # the recorder keeps every rank's micro-batches with the step (set_step_micro)
-        self._rng, self._micro, self._autocast = None, [], False
+        self.params = [p for p in model.module.parameters() if p.requires_grad]
+        self._rng, self._micro, self._autocast, self._passes = None, [], False, [0] * len(self.params)
         taker = getattr(model, "_unlearn_fast_forwards", None)  # (one hook set per model: a later recorder on it takes it over)
         if taker is None:
             taker = model._unlearn_fast_forwards = _ForwardTaker()
@@ -138,6 +139,9 @@ class DistributedRecorder:
             for m in model.module.modules():
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
                     m.register_forward_pre_hook(InertWhenCopied(taker.inner))
+            # backward passes that reached each parameter: several in a step are gradient accumulation
+            for i, p in enumerate(self.params):
+                p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(taker.backward, i)))
         taker.recorder = self
         # a step's forwards end with its optimizer step: a forward after record() (a check's) belongs to no step
         self._step_hook = optimizer.register_step_post_hook(InertWhenCopied(self._step_done))
@@ -160,7 +164,6 @@ class DistributedRecorder:
                                  "a model with its own comm hook is not supported") from None
             model._unlearn_fast_reduction = state
         state.recorder = self
-        self.params = [p for p in model.module.parameters() if p.requires_grad]
 
     @classmethod
     def resume(cls, path, model, optimizer, group=None, allow=(), features=None):
@@ -229,10 +232,12 @@ class DistributedRecorder:
         edited = norms is not None and abs(now - reduced) > 1e-6 * reduced and "clipping" not in self.allow
         micro, self._micro = [m for m in self._micro if m > 0] or self._micro, []
         autocast, self._autocast = self._autocast, False
-        # one gather of (batch size, no all-reduce, edited, training forwards, autocast) from every rank: every rank sees
-        # the same and raises alike (none is left waiting in the next collective)
-        info = [torch.zeros(5, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(info, torch.tensor([local.numel(), int(norms is None), int(edited), len(micro), int(autocast)]), group=self.group)
+        passes, self._passes = max(self._passes, default=0), [0] * len(self.params)
+        # one gather of (batch size, no all-reduce, edited, training forwards, autocast, backward passes) from every rank:
+        # every rank sees the same and raises alike (none is left waiting in the next collective)
+        info = [torch.zeros(6, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(info, torch.tensor([local.numel(), int(norms is None), int(edited), len(micro), int(autocast), passes]),
+                        group=self.group)
         sizes = [int(i[0]) for i in info]
         unreduced_on = [r for r, i in enumerate(info) if int(i[1])]
         edited_on = [r for r, i in enumerate(info) if int(i[2])]
@@ -269,24 +274,25 @@ class DistributedRecorder:
         return world
 
     def _step_done(self, optimizer, args, kwargs):
-        self._rng, self._micro, self._autocast = None, [], False
+        self._rng, self._micro, self._autocast, self._passes = None, [], False, [0] * len(self.params)
 
     def _gather_micro(self, micro, info, size):
         """Every rank's micro-batch sizes of this step, rank after rank, where the step accumulated over several and each
         rank's forwards must be replayed one by one (its dropout masks drawn on from one state, or bfloat16 products that
         round once per call); None elsewhere. A collective where it is needed (the same decision on every rank)."""
-        counts = [int(i[3]) for i in info]
-        if max(counts) <= 1:
+        counts, passes = [int(i[3]) for i in info], [int(i[5]) for i in info]
+        if max(passes) <= 1:  # (a model called twice for one backward is one batch, not accumulation)
             return None
         if not (self._keep_states or any(int(i[4]) for i in info)):
             if "accumulation" not in self.allow:  # (rank 0's recorder would refuse it alone, the others waiting in a collective)
-                raise ValueError(f"record: step {self.steps}: the ranks ran {counts} training forwards (gradient accumulation); the "
+                raise ValueError(f"record: step {self.steps}: the ranks ran {passes} backward passes (gradient accumulation); the "
                                  "replay forwards each step's world batch as one batch, which reproduces accumulation over micro-"
                                  "batches of one size, each averaged (loss / their number): pass allow=('accumulation',) if so")
             return None
-        if len(set(counts)) != 1:
-            raise ValueError(f"record: step {self.steps}: the ranks ran {counts} training forwards; every rank's micro-batches are "
-                             "replayed one by one (dropout or autocast), which needs the same number on every rank")
+        if len(set(counts)) != 1 or counts != passes:
+            raise ValueError(f"record: step {self.steps}: the ranks ran {counts} training forwards for {passes} backward passes; every "
+                             "rank's micro-batches are replayed one by one (dropout or autocast), which needs one forward per backward "
+                             "and the same number on every rank")
         mine = torch.tensor(micro if sum(micro) == size else [-1] * len(micro), dtype=torch.int64)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
@@ -359,6 +365,10 @@ class _ForwardTaker:
         # training_step, which calls the module again on x (record() drops such calls where the others give the sizes)
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         rec._micro.append(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else -1)
+
+    def backward(self, i, param):
+        if self.recorder is not None:
+            self.recorder._passes[i] += 1
 
     def inner(self, module, args):
         rec = self.recorder
