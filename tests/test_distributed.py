@@ -81,13 +81,7 @@ def _work(rank, out):
             rec.record(idx)
             opt.step()
             sched.step()
-    torch.save(net.state_dict(), os.path.join(out, f"final_{rank}.pt"))
-    history = rec.finish(ds, F.cross_entropy)
-    if rank == 0:
-        history.save(os.path.join(out, "history"))
-    else:
-        assert history is None
-    dist.barrier()
+    _finish(rec, net, ds, out, rank)
     _replays(rank, model, out)
     # unequal per-rank batch sizes: refused on every rank (none left waiting in a collective)
     rec2 = ufd.DistributedRecorder(model, opt)
@@ -115,6 +109,19 @@ def _work(rank, out):
     F.cross_entropy(model(x[2:]), y[2:]).backward()
     _message(lambda: rec3.record(idx), out, f"accumulated_{rank}.txt")
     _dropout_run(rank, out)
+
+
+def _finish(rec, net, ds, out, rank, prefix=""):
+    """Every rank's final weights saved (<prefix>final_<rank>.pt), the history rank 0 finished saved (<prefix>history)
+    and loaded back on every rank."""
+    torch.save(net.state_dict(), os.path.join(out, f"{prefix}final_{rank}.pt"))
+    history = rec.finish(ds, F.cross_entropy)
+    if rank == 0:
+        history.save(os.path.join(out, f"{prefix}history"))
+    else:
+        assert history is None
+    dist.barrier()
+    return GradientHistory.load(os.path.join(out, f"{prefix}history"))
 
 
 def _dropout_run(rank, out):
@@ -165,12 +172,7 @@ def _dropout_accumulated_run(rank, out):
         rec.record(idx)
         opt.step()
         sched.step()
-    torch.save(net.state_dict(), os.path.join(out, f"accumulated_final_{rank}.pt"))
-    history = rec.finish(ds, F.cross_entropy)
-    if rank == 0:
-        history.save(os.path.join(out, "accumulated_history"))
-    dist.barrier()
-    history = GradientHistory.load(os.path.join(out, "accumulated_history"))
+    history = _finish(rec, net, ds, out, rank, "accumulated_")
     for name, forget in (("none", []), ("forget", FORGET)):
         replayed, _ = ufd.run(_two_dropout_net(), history, torch.tensor(forget, dtype=torch.int64), ds, F.cross_entropy)
         torch.save(replayed.state_dict(), os.path.join(out, f"accumulated_replay_{name}_{rank}.pt"))

@@ -225,63 +225,48 @@ def one_cycle_train(data):
     return train(data, lr=0.02, momentum=0.9, scheduler=lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.03, total_steps=steps))
 
 
-def test_a_cycled_momentum_scales_each_step_by_its_own_momentum(monkeypatch):
+def against_a_simpler_model(monkeypatch, make_run, simplify):
+    """(sgd_settings of make_run(data)'s history, Mini's relative distance to retraining forgetting 30 % of its samples,
+    the same for a Mini whose sgd_settings(...) are replaced by simplify(*sgd_settings(...)) in the summary and at
+    unlearning time: the run is recorded again under it)."""
     data = blobs()
-    model, history = one_cycle_train(data)
-    betas = history.schedule["momenta"][:, 0]
-    assert float(betas.min()) == pytest.approx(0.85) and float(betas.max()) == pytest.approx(0.95)
-    decay, scale, _ = mini.sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule["momenta"])
-    torch.testing.assert_close(scale, (1 / (1 - betas)).float())
-    assert decay == 1e-3
     forget = forget_set(len(data), 0.3)
+    model, history = make_run(data)
     retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
     result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    assert result.stats["unlearned"]
     dist = uf.metrics.relative_distance(result.model, retrained, model)
-    assert result.stats["unlearned"] and dist < 0.4, dist  # measured 0.305 (0.195 at 10 %)
-    # one multiplier for the whole run (the run's mean), in the summary and at unlearning time: farther (measured 0.508)
+    settings = mini.sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
     true_settings = mini.sgd_settings
-    monkeypatch.setattr(mini, "sgd_settings", lambda *a: (lambda d, s, c: (d, float(s.mean()), c))(*true_settings(*a)))
-    model, history = one_cycle_train(data)
-    mean_scaled = uf.metrics.relative_distance(uf.unlearn(model, history, forget, data, LOSS, method="mini").model, retrained, model)
+    monkeypatch.setattr(mini, "sgd_settings", lambda *a: simplify(*true_settings(*a)))
+    model, simpler = make_run(data)
+    return settings, dist, uf.metrics.relative_distance(uf.unlearn(model, simpler, forget, data, LOSS, method="mini").model, retrained, model)
+
+
+def test_a_cycled_momentum_scales_each_step_by_its_own_momentum(monkeypatch):
+    # one multiplier for the whole run (the run's mean) instead: farther (measured 0.508; the first step's, beta 0.95: 0.960)
+    (decay, scale, _), dist, mean_scaled = against_a_simpler_model(monkeypatch, one_cycle_train, lambda d, s, c: (d, float(s.mean()), c))
+    # one multiplier per step, 1 / (1 - beta_t), for OneCycleLR's momentum between 0.85 and 0.95
+    assert decay == 1e-3 and scale.shape == (120,) and float(scale.min()) == pytest.approx(1 / 0.15) and float(scale.max()) == pytest.approx(1 / 0.05)
+    assert dist < 0.4, dist  # measured 0.305 (0.195 at 10 %)
     assert mean_scaled > dist + 0.1, (mean_scaled, dist)
 
 
 def test_parameter_groups_that_decay_differently_fold_each_directions_decay_into_its_curvature(monkeypatch):
-    # decay 0.05 on the weights and none on the bias (refused by Mini until 2026-12-06, "needs one weight_decay")
-    data = blobs()
-    forget = forget_set(len(data), 0.3)
-    model, history = train(data, wd=(0.05, 0.0))
-    decay, _, _ = mini.sgd_settings(history.meta, "mini", history.schedule["lrs"])
+    # decay 0.05 on the weights and none on the bias (refused by Mini until 2026-12-06, "needs one weight_decay"); one decay
+    # for every coordinate instead (the weights'): farther (measured 0.142; the mean decay 0.150, none 0.622)
+    (decay, _, _), dist, one = against_a_simpler_model(monkeypatch, lambda data: train(data, wd=(0.05, 0.0)), lambda d, s, c: (float(d.max()), s, c))
     assert decay.shape == (44,) and float(decay[:40].min()) == 0.05 and float(decay[40:].max()) == 0.0
-    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
-    result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
-    dist = uf.metrics.relative_distance(result.model, retrained, model)
-    assert result.stats["unlearned"] and dist < 0.2, dist  # measured 0.111 (0.094 at 10 %)
-    # one decay for every coordinate instead (the weights'), in the summary and at unlearning time: farther (measured 0.142;
-    # the mean decay 0.150, none 0.622)
-    true_settings = mini.sgd_settings
-    monkeypatch.setattr(mini, "sgd_settings", lambda *a: (lambda d, s, c: (float(d.max()), s, c))(*true_settings(*a)))
-    model, history = train(data, wd=(0.05, 0.0))
-    one = uf.metrics.relative_distance(uf.unlearn(model, history, forget, data, LOSS, method="mini").model, retrained, model)
+    assert dist < 0.2, dist  # measured 0.111 (0.094 at 10 %)
     assert one > dist + 0.02, (one, dist)
 
 
 def test_parameter_groups_at_learning_rates_of_one_ratio_scale_each_directions_response(monkeypatch):
-    # the bias at 5x the weights' rate (refused by Mini until 2026-12-06, "one learning rate for every parameter group")
-    data = blobs()
-    forget = forget_set(len(data), 0.3)
-    model, history = train(data, lr=(0.1, 0.5))
-    _, _, lr_coords = mini.sgd_settings(history.meta, "mini", history.schedule["lrs"])
+    # the bias at 5x the weights' rate (refused by Mini until 2026-12-06, "one learning rate for every parameter group");
+    # every coordinate at the first group's rate instead: farther (measured 0.264)
+    (_, _, lr_coords), dist, one = against_a_simpler_model(monkeypatch, lambda data: train(data, lr=(0.1, 0.5)), lambda d, s, c: (d, s, None))
     assert lr_coords.shape == (44,) and float(lr_coords[:40].max()) == 1.0 and float(lr_coords[40:].min()) == pytest.approx(5.0)
-    retrained = uf.unlearn(model, history, forget, data, LOSS, method="retrain").model
-    result = uf.unlearn(model, history, forget, data, LOSS, method="mini")
-    dist = uf.metrics.relative_distance(result.model, retrained, model)
-    assert result.stats["unlearned"] and dist < 0.25, dist  # measured 0.179 (0.133 at 10 %)
-    # every coordinate at the first group's rate, in the summary and at unlearning time: farther (measured 0.264)
-    true_settings = mini.sgd_settings
-    monkeypatch.setattr(mini, "sgd_settings", lambda *a: true_settings(*a)[:2] + (None,))
-    model, history = train(data, lr=(0.1, 0.5))
-    one = uf.metrics.relative_distance(uf.unlearn(model, history, forget, data, LOSS, method="mini").model, retrained, model)
+    assert dist < 0.25, dist  # measured 0.179 (0.133 at 10 %)
     assert one > dist + 0.05, (one, dist)
 
 
