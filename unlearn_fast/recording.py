@@ -439,9 +439,8 @@ class HistoryRecorder:
         if passes == 0:
             raise ValueError(f"record: no backward pass reached the model since the last optimizer step (step {step}); call loss.backward() before record()")
         if passes > 1:
-            if self._step_micro is not None:  # declared by an integration (a DDP world batch's micro-batches): checked there
-                micro = list(self._step_micro)
-            elif "accumulation" not in self.allow:
+            # (micro-batches an integration declared, a DDP world batch's, are checked there and recorded by record())
+            if "accumulation" not in self.allow and self._step_micro is None:
                 # replayed as it ran: one backward per micro-batch of mean loss / passes (loss / accumulation_steps, the usual idiom),
                 # or of mean loss times its share of the batch where finish() finds that rule (_check_accumulation)
                 micro = self._micro
