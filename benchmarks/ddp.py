@@ -4,9 +4,13 @@ the single-process replay (methods.retrain.run, 1 and 2 threads) of the same DDP
     python benchmarks/ddp.py [--repeats 5] [--epochs 2] [--out benchmarks/results/ddp]
     python benchmarks/ddp.py --fsdp [--repeats 5] [--epochs 2] [--out benchmarks/results/fsdp]
     python benchmarks/ddp.py --dropout 0.2 [--out benchmarks/results/ddp_dropout]
+    python benchmarks/ddp.py --dropout 0.2 --accumulate 2 [--out benchmarks/results/ddp_dropout_accumulated]
 
 --dropout P: the MLP with dropout P after each hidden layer, each rank's generator seeded apart: the history keeps
 every rank's generator state per step and every replay draws each rank's masks from its own.
+
+--accumulate A: each rank's batch as A micro-batches (the first A - 1 under no_sync, each loss / A), recorded with
+allow=('accumulation',); with dropout every rank's micro-batches are kept and replayed one by one.
 
 --fsdp: the same workload trained under FSDP2 (fully_shard, 2 gloo processes) with and without ShardedRecorder, the
 FSDP2 replay (run_sharded) timed, and compared with the single-process replay of the gathered shard histories.
@@ -17,6 +21,7 @@ the replay alone (history already loaded; the ranks start together after a barri
 rank's); each round also runs the single-process replay on 1 and 2 threads in rank 0 while rank 1 waits.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,6 +58,7 @@ def data():
 
 
 DROPOUT = float(os.environ.get("UF_BENCH_DROPOUT", "0"))  # (--dropout: set before the ranks spawn, which inherit it)
+ACCUMULATE = int(os.environ.get("UF_BENCH_ACCUMULATE", "1"))  # (--accumulate, likewise)
 
 
 def net():
@@ -75,7 +81,7 @@ def worker(rank, init_file, out, epochs, repeats):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         torch.manual_seed(1000 + rank)  # (dropout: each rank's own masks)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        rec = ufd.DistributedRecorder(ddp, opt, uf.HistoryPolicy(kind="full", codec="int8"))
+        rec = ufd.DistributedRecorder(ddp, opt, uf.HistoryPolicy(kind="full", codec="int8"), allow=("accumulation",) if ACCUMULATE > 1 else ())
         sampler = torch.utils.data.DistributedSampler(uf.IndexedDataset(ds), shuffle=True, seed=0, drop_last=True)
         loader = torch.utils.data.DataLoader(uf.IndexedDataset(ds), batch_size=PER_RANK, sampler=sampler, drop_last=True)
         t0 = time.perf_counter()
@@ -83,7 +89,9 @@ def worker(rank, init_file, out, epochs, repeats):
             sampler.set_epoch(epoch)
             for idx, x, y in loader:
                 opt.zero_grad()
-                F.cross_entropy(ddp(x), y).backward()
+                for m, (xm, ym) in enumerate(zip(x.chunk(ACCUMULATE), y.chunk(ACCUMULATE))):
+                    with ddp.no_sync() if m < ACCUMULATE - 1 else contextlib.nullcontext():
+                        (F.cross_entropy(ddp(xm), ym) / ACCUMULATE).backward()
                 rec.record(idx)
                 opt.step()
         train_s = time.perf_counter() - t0
@@ -307,7 +315,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp"))
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (ShardedRecorder, run_sharded) instead of DDP")
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (DDP only)")
+    ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per rank and step (DDP only)")
     args = ap.parse_args()
+    if args.accumulate > 1:
+        global ACCUMULATE
+        ACCUMULATE = args.accumulate
+        os.environ["UF_BENCH_ACCUMULATE"] = str(args.accumulate)
     if args.dropout:
         global DROPOUT
         DROPOUT = args.dropout
@@ -339,7 +352,8 @@ def main():
         "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
-        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU" + (f", dropout {DROPOUT} (each rank's masks)" if DROPOUT else ""), "parameters": sum(p.numel() for p in net().parameters()),
+        "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU" + (f", dropout {DROPOUT} (each rank's masks)" if DROPOUT else "")
+                     + (f", {ACCUMULATE} micro-batches per rank and step" if ACCUMULATE > 1 else ""), "parameters": sum(p.numel() for p in net().parameters()),
                      "n_train": N, "world_size": WORLD, "per_rank_batch": PER_RANK, "world_batch": WORLD * PER_RANK,
                      "epochs": args.epochs, "recorded_steps": res["recorded_steps"], "replayed_steps": res["steps"],
                      "replayed_steps_single_process": res["single_steps"], "forget": len(forget_set()), "optimizer": "SGD lr 0.05 momentum 0.9"},
