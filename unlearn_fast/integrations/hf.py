@@ -25,8 +25,8 @@ batch as the collator did: ReplayTexts, and with accumulation replays the micro-
 label tokens), and under DDP (every rank's states; with accumulation every rank's micro-batches, replayed one by one);
 a kind="minimal" recording refuses it unless allow_dropout=True (the replay then draws other masks). bf16=True (CPU autocast) is recorded and replayed under it, the micro-batches
 of an accumulated step one by one (a bfloat16 product rounds once per call), each DDP rank's part as its own forward
-(with accumulation its micro-batches one by one, as with dropout); refused: fp16 (its gradient scaler), label
-smoothing, a custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
+(with accumulation its micro-batches one by one, as with dropout). fp16 (its gradient scaler), label smoothing, a
+custom loss, NEFTune noise, FSDP and DeepSpeed are refused, each naming the setting. Under DDP (torchrun)
 a distributed.DistributedRecorder on the Trainer's DDP model gathers every rank's indices into the world batch and
 rank 0 records it (cb.finish() returns None on the other ranks).
 

@@ -497,6 +497,8 @@ class HistoryCallback(pl.Callback):
                              f"{self.accumulate}, which the replay (a mean over the step's samples) reproduces only for "
                              f"{self.accumulate} micro-batches of one size")
         indices = torch.cat(micro)
+        # record() first: the check's own forwards would otherwise count as this step's micro-batches (the recorder keeps
+        # them under autocast), and under DDP the world batch it checks comes from record()'s gather
         if self._dist is not None:  # (a collective: every rank its own indices; the world batch in rank order)
             indices = self._dist.record(indices)
             # (every rank's micro-batches, rank after rank: each rank's split like this one's, DistributedRecorder checked)

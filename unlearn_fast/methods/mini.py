@@ -504,8 +504,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         decay, lr_scale, lr_coords = sgd
         points = [s for s, _ in checkpoints] + [steps]
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
-        folded, folded_decay, mult = fold_coordinates(curv, decay, lr_coords, Ud)
-        summary["response"] = _times(propagation_weights(lr_scale * lrs.to(w.dtype), points, folded, folded_decay), mult).to(store)
+        summary["response"] = folded_propagation(lr_scale * lrs.to(w.dtype), points, curv, decay, lr_coords, Ud).to(store)
         summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
         if KEEP_CURVATURE:  # (K + 1) x (k + 1): the per-step responses of the opt-in batch term (run(batch_effect=True))
             summary["curvature"] = curv.to(store)
@@ -629,10 +628,10 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
     if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
         # each group's rate over the first group's, at the steps where any group moved (a warm-up from 0 moves none)
         moving = lrs.abs().amax(1) > 0
-        first, ratios = lrs[moving, :1], lrs[moving] / lrs[moving, :1]
-        if bool((first <= 0).any()) or not bool(torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all()):
-            bad = ~torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all(1) | (first[:, 0] <= 0)
-            t = int(torch.nonzero(moving)[int(torch.nonzero(bad)[0])])
+        ratios = lrs[moving] / lrs[moving, :1]
+        kept = torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all(1) & (lrs[moving, 0] > 0)
+        if not bool(kept.all()):
+            t = int(torch.nonzero(moving)[int(torch.nonzero(~kept)[0])])
             raise ValueError(f"{method}: models parameter groups whose learning rates keep one ratio to the first group's; the recorded "
                              f"groups trained at {lrs[0].tolist()} at step 0 and {lrs[t].tolist()} at step {t}. Use method='retrain', "
                              "or the finetune / rewind baselines")
@@ -722,6 +721,12 @@ def fold_coordinates(curvature, decay, lr_coords, rows, off_span=True):
 
 def _times(weights, multiplier):
     return weights if multiplier is None else weights * multiplier
+
+
+def folded_propagation(lrs, points, curvature, decay, lr_coords, rows, off_span=True):
+    """propagation_weights of the directions `rows` (fold_coordinates: per-coordinate decay and learning rates)."""
+    folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, rows, off_span)
+    return _times(propagation_weights(lrs, points, folded, folded_decay), mult)
 
 
 def propagation_weights(lrs, points, curvature, decay):
@@ -1014,8 +1019,7 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
         T = C.T @ (N @ M.T) @ C
         ritz, vecs = torch.linalg.eigh(0.5 * (T + T.T))
         Q, ritz = (C @ vecs).T @ N, ritz.clamp(min=0)
-        folded, folded_decay, mult = fold_coordinates(scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False)
-        Wq = _times(propagation_weights(lrs, points, folded, folded_decay), mult)
+        Wq = folded_propagation(lrs, points, scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False)
         c = S @ Q.T
         response = ((Wq[:-1] * c[:-1]).sum(0) + Wq.sum(0) * c[-1]) @ Q  # the linear replay's answer off the span
         if previous is not None:
@@ -1066,8 +1070,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         W = s["response"].to(dtype)
     else:  # a summary without the schedule response: constant curvature over the whole schedule
         lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        folded, folded_decay, mult = fold_coordinates(torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis.rows())
-        W = _times(propagation_weights(lrs, [T], folded, folded_decay), mult)
+        W = folded_propagation(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis.rows())
         has_ckpt = False
 
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
