@@ -24,6 +24,7 @@ def _no_constant(name):
     (None, float("nan"), False, "undefined"),
     (None, 0.5, True, "relative distance 0.5 < 0.9"),
     ({"converged": True}, None, True, "method stats"),
+    ({"unlearned": True, "sgd_noise_estimate": 0.12}, None, True, "SGD noise leaves about 0.12 of the move"),  # Mini's estimate
     (None, None, True, "nothing checked"),
 ])
 def test_verdict_rule(stats, distance, unlearned, reason):

@@ -142,6 +142,9 @@ def verdict(stats=None, relative_distance=None, threshold=NOT_UNLEARNED_DISTANCE
             return False, f"essentially the original model: relative distance {d:.3g} >= {threshold:g}"
     checked = (["method stats"] if stats else []) + ([f"relative distance {float(relative_distance):.3g} < {threshold:g}"]
                                                      if relative_distance is not None else [])
+    noise = stats.get("sgd_noise_estimate")
+    if isinstance(noise, numbers.Real) and math.isfinite(noise):  # Mini: how close its model can get at best
+        checked.append(f"SGD noise leaves about {float(noise):.2g} of the move to the exact retrain")
     return True, ("passed: " + ", ".join(checked)) if checked else "nothing checked: neither stats nor relative distance given"
 
 

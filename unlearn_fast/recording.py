@@ -843,8 +843,8 @@ class HistoryRecorder:
                 sgd = None
             with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
                 history.summary = final_summary(
-                    self.model, train_set, loss_fn, self.policy, T, self.checkpoints, history.schedule["lrs"][:, 0], sgd, batch_size=batch_size
-                )
+                    self.model, train_set, loss_fn, self.policy, T, self.checkpoints, history.schedule["lrs"][:, 0], sgd, batch_size=batch_size,
+                    batch_sizes=history.schedule.get("batch_sizes"))
         meta["final_digest"] = weights_digest(self.model)
         if self.path is not None:
             history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference

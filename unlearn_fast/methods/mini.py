@@ -336,7 +336,7 @@ def fit_budget(policy, p, elem, checkpoints, k):
     (budget_vectors: HistoryPolicy's field when set, else DEFAULT_BUDGET_VECTORS).
 
     Fixed: w* (elem p) and g* (GRADIENT_DTYPE, or elem with the fp32 codec). Each checkpoint: its parameters
-    (summary_codec) and its full-data gradient (GRADIENT_DTYPE, or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables.
+    (summary_codec) and its full-data gradient (GRADIENT_DTYPE, or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables and its two noise values.
     CHECKPOINT_SHARE of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
     HistoryPolicy.rank that does not fit is refused rather than cut."""
     budget = DEFAULT_BUDGET_VECTORS if policy.budget_vectors is None else policy.budget_vectors
@@ -358,7 +358,7 @@ def fit_budget(policy, p, elem, checkpoints, k):
             checkpoints = [checkpoints[i] for i in keep]
         avail -= len(checkpoints) * per_ckpt
     K1 = len(checkpoints) + 1
-    per_vector = row + 2 * K1 * store + elem
+    per_vector = row + 2 * K1 * store + elem + 2 * store  # + its SGD-noise column
     fits = int(avail // per_vector)
     if fits < 1:
         raise ValueError(f"HistoryPolicy.budget_vectors={budget}: too small to hold w*, g*, the checkpoints and one basis vector")
@@ -398,13 +398,14 @@ def _subset(train_set, size, gen):
 
 
 def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
-                  power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0):
+                  power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0,
+                  batch_sizes=None):
     """The minimal history at the end of training (see the module docstring).
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
     step's update, encoded with policy.summary_codec).
     lrs, sgd: the recorded learning rates (T,) and (weight decay, learning-rate multiplier) of plain or
-    heavy-ball SGD; with them the checkpoints' gradients and curvature and the response weights of the
+    heavy-ball SGD, batch_sizes (T,) the recorded batch sizes (for the SGD-noise estimate, noise_response); with them the checkpoints' gradients and curvature and the response weights of the
     schedule are computed here, once. Without them (other optimizers, which mini refuses) only the end point.
     The work (docs/mini_unlearning.md, "finish() cost"): full-data gradients at w* and at the K checkpoints, and
     curvature on random subsets of the data: the basis from basis_samples samples (BASIS_SAMPLES), the checkpoints'
@@ -468,13 +469,14 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     # the curvature is (Fisher ~ Hessian), so the curvature ALONG them is what the replay needs off the span: Rademacher
     # probes (the trace mean) underestimated it on a 255-parameter problem at rank 133 and Mini overshot 1.8-2.7x
     # (docs/mini_unlearning.md).
-    Z = torch.zeros(0, p, dtype=w.dtype)
+    Z, off_variance = torch.zeros(0, p, dtype=w.dtype), torch.zeros((), dtype=w.dtype)
     if k < p:
         m = min(probes, len(train_set))  # small training sets: smaller probe batches, then fewer probes
         b = max(1, min(PROBE_BATCH, len(train_set) // m))
         picks = torch.randperm(len(train_set), generator=gen)[: m * b].view(m, b)
         Z = torch.stack([gradient_sum(model, loss_fn, [(fetch(train_set, idx), idx.numel())], w) / idx.numel() - g_star for idx in picks])
         Z = Z - (Z @ Ud.T) @ Ud
+        off_variance = b * Z.pow(2).sum(1).mean()  # per-sample gradient variance off the span: a b-sample mean's is 1 / b of it
     lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
     rho = lam[-1] if rho is None else rho
     summary = {"w_star": w, "g_star": _stored_gradients(g_star, policy), "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
@@ -506,6 +508,9 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
         summary["response"] = folded_propagation(lr_scale * lrs.to(w.dtype), points, curv, decay, lr_coords, Ud).to(store)
         summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
+        if batch_sizes is not None:  # the end point's SGD noise per unit of r / (n - r) (run: stats["sgd_noise_estimate"])
+            summary["noise"] = noise_response(lr_scale * lrs.to(w.dtype), points, curv, decay, lr_coords, Ud,
+                                              batch_sizes[:steps], len(train_set), off_variance).to(store)
         if KEEP_CURVATURE:  # (K + 1) x (k + 1): the per-step responses of the opt-in batch term (run(batch_effect=True))
             summary["curvature"] = curv.to(store)
     set_flat_params(model, w)
@@ -544,7 +549,7 @@ def prepare(history, model, train_set, loss_fn, batch_size=1024):
     checkpoints = [(t, EncodedRows.encode(rebuilt[t][None], policy.summary_codec, policy.blocksize)) for t in sorted(rebuilt)]
     with module_mode(model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
         history.summary = final_summary(model, train_set, loss_fn, policy, T, checkpoints, history.schedule["lrs"][:, 0], sgd,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, batch_sizes=history.schedule.get("batch_sizes"))
     return history.summary
 
 
@@ -784,6 +789,36 @@ def segment_weights(lrs, points, curvature):
     return torch.stack(P), torch.stack(A), torch.stack(B)
 
 
+def noise_response(lrs, points, curvature, decay, lr_coords, rows, batch_sizes, n, off_variance):
+    """How much SGD noise the run's end point carries that a mean-field replay cannot model, per column of the replay
+    (the directions `rows`, then everything off their span). A random forget set takes a random share of each batch,
+    so step t's source deviates from the mean-field one, along a direction of per-sample gradient variance v (there
+    the curvature, Fisher ~ GGN; off the span `off_variance`, the variance left there at w*, scaled along the run like
+    its curvature), by noise of variance about rho / (1 - rho) v / b_t (rho = r / n). Each sample is drawn once per
+    epoch, so within an epoch that noise sums to nearly zero: what reaches the end point is the response's variation
+    over the epoch (omega_t minus the epoch's mean) times it, plus the epoch's sum, which is not quite zero because each
+    batch's retained part is averaged over its own size (variance about rho / (1 - rho)^2 v / b_t^2 per step).
+    Returns (2, m): [sum_t (omega_t - mean)^2 v_t / b_t, sum_t mean^2 v_t / b_t^2]; the end point's noise variance is
+    r / (n - r) (row 0 + n / (n - r) row 1), summed over columns (docs/mini_unlearning.md, "SGD noise")."""
+    folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, rows)
+    omega, seg, alpha, nxt = step_responses(lrs, points, folded, folded_decay)
+    omega = _times(omega, mult)
+    v = (1 - alpha) * curvature[seg] + alpha * curvature[nxt]
+    end = curvature[-1, -1]
+    v[:, -1] = off_variance * (v[:, -1] / end if end > 0 else 1.0)
+    v = v.clamp(min=0)
+    b = batch_sizes.to(lrs.dtype).clamp(min=1)[:, None]
+    epoch = ((torch.cumsum(b[:, 0], 0) - b[:, 0]) / max(n, 1)).floor().long()
+    mean = torch.zeros(int(epoch.max()) + 1, omega.shape[1], dtype=omega.dtype).index_add_(0, epoch, omega)
+    mean = (mean / torch.bincount(epoch).clamp(min=1).to(omega.dtype)[:, None])[epoch]
+    return torch.stack([((omega - mean) ** 2 * v / b).sum(0), (mean ** 2 * v / b ** 2).sum(0)])
+
+
+def noise_estimate(noise, r, n):
+    """The end point's SGD-noise standard deviation for a forget set of r of n samples (noise: noise_response)."""
+    return math.sqrt(r / (n - r) * float(noise[0].sum() + n / (n - r) * noise[1].sum()))
+
+
 # The segment-wise replay (docs/mini_unlearning.md, "Large changes"):
 NONLINEAR = 0.05  # run() uses it when the forget gradient's relative nonlinearity eta along the move exceeds this
 SKIP = 0.1  # checkpoints whose predicted |e_j| is under SKIP |w - w*| keep the linear source (remainder ~ |e_j|^2)
@@ -951,6 +986,7 @@ def marks_of(history):
 # wrong-way results and the original model 1.0-1.51; overshoots at 0.87-1.17 of the gap had 0.63-0.68 and pass: the check
 # catches the wrong direction, not every poor result.
 CHECK_RATIO = 0.75
+NOISE_FLOOR = 0.5  # refuse when the SGD-noise estimate (stats["sgd_noise_estimate"], noise_response) exceeds this share of the move
 
 
 def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, decay, batch_size):
@@ -1207,6 +1243,15 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
     }
     stats.update(request)
+    noise = s.get("noise") if has_ckpt else None
+    if noise is not None and moved > 0:
+        noise = noise.to(dtype)
+        columns = s["response"].shape[1]
+        if noise.shape != (2, columns) or not bool(torch.isfinite(noise).all()) or bool((noise < 0).any()):
+            raise ValueError(f"history: summary.noise must hold 2 x {columns} finite non-negative values, two per column of "
+                             f"summary.response; got shape {tuple(noise.shape)}")
+        # the distance from the exact retrain that the run's SGD noise alone leaves, relative to the move (noise_response)
+        stats["sgd_noise_estimate"] = noise_estimate(noise, r, n) / moved
     # A-posteriori check against retraining's direction (docs/mini_unlearning.md, "The check"): one pass over the
     # retained set at the result.
     stats.update(retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, lam, batch_size))
@@ -1221,6 +1266,10 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         reason = (f"the replay's response off the summary's basis did not settle within {request['request_blocks']} Krylov blocks "
                   f"({request['request_directions']} directions; the last block changed it by {request['request_change']:.2f}): the "
                   "summary's basis is too small for this model and run; record with a larger HistoryPolicy.budget_vectors (or none)")
+    elif stats.get("sgd_noise_estimate", 0.0) > NOISE_FLOOR:
+        reason = (f"the run ends in SGD noise that Mini's mean-field replay cannot model: the exact retrain is expected about "
+                  f"{stats['sgd_noise_estimate']:.2f} of the move away from any such result (must be <= {NOISE_FLOOR}; a learning rate "
+                  "that stays high to the end does this); deltagrad and retrain replay every batch")
     elif not stats["retained_gradient_ratio"] <= CHECK_RATIO:
         reason = (f"the a-posteriori check failed: the retained-data gradient change left at the result is "
                   f"{stats['retained_gradient_ratio']:.3g} of the original model's (must be <= {CHECK_RATIO}): it did not move towards retraining")
