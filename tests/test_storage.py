@@ -4,6 +4,7 @@ The on-disk format is re-implemented here with hashlib/json (read_current, forge
 reference: tests parse and craft histories the way an attacker or another tool would.
 """
 import copy
+import glob
 import hashlib
 import io
 import json
@@ -842,3 +843,46 @@ def test_a_recorders_chunks_are_laid_out_for_in_place_direct_writes(tmp_path):
     assert (start + header[codes]["data_offsets"][0]) % store.DIRECT_ALIGN == 0  # the buffers are page-aligned
     tensors = safetensors.torch.load(data)
     assert tensors[codes].shape == (4, 600 * 500 + 500)
+
+
+def _head_names(path):
+    """The tensor names in a saved history's safetensors objects."""
+    names = set()
+    for f in glob.glob(os.path.join(path, "objects", "*")):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size > 1 << 20:
+                continue
+            try:
+                names |= set(json.loads(fh.read(size))) - {"__metadata__"}
+            except ValueError:  # the manifest, not a safetensors file
+                continue
+    return names
+
+
+@pytest.mark.parametrize("schedule", ["decaying", "constant"])
+def test_a_minimal_schedule_stores_run_lengths_only_where_runs_repeat(tmp_path, schedule):
+    """A minimal history's per-step columns are run-length encoded; a learning rate that changes every step (a decaying
+    schedule) stores its values alone (the lengths would double its bytes), a constant one a single run."""
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 5, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    data = torch.utils.data.TensorDataset(X, y)
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1 / (1 + s)) if schedule == "decaying" else (lambda s: 1.0))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    for b in range(0, 60, 10):
+        opt.zero_grad()
+        LOSS(model(X[b : b + 10]), y[b : b + 10]).backward()
+        rec.record(torch.arange(b, b + 10))
+        opt.step()
+        sched.step()
+    history = rec.finish(data, LOSS)
+    path = history.save(str(tmp_path / "h"))
+    names = _head_names(path)
+    assert "schedule.lrs.values" in names
+    assert ("schedule.lrs.lengths" in names) is (schedule == "constant")
+    loaded = uf.GradientHistory.load(path)
+    assert torch.equal(loaded.schedule["lrs"], history.schedule["lrs"])
+    assert torch.equal(loaded.schedule["batch_sizes"], history.schedule["batch_sizes"])
+    assert loaded.schedule["lrs"].shape[0] == 6 and len(set(loaded.schedule["lrs"][:, 0].tolist())) == (6 if schedule == "decaying" else 1)

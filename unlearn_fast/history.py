@@ -527,7 +527,9 @@ class GradientHistory:
             # learning rate and batch size cost a few bytes whatever the number of steps
             for name, column in self._schedule_part(0, self.num_steps, micro_ends).items():
                 values, lengths = run_lengths(column)
-                head[f"{name}.values"], head[f"{name}.lengths"] = values, lengths
+                head[f"{name}.values"] = values
+                if values.shape[0] < column.shape[0]:  # (a column that changes every step, a cosine schedule's rates: no lengths)
+                    head[f"{name}.lengths"] = lengths.to(torch.int32)
         for j, (a, b) in enumerate(self._chunk_bounds() if "batches" in self.schedule else ()):
             parts = {"schedule": self._schedule_part(a, b, micro_ends)}
             rows = self._rows_part(j, a, b)
@@ -731,10 +733,13 @@ def run_lengths(column):
 
 
 def expand_runs(values, lengths, name, where):
-    if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.numel() != values.shape[0] \
-            or bool((lengths < 1).any()) or int(lengths.sum()) > 2**31:
+    """values repeated by their run lengths (run_lengths); no lengths: every run is one step long."""
+    if lengths is None:
+        return values
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1 \
+            or lengths.numel() != values.shape[0] or bool((lengths < 1).any()) or int(lengths.sum()) > 2**31:
         raise ValueError(f"history: {where}: {name} has run lengths that do not match its values")
-    return torch.repeat_interleave(values, lengths, dim=0)
+    return torch.repeat_interleave(values, lengths.to(torch.int64), dim=0)
 
 
 def pack_bits(mask):
