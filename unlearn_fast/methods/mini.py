@@ -822,7 +822,9 @@ def noise_estimate(noise, r, n):
 # The segment-wise replay (docs/mini_unlearning.md, "Large changes"):
 NONLINEAR = 1e-3  # run() replays segment by segment unless the forget gradient is linear along the move to this (docs: "Large changes")
 SKIP = 0.1  # checkpoints whose predicted |e_j| is under SKIP |w - w*| keep the linear source (remainder ~ |e_j|^2)
-CORRECTIONS, STEP_TOL, MIN_RELAX = 3, 0.01, 0.2  # corrector passes per checkpoint, stopping once a pass moves e_j by under STEP_TOL |e_j|; a pass that does not shrink the move halves the corrector's step (down to MIN_RELAX: digits at 10 % oscillated at checkpoint 6 of 17 without it)
+# corrector passes per checkpoint, stopping once a pass moves e_j by under STEP_TOL |e_j|; a pass that does not shrink
+# the move halves the corrector's step, down to MIN_RELAX (digits at 10 % oscillated at checkpoint 6 of 17 without it)
+CORRECTIONS, STEP_TOL, MIN_RELAX = 3, 0.01, 0.2
 
 
 def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, lr_scale, lr_coords,
@@ -1207,7 +1209,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # eta is the same within 0.01 there. Above NONLINEAR (1e-3: every real forget set measured) the replay runs
     # segment by segment with the retained data's own gradients: for label-flipped sets because no linearisation
     # around the original trajectory holds, for random ones because it still halves the distance on many rows
-    # (benchmark: 29 of 32 random logistic rows below DeltaGrad, 18 with the linear replay; docs, "Large changes").
+    # (benchmark: 29 of 32 random logistic rows below DeltaGrad, 18 with the linear replay; docs/mini_unlearning.md section 11).
     moved = w - w_star
     eta = 0.0
     if has_ckpt and float(torch.linalg.vector_norm(moved)) > 0:
@@ -1271,7 +1273,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
                   f"({request['request_directions']} directions; the last block changed it by {request['request_change']:.2f}): the "
                   "summary's basis is too small for this model and run; record with a larger HistoryPolicy.budget_vectors (or none)")
     elif stats.get("sgd_noise_estimate", 0.0) > NOISE_FLOOR:
-        reason = (f"the run ends in SGD noise that Mini's mean-field replay cannot model: the exact retrain is expected about "
+        reason = (f"the run ends in SGD noise that no replay without the batch order can model: the exact retrain is expected about "
                   f"{stats['sgd_noise_estimate']:.2f} of the move away from any such result (must be <= {NOISE_FLOOR}; a learning rate "
                   "that stays high to the end does this); deltagrad and retrain replay every batch")
     elif not stats["retained_gradient_ratio"] <= CHECK_RATIO:
