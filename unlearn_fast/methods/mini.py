@@ -822,9 +822,41 @@ def noise_estimate(noise, r, n):
 # The segment-wise replay (docs/mini_unlearning.md, "Large changes"):
 NONLINEAR = 1e-3  # run() replays segment by segment unless the forget gradient is linear along the move to this (docs: "Large changes")
 SKIP = 0.1  # checkpoints whose predicted |e_j| is under SKIP |w - w*| keep the linear source (remainder ~ |e_j|^2)
-# corrector passes per checkpoint, stopping once a pass moves e_j by under STEP_TOL |e_j|; a pass that does not shrink
-# the move halves the corrector's step, down to MIN_RELAX (digits at 10 % oscillated at checkpoint 6 of 17 without it)
+# corrector passes per checkpoint (Anderson-mixed, _corrector), stopping once a pass moves e_j by under STEP_TOL of the
+# whole move |w - w*|; a pass that does not shrink the residual halves the step, down to MIN_RELAX (docs section 12)
 CORRECTIONS, STEP_TOL, MIN_RELAX = 3, 0.01, 0.2
+
+
+def _corrector(source, start, B, guess, predicted, passes, settled):
+    """Solve e = start - B source(e) from `guess` with Anderson(1) mixing: each pass evaluates the source once, the next
+    guess combines the last two passes' images so that their residuals cancel along their difference. A pass whose
+    residual does not shrink halves the step (down to MIN_RELAX, else (None, None, passes)). Returns the settled e, the
+    source there (mixed like e: linear in e near it) and the pass count."""
+    norm = torch.linalg.vector_norm
+    prev, relax, src = None, 1.0, predicted
+    for _ in range(CORRECTIONS):
+        image_src = source(guess)
+        passes += 1
+        image = start - B * image_src
+        res = image - guess
+        res_norm = float(norm(res))
+        if prev is not None and not res_norm < prev[0]:  # not contracting: the checkpoint's curvature differs from the replay's; damp
+            relax *= 0.5
+            if relax < MIN_RELAX:
+                return None, None, passes
+        nxt, nxt_src = image, image_src
+        if prev is not None:
+            d_res = res - prev[1]
+            denom = float(torch.dot(d_res, d_res))
+            if denom > 0:
+                a = float(torch.dot(res, d_res)) / denom
+                nxt, nxt_src = image - a * (image - prev[2]), image_src - a * (image_src - prev[3])
+        step = nxt - guess
+        prev = (res_norm, res, image, image_src)
+        guess, src = guess + relax * step, image_src + relax * (nxt_src - image_src)
+        if float(norm(step)) <= settled:
+            break
+    return guess, src, passes
 
 
 def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, lr_scale, lr_coords,
@@ -869,23 +901,13 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
         if float(norm(guess)) < SKIP * scale:
             z, src = guess, predicted
             continue
-        # corrector: the source at the current guess, repeated while it still moves the guess (the source's
-        # sensitivity to e is the curvature the replay does not model, so this contracts, but slowly when the
-        # change is large: 1 pass left 0.11 of the gap on MNIST-1D 30 % flipped, 2 passes 0.05, 3 passes 0.036)
-        moved, relax = float("inf"), 1.0
-        for _ in range(CORRECTIONS):
-            nxt = source(j + 1, guess)
-            passes += 1
-            new = start - B[j] * nxt
-            step, moved = moved, float(norm(new - guess))
-            if not moved < step:  # not contracting: the checkpoint's curvature differs from the replay's; damp
-                relax *= 0.5
-                if relax < MIN_RELAX:  # (e.g. an MLP's curvature far from the end point's): give up
-                    return None, passes
-            guess = guess + relax * (new - guess)
-            if moved <= STEP_TOL * float(norm(new)):
-                break
-        z, src = guess, nxt
+        # corrector: the source at the current guess, repeated while it still moves the guess. Its error shrinks by
+        # B (H_j - curvature) a pass, with H_j the checkpoint's curvature, which is larger than the end point's early in
+        # training: the error alternates in sign and shrinks slowly (3 plain passes left digits' middle checkpoints
+        # unsettled). Anderson mixing of the last two passes (a secant along the change) takes that factor out.
+        z, src, passes = _corrector(lambda e: source(j + 1, e), start, B[j], guess, predicted, passes, STEP_TOL * scale)
+        if z is None:  # not contracting even damped (e.g. an MLP's curvature far from the end point's): give up
+            return None, passes
     # the last segment ends at w*: e_T = start - B s_K(e_T), a fixed point (contraction |B (H - curvature)|, small)
     start = P[K - 1] * z - A[K - 1] * src
     z = start - B[K - 1] * (linear[K] + src - linear[K - 1])
