@@ -827,13 +827,13 @@ SKIP = 0.1  # checkpoints whose predicted |e_j| is under SKIP |w - w*| keep the 
 CORRECTIONS, STEP_TOL, MIN_RELAX = 3, 0.01, 0.2
 
 
-def _corrector(source, start, B, guess, predicted, passes, settled):
+def _corrector(source, start, B, guess, passes, settled):
     """Solve e = start - B source(e) from `guess` with Anderson(1) mixing: each pass evaluates the source once, the next
     guess combines the last two passes' images so that their residuals cancel along their difference. A pass whose
     residual does not shrink halves the step (down to MIN_RELAX, else (None, None, passes)). Returns the settled e, the
     source there (mixed like e: linear in e near it) and the pass count."""
     norm = torch.linalg.vector_norm
-    prev, relax, src = None, 1.0, predicted
+    prev, relax = None, 1.0
     for _ in range(CORRECTIONS):
         image_src = source(guess)
         passes += 1
@@ -905,7 +905,7 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
         # B (H_j - curvature) a pass, with H_j the checkpoint's curvature, which is larger than the end point's early in
         # training: the error alternates in sign and shrinks slowly (3 plain passes left digits' middle checkpoints
         # unsettled). Anderson mixing of the last two passes (a secant along the change) takes that factor out.
-        z, src, passes = _corrector(lambda e: source(j + 1, e), start, B[j], guess, predicted, passes, STEP_TOL * scale)
+        z, src, passes = _corrector(lambda e: source(j + 1, e), start, B[j], guess, passes, STEP_TOL * scale)
         if z is None:  # not contracting even damped (e.g. an MLP's curvature far from the end point's): give up
             return None, passes
     # the last segment ends at w*: e_T = start - B s_K(e_T), a fixed point (contraction |B (H - curvature)|, small)
