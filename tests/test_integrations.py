@@ -19,6 +19,7 @@ from unlearn_fast.methods import retrain, trajectory  # noqa: E402
 from dist_setup import spawn_as_torchrun  # noqa: E402  (tests/ is on sys.path)
 
 N, BATCH = 48, 4
+BF16_TIGHT = 5e-6  # a replay under bfloat16 autocast of a DDP run in one process (the ranks' products summed in another order)
 TIGHT = 1e-6  # SGD: the replay differs from the Trainer by float rounding only (other padding and summation order)
 
 
@@ -859,11 +860,14 @@ def test_ddp_trainer_in_bf16_with_accumulation_replays_each_ranks_micro_batches(
     trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
     moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
     data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
-    assert _max_dw(_replay(trained, history, data, loss), trained) < TIGHT < moved / 1000
+    # (not bit for bit in one process: 4e-8 on an AMD host, 2.1e-6 on an Intel one (AVX-512), whose kernels sum the ranks' bfloat16
+    # products in another order; the wrong replay below is far off on both)
+    replayed = _max_dw(_replay(trained, history, data, loss), trained)
+    assert replayed < BF16_TIGHT < moved / 1000
     _assert_ddp_replays(tmp_path, trained)
     # each rank's part forwarded at once: other bfloat16 products
     parts = GradientHistory(history.meta, {k: v for k, v in history.schedule.items() if k not in ("micro_counts", "micro_sizes")})
-    assert _max_dw(_replay(trained, parts, data, loss), trained) > 10 * TIGHT
+    assert _max_dw(_replay(trained, parts, data, loss), trained) > 5 * BF16_TIGHT  # (6.3e-5 on the Intel host, 8e-5 on AMD)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
