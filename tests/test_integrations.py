@@ -19,7 +19,7 @@ from unlearn_fast.methods import retrain, trajectory  # noqa: E402
 from dist_setup import spawn_as_torchrun  # noqa: E402  (tests/ is on sys.path)
 
 N, BATCH = 48, 4
-BF16_TIGHT = 5e-6  # a replay under bfloat16 autocast of a DDP run in one process (the ranks' products summed in another order)
+BF16_TIGHT = 5e-6  # a replay under bfloat16 autocast of a DDP run in one process (host-dependent rounding: see its test)
 TIGHT = 1e-6  # SGD: the replay differs from the Trainer by float rounding only (other padding and summation order)
 
 
@@ -860,8 +860,8 @@ def test_ddp_trainer_in_bf16_with_accumulation_replays_each_ranks_micro_batches(
     trained.load_state_dict(torch.load(tmp_path / "final_0.pt"))
     moved = float((flat_params(trained) - history.schedule["w0"]).abs().max())
     data, loss = hf.replay_set(_Texts(), _collate), hf.TrainerLoss("all")
-    # (not bit for bit in one process: 4e-8 on an AMD host, 2.1e-6 on an Intel one (AVX-512), whose kernels sum the ranks' bfloat16
-    # products in another order; the wrong replay below is far off on both)
+    # (not bit for bit in one process: 4e-8 on an AMD host, 2.1e-6 on an Intel (AVX-512) one, the same there with one thread;
+    # which kernel rounds differently was not established. The wrong replay below is far off on both)
     replayed = _max_dw(_replay(trained, history, data, loss), trained)
     assert replayed < BF16_TIGHT < moved / 1000
     _assert_ddp_replays(tmp_path, trained)
