@@ -684,3 +684,22 @@ def test_the_batch_terms_weighted_gradient_sum_matches_per_sample_gradients_and_
         for mean_loss in (False, True) if is_mean else (False,):
             got = mini.weighted_gradient_sum(model, loss_fn, data, idx, c, w, batch_size=3, mean_loss=mean_loss)
             torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_onset_is_the_share_of_a_gradient_change_that_momentum_sgd_applies_by_the_end(nesterov):
+    """torch.optim.SGD itself, on a parameter whose only gradient is a unit change at step t: by the end it moved
+    lr / (1 - beta) times momentum_onset[t] (the batch term's per-step responses carry this factor)."""
+    T, lr, beta = 23, 0.1, 0.9
+    meta = {"optimizer": {"groups": [{"momentum": beta, "nesterov": nesterov}]}}
+    onset = mini.momentum_onset(meta, None, T)
+    for t in (0, 7, T - 3, T - 1):
+        x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([x], lr=lr, momentum=beta, nesterov=nesterov)
+        for step in range(T):
+            x.grad = torch.ones_like(x) if step == t else torch.zeros_like(x)
+            opt.step()
+        assert abs(-float(x) * (1 - beta) / lr - float(onset[t])) < 1e-12
+    # a scheduled momentum: each step's own beta
+    momenta = torch.linspace(0.95, 0.85, T, dtype=torch.float64)[:, None]
+    assert torch.allclose(mini.momentum_onset(meta, momenta, T)[-1], 1 - momenta[-1, 0] ** (1 + nesterov))
