@@ -691,8 +691,7 @@ def test_momentum_onset_is_the_share_of_a_gradient_change_that_momentum_sgd_appl
     """torch.optim.SGD itself, on a parameter whose only gradient is a unit change at step t: by the end it moved
     lr / (1 - beta) times momentum_onset[t] (the batch term's per-step responses carry this factor)."""
     T, lr, beta = 23, 0.1, 0.9
-    meta = {"optimizer": {"groups": [{"momentum": beta, "nesterov": nesterov}]}}
-    onset = mini.momentum_onset(meta, None, T)
+    onset = mini.momentum_onset(torch.full((T,), beta, dtype=torch.float64), nesterov)
     for t in (0, 7, T - 3, T - 1):
         x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.SGD([x], lr=lr, momentum=beta, nesterov=nesterov)
@@ -700,6 +699,10 @@ def test_momentum_onset_is_the_share_of_a_gradient_change_that_momentum_sgd_appl
             x.grad = torch.ones_like(x) if step == t else torch.zeros_like(x)
             opt.step()
         assert abs(-float(x) * (1 - beta) / lr - float(onset[t])) < 1e-12
-    # a scheduled momentum: each step's own beta
-    momenta = torch.linspace(0.95, 0.85, T, dtype=torch.float64)[:, None]
-    assert torch.allclose(mini.momentum_onset(meta, momenta, T)[-1], 1 - momenta[-1, 0] ** (1 + nesterov))
+    # a history's momenta: its groups' momentum, or the schedule's per step (OneCycleLR's cycled one)
+    data = blobs(n=200)
+    _, history = train(data, kind="full", momentum=0.9, nesterov=nesterov, epochs=2)
+    beta_t, nest = mini.momentum_of(history)
+    assert nest is nesterov and beta_t.shape == (history.num_steps,) and bool((beta_t == 0.9).all())
+    _, cycled = one_cycle_train(data)
+    assert torch.equal(mini.momentum_of(cycled)[0], cycled.schedule["momenta"][:, 0].to(torch.float64))

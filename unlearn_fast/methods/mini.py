@@ -605,6 +605,26 @@ class _Basis:
 
 
 # ----------------------------------------------------------------------------- unlearning side
+def momentum_onset(beta, nesterov=False):
+    """(T,) the share of a gradient change at step t that SGD momentum (beta: (T,), each step's own) has applied by the
+    end of the run: a change at t enters the velocity and moves the weights by lr (1 - beta^m) / (1 - beta) over the
+    m = T - t steps left (1 - beta^(m + 1) with Nesterov); sgd_settings' multiplier is 1 / (1 - beta) times this. It
+    matters most for the batch term, whose per-step changes in the last 1 / (1 - beta) steps dominate the end point at a
+    constant learning rate (digits, momentum 0.9, 30 %: 0.058 of the gap without this factor, mean field alone 0.048),
+    Not in the mean-field replay's multiplier (sgd_settings): there it moved digits and MNIST-1D by under 0.005 of the
+    gap and the 60-180-step wine and breast_cancer runs farther (0.079 -> 0.096, 0.103 -> 0.134; docs section 13)."""
+    left = torch.arange(beta.numel(), 0, -1, dtype=torch.float64) + (1 if nesterov else 0)
+    return 1 - beta.to(torch.float64) ** left
+
+
+def momentum_of(history):
+    """((T,) each step's SGD momentum, nesterov) of a recorded SGD run (the schedule's momenta, else the groups')."""
+    group, T = history.meta["optimizer"]["groups"][0], history.num_steps
+    momenta = history.schedule.get("momenta")
+    beta = torch.full((T,), float(group.get("momentum", 0.0)), dtype=torch.float64) if momenta is None else momenta[:T, 0].to(torch.float64)
+    return beta, bool(group.get("nesterov", False))
+
+
 def sgd_settings(meta, method, lrs=None, momenta=None):
     """(weight decay, learning-rate multiplier, coordinate learning rates) of the recorded SGD; other optimizers raise
     ValueError. The weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each
@@ -615,9 +635,11 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
 
     With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
     learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
-    the transient of the velocity (about 1 / (1 - beta) steps) is not modelled. A momentum a scheduler changed step by
-    step (`momenta`, the schedule's (T, groups): OneCycleLR's cycle_momentum) gives a multiplier per step, a (T,)
-    float32 tensor, the same quasi-static reading (valid while beta changes little within 1 / (1 - beta) steps).
+    the transient of the velocity (about 1 / (1 - beta) steps) is not modelled here (the batch term takes its onset at
+    the end of the run, momentum_onset: in this multiplier it made the small benchmark runs farther, docs section 13).
+    A momentum a scheduler changed step by step (`momenta`, the schedule's (T, groups): OneCycleLR's cycle_momentum)
+    gives a multiplier per step, a (T,) float32 tensor, the same quasi-static reading (valid while beta changes little
+    within 1 / (1 - beta) steps).
     maximize=True is refused.
     """
     cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
@@ -1146,20 +1168,6 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     return _Basis.orthonormal(torch.cat([U, Q])), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
 
 
-def momentum_onset(meta, momenta, T):
-    """(T,) the share of a gradient change at step t that SGD momentum has applied by the end of the run: a change at t
-    enters the velocity and moves the weights by lr (1 - beta^m) / (1 - beta) over the m = T - t steps left
-    (1 - beta^(m + 1) with Nesterov), of which sgd_settings' multiplier counts the 1 / (1 - beta). Negligible for the
-    mean-field sources, which change slowly; not for the batch term, whose per-step changes in the last 1 / (1 - beta)
-    steps dominate the end point at a constant learning rate (digits, momentum 0.9, 30 %: 0.058 of the gap without
-    this factor, mean field alone 0.048). beta is the step's own (a scheduled momentum: its value at t)."""
-    groups = meta["optimizer"]["groups"]
-    beta = (torch.tensor([float(groups[0].get("momentum", 0.0))], dtype=torch.float64).expand(T) if momenta is None
-            else momenta[:T, 0].to(torch.float64))
-    left = torch.arange(T, 0, -1, dtype=torch.float64) + (1 if groups[0].get("nesterov", False) else 0)
-    return 1 - beta ** left
-
-
 def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, decay, lr_scale, lr_coords, batch_size):
     """The batch term for this request (batch_term), in the summary's own basis (the request's extra directions are not
     in the stored curvature table). points: the decoded checkpoints and w*; sums: the forget set's gradient sums there;
@@ -1170,7 +1178,7 @@ def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_sta
     lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
     folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), decay, lr_coords, stored.rows())
     omega = _times(step_responses(lrs, marks_of(history), folded, folded_decay)[0], mult)
-    omega = omega * momentum_onset(history.meta, history.schedule.get("momenta"), T)[:, None].to(dtype)
+    omega = omega * momentum_onset(*momentum_of(history))[:, None].to(dtype)
     ck = [int(x) for x in s["ckpt_steps"]]
     marks = batch_marks(ck, T)
     d_ck = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r)
