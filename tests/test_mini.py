@@ -706,3 +706,22 @@ def test_momentum_onset_is_the_share_of_a_gradient_change_that_momentum_sgd_appl
     assert nest is nesterov and beta_t.shape == (history.num_steps,) and bool((beta_t == 0.9).all())
     _, cycled = one_cycle_train(data)
     assert torch.equal(mini.momentum_of(cycled)[0], cycled.schedule["momenta"][:, 0].to(torch.float64))
+
+
+@pytest.mark.parametrize("bias,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float64)])
+def test_logistic_regressions_closed_form_gradient_sum_matches_autograd(bias, dtype):
+    """gradient_sum's closed form for a bare nn.Linear under mean cross-entropy (the replay's passes) against autograd
+    on the same batches (a loss_fn that is not F.cross_entropy itself takes the autograd path); odd sizes, the last
+    batch short. Labels out of range are left to cross-entropy's own error."""
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.randn(83, 7, generator=gen, dtype=dtype), torch.randint(0, 5, (83,), generator=gen)
+    data = torch.utils.data.TensorDataset(X, y)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 5, bias=bias).to(dtype)
+    w = flat_params(model).clone() + 0.3 * torch.randn(flat_params(model).numel(), generator=gen, dtype=dtype)
+    batches = list(mini.batches_of(data, torch.randperm(83, generator=gen), 30))
+    autograd = mini.gradient_sum(model, lambda out, t: torch.nn.functional.cross_entropy(out, t), batches, w)
+    closed = mini.gradient_sum(model, torch.nn.functional.cross_entropy, batches, w)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(closed, autograd, rtol=tol, atol=tol * float(autograd.abs().max()))
+    assert mini._softmax_linear_gradient(model, torch.nn.functional.cross_entropy, (X[:4], torch.tensor([0, 1, 5, 2])), w) is None

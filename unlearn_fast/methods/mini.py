@@ -136,6 +136,26 @@ def _softmax_linear_inputs(model, loss_fn, batch, w):
     return x.detach(), W.detach(), d, bias
 
 
+def _softmax_linear_gradient(model, loss_fn, batch, w):
+    """sum_i grad l_i(w) of logistic regression under mean cross-entropy (a bare nn.Linear, is_softmax_linear), flat in
+    the (weight, bias) order, or None where the model or the batch does not fit (the generic path then runs, and raises
+    what cross-entropy raises). (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU
+    softmax is 4x faster than along rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's takes)."""
+    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+        return None
+    x, y = batch
+    c, d = model.weight.shape
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
+            and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all())):
+        return None
+    W = w[: c * d].view(c, d)
+    z = W @ x.T if model.bias is None else torch.addmm(w[c * d :, None], W, x.T)
+    p = torch.softmax(z, 0)
+    p[y, torch.arange(len(y))] -= 1
+    g = (p @ x).reshape(-1)
+    return g if model.bias is None else torch.cat([g, p.sum(1)])
+
+
 def form_matrix(model, loss_fn, p, columns):
     """Whether to form the GGN rather than take `columns` products with it: logistic regression up to DENSE_MAX
     parameters, whose matrix costs 2 n p^2 flops in matrix products against 4 n p per product through the fused
@@ -688,10 +708,17 @@ def batches_of(train_set, indices, batch_size):
 
 
 def gradient_sum(model, loss_fn, batches, w):
-    """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means)."""
-    set_flat_params(model, w)
-    total = torch.zeros_like(w)
+    """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means). Where autograd
+    runs, the model's parameters are left at w (logistic regression takes the closed form and leaves them)."""
+    total, placed = torch.zeros_like(w), False
     for batch, size in batches:
+        closed = _softmax_linear_gradient(model, loss_fn, batch, w)
+        if closed is not None:  # logistic regression: the gradient in closed form, 2-4x faster than autograd on small models
+            total += closed
+            continue
+        if not placed:
+            set_flat_params(model, w)
+            placed = True
         model.zero_grad(set_to_none=True)
         batch_loss(model, loss_fn, batch).backward()
         total += flat_grads(model) * size
@@ -704,7 +731,11 @@ def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
 
 
 def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
-    """sum_{i in R} grad l_i(w) for every row w of `points`, all points in one vmapped pass per forget chunk."""
+    """sum_{i in R} grad l_i(w) for every row w of `points`, all points in one vmapped pass per forget chunk (logistic
+    regression: gradient_sum's closed form at each point, 3x faster)."""
+    if is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+        batches = list(batches_of(train_set, forget, batch_size))
+        return torch.stack([gradient_sum(model, loss_fn, batches, w) for w in points])
     total = torch.zeros_like(points)
     try:
         for start in range(0, forget.numel(), batch_size):
