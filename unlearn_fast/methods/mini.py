@@ -630,7 +630,7 @@ def momentum_onset(beta, nesterov=False):
     end of the run: a change at t enters the velocity and moves the weights by lr (1 - beta^m) / (1 - beta) over the
     m = T - t steps left (1 - beta^(m + 1) with Nesterov); sgd_settings' multiplier is 1 / (1 - beta) times this. It
     matters most for the batch term, whose per-step changes in the last 1 / (1 - beta) steps dominate the end point at a
-    constant learning rate (digits, momentum 0.9, 30 %: 0.058 of the gap without this factor, mean field alone 0.048),
+    constant learning rate (digits, momentum 0.9, 30 %: 0.058 of the gap without this factor, mean field alone 0.048).
     Not in the mean-field replay's multiplier (sgd_settings): there it moved digits and MNIST-1D by under 0.005 of the
     gap and the 60-180-step wine and breast_cancer runs farther (0.079 -> 0.096, 0.103 -> 0.134; docs section 13)."""
     left = torch.arange(beta.numel(), 0, -1, dtype=torch.float64) + (1 if nesterov else 0)
@@ -1410,6 +1410,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     stats.update(request)
     if batch_shift is not None:
         stats["batch_shift"] = float(torch.linalg.vector_norm(batch_shift)) / max(moved, 1e-30)  # relative to the whole move
+        # and it read every step's batch (int32 on disk; the curvature table is in the summary's bytes)
+        stats["history_bytes_read"] += 4 * sum(b.numel() for b in history.schedule["batches"])
     if noise_rel is not None:
         stats["sgd_noise_estimate"] = noise_rel  # relative to the mean-field move
     # A-posteriori check against retraining's direction (docs/mini_unlearning.md, "The check"): one pass over the
