@@ -698,7 +698,7 @@ def test_momentum_onset_is_the_share_of_a_gradient_change_that_momentum_sgd_appl
         for step in range(T):
             x.grad = torch.ones_like(x) if step == t else torch.zeros_like(x)
             opt.step()
-        assert abs(-float(x) * (1 - beta) / lr - float(onset[t])) < 1e-12
+        assert abs(-float(x.detach()) * (1 - beta) / lr - float(onset[t])) < 1e-12
     # a history's momenta: its groups' momentum, or the schedule's per step (OneCycleLR's cycled one)
     data = blobs(n=200)
     _, history = train(data, kind="full", momentum=0.9, nesterov=nesterov, epochs=2)
