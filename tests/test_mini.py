@@ -662,9 +662,10 @@ def test_with_the_batch_order_the_batch_term_halves_the_distance_to_the_exact_re
 
 
 def test_the_batch_terms_weighted_gradient_sum_matches_per_sample_gradients_and_refuses_the_batch_trick_for_weighted_losses():
-    """weighted_gradient_sum against an explicit loop of per-sample gradients; the one-backward path is used only where
-    loss_fn is a mean of per-sample losses (a class-weighted cross-entropy is not: its batch mean is normalised by the
-    batch's weights, so loss_is_a_mean says no and the per-sample path gives the reference)."""
+    """weighted_gradient_sum against an explicit loop of per-sample gradients, on its three paths: logistic regression's
+    closed form (F.cross_entropy itself), one backward where loss_fn is a mean of per-sample losses, and loss_fn on each
+    sample (a class-weighted cross-entropy is not a mean: its batch mean is normalised by the batch's weights, so
+    loss_is_a_mean says no and the per-sample path gives the reference)."""
     data = blobs(n=37)
     torch.manual_seed(0)
     model = torch.nn.Linear(10, 4)
@@ -672,7 +673,8 @@ def test_the_batch_terms_weighted_gradient_sum_matches_per_sample_gradients_and_
     idx = torch.tensor([3, 0, 36, 17, 5, 9, 30])
     c = torch.linspace(-1.5, 2.0, idx.numel(), dtype=torch.float64)
     weighted = lambda out, y: torch.nn.functional.cross_entropy(out, y, weight=torch.tensor([1.0, 3.0, 0.5, 2.0]))  # noqa: E731
-    for loss_fn, is_mean in ((LOSS, True), (weighted, False)):
+    plain = lambda out, y: torch.nn.functional.cross_entropy(out, y)  # noqa: E731  (not F.cross_entropy itself: no closed form)
+    for loss_fn, is_mean in ((plain, True), (weighted, False)):
         reference = torch.zeros_like(w)
         for i, ci in zip(idx.tolist(), c.tolist()):
             x, y = data[i]
@@ -683,6 +685,9 @@ def test_the_batch_terms_weighted_gradient_sum_matches_per_sample_gradients_and_
         assert mini.loss_is_a_mean(model, loss_fn, data, idx, w) is is_mean
         for mean_loss in (False, True) if is_mean else (False,):
             got = mini.weighted_gradient_sum(model, loss_fn, data, idx, c, w, batch_size=3, mean_loss=mean_loss)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+        if is_mean:  # F.cross_entropy itself on a bare nn.Linear: the closed form
+            got = mini.weighted_gradient_sum(model, torch.nn.functional.cross_entropy, data, idx, c, w, batch_size=3)
             torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
 
 

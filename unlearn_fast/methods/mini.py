@@ -136,10 +136,10 @@ def _softmax_linear_inputs(model, loss_fn, batch, w):
     return x.detach(), W.detach(), d, bias
 
 
-def _softmax_linear_gradient(model, loss_fn, batch, w):
-    """sum_i grad l_i(w) of logistic regression under mean cross-entropy (a bare nn.Linear, is_softmax_linear), flat in
-    the (weight, bias) order, or None where the model or the batch does not fit (the generic path then runs, and raises
-    what cross-entropy raises). (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU
+def _softmax_linear_gradient(model, loss_fn, batch, w, weights=None):
+    """sum_i grad l_i(w) (times weights_i, if given) of logistic regression under mean cross-entropy (a bare nn.Linear,
+    is_softmax_linear), flat in the (weight, bias) order, or None where the model or the batch does not fit (the
+    generic path then runs, and raises what cross-entropy raises). (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU
     softmax is 4x faster than along rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's takes)."""
     if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
         return None
@@ -152,6 +152,8 @@ def _softmax_linear_gradient(model, loss_fn, batch, w):
     z = W @ x.T if model.bias is None else torch.addmm(w[c * d :, None], W, x.T)
     p = torch.softmax(z, 0)
     p[y, torch.arange(len(y))] -= 1
+    if weights is not None:
+        p = p * weights.to(p.dtype)
     g = (p @ x).reshape(-1)
     return g if model.bias is None else torch.cat([g, p.sum(1)])
 
@@ -1020,6 +1022,10 @@ def weighted_gradient_sum(model, loss_fn, train_set, idx, weights, w, batch_size
     for start in range(0, idx.numel(), batch_size):
         part, c = idx[start : start + batch_size], weights[start : start + batch_size].to(w.dtype)
         x, y = fetch(train_set, part)
+        closed = _softmax_linear_gradient(model, loss_fn, (x, y), w, c)
+        if closed is not None:  # logistic regression: in closed form (the batch term's ~90 segment passes, 3-4x faster)
+            total += closed
+            continue
         if mean_loss:
             set_flat_params(model, w)
             model.zero_grad(set_to_none=True)
