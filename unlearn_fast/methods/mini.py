@@ -1119,7 +1119,7 @@ def marks_of(history):
 CHECK_RATIO = 0.75
 NOISE_FLOOR = 0.5  # refuse when the SGD-noise estimate (stats["sgd_noise_estimate"], noise_response) exceeds this share of the move
 # with the batch order (a kind="full" history) the batch term runs by default above this SGD-noise estimate: below it the
-# mean-field result is already about this close to the retrain and the term would cost 3-5x the request (docs section 13)
+# mean-field result is already about this close to the retrain and the term would cost 2-3x the request (docs section 13)
 BATCH_NOISE = 0.1
 
 
