@@ -120,16 +120,25 @@ def _tree_dot(a, b):
     return sum((u * v).sum() for u, v in zip(a, b))
 
 
+def _softmax_linear_fits(model, loss_fn, batch, w):
+    """Whether the model is a bare nn.Linear under mean cross-entropy (logistic regression) and the batch is one it can
+    take: 2-d inputs of its width and w's dtype, integer labels within its classes (otherwise the generic path runs and
+    raises what cross-entropy raises)."""
+    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+        return False
+    x, y = batch
+    c, d = model.weight.shape
+    return (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
+            and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all()))
+
+
 def _softmax_linear_inputs(model, loss_fn, batch, w):
     """(inputs with a ones column for the bias, (c, d + 1) weights, d, has bias) where the model is a bare nn.Linear under
     mean cross-entropy (logistic regression: its GGN is its Hessian); None where the batch or the model does not fit."""
-    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+    if not _softmax_linear_fits(model, loss_fn, batch, w):
         return None
-    x, y = batch
+    x, _ = batch
     c, d = model.weight.shape
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
-            and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all())):
-        return None  # (the generic path raises what cross-entropy raises)
     W, bias = w[: c * d].view(c, d), model.bias is not None
     if bias:  # a bias is a ones column of the inputs
         x, W = torch.cat([x, x.new_ones(len(x), 1)], 1), torch.cat([W, w[c * d :, None]], 1)
@@ -137,17 +146,14 @@ def _softmax_linear_inputs(model, loss_fn, batch, w):
 
 
 def _softmax_linear_gradient(model, loss_fn, batch, w, weights=None):
-    """sum_i grad l_i(w) (times weights_i, if given) of logistic regression under mean cross-entropy (a bare nn.Linear,
-    is_softmax_linear), flat in the (weight, bias) order, or None where the model or the batch does not fit (the
-    generic path then runs, and raises what cross-entropy raises). (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU
-    softmax is 4x faster than along rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's takes)."""
-    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+    """sum_i grad l_i(w) (times weights_i, if given) of logistic regression under mean cross-entropy, flat in the
+    (weight, bias) order, or None where the model or the batch does not fit (_softmax_linear_fits).
+    (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU softmax is 4x faster than along
+    rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's cross-entropy takes)."""
+    if not _softmax_linear_fits(model, loss_fn, batch, w):
         return None
     x, y = batch
     c, d = model.weight.shape
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == d and x.dtype == w.dtype and isinstance(y, torch.Tensor)
-            and y.dim() == 1 and not y.dtype.is_floating_point and bool(((y >= 0) & (y < c)).all())):
-        return None
     W = w[: c * d].view(c, d)
     z = W @ x.T if model.bias is None else torch.addmm(w[c * d :, None], W, x.T)
     p = torch.softmax(z, 0)
