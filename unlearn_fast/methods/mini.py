@@ -120,11 +120,17 @@ def _tree_dot(a, b):
     return sum((u * v).sum() for u, v in zip(a, b))
 
 
+def _is_logistic(model, loss_fn):
+    """A bare nn.Linear, all of it trainable, under plain mean cross-entropy (hvp.is_softmax_linear on its trainable
+    parameters): logistic regression, whose curvature and gradients mini computes in closed form."""
+    return is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad])
+
+
 def _softmax_linear_fits(model, loss_fn, batch, w):
     """Whether the model is a bare nn.Linear under mean cross-entropy (logistic regression) and the batch is one it can
     take: 2-d inputs of its width and w's dtype, integer labels within its classes (otherwise the generic path runs and
     raises what cross-entropy raises)."""
-    if not is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+    if not _is_logistic(model, loss_fn):
         return False
     x, y = batch
     c, d = model.weight.shape
@@ -168,7 +174,7 @@ def form_matrix(model, loss_fn, p, columns):
     """Whether to form the GGN rather than take `columns` products with it: logistic regression up to DENSE_MAX
     parameters, whose matrix costs 2 n p^2 flops in matrix products against 4 n p per product through the fused
     kernel (at about a third of the matrix products' flop rate), for at least p / 2 columns."""
-    return p <= DENSE_MAX and 2 * columns >= p and is_softmax_linear(model, loss_fn, [name for name, q in model.named_parameters() if q.requires_grad])
+    return p <= DENSE_MAX and 2 * columns >= p and _is_logistic(model, loss_fn)
 
 
 def _softmax_linear_ggn(model, loss_fn, batch, w, V):
@@ -741,7 +747,7 @@ def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
 def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
     """sum_{i in R} grad l_i(w) for every row w of `points`, all points in one vmapped pass per forget chunk (logistic
     regression: gradient_sum's closed form at each point, 3x faster)."""
-    if is_softmax_linear(model, loss_fn, [name for name, p in model.named_parameters() if p.requires_grad]):
+    if _is_logistic(model, loss_fn):
         batches = list(batches_of(train_set, forget, batch_size))
         return torch.stack([gradient_sum(model, loss_fn, batches, w) for w in points])
     total = torch.zeros_like(points)
