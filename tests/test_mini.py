@@ -62,10 +62,11 @@ def run_10():
 
 def test_no_progress_raises_instead_of_returning_the_original_model(run_10, monkeypatch):
     data, model, history, forget, retrained = run_10
-    true_sum = mini.forget_gradient_sum
+    true_sum = mini.GradientSums.__call__
     # A forget-set gradient 50x too large makes T expand: every step raises the residual, backtracking halves the
     # relaxation down to min_relax and the iterate never leaves w*. The old code warned and returned w*.
-    monkeypatch.setattr(mini, "forget_gradient_sum", lambda *a: 50 * true_sum(*a))
+    # (Every sum at a single point is scaled; the forget set's sums at the checkpoints and w* are taken at once, unscaled.)
+    monkeypatch.setattr(mini.GradientSums, "__call__", lambda self, w: 50 * true_sum(self, w))
     with pytest.raises(mini.NotUnlearnedError, match="no progress") as err:
         uf.unlearn(model, history, forget, data, LOSS, method="mini")
     assert isinstance(err.value, RuntimeError)

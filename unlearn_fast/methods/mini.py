@@ -153,21 +153,28 @@ def _softmax_linear_inputs(model, loss_fn, batch, w):
 
 def _softmax_linear_gradient(model, loss_fn, batch, w, weights=None):
     """sum_i grad l_i(w) (times weights_i, if given) of logistic regression under mean cross-entropy, flat in the
-    (weight, bias) order, or None where the model or the batch does not fit (_softmax_linear_fits).
-    (softmax(W x' + b) - onehot(y)) x with the classes along dim 0, where PyTorch's CPU softmax is 4x faster than along
-    rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's cross-entropy takes)."""
+    (weight, bias) order, or None where the model or the batch does not fit (_softmax_linear_fits)."""
     if not _softmax_linear_fits(model, loss_fn, batch, w):
         return None
     x, y = batch
-    c, d = model.weight.shape
-    W = w[: c * d].view(c, d)
-    z = W @ x.T if model.bias is None else torch.addmm(w[c * d :, None], W, x.T)
-    p = torch.softmax(z, 0)
-    p[y, torch.arange(len(y))] -= 1
+    return _logistic_gradients(x, y, torch.arange(len(y)), w[None], model.bias is not None, weights)[0]
+
+
+def _logistic_gradients(x, y, rows, points, bias, weights=None):
+    """(P, p): sum_i grad l_i(w) (times weights_i) of logistic regression at each row w of `points` (P, p), for inputs x
+    (n, d), labels y and rows = arange(n): (softmax(W x + b) - onehot(y)) x' with the classes along dim 1, where PyTorch's
+    CPU softmax is 4x faster than along rows of a few classes (0.07 vs 0.30 ms on 1437 x 10, which autograd's
+    cross-entropy takes); every point in one batched product."""
+    P, d = points.shape[0], x.shape[1]
+    c = points.shape[1] // (d + bias)
+    W = points[:, : c * d].view(P, c, d)
+    z = W @ x.T if not bias else torch.baddbmm(points[:, c * d :, None], W, x.T.expand(P, d, -1))
+    prob = torch.softmax(z, 1)
+    prob[:, y, rows] -= 1
     if weights is not None:
-        p = p * weights.to(p.dtype)
-    g = (p @ x).reshape(-1)
-    return g if model.bias is None else torch.cat([g, p.sum(1)])
+        prob = prob * weights.to(prob.dtype)
+    g = (prob @ x).reshape(P, c * d)
+    return g if not bias else torch.cat([g, prob.sum(2)], 1)
 
 
 def form_matrix(model, loss_fn, p, columns):
@@ -597,45 +604,14 @@ def decode_rows(rows, dtype):
 
 
 def decode_basis(eigvecs, dtype):
-    """(k, p) orthonormal rows from the stored eigenvectors (re-orthonormalised after lossy codecs)."""
-    U = decode_rows(eigvecs, dtype)
-    return U if eigvecs.codec == "fp32" else torch.linalg.qr(U.T).Q.T.contiguous()
-
-
-class _Basis:
-    """The orthonormal basis U = L^-1 V of the decoded rows V (L L' = V V', the Cholesky factor), used
-    implicitly: coordinates U x and back-projections U' c cost a k x p product and a k x k triangular
-    solve, cheaper than orthonormalising V (the same span and, up to signs, the same rows as a QR)."""
-
-    def __init__(self, eigvecs, dtype):
-        self.V = decode_rows(eigvecs, dtype)
-        self.L = None if eigvecs.codec == "fp32" else torch.linalg.cholesky(self.V @ self.V.T)
-
-    @classmethod
-    def orthonormal(cls, Q):
-        """The basis of rows Q that are already orthonormal."""
-        basis = cls.__new__(cls)
-        basis.V, basis.L = Q, None
-        return basis
-
-    def rows(self):
-        """U, (k, p) orthonormal rows."""
-        return self.back(torch.eye(self.V.shape[0], dtype=self.V.dtype))
-
-    def coords(self, x):
-        """U x for x (p,) or U x_i for the rows of x (m, p)."""
-        c = self.V @ x.T if x.dim() == 2 else (self.V @ x)[:, None]
-        if self.L is not None:
-            c = torch.linalg.solve_triangular(self.L, c, upper=False)
-        return c.T if x.dim() == 2 else c[:, 0]
-
-    def back(self, c):
-        """U' c for c (k,) or the rows of c (m, k)."""
-        cc = c.T if c.dim() == 2 else c[:, None]
-        if self.L is not None:
-            cc = torch.linalg.solve_triangular(self.L.T, cc, upper=True)
-        out = (self.V.T @ cc).T
-        return out if c.dim() == 2 else out[0]
+    """(k, p) orthonormal rows U from the stored eigenvectors V: as stored (fp32), else re-orthonormalised after the
+    lossy codec as U = L^-1 V with L L' = V V' (Cholesky; the rows a QR of V' gives, up to signs, at half its flops).
+    U is formed once per request: coordinates U x and back-projections U' c are then single matrix products (the
+    replay takes a few hundred of each)."""
+    V = decode_rows(eigvecs, dtype)
+    if eigvecs.codec == "fp32":
+        return V
+    return torch.linalg.solve_triangular(torch.linalg.cholesky(V @ V.T), V, upper=False)
 
 
 # ----------------------------------------------------------------------------- unlearning side
@@ -721,46 +697,65 @@ def batches_of(train_set, indices, batch_size):
         yield fetch(train_set, idx), idx.numel()
 
 
+class GradientSums:
+    """sum_i grad l_i(w) over a fixed set of samples ((batch, size) pairs; loss_fn returns batch means), at any w or at
+    several points at once. The batches are fetched once; logistic regression (_softmax_linear_fits) takes the closed form
+    on their stacked inputs (checked once, not per evaluation: a Mini request on wine or breast_cancer is mostly such
+    small evaluations), anything else autograd batch by batch, leaving the model's parameters at the last w."""
+
+    def __init__(self, model, loss_fn, batches):
+        self.model, self.loss_fn, self.batches = model, loss_fn, list(batches)
+        self.closed = None
+        if self.batches and _is_logistic(model, loss_fn):
+            w = model.weight.detach()
+            if all(_softmax_linear_fits(model, loss_fn, batch, w) for batch, _ in self.batches):
+                x = torch.cat([batch[0] for batch, _ in self.batches]).detach()
+                y = torch.cat([batch[1] for batch, _ in self.batches])
+                self.closed = (x, y, torch.arange(len(y)))
+
+    def _closed_form(self, points):
+        if self.closed is None or points.dtype != self.closed[0].dtype:
+            return None
+        return _logistic_gradients(*self.closed, points, self.model.bias is not None)
+
+    def __call__(self, w):
+        closed = self._closed_form(w[None])
+        if closed is not None:
+            return closed[0]
+        set_flat_params(self.model, w)
+        total = torch.zeros_like(w)
+        for batch, size in self.batches:
+            self.model.zero_grad(set_to_none=True)
+            batch_loss(self.model, self.loss_fn, batch).backward()
+            total += flat_grads(self.model) * size
+        return total
+
+    def at(self, points):
+        """(P, p): the sums at every row of points, all points in one pass: batched products for logistic regression,
+        one vmapped pass per batch otherwise (3x faster than point by point in either case)."""
+        closed = self._closed_form(points)
+        if closed is not None:
+            return closed
+        total = torch.zeros_like(points)
+        try:
+            for (x, y), size in self.batches:
+                outputs = _outputs_fn(self.model, x)
+                with math_attention():
+                    total += vmap(grad(lambda flat: outputs.loss(self.loss_fn, outputs(flat), y)))(points) * size
+        except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
+            total = torch.stack([self(w) for w in points])
+        return total
+
+
 def gradient_sum(model, loss_fn, batches, w):
-    """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means). Where autograd
-    runs, the model's parameters are left at w (logistic regression takes the closed form and leaves them)."""
-    total, placed = torch.zeros_like(w), False
-    for batch, size in batches:
-        closed = _softmax_linear_gradient(model, loss_fn, batch, w)
-        if closed is not None:  # logistic regression: the gradient in closed form, 2-4x faster than autograd on small models
-            total += closed
-            continue
-        if not placed:
-            set_flat_params(model, w)
-            placed = True
-        model.zero_grad(set_to_none=True)
-        batch_loss(model, loss_fn, batch).backward()
-        total += flat_grads(model) * size
-    return total
+    """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means), once
+    (GradientSums where the same samples are evaluated again)."""
+    return GradientSums(model, loss_fn, batches)(w)
 
 
 def forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size):
     """sum_{i in R} grad l_i(w): the forget set (or any index set) in a few large batches."""
     return gradient_sum(model, loss_fn, batches_of(train_set, forget, batch_size), w)
-
-
-def forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size):
-    """sum_{i in R} grad l_i(w) for every row w of `points`, all points in one vmapped pass per forget chunk (logistic
-    regression: gradient_sum's closed form at each point, 3x faster)."""
-    if _is_logistic(model, loss_fn):
-        batches = list(batches_of(train_set, forget, batch_size))
-        return torch.stack([gradient_sum(model, loss_fn, batches, w) for w in points])
-    total = torch.zeros_like(points)
-    try:
-        for start in range(0, forget.numel(), batch_size):
-            idx = forget[start : start + batch_size]
-            x, y = fetch(train_set, idx)
-            outputs = _outputs_fn(model, x)
-            with math_attention():
-                total += vmap(grad(lambda flat: outputs.loss(loss_fn, outputs(flat), y)))(points) * idx.numel()
-    except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
-        total = torch.stack([forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size) for w in points])
-    return total
 
 
 def fold_coordinates(curvature, decay, lr_coords, rows, off_span=True):
@@ -935,28 +930,28 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
     Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal.
     Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
     n, r, K, k, p = history.n_train, forget.numel(), points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
-    folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis.rows())
+    folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis)
     P, A, B = segment_weights(lr_scale * history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay)
     A, B = _times(A, mult), _times(B, mult)
     P, A, B, curv = (torch.cat([x[..., :-1], x[..., -1:].expand(*x.shape[:-1], p)], -1) for x in (P, A, B, curvature))
 
     def split(v):
-        c = basis.coords(v)
-        return torch.cat([c, v - basis.back(c)], -1)
+        c = v @ basis.T
+        return torch.cat([c, v - c @ basis], -1)
 
     def full(z):
-        return basis.back(z[:k]) + z[k:]
+        return z[:k] @ basis + z[k:]
 
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False
     retained = keep.nonzero()[:, 0]
     linear = split(linear)
 
-    batches = list(batches_of(train_set, retained, batch_size))  # the retained set, fetched once for every pass
+    retained_sum = GradientSums(model, loss_fn, batches_of(train_set, retained, batch_size))  # fetched once for every pass
 
     def source(j, z):
         """grad L_R(w_j + e) - gbar_j - (curvature) e: the change of the training gradient beyond the replay's linear term."""
-        g = gradient_sum(model, loss_fn, batches, points[j] + full(z)) / (n - r)
+        g = retained_sum(points[j] + full(z)) / (n - r)
         return split(g - gbars[j]) - curv * z
 
     norm = torch.linalg.vector_norm
@@ -1066,7 +1061,8 @@ def batch_term(model, loss_fn, train_set, forget, history, omega, marks, points,
         e_batch = -sum_S omega_S (sum_{t in S} s_t - |S| d(point_S)),
     one weighted gradient pass over the samples of S's batches per segment, i.e. each recorded sample once per epoch.
     omega: (T, k + 1) per-step responses; marks: the segments' first steps (then T); points: (len(marks) - 1, p) where
-    each segment's gradients are taken; mf_sources: d at those points. Returns (e_batch, samples evaluated)."""
+    each segment's gradients are taken; mf_sources: d at those points; basis: U, (k, p) orthonormal rows. Returns
+    (e_batch, samples evaluated)."""
     n, T = history.n_train, history.num_steps
     batches = history.schedule["batches"]
     sizes = torch.tensor([b.numel() for b in batches])
@@ -1099,7 +1095,7 @@ def batch_term(model, loss_fn, train_set, forget, history, omega, marks, points,
         evaluated += idx.numel()
         v = g - (b - a) * mf_sources[j]
         w_mean = omega[a:b].mean(0)
-        total -= basis.back((w_mean[:-1] - w_mean[-1]) * basis.coords(v)) + w_mean[-1] * v
+        total -= ((w_mean[:-1] - w_mean[-1]) * (v @ basis.T)) @ basis + w_mean[-1] * v
     return total, evaluated
 
 
@@ -1174,7 +1170,7 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     fixed point weighs them. The new directions' curvature along the run is their curvature at w* scaled as rho was
     measured to change (rho_path). Each block costs one GGN product of K + 1 vectors over REQUEST_SAMPLES samples.
     Returns (basis, eig, W, stats): stats["request_converged"] False when REQUEST_BLOCKS blocks did not settle it."""
-    U = basis.rows()
+    U = basis
     sub = _subset(train_set, REQUEST_SAMPLES, torch.Generator().manual_seed(0))
     norm = torch.linalg.vector_norm
 
@@ -1214,7 +1210,7 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     stats = {"request_directions": Q.shape[0], "request_blocks": depth, "request_change": change, "request_converged": change <= REQUEST_TOL,
              "offspan_share": share,
              "curvature_products": len(sub) * sum(b.shape[0] for b in blocks[:depth])}  # sample x vector GGN products
-    return _Basis.orthonormal(torch.cat([U, Q])), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
+    return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
 
 
 def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, decay, lr_scale, lr_coords, batch_size):
@@ -1223,9 +1219,9 @@ def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_sta
     d_star: the mean-field source at w*. Returns (e_batch, samples evaluated)."""
     s, n, r, T = history.summary, history.n_train, forget.numel(), history.num_steps
     dtype = points.dtype
-    stored = _Basis(s["eigvecs"], dtype)
+    stored = decode_basis(s["eigvecs"], dtype)
     lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-    folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), decay, lr_coords, stored.rows())
+    folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), decay, lr_coords, stored)
     omega = _times(step_responses(lrs, marks_of(history), folded, folded_decay)[0], mult)
     omega = omega * momentum_onset(*momentum_of(history))[:, None].to(dtype)
     ck = [int(x) for x in s["ckpt_steps"]]
@@ -1272,7 +1268,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     w_star = s["w_star"]
     dtype = w_star.dtype
     g_star = s["g_star"].to(dtype)
-    basis = _Basis(s["eigvecs"], dtype)
+    basis = decode_basis(s["eigvecs"], dtype)  # U, (k, p) orthonormal rows
     eig = s["eigvals"].to(dtype)
     # curvature off span(U): the Hutchinson mean of what is left there (older summaries: the smallest kept eigenvalue)
     rho = s["rho"].to(dtype).reshape(()) if "rho" in s else eig[-1]
@@ -1283,12 +1279,13 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         W = s["response"].to(dtype)
     else:  # a summary without the schedule response: constant curvature over the whole schedule
         lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        W = folded_propagation(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis.rows())
+        W = folded_propagation(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis)
         has_ckpt = False
 
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
     points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
-    sums = forget_gradient_sums(model, loss_fn, train_set, forget, points, batch_size)
+    forget_sum = GradientSums(model, loss_fn, batches_of(train_set, forget, batch_size))  # the forget set, fetched once per request
+    sums = forget_sum.at(points)
     forget_at_star = sums[-1]
     # d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r), the gradient the retained objective adds at the end, at w*
     d_star = (r * g_star - forget_at_star) / (n - r)
@@ -1300,7 +1297,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
 
     def apply(weights, v):
         """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
-        return basis.back((weights[:-1] - weights[-1]) * basis.coords(v)) + weights[-1] * v
+        return ((weights[:-1] - weights[-1]) * (v @ basis.T)) @ basis + weights[-1] * v
 
     Phi = W.sum(0)  # the whole schedule's response to a constant gradient change (time-varying curvature)
 
@@ -1309,8 +1306,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     offset = torch.zeros_like(w_star)
     if has_ckpt:
         D = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star  # (K, p)
-        C = basis.coords(D)  # (K, k) coordinates on span(U)
-        offset = basis.back(((W[:-1, :-1] - W[:-1, -1:]) * C).sum(0)) + (W[:-1, -1:] * D).sum(0)
+        C = D @ basis.T  # (K, k) coordinates on span(U)
+        offset = ((W[:-1, :-1] - W[:-1, -1:]) * C).sum(0) @ basis + (W[:-1, -1:] * D).sum(0)
 
     # T(w) = w* - offset - Phi d(w) = base - (r / (n - r)) Phi H_hat (w - w*) + Phi sum_R grad l_i(w) / (n - r); Phi and
     # Phi H_hat are diagonal in the basis, so one projection of [w - w*; sum_R] and one back-projection per step.
@@ -1328,10 +1325,10 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     def residual(w, g_forget=None):
         """(T(w) - w, sum_R grad l_i(w))."""
         if g_forget is None:
-            g_forget = forget_gradient_sum(model, loss_fn, train_set, forget, w, batch_size)
+            g_forget = forget_sum(w)
         x = w - w_star
-        c = basis.coords(torch.stack([x, g_forget]))
-        res = base + basis.back((a_x[:-1] - a_x[-1]) * c[0] + (a_f[:-1] - a_f[-1]) * c[1]) + a_x[-1] * x + a_f[-1] * g_forget - w
+        c = torch.stack([x, g_forget]) @ basis.T
+        res = base + ((a_x[:-1] - a_x[-1]) * c[0] + (a_f[:-1] - a_f[-1]) * c[1]) @ basis + a_x[-1] * x + a_f[-1] * g_forget - w
         if not bool(torch.isfinite(res).all()):
             raise RuntimeError("mini: non-finite fixed-point residual: a NaN or infinite loss or gradient, or a forget set too large for the curvature model; no model is returned")
         return res, g_forget
@@ -1370,7 +1367,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     moved = w - w_star
     eta = 0.0
     if has_ckpt and float(torch.linalg.vector_norm(moved)) > 0:
-        g_mid = forget_gradient_sum(model, loss_fn, train_set, forget, w_star + 0.5 * moved, batch_size)
+        g_mid = forget_sum(w_star + 0.5 * moved)
         evals += 1
         eta = float(torch.linalg.vector_norm(g_w - 2 * g_mid + forget_at_star) / torch.linalg.vector_norm(g_w - forget_at_star).clamp(min=1e-30))
     refined = eta > NONLINEAR
