@@ -731,3 +731,32 @@ def test_logistic_regressions_closed_form_gradient_sum_matches_autograd(bias, dt
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(closed, autograd, rtol=tol, atol=tol * float(autograd.abs().max()))
     assert mini._softmax_linear_gradient(model, torch.nn.functional.cross_entropy, (X[:4], torch.tensor([0, 1, 5, 2])), w) is None
+    # at several points at once (the forget set at the checkpoints): the batched closed form against autograd point by point
+    points = w + 0.2 * torch.randn(4, w.numel(), generator=gen, dtype=dtype)
+    each = torch.stack([mini.gradient_sum(model, lambda out, t: torch.nn.functional.cross_entropy(out, t), batches, v) for v in points])
+    at = mini.GradientSums(model, torch.nn.functional.cross_entropy, batches).at(points)
+    torch.testing.assert_close(at, each, rtol=tol, atol=tol * float(each.abs().max()))
+
+
+def test_gradient_sums_at_several_points_matches_autograd_on_an_mlp():
+    """GradientSums.at off logistic regression (one vmapped pass per batch, 3 batches, the last short) against autograd at
+    each point; __call__ leaves the model at the point it evaluated."""
+    gen = torch.Generator().manual_seed(4)
+    X, y = torch.randn(70, 6, generator=gen), torch.randint(0, 3, (70,), generator=gen)
+    data = torch.utils.data.TensorDataset(X, y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    w = flat_params(model).clone()
+    points = w + 0.3 * torch.randn(3, w.numel(), generator=gen)
+    sums = mini.GradientSums(model, torch.nn.functional.cross_entropy, mini.batches_of(data, torch.arange(70), 32))
+    assert sums.closed is None
+    expected = []
+    for v in points:
+        set_flat_params(model, v)
+        model.zero_grad()
+        (torch.nn.functional.cross_entropy(model(X), y, reduction="sum")).backward()
+        expected.append(flat_grads(model))
+    expected = torch.stack(expected)
+    torch.testing.assert_close(sums.at(points), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(sums(points[1]), expected[1], rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(flat_params(model), points[1])
