@@ -329,7 +329,7 @@ def test_segment_weights_match_a_step_by_step_replay():
         for t in range(start, stop):  # the source linear in t from s0 at the segment's start to s1 at its end
             f = (t - start) / (stop - start)
             e = e - lrs[t] * (curv * e + (1 - f) * s0 + f * s1)
-        torch.testing.assert_close(P[j] * e0 - A[j] * s0 - B[j] * s1, e, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(P[j, 0, 0] * e0 - A[j, 0] * s0 - B[j, 0] * s1, e, rtol=1e-12, atol=1e-12)
 
 
 def test_mini_is_exact_on_a_linear_least_squares_run_with_every_step_checkpointed(monkeypatch):

@@ -47,6 +47,7 @@ a fixed point at the end), at the cost of a few passes over the retained set per
 """
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -552,14 +553,14 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         if checkpoints:
             summary.update({"ckpt_steps": torch.tensor([s for s, _ in checkpoints], dtype=torch.int64), "ckpt_w": ckpt_w, "ckpt_g": _stored_gradients(torch.stack(grads), policy)})
         # the schedule's response weights (docs/mini_unlearning.md): they depend on the training run only
-        decay, lr_scale, lr_coords = sgd
+        decay, momentum, lr_coords = sgd
         points = [s for s, _ in checkpoints] + [steps]
         curv = torch.stack(curv + [torch.cat([lam, rho.reshape(1)])])
-        summary["response"] = folded_propagation(lr_scale * lrs.to(w.dtype), points, curv, decay, lr_coords, Ud).to(store)
+        summary["response"] = folded_propagation(lrs.to(w.dtype), points, curv, decay, lr_coords, Ud, momentum=momentum).to(store)
         summary["rho_path"] = curv[:, -1].to(store)  # the off-span curvature along the run: request_directions scales by it
         if batch_sizes is not None:  # the end point's SGD noise per unit of r / (n - r) (run: stats["sgd_noise_estimate"])
-            summary["noise"] = noise_response(lr_scale * lrs.to(w.dtype), points, curv, decay, lr_coords, Ud,
-                                              batch_sizes[:steps], len(train_set), off_variance).to(store)
+            summary["noise"] = noise_response(lrs.to(w.dtype), points, curv, decay, lr_coords, Ud,
+                                              batch_sizes[:steps], len(train_set), off_variance, momentum).to(store)
         if keep_curvature:  # (K + 1) x (k + 1): the per-step responses of the batch term (run(batch_effect)), which needs the
             # batch order: only a kind="full" history (prepare) keeps it (in a minimal summary it would cost 10 % of DeltaGrad's bytes)
             summary["curvature"] = curv.to(store)
@@ -625,41 +626,37 @@ def decode_basis(eigvecs, dtype):
 
 
 # ----------------------------------------------------------------------------- unlearning side
-def momentum_onset(beta, nesterov=False):
-    """(T,) the share of a gradient change at step t that SGD momentum (beta: (T,), each step's own) has applied by the
-    end of the run: a change at t enters the velocity and moves the weights by lr (1 - beta^m) / (1 - beta) over the
-    m = T - t steps left (1 - beta^(m + 1) with Nesterov); sgd_settings' multiplier is 1 / (1 - beta) times this. It
-    matters most for the batch term, whose per-step changes in the last 1 / (1 - beta) steps dominate the end point at a
-    constant learning rate (digits, momentum 0.9, 30 %: 0.058 of the gap without this factor, mean field alone 0.048).
-    Not in the mean-field replay's multiplier (sgd_settings): there it moved digits and MNIST-1D by under 0.005 of the
-    gap and the 60-180-step wine and breast_cancer runs farther (0.079 -> 0.096, 0.103 -> 0.134; docs section 13)."""
-    left = torch.arange(beta.numel(), 0, -1, dtype=torch.float64) + (1 if nesterov else 0)
-    return 1 - beta.to(torch.float64) ** left
+class Momentum(NamedTuple):
+    """SGD momentum as the replay models it, as torch.optim.SGD runs it: the velocity v' = beta_t v + (1 - dampening) g and the
+    step w' = w - lr_t v' (Nesterov: w' = w - lr_t (g + beta_t v')). A change s of the gradient at a point where the
+    curvature is a then moves (e, v), the replay's parameter and velocity changes, by one 2 x 2 linear step per training
+    step (step_map). Until 2026-12-07 the replay read momentum as a learning rate 1 / (1 - beta) times higher and no
+    velocity: exact for a change that lasts, and 3x farther from retraining than this on the 60-step wine runs (0.156 vs
+    0.047 of the gap, docs/mini_unlearning.md section 15), whose momentum spans a sixth of the run. (torch's first step
+    takes the gradient into the velocity without the dampening factor; with dampening > 0 that step's source is off by it.)"""
 
+    beta: torch.Tensor  # (T,) float64, each step's momentum
+    dampening: float
+    nesterov: bool
 
-def momentum_of(history):
-    """((T,) each step's SGD momentum, nesterov) of a recorded SGD run (the schedule's momenta, else the groups')."""
-    group, T = history.meta["optimizer"]["groups"][0], history.num_steps
-    momenta = history.schedule.get("momenta")
-    beta = torch.full((T,), float(group.get("momentum", 0.0)), dtype=torch.float64) if momenta is None else momenta[:T, 0].to(torch.float64)
-    return beta, bool(group.get("nesterov", False))
+    def step_map(self, lrs, a):
+        """The replay's step t as (m11, m12, m21, m22, b1, b2): (e, v) <- [[m11, m12], [m21, m22]] (e, v) + (b1, b2) s for
+        a gradient change a e + s, broadcast over lrs (steps) and a (directions: curvature plus decay)."""
+        beta = self.beta.to(lrs.dtype).expand(lrs.shape[0]).reshape(lrs.shape[:1] + (1,) * (lrs.dim() - 1))
+        c_in = 1.0 - self.dampening
+        c_g, c_v = (1 + beta * c_in, beta * beta) if self.nesterov else (c_in + 0 * beta, beta)
+        return torch.broadcast_tensors(1 - lrs * c_g * a, -lrs * c_v, c_in * a, beta, -lrs * c_g, torch.full_like(lrs, c_in), a)[:6]
 
 
 def sgd_settings(meta, method, lrs=None, momenta=None):
-    """(weight decay, learning-rate multiplier, coordinate learning rates) of the recorded SGD; other optimizers raise
+    """(weight decay, Momentum or None, coordinate learning rates) of the recorded SGD; other optimizers raise
     ValueError. The weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each
-    coordinate its group's). The coordinate learning rates are None where every group trained at the first group's
-    learning rate (`lrs`, the (T, groups) schedule), else a (p,) float64 tensor: each coordinate's group's rate over the
-    first group's, which must be the same at every step (one scheduler scaling every group alike); groups whose rates
-    change apart are refused. fold_coordinates puts both into the replay's curvature and response.
-
-    With momentum beta and dampening tau the gradient flow runs (1 - tau) / (1 - beta) times faster than the raw
-    learning rates say, for heavy ball and for Nesterov alike (both sum a constant gradient to g (1 - tau) / (1 - beta));
-    the transient of the velocity (about 1 / (1 - beta) steps) is not modelled here (the batch term takes its onset at
-    the end of the run, momentum_onset: in this multiplier it made the small benchmark runs farther, docs section 13).
-    A momentum a scheduler changed step by step (`momenta`, the schedule's (T, groups): OneCycleLR's cycle_momentum)
-    gives a multiplier per step, a (T,) float32 tensor, the same quasi-static reading (valid while beta changes little
-    within 1 / (1 - beta) steps).
+    coordinate its group's). The momentum is None without any (every step's beta 0), else each step's beta (`momenta`,
+    the schedule's (T, groups) where a scheduler cycled it, else the groups'), the dampening and Nesterov: the replay
+    carries the velocity (Momentum). The coordinate learning rates are None where every group trained at the first
+    group's learning rate (`lrs`, the (T, groups) schedule), else a (p,) float64 tensor: each coordinate's group's rate
+    over the first group's, which must be the same at every step (one scheduler scaling every group alike); groups whose
+    rates change apart are refused. fold_coordinates puts both into the replay's curvature and response.
     maximize=True is refused.
     """
     cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
@@ -689,15 +686,18 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         t = int(torch.nonzero((momenta != momenta[:, :1]).any(1))[0])
         raise ValueError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
                          f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
-    dampening, _ = settings.pop()
+    dampening, nesterov = settings.pop()
     decay = coordinate_decay(meta)
     beta = momenta[:, 0]
     if not bool(((beta >= 0) & (beta < 1)).all()):
         raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {float(beta.min()):g} to {float(beta.max()):g}")
     if not 0 <= dampening < 1:
         raise ValueError(f"{method}: needs SGD dampening in [0, 1), got {dampening}")
-    scale = (1.0 - dampening) / (1.0 - beta)
-    return decay, (float(scale[0]) if scale.numel() == 1 else scale.to(torch.float32)), lr_coords
+    if not bool((beta > 0).any()):
+        return decay, None, lr_coords
+    steps = lrs.shape[0] if lrs is not None else beta.numel()
+    beta = beta.to(torch.float64)
+    return decay, Momentum(beta.expand(steps).clone() if beta.numel() == 1 else beta, float(dampening), nesterov), lr_coords
 
 
 def batches_of(train_set, indices, batch_size):
@@ -800,31 +800,33 @@ def _times(weights, multiplier):
     return weights if multiplier is None else weights * multiplier
 
 
-def folded_propagation(lrs, points, curvature, decay, lr_coords, rows, off_span=True):
+def folded_propagation(lrs, points, curvature, decay, lr_coords, rows, off_span=True, momentum=None):
     """propagation_weights of the directions `rows` (fold_coordinates: per-coordinate decay and learning rates)."""
     folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, rows, off_span)
-    return _times(propagation_weights(lrs, points, folded, folded_decay), mult)
+    return _times(propagation_weights(lrs, points, folded, folded_decay, momentum), mult)
 
 
-def propagation_weights(lrs, points, curvature, decay):
+def propagation_weights(lrs, points, curvature, decay, momentum=None):
     """Weights W (len(points), m) such that the linear replay
 
         e_{t+1} = e_t - eta_t ((a_t + decay) e_t + s_t),   t = 0 .. T-1,  e_0 = 0,
 
-    with curvature a_t and source s_t interpolated linearly in t between the values at `points`
-    (sorted step indices, the last one T = len(lrs)), ends at e_T = -sum_j W_j s_j, coordinate-wise.
-    curvature: (len(points), m), one row per point; every coordinate is an independent direction.
+    (with momentum: its velocity too, Momentum.step_map) with curvature a_t and source s_t interpolated linearly in t
+    between the values at `points` (sorted step indices, the last one T = len(lrs)), ends at e_T = -sum_j W_j s_j,
+    coordinate-wise. curvature: (len(points), m), one row per point; every coordinate is an independent direction.
     """
-    step, seg, alpha, nxt = step_responses(lrs, points, curvature, decay)
+    step, seg, alpha, nxt = step_responses(lrs, points, curvature, decay, momentum)
     W = torch.zeros(len(points), curvature.shape[1], dtype=lrs.dtype)
     W.index_add_(0, seg, step * (1 - alpha))
     W.index_add_(0, nxt, step * alpha)
     return W
 
 
-def step_responses(lrs, points, curvature, decay):
+def step_responses(lrs, points, curvature, decay, momentum=None):
     """(omega, seg, alpha, nxt): omega_t = eta_t prod_{s > t} (1 - eta_s (a_s + decay)) (T, m), the replay's response
-    at T to a unit source at step t, with the curvature linear in t between `points`; seg / nxt / alpha locate t."""
+    at T to a unit source at step t, with the curvature linear in t between `points`; seg / nxt / alpha locate t.
+    With momentum, omega_t = -d e_T / d s_t of the replay with its velocity (Momentum.step_map), by the adjoint recursion
+    from the end: one step of (m,) vectors per training step."""
     T = lrs.numel()
     pts = torch.as_tensor(points, dtype=torch.int64)
     t = torch.arange(T)
@@ -836,6 +838,20 @@ def step_responses(lrs, points, curvature, decay):
     else:  # only the final point: constant curvature and source
         alpha, nxt = torch.zeros(T, 1, dtype=lrs.dtype), seg
     a = (1 - alpha) * curvature[seg] + alpha * curvature[nxt] + decay
+    if momentum is not None:
+        m11, m12, m21, m22, b1, b2 = momentum.step_map(lrs[:, None], a)
+        # (d e_T / d e_t, d e_T / d v_t) = R_t (1, 0) with R_t = M_t' M_{t+1}' ... M_{T-1}' (R_T = I): suffix products of
+        # the steps' transposed 2 x 2 maps, by doubling (log2 T passes over every step instead of T passes over one)
+        eye = (torch.ones_like(a[:1]), torch.zeros_like(a[:1]))
+        R = [torch.cat([x, pad]) for x, pad in zip((m11, m21, m12, m22), (eye[0], eye[1], eye[1], eye[0]))]
+        span = 1
+        while span < T:
+            x11, x12, x21, x22 = (r[: T + 1 - span] for r in R)
+            y11, y12, y21, y22 = (r[span:] for r in R)
+            new = (x11 * y11 + x12 * y21, x11 * y12 + x12 * y22, x21 * y11 + x22 * y21, x21 * y12 + x22 * y22)
+            R = [torch.cat([n, r[T + 1 - span :]]) for n, r in zip(new, R)]
+            span *= 2
+        return -(R[0][1:] * b1 + R[2][1:] * b2), seg, alpha, nxt
     factors = 1 - lrs[:, None] * a
     after = torch.ones_like(factors)  # prod_{s > t} factors_s
     if T > 1:
@@ -843,25 +859,44 @@ def step_responses(lrs, points, curvature, decay):
     return lrs[:, None] * after, seg, alpha, nxt
 
 
-def segment_weights(lrs, points, curvature):
+def segment_weights(lrs, points, curvature, momentum=None):
     """The replay of propagation_weights one segment at a time, with constant curvature `curvature` (m,) (decay
-    included): for segment m (steps points[m] .. points[m + 1] - 1, source linear in t between s_m and s_{m+1}),
-    e_end = P_m e_start - A_m s_m - B_m s_{m+1}. Returns P, A, B, each (len(points) - 1, m)."""
-    P, A, B = [], [], []
-    for m in range(len(points) - 1):
-        eta = lrs[points[m] : points[m + 1], None]
-        alpha = torch.arange(eta.shape[0], dtype=lrs.dtype)[:, None] / eta.shape[0]
-        factors = 1 - eta * curvature
-        after = torch.ones_like(factors)  # prod_{s > t} factors_s within the segment
-        after[:-1] = factors.flip(0).cumprod(0).flip(0)[1:]
-        step = eta * after
-        P.append(factors.prod(0))
-        A.append((step * (1 - alpha)).sum(0))
-        B.append((step * alpha).sum(0))
-    return torch.stack(P), torch.stack(A), torch.stack(B)
+    included): for segment j (steps points[j] .. points[j + 1] - 1, source linear in t between s_j and s_{j+1}),
+    (e, v)_end = P_j (e, v)_start - A_j s_j - B_j s_{j+1} on the replay's change e and its velocity v (0 without
+    momentum). Returns P (len(points) - 1, 2, 2, m), A and B (len(points) - 1, 2, m)."""
+    K, m = len(points) - 1, curvature.shape[-1]
+    P, A, B = (torch.zeros(K, 2, 2, m, dtype=lrs.dtype), torch.zeros(K, 2, m, dtype=lrs.dtype), torch.zeros(K, 2, m, dtype=lrs.dtype))
+    if momentum is None:
+        for j in range(K):
+            eta = lrs[points[j] : points[j + 1], None]
+            alpha = torch.arange(eta.shape[0], dtype=lrs.dtype)[:, None] / eta.shape[0]
+            factors = 1 - eta * curvature
+            after = torch.ones_like(factors)  # prod_{s > t} factors_s within the segment
+            after[:-1] = factors.flip(0).cumprod(0).flip(0)[1:]
+            step = eta * after
+            P[j, 0, 0], A[j, 0], B[j, 0] = factors.prod(0), (step * (1 - alpha)).sum(0), (step * alpha).sum(0)
+        return P, A, B
+    # every segment at once, one step of each per pass; a segment that has ended takes the identity step appended as row T.
+    # The state holds four columns: P's two (from (1, 0) and (0, 1)) and the responses to s_j and s_{j+1} (A, B)
+    starts = torch.as_tensor(points[:-1], dtype=torch.int64)
+    lengths = torch.as_tensor(points[1:], dtype=torch.int64) - starts
+    T = lrs.numel()
+    ones, zeros = torch.ones(1, m, dtype=lrs.dtype), torch.zeros(1, m, dtype=lrs.dtype)
+    maps = [torch.cat([x, pad]) for x, pad in zip(momentum.step_map(lrs[:, None], curvature), (ones, zeros, zeros, ones, zeros, zeros))]
+    X = torch.zeros(K, 4, 2, m, dtype=lrs.dtype)
+    X[:, 0, 0], X[:, 1, 1] = 1, 1
+    for o in range(int(lengths.max())):
+        t = torch.where(o < lengths, starts + o, T)
+        m11, m12, m21, m22, b1, b2 = (x[t][:, None] for x in maps)
+        alpha = (o / lengths.to(lrs.dtype))[:, None, None]
+        src = torch.cat([torch.zeros(K, 2, 1, dtype=lrs.dtype), 1 - alpha, alpha], 1)  # each column's source at this step
+        e, v = X[:, :, 0], X[:, :, 1]
+        X = torch.stack([m11 * e + m12 * v + b1 * src, m21 * e + m22 * v + b2 * src], 2)
+    # X[:, c, s]: state component s of column c; P[:, s, c]
+    return X[:, :2].transpose(1, 2).contiguous(), -X[:, 2], -X[:, 3]
 
 
-def noise_response(lrs, points, curvature, decay, lr_coords, rows, batch_sizes, n, off_variance):
+def noise_response(lrs, points, curvature, decay, lr_coords, rows, batch_sizes, n, off_variance, momentum=None):
     """How much SGD noise the run's end point carries that a mean-field replay cannot model, per column of the replay
     (the directions `rows`, then everything off their span). A random forget set takes a random share of each batch,
     so step t's source deviates from the mean-field one, along a direction of per-sample gradient variance v (there
@@ -873,7 +908,7 @@ def noise_response(lrs, points, curvature, decay, lr_coords, rows, batch_sizes, 
     Returns (2, m): [sum_t (omega_t - mean)^2 v_t / b_t, sum_t mean^2 v_t / b_t^2]; the end point's noise variance is
     r / (n - r) (row 0 + n / (n - r) row 1), summed over columns (docs/mini_unlearning.md, "SGD noise")."""
     folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, rows)
-    omega, seg, alpha, nxt = step_responses(lrs, points, folded, folded_decay)
+    omega, seg, alpha, nxt = step_responses(lrs, points, folded, folded_decay, momentum)
     omega = _times(omega, mult)
     v = (1 - alpha) * curvature[seg] + alpha * curvature[nxt]
     end = curvature[-1, -1]
@@ -931,17 +966,18 @@ def _corrector(source, start, B, guess, passes, settled):
     return guess, src, passes
 
 
-def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, lr_scale, lr_coords,
+def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, momentum, lr_coords,
                      tol, max_iter, batch_size, scale):
     """The replay for large changes: checkpoint by checkpoint, the retained data's exact gradient at the predicted
     retrained point w_j + e_j replaces the linearised source (a predictor-corrector per segment; at the end a
     fixed-point iteration). points: the K checkpoints and w*; gbars: the full-data gradients there; linear: the
     linear sources (e = 0) there; curvature: the replay's k + 1 curvature values (the end point's), decay its weight decay.
-    Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal.
+    Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal; with
+    momentum the replay carries its velocity u from segment to segment (segment_weights), the corrector solves for e.
     Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
     n, r, K, k, p = history.n_train, forget.numel(), points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
     folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis)
-    P, A, B = segment_weights(lr_scale * history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay)
+    P, A, B = segment_weights(history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay, momentum)
     A, B = _times(A, mult), _times(B, mult)
     P, A, B, curv = (torch.cat([x[..., :-1], x[..., -1:].expand(*x.shape[:-1], p)], -1) for x in (P, A, B, curvature))
 
@@ -966,26 +1002,34 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
 
     norm = torch.linalg.vector_norm
     z, src, passes = torch.zeros_like(linear[0]), linear[0], 0  # e_0 = 0: the first source is the linear one
+    u = torch.zeros_like(z)  # the velocity's change (momentum; stays 0 without)
+
+    def begin(j):
+        """Segment j's end state before its end source: (e, v) = P_j (z, u) - A_j src."""
+        return P[j, 0, 0] * z + P[j, 0, 1] * u - A[j, 0] * src, P[j, 1, 0] * z + P[j, 1, 1] * u - A[j, 1] * src
+
     for j in range(K - 1):
-        start = P[j] * z - A[j] * src
+        start, vstart = begin(j)
         predicted = linear[j + 1] + src - linear[j]  # the next linear source plus this checkpoint's nonlinear remainder
-        guess = start - B[j] * predicted
+        guess = start - B[j, 0] * predicted
         if float(norm(guess)) < SKIP * scale:
             z, src = guess, predicted
+            u = vstart - B[j, 1] * src
             continue
         # corrector: the source at the current guess, repeated while it still moves the guess. Its error shrinks by
         # B (H_j - curvature) a pass, with H_j the checkpoint's curvature, which is larger than the end point's early in
         # training: the error alternates in sign and shrinks slowly (3 plain passes left digits' middle checkpoints
         # unsettled). Anderson mixing of the last two passes (a secant along the change) takes that factor out.
-        z, src, passes = _corrector(lambda e: source(j + 1, e), start, B[j], guess, passes, STEP_TOL * scale)
+        z, src, passes = _corrector(lambda e: source(j + 1, e), start, B[j, 0], guess, passes, STEP_TOL * scale)
         if z is None:  # not contracting even damped (e.g. an MLP's curvature far from the end point's): give up
             return None, passes
+        u = vstart - B[j, 1] * src
     # the last segment ends at w*: e_T = start - B s_K(e_T), a fixed point (contraction |B (H - curvature)|, small)
-    start = P[K - 1] * z - A[K - 1] * src
-    z = start - B[K - 1] * (linear[K] + src - linear[K - 1])
+    start, _ = begin(K - 1)
+    z = start - B[K - 1, 0] * (linear[K] + src - linear[K - 1])
     res_norm, q, bound, converged = float("inf"), float("nan"), float("inf"), False
     for it in range(1, max_iter + 1):
-        res = start - B[K - 1] * source(K, z) - z
+        res = start - B[K - 1, 0] * source(K, z) - z
         passes += 1
         new_norm = float(norm(res))
         if it > 1:
@@ -1170,7 +1214,7 @@ REQUEST_MIN_SHARE = 0.25  # below this share of the sources off the stored span,
 # logistic without a budget (k = 220 of 650): share 0.11-0.15, the same distances (0.060 / 0.078) at 3x Mini's time with the request
 
 
-def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star, lrs, points, rho_path, decay, lr_coords, batch_size):
+def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star, lrs, points, rho_path, decay, lr_coords, momentum, batch_size):
     """The stored basis extended, for this request, by Ritz directions of P G(w*) P in the block Krylov space of
     the request's sources S projected off span(U) (P), block after block until the response off the span settles.
 
@@ -1207,7 +1251,7 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
         T = C.T @ (N @ M.T) @ C
         ritz, vecs = torch.linalg.eigh(0.5 * (T + T.T))
         Q, ritz = (C @ vecs).T @ N, ritz.clamp(min=0)
-        Wq = folded_propagation(lrs, points, scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False)
+        Wq = folded_propagation(lrs, points, scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False, momentum=momentum)
         c = S @ Q.T
         response = ((Wq[:-1] * c[:-1]).sum(0) + Wq.sum(0) * c[-1]) @ Q  # the linear replay's answer off the span
         if previous is not None:
@@ -1223,17 +1267,16 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
 
 
-def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, decay, lr_scale, lr_coords, batch_size):
+def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, decay, momentum, lr_coords, batch_size):
     """The batch term for this request (batch_term), in the summary's own basis (the request's extra directions are not
     in the stored curvature table). points: the decoded checkpoints and w*; sums: the forget set's gradient sums there;
     d_star: the mean-field source at w*. Returns (e_batch, samples evaluated)."""
     s, n, r, T = history.summary, history.n_train, forget.numel(), history.num_steps
     dtype = points.dtype
     stored = decode_basis(s["eigvecs"], dtype)
-    lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
+    lrs = history.schedule["lrs"][:, 0].to(dtype)
     folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), decay, lr_coords, stored)
-    omega = _times(step_responses(lrs, marks_of(history), folded, folded_decay)[0], mult)
-    omega = omega * momentum_onset(*momentum_of(history))[:, None].to(dtype)
+    omega = _times(step_responses(lrs, marks_of(history), folded, folded_decay, momentum)[0], mult)
     ck = [int(x) for x in s["ckpt_steps"]]
     marks = batch_marks(ck, T)
     d_ck = (r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r)
@@ -1270,7 +1313,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     check_history(history, model, forget, train_set, "mini")
     if max_iter < 1 or batch_size < 1:
         raise ValueError(f"mini: max_iter and batch_size must be >= 1, got max_iter={max_iter}, batch_size={batch_size}")
-    lam, lr_scale, lr_coords = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
+    lam, momentum, lr_coords = sgd_settings(history.meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
+    lrs = history.schedule["lrs"][:, 0]
     if history.summary is None:
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
@@ -1288,8 +1332,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     if "response" in s:
         W = s["response"].to(dtype)
     else:  # a summary without the schedule response: constant curvature over the whole schedule
-        lrs = lr_scale * history.schedule["lrs"][:, 0].to(dtype)
-        W = folded_propagation(lrs, [T], torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis)
+        W = folded_propagation(lrs.to(dtype), [T], torch.cat([eig, rho.reshape(1)])[None], lam, lr_coords, basis, momentum=momentum)
         has_ckpt = False
 
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
@@ -1303,7 +1346,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     if has_ckpt and "rho_path" in s and eig.numel() < w_star.numel():  # directions off the stored span: model them for this request
         sources = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r) - d_star, d_star[None]])
         basis, eig, W, request = request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star,
-                                                     lr_scale * history.schedule["lrs"][:, 0].to(dtype), marks_of(history), s["rho_path"], lam, lr_coords, batch_size)
+                                                     lrs.to(dtype), marks_of(history), s["rho_path"], lam, lr_coords, momentum, batch_size)
 
     def apply(weights, v):
         """U' diag(weights[:k]) U v + weights[k] (I - U'U) v."""
@@ -1385,7 +1428,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         gbars = torch.cat([s["ckpt_g"].to(dtype), g_star[None]])
         linear = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r), d_star[None]])  # the sources at e = 0
         replay, passes = _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, torch.cat([eig, rho.reshape(1)]),
-                                          lam, lr_scale, lr_coords, tol, max_iter, batch_size, float(torch.linalg.vector_norm(moved)))
+                                          lam, momentum, lr_coords, tol, max_iter, batch_size, float(torch.linalg.vector_norm(moved)))
         evals += passes * (n - r) / r
         if replay is None:  # keep the linear replay's result, and say so
             refined = False
@@ -1413,7 +1456,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # to first order (the fixed point's own response to it is |B (H - curvature)|, the contraction factor, small).
     batch_shift = None
     if batch_effect or (batch_effect is None and can_batch and noise_rel is not None and noise_rel > BATCH_NOISE):
-        batch_shift, batch_evaluated = _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, lam, lr_scale,
+        batch_shift, batch_evaluated = _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, lam, momentum,
                                                     lr_coords, batch_size)
         w = w + batch_shift
         evals += batch_evaluated / r
