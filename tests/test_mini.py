@@ -737,6 +737,10 @@ def test_the_replays_momentum_responses_match_torch_sgd_on_a_quadratic(nesterov)
         src = (1 - ramp) * s_j + ramp * s_next
         e_end = sgd_on_a_diagonal_quadratic(lrs[lo:hi], betas[lo:hi], nesterov, aj, src, e0, v0)
         torch.testing.assert_close(P[j, 0, 0] * e0 + P[j, 0, 1] * v0 - A[j, 0] * s_j - B[j, 0] * s_next, e_end, rtol=1e-10, atol=1e-12)
+    # a later request with the same arguments gets the same tensors; other momenta, other ones
+    assert mini.segment_weights(lrs, points, curvature[-1].clone(), mini.Momentum(betas.clone(), 0.0, nesterov))[0] is P
+    other = mini.segment_weights(lrs, points, curvature[-1], mini.Momentum(betas, 0.0, not nesterov))[0]
+    assert other is not P and not torch.equal(other, P)
     # without momentum the velocity rows are zero and the e row is the plain replay's
     P0, A0, B0 = mini.segment_weights(lrs, points, curvature[-1])
     assert not bool(P0[:, 1].any() or P0[:, 0, 1].any() or A0[:, 1].any() or B0[:, 1].any())
