@@ -456,8 +456,8 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
     step's update, encoded with policy.summary_codec).
-    lrs, sgd: the recorded learning rates (T,) and (weight decay, learning-rate multiplier) of plain or
-    heavy-ball SGD, batch_sizes (T,) the recorded batch sizes (for the SGD-noise estimate, noise_response); with them the checkpoints' gradients and curvature and the response weights of the
+    lrs, sgd: the recorded learning rates (T,) and sgd_settings(...) (weight decay, Momentum or None, coordinate rates) of
+    SGD, batch_sizes (T,) the recorded batch sizes (for the SGD-noise estimate, noise_response); with them the checkpoints' gradients and curvature and the response weights of the
     schedule are computed here, once. Without them (other optimizers, which mini refuses) only the end point.
     The work (docs/mini_unlearning.md, "finish() cost"): full-data gradients at w* and at the K checkpoints, and
     curvature on random subsets of the data: the basis from basis_samples samples (BASIS_SAMPLES), the checkpoints'
