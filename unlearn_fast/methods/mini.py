@@ -647,7 +647,7 @@ class Momentum(NamedTuple):
         beta = self.beta.to(lrs.dtype).expand(lrs.shape[0]).reshape(lrs.shape[:1] + (1,) * (lrs.dim() - 1))
         c_in = 1.0 - self.dampening
         c_g, c_v = (1 + beta * c_in, beta * beta) if self.nesterov else (c_in + 0 * beta, beta)
-        return torch.broadcast_tensors(1 - lrs * c_g * a, -lrs * c_v, c_in * a, beta, -lrs * c_g, torch.full_like(lrs, c_in), a)[:6]
+        return torch.broadcast_tensors(1 - lrs * c_g * a, -lrs * c_v, c_in * a, beta, -lrs * c_g, torch.full_like(lrs, c_in))
 
 
 def sgd_settings(meta, method, lrs=None, momenta=None):
