@@ -694,11 +694,11 @@ def test_the_batch_terms_weighted_gradient_sum_matches_per_sample_gradients_and_
             torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
 
 
-def sgd_on_a_diagonal_quadratic(lrs, betas, nesterov, a, sources, e0=None, v0=None):
+def sgd_on_a_diagonal_quadratic(lrs, betas, nesterov, a, sources, e0=None, v0=None, dampening=0.0):
     """torch.optim.SGD itself on parameters e (m,) whose gradient at step t is a_t e + s_t (a: (T, m), sources: (T, m)),
     from e0 and momentum buffer v0: the replay's linear recurrence as torch runs it. Returns e_T."""
     e = (torch.zeros(a.shape[1], dtype=torch.float64) if e0 is None else e0.clone()).requires_grad_(True)
-    opt = torch.optim.SGD([e], lr=float(lrs[0]), momentum=float(betas[0]), nesterov=nesterov)
+    opt = torch.optim.SGD([e], lr=float(lrs[0]), momentum=float(betas[0]), nesterov=nesterov, dampening=dampening)
     if v0 is not None:
         opt.state[e]["momentum_buffer"] = v0.clone()
     for t in range(len(lrs)):
@@ -708,23 +708,24 @@ def sgd_on_a_diagonal_quadratic(lrs, betas, nesterov, a, sources, e0=None, v0=No
     return e.detach()
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_the_replays_momentum_responses_match_torch_sgd_on_a_quadratic(nesterov):
+@pytest.mark.parametrize("nesterov,dampening", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_the_replays_momentum_responses_match_torch_sgd_on_a_quadratic(nesterov, dampening):
     """step_responses and segment_weights with momentum (the replay's velocity, Momentum) against torch.optim.SGD on a
     diagonal quadratic: a decaying learning rate, a cycled momentum, curvatures linear between points (step_responses) or
-    constant (segment_weights), including directions where lr a > 1 (an oscillating velocity)."""
+    constant (segment_weights), including directions where lr a > 1 (an oscillating velocity). With dampening, torch's
+    first step takes the gradient undamped: a source at step 0 is the one response the replay leaves off by it."""
     T, m = 40, 3
     lrs = torch.linspace(0.5, 0.05, T, dtype=torch.float64)
     betas = torch.linspace(0.95, 0.85, T, dtype=torch.float64)
-    momentum = mini.Momentum(betas, 0.0, nesterov)
+    momentum = mini.Momentum(betas, dampening, nesterov)
     points = [0, 7, 20, T]
     curvature = torch.tensor([[0.5, 3.0, 0.0], [1.0, 2.5, 0.1], [0.2, 2.0, 0.3], [0.3, 2.2, 0.2]], dtype=torch.float64)
     omega, seg, alpha, nxt = mini.step_responses(lrs, points, curvature, 0.01, momentum)
     a = (1 - alpha) * curvature[seg] + alpha * curvature[nxt] + 0.01
-    for t0 in (0, 5, 19, T - 2, T - 1):
+    for t0 in ((0,) if dampening == 0 else ()) + (1, 5, 19, T - 2, T - 1):
         unit = torch.zeros(T, m, dtype=torch.float64)
         unit[t0] = 1
-        torch.testing.assert_close(-omega[t0], sgd_on_a_diagonal_quadratic(lrs, betas, nesterov, a, unit), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(-omega[t0], sgd_on_a_diagonal_quadratic(lrs, betas, nesterov, a, unit, dampening=dampening), rtol=1e-10, atol=1e-12)
     # one segment at a time: (e, v) at the segment's end from (e, v) at its start and sources s_j -> s_{j+1} linear in t
     P, A, B = mini.segment_weights(lrs, points, curvature[-1], momentum)
     for j in range(len(points) - 1):
@@ -735,11 +736,11 @@ def test_the_replays_momentum_responses_match_torch_sgd_on_a_quadratic(nesterov)
         e0, v0 = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 0.2, -0.4], dtype=torch.float64)
         s_j, s_next = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([-0.5, 1.0, 3.0], dtype=torch.float64)
         src = (1 - ramp) * s_j + ramp * s_next
-        e_end = sgd_on_a_diagonal_quadratic(lrs[lo:hi], betas[lo:hi], nesterov, aj, src, e0, v0)
+        e_end = sgd_on_a_diagonal_quadratic(lrs[lo:hi], betas[lo:hi], nesterov, aj, src, e0, v0, dampening)
         torch.testing.assert_close(P[j, 0, 0] * e0 + P[j, 0, 1] * v0 - A[j, 0] * s_j - B[j, 0] * s_next, e_end, rtol=1e-10, atol=1e-12)
     # a later request with the same arguments gets the same tensors; other momenta, other ones
-    assert mini.segment_weights(lrs, points, curvature[-1].clone(), mini.Momentum(betas.clone(), 0.0, nesterov))[0] is P
-    other = mini.segment_weights(lrs, points, curvature[-1], mini.Momentum(betas, 0.0, not nesterov))[0]
+    assert mini.segment_weights(lrs, points, curvature[-1].clone(), mini.Momentum(betas.clone(), dampening, nesterov))[0] is P
+    other = mini.segment_weights(lrs, points, curvature[-1], mini.Momentum(betas, dampening, not nesterov))[0]
     assert other is not P and not torch.equal(other, P)
     # without momentum the velocity rows are zero and the e row is the plain replay's
     P0, A0, B0 = mini.segment_weights(lrs, points, curvature[-1])
