@@ -48,6 +48,7 @@ a fixed point at the end), at the cost of a few passes over the retained set per
 import collections
 import hashlib
 import math
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -827,8 +828,8 @@ def propagation_weights(lrs, points, curvature, decay, momentum=None):
 def step_responses(lrs, points, curvature, decay, momentum=None):
     """(omega, seg, alpha, nxt): omega_t = eta_t prod_{s > t} (1 - eta_s (a_s + decay)) (T, m), the replay's response
     at T to a unit source at step t, with the curvature linear in t between `points`; seg / nxt / alpha locate t.
-    With momentum, omega_t = -d e_T / d s_t of the replay with its velocity (Momentum.step_map), by the adjoint recursion
-    from the end: one step of (m,) vectors per training step."""
+    With momentum, omega_t = -d e_T / d s_t of the replay with its velocity (Momentum.step_map): the adjoint recursion
+    from the end, as suffix products of the steps' 2 x 2 maps."""
     T = lrs.numel()
     pts = torch.as_tensor(points, dtype=torch.int64)
     t = torch.arange(T)
@@ -862,6 +863,7 @@ def step_responses(lrs, points, curvature, decay, momentum=None):
 
 
 _SEGMENT_MEMO = collections.OrderedDict()  # segment_weights' last results by content: every request on a history asks the same
+_SEGMENT_LOCK = threading.Lock()
 
 
 def segment_weights(lrs, points, curvature, momentum=None):
@@ -878,13 +880,15 @@ def segment_weights(lrs, points, curvature, momentum=None):
         digest.update(str((part.dtype, tuple(part.shape))).encode())
         digest.update(part.detach().contiguous().cpu().numpy().tobytes())
     key = digest.hexdigest()
-    if key in _SEGMENT_MEMO:
+    with _SEGMENT_LOCK:
+        result = _SEGMENT_MEMO.get(key)
+    if result is None:
+        result = _segment_weights(lrs, points, curvature, momentum)
+    with _SEGMENT_LOCK:  # (requests may run in threads)
+        _SEGMENT_MEMO[key] = result
         _SEGMENT_MEMO.move_to_end(key)
-        return _SEGMENT_MEMO[key]
-    result = _segment_weights(lrs, points, curvature, momentum)
-    _SEGMENT_MEMO[key] = result
-    while len(_SEGMENT_MEMO) > 4:
-        _SEGMENT_MEMO.popitem(last=False)
+        while len(_SEGMENT_MEMO) > 4:
+            _SEGMENT_MEMO.popitem(last=False)
     return result
 
 
