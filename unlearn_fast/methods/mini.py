@@ -15,7 +15,7 @@ request only, Ritz directions of G(w*) from block Krylov vectors of the sources 
 Removing R (r of n samples) changes the gradient of the training objective at w by
   d(w) = (r gbar(w) - sum_R grad l_i(w)) / (n - r)            (gbar: the full-data mean gradient).
 SGD answers a gradient change s_t at step t, to first order, with the linear replay
-  e_{t+1} = e_t - eta_t ((A_t + lam) e_t + s_t),
+  e_{t+1} = e_t - eta_t ((A_t + lam) e_t + s_t)            (with SGD momentum: and its velocity, Momentum),
 with A_t diagonal in the basis U (plus rho off it) and s_t linear in t between checkpoints; W holds its
 solution e_T = -sum_j W_j s_j for sources s_j at the checkpoints and the end. Mini evaluates the forget
 set's gradients at all checkpoints in one vmapped pass, then solves the fixed point
