@@ -99,7 +99,8 @@ def test_a_result_that_moved_the_wrong_way_is_flagged(run_10, monkeypatch):
     w_star, w_ret = flat_params(model), flat_params(retrained)
     s, scratch = history.summary, copy.deepcopy(model)  # the check sets the parameters of the module it is given
     f_star = mini.forget_gradient_sum(scratch, LOSS, data, forget, w_star, 4096)
-    ratio = lambda w: mini.retained_gradient_check(scratch, LOSS, data, forget, history, w, s["g_star"], f_star, 1e-3, 4096)["retained_gradient_ratio"]  # noqa: E731
+    retained = mini.retained_sums(scratch, LOSS, data, forget, 4096)
+    ratio = lambda w: mini.retained_gradient_check(retained, history, forget.numel(), w, s["g_star"], f_star, 1e-3)["retained_gradient_ratio"]  # noqa: E731
     assert abs(ratio(w_star) - 1) < 1e-3
     # the retrained model's own ratio is not 0: the SGD noise of a constant-lr run (measured 0.43 here)
     assert ratio(w_ret) < 0.6

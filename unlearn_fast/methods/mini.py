@@ -760,6 +760,13 @@ class GradientSums:
         return total
 
 
+def retained_sums(model, loss_fn, train_set, forget, batch_size):
+    """GradientSums over the training samples not in `forget` (the retained set), fetched once."""
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[forget] = False
+    return GradientSums(model, loss_fn, batches_of(train_set, keep.nonzero()[:, 0], batch_size))
+
+
 def gradient_sum(model, loss_fn, batches, w):
     """sum_i grad l_i(w) over the samples of `batches` ((batch, size) pairs; loss_fn returns batch means), once
     (GradientSums where the same samples are evaluated again)."""
@@ -995,16 +1002,16 @@ def _corrector(source, start, B, guess, passes, settled):
     return guess, src, passes
 
 
-def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, curvature, decay, momentum, lr_coords,
-                     tol, max_iter, batch_size, scale):
+def _replay_segments(retained_sum, r, history, basis, points, gbars, linear, curvature, decay, momentum, lr_coords, tol, max_iter, scale):
     """The replay for large changes: checkpoint by checkpoint, the retained data's exact gradient at the predicted
     retrained point w_j + e_j replaces the linearised source (a predictor-corrector per segment; at the end a
-    fixed-point iteration). points: the K checkpoints and w*; gbars: the full-data gradients there; linear: the
-    linear sources (e = 0) there; curvature: the replay's k + 1 curvature values (the end point's), decay its weight decay.
+    fixed-point iteration). retained_sum: retained_sums (r samples forgotten); points: the K checkpoints and w*; gbars:
+    the full-data gradients there; linear: the linear sources (e = 0) there; curvature: the replay's k + 1 curvature
+    values (the end point's), decay its weight decay.
     Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal; with
     momentum the replay carries its velocity u from segment to segment (segment_weights), the corrector solves for e.
     Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
-    n, r, K, k, p = history.n_train, forget.numel(), points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
+    n, K, k, p = history.n_train, points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
     folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis)
     P, A, B = segment_weights(history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay, momentum)
     A, B = _times(A, mult), _times(B, mult)
@@ -1017,12 +1024,7 @@ def _replay_segments(model, loss_fn, train_set, forget, history, basis, points, 
     def full(z):
         return z[:k] @ basis + z[k:]
 
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[forget] = False
-    retained = keep.nonzero()[:, 0]
     linear = split(linear)
-
-    retained_sum = GradientSums(model, loss_fn, batches_of(train_set, retained, batch_size))  # fetched once for every pass
 
     def source(j, z):
         """grad L_R(w_j + e) - gbar_j - (curvature) e: the change of the training gradient beyond the replay's linear term."""
@@ -1214,7 +1216,7 @@ NOISE_FLOOR = 0.5  # refuse when the SGD-noise estimate (stats["sgd_noise_estima
 BATCH_NOISE = 0.1
 
 
-def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_star, forget_at_star, decay, batch_size):
+def retained_gradient_check(retained_sum, history, r, w, g_star, forget_at_star, decay):
     """How much of the gradient change that deletion causes is still there at w (docs/mini_unlearning.md).
 
     Deleting R changes the training objective's gradient at w* from g* (what the SGD run left there) to
@@ -1222,12 +1224,10 @@ def retained_gradient_check(model, loss_fn, train_set, forget, history, w, g_sta
     to first order, again what an SGD run leaves, i.e. close to g*; so
         ratio = |grad F_R(w) + decay w - (g* + decay w*)| / |grad F_R(w*) - g*|
     is 1 at the original model, small near the retrained one, and above 1 when the move went the wrong way.
-    One pass over the retained set (grad F_R(w*) is free: g* and the forget set's gradients at w* are known)."""
-    n, r = history.n_train, forget.numel()
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[forget] = False
-    retained = keep.nonzero()[:, 0]
-    g_w = gradient_sum(model, loss_fn, batches_of(train_set, retained, batch_size), w) / (n - r)
+    One pass over the retained set (retained_sum: retained_sums; grad F_R(w*) is free: g* and the forget set's gradients
+    at w* are known); r samples forgotten."""
+    n = history.n_train
+    g_w = retained_sum(w) / (n - r)
     at_star = (n * g_star - forget_at_star) / (n - r)
     norm = torch.linalg.vector_norm
     before = float(norm(at_star - g_star))
@@ -1296,13 +1296,12 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
 
 
-def _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, decay, momentum, lr_coords, batch_size):
+def _batch_shift(model, loss_fn, train_set, forget, history, stored, points, sums, d_star, decay, momentum, lr_coords, batch_size):
     """The batch term for this request (batch_term), in the summary's own basis (the request's extra directions are not
-    in the stored curvature table). points: the decoded checkpoints and w*; sums: the forget set's gradient sums there;
-    d_star: the mean-field source at w*. Returns (e_batch, samples evaluated)."""
+    in the stored curvature table). stored: that basis decoded (decode_basis); points: the decoded checkpoints and w*;
+    sums: the forget set's gradient sums there; d_star: the mean-field source at w*. Returns (e_batch, samples evaluated)."""
     s, n, r, T = history.summary, history.n_train, forget.numel(), history.num_steps
     dtype = points.dtype
-    stored = decode_basis(s["eigvecs"], dtype)
     lrs = history.schedule["lrs"][:, 0].to(dtype)
     folded, folded_decay, mult = fold_coordinates(s["curvature"].to(dtype), decay, lr_coords, stored)
     omega = _times(step_responses(lrs, marks_of(history), folded, folded_decay, momentum)[0], mult)
@@ -1351,7 +1350,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     w_star = s["w_star"]
     dtype = w_star.dtype
     g_star = s["g_star"].to(dtype)
-    basis = decode_basis(s["eigvecs"], dtype)  # U, (k, p) orthonormal rows
+    basis = stored = decode_basis(s["eigvecs"], dtype)  # U, (k, p) orthonormal rows (stored: the summary's own, for the batch term)
     eig = s["eigvals"].to(dtype)
     # curvature off span(U): the Hutchinson mean of what is left there (older summaries: the smallest kept eigenvalue)
     rho = s["rho"].to(dtype).reshape(()) if "rho" in s else eig[-1]
@@ -1367,6 +1366,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # the forget set's gradients at the checkpoints and at w* (one vmapped pass over R)
     points = torch.cat([decode_rows(s["ckpt_w"], dtype), w_star[None]]) if has_ckpt else w_star[None]
     forget_sum = GradientSums(model, loss_fn, batches_of(train_set, forget, batch_size))  # the forget set, fetched once per request
+    retained_sum = retained_sums(model, loss_fn, train_set, forget, batch_size)  # the same for the retained set (replay, check)
     sums = forget_sum.at(points)
     forget_at_star = sums[-1]
     # d(w) = (r (g* + H_hat (w - w*)) - sum_R grad l_i(w)) / (n - r), the gradient the retained objective adds at the end, at w*
@@ -1456,8 +1456,8 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     if refined:
         gbars = torch.cat([s["ckpt_g"].to(dtype), g_star[None]])
         linear = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r), d_star[None]])  # the sources at e = 0
-        replay, passes = _replay_segments(model, loss_fn, train_set, forget, history, basis, points, gbars, linear, torch.cat([eig, rho.reshape(1)]),
-                                          lam, momentum, lr_coords, tol, max_iter, batch_size, float(torch.linalg.vector_norm(moved)))
+        replay, passes = _replay_segments(retained_sum, r, history, basis, points, gbars, linear, torch.cat([eig, rho.reshape(1)]),
+                                          lam, momentum, lr_coords, tol, max_iter, float(torch.linalg.vector_norm(moved)))
         evals += passes * (n - r) / r
         if replay is None:  # keep the linear replay's result, and say so
             refined = False
@@ -1485,7 +1485,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # to first order (the fixed point's own response to it is |B (H - curvature)|, the contraction factor, small).
     batch_shift = None
     if batch_effect or (batch_effect is None and can_batch and noise_rel is not None and noise_rel > BATCH_NOISE):
-        batch_shift, batch_evaluated = _batch_shift(model, loss_fn, train_set, forget, history, points, sums, d_star, lam, momentum,
+        batch_shift, batch_evaluated = _batch_shift(model, loss_fn, train_set, forget, history, stored, points, sums, d_star, lam, momentum,
                                                     lr_coords, batch_size)
         w = w + batch_shift
         evals += batch_evaluated / r
@@ -1517,7 +1517,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     # g* as an exact retrain's does (digits at a constant lr, 30 %: ratio above 0.75 at 0.02 of the gap): the check
     # measures the mean-field part of the move, w minus the batch term.
     checked = w if batch_shift is None else w - batch_shift
-    stats.update(retained_gradient_check(model, loss_fn, train_set, forget, history, checked, g_star, forget_at_star, lam, batch_size))
+    stats.update(retained_gradient_check(retained_sum, history, r, checked, g_star, forget_at_star, lam))
     stats["gradient_evaluations"] += n - r
     reason = None
     if moved == 0:
