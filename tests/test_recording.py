@@ -1,13 +1,14 @@
 """HistoryRecorder refuses misuse it cannot replay, binds the history to the trained model, and uf.data gives
 the indices it needs from any sampler."""
 import copy
+import re
 
 import pytest
 import torch
 
 import unlearn_fast as uf
 from unlearn_fast.methods.trajectory import weights_at
-from unlearn_fast.history import flat_params
+from unlearn_fast.history import CheckpointGrid, flat_params
 from unlearn_fast.recording import gradient_norm
 from unlearn_fast.methods import mini, retrain
 
@@ -318,13 +319,13 @@ def test_accumulation_whose_micro_batches_cannot_be_told_is_refused_unless_allow
                                          "eval_modules": []}
 
 
-def clipped_run(clip, n_steps=12, kind="full"):
+def clipped_run(clip, n_steps=12, kind="full", codec=None):
     """SGD with momentum on a small MLP, `clip(model)` between backward and record() every step."""
     data = make_data()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2, codec=codec))
     for t in range(n_steps):
         idx = torch.arange(t * 16, (t + 1) * 16) % len(data)
         opt.zero_grad()
@@ -395,6 +396,109 @@ def test_edits_are_found_off_the_audit_grid_and_edits_the_version_counter_misses
     # an edit through .data bumps no version counter: the audit at step 0 finds it
     with pytest.raises(ValueError, match="step 0's gradients changed .* value clipping"):
         clipped_run(lambda m, t: m[0].weight.grad.data.clamp_(-1e-3, 1e-3))
+
+def test_a_minimal_recorder_reads_unedited_gradients_only_on_audit_steps(monkeypatch):
+    import unlearn_fast.recording as recording
+
+    calls = []
+    monkeypatch.setattr(recording, "gradient_norm", lambda g, dtype=None: calls.append(1) or torch.linalg.vector_norm(g))
+    n_steps = 2 * recording.AUDIT_EVERY + 3  # audits at steps 0, AUDIT_EVERY, 2 AUDIT_EVERY
+    data, model, rec = clipped_run(lambda m, t: None, n_steps=n_steps, kind="minimal")
+    # each audit: the hooks' norm of the 4 parameters at backward and record()'s again; no other step reads a gradient
+    assert len(calls) == 3 * 2 * 4
+    # a full fp32 recording measures every step (its rows would keep a non-finite gradient); an int8 one's encoder refuses those
+    calls.clear()
+    clipped_run(lambda m, t: None, n_steps=n_steps, kind="full")
+    assert len(calls) == (n_steps + 3) * 4
+    calls.clear()
+    clipped_run(lambda m, t: None, n_steps=n_steps, kind="full", codec="int8")
+    assert len(calls) == 3 * 2 * 4
+
+
+def test_a_non_finite_gradient_off_the_audit_grid_is_refused_at_once_by_an_int8_recording():
+    from unlearn_fast.recording import AUDIT_EVERY
+
+    # an edit that writes NaN (seen through the version counter)
+    with pytest.raises(ValueError, match=f"step {AUDIT_EVERY + 3} has non-finite"):
+        clipped_run(lambda m, t: t == AUDIT_EVERY + 3 and m[0].weight.grad.fill_(float("nan")), n_steps=AUDIT_EVERY + 5,
+                    kind="full", codec="int8")
+    # backward's own inf / nan (an inf input): the encoder refuses the row
+    data = make_data()
+    model = torch.nn.Linear(5, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"))
+    with pytest.raises(ValueError, match=f"step {AUDIT_EVERY + 3} has non-finite .*NaN or Inf.*history not extended"):
+        for t in range(AUDIT_EVERY + 5):
+            x, y = data[torch.arange(16)]
+            if t == AUDIT_EVERY + 3:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            opt.zero_grad()
+            LOSS(model(x), y).backward()
+            rec.record(torch.arange(16))
+            opt.step()
+    assert rec.num_steps == AUDIT_EVERY + 3
+
+
+@pytest.mark.parametrize("diverge_at", [5, 13])  # refused at the checkpoint of step 6, at the audit of step 16
+def test_a_divergence_between_audits_is_refused_at_the_next_audit_or_checkpoint(diverge_at):
+    from unlearn_fast.recording import AUDIT_EVERY
+
+    data = make_data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    grid = CheckpointGrid()  # the steps whose weights the recorder keeps (and checks)
+    checkpoints = [t for t in range(AUDIT_EVERY + 1) if grid.offer(t)]
+    checks = [t for t in range(diverge_at + 1, AUDIT_EVERY + 1) if t == AUDIT_EVERY or t in checkpoints]
+    with pytest.raises(ValueError) as refused:
+        for t in range(AUDIT_EVERY + 1):
+            x, y = data[torch.arange(16)]
+            if t == diverge_at:  # an inf input: inf / nan gradients, then nan weights
+                x = x.clone()
+                x[0, 0] = float("inf")
+            opt.zero_grad()
+            LOSS(model(x), y).backward()
+            rec.record(torch.arange(16))
+            opt.step()
+    # refused at the first audit or checkpoint after the divergence, naming what it found; that step is not recorded
+    assert rec.num_steps == checks[0]
+    assert re.search(f"step {checks[0]} has non-finite .*may have begun up to {AUDIT_EVERY - 1} steps earlier|"
+                     f"step {checks[0]}: the weights hold inf/nan \\(the run diverged", str(refused.value))
+
+
+def test_an_edit_that_begins_between_audits_is_kept_and_checked_where_the_history_is_used():
+    from unlearn_fast.methods._common import clip_max_norm
+    from unlearn_fast.recording import AUDIT_EVERY
+
+    start = AUDIT_EVERY + 3  # off the audit grid: the recorder took no norms at that step's backward
+    # clipping switched on mid-run: later steps (all measured now) show its threshold, which explains the first
+    data, model, rec = clipped_run(lambda m, t: t >= start and torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05),
+                                   n_steps=start + 4, kind="minimal")
+    history = rec.finish(data, LOSS)
+    recording = history.meta["recording"]
+    [(step, norm)] = recording["unmeasured_edits"]
+    assert step == start and 0 < norm <= 0.05 * (1 + 1e-6) and recording["clip_max_norm"] == 0.05
+    assert clip_max_norm(history) == 0.05
+    with pytest.raises(ValueError, match="clipped gradient norms at 0.05"):
+        uf.unlearn(model, history, [3], data, LOSS, method="mini")
+    # a one-off edit no later step explains: recorded, and refused where a replay would need it
+    data, model, rec = clipped_run(lambda m, t: t == start and torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3),
+                                   n_steps=start + 4, kind="minimal")
+    history = rec.finish(data, LOSS)
+    with pytest.raises(ValueError, match=f"step {start}'s gradients were edited .* no step of the run showed norm clipping"):
+        clip_max_norm(history)
+    with pytest.raises(ValueError, match=f"step {start}'s gradients were edited"):
+        uf.unlearn(model, history, [3], data, LOSS, method="retrain")
+    # the same edit on every step from then on: the next step is measured, and refused as any value clipping
+    with pytest.raises(ValueError, match=f"step {start + 1}'s gradients changed .* value clipping"):
+        clipped_run(lambda m, t: t >= start and torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3), n_steps=start + 4, kind="minimal")
+    # a history file's record of such edits is data: malformed entries are refused, naming it
+    history.meta["recording"]["unmeasured_edits"] = [[start, "0.1"]]
+    with pytest.raises(ValueError, match="unmeasured_edits'\\] is malformed"):
+        clip_max_norm(history)
+
 
 def autocast_run(under, n_steps=10):
     """float32 MLP, SGD + momentum; forward and loss under bfloat16 autocast on the steps `under(t)` says."""

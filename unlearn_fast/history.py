@@ -184,9 +184,13 @@ class CheckpointGrid:
     def early(step):
         return step & (step - 1) == 0  # 0, 1, 2, 4, 8, ...
 
+    def wants(self, step):
+        """Whether offer(step) would take a checkpoint of step `step` (nothing changes)."""
+        return step % self.every == 0 or self.early(step)
+
     def offer(self, step):
         """Step `step` is being recorded: whether to take a checkpoint of it. self.kept is updated (thinned)."""
-        take = step % self.every == 0 or self.early(step)
+        take = self.wants(step)
         if take:
             self.kept.append(step)
         while sum(s % self.every == 0 for s in self.kept) > checkpoint_capacity(step + 1):

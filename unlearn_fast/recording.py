@@ -7,9 +7,10 @@ The recorder checks that this is what happened, through hooks, and refuses what 
                              is an error naming the step);
   gradient-accumulation hooks how many backward passes made the step's gradients (several: gradient
                              accumulation, whose weighting of unequal micro-batches finish() tells from the first
-                             such step) and their norms as backward left them. Changed by record() time
-                             by one factor for every parameter: norm clipping, whose threshold is recovered
-                             and replayed (meta["recording"]["clip_max_norm"]); any other edit is refused;
+                             such step) and, where an edit may follow (AUDIT_EVERY), their norms as backward
+                             left them. Changed by record() time by one factor for every parameter: norm
+                             clipping, whose threshold is recovered and replayed (meta["recording"]["clip_max_norm"]);
+                             any other edit is refused;
   a forward pre-hook         autocast during a training forward: its dtype is recorded (meta["recording"]["autocast"])
                              and retrain / rewind replay the forward and loss under it.
   a GradScaler (grad_scaler=) loss scaling: record() reads from the scaler whether unscale_ ran (scaled gradients are
@@ -35,18 +36,20 @@ from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       eager_module, fetch, flat_params, param_spec, row_bytes, saved_buffers, weights_digest)
-from .methods._common import batch_gradient, loss_fingerprint, loss_ratio, module_mode
+from .methods._common import batch_gradient, loss_fingerprint, loss_ratio, module_mode, unmeasured_edits
 from .optimizers import cycled_setting, momentum_of
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
 # gradients compare equal (the same kernel on the same values)
 EDIT_TOLERANCE = 1e-6
 
-# record() re-measures a gradient only when it was replaced or changed in place since backward left it (its tensor or
-# version counter changed: clip_grad_norm_, clip_grad_value_ and torch's other in-place ops count; GradScaler.unscale_ does
-# not, so a run with a grad_scaler is re-measured at every step), which
-# spares a pass over every gradient per step; edits the counter cannot see (through .data, numpy or a C extension)
-# are caught by re-measuring every gradient at every AUDIT_EVERY-th step, step 0 included
+# Edits between backward and record() are seen through each gradient's tensor and version counter (clip_grad_norm_,
+# clip_grad_value_ and torch's other in-place ops bump it; GradScaler.unscale_ does not, so a run with a grad_scaler is
+# measured at every step). The hooks take the gradients' norms at backward (a pass over every gradient: 5-9 % of a
+# 10-100M-parameter MLP's step, measured) only where an edit may follow: step 0, every AUDIT_EVERY-th step, and every
+# step once one was edited (and a kind="full" fp32 / bf16 recording at every step). An audited step's norms are compared again at
+# record(), which catches edits the counter cannot see (through .data, numpy or a C extension) and non-finite gradients,
+# so a divergence of a run without edits is refused at most AUDIT_EVERY - 1 steps late
 AUDIT_EVERY = 16
 # the parameters' norms (an edit through .data between steps: see _note_parameters) are compared before steps 0, 1, 2, 4, ...
 # and every PARAMETER_AUDIT_EVERY-th: two passes over the parameters each time (~1 % of a 10M-parameter MLP's step at 16)
@@ -186,6 +189,8 @@ class HistoryRecorder:
         # gradient_norm's by 1e-5 at 1M elements, enough to move a threshold recovered from them) while a clipping
         # threshold may still be recovered: at step 0 and after any step whose gradients were edited, until it is known
         self._clip_norms = True
+        self._edits_seen = False  # a step's gradients were edited after backward: every later step is measured (_measuring)
+        self._measure = True  # the hooks take the coming step's gradient norms at backward
         self._clip_exact = True  # False: the known threshold was recovered from faster norms, to be replaced at the next clipped step
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self._settings = StepSettings(optimizer)
@@ -260,9 +265,11 @@ class HistoryRecorder:
     # -- hooks
     def _on_grad(self, i, p):
         self._passes[i] += 1
-        self._raw_norms[i] = gradient_norm(p.grad.detach(), self._norm_dtype)
-        if self._clip_norms:
-            self._raw_clip_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
+        # (a step accumulated over micro-batches is measured until one was probed: finish() tells their weighting from it)
+        if self._measure or (self._passes[i] > 1 and self._accumulation_probe is None):
+            self._raw_norms[i] = gradient_norm(p.grad.detach(), self._norm_dtype)
+            if self._clip_norms:
+                self._raw_clip_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=self._norm_dtype)
         self._raw_versions[i] = (p.grad, p.grad._version)
 
     def _on_forward(self, module, args, kwargs):
@@ -315,6 +322,8 @@ class HistoryRecorder:
             return
         changed = [i for i, (p, (version, ptr)) in enumerate(zip(self.params, self._left)) if p._version != version or p.data_ptr() != ptr]
         if not changed and self._left_norms is not None:
+            if not all(math.isfinite(n) for n in self._left_norms):  # (a divergence between audited steps: see AUDIT_EVERY)
+                raise ValueError(f"{call}: step {step}: the weights hold inf/nan (the run diverged at or before step {step - 1}); history not extended")
             # (a tolerance, not equality: a threaded BLAS may sum in another order from one call to the next)
             changed = [i for i, (p, n) in enumerate(zip(self.params, self._left_norms))
                        if not abs(float(torch.linalg.vector_norm(p.detach())) - n) <= 1e-6 * n]
@@ -325,7 +334,14 @@ class HistoryRecorder:
                              "steps only. A weight constraint applied after step() (clamp_, renorm, a projection) is not replayed: "
                              "express it in the model (torch.nn.utils.parametrize) or train without it; history not extended")
 
+    def _measuring(self):
+        """Whether the hooks take the coming step's gradient norms at backward (see AUDIT_EVERY)."""
+        # (an int8 / int4 recording's encoder refuses a non-finite gradient itself: only fp32 / bf16 rows need the norms for it)
+        return (self.steps % AUDIT_EVERY == 0 or self._edits_seen or self.grad_scaler is not None
+                or (self.policy.kind == "full" and self.policy.codec in ("fp32", "bf16")))
+
     def _reset_step(self):
+        self._measure = self._measuring()
         self._autocast, self._micro, self._rng, self._step_micro = None, [], None, None
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
@@ -362,7 +378,7 @@ class HistoryRecorder:
             raise ValueError(f"rebase_gradients: norms must be a dict of parameter -> gradient norm, got {type(norms).__name__}")
         clip_ids = {id(p): n for p, n in clip_norms.items()} if isinstance(clip_norms, dict) else {}
         for i, p in enumerate(self.params):
-            if self._raw_norms[i] is not None and id(p) in ids:
+            if self._passes[i] and id(p) in ids:
                 self._raw_norms[i] = torch.as_tensor(ids[id(p)])
                 self._raw_clip_norms[i] = torch.as_tensor(clip_ids[id(p)]) if id(p) in clip_ids else None
 
@@ -468,13 +484,16 @@ class HistoryRecorder:
         elif self._seen_features.get("autocast") is not None:
             raise ValueError(f"record: step {step} ran its forward without autocast, earlier steps under {self._seen_features['autocast']}; "
                              "the replay reproduces autocast on every step or on none")
-        reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+        reached = self._reached()
         if len(reached) < len(self.params) or self._held_frozen:
             self._check_frozen(step, reached)
         grads = [self.params[i].grad for i in reached]
         if any(g is None for g in grads):
             raise ValueError(f"record: step {step}'s gradients were set to None after backward; call record() before zero_grad()")
         untouched = [self._untouched(i, g) for i, g in zip(reached, grads)]
+        if any(self._raw_norms[i] is None for i in reached):
+            self._unmeasured_step(step, reached, grads, untouched)
+            return None, micro
         raw = torch.stack([self._raw_norms[i] for i in reached])
         if scale != 1.0:  # (a power of two, the scaler's default, divides out exactly)
             raw = raw / scale
@@ -488,12 +507,9 @@ class HistoryRecorder:
         clip = [self._raw_clip_norms[i] for i in reached]
         clip_raw = torch.stack(clip) / scale if self._clip_norms and None not in clip else None
         if not finite:
-            j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
-            hint = ("The GradScaler found none when it unscaled them: were they edited after scaler.unscale_?" if self.grad_scaler is not None else
-                    "With mixed-precision loss scaling, pass the scaler (HistoryRecorder(..., grad_scaler=scaler)): the steps it skips are "
-                    "then left out. Otherwise the loss diverged (lower the learning rate)")
-            raise ValueError(f"record: step {step} has non-finite (inf/nan) gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}); "
-                             f"history not extended. {hint}")
+            self._refuse_non_finite(step, reached, now)
+        if not all(untouched):
+            self._edits_seen = True
         if now is not raw and bool(((now - raw).abs() > EDIT_TOLERANCE * raw).any()):
             if "clipping" in self.allow:
                 self._seen_features["clipped_steps"] += 1
@@ -501,6 +517,37 @@ class HistoryRecorder:
                 self._note_clipping(step, raw, now, clip_raw)
         self._clip_norms = not all(untouched) and (self._seen_features.get("clip_max_norm") is None or not self._clip_exact)
         return raw, micro
+
+    def _reached(self):
+        """The parameters a backward pass reached since the last optimizer step."""
+        return [i for i, n in enumerate(self._passes) if n]
+
+    def _refuse_non_finite(self, step, reached, now):
+        j = int(torch.nonzero(~torch.isfinite(now))[0]) if not bool(torch.isfinite(now).all()) else int(now.argmax())  # (finite norms whose sum of squares overflows: the largest)
+        hint = ("The GradScaler found none when it unscaled them: were they edited after scaler.unscale_?" if self.grad_scaler is not None else
+                "With mixed-precision loss scaling, pass the scaler (HistoryRecorder(..., grad_scaler=scaler)): the steps it skips are "
+                "then left out. Otherwise the loss diverged (lower the learning rate)")
+        late = (f" (gradients of unedited steps are checked on every {AUDIT_EVERY}th step: the divergence may have begun up to "
+                f"{AUDIT_EVERY - 1} steps earlier)" if step and not self._edits_seen and self.grad_scaler is None else "")
+        raise ValueError(f"record: step {step} has non-finite (inf/nan) gradients (parameter {self.param_names[reached[j]]}: norm {float(now[j]):g}){late}; "
+                         f"history not extended. {hint}")
+
+    def _unmeasured_step(self, step, reached, grads, untouched):
+        """A step whose gradient norms the hooks did not take at backward (_measuring: no edit was expected). Untouched,
+        its gradients are what backward left, and nothing is read. Edited (an edit that begins after some steps without,
+        e.g. clipping switched on after a warm-up): what the edit did cannot be told without the norms before it; its norm
+        after it is kept (meta["recording"]["unmeasured_edits"]), every later step is measured, and a replay accepts the
+        step only if it is what clipping at the threshold later steps show gives (methods/_common.clip_max_norm)."""
+        if all(untouched):
+            return
+        now = torch.stack([gradient_norm(g.detach(), self._norm_dtype) for g in grads])
+        total = float(torch.linalg.vector_norm(now))
+        if not math.isfinite(total):
+            self._refuse_non_finite(step, reached, now)
+        self._edits_seen = self._clip_norms = True
+        self._seen_features["clipped_steps"] += 1
+        if "clipping" not in self.allow:
+            self._seen_features.setdefault("unmeasured_edits", []).append([step, total])
 
     def _eval_modules(self):
         return self._seen_features.get("eval_modules") or ()
@@ -617,19 +664,22 @@ class HistoryRecorder:
             row = len(chunk["sizes"])
             if chunk["g"] is None:
                 chunk["g"] = self._row_buffers()
-            self._encoder.encode_into([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params], chunk["g"], row)
+            try:
+                self._encoder.encode_into([p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params], chunk["g"], row)
+            except ValueError as e:  # (the row is not counted: the history is as it was)
+                raise ValueError(f"record: step {step} has non-finite (inf/nan) gradients ({e}); history not extended") from e
             if self.path is None:
                 self.batches.append(idx)
         else:
             self._keep_checkpoint(step)
         if step == 0:
             self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
-            reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+            reached = self._reached()
             # (one state per rank: finish() cannot redo the ranks' forwards as one backward, so it skips that check)
             self._first_step = (reached, raw_norms.clone(), micro, self._autocast, self._rng if self._rank_states == 1 else None)
-        if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None and declared is None:
+        if micro is not None and len(set(micro)) > 1 and self._accumulation_probe is None and declared is None and raw_norms is not None:
             # (its weights: one copy, once; equal micro-batches weigh the same under either rule)
-            reached = [i for i, n in enumerate(self._raw_norms) if n is not None]
+            reached = self._reached()
             self._accumulation_probe = (step, flat_params(self.model).clone(), idx, list(micro), reached, raw_norms.clone())
         self._note_seen(idx, top)
         lrs, momenta = self._settings.now()
@@ -752,13 +802,20 @@ class HistoryRecorder:
         """A checkpoint of w_step when the grid takes one (history.CheckpointGrid), encoded now (the summary stores
         it through summary_codec anyway: int8 holds a quarter of the memory); a streamed recording also writes it
         with the chunk (resume() gets it back)."""
-        if self.grid.offer(step):
+        if self.grid.wants(step):
+            weights = [p.detach() for p in self.params]
+            if not all(bool(torch.isfinite(w).all()) for w in weights):
+                # (a divergence between audited steps: see AUDIT_EVERY)
+                raise ValueError(f"record: step {step}: the weights hold inf/nan (the run diverged at or before step {step}); history not extended")
             buffers = self._ckpt_encoder.buffers(1, self.w0.device)
-            self._ckpt_encoder.encode_into([p.detach() for p in self.params], buffers, 0)
+            self._ckpt_encoder.encode_into(weights, buffers, 0)
             row = EncodedRows(buffers, self.policy.summary_codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
+            self.grid.offer(step)
             self.checkpoints.append((step, row))
             if self.path is not None:
                 self._open["ckpt"].append((step, row))
+        else:
+            self.grid.offer(step)
         if len(self.checkpoints) != len(self.grid.kept):  # the grid dropped some (it only ever drops or takes this step)
             kept = set(self.grid.kept)
             self.checkpoints = [(s, w) for s, w in self.checkpoints if s in kept]
@@ -1008,13 +1065,14 @@ class HistoryRecorder:
             rec._seen_features.update(_check_features({k: v for k, v in features.items() if k in FEATURES}, steps, "features"))
         elif part is not None:  # (recordings streamed before it was kept have none: their clipping is then seen only if it recurs)
             rec._seen_features.update(_features_of(store.read_part(path, part, repr(path)), steps, path))
+        rec._edits_seen = bool(rec._seen_features["clipped_steps"])
         store.truncate(path, "GradientHistory", history.recording_id, j + 1)
         rec._writer = _ChunkWriter(path, rec.recording_id)
         return rec
 
 
 FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
-FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting", "eval_modules")
+FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting", "eval_modules", "unmeasured_edits")
 # how the replay weighs the micro-batches of an accumulated step (methods/_common.replay_step); absent: each mean loss / their number
 ACCUMULATION_WEIGHTINGS = ("batch_mean", "loss_count")
 
@@ -1095,7 +1153,8 @@ def _check_features(features, steps, who):
             and (features.get("autocast") is None or features["autocast"] in ("float16", "bfloat16", "float32", "float64"))
             and features.get("accumulation_weighting", "batch_mean") in ACCUMULATION_WEIGHTINGS
             and (features.get("eval_modules") is None or (isinstance(features["eval_modules"], list)
-                                                          and all(isinstance(n, str) for n in features["eval_modules"])))):
+                                                          and all(isinstance(n, str) for n in features["eval_modules"])))
+            and unmeasured_edits(features, steps) is not None):
         raise ValueError(f"{who} holds malformed recorder features at its flush point: {features!r:.200}")
     return dict(features, **({"clip_max_norm": float(clip)} if clip is not None else {}))
 

@@ -248,9 +248,39 @@ def history_batch_order(history):
     return "recorded" if "batches" in history.schedule else "resampled (a kind='minimal' history keeps no batch order)"
 
 
+# an edit the recorder could not measure (unmeasured_edits) is taken as clipping at the threshold later steps show when its
+# gradient norm after the edit is at most the threshold, within float32 rounding of a norm over many elements
+UNMEASURED_TOLERANCE = 1e-3
+
+
+def unmeasured_edits(recording, steps=None):
+    """meta["recording"]["unmeasured_edits"] ([[step, gradient norm after the edit], ...], see
+    HistoryRecorder._unmeasured_step) as (int, float) pairs, [] if absent; None if malformed (data from a file)."""
+    edits = recording.get("unmeasured_edits", [])
+    ok = isinstance(edits, list) and all(
+        isinstance(e, list) and len(e) == 2 and type(e[0]) is int and 0 <= e[0] < (math.inf if steps is None else steps)
+        and type(e[1]) in (int, float) and 0 <= e[1] < math.inf for e in edits)
+    return [(e[0], float(e[1])) for e in edits] if ok else None
+
+
+
 def clip_max_norm(history):
-    """The gradient-norm threshold the training run clipped at (recorded by HistoryRecorder), or None."""
-    return (history.meta.get("recording") or {}).get("clip_max_norm")
+    """The gradient-norm threshold the training run clipped at (recorded by HistoryRecorder), or None. ValueError if a step
+    was edited where the recorder could not measure the edit (unmeasured_edits) and clipping at that threshold does not
+    explain it: a replay would apply another update than training did."""
+    recording = history.meta.get("recording") or {}
+    max_norm = recording.get("clip_max_norm")
+    edits = unmeasured_edits(recording)
+    if edits is None:
+        raise ValueError(f"history: meta['recording']['unmeasured_edits'] is malformed: {recording.get('unmeasured_edits')!r:.200}")
+    for step, norm in edits:
+        if max_norm is None or not norm <= max_norm * (1 + UNMEASURED_TOLERANCE):
+            why = ("no step of the run showed norm clipping" if max_norm is None else
+                   f"its gradient norm after the edit, {norm:.6g}, is above the clipping threshold {max_norm:.6g} later steps show")
+            raise ValueError(f"history: step {step}'s gradients were edited between backward and record() on a step the recorder did not "
+                             f"measure at backward (the first edit of a run that had none before), and {why}, so no replay can tell what "
+                             "that step applied. Record again with the edit (for example clip_grad_norm_) on every step from the first")
+    return max_norm
 
 
 def clip(model, max_norm):
