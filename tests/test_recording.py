@@ -440,15 +440,16 @@ def test_a_non_finite_gradient_off_the_audit_grid_is_refused_at_once_by_an_int8_
     assert rec.num_steps == AUDIT_EVERY + 3
 
 
+@pytest.mark.parametrize("summary_codec", ["int8", "fp32"])  # (int8's encoder refuses inf/nan; fp32 rows are checked)
 @pytest.mark.parametrize("diverge_at", [5, 13])  # refused at the checkpoint of step 6, at the audit of step 16
-def test_a_divergence_between_audits_is_refused_at_the_next_audit_or_checkpoint(diverge_at):
+def test_a_divergence_between_audits_is_refused_at_the_next_audit_or_checkpoint(diverge_at, summary_codec):
     from unlearn_fast.recording import AUDIT_EVERY
 
     data = make_data()
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2, summary_codec=summary_codec))
     grid = CheckpointGrid()  # the steps whose weights the recorder keeps (and checks)
     checkpoints = [t for t in range(AUDIT_EVERY + 1) if grid.offer(t)]
     checks = [t for t in range(diverge_at + 1, AUDIT_EVERY + 1) if t == AUDIT_EVERY or t in checkpoints]

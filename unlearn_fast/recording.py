@@ -804,11 +804,14 @@ class HistoryRecorder:
         with the chunk (resume() gets it back)."""
         if self.grid.wants(step):
             weights = [p.detach() for p in self.params]
-            if not all(bool(torch.isfinite(w).all()) for w in weights):
-                # (a divergence between audited steps: see AUDIT_EVERY)
-                raise ValueError(f"record: step {step}: the weights hold inf/nan (the run diverged at or before step {step}); history not extended")
             buffers = self._ckpt_encoder.buffers(1, self.w0.device)
-            self._ckpt_encoder.encode_into(weights, buffers, 0)
+            try:  # (an int8 / int4 encoder refuses inf/nan itself; fp32 / bf16 rows are checked)
+                self._ckpt_encoder.encode_into(weights, buffers, 0)
+                finite = "values" not in buffers or bool(torch.isfinite(buffers["values"]).all())
+            except ValueError:
+                finite = False
+            if not finite:  # (a divergence between audited steps: see AUDIT_EVERY)
+                raise ValueError(f"record: step {step}: the weights hold inf/nan (the run diverged at or before step {step}); history not extended")
             row = EncodedRows(buffers, self.policy.summary_codec, self.policy.blocksize, self.w0.numel(), self.w0.dtype)
             self.grid.offer(step)
             self.checkpoints.append((step, row))
