@@ -278,7 +278,45 @@ def test_a_resume_goes_on_from_what_the_steps_before_its_flush_did(tmp_path, fea
     assert torch.equal(flat_params(replay), flat_params(model))
 
 
+def test_an_edit_on_an_unmeasured_step_survives_a_resume(tmp_path):
+    # clipping switched on at step 19 (off the recorder's audit grid, so not measured at backward) of a streamed minimal
+    # recording, flushed at step 24 and resumed: the finished history keeps that step and the threshold that explains it
+    from unlearn_fast.methods._common import clip_max_norm
+
+    data = make_data()
+    batches = [torch.arange(t * BATCH, (t + 1) * BATCH) % N for t in range(30)]
+
+    def run(t0, t1, model, opt, rec):
+        for t in range(t0, t1):
+            opt.zero_grad()
+            LOSS(model(data.tensors[0][batches[t]]), data.tensors[1][batches[t]]).backward()
+            if t >= 19:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            rec.record(batches[t])
+            opt.step()
+
+    path = str(tmp_path / "h")
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"), path=path)
+    run(0, 24, model, opt, rec)
+    rec.flush()
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    rec.close()
+    model, opt = new_run()
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    rec = uf.HistoryRecorder.resume(path, model, opt)
+    run(24, 30, model, opt, rec)
+    history = rec.finish(data, LOSS)
+    [(step, norm)] = history.meta["recording"]["unmeasured_edits"]
+    assert step == 19 and norm <= 0.05 * (1 + 1e-6) and clip_max_norm(history) == 0.05
+
+
 @pytest.mark.parametrize("stored", [b'{"accumulated_steps": 0, "clipped_steps": -1, "autocast_steps": 0}', b'{"clipped_steps": 2}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "unmeasured_edits": [[12, 0.1]]}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "unmeasured_edits": [["1", 0.1]]}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "unmeasured_edits": [[1, -0.1]]}',
+                                    b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "unmeasured_edits": {"1": 0.1}}',
                                     b'{"accumulated_steps": 0, "clipped_steps": 99, "autocast_steps": 0}', b"[1, 2]", b"\xff{",
                                     b'{"accumulated_steps": 0, "clipped_steps": 1, "autocast_steps": 0, "clip_max_norm": "1"}',
                                     b'{"accumulated_steps": 0, "clipped_steps": 0, "autocast_steps": 3, "autocast": "os.system"}'])
