@@ -423,21 +423,31 @@ def test_a_non_finite_gradient_off_the_audit_grid_is_refused_at_once_by_an_int8_
         clipped_run(lambda m, t: t == AUDIT_EVERY + 3 and m[0].weight.grad.fill_(float("nan")), n_steps=AUDIT_EVERY + 5,
                     kind="full", codec="int8")
     # backward's own inf / nan (an inf input): the encoder refuses the row
+    seen = []
+    with pytest.raises(ValueError, match=f"step {AUDIT_EVERY + 3} has non-finite .*NaN or Inf.*history not extended"):
+        diverging_run(uf.HistoryPolicy(kind="full", codec="int8"), AUDIT_EVERY + 3, AUDIT_EVERY + 5, seen)
+    assert seen[0].num_steps == AUDIT_EVERY + 3
+
+
+def diverging_run(policy, diverge_at, n_steps, seen=None):
+    """Logistic regression recorded under `policy`, an inf input at step `diverge_at` (inf / nan gradients, then nan
+    weights); the recorder is appended to `seen` as it is made."""
     data = make_data()
+    torch.manual_seed(0)
     model = torch.nn.Linear(5, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="int8"))
-    with pytest.raises(ValueError, match=f"step {AUDIT_EVERY + 3} has non-finite .*NaN or Inf.*history not extended"):
-        for t in range(AUDIT_EVERY + 5):
-            x, y = data[torch.arange(16)]
-            if t == AUDIT_EVERY + 3:
-                x = x.clone()
-                x[0, 0] = float("inf")
-            opt.zero_grad()
-            LOSS(model(x), y).backward()
-            rec.record(torch.arange(16))
-            opt.step()
-    assert rec.num_steps == AUDIT_EVERY + 3
+    rec = uf.HistoryRecorder(model, opt, policy)
+    if seen is not None:
+        seen.append(rec)
+    for t in range(n_steps):
+        x, y = data[torch.arange(16)]
+        if t == diverge_at:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        opt.zero_grad()
+        LOSS(model(x), y).backward()
+        rec.record(torch.arange(16))
+        opt.step()
 
 
 @pytest.mark.parametrize("summary_codec", ["int8", "fp32"])  # (int8's encoder refuses inf/nan; fp32 rows are checked)
@@ -445,26 +455,14 @@ def test_a_non_finite_gradient_off_the_audit_grid_is_refused_at_once_by_an_int8_
 def test_a_divergence_between_audits_is_refused_at_the_next_audit_or_checkpoint(diverge_at, summary_codec):
     from unlearn_fast.recording import AUDIT_EVERY
 
-    data = make_data()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(5, 3).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2, summary_codec=summary_codec))
     grid = CheckpointGrid()  # the steps whose weights the recorder keeps (and checks)
     checkpoints = [t for t in range(AUDIT_EVERY + 1) if grid.offer(t)]
     checks = [t for t in range(diverge_at + 1, AUDIT_EVERY + 1) if t == AUDIT_EVERY or t in checkpoints]
+    seen = []
     with pytest.raises(ValueError) as refused:
-        for t in range(AUDIT_EVERY + 1):
-            x, y = data[torch.arange(16)]
-            if t == diverge_at:  # an inf input: inf / nan gradients, then nan weights
-                x = x.clone()
-                x[0, 0] = float("inf")
-            opt.zero_grad()
-            LOSS(model(x), y).backward()
-            rec.record(torch.arange(16))
-            opt.step()
+        diverging_run(uf.HistoryPolicy(kind="minimal", rank=2, summary_codec=summary_codec), diverge_at, AUDIT_EVERY + 1, seen)
     # refused at the first audit or checkpoint after the divergence, naming what it found; that step is not recorded
-    assert rec.num_steps == checks[0]
+    assert seen[0].num_steps == checks[0]
     assert re.search(f"step {checks[0]} has non-finite .*may have begun up to {AUDIT_EVERY - 1} steps earlier|"
                      f"step {checks[0]}: the weights hold inf/nan \\(the run diverged", str(refused.value))
 
