@@ -229,6 +229,24 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
         uf.HistoryRecorder.resume(path, model, opt)
 
 
+def flushed_and_resumed(path, policy, fresh, run, flush_at, end):
+    """Steps [0, flush_at) streamed to `path` (run(t0, t1, model, opt, rec)), a flush, the recorder dropped as a killed
+    run's would be, a fresh model and optimizer loaded from that point's state and the recording resumed to step `end`.
+    Returns (model, recorder)."""
+    model, opt = fresh()
+    rec = uf.HistoryRecorder(model, opt, policy, path=path)
+    run(0, flush_at, model, opt, rec)
+    rec.flush()
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    rec.close()
+    model, opt = fresh()
+    model.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    rec = uf.HistoryRecorder.resume(path, model, opt)
+    run(flush_at, end, model, opt, rec)
+    return model, rec
+
+
 @pytest.mark.parametrize("feature", ["clipping", "autocast"])
 def test_a_resume_goes_on_from_what_the_steps_before_its_flush_did(tmp_path, feature):
     # clipping active before the flush only (large features in the first steps' samples), or bfloat16 autocast on every
@@ -255,18 +273,8 @@ def test_a_resume_goes_on_from_what_the_steps_before_its_flush_did(tmp_path, fea
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         return model, torch.optim.SGD(model.parameters(), lr=0.2)
 
-    norms, path = [], str(tmp_path / "h")
-    model, opt = fresh()
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"), path=path)
-    run(0, 10, model, opt, rec)
-    rec.flush()
-    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    rec.close()
-    model, opt = fresh()
-    model.load_state_dict(state[0])
-    opt.load_state_dict(state[1])
-    rec = uf.HistoryRecorder.resume(path, model, opt)
-    run(10, 20, model, opt, rec)
+    norms = []
+    model, rec = flushed_and_resumed(str(tmp_path / "h"), uf.HistoryPolicy(kind="full"), fresh, run, 10, 20)
     history = rec.finish(data, LOSS)
     if feature == "clipping":
         clipped = sum(n > 0.85 for n in norms)
@@ -295,18 +303,7 @@ def test_an_edit_on_an_unmeasured_step_survives_a_resume(tmp_path):
             rec.record(batches[t])
             opt.step()
 
-    path = str(tmp_path / "h")
-    model, opt = new_run()
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"), path=path)
-    run(0, 24, model, opt, rec)
-    rec.flush()
-    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    rec.close()
-    model, opt = new_run()
-    model.load_state_dict(state[0])
-    opt.load_state_dict(state[1])
-    rec = uf.HistoryRecorder.resume(path, model, opt)
-    run(24, 30, model, opt, rec)
+    _, rec = flushed_and_resumed(str(tmp_path / "h"), uf.HistoryPolicy(kind="minimal"), new_run, run, 24, 30)
     history = rec.finish(data, LOSS)
     [(step, norm)] = history.meta["recording"]["unmeasured_edits"]
     assert step == 19 and norm <= 0.05 * (1 + 1e-6) and clip_max_norm(history) == 0.05
