@@ -1415,60 +1415,71 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
             raise RuntimeError("mini: non-finite fixed-point residual: a NaN or infinite loss or gradient, or a forget set too large for the curvature model; no model is returned")
         return res, g_forget
 
-    # Krasnoselskii-Mann iteration w <- w + relax (T(w) - w) with backtracking: a step is kept only if
-    # the residual shrinks (relax halves otherwise), so a weakly or non-contracting T (non-convex
-    # models) is damped instead of diverging. q = |res_new| / |res| estimates the contraction factor
-    # and |w - w_fix| <= |T(w) - w| / (1 - q) is the error bound and stopping rule.
-    w, (res, g_w) = w_star.clone(), residual(w_star, forget_at_star)
-    res_norm, relax, q, bound, converged, evals = float(torch.linalg.vector_norm(res)), 1.0, float("nan"), float("inf"), False, 1
-    for it in range(1, max_iter + 1):
-        w_new = w + relax * res
-        res_new, g_new = residual(w_new)
-        evals += 1
-        new_norm = float(torch.linalg.vector_norm(res_new))
-        if progress is not None:
-            progress.update(1)
-        if new_norm > res_norm:
-            relax *= 0.5
-            if relax < min_relax:  # T does not contract near w*: stop with the best iterate so far
+    def linear_replay():
+        """The linear replay's fixed point: the Krasnoselskii-Mann iteration w <- w + relax (T(w) - w) with backtracking:
+        a step is kept only if the residual shrinks (relax halves otherwise), so a weakly or non-contracting T (non-convex
+        models) is damped instead of diverging. q = |res_new| / |res| estimates the contraction factor and
+        |w - w_fix| <= |T(w) - w| / (1 - q) is the error bound and stopping rule.
+        Returns (w, iterations, q, bound, converged, relax, passes over R)."""
+        w, (res, _) = w_star.clone(), first
+        res_norm, relax, q, bound, converged, passes = float(torch.linalg.vector_norm(res)), 1.0, float("nan"), float("inf"), False, 0
+        for it in range(1, max_iter + 1):
+            w_new = w + relax * res
+            res_new, _ = residual(w_new)
+            passes += 1
+            new_norm = float(torch.linalg.vector_norm(res_new))
+            if progress is not None:
+                progress.update(1)
+            if new_norm > res_norm:
+                relax *= 0.5
+                if relax < min_relax:  # T does not contract near w*: stop with the best iterate so far
+                    break
+                continue
+            q = new_norm / res_norm if res_norm > 0 else 0.0
+            w, res, res_norm = w_new, res_new, new_norm
+            bound = res_norm / (1 - q) if q < 1 else float("inf")
+            if bound <= tol * max(float(torch.linalg.vector_norm(w - w_star)), 1e-12):
+                converged = True
                 break
-            continue
-        q = new_norm / res_norm if res_norm > 0 else 0.0
-        w, res, res_norm, g_w = w_new, res_new, new_norm, g_new
-        bound = res_norm / (1 - q) if q < 1 else float("inf")
-        if bound <= tol * max(float(torch.linalg.vector_norm(w - w_star)), 1e-12):
-            converged = True
-            break
-    # Is the linear replay valid? The forget set's gradient along the move x = w - w*, second difference over
-    # first: eta = |g(w* + x) - 2 g(w* + x / 2) + g(w*)| / |g(w* + x) - g(w*)| (one more pass over R). Random
+        return w, it, q, bound, converged, relax, passes
+
+    # Is the linear replay valid? The forget set's gradient along its first step x = T(w*) - w*, second difference over
+    # first: eta = |g(w* + x) - 2 g(w* + x / 2) + g(w*)| / |g(w* + x) - g(w*)| (two passes over R). Random
     # forget sets measure 0.01-0.03, label-flipped ones 0.15-0.21 (docs/mini_unlearning.md); the retained set's
     # eta is the same within 0.01 there. Above NONLINEAR (1e-3: every real forget set measured) the replay runs
     # segment by segment with the retained data's own gradients: for label-flipped sets because no linearisation
     # around the original trajectory holds, for random ones because it still halves the distance on many rows
     # (benchmark: 29 of 32 random logistic rows below DeltaGrad, 18 with the linear replay; docs/mini_unlearning.md section 11).
-    moved = w - w_star
-    eta = 0.0
-    if has_ckpt and float(torch.linalg.vector_norm(moved)) > 0:
-        g_mid = forget_sum(w_star + 0.5 * moved)
-        evals += 1
-        eta = float(torch.linalg.vector_norm(g_w - 2 * g_mid + forget_at_star) / torch.linalg.vector_norm(g_w - forget_at_star).clamp(min=1e-30))
-    refined = eta > NONLINEAR
+    # The linear replay's fixed point is iterated only where it is the result (eta at most NONLINEAR, no checkpoints,
+    # or a segment-wise replay that does not contract): the segment-wise replay does not start from it, and its first
+    # step is most of its move (contraction 0.01-0.2 on logistic regression) for eta and for the replay's tolerances.
+    first = residual(w_star, forget_at_star)
+    step = first[0]
+    scale = float(torch.linalg.vector_norm(step))
+    evals, eta = 1, 0.0
+    if has_ckpt and scale > 0:
+        g_step, g_mid = forget_sum.at(torch.stack([w_star + step, w_star + 0.5 * step]))
+        evals += 2
+        eta = float(torch.linalg.vector_norm(g_step - 2 * g_mid + forget_at_star) / torch.linalg.vector_norm(g_step - forget_at_star).clamp(min=1e-30))
+    refined, replay = eta > NONLINEAR, None
     if refined:
         gbars = torch.cat([s["ckpt_g"].to(dtype), g_star[None]])
         linear = torch.cat([(r * s["ckpt_g"].to(dtype) - sums[:-1]) / (n - r), d_star[None]])  # the sources at e = 0
         replay, passes = _replay_segments(retained_sum, r, history, basis, points, gbars, linear, torch.cat([eig, rho.reshape(1)]),
-                                          lam, momentum, lr_coords, tol, max_iter, float(torch.linalg.vector_norm(moved)))
+                                          lam, momentum, lr_coords, tol, max_iter, scale)
         evals += passes * (n - r) / r
-        if replay is None:  # keep the linear replay's result, and say so
+    if replay is None:
+        w, it, q, bound, converged, relax, passes = linear_replay()
+        evals += passes
+        if refined:  # keep the linear replay's result, and say so
             refined = False
             warnings.warn(
                 f"mini: the segment-wise replay (eta {eta:.3g}) does not contract (e.g. a non-convex model); the result is the "
                 "linear replay's and may be far from retraining",
                 RuntimeWarning, stacklevel=3,
             )
-        else:
-            w, it2, q, bound, converged = replay
-            it += it2
+    else:
+        (w, it, q, bound, converged), relax = replay, 1.0
     # the distance from the exact retrain that the run's SGD noise alone leaves, relative to the move (noise_response)
     moved = float(torch.linalg.vector_norm(w - w_star))
     noise_rel = None
