@@ -38,8 +38,8 @@ differentiate the output's tensors and rebuild the object (_Outputs), with atten
 Everything runs in eval mode (no dropout).
 
 Large changes (label-flipped forget sets): any linearisation around the original trajectory misses most of
-the change, because the RETAINED data's gradients change nonlinearly along the retrained trajectory. One more
-pass over R measures the forget gradient's relative nonlinearity along the move x = w - w*,
+the change, because the RETAINED data's gradients change nonlinearly along the retrained trajectory. Two more
+passes over R measure the forget gradient's relative nonlinearity along the linear replay's first step x = T(w*) - w*,
   eta = |g(w* + x) - 2 g(w* + x / 2) + g(w*)| / |g(w* + x) - g(w*)|;
 above NONLINEAR the trajectory is replayed segment by segment between the checkpoints, with the retained set's
 exact gradient at the predicted retrained point w_j + e_j as the source (predictor-corrector per checkpoint,
