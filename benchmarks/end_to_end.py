@@ -367,7 +367,7 @@ def main():
     parser.add_argument("--skip-mini", nargs="*", choices=wl.MODELS, default=["cnn"],
                         help="model families recorded without a minimal history (mini and rewind (minimal) skipped); default: cnn")
     parser.add_argument("--budget-vectors", type=int, default=None,
-                        help="the minimal history's summary budget (HistoryPolicy.budget_vectors; default: none, the unbounded sizing)")
+                        help="the minimal history's summary budget (HistoryPolicy.budget_vectors; default: mini.DEFAULT_BUDGET_VECTORS, 64)")
     parser.add_argument("--append", action="store_true", help="add to the rows already in OUT/STEM.json (several subset runs, one report)")
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1:

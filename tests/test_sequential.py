@@ -22,7 +22,7 @@ def train(kind):
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=1e-2)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=8))
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=8, budget_vectors=1024))  # float64 rows: room for rank 8
     for epoch in range(4):
         order = torch.randperm(120, generator=gen)
         for b in range(0, 120, 20):

@@ -53,8 +53,8 @@ class HistoryPolicy:
       bytes (docs/mini_unlearning.md).
     budget_vectors: the most bytes Mini's summary may take, counted in int8 vectors of the model's size, whatever
       the run's length (checkpoints thinned, rank capped; docs/mini_unlearning.md). None: methods.mini's
-      DEFAULT_BUDGET_VECTORS, 1024 (a budget of 64 costs digits and MNIST-1D logistic regression most of their
-      accuracy today: their curvature needs a basis of about p directions).
+      DEFAULT_BUDGET_VECTORS, 64 (logistic regression's requests model the directions off the stored basis
+      from the formed curvature matrix; other models by Krylov blocks per request).
     summary_codec: storage of the summary's eigenvectors and parameter checkpoints (int8 default;
       both are decoded and re-orthonormalised / re-evaluated consistently, docs/mini_unlearning.md).
     params: which parameters the per-sample kinds record: a preset ("embeddings", "last_blocks:N",

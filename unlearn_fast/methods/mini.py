@@ -337,7 +337,8 @@ PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
 # finish() cost (final_summary; docs/mini_unlearning.md, "finish() cost"): the curvature passes run on random subsets
 DENSE_MAX = 4096  # logistic regression up to this many parameters gets its basis from the formed p x p matrix (final_summary)
 POWER_ITERATIONS = 2  # subspace iterations for the basis (none when k + oversample >= p)
-REPEATS = 4  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (docs: 1 is 2.5x cheaper, same distances on digits, +0.004 / +0.008 on MNIST-1D)
+REPEATS = 1  # random splits of the data over the checkpoints for the basis's trajectory half, averaged (docs section 17: at the
+# 64-vector default budget 4 gave the same distances on digits and MNIST-1D logistic at twice the finish() time)
 BASIS_SAMPLES = 10**9  # samples the basis's GGN products run on
 SPLIT_END = False
 CURVATURE_SLICES = True  # checkpoint j measures its curvature on the j-th slice of one random order (the K slices cover the data)
@@ -357,12 +358,11 @@ CHECKPOINT_SHARE = 0.8  # of the budget left after w* and g*, at most this much 
 # own off-span directions (request_directions) checkpoints matter more than stored basis vectors: digits logistic at 64 vectors,
 # 10 / 30 %: 0.5 (K = 9, k = 26) 0.108 / 0.159, 0.8 (K = 15, k = 10) 0.084 / 0.145 with two Krylov blocks
 # The summary's bytes at most this many int8 vectors of the model's size whatever the run's length
-# (HistoryPolicy.budget_vectors, when set, wins over it). Not the issue's 64: logistic regression needs a basis of about
-# p directions (MNIST-1D k = 410 = p), which 64 vectors of p bytes cannot hold: MNIST-1D 10 / 30 % at 1024 / 512 / 256
-# vectors 0.065 / 0.089, 0.079 / 0.128, 0.208 / refused (DeltaGrad 0.074 / 0.092; digits at 1024 0.060 / 0.078, as
-# unbounded). The benchmark's summaries all fit (at most 725 vectors: MNIST-1D logistic), so nothing there changed;
-# a long run is capped here instead of growing with T // 3 (docs/mini_unlearning.md, "A bounded history").
-DEFAULT_BUDGET_VECTORS = 1024
+# (HistoryPolicy.budget_vectors, when set, wins over it): the issue's 64. Logistic regression's requests model every
+# direction off the stored basis from the formed matrix (request_directions), so a few stored vectors serve them
+# (docs/mini_unlearning.md section 17: the same distances as 1024 vectors on digits, +0.004 on MNIST-1D); other models
+# extend the basis by Krylov blocks per request.
+DEFAULT_BUDGET_VECTORS = 64
 
 
 def _row_bytes(codec, p, blocksize, elem):
@@ -869,8 +869,38 @@ def step_responses(lrs, points, curvature, decay, momentum=None):
     return lrs[:, None] * after, seg, alpha, nxt
 
 
-_SEGMENT_MEMO = collections.OrderedDict()  # segment_weights' last results by content: every request on a history asks the same
-_SEGMENT_LOCK = threading.Lock()
+class _Memo:
+    """The last few results of a pure function of tensors, keyed by the tensors' content (dtype, shape, bytes): what
+    every request on one history asks again (its end-point curvature, its summary and data are the same each time).
+    Results are shared between callers: not to be modified in place. Requests may run in threads."""
+
+    def __init__(self, size=4):
+        self.size, self.results, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def __call__(self, compute, *parts):
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            part = torch.as_tensor(part)
+            digest.update(str((part.dtype, tuple(part.shape))).encode())
+            digest.update(part.detach().contiguous().cpu().numpy().tobytes())
+        key = digest.hexdigest()
+        with self.lock:
+            result = self.results.get(key)
+        if result is None:
+            result = compute()
+        with self.lock:
+            self.results[key] = result
+            self.results.move_to_end(key)
+            while len(self.results) > self.size:
+                self.results.popitem(last=False)
+        return result
+
+
+def _momentum_parts(momentum):
+    return () if momentum is None else (momentum.beta, torch.tensor([momentum.dampening, float(momentum.nesterov)]))
+
+
+_SEGMENT_MEMO = _Memo()
 
 
 def segment_weights(lrs, points, curvature, momentum=None):
@@ -878,25 +908,10 @@ def segment_weights(lrs, points, curvature, momentum=None):
     included): for segment j (steps points[j] .. points[j + 1] - 1, source linear in t between s_j and s_{j+1}),
     (e, v)_end = P_j (e, v)_start - A_j s_j - B_j s_{j+1} on the replay's change e and its velocity v (0 without
     momentum). Returns P (len(points) - 1, 2, 2, m), A and B (len(points) - 1, 2, m), shared with later calls on the
-    same arguments (a few recent ones are kept: with momentum they cost one pass of small operations per step of the
-    longest segment, 10-30 ms on digits and MNIST-1D, a request's end-point curvature being the same every time):
-    not to be modified in place."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (lrs, torch.as_tensor(points), curvature) + ((momentum.beta, torch.tensor([momentum.dampening, float(momentum.nesterov)]))
-                                                             if momentum is not None else ()):
-        digest.update(str((part.dtype, tuple(part.shape))).encode())
-        digest.update(part.detach().contiguous().cpu().numpy().tobytes())
-    key = digest.hexdigest()
-    with _SEGMENT_LOCK:
-        result = _SEGMENT_MEMO.get(key)
-    if result is None:
-        result = _segment_weights(lrs, points, curvature, momentum)
-    with _SEGMENT_LOCK:  # (requests may run in threads)
-        _SEGMENT_MEMO[key] = result
-        _SEGMENT_MEMO.move_to_end(key)
-        while len(_SEGMENT_MEMO) > 4:
-            _SEGMENT_MEMO.popitem(last=False)
-    return result
+    same arguments (_Memo: with momentum they cost one pass of small operations per step of the longest segment,
+    10-30 ms on digits and MNIST-1D, a request's end-point curvature being the same every time)."""
+    return _SEGMENT_MEMO(lambda: _segment_weights(lrs, points, curvature, momentum),
+                         lrs, torch.as_tensor(points), curvature, *_momentum_parts(momentum))
 
 
 def _segment_weights(lrs, points, curvature, momentum):
@@ -1269,6 +1284,17 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
         return basis, eig, W, {"offspan_share": share, "request_directions": 0}
     path = rho_path.to(w_star.dtype)
     scale = path / path[-1] if float(path[-1]) > 0 else torch.ones_like(path)
+    p, k = w_star.numel(), eig.numel()
+    if form_matrix(model, loss_fn, p, p - k):
+        # logistic regression (small p): every direction off the span, from the formed matrix, once per history
+        batch = fetch(sub, torch.arange(len(sub)))
+        parts = (w_star, U, lrs, torch.as_tensor(points), path, torch.as_tensor(decay), *batch, *_momentum_parts(momentum))
+        Q, ritz, Wq = _COMPLEMENT_MEMO(lambda: _formed_complement(model, loss_fn, batch, U, w_star, lrs, points, scale, decay,
+                                                                  lr_coords, momentum),
+                                       *parts, *(() if lr_coords is None else (lr_coords,)))
+        stats = {"request_directions": Q.shape[0], "request_blocks": 0, "request_change": 0.0, "request_converged": True,
+                 "offspan_share": share}
+        return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
     blocks, images, previous, change = [unit(S)], [], None, float("inf")
     for depth in range(1, REQUEST_BLOCKS + 1):
         images.append(off(_full_ggn_matmul(model, loss_fn, sub, w_star, blocks[-1], batch_size)))  # P G P of the last block
@@ -1289,11 +1315,27 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
                 break
         previous = response
         blocks.append(unit(images[-1]))
-    k = eig.numel()
     stats = {"request_directions": Q.shape[0], "request_blocks": depth, "request_change": change, "request_converged": change <= REQUEST_TOL,
              "offspan_share": share,
              "curvature_products": len(sub) * sum(b.shape[0] for b in blocks[:depth])}  # sample x vector GGN products
     return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
+
+
+_COMPLEMENT_MEMO = _Memo(2)
+
+
+def _formed_complement(model, loss_fn, batch, U, w_star, lrs, points, scale, decay, lr_coords, momentum):
+    """(Q, ritz, Wq): the eigenvectors (rows) and eigenvalues of G(w*) on `batch` restricted to the complement of
+    span(U), and their response weights along the run (curvature at w* scaled by `scale` at each point). Exact where
+    the Krylov blocks of request_directions converge slowly (MNIST-1D logistic at a 64-vector budget: 40 blocks, 330
+    directions, still changing by 17 %)."""
+    k = U.shape[0]
+    G = _softmax_linear_matrix(model, loss_fn, batch, w_star)
+    B = torch.linalg.qr(U.T, mode="complete").Q[:, k:].T  # orthonormal rows spanning the complement
+    ritz, vecs = torch.linalg.eigh(B @ G @ B.T)
+    Q, ritz = vecs.T @ B, ritz.clamp(min=0)
+    Wq = folded_propagation(lrs, points, scale[:, None] * ritz[None], decay, lr_coords, Q, off_span=False, momentum=momentum)
+    return Q, ritz, Wq
 
 
 def _batch_shift(model, loss_fn, train_set, forget, history, stored, points, sums, d_star, decay, momentum, lr_coords, batch_size):
