@@ -886,10 +886,6 @@ class _Memo:
             digest.update(part.detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
-    def holds(self, *parts):
-        with self.lock:
-            return self.key(parts) in self.results
-
     def __call__(self, compute, *parts):
         key = self.key(parts)
         with self.lock:
@@ -1275,8 +1271,8 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     span"). S: (K + 1, p), the change of the gradient at each checkpoint (minus the end's) and at the end, as the
     fixed point weighs them. The new directions' curvature along the run is their curvature at w* scaled as rho was
     measured to change (rho_path). Each block costs one GGN product of K + 1 vectors over REQUEST_SAMPLES samples.
-    Logistic regression whose blocks do not settle takes every direction off the span from the formed matrix instead
-    (_formed_complement, kept for the history's later requests, which then skip the blocks).
+    Logistic regression (form_matrix) takes every direction off the span from the formed matrix instead of blocks
+    (_formed_complement: exact, and kept for the history's later requests).
     Returns (basis, eig, W, stats): stats["request_converged"] False when REQUEST_BLOCKS blocks did not settle it."""
     U = basis
     sub = _subset(train_set, REQUEST_SAMPLES, torch.Generator().manual_seed(0))
@@ -1295,22 +1291,16 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
     path = rho_path.to(w_star.dtype)
     scale = path / path[-1] if float(path[-1]) > 0 else torch.ones_like(path)
     p, k = w_star.numel(), eig.numel()
-    formed = None
-    if form_matrix(model, loss_fn, p, p - k):  # logistic regression (small p): the complement can be formed exactly
+    if form_matrix(model, loss_fn, p, p - k):
+        # logistic regression (small p): every direction off the span from the formed matrix, once per history
         batch = fetch(sub, torch.arange(len(sub)))
         parts = (w_star, U, lrs, torch.as_tensor(points), path, torch.as_tensor(decay), *batch, *_momentum_parts(momentum),
                  *(() if lr_coords is None else (lr_coords,)))
-
-        def formed(depth):
-            """Every direction off the span from the formed matrix (kept for this history's later requests)."""
-            Q, ritz, Wq = _COMPLEMENT_MEMO(lambda: _formed_complement(model, loss_fn, batch, U, w_star, lrs, points, scale, decay,
-                                                                      lr_coords, momentum), *parts)
-            stats = {"request_directions": Q.shape[0], "request_blocks": depth, "request_formed": True, "request_change": 0.0,
-                     "request_converged": True, "offspan_share": share}
-            return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
-
-        if _COMPLEMENT_MEMO.holds(*parts):  # an earlier request on this history needed it
-            return formed(0)
+        Q, ritz, Wq = _COMPLEMENT_MEMO(lambda: _formed_complement(model, loss_fn, batch, U, w_star, lrs, points, scale, decay,
+                                                                  lr_coords, momentum), *parts)
+        stats = {"request_directions": Q.shape[0], "request_blocks": 0, "request_formed": True, "request_change": 0.0,
+                 "request_converged": True, "offspan_share": share}
+        return torch.cat([U, Q]), torch.cat([eig, ritz]), torch.cat([W[:, :k], Wq, W[:, k:]], 1), stats
     blocks, images, previous, change = [unit(S)], [], None, float("inf")
     for depth in range(1, REQUEST_BLOCKS + 1):
         images.append(off(_full_ggn_matmul(model, loss_fn, sub, w_star, blocks[-1], batch_size)))  # P G P of the last block
@@ -1331,8 +1321,6 @@ def request_directions(model, loss_fn, train_set, basis, eig, W, sources, w_star
                 break
         previous = response
         blocks.append(unit(images[-1]))
-    if change > REQUEST_TOL and formed is not None:
-        return formed(depth)
     stats = {"request_directions": Q.shape[0], "request_blocks": depth, "request_change": change, "request_converged": change <= REQUEST_TOL,
              "offspan_share": share,
              "curvature_products": len(sub) * sum(b.shape[0] for b in blocks[:depth])}  # sample x vector GGN products
@@ -1344,9 +1332,10 @@ _COMPLEMENT_MEMO = _Memo(2)
 
 def _formed_complement(model, loss_fn, batch, U, w_star, lrs, points, scale, decay, lr_coords, momentum):
     """(Q, ritz, Wq): the eigenvectors (rows) and eigenvalues of G(w*) on `batch` restricted to the complement of
-    span(U), and their response weights along the run (curvature at w* scaled by `scale` at each point). For logistic
-    regression where the Krylov blocks of request_directions do not settle (MNIST-1D at a 64-vector budget: 40 blocks,
-    330 directions, still changing by 17 %). Cost n p^2 + p^3: 70-80 ms on digits and MNIST-1D (1 thread)."""
+    span(U), and their response weights along the run (curvature at w* scaled by `scale` at each point). The Krylov
+    blocks do not settle on MNIST-1D at a 64-vector budget (40 blocks, 330 directions, still changing by 17 %), and where
+    they do, on digits, one request in 60 blew up (docs/mini_unlearning.md section 17). Cost n p^2 + p^3: 70-80 ms on
+    digits and MNIST-1D (1 thread), paid by a process's first request on a history."""
     k = U.shape[0]
     G = _softmax_linear_matrix(model, loss_fn, batch, w_star)
     B = torch.linalg.qr(U.T, mode="complete").Q[:, k:].T  # orthonormal rows spanning the complement
