@@ -474,7 +474,9 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
                 rec.record(idx)
                 opt.step()
         work["evals"] = 0
-        s = rec.finish(data, LOSS).summary
+        # the loss as a lambda: the generic products, which the kernels above count (logistic regression under
+        # cross_entropy itself batches the same work in closed form: _full_gradients, _checkpoint_curvatures)
+        s = rec.finish(data, lambda out, t: LOSS(out, t)).summary
         K, k = len(s["ckpt_steps"]), s["eigvals"].numel()
         P = 0 if k + 8 >= p else mini.POWER_ITERATIONS
         bound = (n * (1 + K) + (P + 1) * (1 + mini.REPEATS) * n * min(k + 8, p) + n * (k + 16)
@@ -484,6 +486,51 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
     short, long_ = finish_work(20, 64), finish_work(40, 64)  # at 100 steps the run has fewer checkpoints than the budget holds
     assert (short[2], long_[2]) == (400, 800)
     assert short[0] == long_[0] and short[0] <= short[1] and long_[0] <= long_[1], (short, long_)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_finish_batches_logistic_regressions_gradients_and_curvature_in_closed_form(bias, monkeypatch):
+    # the closed forms (every checkpoint at once) against the generic path, autograd and forward-mode products, which the
+    # same loss written as a lambda takes; float64, odd sizes, 3 classes
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 3, bias=bias).double()
+    X, y = torch.randn(61, 7, dtype=torch.float64), torch.randint(0, 3, (61,))
+    data = torch.utils.data.TensorDataset(X, y)
+    generic = lambda out, t: LOSS(out, t)  # noqa: E731
+    p = flat_params(model).numel()
+    points = flat_params(model)[None] + 0.3 * torch.randn(4, p, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(p, 5, dtype=torch.float64)).Q.T.contiguous()
+    Z = torch.randn(3, p, dtype=torch.float64)
+    groups = torch.randperm(61)[:20].view(4, 5)
+    parts = [torch.utils.data.TensorDataset(X[13 * j : 13 * j + 13], y[13 * j : 13 * j + 13]) for j in range(4)]
+    V, shares = torch.randn(5, p, dtype=torch.float64), [0.1, 0.2, 0.3, 0.4]
+    calls = {"gradient": 0, "curvature": 0, "product": 0}
+    full_gradient, full_curvature, product = mini._full_gradient, mini._full_curvature, mini._ggn_product
+
+    def counted(name, f):
+        def wrapper(*a):
+            calls[name] += 1
+            return f(*a)
+        return wrapper
+
+    monkeypatch.setattr(mini, "_full_gradient", counted("gradient", full_gradient))
+    monkeypatch.setattr(mini, "_full_curvature", counted("curvature", full_curvature))
+    monkeypatch.setattr(mini, "_ggn_product", counted("product", product))
+
+    def evaluate(loss_fn):
+        return (mini._full_gradients(model, loss_fn, data, points, 16), mini._group_mean_gradients(model, loss_fn, data, groups, points[0]),
+                mini._shared_ggn_matmul(model, loss_fn, data, points, shares, V, 16, seed=3),
+                mini._checkpoint_curvatures(model, loss_fn, parts, points, U, Z, 5, 16))
+
+    closed = evaluate(LOSS)
+    assert calls == {"gradient": 0, "curvature": 0, "product": 0}  # the batched closed forms ran
+    ref = evaluate(generic)
+    assert calls["gradient"] == 4 and calls["curvature"] == 4 and calls["product"] >= 4
+    for got, want in zip(closed[:3], ref[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for (diag, rho), (diag_ref, rho_ref) in zip(closed[3], ref[3]):
+        torch.testing.assert_close(diag, diag_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rho, rho_ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -321,16 +321,65 @@ def _full_curvature(model, loss_fn, train_set, w, U, Z, rank, batch_size):
     quad = torch.zeros(V.shape[0], dtype=w.dtype)
     for idx in _chunks(n, _product_batch(batch_size, V, p)):
         quad += _ggn_quadratic(model, loss_fn, fetch(train_set, idx), w, V) * (idx.numel() / n)
-    diag = quad[: U.shape[0]].clamp(min=0)
-    # Rayleigh quotient over the probes together: sum z'Gz / sum z'z
-    rho = quad[U.shape[0] :].sum().clamp(min=0) / Z.pow(2).sum().clamp(min=1e-300) if Z.shape[0] else None
-    return diag, rho
+    return _curvature_along(quad, U.shape[0], Z)
 
 
 def _full_gradient(model, loss_fn, train_set, w, batch_size):
     """The full-data mean loss gradient at w."""
     n = len(train_set)
     return forget_gradient_sum(model, loss_fn, train_set, torch.arange(n), w, batch_size) / n
+
+
+def _full_gradients(model, loss_fn, train_set, points, batch_size):
+    """(P, p): the full-data mean loss gradient at every row of points. Logistic regression takes them in one batched
+    closed form (GradientSums.at); other models one pass each, so that their batches are not all held at once."""
+    n = len(train_set)
+    if _is_logistic(model, loss_fn):
+        sums = GradientSums(model, loss_fn, batches_of(train_set, torch.arange(n), batch_size))
+        if sums.closed is not None:
+            return sums.at(points) / n
+    return torch.stack([_full_gradient(model, loss_fn, train_set, w, batch_size) for w in points])
+
+
+def _group_mean_gradients(model, loss_fn, train_set, groups, w):
+    """(m, p): the mean loss gradient of each row of `groups` (m, b sample indices) at w; logistic regression in one
+    closed-form product (each group a weighting of the stacked samples)."""
+    m, b = groups.shape
+    sums = GradientSums(model, loss_fn, [(fetch(train_set, groups.reshape(-1)), m * b)])
+    if sums.closed is not None:
+        weights = torch.eye(m, dtype=w.dtype).repeat_interleave(b, 1)[:, None]  # (m, 1, m b): sample i counts for group i // b
+        return _logistic_gradients(*sums.closed, w.repeat(m, 1), model.bias is not None, weights) / b
+    return torch.stack([gradient_sum(model, loss_fn, [(fetch(train_set, idx), b)], w) / b for idx in groups])
+
+
+def _curvature_along(quad, rank, Z):
+    """(diag, rho) of _full_curvature from the quadratic forms along [U; Z]."""
+    diag = quad[:rank].clamp(min=0)
+    # Rayleigh quotient over the probes together: sum z'Gz / sum z'z
+    rho = quad[rank:].sum().clamp(min=0) / Z.pow(2).sum().clamp(min=1e-300) if Z.shape[0] else None
+    return diag, rho
+
+
+def _checkpoint_curvatures(model, loss_fn, parts, points, U, Z, rank, batch_size):
+    """[(diag, rho)]: _full_curvature at points[j] over the samples of parts[j] (equal-sized data sets). Logistic
+    regression evaluates every point's quadratic forms v' G v = mean_i (J_i v)' H_i (J_i v) (_logistic_jv_hjv) in batched
+    products (a few checkpoints at a time, bounded memory); other models one _full_curvature each."""
+    V = torch.cat([U, Z])
+    batches = [fetch(part, torch.arange(len(part))) for part in parts] if _is_logistic(model, loss_fn) else []
+    if batches and len({len(b[1]) for b in batches}) == 1 and all(_softmax_linear_fits(model, loss_fn, b, points[0]) for b in batches):
+        c, d = model.weight.shape
+        bias = model.bias is not None
+        m = V.shape[0]
+        xs = torch.stack([x for x, _ in batches])  # (K, s, d)
+        group = max(1, 2**24 // max(1, m * xs.shape[1] * c))
+        quads = []
+        for start in range(0, len(batches), group):
+            x, w = xs[start : start + group], points[start : start + group]
+            z = x @ w[:, : c * d].view(-1, c, d).transpose(1, 2) + (w[:, None, c * d :] if bias else 0)  # (g, s, c)
+            jv, hjv = _logistic_jv_hjv(x, torch.softmax(z, -1), V, bias)  # (g, s, m, c)
+            quads.append((jv * hjv).sum(-1).mean(1))  # (g, m)
+        return [_curvature_along(q, rank, Z) for q in torch.cat(quads)]
+    return [_full_curvature(model, loss_fn, part, w, U, Z, rank, batch_size) for part, w in zip(parts, points)]
 
 
 PROBE_BATCH = 16  # samples per off-span curvature probe (final_summary)
@@ -429,6 +478,10 @@ def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size,
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     bounds = torch.round(torch.cumsum(torch.tensor([0.0] + list(shares), dtype=torch.float64), 0) * n).long().clamp(max=n)
     bounds[-1] = n
+    if V is not None and _is_logistic(model, loss_fn):  # one closed-form pass, each sample at its part's point
+        batch = fetch(train_set, order)
+        if _softmax_linear_fits(model, loss_fn, batch, points[0]):
+            return _logistic_shared_ggn(batch[0], points, bounds, V, model.bias is not None) / n
     total, p = None, points[0].numel()
     chunk = _product_batch(batch_size, V, p)
     for j in range(len(points)):
@@ -437,6 +490,38 @@ def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size,
             idx = part[start : start + chunk]
             total = _accumulate(total, _ggn_product(model, loss_fn, fetch(train_set, idx), points[j], V), idx.numel() / n)
     return total
+
+
+def _logistic_jv_hjv(x, prob, V, bias):
+    """J_i v and H_i J_i v, H_i = diag(p_i) - p_i p_i' the softmax cross-entropy's output Hessian, for every sample i (the
+    rows of x (..., d), with class probabilities prob (..., c)) and every row v of V (m, p) in logistic regression's
+    flat (weight, bias) order: two (..., m, c) tensors from one matrix product."""
+    d, c, m = x.shape[-1], prob.shape[-1], V.shape[0]
+    jv = (x @ V[:, : c * d].reshape(m * c, d).T).view(*x.shape[:-1], m, c)
+    if bias:
+        jv = jv + V[:, c * d :].reshape(m, c)
+    pj = prob.unsqueeze(-2) * jv
+    return jv, pj - prob.unsqueeze(-2) * pj.sum(-1, keepdim=True)
+
+
+def _logistic_shared_ggn(x, points, bounds, V, bias):
+    """sum_i J_i' H_i J_i V' for logistic regression, sample i (a row of x) at points[j] for bounds[j] <= i < bounds[j + 1]:
+    the K parts of _shared_ggn_matmul in a few large products instead of one small fused call per part (digits: 15
+    parts of about 100 samples). Returns (m, p) for the rows of V (m, p)."""
+    n, d = x.shape
+    m, p = V.shape
+    c = p // (d + 1) if bias else p // d
+    z = torch.cat([x[a:b] @ w[: c * d].view(c, d).T + (w[c * d :] if bias else 0) for w, a, b in zip(points, bounds[:-1], bounds[1:])])
+    prob = torch.softmax(z, 1)
+    out = torch.zeros(m, p, dtype=V.dtype)
+    rows = max(1, 2**24 // (m * c))  # samples per chunk: bounded memory
+    for a in range(0, n, rows):
+        xa = x[a : a + rows]
+        _, hjv = _logistic_jv_hjv(xa, prob[a : a + rows], V, bias)  # (s, m, c)
+        out[:, : c * d] += (hjv.reshape(len(xa), m * c).T @ xa).view(m, c * d)
+        if bias:
+            out[:, c * d :] += hjv.sum(0)
+    return out
 
 
 def _subset(train_set, size, gen):
@@ -472,12 +557,13 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     w = flat_params(model).clone()
     p = w.numel()
     saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad and parameters are put back afterwards
-    g_star = _full_gradient(model, loss_fn, train_set, w, batch_size)
     k = summary_rank(policy, p, steps)
     checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
     checkpoints, k = fit_budget(policy, p, w.element_size(), checkpoints, k)
     ckpt_w = EncodedRows.cat([c for _, c in checkpoints]) if checkpoints else None
     ckpts = decode_rows(ckpt_w, w.dtype) if checkpoints else None  # the DECODED checkpoints: the points the unlearning side uses
+    gradients = _full_gradients(model, loss_fn, train_set, w[None] if ckpts is None else torch.cat([w[None], ckpts]), batch_size)
+    g_star = gradients[0]
     # The basis: top-k eigenvectors of M = (G(w*) + sum_j share_j G(w_j)) / 2, share_j the fraction of the steps
     # that checkpoint j starts: half the end point, where the fixed point is solved, half the trajectory, along
     # which the replay is modelled with curvature diagonal in this basis. Randomized subspace iteration
@@ -527,30 +613,30 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         m = min(probes, len(train_set))  # small training sets: smaller probe batches, then fewer probes
         b = max(1, min(PROBE_BATCH, len(train_set) // m))
         picks = torch.randperm(len(train_set), generator=gen)[: m * b].view(m, b)
-        Z = torch.stack([gradient_sum(model, loss_fn, [(fetch(train_set, idx), idx.numel())], w) / idx.numel() - g_star for idx in picks])
+        Z = _group_mean_gradients(model, loss_fn, train_set, picks, w) - g_star
         Z = Z - (Z @ Ud.T) @ Ud
         off_variance = b * Z.pow(2).sum(1).mean()  # per-sample gradient variance off the span: a b-sample mean's is 1 / b of it
     lam, rho = _full_curvature(model, loss_fn, train_set, w, Ud, Z, k, batch_size)  # curvature at w* along the basis
     rho = lam[-1] if rho is None else rho
     summary = {"w_star": w, "g_star": _stored_gradients(g_star, policy), "eigvecs": eigvecs, "eigvals": lam, "rho": rho.reshape(1)}
     if sgd is not None and lrs is not None:
-        grads, curv = [], []
         # Curvature at each checkpoint from its own random subset of the data: unbiased, a fraction of the
         # cost, and the subsets' errors average out along the schedule (measured on MNIST-1D logistic: finish()
         # 6.7 s -> 3.9 s with the same distances; one subset shared by all checkpoints did worse).
         # Each checkpoint's subset is the next slice of one random order of the data (cycling), so that the K subsets
         # together cover the data as evenly as K x curvature_samples allows.
         order = torch.randperm(len(train_set), generator=gen)
-        for j, wk in enumerate(ckpts if ckpts is not None else []):
-            grads.append(_full_gradient(model, loss_fn, train_set, wk, batch_size))
+        parts = []
+        for j in range(0 if ckpts is None else len(ckpts)):
             if CURVATURE_SLICES and curvature_samples < len(train_set):
                 sub = order[(j * curvature_samples + torch.arange(curvature_samples)) % len(train_set)]
-                part = (torch.utils.data.TensorDataset(*(t[sub] for t in train_set.tensors)) if isinstance(train_set, torch.utils.data.TensorDataset)
-                        else torch.utils.data.Subset(train_set, sub.tolist()))
+                parts.append(torch.utils.data.TensorDataset(*(t[sub] for t in train_set.tensors)) if isinstance(train_set, torch.utils.data.TensorDataset)
+                             else torch.utils.data.Subset(train_set, sub.tolist()))
             else:
-                part = _subset(train_set, curvature_samples, gen)
-            dk, rk = _full_curvature(model, loss_fn, part, wk, Ud, Z, k, batch_size)
-            curv.append(torch.cat([dk, (dk[-1] if rk is None else rk).reshape(1)]))
+                parts.append(_subset(train_set, curvature_samples, gen))
+        grads = list(gradients[1:])
+        curv = [torch.cat([dk, (dk[-1] if rk is None else rk).reshape(1)])
+                for dk, rk in _checkpoint_curvatures(model, loss_fn, parts, ckpts, Ud, Z, k, batch_size)] if parts else []
         # gradients and response weights in float32 unless the summary is stored uncompressed (float64 models stay float64)
         store = w.dtype if policy.summary_codec == "fp32" else torch.float32
         if checkpoints:
