@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from machine import cpu_model  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -345,11 +345,9 @@ def main():
     ddp_replayed, ddp_none = load_state(res["replayed"]), load_state(res["none"])
     diff = lambda a, b: float((flat_params(a) - flat_params(b)).abs().max())  # noqa: E731
     ddp_median = statistics.median(res["times"])
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
     out = {
         "command": "python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
         "workload": {"model": f"MLP {D}-{HIDDEN}-{HIDDEN}-{CLASSES} ReLU" + (f", dropout {DROPOUT} (each rank's masks)" if DROPOUT else "")

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import unlearn_fast as uf
 from unlearn_fast.history import flat_params
 from unlearn_fast.methods import mini
+from machine import cpu_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_workloads as wl  # noqa: E402
@@ -55,14 +56,6 @@ FULL_HISTORY_MINI_NOTE = ("skipped: logistic regression only (on the MLP and CNN
                           "run's finish() did, 38x training on the digits MLP, for the same model unless the batch term fires)")
 FALLBACK_BUDGET = 5  # finetune / rewind get T / 5 steps where mini gives no time to match (the 5x goal of issue 12)
 LOSS = torch.nn.functional.cross_entropy
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def attempt(model, history, forget, train_set, method, **options):

@@ -24,10 +24,8 @@ otherwise the report says "not unlearned" instead of a speed-up. `--report-only`
 import argparse
 import copy
 import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import unlearn_fast as uf  # noqa: E402
 from unlearn_fast.history import flat_params  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from unlearn_fast.lm import RECOMMENDED, TextDataset, make_corpus, metrics, train_bpe_tokenizer  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -112,11 +111,9 @@ def evaluate(model, ctx):
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
     import transformers
 
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -6,12 +6,13 @@ SGD-noise estimate. A refusal prints its reason.
 
     .venv/bin/python benchmarks/mini_unseen.py [CASE ...]     (default: every case; prints a markdown table)
 """
-import os, platform, subprocess, sys, time, warnings
+import os, sys, time, warnings
 import torch
 import unlearn_fast as uf
 from unlearn_fast.history import flat_params
 from unlearn_fast.methods import mini
 from sklearn import datasets
+from machine import cpu_model
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 LOSS = torch.nn.functional.cross_entropy
@@ -68,9 +69,7 @@ CASES = [
     ("p50c5 const b100 wd1e-2", "linnerud_like", 30, 100, 0.1, 1e-2, 0.0, False, "const", torch.float32),
 ]
 sel = sys.argv[1:] or [c[0] for c in CASES]
-cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if l.startswith("Model name")), platform.processor())
-print(f"`python benchmarks/mini_unseen.py {' '.join(sys.argv[1:])}` on {cpu}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}; "
+print(f"`python benchmarks/mini_unseen.py {' '.join(sys.argv[1:])}` on {cpu_model()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}; "
       f"load average {os.getloadavg()[0]:.2f}\n")
 print("| case | forget | T | gap | DeltaGrad | Mini (minimal) | Mini (full history) |")
 print("|---|---|---|---|---|---|---|")

@@ -30,22 +30,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import unlearn_fast as uf  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GOALS = {"quantize_blockwise": 4.0, "dequantize_blockwise": 3.0, "dequantize_axpy_": 3.0, "qn_step_": 2.5}
 QN_GOAL_PCT_OF_COPY = 50  # issue 14: qn_step_ at >= 50 % of the copy bandwidth on 1 and 2 threads
 COEFFS = (1e-4, 1.0, 0.1, 1e-3)  # eta, alpha, beta, lam
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def once(fn):
@@ -187,8 +177,8 @@ def main():
     start = time.time()
     tables = measure(p, args, thread_counts)
     header = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
-        "cpu_model": cpu_name(),
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs",
+        "cpu_model": cpu_model(),
         "python": platform.python_version(), "torch": torch.__version__, "p": p, "m": args.m,
         "command": "python " + " ".join(sys.argv),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

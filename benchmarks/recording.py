@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,14 +36,10 @@ import time
 import torch
 
 import unlearn_fast as uf
+from machine import cpu_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GOALS = {"minimal": 1.05, "full_int8_memory": 1.25, "full_int8_stream": 1.25}
-
-
-def cpu_name():
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
 
 
 def commit():
@@ -369,7 +364,7 @@ def main():
     load_after = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     command = "python benchmarks/recording.py " + " ".join(sys.argv[1:])
-    result = {"command": command, "cpu": cpu_name(), "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"command": command, "cpu": cpu_model(), "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "loadavg_before": load_before, "loadavg_after": load_after, "rounds": args.rounds, "steps_per_round": args.steps,
               "overhead": rows, "rss_mib": curves, "rss_model": big[0], "disk_bytes_per_step": bytes_per_step,
               "disk_model": {"name": small[0], "params": params(small[1])}, "before": before and {k: before[k] for k in ("command", "overhead", "loadavg_before", "loadavg_after", "commit") if k in before},
@@ -380,7 +375,7 @@ def main():
     plot_overhead(rows, os.path.join(args.out, "recording_overhead.png"))
     lines = [
         "# Recording overhead, memory and bytes", "",
-        f"`{command}` on {cpu_name()}{'' if args.device == 'cpu' else ', models on ' + torch.cuda.get_device_name()}, "
+        f"`{command}` on {cpu_model()}{'' if args.device == 'cpu' else ', models on ' + torch.cuda.get_device_name()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. Medians over {args.rounds} interleaved rounds of "
         f"at least {args.steps} steps per mode (more for small models: at least {MIN_WINDOW_S * 1e3:.0f} ms of plain steps); ratio = the mode's step time / the plain step's in the same round (median of rounds).", "",

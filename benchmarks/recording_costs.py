@@ -100,7 +100,7 @@ def main():
     rebuild = {codec: rebuild_ms(run, codec) for codec in ("fp32", "int8")}
     lines = [
         "# Where a full recording's time goes, and the cost of rebuilding its weights", "",
-        f"`python benchmarks/recording_costs.py` on {R.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"`python benchmarks/recording_costs.py` on {R.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. MLP of {R.params(run.model) / 1e6:.1f}M parameters, SGD momentum 0.9.", "",
         "| what | ms | / plain training step |", "|---|---|---|",
         f"| plain training step | {plain:.1f} | 1 |",
