@@ -239,9 +239,10 @@ def _softmax_linear_matrix(model, loss_fn, batch, w):
     return G.div_(n)
 
 
-def _ggn_matmul(model, loss_fn, batch, w, V):
-    """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p)."""
-    fused = _softmax_linear_ggn(model, loss_fn, batch, w, V)
+def _ggn_matmul(model, loss_fn, batch, w, V, mask=None):
+    """G V for the chunk's mean loss: J' H_out J V, batched over the rows of V (k, p). mask (one 0/1 per sample): the
+    output cotangent's rows of the samples with 0 zeroed, which drops them from the sum (not from the mean's divisor)."""
+    fused = None if mask is not None else _softmax_linear_ggn(model, loss_fn, batch, w, V)
     if fused is not None:
         return fused
     x, y = batch
@@ -253,9 +254,17 @@ def _ggn_matmul(model, loss_fn, batch, w, V):
         def one(v):
             _, Jv = jvp(outputs, (w,), (v,))
             _, HJv = jvp(loss_grad, (out,), (Jv,))
+            if mask is not None:
+                HJv = tuple(_masked_rows(t, mask) for t in HJv)
             return pullback(HJv)[0]
 
         return vmap(one)(V)
+
+
+def _masked_rows(t, mask):
+    if t.dim() == 0 or t.shape[0] != mask.shape[0]:
+        raise _Unmaskable
+    return t * mask.view(-1, *([1] * (t.dim() - 1)))
 
 
 def _ggn_quadratic(model, loss_fn, batch, w, V):
@@ -379,6 +388,18 @@ def _checkpoint_curvatures(model, loss_fn, parts, points, U, Z, rank, batch_size
             jv, hjv = _logistic_jv_hjv(x, torch.softmax(z, -1), V, bias)  # (g, s, m, c)
             quads.append((jv * hjv).sum(-1).mean(1))  # (g, m)
         return [_curvature_along(q, rank, Z) for q in torch.cat(quads)]
+    sizes = {len(part) for part in parts}
+    group = _point_groups(len(parts), max(sizes, default=0), V)
+    if len(sizes) == 1 and group >= 2:  # equal parts: vmapped over the points, a group at a time
+        quads = []
+        for a in range(0, len(parts), group):
+            chunk = parts[a : a + group]
+            batch = _stacked_batches([fetch(part, torch.arange(len(part))) for part in chunk])
+            if batch is None:
+                break
+            quads.append(_over_points(_ggn_quadratic, model, loss_fn, batch, points[a : a + group], V))
+        else:
+            return [_curvature_along(q, rank, Z) for q in torch.cat(quads)]
     return [_full_curvature(model, loss_fn, part, w, U, Z, rank, batch_size) for part, w in zip(parts, points)]
 
 
@@ -482,14 +503,100 @@ def _shared_ggn_matmul(model, loss_fn, train_set, points, shares, V, batch_size,
         batch = fetch(train_set, order)
         if _softmax_linear_fits(model, loss_fn, batch, points[0]):
             return _logistic_shared_ggn(batch[0], points, bounds, V, model.bias is not None) / n
-    total, p = None, points[0].numel()
+    total, done = _pieces_ggn_matmul(model, loss_fn, train_set, order, bounds, points, V) if V is not None else (None, ())
+    p = points[0].numel()
     chunk = _product_batch(batch_size, V, p)
     for j in range(len(points)):
+        if j in done:
+            continue
         part = order[bounds[j] : bounds[j + 1]]
         for start in range(0, part.numel(), chunk):
             idx = part[start : start + chunk]
             total = _accumulate(total, _ggn_product(model, loss_fn, fetch(train_set, idx), points[j], V), idx.numel() / n)
     return total
+
+
+SHARED_PIECE = 16  # samples per piece of _pieces_ggn_matmul (its padding: at most 15 rows per checkpoint)
+SHARED_SMALL_PART = 128  # parts at least this large keep a call of their own (vmapped pieces with per-piece weights are
+# slower per sample than one batch: MNIST-1D MLP's summary took 1.16x as long with every part in pieces)
+
+
+def _stacked(batch, groups):
+    """The batch's tensors viewed as (groups, size, ...), or None where one is not a tensor of groups x size rows."""
+    leaves, spec = tree_flatten(batch)
+    rows = leaves[0].shape[0] if leaves and isinstance(leaves[0], torch.Tensor) and leaves[0].dim() else 0
+    if not rows or rows % groups or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows for t in leaves):
+        return None
+    return tree_unflatten([t.view(groups, rows // groups, *t.shape[1:]) for t in leaves], spec)
+
+
+def _stacked_batches(batches):
+    """Equal-shaped batches stacked into one of (len(batches), size, ...) tensors, or None (other shapes or structures)."""
+    flat = [tree_flatten(b) for b in batches]
+    spec = flat[0][1]
+    if any(f[1] != spec for f in flat) or any(not isinstance(t, torch.Tensor) for f in flat for t in f[0]):
+        return None
+    if any(t.shape != u.shape for f in flat[1:] for t, u in zip(f[0], flat[0][0])):
+        return None
+    return tree_unflatten([torch.stack(ts) for ts in zip(*(f[0] for f in flat))], spec)
+
+
+def _over_points(product, model, loss_fn, batch, points, V, *per_point):
+    """product(model, loss_fn, batch_j, points[j], V, *per_point_j) for every j in one vmapped call, batch's tensors (J, size, ...)
+    (_stacked, _stacked_batches). A vmapped forward-mode product costs about 7 ms a call on the digits MLP whatever its batch (the
+    transforms' per-operation overhead), which one call per checkpoint paid K times."""
+    return vmap(lambda w, b, *rest: product(model, loss_fn, b, w, V, *rest))(points, batch, *per_point)
+
+
+POINTS_VMAP_MAX_PARAMETERS = 2**16  # models up to this size get their products vmapped over the points: there the per-call
+# overhead dominates (digits MLP, 4,810 parameters: final_summary 1.4-2x faster); the 118k-parameter CNN's convolutions with
+# per-point weights ran 1.5x slower than one call per point (benchmarks/results/mini_finish_points.md)
+
+
+def _point_groups(count, samples, V):
+    """Points per vmapped call: samples x vectors x parameters under PRODUCT_ELEMENTS (memory) over the group; 1 (one
+    call per point) for models above POINTS_VMAP_MAX_PARAMETERS."""
+    if not count or V.shape[1] > POINTS_VMAP_MAX_PARAMETERS:
+        return 1
+    return max(1, PRODUCT_ELEMENTS // max(1, samples * V.shape[0] * V.shape[1]))
+
+
+class _Unmaskable(Exception):
+    """A model output without one row per sample: _pieces_ggn_matmul cannot mask its padding (the loop runs)."""
+
+
+def _pieces_ggn_matmul(model, loss_fn, train_set, order, bounds, points, V):
+    """_shared_ggn_matmul's loop (part j = order[bounds[j]:bounds[j + 1]] at points[j]) over its parts of fewer than
+    SHARED_SMALL_PART samples, vmapped: each cut into pieces of SHARED_PIECE samples, its last piece padded with its first
+    sample and the padding masked out of the output cotangent (_ggn_matmul's mask), so the sum is the loop's to float
+    rounding. (Equal pieces at piece-granular shares instead moved the early checkpoints' tiny shares and left 3 of 9 MLP
+    rows the loop unlearned refused.) Returns (their sum, the parts done), or (None, ()) where the batches cannot be stacked
+    or an output has no row per sample: the loop runs those."""
+    n, piece = len(train_set), SHARED_PIECE
+    rows, owner, masks = [], [], []
+    small = [j for j in range(len(points)) if bounds[j + 1] - bounds[j] < SHARED_SMALL_PART]
+    for j in small:
+        part = order[bounds[j] : bounds[j + 1]]
+        for a in range(0, part.numel(), piece):
+            chunk = part[a : a + piece]
+            rows.append(torch.cat([chunk, chunk[:1].expand(piece - chunk.numel())]))
+            masks.append((torch.arange(piece) < chunk.numel()).to(V.dtype))
+            owner.append(j)
+    group, total = _point_groups(len(rows), piece, V), None
+    if group < 2 or len(small) < 2:  # one call per point anyway
+        return None, ()
+    rows, owner, masks = torch.stack(rows), torch.tensor(owner), torch.stack(masks)
+    for a in range(0, len(rows), group):
+        b = min(a + group, len(rows))
+        batch = _stacked(fetch(train_set, rows[a:b].reshape(-1)), b - a)
+        if batch is None:
+            return None, ()
+        try:
+            part = _over_points(_ggn_matmul, model, loss_fn, batch, points[owner[a:b]], V, masks[a:b])
+        except _Unmaskable:
+            return None, ()
+        total = part.sum(0) if total is None else total.add_(part.sum(0))
+    return total.mul_(piece / n), set(small)  # (each piece's product is its mean over `piece` rows)
 
 
 def _logistic_jv_hjv(x, prob, V, bias):
