@@ -549,7 +549,7 @@ def _over_points(product, model, loss_fn, batch, points, V, *per_point):
 
 
 POINTS_VMAP_MAX_PARAMETERS = 2**16  # models up to this size get their products vmapped over the points: there the per-call
-# overhead dominates (digits MLP, 4,810 parameters: final_summary 1.4-2x faster); the 118k-parameter CNN's convolutions with
+# overhead dominates (MLPs of 2-5k parameters: final_summary 1.15-1.9x faster); the 118k-parameter CNN's convolutions with
 # per-point weights ran 1.5x slower than one call per point (benchmarks/results/mini_finish_points.md)
 
 
