@@ -50,8 +50,8 @@ FORGET_KINDS = {"random10": ("random", 0.1), "random30": ("random", 0.3), "flipp
                 "flipped30": ("flipped", 0.3), "memorised": ("memorised", 0.1)}
 REGIMES = {f"{s}-{m:g}": wl.Regime(schedule=s, momentum=m) for s in ("decay", "constant") for m in (0.0, 0.9)}
 REGIMES["onecycle-0.9"] = wl.Regime(schedule="onecycle", momentum=0.9)  # momentum cycled 0.95 -> 0.85 -> 0.95 (OneCycleLR)
-SKIP_MINI_NOTE = ("skipped: no minimal history recorded (--skip-mini; --quick skips the CNN's: its finish() takes about 9x the "
-                  "CNN's training, 92 s against 10-11 s, and Mini refused every CNN row measured, benchmarks/results/end_to_end_cnn_mini.md)")
+SKIP_MINI_NOTE = ("skipped: no minimal history recorded (--skip-mini; --quick skips the CNN's: its finish() takes 4-9x the "
+                  "CNN's training, 36-102 s against 9-15 s, and Mini unlearned none of the CNN rows measured, benchmarks/results/end_to_end_cnn_mini.md)")
 FULL_HISTORY_MINI_NOTE = ("skipped: logistic regression only (on the MLP and CNN mini.prepare's summary costs what the minimal "
                           "run's finish() did, 38x training on the digits MLP, for the same model unless the batch term fires)")
 FALLBACK_BUDGET = 5  # finetune / rewind get T / 5 steps where mini gives no time to match (the 5x goal of issue 12)
