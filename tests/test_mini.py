@@ -552,6 +552,44 @@ def test_finish_vmaps_other_models_curvature_products_over_the_checkpoints(monke
     assert mini._stacked_batches([([X[:2]], y[:2]), ([X[:3]], y[:3])]) is None
 
 
+def test_finish_products_fall_back_to_one_call_per_point_where_an_output_has_no_row_per_sample(monkeypatch):
+    # a model that also returns a scalar (a regulariser its loss adds): the padded pieces cannot be masked, so the
+    # trajectory half runs one call per part and equals that loop exactly
+    class WithPenalty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+        def forward(self, x):
+            out = self.net(x)
+            return out, out.pow(2).mean()
+
+    torch.manual_seed(0)
+    model = WithPenalty().double()
+    loss = lambda out, t: LOSS(out[0], t) + 0.1 * out[1]  # noqa: E731
+    X, y = torch.randn(61, 7, dtype=torch.float64), torch.randint(0, 3, (61,))
+    data = torch.utils.data.TensorDataset(X, y)
+    p = flat_params(model).numel()
+    points = flat_params(model)[None] + 0.3 * torch.randn(4, p, dtype=torch.float64)
+    V = torch.randn(5, p, dtype=torch.float64)
+    unmaskable = {"raised": 0}
+    masked_rows = mini._masked_rows
+
+    def counted(t, mask):
+        try:
+            return masked_rows(t, mask)
+        except mini._Unmaskable:
+            unmaskable["raised"] += 1
+            raise
+
+    monkeypatch.setattr(mini, "_masked_rows", counted)
+    got = mini._shared_ggn_matmul(model, loss, data, points, [0.05, 0.15, 0.3, 0.5], V, 16, seed=3)
+    assert unmaskable["raised"] == 1
+    monkeypatch.setattr(mini, "_point_groups", lambda *a: 1)
+    torch.testing.assert_close(got, mini._shared_ggn_matmul(model, loss, data, points, [0.05, 0.15, 0.3, 0.5], V, 16, seed=3),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_finish_batches_logistic_regressions_gradients_and_curvature_in_closed_form(bias, monkeypatch):
     # the closed forms (every checkpoint at once) against the generic path, autograd and forward-mode products, which the
