@@ -486,16 +486,17 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
         s = rec.finish(data, lambda out, t: LOSS(out, t)).summary
         K, k = len(s["ckpt_steps"]), s["eigvals"].numel()
         P = 0 if k + 8 >= p else mini.POWER_ITERATIONS
-        # (the trajectory half's pieces: n samples and each part's padding, at most SHARED_PIECE - 1 rows per checkpoint)
-        bound = (n * (1 + K) + (P + 1) * (1 + mini.REPEATS) * n * min(k + 8, p) + (P + 1) * mini.REPEATS * K * (mini.SHARED_PIECE - 1) * min(k + 8, p) + n * (k + 16)
+        # the trajectory half's vmapped pieces pad each part to whole pieces: at most SHARED_PIECE - 1 rows per checkpoint
+        padding = (P + 1) * mini.REPEATS * K * (mini.SHARED_PIECE - 1) * min(k + 8, p)
+        bound = (n * (1 + K) + (P + 1) * (1 + mini.REPEATS) * n * min(k + 8, p) + padding + n * (k + 16)
                  + K * min(n, mini.CURVATURE_SAMPLES) * (k + 16) + 16 * 16)
-        return work["evals"], bound, rec.steps
+        return work["evals"], bound, rec.steps, padding
 
     short, long_ = finish_work(20, 64), finish_work(40, 64)  # at 100 steps the run has fewer checkpoints than the budget holds
     assert (short[2], long_[2]) == (400, 800)
-    # the same bound for both lengths; the counts differ only by how the pieces of the trajectory half round the shares
+    # the same bound for both lengths, and the same count up to the padding (which depends on how the shares cut the data)
     assert short[1] == long_[1] and short[0] <= short[1] and long_[0] <= long_[1], (short, long_)
-    assert abs(short[0] - long_[0]) <= 0.05 * short[0], (short, long_)
+    assert abs(short[0] - long_[0]) <= short[3] == long_[3], (short, long_)
 
 
 def test_finish_vmaps_other_models_curvature_products_over_the_checkpoints(monkeypatch):
