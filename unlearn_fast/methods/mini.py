@@ -558,7 +558,7 @@ def _point_groups(count, samples, V):
     call per point) for models above POINTS_VMAP_MAX_PARAMETERS."""
     if not count or V.shape[1] > POINTS_VMAP_MAX_PARAMETERS:
         return 1
-    return max(1, PRODUCT_ELEMENTS // max(1, samples * V.shape[0] * V.shape[1]))
+    return max(1, _product_batch(PRODUCT_ELEMENTS, V, V.shape[1]) // max(1, samples))
 
 
 class _Unmaskable(Exception):
