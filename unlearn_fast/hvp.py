@@ -30,6 +30,32 @@ class ConvergenceError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- parameters and vectors
+def parameter_paths(model):
+    """[(path, name)]: every path by which a module attribute holding a parameter or buffer is reached, each
+    (module, attribute) once, with the name model.named_parameters() / named_buffers() gives that tensor. None where
+    every tensor is reached by one path only (most models): call_with then calls functional_call as it is."""
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    seen, paths, reached = set(), [], 0
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            reached += 1
+            if (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                paths.append((f"{prefix}.{attr}" if prefix else attr, names[id(t)]))
+    return None if reached == len(paths) == len(names) else paths
+
+
+def call_with(model, paths, values, args=(), kwargs=None):
+    """torch.func.functional_call(model, values, args, kwargs), `values` keyed by named_parameters() / named_buffers()
+    names, `paths` from parameter_paths(model). Where a submodule is registered under two names (self.b = self.a),
+    functional_call's tie_weights leaves plain tensors in the module after the call (torch 2.13): the caller's model
+    loses its Parameters. So each module attribute gets its value under a path of its own, and tie_weights is off: a
+    parameter shared by two modules (a tied embedding and output layer) is passed under each module's path."""
+    if paths is None:
+        return functional_call(model, values, args, kwargs)
+    return functional_call(model, {path: values[name] for path, name in paths if name in values}, args, kwargs, tie_weights=False)
+
+
 @dataclasses.dataclass
 class Problem:
     """A loss as a function of the trainable parameters (a tuple of tensors, in `names` order)."""
@@ -66,9 +92,10 @@ def make_problem(loss_fn, model_or_params, op="hvp"):
         frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
         buffers = dict(model.named_buffers())
         names = list(trainable)
+        paths = parameter_paths(model)
 
         def output_of(primals, inputs):
-            return functional_call(model, {**frozen, **buffers, **dict(zip(names, primals))}, (inputs,))
+            return call_with(model, paths, {**frozen, **buffers, **dict(zip(names, primals))}, (inputs,))
 
         def loss_of_output(outputs, targets):
             return _check_scalar(loss_fn(outputs, targets))

@@ -23,9 +23,10 @@ import time
 import uuid
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .. import ops, store
+from ..hvp import call_with, parameter_paths
 from ..history import CHUNK_BYTES, HistoryPolicy, param_spec, row_bytes, weights_digest
 from ..recording import _ChunkWriter
 from .training import check_fits, eager_attention, eval_mode, sample_losses
@@ -97,9 +98,10 @@ def per_sample_gradients(model, names, input_ids, labels, chunk_size=16):
     params = dict(model.named_parameters())
     chosen = {n: params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in params.items() if n not in chosen}
+    paths = parameter_paths(model)
 
     def loss_of_one(chosen_params, ids, lab):
-        logits = functional_call(model, {**frozen, **chosen_params}, (), {"input_ids": ids[None], "use_cache": False}).logits
+        logits = call_with(model, paths, {**frozen, **chosen_params}, (), {"input_ids": ids[None], "use_cache": False}).logits
         return sample_losses(logits, lab[None])[0]
 
     # eval mode: dropout's random masks cannot be drawn under vmap ("randomness error mode"), and a per-sample

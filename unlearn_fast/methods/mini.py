@@ -53,12 +53,12 @@ import warnings
 from typing import NamedTuple
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
-from ..hvp import is_softmax_linear
+from ..hvp import call_with, is_softmax_linear, parameter_paths
 from ._common import NotUnlearnedError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups, module_mode
 from .trajectory import weights_at
 
@@ -97,11 +97,12 @@ class _Outputs:
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [math.prod(s) for s in self.shapes]
+        self.paths = parameter_paths(model)
         self.spec = self.mask = self.frozen = None
 
     def __call__(self, flat):
         params = {n: t.view(s) for n, t, s in zip(self.names, torch.split(flat, self.sizes), self.shapes)}
-        leaves, self.spec = tree_flatten(functional_call(self.model, params, (self.x,)))
+        leaves, self.spec = tree_flatten(call_with(self.model, self.paths, params, (self.x,)))
         self.mask = [isinstance(v, torch.Tensor) and v.is_floating_point() for v in leaves]
         self.frozen = [None if m else v for v, m in zip(leaves, self.mask)]
         if not any(self.mask):
@@ -1222,7 +1223,8 @@ def _replay_segments(retained_sum, r, history, basis, points, gbars, linear, cur
     values (the end point's), decay its weight decay.
     Vectors live split as [U v, v - U'U v] (k + p values), where every operator of the replay is a diagonal; with
     momentum the replay carries its velocity u from segment to segment (segment_weights), the corrector solves for e.
-    Returns ((w, iterations, q, bound, converged) or None where an iteration does not contract, retained-set passes)."""
+    Returns ((w, iterations, q, bound, converged, settled) or None where an iteration does not contract, retained-set
+    passes); _end_point says what converged and settled mean."""
     n, K, k, p = history.n_train, points.shape[0] - 1, curvature.numel() - 1, points.shape[1]
     folded, folded_decay, mult = fold_coordinates(curvature, decay, lr_coords, basis)
     P, A, B = segment_weights(history.schedule["lrs"][:, 0].to(points.dtype), marks_of(history), folded + folded_decay, momentum)
@@ -1270,22 +1272,66 @@ def _replay_segments(retained_sum, r, history, basis, points, gbars, linear, cur
     # the last segment ends at w*: e_T = start - B s_K(e_T), a fixed point (contraction |B (H - curvature)|, small)
     start, _ = begin(K - 1)
     z = start - B[K - 1, 0] * (linear[K] + src - linear[K - 1])
-    res_norm, q, bound, converged = float("inf"), float("nan"), float("inf"), False
+    return _end_point(lambda e: start - B[K - 1, 0] * source(K, e) - e, z, points[K], full, passes, tol, max_iter)
+
+
+ANDERSON_MEMORY = 5  # past iterates the end point's Anderson mixing combines (_end_point)
+DIVERGED = 10  # _end_point stops once its residual grows to this multiple of the smallest seen
+SETTLED = 10  # an end point that stops unconverged where the map does not contract is kept if its residual is under this many tol of its move (_end_point)
+
+
+def _end_point(residual, z, w_star, full, passes, tol, max_iter):
+    """The segment-wise replay's end point, z = T(z) with residual(z) = T(z) - z: plain iteration while the residual
+    shrinks (logistic regression contracts by 0.01-0.2 a step), Anderson mixing of the last ANDERSON_MEMORY iterates from
+    the first step that does not shrink it. That step is where the map stops contracting: on the MLPs the end point's
+    curvature model differs from the ReLU network's own, and the residual stalls at 1e-4 to 1e-3 of the move, oscillating
+    (the retained gradient is piecewise smooth across the ReLUs' kinks), so plain iteration cannot meet the error bound.
+    Returns ((w, iterations, q, bound, converged, settled) or None, passes): converged when plain iteration met the
+    contraction bound |res| / (1 - q) <= tol |z|; otherwise, where the map stopped contracting, settled when the smallest
+    residual seen is under SETTLED tol of the move (1 % at the default tol: the model's own error is 10-50 %; the iterate there is kept and the a-posteriori check judges it: nothing bounds its distance to the fixed
+    point, since the map does not contract there), None where it did not settle; a plain iteration that contracts but
+    runs out of max_iter returns its last iterate unconverged. Once mixing, q is the last step's residual reduction, not
+    a contraction estimate of the map."""
+    norm = torch.linalg.vector_norm
+    res_norm, q, bound, converged, mixing = float("inf"), float("nan"), float("inf"), False, False
+    seen, best = [], None
     for it in range(1, max_iter + 1):
-        res = start - B[K - 1, 0] * source(K, z) - z
+        res = residual(z)
         passes += 1
         new_norm = float(norm(res))
+        if not math.isfinite(new_norm):
+            return None, passes
         if it > 1:
             q = new_norm / res_norm if res_norm > 0 else 0.0
             bound = new_norm / (1 - q) if q < 1 else float("inf")
-        if not new_norm < res_norm:
-            return None, passes
-        z, res_norm = z + res, new_norm
-        if bound <= tol * max(float(norm(z)), 1e-12):
+        if best is None or new_norm < best[0]:
+            best = (new_norm, z, it, q, bound)
+        elif new_norm > DIVERGED * best[0]:  # (not contracting even mixed: each further pass costs one over the retained set)
+            break
+        mixing = mixing or not new_norm < res_norm
+        seen = (seen + [(z, res)])[-ANDERSON_MEMORY:]
+        res_norm = new_norm
+        if mixing and len(seen) > 1:
+            # the combination of the last iterates whose linearised residual is smallest (least squares on their differences)
+            dz = torch.stack([b[0] - a[0] for a, b in zip(seen, seen[1:])], 1)
+            dr = torch.stack([b[1] - a[1] for a, b in zip(seen, seen[1:])], 1)
+            gamma = torch.linalg.lstsq(dr, res[:, None]).solution[:, 0]
+            z = z + res - (dz + dr) @ gamma
+        else:
+            z = z + res
+        if not mixing and bound <= tol * max(float(norm(z)), 1e-12):
             converged = True
             break
-    w = points[K] + full(z)
-    return ((w, it, q, bound, converged) if bool(torch.isfinite(w).all()) else None), passes
+        if mixing and new_norm <= tol * max(float(norm(z)), 1e-12):  # (no contraction to bound the error with: settled)
+            break
+    settled = False
+    if not converged and mixing:
+        res_norm, z, it, q, bound = best
+        settled = res_norm <= SETTLED * tol * float(norm(z))
+        if not settled:
+            return None, passes
+    w = w_star + full(z)
+    return ((w, it, q, bound, converged, settled) if bool(torch.isfinite(w).all()) else None), passes
 
 
 def _output_leaves(out):
@@ -1416,12 +1462,15 @@ def marks_of(history):
     return [int(x) for x in history.summary["ckpt_steps"]] + [history.num_steps]
 
 
-# The a-posteriori check (retained_gradient_check): a result must leave at most this fraction of the gradient change
-# the deletion caused. Not 0: an exact retrain leaves SGD's own residual (0.22-0.64 measured at retrained models);
-# above 1 the move went the wrong way. Measured (docs/mini_unlearning.md): results at 0.05-0.34 of the gap had up to 0.64,
-# wrong-way results and the original model 1.0-1.51; overshoots at 0.87-1.17 of the gap had 0.63-0.68 and pass: the check
-# catches the wrong direction, not every poor result.
-CHECK_RATIO = 0.75
+# The a-posteriori check (retained_gradient_check). Along the deletion's gradient change d, a result must leave at most
+# CHECK_ALONG[1] of it (1 at the original model, above 1 for a move the wrong way) and overshoot it by at most
+# -CHECK_ALONG[0]; in norm, all directions, at most CHECK_RATIO of |d| (catches a large move off d). Measured on the
+# benchmark's 48 logistic and 24 MLP rows (docs/mini_unlearning.md section 19): exact retrains leave -0.77 to 0.64 along d
+# and 0.03 to 3.1 in norm (the SGD noise a retrain carries: a norm bound of 0.75, the check until 2026-12-07, refused 15 of
+# the 72 exact retrains); Mini's results 0.002 to 0.41 along d and 0.04 to 1.19 in norm; moves reflected through w* 1.5-3.5
+# along d; a 234x overshoot (an MLP on flipped labels) -0.45 along d and 12.4 in norm.
+CHECK_ALONG = (-0.5, 0.75)
+CHECK_RATIO = 1.5
 NOISE_FLOOR = 0.5  # refuse when the SGD-noise estimate (stats["sgd_noise_estimate"], noise_response) exceeds this share of the move
 # with the batch order (a kind="full" history) the batch term runs by default above this SGD-noise estimate: below it the
 # mean-field result is already about this close to the retrain and the term would cost 2-3x the request (docs section 13)
@@ -1434,18 +1483,24 @@ def retained_gradient_check(retained_sum, history, r, w, g_star, forget_at_star,
     Deleting R changes the training objective's gradient at w* from g* (what the SGD run left there) to
     grad F_R(w*) = (n g* - sum_R grad l_i(w*)) / (n - r). Retraining moves to where the retained gradient is,
     to first order, again what an SGD run leaves, i.e. close to g*; so
-        ratio = |grad F_R(w) + decay w - (g* + decay w*)| / |grad F_R(w*) - g*|
-    is 1 at the original model, small near the retrained one, and above 1 when the move went the wrong way.
+        a = grad F_R(w) + decay w - (g* + decay w*),   d = grad F_R(w*) - g*,
+        ratio = |a| / |d|,   along = <a, d> / |d|^2
+    are 1 at the original model, small near the retrained one, and above 1 when the move went the wrong way; along is
+    negative where the move overshoots. SGD noise leaves a retrain's ratio up to 3 (it moves a in every direction), its
+    along mostly within +-0.75 (one direction of many).
     One pass over the retained set (retained_sum: retained_sums; grad F_R(w*) is free: g* and the forget set's gradients
     at w* are known); r samples forgotten."""
     n = history.n_train
     g_w = retained_sum(w) / (n - r)
     at_star = (n * g_star - forget_at_star) / (n - r)
     norm = torch.linalg.vector_norm
-    before = float(norm(at_star - g_star))
+    d = at_star - g_star
+    before = float(norm(d))
     decay = decay.to(w.dtype) if isinstance(decay, torch.Tensor) else decay  # (per coordinate where parameter groups differ)
-    after = float(norm(g_w + decay * (w - history.summary["w_star"]) - g_star))
-    return {"retained_gradient_ratio": after / before if before > 0 else float("inf")}
+    a = g_w + decay * (w - history.summary["w_star"]) - g_star
+    if not before > 0:
+        return {"retained_gradient_ratio": float("inf"), "retained_gradient_along": float("inf")}
+    return {"retained_gradient_ratio": float(norm(a)) / before, "retained_gradient_along": float(torch.dot(a, d)) / before**2}
 
 
 REQUEST_SAMPLES = 2048  # samples of the request's curvature products (request_directions); all of a smaller training set
@@ -1712,6 +1767,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         evals += passes * (n - r) / r
     if replay is None:
         w, it, q, bound, converged, relax, passes = linear_replay()
+        settled = False
         evals += passes
         if refined:  # keep the linear replay's result, and say so
             refined = False
@@ -1721,7 +1777,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
                 RuntimeWarning, stacklevel=3,
             )
     else:
-        (w, it, q, bound, converged), relax = replay, 1.0
+        (w, it, q, bound, converged, settled), relax = replay, 1.0
     # the distance from the exact retrain that the run's SGD noise alone leaves, relative to the move (noise_response)
     moved = float(torch.linalg.vector_norm(w - w_star))
     noise_rel = None
@@ -1753,6 +1809,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         # bounds |w - w_fix|, the distance to the fixed point of Mini's MODEL of the replay, not to retraining
         "fixed_point_error_bound": bound,
         "converged": converged,
+        "settled": settled,  # unconverged, its residual under SETTLED of the move (_end_point)
         "relaxation": relax,
         "moved": moved,
         "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
@@ -1775,7 +1832,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
     reason = None
     if moved == 0:
         reason = "the iteration made no progress (the result is the original model)"
-    elif not converged:
+    elif not (converged or settled):
         reason = (f"the fixed-point iteration stopped unconverged after {it} iterations (contraction estimate {q:.3g}, "
                   f"fixed-point error bound {bound:.3g})")
     elif not request.get("request_converged", True):
@@ -1786,9 +1843,15 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         reason = (f"the run ends in SGD noise that no replay without the batch order can model: the exact retrain is expected about "
                   f"{stats['sgd_noise_estimate']:.2f} of the move away from any such result (must be <= {NOISE_FLOOR}; a learning rate "
                   "that stays high to the end does this); deltagrad and retrain replay every batch")
+    elif not CHECK_ALONG[0] <= stats["retained_gradient_along"] <= CHECK_ALONG[1]:
+        along = stats["retained_gradient_along"]
+        reason = (f"the a-posteriori check failed: along the gradient change the deletion caused, the result leaves {along:.3g} of it "
+                  f"(must be within {CHECK_ALONG[0]} to {CHECK_ALONG[1]}): "
+                  + ("it did not move towards retraining" if along > CHECK_ALONG[1] else "it overshot retraining"))
     elif not stats["retained_gradient_ratio"] <= CHECK_RATIO:
         reason = (f"the a-posteriori check failed: the retained-data gradient change left at the result is "
-                  f"{stats['retained_gradient_ratio']:.3g} of the original model's (must be <= {CHECK_RATIO}): it did not move towards retraining")
+                  f"{stats['retained_gradient_ratio']:.3g} of the original model's in norm (must be <= {CHECK_RATIO}): it moved far off "
+                  "the direction of retraining")
     stats["unlearned"] = reason is None
     if reason is None:
         set_flat_params(model, w)
