@@ -14,7 +14,7 @@ A, B, C = [0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]
 UNION = sorted(A + B + C)
 
 
-def train(kind):
+def train(kind, codec=None):
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 6, generator=gen, dtype=torch.float64) * 1.5
     y = torch.randint(0, 3, (120,), generator=gen)
@@ -22,7 +22,7 @@ def train(kind):
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=1e-2)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=8, budget_vectors=1024))  # float64 rows: room for rank 8
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, codec=codec, rank=8, budget_vectors=1024))  # float64 rows: room for rank 8
     for epoch in range(4):
         order = torch.randperm(120, generator=gen)
         for b in range(0, 120, 20):

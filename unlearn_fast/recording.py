@@ -16,6 +16,9 @@ The recorder checks that this is what happened, through hooks, and refuses what 
   a GradScaler (grad_scaler=) loss scaling: record() reads from the scaler whether unscale_ ran (scaled gradients are
                              refused) and whether it found inf/nan (the scaler skips that optimizer step, so record()
                              records nothing for it; meta["recording"]["grad_scaler"]["skipped_steps"] counts them).
+  record() itself           the parameters whose .grad is None at the step (torch.optim skips them; the trajectory
+                             replay does too): meta["recording"]["grad_none"]. Sparse gradients are refused by name
+                             (an embedding with sparse=True when the recorder is created).
 """
 import copy
 import dataclasses
@@ -36,7 +39,7 @@ from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
                       eager_module, fetch, flat_params, param_spec, row_bytes, saved_buffers, weights_digest)
-from .methods._common import batch_gradient, loss_fingerprint, loss_ratio, module_mode, unmeasured_edits
+from .methods._common import batch_gradient, grad_none_runs, loss_fingerprint, loss_ratio, module_mode, unmeasured_edits
 from .optimizers import cycled_setting, momentum_of
 
 # relative change of a parameter's gradient norm between backward and record() that counts as an edit; unedited
@@ -167,6 +170,7 @@ class HistoryRecorder:
                              "recorded here are of unsharded models: record FSDP2 with unlearn_fast.integrations.distributed.ShardedRecorder (one shard "
                              "history per rank), DDP with its DistributedRecorder (docs/distributed.md)")
         check_recordable(named, optimizer, "HistoryRecorder")
+        check_dense_gradients(model, "HistoryRecorder")  # (before any hook is registered: a refusal leaves model and optimizer as they were)
         closure = inspect.signature(type(optimizer).step).parameters.get("closure")
         if closure is not None and closure.default is inspect.Parameter.empty:
             raise ValueError(f"HistoryRecorder: {type(optimizer).__name__}.step needs a closure: it evaluates the loss and its gradient "
@@ -225,6 +229,7 @@ class HistoryRecorder:
         self._raw_norms = [None] * len(self.params)  # each parameter's gradient norm as the last backward left it
         self._raw_clip_norms = [None] * len(self.params)  # the same taken as clip_grad_norm_ takes it (when _clip_norms)
         self._raw_versions = [None] * len(self.params)  # (the gradient tensor, its version counter) as backward left it
+        self._sparse = None  # the first parameter whose backward left a sparse gradient (record() refuses the step)
         self._autocast = None  # the autocast dtype of a training forward, if any
         self._micro = []  # the batch size of each training forward (micro-batches under gradient accumulation)
         self._step_micro = None  # micro-batches an integration declared for the coming step (set_step_micro)
@@ -265,6 +270,9 @@ class HistoryRecorder:
     # -- hooks
     def _on_grad(self, i, p):
         self._passes[i] += 1
+        if p.grad.layout is not torch.strided:  # a sparse gradient (F.embedding(..., sparse=True)): refused by record(), not inside backward
+            self._sparse = i if self._sparse is None else self._sparse
+            return
         # (a step accumulated over micro-batches is measured until one was probed: finish() tells their weighting from it)
         if self._measure or (self._passes[i] > 1 and self._accumulation_probe is None):
             self._raw_norms[i] = gradient_norm(p.grad.detach(), self._norm_dtype)
@@ -342,6 +350,7 @@ class HistoryRecorder:
 
     def _reset_step(self):
         self._measure = self._measuring()
+        self._sparse = None
         self._autocast, self._micro, self._rng, self._step_micro = None, [], None, None
         self._passes = [0] * len(self.params)
         self._raw_norms = [None] * len(self.params)
@@ -644,6 +653,10 @@ class HistoryRecorder:
                 self._skipping = True
                 self._reset_step()
                 return False
+        if self._sparse is not None:
+            raise ValueError(f"record: step {step}: parameter {self.param_names[self._sparse]!r} has a sparse gradient (an embedding with "
+                             "sparse=True); histories are recorded from dense gradients: use sparse=False (and a dense optimizer such as "
+                             "SGD or Adam); history not extended")
         raw_norms, micro = self._check_gradients(step, idx.numel(), scale)  # before appending anything, so a refused step leaves the history as it was
         declared, self._step_micro = self._step_micro, None
         if declared is not None:  # (set_step_micro: a DDP world batch's micro-batches, every rank's)
@@ -672,6 +685,7 @@ class HistoryRecorder:
                 self.batches.append(idx)
         else:
             self._keep_checkpoint(step)
+        self._note_grad_none(step)
         if step == 0:
             self._first_raw_norm = float(torch.linalg.vector_norm(raw_norms))
             reached = self._reached()
@@ -703,6 +717,17 @@ class HistoryRecorder:
         if len(chunk["sizes"]) >= self.chunk_steps:
             self._seal()
         return True
+
+    def _note_grad_none(self, step):
+        """The parameters whose .grad is None at this step's optimizer.step() (never reached by backward: an unused head, a
+        branch not taken), which torch.optim skips (no weight decay, no momentum); their rows hold zeros, and a replay of
+        the rows (methods/trajectory.py) skips them on the same steps. Kept run-length in meta["recording"]["grad_none"]
+        ([[first step, [names]], ...]; absent while every parameter has a gradient)."""
+        # (a parameter backward reached holds a gradient: _check_gradients refused one set to None since)
+        names = [] if all(self._passes) else [self.param_names[i] for i, n in enumerate(self._passes) if not n and self.params[i].grad is None]
+        runs = self._seen_features.get("grad_none")
+        if names != (runs[-1][1] if runs else []):
+            self._seen_features.setdefault("grad_none", []).append([step, names])
 
     @property
     def num_steps(self):
@@ -1075,7 +1100,7 @@ class HistoryRecorder:
 
 
 FEATURE_COUNTS = ("accumulated_steps", "clipped_steps", "autocast_steps")
-FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting", "eval_modules", "unmeasured_edits")
+FEATURES = (*FEATURE_COUNTS, "clip_max_norm", "autocast", "accumulation_weighting", "eval_modules", "unmeasured_edits", "grad_none")
 # how the replay weighs the micro-batches of an accumulated step (methods/_common.replay_step); absent: each mean loss / their number
 ACCUMULATION_WEIGHTINGS = ("batch_mean", "loss_count")
 
@@ -1157,7 +1182,7 @@ def _check_features(features, steps, who):
             and features.get("accumulation_weighting", "batch_mean") in ACCUMULATION_WEIGHTINGS
             and (features.get("eval_modules") is None or (isinstance(features["eval_modules"], list)
                                                           and all(isinstance(n, str) for n in features["eval_modules"])))
-            and unmeasured_edits(features, steps) is not None):
+            and unmeasured_edits(features, steps) is not None and grad_none_runs(features, steps) is not None):
         raise ValueError(f"{who} holds malformed recorder features at its flush point: {features!r:.200}")
     return dict(features, **({"clip_max_norm": float(clip)} if clip is not None else {}))
 
@@ -1173,6 +1198,17 @@ def check_recordable(named, optimizer, who):
     opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(p) not in opt_ids for _, p in named):
         raise ValueError(f"{who}: optimizer does not hold every trainable parameter of model")
+
+
+def check_dense_gradients(model, who):
+    """ValueError naming the parameter of an embedding with sparse=True: its gradient is a sparse tensor, which the
+    recorder's norms and rows and the replays' optimizer steps do not take."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse and module.weight.requires_grad:
+            param = f"{name}.weight" if name else "weight"
+            raise ValueError(f"{who}: parameter {param!r} gets sparse gradients ({type(module).__name__}(sparse=True)); histories are "
+                             "recorded from dense gradients: construct it with sparse=False (and train with a dense optimizer such as "
+                             "SGD or Adam, not SparseAdam)")
 
 
 def gradient_norm(grad, dtype=None):

@@ -263,6 +263,29 @@ def unmeasured_edits(recording, steps=None):
     return [(e[0], float(e[1])) for e in edits] if ok else None
 
 
+def grad_none_runs(recording, steps=None):
+    """meta["recording"]["grad_none"] (HistoryRecorder.record: [[first step, [names of the parameters whose .grad was None
+    at that step's optimizer.step()]], ...], run-length, ascending, each run lasting until the next; absent where every
+    parameter had a gradient at every step) as (int, [str]) pairs, [] if absent; None if malformed (data from a file)."""
+    runs = recording.get("grad_none", [])
+    ok = isinstance(runs, list) and all(
+        isinstance(r, list) and len(r) == 2 and type(r[0]) is int and 0 <= r[0] < (math.inf if steps is None else steps)
+        and isinstance(r[1], list) and all(isinstance(n, str) for n in r[1]) for r in runs) \
+        and all(a[0] < b[0] for a, b in zip(runs, runs[1:]))
+    return [(r[0], list(r[1])) for r in runs] if ok else None
+
+
+def skipped_parameters(history):
+    """[(first step, [indices into meta["param_spec"]])], run-length: the parameters training's optimizer skipped
+    (their .grad was None at optimizer.step(): an unused head, a branch not taken), which a replay of the recorded rows
+    must skip too (torch.optim applies no weight decay or momentum to them); [] for most runs. ValueError if malformed."""
+    runs = grad_none_runs(history.meta.get("recording") or {}, history.num_steps)
+    index = {spec[0]: i for i, spec in enumerate(history.meta["param_spec"])}
+    if runs is None or any(n not in index for _, names in runs for n in names):
+        raise ValueError(f"history: meta['recording']['grad_none'] is malformed: {(history.meta.get('recording') or {}).get('grad_none')!r:.200}")
+    return [(step, [index[n] for n in names]) for step, names in runs]
+
+
 
 def clip_max_norm(history):
     """The gradient-norm threshold the training run clipped at (recorded by HistoryRecorder), or None. ValueError if a step

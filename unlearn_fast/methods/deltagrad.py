@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
-from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, remaining
+from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, remaining, skipped_parameters
 from .trajectory import replay
 
 
@@ -52,6 +52,37 @@ def check_sgd(history, method):
     lrs = history.schedule["lrs"]
     coord_groups = None if bool((lrs == lrs[:, :1]).all()) else coordinate_groups(meta)
     return coordinate_decay(meta, history.schedule["w0"].dtype), velocity, coord_groups
+
+
+def skipped_decay(history, lam, velocity, method):
+    """lam with no decay on the coordinates of the parameters training's optimizer skipped at every step (.grad None at
+    optimizer.step(): an unused head; meta["recording"]["grad_none"]): torch's SGD applies neither weight decay nor
+    momentum to them, and their gradient is 0 in the rows and in the replay's backward, so with no decay they stay as
+    trained (momentum buffer 0). A parameter skipped on some steps only is refused, naming it, where momentum or weight
+    decay would move it on the steps it was skipped (without either, a zero gradient is a skip)."""
+    runs = skipped_parameters(history)
+    if not runs:
+        return lam
+    always = set(runs[0][1]) if runs[0][0] == 0 else set()
+    for _, idx in runs[1:]:
+        always &= set(idx)
+    sizes = [math.prod(shape) for _, shape, _ in history.meta["param_spec"]]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    moved = [i for i in sorted({i for _, idx in runs for i in idx} - always)
+             if velocity is not None or (bool((lam[starts[i]:starts[i + 1]] != 0).any()) if isinstance(lam, torch.Tensor) else lam != 0)]
+    if moved:
+        step = next(t for t, idx in runs if moved[0] in idx)
+        raise ValueError(f"{method}: parameter {history.meta['param_spec'][moved[0]][0]!r} had no gradient (.grad None, which "
+                         f"optimizer.step() skips) at recorded step {step} and a gradient at other steps; {method}'s SGD model would "
+                         "apply its momentum / weight decay on the skipped steps. Use method='retrain' or 'rewind' (they replay the skips)")
+    if not always:
+        return lam
+    lam = lam.clone() if isinstance(lam, torch.Tensor) else torch.full_like(history.schedule["w0"], lam)
+    for i in always:
+        lam[starts[i]:starts[i + 1]] = 0
+    return lam
 
 
 class Velocity:
@@ -98,6 +129,7 @@ def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=N
     check_history(history, model, forget, train_set, "deltagrad")
     history.require("trajectory", "deltagrad")
     lam, velocity, coord_groups = check_sgd(history, "deltagrad")
+    lam = skipped_decay(history, lam, velocity, "deltagrad")  # (a tensor where some parameter is skipped: no decay there)
     per_group = isinstance(lam, torch.Tensor)
     fused = velocity is None and coord_groups is None  # plain SGD at one learning rate: the step is one qn_step_
     if T0 < 1 or j0 < 0 or m < 1:

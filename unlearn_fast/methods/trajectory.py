@@ -10,6 +10,11 @@ with int8 rows it carries the rows' quantisation error, which DeltaGrad measured
 Clipping: the rows are the gradients after clipping, except where the trainer clipped after the recorder saw them
 (Lightning: meta["recording"]["rows_unclipped"] = {"algorithm": "norm" | "value", "clip_val": c}); those rows are
 clipped here as the trainer did.
+
+Skipped parameters: a parameter whose .grad was None at training's optimizer.step() (an unused head, a branch not taken)
+was skipped by it: no weight decay, no momentum or Adam update. Its row holds zeros; meta["recording"]["grad_none"] names
+such parameters step by step, and the replay sets their .grad to None on those steps, so the optimizer skips them too
+(stepping on the zeros decayed an unused head's weights by 5e-2 over 64 momentum-SGD steps).
 """
 import copy
 import math
@@ -17,6 +22,7 @@ import math
 import torch
 
 from ..optimizers import set_step_settings
+from ._common import skipped_parameters
 from .retrain import build_optimizer
 
 
@@ -40,6 +46,7 @@ def _replay(history, until):
     optimizer = build_optimizer(params, meta)
     clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
     decoded = None if rows.codec == "fp32" else torch.empty_like(w)  # (fp32 rows are views of the history: nothing to decode)
+    skipped, run, none = skipped_parameters(history), 0, ()  # (the parameters training's optimizer skipped, step by step)
     for t in range(T):
         g = rows.row(t, decoded).to(w.dtype)
         yield t, w, g, optimizer
@@ -47,6 +54,10 @@ def _replay(history, until):
             g = g.clone()  # clipped in place below: an fp32 row is a view of the history's own tensor
         for p, a, b, shape in zip(params, bounds, bounds[1:], shapes):
             p.grad = g[a:b].view(shape)
+        while run < len(skipped) and skipped[run][0] <= t:
+            none, run = skipped[run][1], run + 1
+        for i in none:  # .grad None at training's step: torch.optim skips the parameter (no weight decay, momentum, Adam moments)
+            params[i].grad = None
         if clipping is not None:
             clipping(params)
         set_step_settings(optimizer, *history.step_settings(t))
