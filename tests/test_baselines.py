@@ -283,3 +283,44 @@ def test_history_is_never_modified(full):
     for method, options in (("finetune", {"steps": 9}), ("rewind", {"steps": 9}), ("rewind", {"steps": history.num_steps})):
         uf.unlearn(model, history, FORGET, data, LOSS, method=method, **options)
     assert same(snapshot(history), before)
+
+
+def test_rewind_recalibrates_batch_norm_statistics_on_the_retained_samples(monkeypatch):
+    """From a later checkpoint rewind starts with step 0's running statistics (the history keeps no later ones); it
+    recomputes them at its result from the retained trained samples, so they land near the retrain's instead of
+    between step 0's and it (a few replayed steps at momentum 0.1)."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(240, 8, generator=gen) * 3 + 5  # statistics far from step 0's (mean 0, variance 1)
+    y = (X[:, 0] > 5).long()
+    data = torch.utils.data.TensorDataset(X, y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full"))
+    for epoch in range(4):
+        order = torch.randperm(240, generator=gen)
+        for b in range(0, 240, 24):
+            idx = order[b : b + 24]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.record(idx)
+            opt.step()
+    history = rec.finish(data, torch.nn.functional.cross_entropy)
+    forget = torch.arange(0, 240, 9)
+    stats_of = lambda m: torch.cat([m[1].running_mean, m[1].running_var])  # noqa: E731
+    retrained = uf.unlearn(model, history, forget, data, torch.nn.functional.cross_entropy, method="retrain").model
+    result = uf.unlearn(model, history, forget, data, torch.nn.functional.cross_entropy, method="rewind", steps=3)
+    assert result.stats["checkpoint_step"] > 0 and result.stats["batch_norm_recalibrated"] == 240 - forget.numel()
+    # the recalibrated statistics are the retained samples' own at the result's weights (a plain average over batches)
+    keep = torch.ones(240, dtype=torch.bool)
+    keep[forget] = False
+    with torch.no_grad():
+        h = result.model[0](X[keep])
+    mean = torch.stack([h[i : i + 256].mean(0) for i in range(0, len(h), 256)]).mean(0)
+    assert torch.allclose(result.model[1].running_mean, mean, atol=1e-4)
+    # and far closer to the retrain's than step 0's statistics replayed for 3 steps
+    gap = lambda s: float((s - stats_of(retrained)).norm() / stats_of(retrained).norm())  # noqa: E731
+    monkeypatch.setattr(rewind, "recalibrate_batch_norm", lambda *args: 0)  # what rewind returned before: step 0's, 3 steps on
+    with_step0 = uf.unlearn(model, history, forget, data, torch.nn.functional.cross_entropy, method="rewind", steps=3).model
+    assert gap(stats_of(result.model)) < 0.5 * gap(stats_of(with_step0))  # measured 0.21 against 0.59
+    assert result.model[1].momentum == 0.1  # the module's own settings are back

@@ -24,6 +24,39 @@ from .trajectory import state_at
 from .finetune import DEFAULT_BUDGET_FRACTION, check_budget, check_lr, make_optimizer, not_unlearned, plan, set_settings, step_seconds
 
 
+RECALIBRATION_BATCH = 256  # samples per forward of recalibrate_batch_norm
+
+
+def recalibrate_batch_norm(model, train_set, samples):
+    """Batch norm's running statistics recomputed at the model's weights from `samples` (the retained trained ones):
+    their plain average over forwards in batches of RECALIBRATION_BATCH (momentum None), every other module in eval
+    mode, no gradients. A rewind from a later step starts with step 0's statistics (the only ones the history keeps;
+    the trained model's carry the forgotten samples), and its few replayed steps at momentum 0.1 leave them far from
+    the retrain's (measured on a digits MLP with BatchNorm1d, 4 epochs: 2.67 gaps off, eval accuracy 0.983 against
+    0.994). Returns the number of samples, 0 where the model has no batch norm tracking statistics."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or samples.numel() == 0:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # (a cumulative average: every batch weighs the same)
+            m.train()
+        with torch.no_grad():
+            for start in range(0, samples.numel(), RECALIBRATION_BATCH):
+                x, _ = fetch(train_set, samples[start : start + RECALIBRATION_BATCH])
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return samples.numel()
+
+
 def checkpoints(history):
     """[(step, source)] of every usable parameter checkpoint, ascending; source names where it is read from."""
     out = {0: "w0"}
@@ -128,6 +161,9 @@ def run(model, history, forget, train_set, loss_fn, steps=None, seconds=None, op
         + lrs[start_step:].numel() * lrs.element_size(),
         "batch_order": history_batch_order(history),
     }
+    if start_step > 0 and done:  # (from step 0 the replayed steps computed the retrain's own statistics)
+        retained = torch.nonzero(history.seen_mask() & ~forget_mask).flatten()
+        stats["batch_norm_recalibrated"] = recalibrate_batch_norm(model, train_set, retained)
     if stopped is not None:
         stats["stopped"] = f"seconds budget ran out at step {stopped} of {T}: the model is mid-schedule"
         if done == 0:  # not even one step: hand back the trained model, not the checkpoint
