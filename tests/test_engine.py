@@ -495,6 +495,10 @@ def test_bad_forget_sets(trained):
         uf.unlearn(model, history, [3, 3], data, LOSS, method="retrain")
     with pytest.raises(ValueError, match="whole training set"):
         uf.unlearn(model, history, list(range(n)), data, LOSS, method="retrain")
+    mask = torch.zeros(n, dtype=torch.uint8)
+    mask[[1, 4]] = 1
+    with pytest.raises(ValueError, match=r"a mask over the training set, not indices; pass torch.nonzero\(mask\)"):
+        uf.unlearn(model, history, mask, data, LOSS, method="retrain")
     with pytest.raises(ValueError, match="integer"):
         uf.unlearn(model, history, [0.5], data, LOSS, method="retrain")
     with pytest.raises(ValueError, match="method must be"):

@@ -77,6 +77,9 @@ def check_forget(forget, n_train):
         raise ValueError(f"forget: indices {t[bad][:10].tolist()} are out of range for a training set of {n_train} samples")
     unique = torch.unique(t)
     if unique.numel() != t.numel():
+        if t.numel() == n_train and unique.numel() <= 2 and int(unique.max()) <= 1:  # (a uint8 / int mask, not indices)
+            raise ValueError(f"forget: holds {n_train} values, all 0 or 1: a mask over the training set, not indices; pass "
+                             "torch.nonzero(mask).flatten()")
         raise ValueError(f"forget: contains {t.numel() - unique.numel()} duplicated indices")
     if unique.numel() == n_train:
         raise ValueError("forget: names the whole training set; nothing would remain to learn from")
