@@ -101,6 +101,7 @@ def test_a_result_that_moved_the_wrong_way_is_flagged(run_10, monkeypatch):
     assert uf.metrics.relative_distance(good.model, retrained, model) < 0.5
     assert good.stats["retained_gradient_ratio"] < 0.6  # measured 0.41 (distance 0.068)
     assert 0 < good.stats["retained_gradient_along"] < 0.5
+    assert good.stats["retained_loss_ratio"] < 1  # retraining lowers the retained data's loss; so did Mini
     # The check itself, against the exact retrain: 1 at the original model, small at the retrained one, above 1
     # for a move of the same size in the opposite direction; along the deletion's gradient change, negative for a
     # move that overshoots.
@@ -129,6 +130,21 @@ def test_a_result_that_moved_the_wrong_way_is_flagged(run_10, monkeypatch):
     with pytest.raises(mini.NotUnlearnedError, match="a-posteriori check failed") as err:
         uf.unlearn(model, flipped, forget, data, LOSS, method="mini")
     assert err.value.stats["converged"] and err.value.stats["retained_gradient_along"] > 1
+
+
+def test_a_result_that_raised_the_retained_loss_is_flagged(run_10, monkeypatch):
+    """The loss half of the check, on its own: the same request, its retained loss made to read 5 % above the original's
+    at the result (as on the digits CNN, where Mini converged to a point whose retained gradient is small and whose
+    test accuracy is 0.80 against the retrain's 0.94) is refused, and the gradient bounds alone would have passed it."""
+    data, model, history, forget, _ = run_10
+    true_loss = mini.GradientSums.mean_loss
+    w_star = flat_params(model)
+    monkeypatch.setattr(mini.GradientSums, "mean_loss",
+                        lambda self, w: true_loss(self, w) * (1.0 if torch.equal(w, w_star) else 1.05 * true_loss(self, w_star) / true_loss(self, w)))
+    with pytest.raises(mini.NotUnlearnedError, match="retained data's mean loss at the result is 1.05 times") as err:
+        uf.unlearn(model, history, forget, data, LOSS, method="mini")
+    stats = err.value.stats
+    assert mini.CHECK_ALONG[0] <= stats["retained_gradient_along"] <= mini.CHECK_ALONG[1] and stats["retained_gradient_ratio"] <= mini.CHECK_RATIO
 
 
 def _linear_end_point(J, b, tol=1e-3, max_iter=50):
