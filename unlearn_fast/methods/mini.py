@@ -1283,7 +1283,7 @@ def _replay_segments(retained_sum, r, history, basis, points, gbars, linear, cur
 
 ANDERSON_MEMORY = 5  # past iterates the end point's Anderson mixing combines (_end_point)
 DIVERGED = 10  # _end_point stops once its residual grows to this multiple of the smallest seen
-SETTLED = 10  # an end point that stops unconverged where the map does not contract is kept if its residual is under this many tol of its move (_end_point)
+SETTLED = 10  # _end_point keeps an unconverged end point where the map stops contracting if its residual is under SETTLED tol of the move
 
 
 def _end_point(residual, z, w_star, full, passes, tol, max_iter):
@@ -1294,10 +1294,11 @@ def _end_point(residual, z, w_star, full, passes, tol, max_iter):
     (the retained gradient is piecewise smooth across the ReLUs' kinks), so plain iteration cannot meet the error bound.
     Returns ((w, iterations, q, bound, converged, settled) or None, passes): converged when plain iteration met the
     contraction bound |res| / (1 - q) <= tol |z|; otherwise, where the map stopped contracting, settled when the smallest
-    residual seen is under SETTLED tol of the move (1 % at the default tol: the model's own error is 10-50 %; the iterate there is kept and the a-posteriori check judges it: nothing bounds its distance to the fixed
-    point, since the map does not contract there), None where it did not settle; a plain iteration that contracts but
-    runs out of max_iter returns its last iterate unconverged. Once mixing, q is the last step's residual reduction, not
-    a contraction estimate of the map."""
+    residual seen is under SETTLED tol of the move (1 % at the default tol; the model's own error is 10-50 %): the
+    iterate there is kept and the a-posteriori check judges it (nothing bounds its distance to the fixed point, since
+    the map does not contract there); None where it did not settle. A plain iteration that contracts but runs out of
+    max_iter returns its last iterate unconverged. Once mixing, q is the last step's residual reduction, not a
+    contraction estimate of the map."""
     norm = torch.linalg.vector_norm
     res_norm, q, bound, converged, mixing = float("inf"), float("nan"), float("inf"), False, False
     seen, best = [], None
@@ -1822,7 +1823,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         # bounds |w - w_fix|, the distance to the fixed point of Mini's MODEL of the replay, not to retraining
         "fixed_point_error_bound": bound,
         "converged": converged,
-        "settled": settled,  # unconverged, its residual under SETTLED of the move (_end_point)
+        "settled": settled,  # unconverged where the map stops contracting, its residual under SETTLED tol of the move (_end_point)
         "relaxation": relax,
         "moved": moved,
         "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
