@@ -128,12 +128,9 @@ def trained_weights(history):
     if history.trajectory is None or "g" not in history.trajectory or "optimizer" not in history.meta:
         return None
     if history not in _REPLAYED_TRAINED_WEIGHTS:
-        from .methods.trajectory import replay
+        from .methods.trajectory import final_weights
 
-        w = None
-        for _, w, _ in replay(history):  # w: the buffer the replay steps in place; after the last step it holds w_T = w*
-            pass
-        _REPLAYED_TRAINED_WEIGHTS[history] = w.clone()
+        _REPLAYED_TRAINED_WEIGHTS[history] = final_weights(history)
     return _REPLAYED_TRAINED_WEIGHTS[history]
 
 

@@ -113,6 +113,14 @@ def step_micro_sizes(history):
     return out
 
 
+def parameter_bounds(meta):
+    """[0, n_0, n_0 + n_1, ..., p]: where each parameter of meta["param_spec"] starts in the flat vector, and its end."""
+    bounds = [0]
+    for _, shape, _ in meta["param_spec"]:
+        bounds.append(bounds[-1] + math.prod(shape))
+    return bounds
+
+
 def coordinate_groups(meta):
     """Each coordinate's parameter group (p,) int64, from meta["param_spec"] and meta["group_of_param"]."""
     sizes = [math.prod(shape) for _, shape, _ in meta["param_spec"]]

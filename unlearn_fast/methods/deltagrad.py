@@ -29,7 +29,7 @@ import torch
 
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
-from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, remaining, skipped_parameters
+from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, parameter_bounds, remaining, skipped_parameters
 from .trajectory import replay
 
 
@@ -66,10 +66,7 @@ def skipped_decay(history, lam, velocity, method):
     always = set(runs[0][1]) if runs[0][0] == 0 else set()
     for _, idx in runs[1:]:
         always &= set(idx)
-    sizes = [math.prod(shape) for _, shape, _ in history.meta["param_spec"]]
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
+    starts = parameter_bounds(history.meta)
     moved = [i for i in sorted({i for _, idx in runs for i in idx} - always)
              if velocity is not None or (bool((lam[starts[i]:starts[i + 1]] != 0).any()) if isinstance(lam, torch.Tensor) else lam != 0)]
     if moved:

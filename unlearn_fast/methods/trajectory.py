@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..optimizers import set_step_settings
-from ._common import skipped_parameters
+from ._common import parameter_bounds, skipped_parameters
 from .retrain import build_optimizer
 
 
@@ -39,9 +39,7 @@ def _replay(history, until):
     T = history.num_steps if until is None else until
     w = history.schedule["w0"].clone()
     shapes = [torch.Size(shape) for _, shape, _ in meta["param_spec"]]
-    bounds = [0]
-    for shape in shapes:
-        bounds.append(bounds[-1] + math.prod(shape))
+    bounds = parameter_bounds(meta)
     params = [w[a:b].view(shape) for a, b, shape in zip(bounds, bounds[1:], shapes)]  # views: the optimizer steps w itself
     optimizer = build_optimizer(params, meta)
     clipping = _clipping((meta.get("recording") or {}).get("rows_unclipped"))
@@ -85,6 +83,14 @@ def weights_at(history, steps):
         return {}
     _check_steps(history, wanted)
     return {t: w.clone() for t, w, _ in replay(history, until=max(wanted) + 1) if t in wanted}
+
+
+def final_weights(history):
+    """A copy of w_T, the weights after the last recorded step, rebuilt by replaying every row (exact with fp32 rows)."""
+    w = None
+    for _, w, _ in replay(history):  # (w: the buffer the replay steps in place; exhausted, it holds w_T)
+        pass
+    return w.clone()
 
 
 def _clipping(unclipped):
