@@ -81,6 +81,11 @@ ALLOWABLE = ("accumulation", "clipping", "autocast", "augmentation", "repeated_s
 FIRST_STEP_TOLERANCE = 2e-5
 FIRST_STEP_TOLERANCE_CUDA = 1e-3  # (TF32 convolutions and atomics in some backward kernels: not measured on a GPU yet)
 
+# finish(): recorded indices that name few distinct samples, each this many times on average and at most 1/this of
+# train_set, look like class labels passed for indices (record(y): 10 digit classes for 1437 samples); named in
+# finish()'s loss-check failures, or warned about where allow= features skip the check that catches them
+LABEL_LIKE_REUSE = 4
+
 
 class InertWhenCopied:
     """A hook that forwards to a recorder's method. A deep copy of the model or optimizer it is registered on
@@ -205,6 +210,7 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs, self.momenta = [], []  # kind="full" in memory: every step's learning rates and momenta (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
+        self._samples_recorded = 0  # indices record() got, repeats included (finish: _labels_hint)
         self._positions, self._order = np.zeros(0, np.int32), np.zeros(0, np.int32)  # record()'s scratch for finding repeated indices
         self._open = _new_chunk()  # the chunk being filled
         self._chunks = []  # sealed chunks held in memory (no path): (steps, schedule tensors, {"g": EncodedRows})
@@ -740,6 +746,19 @@ class HistoryRecorder:
         if top >= self._trained.numel():
             self._trained = torch.cat([self._trained, torch.zeros(max(top + 1, 2 * self._trained.numel()) - self._trained.numel(), dtype=torch.bool)])
         self._trained.numpy()[idx.numpy()] = True
+        self._samples_recorded += idx.numel()
+
+    def _labels_hint(self, n_train):
+        """A sentence naming batch_indices when they look like class labels passed for sample indices (record(y)): few
+        distinct values, each recorded LABEL_LIKE_REUSE times or more on average, a small part of train_set; else "".
+        Not a refusal: a run that trains on a few samples again and again looks the same."""
+        distinct = int(self._trained.sum())
+        if not distinct or distinct * LABEL_LIKE_REUSE > min(self._samples_recorded, n_train):
+            return ""
+        top = int(torch.nonzero(self._trained).max())
+        return (f"batch_indices may be class labels, not sample indices: the {self._samples_recorded} indices record() got over {self.steps} "
+                f"steps name only {distinct} distinct samples of train_set's {n_train}, all below {top + 1}; pass each batch's positions "
+                "in train_set (e.g. from a DataLoader over uf.IndexedDataset(train_set))")
 
     # -- chunks: sealed when full (or at flush), kept in memory or handed to the background writer
     def _seal(self, mark=None):
@@ -867,22 +886,31 @@ class HistoryRecorder:
         if self._trained.numel() > n_train and bool(self._trained[n_train:].any()):
             top = n_train + int(torch.nonzero(self._trained[n_train:]).max())
             raise ValueError(f"finish: recorded batch index {top} is out of range for train_set of {n_train} samples")
+        labels = self._labels_hint(n_train)  # ("" unless the recorded indices look like class labels)
+        checked = False  # step 0's gradient compared parameter by parameter (which indices that are labels fail)
         if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
-            batch = fetch(train_set, self._first_indices)
-            # step 0 again, as training ran it (its modes, its dropout masks where the generator state was taken)
-            g0 = batch_gradient(self.model, loss_fn, batch, self.w0, rng=self._first_step[4], eval_modules=self._eval_modules())
-            norm = float(torch.linalg.vector_norm(g0))
             try:
-                loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
+                batch = fetch(train_set, self._first_indices)
+                # step 0 again, as training ran it (its modes, its dropout masks where the generator state was taken)
+                g0 = batch_gradient(self.model, loss_fn, batch, self.w0, rng=self._first_step[4], eval_modules=self._eval_modules())
+                norm = float(torch.linalg.vector_norm(g0))
+                try:
+                    loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
+                except ValueError as err:
+                    ratio = norm / max(self._first_raw_norm, 1e-300)
+                    k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
+                    if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
+                        raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
+                                         "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
+                                         "scaler.unscale_(optimizer); record again") from err
+                    raise
+                checked = self._check_first_step(g0)
             except ValueError as err:
-                ratio = norm / max(self._first_raw_norm, 1e-300)
-                k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
-                if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
-                    raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
-                                     "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
-                                     "scaler.unscale_(optimizer); record again") from err
+                if labels:  # (the likelier cause first: the loss check only sees other samples' gradients)
+                    raise ValueError(f"finish: {labels}. What failed: {err}") from err
                 raise
-            self._check_first_step(g0)
+        if labels and not checked:  # (allow= features skip that check: a history of the wrong samples would pass)
+            warnings.warn(f"finish: {labels}", stacklevel=2)
         if self._accumulation_probe is not None:
             self._check_accumulation(train_set, loss_fn)
         w_final = flat_params(self.model)
@@ -941,10 +969,11 @@ class HistoryRecorder:
         """loss_fn on train_set must reproduce step 0's gradient (g, recomputed with them), parameter by parameter
         (FIRST_STEP_TOLERANCE): the replay recomputes every gradient with them. Skipped where step 0 is not one plain
         backward the check can redo exactly (micro-batches, autocast, loss scaling, features the caller's loss_fn
-        reproduces, dropout without its state): the looser checks (loss_ratio, _check_accumulation) remain there."""
+        reproduces, dropout without its state): the looser checks (loss_ratio, _check_accumulation) remain there. Returns
+        whether it compared."""
         reached, raw, micro, autocast, rng = self._first_step
         if set(self.allow) - {"repeated_samples"} or (micro is not None and len(micro) > 1) or autocast or self.grad_scaler is not None or (self._random_layers and rng is None):
-            return
+            return False
         parts = torch.split(g, [p.numel() for p in self.params])
         now = torch.stack([gradient_norm(parts[i], self._norm_dtype) for i in reached]).to(raw.dtype)
         gap = (now - raw).abs()
@@ -965,6 +994,7 @@ class HistoryRecorder:
                 "included) and a train_set that returns the samples as the training loader fed them (the same transforms). "
                 "Random augmentation cannot be replayed: pass allow=('augmentation',) to record anyway (the replay then draws "
                 "augmentations of its own)")
+        return True
 
     def _check_accumulation(self, train_set, loss_fn):
         """How the first step accumulated over unequal micro-batches weighed them: each micro-batch's mean loss divided by

@@ -9,6 +9,7 @@ methods that accept them resolve themselves).
 import copy
 import dataclasses
 import importlib
+import inspect
 import time
 import warnings
 import weakref
@@ -16,7 +17,7 @@ import weakref
 import torch
 
 from .history import GradientHistory, eager_module, fetch, flat_params, set_flat_params, weights_digest
-from .methods._common import NotUnlearnedError, check_loss_fingerprint, loss_ratio
+from .methods._common import NotUnlearnedError, check_history, check_loss_fingerprint, loss_ratio
 
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
 METHODS = {
@@ -31,6 +32,8 @@ METHODS = {
 }
 # methods that resolve a text request (forget given as a string) themselves
 TEXT_METHODS = ("first_epoch_ascent", "gradient_ascent")
+# methods that check the GradientHistory they are given against model and train_set (finetune: when one is given)
+HISTORY_METHODS = ("retrain", "deltagrad", "mini", "rewind", "finetune")
 
 
 @dataclasses.dataclass
@@ -213,6 +216,11 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     start = time.perf_counter()
     new_model = copy.deepcopy(model)
     if not isinstance(forget, str) and forget.numel() == 0:
+        # nothing to forget, so the method does not run: its option names and the history it would check against model and
+        # train_set are checked here (an empty request with a wrong train_set or history returned the model as if served)
+        inspect.signature(run).bind(new_model, history, forget, train_set, loss_fn, **options)  # (TypeError, as the call would)
+        if method in HISTORY_METHODS and not (method == "finetune" and history is None):
+            check_history(history, model, forget, train_set, method)
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
     try:
         new_model, stats = run(new_model, history, forget, train_set, loss_fn, **options)

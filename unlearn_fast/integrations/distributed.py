@@ -55,7 +55,8 @@ if dist.is_available():
     import torch.distributed.nn.functional  # noqa: F401,E402
 
 from ..optimizers import set_step_settings
-from ..recording import HistoryRecorder, InertWhenCopied, StepSettings, check_recordable, chunk_row_buffers, gradient_norm, random_layers, rng_state
+from ..recording import (HistoryRecorder, InertWhenCopied, StepSettings, check_dense_gradients, check_recordable, chunk_row_buffers, gradient_norm,
+                         random_layers, rng_state)
 
 
 def _world(group, who="DistributedRecorder"):
@@ -725,6 +726,7 @@ class ShardedRecorder:
             raise ValueError(f"{who}: the model's mesh spans ranks {self.sharding['mesh']['ranks']}, the process group {self.world_size} ranks; "
                              "the mesh must be the whole group in rank order")
         check_recordable(named, optimizer, who)
+        check_dense_gradients(model, who)  # (FSDP2's reduce-scatter crashed on a sparse gradient inside backward before)
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self._settings = StepSettings(optimizer)
         # one id for the run, rank 0's: the replay refuses rank histories of different runs mixed together
@@ -814,18 +816,21 @@ class ShardedRecorder:
             raise ValueError(f"record: batch_indices must be this rank's 1-D integer sample indices, got {local.dtype} of shape {tuple(local.shape)}")
         local = local.to("cpu", torch.int64)
         grads = [p.grad for p in self.params]
-        missing = any(g is None for g in grads) or max(self._passes) == 0
+        missing = max(self._passes) == 0
+        # a parameter without a gradient (an unused head, a branch not taken): torch.optim skips it, which HistoryRecorder
+        # notes (meta["recording"]["grad_none"]) but a shard history does not: refused, naming it (1 + its position)
+        without_grad = next((i + 1 for i, g in enumerate(grads) if g is None), 0)
         edited = False
-        if not missing:
+        if not missing and not without_grad:
             now = [float(gradient_norm(_local(g).detach())) for g in grads]
             edited = any(b is not None and abs(a - b) > 1e-6 * max(b, 1e-30) for a, b in zip(now, self._norms))
         writer_failed = self._writer is not None and self._writer.error is not None
         eval_modules = [name for name, m in self.model.named_modules() if not m.training]
         modes_changed = self._eval_modules is not None and eval_modules != self._eval_modules
         # per rank: batch size, no backward, edited, accumulation, autocast, a step without record(), a second record(),
-        # its background writer failed, train / eval modes other than at step 0
+        # its background writer failed, train / eval modes other than at step 0, 1 + the first parameter without a gradient
         flags = [local.numel(), int(missing), int(edited), int(max(self._passes) > 1), int(self._autocast),
-                 int(self._unrecorded_step is not None), int(self._recorded), int(writer_failed), int(modes_changed)]
+                 int(self._unrecorded_step is not None), int(self._recorded), int(writer_failed), int(modes_changed), without_grad]
         info = [torch.zeros(len(flags), dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(info, torch.tensor(flags, dtype=torch.int64), group=self.group)
         on = lambda k: [r for r, i in enumerate(info) if int(i[k])]  # noqa: E731
@@ -844,6 +849,12 @@ class ShardedRecorder:
                              "world batch's mean gradient (what the replay computes) only for equal sizes. Use drop_last=True")
         if on(1):
             raise ValueError(f"record: step {step}: no backward reached the model on ranks {on(1)} since the last step; call record() after backward")
+        if on(9):
+            name = self.sharding["shards"][min(int(info[r][9]) for r in on(9)) - 1]["name"]  # (the same on every rank)
+            raise ValueError(f"record: step {step}: parameter {name!r} has no gradient (.grad is None) on ranks {on(9)}: no backward reached it "
+                             "(an unused head, a branch not taken), or zero_grad() ran before record(); torch.optim skips such a parameter, "
+                             "which FSDP2 shard histories do not record. Freeze it (requires_grad=False) or remove it before creating the "
+                             "ShardedRecorder, or call record() before zero_grad(); history not extended")
         if on(3):
             raise ValueError(f"record: step {step} accumulated gradients of several backward passes (ranks {on(3)}): gradient accumulation is "
                              "not supported for FSDP2 shard histories")
