@@ -1,6 +1,7 @@
 """Robustness gaps closed together: an FSDP2 shard recording refuses sparse gradients and parameters without one by
 name (as HistoryRecorder handles them), an empty forget set is checked like any request, a corrupted chunk file
-never yields a result, and class labels passed to record() for sample indices are named at finish()."""
+never yields a result, class labels passed to record() for sample indices are named at finish(), and a fallback that
+cannot run is refused before the first method runs."""
 import copy
 import os
 import re
@@ -172,6 +173,23 @@ def test_an_empty_request_checks_train_set_and_history_like_any_request(recorded
             uf.unlearn(model, None, forget, data, LOSS, method=method)
         with pytest.raises(TypeError, match="unexpected keyword argument 'T00'"):
             uf.unlearn(model, history, forget, data, LOSS, method=method, T00=3)
+
+
+def test_a_fallback_that_cannot_run_is_refused_before_the_first_method_runs(monkeypatch, one_thread):
+    """A fallback whose history section is missing (deltagrad on a "minimal" history) or whose options it does not take
+    is refused when the request is made: before, it failed only once the first method had given up, maybe minutes later."""
+    from unlearn_fast.methods import mini
+
+    data, model, history = record_small(uf.HistoryPolicy(kind="minimal"))
+    ran = []
+    monkeypatch.setattr(mini, "run", lambda *args, **kwargs: ran.append(1))
+    with pytest.raises(ValueError, match=r"^fallback: deltagrad needs the history's trajectory: record with HistoryPolicy\(kind='full'\)"):
+        uf.unlearn(model, history, [0, 1], data, LOSS, method="mini", fallback="deltagrad")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'T00'"):
+        uf.unlearn(model, history, [0, 1], data, LOSS, method="mini", fallback="retrain", fallback_options={"T00": 3})
+    with pytest.raises(ValueError, match=r"^deltagrad needs the history's trajectory"):  # (the method itself: as before)
+        uf.unlearn(model, history, [0, 1], data, LOSS, method="deltagrad")
+    assert ran == [] and history.requests == []
 
 
 # ----------------------------------------------------------------------------- 3. a corrupted chunk file

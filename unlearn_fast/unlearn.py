@@ -59,6 +59,32 @@ def check_fallback(fallback, method):
         raise ValueError(f"fallback: must be None or one of {allowed}, got {fallback!r}")
 
 
+def check_method_fits(name, run, model, history, options, role="method"):
+    """ValueError (TypeError for an option `run` does not take) where method `name` cannot run on this model and history
+    at all: batch norm or dropout it cannot model, a history section it needs (its module's NEEDS) missing."""
+    inspect.signature(run).bind(model, history, None, None, None, **options)
+    who = name if role == "method" else f"{role} {name}"
+    if not isinstance(history, GradientHistory):
+        return
+    if name in NO_BATCH_NORM:
+        norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        if norms:
+            raise ValueError(f"model: has batch norm ({norms[:3]}); {who} computes gradients of parts of recorded batches, which "
+                             "batch statistics make depend on the whole batch. Use method='retrain'")
+    if name in NO_DROPOUT:
+        drops = [f"{n}: p={m.p}" for n, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+        if drops:
+            raise ValueError(f"model: has dropout ({', '.join(drops[:3])}); {who} compares the recorded gradients with fresh gradients of "
+                             "parts of each batch, whose dropout masks differ from training's. Use method='retrain' or 'rewind' (they replay "
+                             "training's masks), or train without dropout")
+    needs = getattr(inspect.getmodule(run), "NEEDS", None)
+    if needs is not None:
+        try:
+            history.require(needs, name)
+        except ValueError as err:
+            raise ValueError(f"{role}: {err}" if role != "method" else str(err)) from None
+
+
 def check_forget(forget, n_train):
     """forget -> sorted unique int64 tensor; ValueError naming `forget` on anything invalid. A set is taken in
     sorted order."""
@@ -195,17 +221,9 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     if bad:
         raise ValueError(f"model: parameters {bad[:5]} hold NaN or infinite values; nothing to unlearn from")
     bound = isinstance(history, GradientHistory)
-    if bound and method in NO_BATCH_NORM:
-        norms = [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
-        if norms:
-            raise ValueError(f"model: has batch norm ({norms[:3]}); {method} computes gradients of parts of recorded batches, which "
-                             "batch statistics make depend on the whole batch. Use method='retrain'")
-    if bound and method in NO_DROPOUT:
-        drops = [f"{name}: p={m.p}" for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
-        if drops:
-            raise ValueError(f"model: has dropout ({', '.join(drops[:3])}); {method} compares the recorded gradients with fresh gradients of "
-                             "parts of each batch, whose dropout masks differ from training's. Use method='retrain' or 'rewind' (they replay "
-                             "training's masks), or train without dropout")
+    check_method_fits(method, run, model, history, options)
+    if fallback is not None:  # (a fallback that cannot run would fail only after the first method gave up, maybe minutes later)
+        check_method_fits(fallback, _method(fallback), model, history, fallback_options or {}, "fallback")
     if bound and not isinstance(forget, str):
         history.check_model(model)  # another architecture: say so before comparing weights
         new, digest = bind_request(model, history, forget, allow_unrecorded_model)
@@ -218,7 +236,6 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     if not isinstance(forget, str) and forget.numel() == 0:
         # nothing to forget, so the method does not run: its option names and the history it would check against model and
         # train_set are checked here (an empty request with a wrong train_set or history returned the model as if served)
-        inspect.signature(run).bind(new_model, history, forget, train_set, loss_fn, **options)  # (TypeError, as the call would)
         if method in HISTORY_METHODS and not (method == "finetune" and history is None):
             check_history(history, model, forget, train_set, method)
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})

@@ -122,9 +122,12 @@ def _mean_grad(model, loss_fn, train_set, idx, w):
     return flat_grads(model)
 
 
+NEEDS = "trajectory"  # the history section uf.unlearn checks before running (also as a fallback) and run() requires
+
+
 def run(model, history, forget, train_set, loss_fn, T0=5, j0=10, m=2, progress=None):
     check_history(history, model, forget, train_set, "deltagrad")
-    history.require("trajectory", "deltagrad")
+    history.require(NEEDS, "deltagrad")
     lam, velocity, coord_groups = check_sgd(history, "deltagrad")
     lam = skipped_decay(history, lam, velocity, "deltagrad")  # (a tensor where some parameter is skipped: no decay there)
     per_group = isinstance(lam, torch.Tensor)
