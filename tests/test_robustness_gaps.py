@@ -192,6 +192,39 @@ def test_a_fallback_that_cannot_run_is_refused_before_the_first_method_runs(monk
     assert ran == [] and history.requests == []
 
 
+def test_a_method_that_cannot_model_the_run_hands_over_to_the_named_fallback(one_thread):
+    """Mini refuses AdamW and deltagrad batch norm (UnsupportedTrainingError, a ValueError as before); with fallback=
+    the fallback now runs on them, as on any "not unlearned" (before: the ValueError ended the request). Bad input still
+    raises whatever the fallback."""
+    data = small_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, C)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="fp32"))
+    for idx in torch.randperm(N, generator=torch.Generator().manual_seed(1)).split(12):
+        opt.zero_grad()
+        LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+        rec.record(idx, batch_size=len(idx))
+        opt.step()
+    history = rec.finish(data, LOSS)
+    retrained = uf.unlearn(model, fresh(history), [3, 4], data, LOSS, method="retrain").model
+    for method, refusal in (("mini", "has batch norm"), ("deltagrad", "has batch norm")):
+        with pytest.raises(uf.UnsupportedTrainingError, match=refusal) as err:
+            uf.unlearn(model, fresh(history), [3, 4], data, LOSS, method=method)
+        assert isinstance(err.value, ValueError)
+        with pytest.warns(RuntimeWarning, match=rf"^{method}: not unlearned \(model: has batch norm .*running fallback method 'retrain'"):
+            result = uf.unlearn(model, fresh(history), [3, 4], data, LOSS, method=method, fallback="retrain")
+        assert result.stats["fallback"] == "retrain" and refusal in result.stats[method]["reason"]
+        assert torch.equal(flat_params(result.model), flat_params(retrained))
+    from unlearn_fast.methods.mini import sgd_settings
+
+    with pytest.raises(uf.UnsupportedTrainingError, match=r"^mini: models SGD training .*AdamW"):  # (what Mini refuses next)
+        sgd_settings(history.meta, "mini")
+    short = torch.utils.data.TensorDataset(*(t[: N - 6] for t in data.tensors))
+    with pytest.raises(ValueError, match="^train_set: has"):  # bad input: no fallback
+        uf.unlearn(model, fresh(history), [3, 4], short, LOSS, method="mini", fallback="retrain")
+
+
 # ----------------------------------------------------------------------------- 3. a corrupted chunk file
 def _largest_object(path):
     current = open(os.path.join(path, "CURRENT")).read().split("\n")[0]

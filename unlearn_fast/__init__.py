@@ -19,6 +19,6 @@ from .recording import HistoryRecorder
 from .data import IndexedDataset, split_batch
 from .unlearn import UnlearnResult, unlearn
 from .optimizers import register_optimizer
-from .methods._common import NotUnlearnedError
+from .methods._common import NotUnlearnedError, UnsupportedTrainingError
 from . import metrics
 from .metrics import audit

@@ -17,7 +17,7 @@ import weakref
 import torch
 
 from .history import GradientHistory, eager_module, fetch, flat_params, set_flat_params, weights_digest
-from .methods._common import NotUnlearnedError, check_history, check_loss_fingerprint, loss_ratio
+from .methods._common import NotUnlearnedError, UnsupportedTrainingError, check_history, check_loss_fingerprint, loss_ratio
 
 # method name -> "module:function"; imported on first use so optional dependencies stay optional.
 METHODS = {
@@ -60,29 +60,31 @@ def check_fallback(fallback, method):
 
 
 def check_method_fits(name, run, model, history, options, role="method"):
-    """ValueError (TypeError for an option `run` does not take) where method `name` cannot run on this model and history
-    at all: batch norm or dropout it cannot model, a history section it needs (its module's NEEDS) missing."""
+    """Whether method `name` can run on this model and history at all: TypeError for an option `run` does not take;
+    for batch norm or dropout it cannot model, or a history section it needs (its module's NEEDS) missing,
+    UnsupportedTrainingError (a ValueError that uf.unlearn's fallback runs on), or for the fallback itself (role) a plain
+    ValueError naming it."""
     inspect.signature(run).bind(model, history, None, None, None, **options)
-    who = name if role == "method" else f"{role} {name}"
     if not isinstance(history, GradientHistory):
         return
+    refuse, who = (UnsupportedTrainingError, name) if role == "method" else (ValueError, f"{role} {name}")
     if name in NO_BATCH_NORM:
         norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
         if norms:
-            raise ValueError(f"model: has batch norm ({norms[:3]}); {who} computes gradients of parts of recorded batches, which "
-                             "batch statistics make depend on the whole batch. Use method='retrain'")
+            raise refuse(f"model: has batch norm ({norms[:3]}); {who} computes gradients of parts of recorded batches, which "
+                         "batch statistics make depend on the whole batch. Use method='retrain'")
     if name in NO_DROPOUT:
         drops = [f"{n}: p={m.p}" for n, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
         if drops:
-            raise ValueError(f"model: has dropout ({', '.join(drops[:3])}); {who} compares the recorded gradients with fresh gradients of "
-                             "parts of each batch, whose dropout masks differ from training's. Use method='retrain' or 'rewind' (they replay "
-                             "training's masks), or train without dropout")
+            raise refuse(f"model: has dropout ({', '.join(drops[:3])}); {who} compares the recorded gradients with fresh gradients of "
+                         "parts of each batch, whose dropout masks differ from training's. Use method='retrain' or 'rewind' (they replay "
+                         "training's masks), or train without dropout")
     needs = getattr(inspect.getmodule(run), "NEEDS", None)
     if needs is not None:
         try:
             history.require(needs, name)
         except ValueError as err:
-            raise ValueError(f"{role}: {err}" if role != "method" else str(err)) from None
+            raise refuse(str(err) if role == "method" else f"{role}: {err}") from None
 
 
 def check_forget(forget, n_train):
@@ -206,9 +208,11 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     result of an earlier request served from the same history; then the union of that request and forget is
     forgotten (stats["forgotten_total"]), and every served request is logged in history.requests.
     allow_unrecorded_model=True unlearns the history's model whatever model is passed.
-    A method that cannot unlearn raises NotUnlearnedError; with fallback="retrain" (or another method) a warning
-    says so and that method runs instead (with fallback_options): stats["fallback"] names it, stats[method]
-    keeps what the first method measured.
+    A method that cannot unlearn raises NotUnlearnedError, and one that cannot model how the run was trained (an
+    optimizer, clipping, batch norm, a history section it needs) UnsupportedTrainingError (a ValueError too); with
+    fallback="retrain" (or another method) a warning says so and that method runs instead (with fallback_options):
+    stats["fallback"] names it, stats[method] keeps what the first method measured. Whether the fallback can run is
+    checked before anything runs; bad input (forget, train_set, model) raises whatever the fallback.
     """
     run = _method(method)
     check_fallback(fallback, method)
@@ -221,7 +225,13 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     if bad:
         raise ValueError(f"model: parameters {bad[:5]} hold NaN or infinite values; nothing to unlearn from")
     bound = isinstance(history, GradientHistory)
-    check_method_fits(method, run, model, history, options)
+    unsupported = None  # the method cannot model this run: its refusal, raised where the method would run (so the fallback runs)
+    try:
+        check_method_fits(method, run, model, history, options)
+    except UnsupportedTrainingError as err:
+        if fallback is None:
+            raise
+        unsupported = err
     if fallback is not None:  # (a fallback that cannot run would fail only after the first method gave up, maybe minutes later)
         check_method_fits(fallback, _method(fallback), model, history, fallback_options or {}, "fallback")
     if bound and not isinstance(forget, str):
@@ -240,8 +250,10 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
             check_history(history, model, forget, train_set, method)
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
     try:
+        if unsupported is not None:
+            raise unsupported
         new_model, stats = run(new_model, history, forget, train_set, loss_fn, **options)
-    except NotUnlearnedError as err:
+    except NotUnlearnedError as err:  # (UnsupportedTrainingError included: the method cannot model how this run was trained)
         if fallback is None:
             raise
         warnings.warn(f"{method}: not unlearned ({err.stats.get('reason', err)}); running fallback method {fallback!r}",

@@ -22,6 +22,15 @@ class NotUnlearnedError(RuntimeError):
         self.stats = stats
 
 
+class UnsupportedTrainingError(NotUnlearnedError, ValueError):
+    """A method cannot model how this run was trained or recorded (its optimizer, clipping, micro-batches, batch norm, a
+    history section it needs): a ValueError for a caller who asked for that method, and a NotUnlearnedError, so that
+    uf.unlearn(..., fallback=...) runs the named fallback instead. Not for bad input, which no other method would fix."""
+
+    def __init__(self, message):
+        super().__init__(message, {"unlearned": False, "reason": message})
+
+
 def graph_leaves(t):
     """The leaf tensors (parameters) tensor t's autograd graph reaches, each once: what a replay loss that clips
     its own gradient differentiates by (a loss function is not handed the model)."""
@@ -337,18 +346,18 @@ PLAIN_SGD_MODELS = ("deltagrad", "mini")
 
 
 def refuse_unmodelled_features(history, method):
-    """ValueError naming the training feature (clipping, accumulation, autocast) a plain-SGD step model lacks."""
+    """UnsupportedTrainingError naming the training feature (clipping, accumulation, autocast) a plain-SGD step model lacks."""
     recording = history.meta.get("recording") or {}
     max_norm, autocast = clip_max_norm(history), recording.get("autocast")
     if max_norm is not None or recording.get("clipped_steps"):
         what = f"clipped gradient norms at {max_norm:.6g}" if max_norm is not None else f"edited (clipped) the gradients of {recording['clipped_steps']} steps"
-        raise ValueError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
+        raise UnsupportedTrainingError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
                          "or 'rewind' (they replay the clipping)")
     if bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
-        raise ValueError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
+        raise UnsupportedTrainingError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
                          "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
     if autocast is not None:
-        raise ValueError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
+        raise UnsupportedTrainingError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
                          "include; use method='retrain' or 'rewind' (they replay it)")
 
 

@@ -29,7 +29,8 @@ import torch
 
 from .. import ops
 from ..history import fetch, flat_grads, set_flat_params
-from ._common import batch_loss, check_history, coordinate_decay, coordinate_groups, parameter_bounds, remaining, skipped_parameters
+from ._common import (UnsupportedTrainingError, batch_loss, check_history, coordinate_decay, coordinate_groups, parameter_bounds, remaining,
+                      skipped_parameters)
 from .trajectory import replay
 
 
@@ -71,7 +72,7 @@ def skipped_decay(history, lam, velocity, method):
              if velocity is not None or (bool((lam[starts[i]:starts[i + 1]] != 0).any()) if isinstance(lam, torch.Tensor) else lam != 0)]
     if moved:
         step = next(t for t, idx in runs if moved[0] in idx)
-        raise ValueError(f"{method}: parameter {history.meta['param_spec'][moved[0]][0]!r} had no gradient (.grad None, which "
+        raise UnsupportedTrainingError(f"{method}: parameter {history.meta['param_spec'][moved[0]][0]!r} had no gradient (.grad None, which "
                          f"optimizer.step() skips) at recorded step {step} and a gradient at other steps; {method}'s SGD model would "
                          "apply its momentum / weight decay on the skipped steps. Use method='retrain' or 'rewind' (they replay the skips)")
     if not always:

@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ..hvp import call_with, is_softmax_linear, parameter_paths
-from ._common import NotUnlearnedError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups, module_mode
+from ._common import NotUnlearnedError, UnsupportedTrainingError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups, module_mode
 from .trajectory import weights_at
 
 
@@ -846,8 +846,8 @@ class Momentum(NamedTuple):
 
 
 def sgd_settings(meta, method, lrs=None, momenta=None):
-    """(weight decay, Momentum or None, coordinate learning rates) of the recorded SGD; other optimizers raise
-    ValueError. The weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each
+    """(weight decay, Momentum or None, coordinate learning rates) of the recorded SGD; other optimizers and settings the
+    replay does not model raise UnsupportedTrainingError (a ValueError; uf.unlearn's fallback runs on it). The weight decay is a float, or a (p,) float64 tensor where parameter groups decay differently (each
     coordinate its group's). The momentum is None without any (every step's beta 0), else each step's beta (`momenta`,
     the schedule's (T, groups) where a scheduler cycled it, else the groups'), the dampening and Nesterov: the replay
     carries the velocity (Momentum). The coordinate learning rates are None where every group trained at the first
@@ -858,13 +858,13 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
     """
     cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
-        raise ValueError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with "
+        raise UnsupportedTrainingError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with "
                          f"{cls}. Use method='retrain', or the finetune / rewind baselines, for other optimizers")
     settings = {(g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
     if len(settings) != 1:
-        raise ValueError(f"{method}: needs one dampening and nesterov for every parameter group, got {sorted(settings)}")
+        raise UnsupportedTrainingError(f"{method}: needs one dampening and nesterov for every parameter group, got {sorted(settings)}")
     if any(g.get("maximize", False) for g in groups):
-        raise ValueError(f"{method}: SGD with maximize=True is not modelled")
+        raise UnsupportedTrainingError(f"{method}: SGD with maximize=True is not modelled")
     lr_coords = None
     if lrs is not None and lrs.dim() == 2 and bool((lrs != lrs[:, :1]).any()):
         # each group's rate over the first group's, at the steps where any group moved (a warm-up from 0 moves none)
@@ -873,7 +873,7 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         kept = torch.isclose(ratios, ratios[:1], rtol=1e-9, atol=0).all(1) & (lrs[moving, 0] > 0)
         if not bool(kept.all()):
             t = int(torch.nonzero(moving)[int(torch.nonzero(~kept)[0])])
-            raise ValueError(f"{method}: models parameter groups whose learning rates keep one ratio to the first group's; the recorded "
+            raise UnsupportedTrainingError(f"{method}: models parameter groups whose learning rates keep one ratio to the first group's; the recorded "
                              f"groups trained at {lrs[0].tolist()} at step 0 and {lrs[t].tolist()} at step {t}. Use method='retrain', "
                              "or the finetune / rewind baselines")
         lr_coords = ratios[0].to(torch.float64)[coordinate_groups(meta)]
@@ -881,15 +881,15 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         momenta = torch.tensor([[float(g.get("momentum", 0.0)) for g in groups]], dtype=torch.float64)
     if bool((momenta != momenta[:, :1]).any()):
         t = int(torch.nonzero((momenta != momenta[:, :1]).any(1))[0])
-        raise ValueError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
+        raise UnsupportedTrainingError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
                          f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
     dampening, nesterov = settings.pop()
     decay = coordinate_decay(meta)
     beta = momenta[:, 0]
     if not bool(((beta >= 0) & (beta < 1)).all()):
-        raise ValueError(f"{method}: needs SGD momentum in [0, 1), got {float(beta.min()):g} to {float(beta.max()):g}")
+        raise UnsupportedTrainingError(f"{method}: needs SGD momentum in [0, 1), got {float(beta.min()):g} to {float(beta.max()):g}")
     if not 0 <= dampening < 1:
-        raise ValueError(f"{method}: needs SGD dampening in [0, 1), got {dampening}")
+        raise UnsupportedTrainingError(f"{method}: needs SGD dampening in [0, 1), got {dampening}")
     if not bool((beta > 0).any()):
         return decay, None, lr_coords
     steps = lrs.shape[0] if lrs is not None else beta.numel()
