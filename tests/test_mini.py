@@ -561,6 +561,35 @@ def test_finish_cost_does_not_grow_with_the_number_of_steps_beyond_the_budget(mo
     assert abs(short[0] - long_[0]) <= short[3] == long_[3], (short, long_)
 
 
+def test_a_requests_work_does_not_grow_with_the_number_of_steps():
+    """Mini's cost is bounded by the budget (K checkpoints, the basis), not by the run: a request on a run 6x as long
+    evaluates about as many sample gradients (measured 8920 and 11800 for 400 and 3200 steps; retraining's grow with the steps),
+    which is why its speed-up grows with the run (benchmarks/mini_run_length.py)."""
+    data = blobs(n=400)
+    X, y = data.tensors
+
+    def request_work(epochs):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-3)
+        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            for idx in torch.randperm(400, generator=gen).split(20):
+                opt.zero_grad()
+                LOSS(model(X[idx]), y[idx]).backward()
+                rec.record(idx)
+                opt.step()
+        history = rec.finish(data, LOSS)
+        forget = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:40]
+        stats = uf.unlearn(model, history, forget, data, LOSS, method="mini").stats
+        return history.num_steps, len(history.summary["ckpt_steps"]), stats["gradient_evaluations"]
+
+    (short_steps, short_k, short), (long_steps, long_k, long_) = request_work(20), request_work(120)
+    assert (short_steps, long_steps) == (400, 2400) and short_k == long_k  # the budget holds K, whatever the length
+    assert long_ <= 2 * short, (short, long_)  # linear in the steps would be 6x
+
+
 def test_finish_vmaps_other_models_curvature_products_over_the_checkpoints(monkeypatch):
     # a small MLP in float64, odd sizes: the checkpoints' curvature and the trajectory half's shared product vmapped over
     # the points equal one call per point, and the shared product equals an independent sum of J_i' H_i J_i V / n
