@@ -244,8 +244,8 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     start = time.perf_counter()
     new_model = copy.deepcopy(model)
     if not isinstance(forget, str) and forget.numel() == 0:
-        # nothing to forget, so the method does not run: its option names and the history it would check against model and
-        # train_set are checked here (an empty request with a wrong train_set or history returned the model as if served)
+        # nothing to forget, so the method does not run: the history it would check against model and train_set is checked
+        # here (its option names above): an empty request with a wrong train_set or history returned the model as if served
         if method in HISTORY_METHODS and not (method == "finetune" and history is None):
             check_history(history, model, forget, train_set, method)
         return UnlearnResult(new_model, time.perf_counter() - start, {"method": method, "forgotten": 0})
