@@ -352,13 +352,13 @@ def refuse_unmodelled_features(history, method):
     if max_norm is not None or recording.get("clipped_steps"):
         what = f"clipped gradient norms at {max_norm:.6g}" if max_norm is not None else f"edited (clipped) the gradients of {recording['clipped_steps']} steps"
         raise UnsupportedTrainingError(f"{method}: the training run {what}, which its model of an SGD step does not include; use method='retrain' "
-                         "or 'rewind' (they replay the clipping)")
+                                       "or 'rewind' (they replay the clipping)")
     if bool((history.schedule.get("micro_counts", torch.ones(1)) > 1).any()):
         raise UnsupportedTrainingError(f"{method}: the training run accumulated gradients over micro-batches, which its model of an SGD step does not "
-                         "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
+                                       "include; use method='retrain' or 'rewind' (they replay the micro-batches)")
     if autocast is not None:
         raise UnsupportedTrainingError(f"{method}: the training run's forward ran under autocast ({autocast}), which its model of an SGD step does not "
-                         "include; use method='retrain' or 'rewind' (they replay it)")
+                                       "include; use method='retrain' or 'rewind' (they replay it)")
 
 
 def check_history(history, model, forget, train_set, method):

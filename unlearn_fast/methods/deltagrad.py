@@ -73,8 +73,8 @@ def skipped_decay(history, lam, velocity, method):
     if moved:
         step = next(t for t, idx in runs if moved[0] in idx)
         raise UnsupportedTrainingError(f"{method}: parameter {history.meta['param_spec'][moved[0]][0]!r} had no gradient (.grad None, which "
-                         f"optimizer.step() skips) at recorded step {step} and a gradient at other steps; {method}'s SGD model would "
-                         "apply its momentum / weight decay on the skipped steps. Use method='retrain' or 'rewind' (they replay the skips)")
+                                       f"optimizer.step() skips) at recorded step {step} and a gradient at other steps; {method}'s SGD model would "
+                                       "apply its momentum / weight decay on the skipped steps. Use method='retrain' or 'rewind' (they replay the skips)")
     if not always:
         return lam
     lam = lam.clone() if isinstance(lam, torch.Tensor) else torch.full_like(history.schedule["w0"], lam)

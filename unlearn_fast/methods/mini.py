@@ -859,7 +859,7 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
     cls, groups = meta["optimizer"]["class"], meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
         raise UnsupportedTrainingError(f"{method}: models SGD training (the learning rates set how far training moved); history was recorded with "
-                         f"{cls}. Use method='retrain', or the finetune / rewind baselines, for other optimizers")
+                                       f"{cls}. Use method='retrain', or the finetune / rewind baselines, for other optimizers")
     settings = {(g.get("dampening", 0.0), bool(g.get("nesterov", False))) for g in groups}
     if len(settings) != 1:
         raise UnsupportedTrainingError(f"{method}: needs one dampening and nesterov for every parameter group, got {sorted(settings)}")
@@ -874,15 +874,15 @@ def sgd_settings(meta, method, lrs=None, momenta=None):
         if not bool(kept.all()):
             t = int(torch.nonzero(moving)[int(torch.nonzero(~kept)[0])])
             raise UnsupportedTrainingError(f"{method}: models parameter groups whose learning rates keep one ratio to the first group's; the recorded "
-                             f"groups trained at {lrs[0].tolist()} at step 0 and {lrs[t].tolist()} at step {t}. Use method='retrain', "
-                             "or the finetune / rewind baselines")
+                                           f"groups trained at {lrs[0].tolist()} at step 0 and {lrs[t].tolist()} at step {t}. Use method='retrain', "
+                                           "or the finetune / rewind baselines")
         lr_coords = ratios[0].to(torch.float64)[coordinate_groups(meta)]
     if momenta is None:
         momenta = torch.tensor([[float(g.get("momentum", 0.0)) for g in groups]], dtype=torch.float64)
     if bool((momenta != momenta[:, :1]).any()):
         t = int(torch.nonzero((momenta != momenta[:, :1]).any(1))[0])
         raise UnsupportedTrainingError(f"{method}: models one SGD momentum for every parameter group; the recorded groups trained with "
-                         f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
+                                       f"{momenta[t].tolist()} at step {t}. Use method='retrain', or the finetune / rewind baselines")
     dampening, nesterov = settings.pop()
     decay = coordinate_decay(meta)
     beta = momenta[:, 0]
