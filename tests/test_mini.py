@@ -566,21 +566,9 @@ def test_a_requests_work_does_not_grow_with_the_number_of_steps():
     evaluates about as many sample gradients (measured 8920 and 11800 for 400 and 3200 steps; retraining's grow with the steps),
     which is why its speed-up grows with the run (benchmarks/mini_run_length.py)."""
     data = blobs(n=400)
-    X, y = data.tensors
 
     def request_work(epochs):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(10, 4)
-        opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-3)
-        rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(epochs):
-            for idx in torch.randperm(400, generator=gen).split(20):
-                opt.zero_grad()
-                LOSS(model(X[idx]), y[idx]).backward()
-                rec.record(idx)
-                opt.step()
-        history = rec.finish(data, LOSS)
+        model, history = train(data, epochs=epochs, batch=20)
         forget = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:40]
         stats = uf.unlearn(model, history, forget, data, LOSS, method="mini").stats
         return history.num_steps, len(history.summary["ckpt_steps"]), stats["gradient_evaluations"]
