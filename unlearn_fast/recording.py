@@ -890,21 +890,7 @@ class HistoryRecorder:
         checked = False  # step 0's gradient compared parameter by parameter (which indices that are labels fail)
         if self._first_raw_norm is not None:  # (a resumed recording has no step 0 in memory: uf.unlearn's check at w* remains)
             try:
-                batch = fetch(train_set, self._first_indices)
-                # step 0 again, as training ran it (its modes, its dropout masks where the generator state was taken)
-                g0 = batch_gradient(self.model, loss_fn, batch, self.w0, rng=self._first_step[4], eval_modules=self._eval_modules())
-                norm = float(torch.linalg.vector_norm(g0))
-                try:
-                    loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
-                except ValueError as err:
-                    ratio = norm / max(self._first_raw_norm, 1e-300)
-                    k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
-                    if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
-                        raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
-                                         "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
-                                         "scaler.unscale_(optimizer); record again") from err
-                    raise
-                checked = self._check_first_step(g0)
+                checked = self._check_step_zero(train_set, loss_fn)
             except ValueError as err:
                 if labels:  # (the likelier cause first: the loss check only sees other samples' gradients)
                     raise ValueError(f"finish: {labels}. What failed: {err}") from err
@@ -964,6 +950,25 @@ class HistoryRecorder:
         self.close()
         self._chunks, self.batches = [], []  # the history holds them now
         return history
+
+    def _check_step_zero(self, train_set, loss_fn):
+        """Step 0 again with loss_fn and train_set, as training ran it (its modes, its dropout masks where the generator
+        state was taken): its loss scale (loss_ratio, naming a GradScaler's) and, where it can, every parameter's gradient
+        (_check_first_step, whose return value this is)."""
+        batch = fetch(train_set, self._first_indices)
+        g0 = batch_gradient(self.model, loss_fn, batch, self.w0, rng=self._first_step[4], eval_modules=self._eval_modules())
+        norm = float(torch.linalg.vector_norm(g0))
+        try:
+            loss_ratio(self.model, loss_fn, batch, self.w0, self._first_raw_norm, norm=norm)
+        except ValueError as err:
+            ratio = norm / max(self._first_raw_norm, 1e-300)
+            k = round(-math.log2(ratio)) if 0 < ratio < 1 else 0
+            if k >= 4 and abs(ratio * 2.0 ** k - 1) <= 1e-3:  # recorded gradients 2^k times loss_fn's: a GradScaler's scale
+                raise ValueError(f"finish: the recorded gradients are 2^{k} times loss_fn's, the mark of a GradScaler's scale: they were "
+                                 "recorded scaled. Pass the scaler (HistoryRecorder(..., grad_scaler=scaler)) and call record() after "
+                                 "scaler.unscale_(optimizer); record again") from err
+            raise
+        return self._check_first_step(g0)
 
     def _check_first_step(self, g):
         """loss_fn on train_set must reproduce step 0's gradient (g, recomputed with them), parameter by parameter
