@@ -31,7 +31,8 @@ def train(data, kind="full", epochs=5, batch=25, lr=0.5, wd=1e-2, optimizer="sgd
         opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd, momentum=momentum)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=wd)
-    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2))
+    # (27 parameters: 64 vectors' 1.7 kB would not hold w0, the step-decayed schedule and two basis vectors)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind=kind, rank=2, budget_vectors=256))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=gen)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_fast as uf
-from unlearn_fast.history import flat_params
+from unlearn_fast import store
+from unlearn_fast.history import flat_params, run_lengths
 from unlearn_fast.methods.retrain import build_optimizer
 
 LOSS = F.cross_entropy
@@ -699,8 +700,6 @@ def test_format1_histories_are_read_read_only(tmp_path, recorded):
 
 
 def test_every_stored_dtype_and_shape_round_trips_and_the_data_is_plain_safetensors(tmp_path):
-    from unlearn_fast import store
-
     base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
     tensors = {str(dtype): (base * 0.5 - 3).to(dtype) for dtype in store.SAFETENSORS_DTYPES}
     tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 3, dtype=torch.int64), strided=base.t(), part=base[1:3, 2:])
@@ -861,9 +860,10 @@ def _head_names(path):
 
 
 @pytest.mark.parametrize("schedule", ["decaying", "constant"])
-def test_a_minimal_schedule_stores_run_lengths_only_where_runs_repeat(tmp_path, schedule):
-    """A minimal history's per-step columns are run-length encoded; a learning rate that changes every step (a decaying
-    schedule) stores its values alone (the lengths would double its bytes), a constant one a single run."""
+def test_a_minimal_schedule_is_stored_as_knots_and_loads_back_the_same(tmp_path, schedule):
+    """A minimal history's per-step columns are stored as knots (unlearn_fast/columns.py): a constant learning rate and
+    the batch sizes as one knot each, a decaying one as its steps (6 here, within the budget); loading gives back the
+    same columns, and a history saved before the knots (run-length encoded columns) still loads."""
     gen = torch.Generator().manual_seed(0)
     X, y = torch.randn(60, 5, generator=gen), torch.randint(0, 3, (60,), generator=gen)
     data = torch.utils.data.TensorDataset(X, y)
@@ -871,18 +871,36 @@ def test_a_minimal_schedule_stores_run_lengths_only_where_runs_repeat(tmp_path, 
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1 / (1 + s)) if schedule == "decaying" else (lambda s: 1.0))
     rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2))
+    recorded = []
     for b in range(0, 60, 10):
         opt.zero_grad()
         LOSS(model(X[b : b + 10]), y[b : b + 10]).backward()
         rec.record(torch.arange(b, b + 10))
+        recorded.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     history = rec.finish(data, LOSS)
+    assert history.schedule["lrs"][:, 0].tolist() == recorded and history.meta["schedule_error"] == {}
     path = history.save(str(tmp_path / "h"))
     names = _head_names(path)
-    assert "schedule.lrs.values" in names
-    assert ("schedule.lrs.lengths" in names) is (schedule == "constant")
+    assert {"schedule.lrs.knot_values", "schedule.batch_sizes.knot_values"} <= names
+    assert not any(n.endswith((".values", ".lengths")) and ".knot_" not in n for n in names if n.startswith("schedule."))
     loaded = uf.GradientHistory.load(path)
     assert torch.equal(loaded.schedule["lrs"], history.schedule["lrs"])
     assert torch.equal(loaded.schedule["batch_sizes"], history.schedule["batch_sizes"])
-    assert loaded.schedule["lrs"].shape[0] == 6 and len(set(loaded.schedule["lrs"][:, 0].tolist())) == (6 if schedule == "decaying" else 1)
+    assert loaded.columns["lrs"]["knot_steps"].numel() == (6 if schedule == "decaying" else 1)
+    assert loaded.columns["batch_sizes"]["knot_steps"].numel() == 1
+    assert loaded.nbytes("schedule") == history.nbytes("schedule")
+
+    # the layout before 2026-12-07: each column's run values, and lengths where runs repeat
+    snap = store.read(path, "GradientHistory")
+    old = {n: t for n, t in snap.tensors.items() if ".knot_" not in n and not n.endswith(".span")}
+    for name in ("schedule.lrs", "schedule.batch_sizes"):
+        values, lengths = run_lengths(history.schedule[name.split(".")[1]])
+        old[f"{name}.values"] = values if name.endswith("lrs") else values.to(torch.int32)
+        if values.shape[0] < history.num_steps:
+            old[f"{name}.lengths"] = lengths.to(torch.int32)
+    store.write(str(tmp_path / "old"), "GradientHistory", snap.info, old)
+    before = uf.GradientHistory.load(str(tmp_path / "old"))
+    assert torch.equal(before.schedule["lrs"], history.schedule["lrs"]) and before.columns == {}
+    assert torch.equal(before.schedule["batch_sizes"], history.schedule["batch_sizes"])

@@ -26,7 +26,7 @@ import re
 import numpy as np
 import torch
 
-from . import ops, store
+from . import columns, ops, store
 
 CODECS = ("fp32", "bf16", "int8", "int4")
 KINDS = ("full", "minimal", "first_epoch", "all_epochs")
@@ -391,6 +391,7 @@ class GradientHistory:
         self.chunk_steps = []  # steps of each stored chunk (a loaded history)
         self.recording_id = None  # a recording still being streamed (or killed): HistoryRecorder.resume continues it
         self._seen = None  # seen_mask(), computed on first use (the schedule does not change after recording)
+        self.columns = {}  # schedule column -> its stored knots (columns.py) where bound_schedule or load set them
         # deletion requests served from this history, oldest first: {"forget": [int], "method": str, "model_digest": str}
         self.requests = []
         self.path = None  # the directory this history was saved to or loaded from; append_request logs there
@@ -430,7 +431,35 @@ class GradientHistory:
             return 0
 
         part = getattr(self, section)
+        if section == "schedule" and part is not None:  # as stored: columns by their knots, seen as bits
+            return sum(self.column_bytes(k) if k in self.columns else -(-v.numel() // 8) if k == "seen" else size(v) for k, v in part.items())
         return 0 if part is None else sum(size(v) for v in part.values())
+
+    def column_bytes(self, name):
+        """Bytes of schedule column `name` as stored: its knots (bound_schedule, load), else its values."""
+        code = self.columns.get(name)
+        return columns.nbytes(code) if code is not None else self.schedule[name].numel() * self.schedule[name].element_size()
+
+    def bound_schedule(self, max_bytes, tolerance):
+        """Store the per-step columns of a history without batch order (kind="minimal") as knots (columns.py): each
+        float column to `tolerance` of its peak, all in at most max_bytes (None: no limit), and replace them by what
+        the knots decode to, so that this history and a saved and loaded one hold the same schedule. Batch sizes and
+        momenta first (usually a few exact knots), the learning rates get what is left. Returns {column: error} of
+        the columns not exact (also meta["schedule_error"])."""
+        names = [n for n in ("batch_sizes", "momenta", "lrs") if n in self.schedule]
+        left, errors = max_bytes, {}
+        for i, name in enumerate(names):
+            column = self.schedule[name]
+            cap = None if left is None else max(2, int(left // (len(names) - i) // columns.knot_bytes(column)))
+            code, err = columns.encode(column, cap, tolerance)
+            self.columns[name] = code
+            self.schedule[name] = columns.decode(code, column.dtype, "bound_schedule")
+            if err:
+                errors[name] = err
+            if left is not None:
+                left -= columns.nbytes(code)
+        self.meta["schedule_error"] = errors
+        return errors
 
     def seen_mask(self):
         """(n_train,) bool: which samples some recorded batch contains (kept: every request checks it)."""
@@ -527,13 +556,12 @@ class GradientHistory:
                 head[f"summary.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         chunks, micro_ends = [], self._micro_ends()
         if "batches" not in self.schedule:
-            # no batch order to replay (kind="minimal"): the per-step columns run-length encoded in the head; a constant
-            # learning rate and batch size cost a few bytes whatever the number of steps
+            # no batch order to replay (kind="minimal"): the per-step columns as knots in the head (bound_schedule's,
+            # else exact): a constant, step or periodic schedule costs a few bytes whatever the number of steps
             for name, column in self._schedule_part(0, self.num_steps, micro_ends).items():
-                values, lengths = run_lengths(column)
-                head[f"{name}.values"] = values
-                if values.shape[0] < column.shape[0]:  # (a column that changes every step, a cosine schedule's rates: no lengths)
-                    head[f"{name}.lengths"] = lengths.to(torch.int32)
+                key = name[len("schedule."):]
+                code = self.columns[key] if key in self.columns else columns.encode(column)[0]
+                head.update({f"{name}.{part}": t for part, t in code.items()})
         for j, (a, b) in enumerate(self._chunk_bounds() if "batches" in self.schedule else ()):
             parts = {"schedule": self._schedule_part(a, b, micro_ends)}
             rows = self._rows_part(j, a, b)
@@ -570,8 +598,16 @@ class GradientHistory:
                 parts = [(c["steps"], c["parts"].get("rows")) for c in snap.chunks]
                 parts = [(n, part, cache) for n, part in parts]
             for name in [n[: -len(".values")] for n in arrays if n.startswith("schedule.") and n.endswith(".values")]:
+                # (minimal histories saved before 2026-12-07: run-length encoded columns)
                 arrays[name] = expand_runs(arrays.pop(f"{name}.values"), arrays.pop(f"{name}.lengths", None), name, where)
+            codes = {}
+            for name in [n[: -len(".knot_values")] for n in arrays if n.startswith("schedule.") and n.endswith(".knot_values")]:
+                code = {part: arrays.pop(f"{name}.{part}", None) for part in ("span", "knot_steps", "knot_values")}
+                is_float = isinstance(code["knot_values"], torch.Tensor) and code["knot_values"].dtype.is_floating_point
+                arrays[name] = columns.decode(code, torch.float64 if is_float else torch.int64, f"{where}: {name}")
+                codes[name[len("schedule."):]] = code
             history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], arrays, where, parts)
+            history.columns = codes
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"history: manifest in {path!r} lacks or mangles entry {err!r}") from None
         history.chunk_marks = {j: c["mark"] for j, c in enumerate(snap.chunks) if c["mark"] is not None}

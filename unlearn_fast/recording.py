@@ -934,7 +934,14 @@ class HistoryRecorder:
             # Mini reads which samples were trained on, not the order of the batches
             history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes", "buffers0") if key in history.schedule}
             history.schedule["seen"] = seen
-            from .methods.mini import final_summary, sgd_settings
+            from .methods.mini import SCHEDULE_SHARE, SCHEDULE_TOLERANCE, SCHEDULE_WARN, budget_bytes, final_summary, sgd_settings
+
+            total = budget_bytes(self.policy, self.w0.numel())
+            errors = history.bound_schedule(None if total is None else SCHEDULE_SHARE * total, SCHEDULE_TOLERANCE)
+            if errors and max(errors.values()) > SCHEDULE_WARN:
+                warnings.warn(f"finish: the history's budget (HistoryPolicy.budget_vectors) holds the per-step schedule only approximately "
+                              f"(largest error per column: {errors}, of the column's peak; sizes in samples): Mini and the minimal "
+                              "replays use it so. Raise budget_vectors for an exact schedule", stacklevel=2)
 
             try:
                 sgd = sgd_settings(meta, "mini", history.schedule["lrs"], history.schedule.get("momenta"))
@@ -943,7 +950,7 @@ class HistoryRecorder:
             with module_mode(self.model, False):  # torch.func refuses dropout's random masks and batch norm's in-place updates
                 history.summary = final_summary(
                     self.model, train_set, loss_fn, self.policy, T, self.checkpoints, history.schedule["lrs"][:, 0], sgd, batch_size=batch_size,
-                    batch_sizes=history.schedule.get("batch_sizes"))
+                    batch_sizes=history.schedule.get("batch_sizes"), reserved=history.nbytes("schedule"))
         meta["final_digest"] = weights_digest(self.model)
         if self.path is not None:
             history.save(self.path)  # the finished version: head rewritten, the streamed rows kept by reference

@@ -434,6 +434,18 @@ CHECKPOINT_SHARE = 0.8  # of the budget left after w* and g*, at most this much 
 # (docs/mini_unlearning.md section 17: the same distances as 1024 vectors on digits, +0.004 on MNIST-1D); other models
 # extend the basis by Krylov blocks per request.
 DEFAULT_BUDGET_VECTORS = 64
+SCHEDULE_TOLERANCE = 1e-4  # a minimal history's learning rates and momenta are stored to this fraction of their peak
+# (GradientHistory.bound_schedule): constant, step, linear and periodic schedules exactly in a few knots, a cosine in
+# about 80 knots whatever the number of steps. Mini is far less sensitive (docs/mini_unlearning.md section 21: digits
+# logistic, cosine lr, 60 epochs, 10 %: distance 0.040 / 0.052 / 0.038 / 0.037 with the rates to 4e-6 / 6e-4 / 9e-3 / 0.10)
+SCHEDULE_SHARE = 1 / 4  # of the budget, at most this much for those columns (a tiny model's budget holds fewer knots)
+SCHEDULE_WARN = 1e-2  # finish() warns where a column is further than this from the recorded one (of its peak; sizes: samples)
+
+
+def budget_bytes(policy, p):
+    """The most bytes a minimal history of a p-parameter model may take (None: unbounded)."""
+    budget = DEFAULT_BUDGET_VECTORS if policy.budget_vectors is None else policy.budget_vectors
+    return None if budget is None else budget * p
 
 
 def _row_bytes(codec, p, blocksize, elem):
@@ -455,28 +467,29 @@ def _stored_gradients(g, policy):
     return h if bool(torch.isfinite(h).all()) else g.to(torch.float32)
 
 
-def fit_budget(policy, p, elem, checkpoints, k):
-    """(checkpoints, k) thinned so that the summary holds at most budget_vectors x p bytes, whatever the run's length
-    (budget_vectors: HistoryPolicy's field when set, else DEFAULT_BUDGET_VECTORS).
+def fit_budget(policy, p, elem, checkpoints, k, reserved=0):
+    """(checkpoints, k) thinned so that the summary holds at most budget_bytes(policy, p) - reserved bytes (reserved:
+    what the rest of the history takes, its schedule), whatever the run's length.
 
     Fixed: w* (elem p) and g* (GRADIENT_DTYPE, or elem with the fp32 codec). Each checkpoint: its parameters
     (summary_codec) and its full-data gradient (GRADIENT_DTYPE, or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables and its two noise values.
     CHECKPOINT_SHARE of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
     HistoryPolicy.rank that does not fit is refused rather than cut."""
-    budget = DEFAULT_BUDGET_VECTORS if policy.budget_vectors is None else policy.budget_vectors
-    if budget is None:
+    total = budget_bytes(policy, p)
+    if total is None:
         return checkpoints, k
+    budget = total // p
     codec, bs = policy.summary_codec, policy.blocksize
     store = elem if codec == "fp32" else 4
     gstore = elem if codec == "fp32" else GRADIENT_DTYPE.itemsize  # g* and the checkpoints' gradients
     row = _row_bytes(codec, p, bs, elem)
-    avail = budget * p - (elem + gstore) * p - 64  # 64: the scalars (rho, a few counts)
+    avail = total - reserved - (elem + gstore) * p - 64  # 64: the scalars (rho, a few counts)
     per_ckpt = row + gstore * p + 8
     if checkpoints:
         K = min(len(checkpoints), int(CHECKPOINT_SHARE * avail // per_ckpt))
         if K < 1:
-            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the summary needs at least {((elem + gstore) * p + 64 + 2 * per_ckpt + row) / p:.1f} "
-                             f"int8 vectors of the model's size (w*, g*, one checkpoint, one basis vector)")
+            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the history needs at least {((elem + gstore) * p + 64 + 2 * per_ckpt + row + reserved) / p:.1f} "
+                             f"int8 vectors of the model's size (its schedule, w*, g*, one checkpoint, one basis vector)")
         if K < len(checkpoints):  # evenly over the kept ones, the first (step 0) and the last included
             keep = sorted({round(i * (len(checkpoints) - 1) / max(K - 1, 1)) for i in range(K)})
             checkpoints = [checkpoints[i] for i in keep]
@@ -485,10 +498,10 @@ def fit_budget(policy, p, elem, checkpoints, k):
     per_vector = row + 2 * K1 * store + elem + 2 * store  # + its SGD-noise column
     fits = int(avail // per_vector)
     if fits < 1:
-        raise ValueError(f"HistoryPolicy.budget_vectors={budget}: too small to hold w*, g*, the checkpoints and one basis vector")
+        raise ValueError(f"HistoryPolicy.budget_vectors={budget}: too small to hold the schedule ({reserved} bytes), w*, g*, the checkpoints and one basis vector")
     if policy.rank is not None and min(p, policy.rank) > fits:
-        raise ValueError(f"HistoryPolicy.rank={policy.rank}: {policy.rank} basis vectors do not fit the summary budget of {budget} int8 "
-                         f"vectors of the model's size (at most {fits} here); lower rank or raise budget_vectors")
+        raise ValueError(f"HistoryPolicy.rank={policy.rank}: {policy.rank} basis vectors do not fit the history budget of {budget} int8 "
+                         f"vectors of the model's size beside its schedule ({reserved} bytes; at most {fits} here); lower rank or raise budget_vectors")
     return checkpoints, min(k, fits)
 
 
@@ -645,7 +658,7 @@ def _subset(train_set, size, gen):
 
 def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
                   power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0,
-                  batch_sizes=None, keep_curvature=False):
+                  batch_sizes=None, keep_curvature=False, reserved=0):
     """The minimal history at the end of training (see the module docstring).
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
@@ -667,7 +680,7 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad and parameters are put back afterwards
     k = summary_rank(policy, p, steps)
     checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
-    checkpoints, k = fit_budget(policy, p, w.element_size(), checkpoints, k)
+    checkpoints, k = fit_budget(policy, p, w.element_size(), checkpoints, k, reserved)
     ckpt_w = EncodedRows.cat([c for _, c in checkpoints]) if checkpoints else None
     ckpts = decode_rows(ckpt_w, w.dtype) if checkpoints else None  # the DECODED checkpoints: the points the unlearning side uses
     gradients = _full_gradients(model, loss_fn, train_set, w[None] if ckpts is None else torch.cat([w[None], ckpts]), batch_size)
@@ -1826,7 +1839,9 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         "settled": settled,  # unconverged where the map stops contracting, its residual under SETTLED tol of the move (_end_point)
         "relaxation": relax,
         "moved": moved,
-        "history_bytes_read": history.nbytes("summary") + history.schedule["lrs"].numel() * 8,
+        "history_bytes_read": history.nbytes("summary") + history.column_bytes("lrs"),
+        # the stored schedule's largest error per column, where the budget made it approximate (GradientHistory.bound_schedule)
+        "schedule_error": history.meta.get("schedule_error") or {},
     }
     stats.update(request)
     if batch_shift is not None:

@@ -1,0 +1,129 @@
+"""Per-step schedule columns (learning rates, momenta, batch sizes) in bytes that do not grow with the run.
+
+A "minimal" history must stay within a budget whatever the number of steps T, but a column holds one value per step.
+Two facts bound it without losing what training schedules are made of:
+  - many columns repeat: a data loader's batch sizes every epoch, warm restarts' rates every cycle. encode() finds
+    the shortest period P with column[t] = column[t - P] (exactly), and keeps one period;
+  - within a period, schedules are piecewise linear (constant, step, linear warm-up and decay: exactly, with a
+    knot at each corner) or smooth (cosine, exponential, 1/t: close to a few hundred knots). encode() keeps at most
+    `max_knots` knots of a piecewise-linear interpolant, chosen greedily where the interpolant is worst (top-down
+    splitting), and stops once every step is reproduced to EXACT.
+The encoding is exact (to EXACT of the column's scale) whenever the knots fit and the caller asks for it; otherwise it
+is within the caller's tolerance or the closest the greedy split found, and encode() returns its error, which the
+caller records (meta["schedule_error"]) and reports.
+Integer columns are rounded back on decoding; they are exact whenever their error stays below half a unit.
+"""
+import heapq
+
+import numpy as np
+import torch
+
+EXACT = 1e-12  # a float column's interpolant within this fraction of its largest |value| counts as exact
+MAX_PERIOD_CANDIDATES = 4096  # periods looked at (the first rows compared)
+MAX_PERIOD_TRIES = 64  # of those, compared over the whole column
+MAX_STEPS = 2**31
+
+
+def _period(rows):
+    """The shortest P with rows[P:] == rows[:-P] among the first MAX_PERIOD_CANDIDATES candidates, else len(rows).
+    A period repeats the first run (length L0) at P, so P + L0 is a change point: only those P are candidates."""
+    T = rows.shape[0]
+    change = np.flatnonzero(np.any(rows[1:] != rows[:-1], axis=1)) + 1  # c: rows[c] != rows[c - 1]
+    if T < 2 or change.size == 0:
+        return min(T, 1)
+    full = 0
+    for P in (change - change[0])[1:MAX_PERIOD_CANDIDATES]:
+        m = min(T - P, 256)  # a cheap look at the start first
+        if np.array_equal(rows[P : P + m], rows[:m]):
+            if np.array_equal(rows[P:], rows[:-P]):
+                return int(P)
+            full += 1
+            if full >= MAX_PERIOD_TRIES:
+                break
+    return T
+
+
+def _knots(pattern, max_knots, tol):
+    """Indices of the knots (ascending; 0 and len - 1 included) and the largest |interpolant - pattern| left."""
+    P = pattern.shape[0]
+    if P <= 2:
+        return list(range(P)), 0.0
+
+    def worst(a, b):  # (error, where) of the chord a..b
+        if b - a < 2:
+            return 0.0, a
+        t = np.arange(1, b - a)[:, None] / (b - a)
+        gap = np.abs(pattern[a] + (pattern[b] - pattern[a]) * t - pattern[a + 1 : b]).max(1)
+        i = int(gap.argmax())
+        return float(gap[i]), a + 1 + i
+
+    knots, heap = [0, P - 1], []
+    err, at = worst(0, P - 1)
+    heapq.heappush(heap, (-err, 0, P - 1, at))
+    while heap and -heap[0][0] > tol and len(knots) < max(2, max_knots):
+        _, a, b, at = heapq.heappop(heap)
+        knots.append(at)
+        for lo, hi in ((a, at), (at, b)):
+            err, where = worst(lo, hi)
+            heapq.heappush(heap, (-err, lo, hi, where))
+    return sorted(knots), (-heap[0][0] if heap else 0.0)
+
+
+def knot_bytes(column):
+    """Stored bytes per knot of `column`: its step (int32) and its values."""
+    return 4 + (column[:1].numel() if column.dim() > 1 else 1) * column.element_size()
+
+
+def encode(column, max_knots=None, tolerance=EXACT):
+    """(tensors, error): `column` (T,) or (T, C) float or int as {"span": [T, P], "knot_steps": (K,) int32,
+    "knot_values": (K,) or (K, C)}, and the largest error decode() leaves: relative to each column's largest |value|
+    for floats, in units for ints (0.0: exact). Knots are added until a float column is within `tolerance` of its
+    peak (ints: exact) or max_knots are placed (None: no limit)."""
+    T = column.shape[0]
+    rows = (column if column.dim() == 2 else column[:, None]).numpy()
+    P = _period(rows)
+    pattern = rows[:P].astype(np.float64)
+    is_float = column.dtype.is_floating_point
+    scale = np.maximum(np.abs(pattern).max(0), np.finfo(np.float64).tiny) if is_float and P else 1.0
+    knots, err = _knots(pattern / scale, P if max_knots is None else max_knots, max(tolerance, EXACT) if is_float else 0.25)
+    idx = torch.tensor(knots, dtype=torch.int64)
+    values = column[:P][idx] if is_float else column[:P][idx].to(torch.int32 if P == 0 or int(column.abs().max()) < 2**31 else torch.int64)
+    tensors = {"span": torch.tensor([T, P], dtype=torch.int64), "knot_steps": idx.to(torch.int32), "knot_values": values}
+    if err > (EXACT if is_float else 0.25):  # measure what decoding really gives (the split's bound is on the scaled pattern)
+        got = decode(tensors, column.dtype, "encode")[:P].reshape(P, -1).numpy().astype(np.float64)
+        err = float((np.abs(got - pattern) / scale).max())
+    else:
+        err = 0.0
+    return tensors, err
+
+
+def decode(tensors, dtype, where):
+    """The column encode() stored, as `dtype`; ValueError naming `where` on tensors that do not describe one."""
+    span, steps, values = (tensors.get(k) for k in ("span", "knot_steps", "knot_values"))
+    if not all(isinstance(t, torch.Tensor) for t in (span, steps, values)) or span.dtype != torch.int64 or span.shape != (2,) \
+            or steps.dtype not in (torch.int32, torch.int64) or steps.dim() != 1 or values.dim() not in (1, 2) \
+            or values.shape[0] != steps.numel() or (values.dtype.is_floating_point != dtype.is_floating_point):
+        raise ValueError(f"history: {where}: a schedule column's knots are malformed")
+    T, P = (int(v) for v in span)
+    if not (0 <= P <= T <= MAX_STEPS and (P > 0 or T == 0)):
+        raise ValueError(f"history: {where}: a schedule column spans {T} steps with period {P}")
+    s = steps.to(torch.int64)
+    if P and (s.numel() < 1 or int(s[0]) != 0 or int(s[-1]) != P - 1 or bool((s[1:] <= s[:-1]).any())) or (not P and s.numel()):
+        raise ValueError(f"history: {where}: a schedule column's knot steps must rise from 0 to {P - 1}")
+    if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"history: {where}: a schedule column holds a non-finite value")
+    v = values.to(torch.float64)
+    v = v if v.dim() == 2 else v[:, None]
+    t = torch.arange(P, dtype=torch.int64)
+    right = torch.searchsorted(s, t, right=False).clamp(max=max(s.numel() - 1, 0))  # the knot at or after t
+    left = torch.where(s[right] == t, right, right - 1).clamp(min=0)
+    frac = ((t - s[left]).to(torch.float64) / (s[right] - s[left]).clamp(min=1).to(torch.float64))[:, None]
+    pattern = v[left] + (v[right] - v[left]) * frac  # (at a knot frac is 0: its value exactly)
+    if not dtype.is_floating_point:
+        pattern = pattern.round()
+    out = pattern[torch.arange(T) % P] if P else pattern[:0]
+    return out.reshape((T,) + tuple(values.shape[1:])).to(dtype)
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors.values())
