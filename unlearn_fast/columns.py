@@ -21,7 +21,7 @@ import torch
 EXACT = 1e-12  # a float column's interpolant within this fraction of its largest |value| counts as exact
 MAX_PERIOD_CANDIDATES = 4096  # periods looked at (the first rows compared)
 MAX_PERIOD_TRIES = 64  # of those, compared over the whole column
-MAX_STEPS = 2**31
+MAX_STEPS = 2**28  # a stored column decodes to at most this many steps (a crafted span must not allocate terabytes)
 
 
 def _period(rows):

@@ -777,7 +777,7 @@ def expand_runs(values, lengths, name, where):
     if lengths is None:
         return values
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1 \
-            or lengths.numel() != values.shape[0] or bool((lengths < 1).any()) or int(lengths.sum()) > 2**31:
+            or lengths.numel() != values.shape[0] or bool((lengths < 1).any()) or int(lengths.sum()) > columns.MAX_STEPS:
         raise ValueError(f"history: {where}: {name} has run lengths that do not match its values")
     return torch.repeat_interleave(values, lengths.to(torch.int64), dim=0)
 

@@ -204,6 +204,10 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self._settings = StepSettings(optimizer)
         self.w0 = flat_params(model).clone()
+        if self.policy.kind == "minimal":  # a budget too small for the least history (w0, one checkpoint, one vector):
+            from .methods.mini import fit_budget  # refused now, not by finish() after the whole training run
+
+            fit_budget(self.policy, self.w0.numel(), self.w0.element_size(), [None], 1, reserved=self.w0.numel() * self.w0.element_size())
         self.buffers0 = saved_buffers(model)  # (batch norm's running statistics at step 0: a replay starts from them)
         self._named_modules = list(model.named_modules())  # (their train / eval modes at each step: _check_modes)
         self.steps = 0  # recorded steps
