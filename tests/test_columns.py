@@ -22,8 +22,8 @@ def scheduled(make, steps, **sgd):
     return torch.tensor(lrs, dtype=torch.float64)[:, None], torch.tensor(momenta, dtype=torch.float64)[:, None]
 
 
-def round_trip(column, max_knots=None):
-    code, err = columns.encode(column, max_knots)
+def round_trip(column, max_knots=None, tolerance=columns.EXACT):
+    code, err = columns.encode(column, max_knots, tolerance)
     return code, err, columns.decode(code, column.dtype, "test")
 
 
@@ -66,6 +66,16 @@ def test_a_smooth_schedule_takes_the_same_bytes_whatever_the_number_of_steps(ste
     measured = float((back - cosine).abs().max()) / 0.1
     assert measured == pytest.approx(err, rel=1e-6)
     assert 0 < measured <= 2 * (math.pi / 199) ** 2 / 16  # (greedy splitting, not even spacing: measured 2.3e-5 / 1.6e-5)
+    code, err, back = round_trip(cosine)  # exactness asked for: every step a knot (found in one pass, not by splitting)
+    assert err == 0.0 and torch.equal(back, cosine) and code["knot_steps"].numel() >= steps - 2  # (the inflection's steps lie on a line)
+    # a column without structure: every step when they all fit the cap, else at most MAX_SPLITS knots, the error reported
+    noise = torch.rand(steps, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    code, err, back = round_trip(noise, max_knots=steps, tolerance=1e-4)
+    assert err == 0.0 and torch.equal(back, noise) and code["knot_steps"].numel() == steps
+    code, err = columns.encode(noise, max_knots=steps - 1, tolerance=1e-4)
+    back = columns.decode(code, noise.dtype, "test")
+    assert code["knot_steps"].numel() <= min(steps - 1, columns.MAX_SPLITS)
+    assert err == pytest.approx(float((back - noise).abs().max()) / float(noise.max())) and err > 1e-4
 
 
 def test_a_one_cycle_policys_rates_and_momenta_are_approximated_within_the_reported_error():

@@ -21,6 +21,7 @@ import torch
 EXACT = 1e-12  # a float column's interpolant within this fraction of its largest |value| counts as exact
 MAX_PERIOD_CANDIDATES = 4096  # periods looked at (the first rows compared)
 MAX_PERIOD_TRIES = 64  # of those, compared over the whole column
+MAX_SPLITS = 4096  # knots the greedy split places at most (each a look at its segment)
 MAX_STEPS = 2**28  # a stored column decodes to at most this many steps (a crafted span must not allocate terabytes)
 
 
@@ -57,10 +58,20 @@ def _knots(pattern, max_knots, tol):
         i = int(gap.argmax())
         return float(gap[i]), a + 1 + i
 
-    knots, heap = [0, P - 1], []
-    err, at = worst(0, P - 1)
-    heapq.heappush(heap, (-err, 0, P - 1, at))
-    while heap and -heap[0][0] > tol and len(knots) < max(2, max_knots):
+    knots = [0, P - 1]
+    if max_knots >= P:
+        # exactness asked for: a piecewise-linear column's corners (where its slope changes) are its knots, found in
+        # one pass, the splitting below refining between them; a smooth column has more corners than MAX_SPLITS and is
+        # exact only with every step a knot
+        bend = np.abs(pattern[2:] - 2 * pattern[1:-1] + pattern[:-2]).max(1)
+        knots = [0, *(np.flatnonzero(bend > tol) + 1).tolist(), P - 1]
+        if len(knots) > MAX_SPLITS:
+            return list(range(P)), 0.0
+    heap = []
+    for a, b in zip(knots[:-1], knots[1:]):
+        err, at = worst(a, b)
+        heapq.heappush(heap, (-err, a, b, at))
+    while heap and -heap[0][0] > tol and len(knots) < max(2, min(max_knots, MAX_SPLITS)):
         _, a, b, at = heapq.heappop(heap)
         knots.append(at)
         for lo, hi in ((a, at), (at, b)):
@@ -89,12 +100,11 @@ def encode(column, max_knots=None, tolerance=EXACT):
     idx = torch.tensor(knots, dtype=torch.int64)
     values = column[:P][idx] if is_float else column[:P][idx].to(torch.int32 if P == 0 or int(column.abs().max()) < 2**31 else torch.int64)
     tensors = {"span": torch.tensor([T, P], dtype=torch.int64), "knot_steps": idx.to(torch.int32), "knot_values": values}
-    if err > (EXACT if is_float else 0.25):  # measure what decoding really gives (the split's bound is on the scaled pattern)
-        got = decode(tensors, column.dtype, "encode")[:P].reshape(P, -1).numpy().astype(np.float64)
-        err = float((np.abs(got - pattern) / scale).max())
-    else:
-        err = 0.0
-    return tensors, err
+    # what decoding really gives (the split's bound is on the scaled pattern, before rounding)
+    got = _interpolate(idx, values.to(torch.float64).reshape(len(knots), rows.shape[1]), P).numpy()
+    gap = np.abs((got.round() if not is_float else got) - pattern) / scale
+    err = float(gap.max()) if P else 0.0
+    return tensors, (err if err > (EXACT if is_float else 0.0) else 0.0)
 
 
 def decode(tensors, dtype, where):
@@ -113,16 +123,23 @@ def decode(tensors, dtype, where):
     if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
         raise ValueError(f"history: {where}: a schedule column holds a non-finite value")
     v = values.to(torch.float64)
-    v = v if v.dim() == 2 else v[:, None]
-    t = torch.arange(P, dtype=torch.int64)
-    right = torch.searchsorted(s, t, right=False).clamp(max=max(s.numel() - 1, 0))  # the knot at or after t
-    left = torch.where(s[right] == t, right, right - 1).clamp(min=0)
-    frac = ((t - s[left]).to(torch.float64) / (s[right] - s[left]).clamp(min=1).to(torch.float64))[:, None]
-    pattern = v[left] + (v[right] - v[left]) * frac  # (at a knot frac is 0: its value exactly)
+    pattern = _interpolate(s, v if v.dim() == 2 else v[:, None], P)
     if not dtype.is_floating_point:
         pattern = pattern.round()
     out = pattern[torch.arange(T) % P] if P else pattern[:0]
     return out.reshape((T,) + tuple(values.shape[1:])).to(dtype)
+
+
+def _interpolate(steps, values, P):
+    """(P, C) float64: the piecewise-linear interpolant of knots at `steps` (int64, rising from 0 to P - 1) with
+    `values` (K, C) float64, at 0..P-1 (at a knot its value exactly)."""
+    if P == 0:
+        return values[:0]
+    t = torch.arange(P, dtype=torch.int64)
+    right = torch.searchsorted(steps, t).clamp(max=steps.numel() - 1)  # the knot at or after t
+    left = torch.where(steps[right] == t, right, right - 1).clamp(min=0)
+    frac = ((t - steps[left]).to(torch.float64) / (steps[right] - steps[left]).clamp(min=1).to(torch.float64))[:, None]
+    return values[left] + (values[right] - values[left]) * frac
 
 
 def nbytes(tensors):

@@ -207,7 +207,8 @@ class HistoryRecorder:
         if self.policy.kind == "minimal":  # a budget too small for the least history (w0, one checkpoint, one vector):
             from .methods.mini import fit_budget  # refused now, not by finish() after the whole training run
 
-            fit_budget(self.policy, self.w0.numel(), self.w0.element_size(), [None], 1, reserved=self.w0.numel() * self.w0.element_size())
+            least = dataclasses.replace(self.policy, rank=None)  # (an explicit rank is checked against the real run in finish())
+            fit_budget(least, self.w0.numel(), self.w0.element_size(), [None], 1, reserved=self.w0.numel() * self.w0.element_size())
         self.buffers0 = saved_buffers(model)  # (batch norm's running statistics at step 0: a replay starts from them)
         self._named_modules = list(model.named_modules())  # (their train / eval modes at each step: _check_modes)
         self.steps = 0  # recorded steps
