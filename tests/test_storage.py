@@ -859,6 +859,24 @@ def _head_names(path):
     return names
 
 
+@pytest.mark.parametrize("mangle, match", [
+    (lambda t: t.update({"schedule.lrs.knot_steps": t["schedule.lrs.knot_steps"] + 1}), "schedule.lrs: a schedule column's knot steps"),
+    (lambda t: t.update({"schedule.lrs.span": t["schedule.lrs.span"] + torch.tensor([1, 0])}), "schedule.batch_sizes .* disagrees with schedule.lrs"),
+    (lambda t: t.update({"schedule.lrs.span": torch.tensor([2**40, 1])}), "schedule.lrs: a schedule column spans"),
+    (lambda t: t.update({"schedule.lrs.knot_values": t["schedule.lrs.knot_values"] * float("nan")}), "schedule.lrs: a schedule column holds a non-finite"),
+    (lambda t: t.update({"schedule.batch_sizes.knot_values": -t["schedule.batch_sizes.knot_values"]}), "schedule.batch_sizes"),
+    (lambda t: t.pop("schedule.lrs.span"), "schedule.lrs: a schedule column's knots are malformed"),
+])
+def test_crafted_schedule_knots_are_refused_naming_the_column(tmp_path, recorded, mangle, match):
+    path = fresh(recorded["minimal"][2]).save(str(tmp_path / "h"))
+    snap = store.read(path, "GradientHistory")
+    tensors = dict(snap.tensors)
+    mangle(tensors)
+    store.write(str(tmp_path / "crafted"), "GradientHistory", snap.info, tensors)
+    with pytest.raises(ValueError, match=match):
+        uf.GradientHistory.load(str(tmp_path / "crafted"))
+
+
 @pytest.mark.parametrize("schedule", ["decaying", "constant"])
 def test_a_minimal_schedule_is_stored_as_knots_and_loads_back_the_same(tmp_path, schedule):
     """A minimal history's per-step columns are stored as knots (unlearn_fast/columns.py): a constant learning rate and
