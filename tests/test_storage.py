@@ -859,6 +859,37 @@ def _head_names(path):
     return names
 
 
+@pytest.mark.parametrize("trained", ["all but a block", "a random half"])
+def test_which_samples_were_trained_on_is_stored_in_the_fewer_bytes_of_knots_and_bits(tmp_path, trained):
+    """A minimal history's `seen` mask: as knots where the trained samples form a few runs (every sample, or all but a
+    block: a few knots whatever n) and that saves bytes, else one bit a sample; both load back the same mask."""
+    n = 10000
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    data = torch.utils.data.TensorDataset(X, y)
+    pool = torch.cat([torch.arange(3000), torch.arange(4000, n)]) if trained == "all but a block" else torch.randperm(n, generator=gen)[: n // 2]
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # (18 parameters: 64 vectors, 1.2 kB, would not hold the random half's 1.25 kB of bits)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal", rank=2, budget_vectors=256))
+    for b in range(0, len(pool), 500):
+        idx = pool[b : b + 500]
+        opt.zero_grad()
+        LOSS(model(X[idx]), y[idx]).backward()
+        rec.record(idx)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[pool] = True
+    loaded = uf.GradientHistory.load(history.save(str(tmp_path / "h")))
+    assert torch.equal(history.seen_mask(), expected) and torch.equal(loaded.seen_mask(), expected)
+    as_knots = trained == "all but a block"
+    assert ("seen" in loaded.columns) is as_knots and ("seen" in history.columns) is as_knots
+    seen_bytes = history.nbytes("schedule") - sum(history.column_bytes(k) for k in ("lrs", "batch_sizes")) - 4 * history.schedule["w0"].numel()
+    assert seen_bytes == (16 + 6 * (4 + 4) if as_knots else n // 8)  # (span; knots at 0, the block's four edges and n - 1, int32 steps and values)
+    assert loaded.nbytes("schedule") == history.nbytes("schedule")
+
+
 @pytest.mark.parametrize("mangle, match", [
     (lambda t: t.update({"schedule.lrs.knot_steps": t["schedule.lrs.knot_steps"] + 1}), "schedule.lrs: a schedule column's knot steps"),
     (lambda t: t.update({"schedule.lrs.span": t["schedule.lrs.span"] + torch.tensor([1, 0])}), "schedule.batch_sizes .* disagrees with schedule.lrs"),
@@ -866,6 +897,7 @@ def _head_names(path):
     (lambda t: t.update({"schedule.lrs.knot_values": t["schedule.lrs.knot_values"] * float("nan")}), "schedule.lrs: a schedule column holds a non-finite"),
     (lambda t: t.update({"schedule.batch_sizes.knot_values": -t["schedule.batch_sizes.knot_values"]}), "schedule.batch_sizes"),
     (lambda t: t.pop("schedule.lrs.span"), "schedule.lrs: a schedule column's knots are malformed"),
+    (lambda t: t.update({"schedule.seen": torch.full((3,), 2, dtype=torch.int64)}), "schedule.seen's knots give 3 values"),
 ])
 def test_crafted_schedule_knots_are_refused_naming_the_column(tmp_path, recorded, mangle, match):
     path = fresh(recorded["minimal"][2]).save(str(tmp_path / "h"))

@@ -458,6 +458,11 @@ class GradientHistory:
                 errors[name] = err
             if left is not None:
                 left -= columns.nbytes(code)
+        if "seen" in self.schedule:  # (exact; a run that trained on every sample: one knot instead of n / 8 bytes)
+            code = columns.encode(self.schedule["seen"].to(torch.int32))[0]
+            # (3 tensors instead of 1 also take 3 entries of the file's JSON header, about 80 bytes each)
+            if columns.nbytes(code) + 256 < -(-self.schedule["seen"].numel() // 8):
+                self.columns["seen"] = code
         self.meta["schedule_error"] = errors
         return errors
 
@@ -545,7 +550,9 @@ class GradientHistory:
         """Write to directory `path` as a new version (store.py: crash-safe, checksummed, no pickle;
         docs/storage.md), with the request log; later append_request calls log there. Returns path."""
         head = {"schedule.w0": self.schedule["w0"], **{f"buffers0.{n}": b for n, b in self.schedule.get("buffers0", {}).items()}}
-        if "seen" in self.schedule:
+        if "seen" in self.columns:
+            head.update({f"schedule.seen.{part}": t for part, t in self.columns["seen"].items()})
+        elif "seen" in self.schedule:
             head["schedule.seen"] = pack_bits(self.schedule["seen"])
         encoded = {f"trajectory.{key}": rows.meta() for key, rows in (self.trajectory or {}).items()}
         for key, value in (self.summary or {}).items():
@@ -707,10 +714,15 @@ class GradientHistory:
                 raise ValueError(f"history: {where}: schedule.micro_counts / micro_sizes do not split the recorded batches")
             schedule["micro_counts"], schedule["micro_sizes"] = counts, micro
         if "schedule.seen" in arrays:
-            packed = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8,), 1)
-            if n_train is None or packed.numel() != -(-n_train // 8):
-                raise ValueError(f"history: {where}: schedule.seen has {packed.numel()} bytes for {n_train} training samples")
-            schedule["seen"] = unpack_bits(packed, n_train)
+            seen = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8, torch.int64), 1)
+            if seen.dtype == torch.int64:  # (stored as knots, decoded by load: one value a sample)
+                if n_train is None or seen.numel() != n_train or bool(((seen != 0) & (seen != 1)).any()):
+                    raise ValueError(f"history: {where}: schedule.seen's knots give {seen.numel()} values for {n_train} training samples, or values not 0 / 1")
+                schedule["seen"] = seen.bool()
+            else:
+                if n_train is None or seen.numel() != -(-n_train // 8):
+                    raise ValueError(f"history: {where}: schedule.seen has {seen.numel()} bytes for {n_train} training samples")
+                schedule["seen"] = unpack_bits(seen, n_train)
         if "batches" not in schedule and "seen" not in schedule and n_train is not None:
             raise ValueError(f"history: {where}: the schedule has neither batch_indices nor seen")
         sections = {}
