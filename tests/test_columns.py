@@ -86,6 +86,17 @@ def test_a_one_cycle_policys_rates_and_momenta_are_approximated_within_the_repor
         assert float((back - column).abs().max()) / float(column.abs().max()) == pytest.approx(err, rel=1e-6)
 
 
+def test_the_tolerance_is_met_whenever_every_step_fits_the_cap():
+    # a wiggle too fast for MAX_SPLITS knots to follow within 1e-4: every step is kept instead of stopping short
+    steps = 100000
+    col = (1 + 5e-3 * torch.sin(2 * math.pi * torch.arange(steps, dtype=torch.float64) / 50))[:, None]
+    for cap in (None, steps):
+        code, err, back = round_trip(col, max_knots=cap, tolerance=1e-4)
+        assert err == 0.0 and torch.equal(back, col)
+    code, err = columns.encode(col, steps - 1, 1e-4)  # (one knot short of every step: the best MAX_SPLITS give, reported)
+    assert code["knot_steps"].numel() == columns.MAX_SPLITS and err > 1e-4
+
+
 def test_integer_columns_decode_to_integers_and_report_their_error_in_units():
     sizes = torch.randint(50, 70, (5000,), generator=torch.Generator().manual_seed(0))
     code, err, back = round_trip(sizes, max_knots=50)
@@ -114,6 +125,10 @@ def _code():
     lambda c: c.update(knot_values=torch.full_like(c["knot_values"], float("nan"))),
     lambda c: c.update(knot_values=c["knot_values"].to(torch.int32)),  # integers for a float column
     lambda c: c.pop("span"),
+    lambda c: c.update(span=torch.tensor([2**20, 1]), knot_steps=torch.tensor([0], dtype=torch.int32),
+                       knot_values=torch.zeros(1, 2**14, dtype=torch.float64)),  # 2^34 values to allocate
+    lambda c: c.update(span=torch.tensor([3, 3]), knot_steps=torch.tensor([0, 2], dtype=torch.int32),
+                       knot_values=torch.tensor([[-1.7e308], [1.7e308]], dtype=torch.float64)),  # finite knots, inf between
 ])
 def test_hostile_knots_are_a_value_error_naming_where(mangle):
     code = _code()

@@ -245,12 +245,17 @@ def test_budget_too_small_or_rank_too_large_is_refused(monkeypatch):
     monkeypatch.setattr(mini, "DEFAULT_BUDGET_VECTORS", 9)  # w* and g* alone take 8 (float32)
     with pytest.raises(ValueError, match="budget_vectors=9"):
         train(data, epochs=2)
-    # refused when the recorder is made, not after the training run: for p = 44 float32 parameters w0 (176 bytes), w*
-    # and g* (264), the scalars (64), one checkpoint (144) and one basis vector (76) take 724 bytes, 16.5 vectors
+    # refused when the recorder is made, not after the training run: for p = 44 float32 parameters w0 (176 bytes), the
+    # fewest knots of three schedule columns (120), w* and g* (264), the scalars (64), one checkpoint (144) and one basis
+    # vector (76) take 844 bytes, 19.2 vectors
     model = torch.nn.Linear(10, 4)
-    with pytest.raises(ValueError, match="budget_vectors=16"):
-        uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind="minimal", budget_vectors=16))
-    uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind="minimal", budget_vectors=17))
+    with pytest.raises(ValueError, match="budget_vectors=19"):
+        uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind="minimal", budget_vectors=19))
+    uf.HistoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), uf.HistoryPolicy(kind="minimal", budget_vectors=20))
+    # and a budget accepted there holds the run: the schedule's columns get what the smallest summary leaves (a cosine's
+    # rates in fewer knots)
+    _, history = train(data, epochs=8, budget=20, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert history.nbytes("schedule") + history.nbytes("summary") <= 20 * 44
 
 
 @pytest.fixture(scope="module")

@@ -898,6 +898,7 @@ def test_which_samples_were_trained_on_is_stored_in_the_fewer_bytes_of_knots_and
     (lambda t: t.update({"schedule.batch_sizes.knot_values": -t["schedule.batch_sizes.knot_values"]}), "schedule.batch_sizes"),
     (lambda t: t.pop("schedule.lrs.span"), "schedule.lrs: a schedule column's knots are malformed"),
     (lambda t: t.update({"schedule.seen": torch.full((3,), 2, dtype=torch.int64)}), "schedule.seen's knots give 3 values"),
+    (lambda t: t.update({"schedule.lrs.values": torch.full((1, 1), 0.5, dtype=torch.float64)}), "schedule.lrs is stored both as knots and as values"),
 ])
 def test_crafted_schedule_knots_are_refused_naming_the_column(tmp_path, recorded, mangle, match):
     path = fresh(recorded["minimal"][2]).save(str(tmp_path / "h"))

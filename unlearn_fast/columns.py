@@ -22,7 +22,7 @@ EXACT = 1e-12  # a float column's interpolant within this fraction of its larges
 MAX_PERIOD_CANDIDATES = 4096  # periods looked at (the first rows compared)
 MAX_PERIOD_TRIES = 64  # of those, compared over the whole column
 MAX_SPLITS = 4096  # knots the greedy split places at most (each a look at its segment)
-MAX_STEPS = 2**28  # a stored column decodes to at most this many steps (a crafted span must not allocate terabytes)
+MAX_VALUES = 2**28  # a stored column decodes to at most this many values, steps x columns (a crafted span must not allocate terabytes)
 
 
 def _period(rows):
@@ -77,6 +77,8 @@ def _knots(pattern, max_knots, tol):
         for lo, hi in ((a, at), (at, b)):
             err, where = worst(lo, hi)
             heapq.heappush(heap, (-err, lo, hi, where))
+    if heap and -heap[0][0] > tol and max_knots >= P:  # out of splits, not of knots: every step fits, keep them all
+        return list(range(P)), 0.0
     return sorted(knots), (-heap[0][0] if heap else 0.0)
 
 
@@ -115,8 +117,9 @@ def decode(tensors, dtype, where):
             or values.shape[0] != steps.numel() or (values.dtype.is_floating_point != dtype.is_floating_point):
         raise ValueError(f"history: {where}: a schedule column's knots are malformed")
     T, P = (int(v) for v in span)
-    if not (0 <= P <= T <= MAX_STEPS and (P > 0 or T == 0)):
-        raise ValueError(f"history: {where}: a schedule column spans {T} steps with period {P}")
+    width = values.shape[1] if values.dim() == 2 else 1
+    if not (0 <= P <= T and T * max(width, 1) <= MAX_VALUES and (P > 0 or T == 0)):
+        raise ValueError(f"history: {where}: a schedule column spans {T} steps of {width} values with period {P} (at most {MAX_VALUES} values)")
     s = steps.to(torch.int64)
     if P and (s.numel() < 1 or int(s[0]) != 0 or int(s[-1]) != P - 1 or bool((s[1:] <= s[:-1]).any())) or (not P and s.numel()):
         raise ValueError(f"history: {where}: a schedule column's knot steps must rise from 0 to {P - 1}")
@@ -124,6 +127,8 @@ def decode(tensors, dtype, where):
         raise ValueError(f"history: {where}: a schedule column holds a non-finite value")
     v = values.to(torch.float64)
     pattern = _interpolate(s, v if v.dim() == 2 else v[:, None], P)
+    if not bool(torch.isfinite(pattern).all()):  # (finite knots near float64's limit can interpolate to inf)
+        raise ValueError(f"history: {where}: a schedule column's knots interpolate to a non-finite value")
     if not dtype.is_floating_point:
         pattern = pattern.round()
     out = pattern[torch.arange(T) % P] if P else pattern[:0]

@@ -361,6 +361,8 @@ class _PartCache:
 
 
 # ----------------------------------------------------------------------------- the history
+SCHEDULE_COLUMNS = ("batch_sizes", "momenta", "lrs")  # a minimal history's per-step columns, in the order bound_schedule gives them bytes
+SPAN_BYTES = 16  # each stored column's span (int64 T, P)
 # a saved history splits its steps into chunks of at most this many steps and about this many bytes of rows:
 # a chunk is read (and verified) whole, so it bounds the memory a streaming reader holds
 CHUNK_STEPS = 1024
@@ -446,11 +448,11 @@ class GradientHistory:
         the knots decode to, so that this history and a saved and loaded one hold the same schedule. Batch sizes and
         momenta first (usually a few exact knots), the learning rates get what is left. Returns {column: error} of
         the columns not exact (also meta["schedule_error"])."""
-        names = [n for n in ("batch_sizes", "momenta", "lrs") if n in self.schedule]
+        names = [n for n in SCHEDULE_COLUMNS if n in self.schedule]
         left, errors = max_bytes, {}
         for i, name in enumerate(names):
             column = self.schedule[name]
-            cap = None if left is None else max(2, int(left // (len(names) - i) // columns.knot_bytes(column)))
+            cap = None if left is None else max(2, int((left // (len(names) - i) - SPAN_BYTES) // columns.knot_bytes(column)))
             code, err = columns.encode(column, cap, tolerance)
             self.columns[name] = code
             self.schedule[name] = columns.decode(code, column.dtype, "bound_schedule")
@@ -458,13 +460,21 @@ class GradientHistory:
                 errors[name] = err
             if left is not None:
                 left -= columns.nbytes(code)
-        if "seen" in self.schedule:  # (exact; a run that trained on every sample: one knot instead of n / 8 bytes)
-            code = columns.encode(self.schedule["seen"].to(torch.int32))[0]
-            # (3 tensors instead of 1 also take 3 entries of the file's JSON header, about 80 bytes each)
-            if columns.nbytes(code) + 256 < -(-self.schedule["seen"].numel() // 8):
-                self.columns["seen"] = code
         self.meta["schedule_error"] = errors
         return errors
+
+    def compact_seen(self):
+        """Store which samples were trained on as knots (exact) where that is at least 256 bytes smaller than its bits
+        (3 tensors instead of 1 also take 3 entries of the file's JSON header, about 80 bytes each): a run that trained
+        on every sample, or all but a few blocks. Counted by nbytes("schedule"), written by save()."""
+        seen = self.schedule.get("seen")
+        if seen is None or seen.numel() < 2:
+            return
+        runs = 1 + int((seen[1:] != seen[:-1]).sum())  # (a random subset: skip the encoding, bits win)
+        if SPAN_BYTES + (2 * runs + 2) * 8 + 256 < -(-seen.numel() // 8):
+            code = columns.encode(seen.to(torch.int32))[0]
+            if columns.nbytes(code) + 256 < -(-seen.numel() // 8):
+                self.columns["seen"] = code
 
     def seen_mask(self):
         """(n_train,) bool: which samples some recorded batch contains (kept: every request checks it)."""
@@ -609,6 +619,8 @@ class GradientHistory:
                 arrays[name] = expand_runs(arrays.pop(f"{name}.values"), arrays.pop(f"{name}.lengths", None), name, where)
             codes = {}
             for name in [n[: -len(".knot_values")] for n in arrays if n.startswith("schedule.") and n.endswith(".knot_values")]:
+                if name in arrays:  # (a column stored twice, in two layouts: which one would be the truth?)
+                    raise ValueError(f"history: {where}: {name} is stored both as knots and as values")
                 code = {part: arrays.pop(f"{name}.{part}", None) for part in ("span", "knot_steps", "knot_values")}
                 is_float = isinstance(code["knot_values"], torch.Tensor) and code["knot_values"].dtype.is_floating_point
                 arrays[name] = columns.decode(code, torch.float64 if is_float else torch.int64, f"{where}: {name}")
@@ -789,7 +801,7 @@ def expand_runs(values, lengths, name, where):
     if lengths is None:
         return values
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1 \
-            or lengths.numel() != values.shape[0] or bool((lengths < 1).any()) or int(lengths.sum()) > columns.MAX_STEPS:
+            or lengths.numel() != values.shape[0] or bool((lengths < 1).any()) or int(lengths.sum()) * max(values[:1].numel(), 1) > columns.MAX_VALUES:
         raise ValueError(f"history: {where}: {name} has run lengths that do not match its values")
     return torch.repeat_interleave(values, lengths.to(torch.int64), dim=0)
 

@@ -38,7 +38,7 @@ import torch
 from . import ops, store
 from .backends import forced as forced_backend
 from .history import (CHUNK_BYTES, CHUNK_STEPS, CheckpointGrid, ChunkedRows, check_parameters, EncodedRows, GradientHistory, HistoryPolicy, _encoded_rows, compact_indices,
-                      eager_module, fetch, flat_params, param_spec, row_bytes, saved_buffers, weights_digest)
+                      eager_module, fetch, flat_params, param_spec, row_bytes, saved_buffers, SCHEDULE_COLUMNS, SPAN_BYTES, weights_digest)
 from .methods._common import batch_gradient, grad_none_runs, loss_fingerprint, loss_ratio, module_mode, unmeasured_edits
 from .optimizers import cycled_setting, momentum_of
 
@@ -208,7 +208,9 @@ class HistoryRecorder:
             from .methods.mini import fit_budget  # refused now, not by finish() after the whole training run
 
             least = dataclasses.replace(self.policy, rank=None)  # (an explicit rank is checked against the real run in finish())
-            fit_budget(least, self.w0.numel(), self.w0.element_size(), [None], 1, reserved=self.w0.numel() * self.w0.element_size())
+            # (w0 and the fewest knots of the schedule's columns: what else the schedule takes, the trained-sample mask, depends on n)
+            fit_budget(least, self.w0.numel(), self.w0.element_size(), [None], 1,
+                       reserved=self.w0.numel() * self.w0.element_size() + len(SCHEDULE_COLUMNS) * (SPAN_BYTES + 2 * (4 + 8)))
         self.buffers0 = saved_buffers(model)  # (batch norm's running statistics at step 0: a replay starts from them)
         self._named_modules = list(model.named_modules())  # (their train / eval modes at each step: _check_modes)
         self.steps = 0  # recorded steps
@@ -939,10 +941,12 @@ class HistoryRecorder:
             # Mini reads which samples were trained on, not the order of the batches
             history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes", "buffers0") if key in history.schedule}
             history.schedule["seen"] = seen
-            from .methods.mini import SCHEDULE_SHARE, SCHEDULE_TOLERANCE, SCHEDULE_WARN, budget_bytes, final_summary, sgd_settings
+            from .methods.mini import SCHEDULE_TOLERANCE, SCHEDULE_WARN, final_summary, schedule_share, sgd_settings
 
-            total = budget_bytes(self.policy, self.w0.numel())
-            errors = history.bound_schedule(None if total is None else SCHEDULE_SHARE * total, SCHEDULE_TOLERANCE)
+            history.compact_seen()
+            dense = sum(history.column_bytes(n) for n in SCHEDULE_COLUMNS if n in history.schedule)
+            share = schedule_share(self.policy, self.w0.numel(), self.w0.element_size(), history.nbytes("schedule") - dense)
+            errors = history.bound_schedule(share, SCHEDULE_TOLERANCE)
             if errors and max(errors.values()) > SCHEDULE_WARN:
                 warnings.warn(f"finish: the history's budget (HistoryPolicy.budget_vectors) holds the per-step schedule only approximately "
                               f"(largest error per column: {errors}, of the column's peak; sizes in samples): Mini and the minimal "

@@ -467,36 +467,53 @@ def _stored_gradients(g, policy):
     return h if bool(torch.isfinite(h).all()) else g.to(torch.float32)
 
 
+def _summary_costs(policy, p, elem):
+    """(fixed, per checkpoint, per basis vector as a function of K + 1) bytes of a summary. Fixed: w* (elem p), g*
+    (GRADIENT_DTYPE, or elem with the fp32 codec) and 64 for the scalars (rho, a few counts). Each checkpoint: its
+    parameters (summary_codec) and its full-data gradient. Each basis vector: its row, its columns in the response
+    and curvature tables and its two noise values."""
+    codec, bs = policy.summary_codec, policy.blocksize
+    store = elem if codec == "fp32" else 4
+    gstore = elem if codec == "fp32" else GRADIENT_DTYPE.itemsize  # g* and the checkpoints' gradients
+    row = _row_bytes(codec, p, bs, elem)
+    return (elem + gstore) * p + 64, row + gstore * p + 8, (lambda K1: row + 2 * K1 * store + elem + 2 * store)
+
+
+def least_summary_bytes(policy, p, elem):
+    """The smallest summary fit_budget accepts: w*, g*, one checkpoint, one basis vector."""
+    fixed, per_ckpt, per_vector = _summary_costs(policy, p, elem)
+    return fixed + max(math.ceil(per_ckpt / CHECKPOINT_SHARE) + 1, per_ckpt + per_vector(2))
+
+
+def schedule_share(policy, p, elem, fixed):
+    """The bytes a minimal history's per-step columns may take (GradientHistory.bound_schedule): SCHEDULE_SHARE of the
+    budget, less where the rest of the schedule (`fixed`: w0, the trained-sample mask) and the smallest summary would
+    not fit beside it; None without a budget."""
+    total = budget_bytes(policy, p)
+    return None if total is None else max(0, min(SCHEDULE_SHARE * total, total - fixed - least_summary_bytes(policy, p, elem)))
+
+
 def fit_budget(policy, p, elem, checkpoints, k, reserved=0):
     """(checkpoints, k) thinned so that the summary holds at most budget_bytes(policy, p) - reserved bytes (reserved:
-    what the rest of the history takes, its schedule), whatever the run's length.
-
-    Fixed: w* (elem p) and g* (GRADIENT_DTYPE, or elem with the fp32 codec). Each checkpoint: its parameters
-    (summary_codec) and its full-data gradient (GRADIENT_DTYPE, or elem with the fp32 codec). Each basis vector: its row, plus its columns in the response and curvature tables and its two noise values.
+    what the rest of the history takes, its schedule), whatever the run's length (costs: _summary_costs).
     CHECKPOINT_SHARE of what is left goes to checkpoints (evenly thinned, the first kept), the rest to the basis; an explicit
     HistoryPolicy.rank that does not fit is refused rather than cut."""
     total = budget_bytes(policy, p)
     if total is None:
         return checkpoints, k
     budget = total // p
-    codec, bs = policy.summary_codec, policy.blocksize
-    store = elem if codec == "fp32" else 4
-    gstore = elem if codec == "fp32" else GRADIENT_DTYPE.itemsize  # g* and the checkpoints' gradients
-    row = _row_bytes(codec, p, bs, elem)
-    avail = total - reserved - (elem + gstore) * p - 64  # 64: the scalars (rho, a few counts)
-    per_ckpt = row + gstore * p + 8
+    fixed, per_ckpt, per_vector = _summary_costs(policy, p, elem)
+    avail = total - reserved - fixed
     if checkpoints:
         K = min(len(checkpoints), int(CHECKPOINT_SHARE * avail // per_ckpt))
         if K < 1:
-            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the history needs at least {((elem + gstore) * p + 64 + 2 * per_ckpt + row + reserved) / p:.1f} "
-                             f"int8 vectors of the model's size (its schedule, w*, g*, one checkpoint, one basis vector)")
+            raise ValueError(f"HistoryPolicy.budget_vectors={budget}: the history needs at least {(least_summary_bytes(policy, p, elem) + reserved) / p:.1f} "
+                             f"int8 vectors of the model's size (its schedule, {reserved} bytes, w*, g*, one checkpoint, one basis vector)")
         if K < len(checkpoints):  # evenly over the kept ones, the first (step 0) and the last included
             keep = sorted({round(i * (len(checkpoints) - 1) / max(K - 1, 1)) for i in range(K)})
             checkpoints = [checkpoints[i] for i in keep]
         avail -= len(checkpoints) * per_ckpt
-    K1 = len(checkpoints) + 1
-    per_vector = row + 2 * K1 * store + elem + 2 * store  # + its SGD-noise column
-    fits = int(avail // per_vector)
+    fits = int(avail // per_vector(len(checkpoints) + 1))
     if fits < 1:
         raise ValueError(f"HistoryPolicy.budget_vectors={budget}: too small to hold the schedule ({reserved} bytes), w*, g*, the checkpoints and one basis vector")
     if policy.rank is not None and min(p, policy.rank) > fits:
