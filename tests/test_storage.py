@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import unlearn_fast as uf
 from unlearn_fast import store
-from unlearn_fast.history import flat_params, run_lengths
+from unlearn_fast.history import flat_params
 from unlearn_fast.methods.retrain import build_optimizer
 
 LOSS = F.cross_entropy
@@ -947,7 +947,10 @@ def test_a_minimal_schedule_is_stored_as_knots_and_loads_back_the_same(tmp_path,
     snap = store.read(path, "GradientHistory")
     old = {n: t for n, t in snap.tensors.items() if ".knot_" not in n and not n.endswith(".span")}
     for name in ("schedule.lrs", "schedule.batch_sizes"):
-        values, lengths = run_lengths(history.schedule[name.split(".")[1]])
+        column = history.schedule[name.split(".")[1]]
+        rows = column if column.dim() > 1 else column[:, None]
+        starts = torch.tensor([0] + [t for t in range(1, len(rows)) if not torch.equal(rows[t], rows[t - 1])])
+        values, lengths = column[starts], torch.diff(torch.cat([starts, torch.tensor([len(rows)])]))
         old[f"{name}.values"] = values if name.endswith("lrs") else values.to(torch.int32)
         if values.shape[0] < history.num_steps:
             old[f"{name}.lengths"] = lengths.to(torch.int32)

@@ -433,7 +433,7 @@ class GradientHistory:
             return 0
 
         part = getattr(self, section)
-        if section == "schedule" and part is not None:  # as stored: columns by their knots, seen as bits
+        if section == "schedule" and part is not None:  # as stored: columns by their knots, seen as knots or bits
             return sum(self.column_bytes(k) if k in self.columns else -(-v.numel() // 8) if k == "seen" else size(v) for k, v in part.items())
         return 0 if part is None else sum(size(v) for v in part.values())
 
@@ -784,20 +784,9 @@ def compact_indices(idx):
     return idx.to(torch.int32) if idx.numel() == 0 or int(idx.max()) < 2**31 else idx
 
 
-def run_lengths(column):
-    """(values, lengths): the runs of equal consecutive rows of `column` (rows of a 2-D one)."""
-    rows = column if column.dim() > 1 else column[:, None]
-    if rows.shape[0] == 0:
-        return column[:0], torch.zeros(0, dtype=torch.int64)
-    change = torch.ones(rows.shape[0], dtype=torch.bool)
-    change[1:] = (rows[1:] != rows[:-1]).any(1)
-    starts = torch.nonzero(change).flatten()
-    lengths = torch.diff(torch.cat([starts, torch.tensor([rows.shape[0]])]))
-    return column[starts], lengths
-
-
 def expand_runs(values, lengths, name, where):
-    """values repeated by their run lengths (run_lengths); no lengths: every run is one step long."""
+    """values repeated by their run lengths (the layout of minimal histories saved before 2026-12-07); no lengths:
+    every run is one step long."""
     if lengths is None:
         return values
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1 \
