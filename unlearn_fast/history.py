@@ -470,10 +470,11 @@ class GradientHistory:
         seen = self.schedule.get("seen")
         if seen is None or seen.numel() < 2:
             return
+        bits = -(-seen.numel() // 8)
         runs = 1 + int((seen[1:] != seen[:-1]).sum())  # (a random subset: skip the encoding, bits win)
-        if SPAN_BYTES + (2 * runs + 2) * 8 + 256 < -(-seen.numel() // 8):
+        if SPAN_BYTES + (2 * runs + 2) * 8 + 256 < bits:
             code = columns.encode(seen.to(torch.int32))[0]
-            if columns.nbytes(code) + 256 < -(-seen.numel() // 8):
+            if columns.nbytes(code) + 256 < bits:
                 self.columns["seen"] = code
 
     def seen_mask(self):

@@ -939,7 +939,7 @@ class HistoryRecorder:
             history.meta = meta
         if self.policy.kind != "full":
             # Mini reads which samples were trained on, not the order of the batches
-            history.schedule = {key: history.schedule[key] for key in ("w0", "lrs", "momenta", "batch_sizes", "buffers0") if key in history.schedule}
+            history.schedule = {key: history.schedule[key] for key in ("w0", "buffers0", *SCHEDULE_COLUMNS) if key in history.schedule}
             history.schedule["seen"] = seen
             from .methods.mini import SCHEDULE_TOLERANCE, SCHEDULE_WARN, final_summary, schedule_share, sgd_settings
 
