@@ -9,7 +9,7 @@ import torch
 import unlearn_fast as uf
 from unlearn_fast.methods.trajectory import weights_at
 from unlearn_fast.history import CheckpointGrid, flat_params
-from unlearn_fast.recording import gradient_norm
+from unlearn_fast.recording import PYTHON_CHECKS_MAX, gradient_norm
 from unlearn_fast.methods import mini, retrain
 
 LOSS = torch.nn.functional.cross_entropy
@@ -153,6 +153,8 @@ def test_a_wrapped_optimizer_is_unwrapped_and_its_real_class_recorded():
         (torch.arange(16).reshape(4, 4), None, "1-D"),
         (torch.tensor([0, 1, -2]), None, "negative"),
         (torch.tensor([0, 1, 2, 1, 0, 2]), None, "repeats"),  # labels of a 6-sample batch over 3 classes
+        (torch.cat([torch.arange(3000), torch.tensor([-1])]), None, "negative"),  # (batches past PYTHON_CHECKS_MAX: numpy's checks)
+        (torch.cat([torch.arange(3000), torch.tensor([2999])]), None, "repeats"),
         (torch.arange(5), 16, "5 indices for a batch of 16"),
         (torch.arange(16), 0, "batch_size must be a positive int"),
         ([], None, "empty"),
@@ -178,7 +180,8 @@ def test_repeated_indices_are_found_in_batches_of_any_size_and_order():
     gen = torch.Generator().manual_seed(5)
     recorded = refused = 0
     for trial in range(40):
-        n = int(torch.randint(1, 300, (1,), generator=gen))
+        # (small batches are checked in Python, large ones with numpy: both kinds, sizes around the switch)
+        n = int(torch.randint(1, 300, (1,), generator=gen)) if trial % 3 else PYTHON_CHECKS_MAX - 2 + trial // 3
         idx = torch.randperm(n + 50 * trial, generator=gen)[:n]
         if trial % 2 and n > 1:
             i, j = torch.randperm(n, generator=gen)[:2].tolist()
@@ -198,6 +201,22 @@ def test_repeated_indices_are_found_in_batches_of_any_size_and_order():
         recorded += 1
         opt.step()
     assert refused == 20 and rec.num_steps == recorded == 40
+
+
+def test_a_reused_index_buffer_does_not_change_what_was_recorded():
+    # a loader may fill one index tensor in place batch after batch: the history keeps its own copy of each step's
+    data = make_data()
+    model, opt, rec = setup(kind="full")
+    buffer = torch.empty(16, dtype=torch.int64)
+    for t in range(3):
+        buffer.copy_(torch.arange(t * 16, (t + 1) * 16))
+        opt.zero_grad()
+        backward(model, data, buffer.clone())
+        rec.record(buffer)
+        opt.step()
+    buffer.fill_(0)
+    history = rec.finish(data, LOSS)
+    assert [b.tolist() for b in history.schedule["batches"]] == [list(range(t * 16, (t + 1) * 16)) for t in range(3)]
 
 
 def test_indices_beyond_the_training_set_are_refused_at_finish():

@@ -175,6 +175,38 @@ def test_an_empty_request_checks_train_set_and_history_like_any_request(recorded
             uf.unlearn(model, history, forget, data, LOSS, method=method, T00=3)
 
 
+def test_a_request_for_every_trained_sample_is_refused_where_training_used_part_of_train_set(one_thread):
+    # training used the first 2/3 of train_set: forgetting all of them leaves nothing trained on (Mini on a minimal
+    # history reported it unlearned, barely moved); a complex index is no index either
+    data = small_data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, C).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="minimal"))
+    used = 2 * N // 3
+    for idx in torch.arange(used).split(12):
+        opt.zero_grad()
+        LOSS(model(data.tensors[0][idx]), data.tensors[1][idx]).backward()
+        rec.record(idx)
+        opt.step()
+    history = rec.finish(data, LOSS)
+    for method in ("mini", "rewind"):
+        with pytest.raises(ValueError, match=f"forget: names every one of the {used} samples training used"):
+            uf.unlearn(model, fresh(history), torch.arange(used), data, LOSS, method=method)
+    with pytest.raises(ValueError, match="complex64"):
+        uf.unlearn(model, fresh(history), torch.tensor([1.7 + 5j]), data, LOSS, method="mini")
+
+
+def test_arguments_of_the_wrong_kind_are_refused_naming_them(recorded):
+    data, model, history = recorded
+    with pytest.raises(ValueError, match="model: must be the trained nn.Module, got NoneType"):
+        uf.unlearn(None, fresh(history), [0], data, LOSS, method="retrain")
+    with pytest.raises(ValueError, match="loss_fn: method 'retrain' needs the training loss"):
+        uf.unlearn(model, fresh(history), [0], data, None, method="retrain")
+    with pytest.raises(ValueError, match="train_set: must be a map-style data set .* got Tensor"):
+        uf.unlearn(model, fresh(history), [0], data.tensors[0], LOSS, method="retrain")
+
+
 def test_a_fallback_that_cannot_run_is_refused_before_the_first_method_runs(monkeypatch, one_thread):
     """A fallback whose history section is missing (deltagrad on a "minimal" history) or whose options it does not take
     is refused when the request is made: before, it failed only once the first method had given up, maybe minutes later."""

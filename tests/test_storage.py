@@ -104,12 +104,12 @@ def put(path, data):
     return digest
 
 
-def forge(path, manifest, data=None):
-    """Make `manifest` (with `data` bytes as its data object) current, with every checksum right: what an
-    attacker who edits a history file by file would produce."""
+def forge(path, manifest, data=None, raw=None):
+    """Make `manifest` (with `data` bytes as its data object; or the manifest's own bytes `raw`) current, with every
+    checksum right: what an attacker who edits a history file by file would produce."""
     if data is not None:
         manifest = dict(manifest, data=put(path, data))
-    digest = put(path, json.dumps(manifest).encode())
+    digest = put(path, json.dumps(manifest).encode() if raw is None else raw)
     body = json.dumps({"format": "unlearn_fast.store", "format_version": 2, "manifest": digest}).encode()
     open(os.path.join(path, "CURRENT"), "wb").write(body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n")
 
@@ -395,6 +395,16 @@ def test_a_crafted_world_size_is_refused_naming_it(tmp_path, recorded, world_siz
     manifest["info"]["meta"]["distributed"] = {"world_size": world_size, "backend": "gloo", "recording_rank": 0}
     forge(path, manifest)
     with pytest.raises(ValueError, match=r"meta\['distributed'\] must hold the world size as an int in \[1, 2\*\*20\]"):
+        uf.GradientHistory.load(path)
+
+
+def test_a_manifest_integer_past_pythons_digit_limit_is_refused_naming_the_manifest(tmp_path, recorded):
+    # (json's own ValueError named neither the history nor the file)
+    path = fresh(recorded["full"][2]).save(str(tmp_path / "h"))
+    _, manifest = read_current(path)
+    manifest["info"]["meta"]["n_train"] = "BIG"
+    forge(path, None, raw=json.dumps(manifest).encode().replace(b'"BIG"', b"9" * 5000))
+    with pytest.raises(ValueError, match=r"the manifest of .* is not readable JSON .*digits"):
         uf.GradientHistory.load(path)
 
 
@@ -897,7 +907,12 @@ def test_which_samples_were_trained_on_is_stored_in_the_fewer_bytes_of_knots_and
     (lambda t: t.update({"schedule.lrs.knot_values": t["schedule.lrs.knot_values"] * float("nan")}), "schedule.lrs: a schedule column holds a non-finite"),
     (lambda t: t.update({"schedule.batch_sizes.knot_values": -t["schedule.batch_sizes.knot_values"]}), "schedule.batch_sizes"),
     (lambda t: t.pop("schedule.lrs.span"), "schedule.lrs: a schedule column's knots are malformed"),
-    (lambda t: t.update({"schedule.seen": torch.full((3,), 2, dtype=torch.int64)}), "schedule.seen's knots give 3 values"),
+    (lambda t: t.update({"schedule.seen": torch.full((3,), 2, dtype=torch.int64)}), "schedule.seen .* must be 1-D torch.uint8/torch.bool"),
+    (lambda t: t.update({"schedule.seen.span": torch.tensor([3, 1]), "schedule.seen.knot_steps": torch.tensor([0], dtype=torch.int32),
+                         "schedule.seen.knot_values": torch.tensor([2], dtype=torch.int32), "schedule.seen": None}), "schedule.seen's knots must be 0 / 1"),
+    (lambda t: t.update({"schedule.seen.span": torch.tensor([3, 1]), "schedule.seen.knot_steps": torch.tensor([0], dtype=torch.int32),
+                         "schedule.seen.knot_values": torch.tensor([1], dtype=torch.int32), "schedule.seen": None}), "schedule.seen's knots give 3 values"),
+    (lambda t: t.update({"schedule.lrs.span": torch.tensor([2**24 + 1, 1])}), r"spans 16777217 steps .*at most 16777216"),
     (lambda t: t.update({"schedule.lrs.values": torch.full((1, 1), 0.5, dtype=torch.float64)}), "schedule.lrs is stored both as knots and as values"),
 ])
 def test_crafted_schedule_knots_are_refused_naming_the_column(tmp_path, recorded, mangle, match):
@@ -905,6 +920,7 @@ def test_crafted_schedule_knots_are_refused_naming_the_column(tmp_path, recorded
     snap = store.read(path, "GradientHistory")
     tensors = dict(snap.tensors)
     mangle(tensors)
+    tensors = {name: t for name, t in tensors.items() if t is not None}  # (None: taken out)
     store.write(str(tmp_path / "crafted"), "GradientHistory", snap.info, tensors)
     with pytest.raises(ValueError, match=match):
         uf.GradientHistory.load(str(tmp_path / "crafted"))
@@ -958,3 +974,50 @@ def test_a_minimal_schedule_is_stored_as_knots_and_loads_back_the_same(tmp_path,
     before = uf.GradientHistory.load(str(tmp_path / "old"))
     assert torch.equal(before.schedule["lrs"], history.schedule["lrs"]) and before.columns == {}
     assert torch.equal(before.schedule["batch_sizes"], history.schedule["batch_sizes"])
+
+
+def _set(d, keys, value):
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+
+
+@pytest.mark.parametrize("keys, value, match", [
+    (("optimizer", "groups", 0, "weight_decay"), None, r"meta\['optimizer'\]\['groups'\]\[0\]\['weight_decay'\] is None"),
+    (("optimizer", "groups", 0, "momentum"), True, r"meta\['optimizer'\]\['groups'\]\[0\]\['momentum'\] is True"),
+    (("optimizer",), {}, r"meta\['optimizer'\] must hold a class name"),
+    (("optimizer", "groups"), [1, 2], r"meta\['optimizer'\] must hold a class name"),
+    (("recording",), 1, r"meta\['recording'\] must be a JSON object"),
+    (("loss_check", "param_norms"), None, r"meta\['loss_check'\] must hold"),
+    (("policy",), "x", r"meta\['policy'\] must be a JSON object"),
+])
+def test_crafted_meta_fields_are_refused_naming_them(tmp_path, recorded, keys, value, match):
+    # (checksums recomputed: a forged file, which the digests cannot tell from an honest one; before, each failed deep
+    # inside a method with a TypeError, KeyError or AttributeError)
+    path = fresh(recorded["full"][2]).save(str(tmp_path / "h"))
+    snap = store.read(path, "GradientHistory")
+    info = copy.deepcopy(snap.info)
+    _set(info["meta"], keys, value)
+    store.write(str(tmp_path / "crafted"), "GradientHistory", info, dict(snap.tensors))
+    with pytest.raises(ValueError, match=match):
+        uf.GradientHistory.load(str(tmp_path / "crafted"))
+
+
+@pytest.mark.parametrize("mangle, match", [
+    (lambda t: t.update({"summary.w_star": t["summary.w_star"][:1]}), r"summary.w_star must be finite floats of shape \(18,\)"),
+    (lambda t: t.update({"summary.w_star": t["summary.w_star"] * float("nan")}), "summary.w_star must be finite floats"),
+    (lambda t: t.update({"summary.w_star": t["summary.w_star"].float()}), "summary.w_star is torch.float32, the recorded weights"),
+    (lambda t: t.update({"summary.eigvals": t["summary.eigvals"][:1]}), "summary.eigvals must be finite floats of shape"),
+    (lambda t: t.update({"summary.rho_path": t["summary.rho_path"][:1]}), "summary.rho_path must be"),
+    (lambda t: t.update({"summary.ckpt_steps": t["summary.ckpt_steps"] * 1000}), "summary.ckpt_steps must be distinct rising steps"),
+    (lambda t: t.pop("summary.g_star"), "summary.g_star must be"),
+])
+def test_a_crafted_summary_is_refused_naming_its_part(tmp_path, recorded, mangle, match):
+    data, model, history = recorded["minimal"]
+    path = fresh(history).save(str(tmp_path / "h"))
+    snap = store.read(path, "GradientHistory")
+    tensors = dict(snap.tensors)
+    mangle(tensors)
+    store.write(str(tmp_path / "crafted"), "GradientHistory", snap.info, tensors)
+    with pytest.raises(ValueError, match=match):
+        uf.unlearn(model, uf.GradientHistory.load(str(tmp_path / "crafted")), [0, 1], data, LOSS, method="mini")

@@ -229,6 +229,58 @@ def test_a_killed_run_loads_up_to_its_last_chunk_and_resumes_from_a_checkpoint(t
         uf.HistoryRecorder.resume(path, model, opt)
 
 
+def streaming(path, epochs, stop, flush_at):
+    data, batches = make_data(), order(epochs)
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="fp32"), path=path)
+    train(model, opt, rec, data, batches, stop=stop, flush_at=flush_at)
+    return data, batches, model, opt, rec
+
+
+def test_a_recording_still_streaming_cannot_be_resumed_alongside_it(tmp_path):
+    # a trainer restarted while the old process still records: two recorders on one path would interleave their
+    # chunks into a history of neither run; the second is refused and the first one's recording is untouched
+    path = str(tmp_path / "h")
+    data, batches, model, opt, rec = streaming(path, 2, 6, (4,))
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    train(model, opt, rec, data, batches, start=6, stop=8)
+    copy_model, copy_opt = new_run()
+    copy_model.load_state_dict(state[0])
+    copy_opt.load_state_dict(state[1])
+    with pytest.raises(ValueError, match="another recorder is still streaming"):
+        uf.HistoryRecorder.resume(path, copy_model, copy_opt)
+    train(model, opt, rec, data, batches, start=8)
+    history = rec.finish(data, LOSS)
+    assert history.num_steps == len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(history.schedule["batches"], batches))
+    with pytest.raises(ValueError, match="finished history"):  # (and the lock went with the recorder)
+        uf.HistoryRecorder.resume(path, copy_model, copy_opt)
+
+
+def test_a_closed_recording_can_be_resumed(tmp_path):
+    path = str(tmp_path / "h")
+    _, _, model, opt, rec = streaming(path, 1, 4, (4,))
+    rec.close()
+    rec = uf.HistoryRecorder.resume(path, model, opt)
+    assert rec.num_steps == 4
+    rec.close()
+
+
+def test_a_history_directory_whose_tmp_is_a_file_is_refused_naming_it(tmp_path):
+    data, batches = make_data(), order(1)
+    model, opt = new_run()
+    rec = uf.HistoryRecorder(model, opt, uf.HistoryPolicy(kind="full", codec="fp32"))
+    train(model, opt, rec, data, batches)
+    history = rec.finish(data, LOSS)
+    path = str(tmp_path / "h")
+    history.save(path)
+    os.rmdir(os.path.join(path, "tmp"))
+    with open(os.path.join(path, "tmp"), "w") as f:
+        f.write("not a directory")
+    with pytest.raises(ValueError, match="tmp is not a directory"):
+        uf.GradientHistory.load(path).save(path)
+
+
 def flushed_and_resumed(path, policy, fresh, run, flush_at, end):
     """Steps [0, flush_at) streamed to `path` (run(t0, t1, model, opt, rec)), a flush, the recorder dropped as a killed
     run's would be, a fresh model and optimizer loaded from that point's state and the recording resumed to step `end`.

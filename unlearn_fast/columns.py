@@ -22,7 +22,9 @@ EXACT = 1e-12  # a float column's interpolant within this fraction of its larges
 MAX_PERIOD_CANDIDATES = 4096  # periods looked at (the first rows compared)
 MAX_PERIOD_TRIES = 64  # of those, compared over the whole column
 MAX_SPLITS = 4096  # knots the greedy split places at most (each a look at its segment)
-MAX_VALUES = 2**28  # a stored column decodes to at most this many values, steps x columns (a crafted span must not allocate terabytes)
+MAX_VALUES = 2**24  # a stored column decodes to at most this many values, steps x columns: a crafted span of a few bytes must
+# not allocate gigabytes (16.7M steps of one parameter group: 134 MB as float64; a 1M-step run is 1/16 of it)
+DECODE_BLOCK = 2**20  # positions of the period decoded at a time (the interpolation's temporaries stay this small)
 
 
 def _period(rows):
@@ -109,8 +111,9 @@ def encode(column, max_knots=None, tolerance=EXACT):
     return tensors, (err if err > (EXACT if is_float else 0.0) else 0.0)
 
 
-def decode(tensors, dtype, where):
-    """The column encode() stored, as `dtype`; ValueError naming `where` on tensors that do not describe one."""
+def decode(tensors, dtype, where, max_values=MAX_VALUES):
+    """The column encode() stored, as `dtype` (bool: nonzero), written straight into the result a block of the period
+    at a time; ValueError naming `where` on tensors that do not describe one or that decode to more than max_values."""
     span, steps, values = (tensors.get(k) for k in ("span", "knot_steps", "knot_values"))
     if not all(isinstance(t, torch.Tensor) for t in (span, steps, values)) or span.dtype != torch.int64 or span.shape != (2,) \
             or steps.dtype not in (torch.int32, torch.int64) or steps.dim() != 1 or values.dim() not in (1, 2) \
@@ -118,29 +121,37 @@ def decode(tensors, dtype, where):
         raise ValueError(f"history: {where}: a schedule column's knots are malformed")
     T, P = (int(v) for v in span)
     width = values.shape[1] if values.dim() == 2 else 1
-    if not (0 <= P <= T and T * max(width, 1) <= MAX_VALUES and (P > 0 or T == 0)):
-        raise ValueError(f"history: {where}: a schedule column spans {T} steps of {width} values with period {P} (at most {MAX_VALUES} values)")
+    if not (0 <= P <= T and T * max(width, 1) <= max_values and (P > 0 or T == 0)):
+        raise ValueError(f"history: {where}: a schedule column spans {T} steps of {width} values with period {P} (at most {max_values} values)")
     s = steps.to(torch.int64)
     if P and (s.numel() < 1 or int(s[0]) != 0 or int(s[-1]) != P - 1 or bool((s[1:] <= s[:-1]).any())) or (not P and s.numel()):
         raise ValueError(f"history: {where}: a schedule column's knot steps must rise from 0 to {P - 1}")
     if values.dtype.is_floating_point and not bool(torch.isfinite(values).all()):
         raise ValueError(f"history: {where}: a schedule column holds a non-finite value")
     v = values.to(torch.float64)
-    pattern = _interpolate(s, v if v.dim() == 2 else v[:, None], P)
-    if not bool(torch.isfinite(pattern).all()):  # (finite knots near float64's limit can interpolate to inf)
-        raise ValueError(f"history: {where}: a schedule column's knots interpolate to a non-finite value")
-    if not dtype.is_floating_point:
-        pattern = pattern.round()
-    out = pattern[torch.arange(T) % P] if P else pattern[:0]
-    return out.reshape((T,) + tuple(values.shape[1:])).to(dtype)
+    v = v if v.dim() == 2 else v[:, None]
+    out = torch.empty((T, width), dtype=dtype)
+    reps, rest = divmod(T, P) if P else (0, 0)
+    for a in range(0, P, DECODE_BLOCK):
+        b = min(a + DECODE_BLOCK, P)
+        block = _interpolate_at(s, v, torch.arange(a, b))
+        if not bool(torch.isfinite(block).all()):  # (finite knots near float64's limit can interpolate to inf)
+            raise ValueError(f"history: {where}: a schedule column's knots interpolate to a non-finite value")
+        block = (block if dtype.is_floating_point else block.round()).to(dtype)
+        out[: reps * P].view(reps, P, width)[:, a:b] = block
+        if rest > a:
+            out[reps * P + a : reps * P + min(b, rest)] = block[: min(b, rest) - a]
+    return out.reshape((T,) + tuple(values.shape[1:]))
 
 
 def _interpolate(steps, values, P):
     """(P, C) float64: the piecewise-linear interpolant of knots at `steps` (int64, rising from 0 to P - 1) with
     `values` (K, C) float64, at 0..P-1 (at a knot its value exactly)."""
-    if P == 0:
-        return values[:0]
-    t = torch.arange(P, dtype=torch.int64)
+    return values[:0] if P == 0 else _interpolate_at(steps, values, torch.arange(P, dtype=torch.int64))
+
+
+def _interpolate_at(steps, values, t):
+    """The same interpolant at the positions t (int64, within 0..P-1)."""
     right = torch.searchsorted(steps, t).clamp(max=steps.numel() - 1)  # the knot at or after t
     left = torch.where(steps[right] == t, right, right - 1).clamp(min=0)
     frac = ((t - steps[left]).to(torch.float64) / (steps[right] - steps[left]).clamp(min=1).to(torch.float64))[:, None]

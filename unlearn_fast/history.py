@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 
@@ -88,8 +89,8 @@ class HistoryPolicy:
             raise ValueError(f"HistoryPolicy: summary_codec must be one of {CODECS}, got {self.summary_codec!r}")
         if self.budget_vectors is not None and not (isinstance(self.budget_vectors, int) and self.budget_vectors >= 1):
             raise ValueError(f"HistoryPolicy: budget_vectors must be a positive int or None, got {self.budget_vectors!r}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"HistoryPolicy: rank must be >= 1, got {self.rank}")
+        if self.rank is not None and not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
+            raise ValueError(f"HistoryPolicy: rank must be a positive int or None, got {self.rank!r}")
 
 
 # ----------------------------------------------------------------------------- flat parameter helpers
@@ -193,7 +194,8 @@ class CheckpointGrid:
         take = self.wants(step)
         if take:
             self.kept.append(step)
-        while sum(s % self.every == 0 for s in self.kept) > checkpoint_capacity(step + 1):
+        # (only a step taken can overfill the grid: the capacity never shrinks as steps go on)
+        while take and sum(s % self.every == 0 for s in self.kept) > checkpoint_capacity(step + 1):
             self.every *= 2
             self.kept = [s for s in self.kept if s % self.every == 0 or self.early(s)]
         return take
@@ -363,6 +365,7 @@ class _PartCache:
 # ----------------------------------------------------------------------------- the history
 SCHEDULE_COLUMNS = ("batch_sizes", "momenta", "lrs")  # a minimal history's per-step columns, in the order bound_schedule gives them bytes
 SPAN_BYTES = 16  # each stored column's span (int64 T, P)
+SEEN_MAX_VALUES = 2**28  # a trained-sample mask stored as knots decodes to at most this many samples (256 MB; larger ones as bits)
 # a saved history splits its steps into chunks of at most this many steps and about this many bytes of rows:
 # a chunk is read (and verified) whole, so it bounds the memory a streaming reader holds
 CHUNK_STEPS = 1024
@@ -472,7 +475,7 @@ class GradientHistory:
             return
         bits = -(-seen.numel() // 8)
         runs = 1 + int((seen[1:] != seen[:-1]).sum())  # (a random subset: skip the encoding, bits win)
-        if SPAN_BYTES + (2 * runs + 2) * 8 + 256 < bits:
+        if SPAN_BYTES + (2 * runs + 2) * 8 + 256 < bits and seen.numel() <= SEEN_MAX_VALUES:
             code = columns.encode(seen.to(torch.int32))[0]
             if columns.nbytes(code) + 256 < bits:
                 self.columns["seen"] = code
@@ -624,7 +627,13 @@ class GradientHistory:
                     raise ValueError(f"history: {where}: {name} is stored both as knots and as values")
                 code = {part: arrays.pop(f"{name}.{part}", None) for part in ("span", "knot_steps", "knot_values")}
                 is_float = isinstance(code["knot_values"], torch.Tensor) and code["knot_values"].dtype.is_floating_point
-                arrays[name] = columns.decode(code, torch.float64 if is_float else torch.int64, f"{where}: {name}")
+                if name == "schedule.seen":  # (one value a sample: decoded as a mask, 0 / 1 knots only)
+                    knots = code["knot_values"]
+                    if not isinstance(knots, torch.Tensor) or is_float or bool(((knots != 0) & (knots != 1)).any()):
+                        raise ValueError(f"history: {where}: schedule.seen's knots must be 0 / 1 integers")
+                    arrays[name] = columns.decode(code, torch.bool, f"{where}: {name}", SEEN_MAX_VALUES)
+                else:
+                    arrays[name] = columns.decode(code, torch.float64 if is_float else torch.int64, f"{where}: {name}")
                 codes[name[len("schedule."):]] = code
             history = cls._from_arrays(snap.info["meta"], snap.info["encoded"], arrays, where, parts)
             history.columns = codes
@@ -679,6 +688,7 @@ class GradientHistory:
         version-3 history, whose trajectory rows stay on disk until read."""
         if not isinstance(meta, dict) or not isinstance(encoded, dict):
             raise ValueError(f"history: {where}: meta and encoded must be JSON objects")
+        check_meta(meta, where)
         ints, floats = (torch.int64, torch.int32), tuple(ROW_DTYPES.values())
         sizes = store.check_tensor(arrays, "schedule.batch_sizes", where, ints, 1).to(torch.int64)
         lrs = store.check_tensor(arrays, "schedule.lrs", where, (torch.float64,), 2)
@@ -727,11 +737,11 @@ class GradientHistory:
                 raise ValueError(f"history: {where}: schedule.micro_counts / micro_sizes do not split the recorded batches")
             schedule["micro_counts"], schedule["micro_sizes"] = counts, micro
         if "schedule.seen" in arrays:
-            seen = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8, torch.int64), 1)
-            if seen.dtype == torch.int64:  # (stored as knots, decoded by load: one value a sample)
-                if n_train is None or seen.numel() != n_train or bool(((seen != 0) & (seen != 1)).any()):
-                    raise ValueError(f"history: {where}: schedule.seen's knots give {seen.numel()} values for {n_train} training samples, or values not 0 / 1")
-                schedule["seen"] = seen.bool()
+            seen = store.check_tensor(arrays, "schedule.seen", where, (torch.uint8, torch.bool), 1)
+            if seen.dtype == torch.bool:  # (stored as knots, decoded by load: one value a sample)
+                if n_train is None or seen.numel() != n_train:
+                    raise ValueError(f"history: {where}: schedule.seen's knots give {seen.numel()} values for {n_train} training samples")
+                schedule["seen"] = seen
             else:
                 if n_train is None or seen.numel() != -(-n_train // 8):
                     raise ValueError(f"history: {where}: schedule.seen has {seen.numel()} bytes for {n_train} training samples")
@@ -757,6 +767,45 @@ class GradientHistory:
             if len(rows) != sizes.numel() or rows.p != n_params:
                 raise ValueError(f"history: {where}: trajectory.{key} has {len(rows)} rows of {rows.p} values, expected {sizes.numel()} of {n_params}")
         return cls(meta, schedule, sections["trajectory"], sections["summary"])
+
+
+def _finite_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# optimizer settings the replays compute with: a finite number each (a crafted None or True failed deep inside torch)
+NUMERIC_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "eps", "alpha", "lr_decay", "rho", "initial_accumulator_value")
+
+
+def check_meta(meta, where):
+    """The parts of meta the methods compute with, by type (a crafted file gets a ValueError naming the field, not a
+    TypeError deep inside a replay): the optimizer's class and groups, the loss check, the recorder's features."""
+    if not isinstance(meta.get("policy", {}), dict):
+        raise ValueError(f"history: {where}: meta['policy'] must be a JSON object, got {type(meta['policy']).__name__}")
+    if "optimizer" in meta:
+        optimizer = meta["optimizer"]
+        groups = optimizer.get("groups") if isinstance(optimizer, dict) else None
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("class"), str) or not isinstance(groups, list) or not groups \
+                or not all(isinstance(g, dict) for g in groups):
+            raise ValueError(f"history: {where}: meta['optimizer'] must hold a class name and a non-empty list of parameter groups, got {optimizer!r:.200}")
+        for i, g in enumerate(groups):
+            for key, v in g.items():
+                numeric = key in NUMERIC_SETTINGS
+                if numeric and not _finite_number(v) or key == "betas" and not (isinstance(v, list) and all(map(_finite_number, v))) \
+                        or not numeric and not isinstance(v, (bool, int, float, str, list, type(None))):
+                    raise ValueError(f"history: {where}: meta['optimizer']['groups'][{i}]['{key}'] is {v!r:.60}, not a setting the "
+                                     "recorder writes (a finite number for learning rates, momentum, decay)")
+    check = meta.get("loss_check")
+    if check is not None:
+        norms = check.get("param_norms", []) if isinstance(check, dict) else None
+        if not isinstance(check, dict) or type(check.get("step")) is not int or check["step"] < 0 or not _finite_number(check.get("grad_norm")) \
+                or not isinstance(norms, list) or not all(_finite_number(n) and n >= 0 for n in norms) \
+                or not (isinstance(check.get("indices", []), list) and all(type(i) is int and i >= 0 for i in check.get("indices", []))):
+            raise ValueError(f"history: {where}: meta['loss_check'] must hold a step, its batch's indices and finite gradient norms, got {check!r:.200}")
+    recording = meta.get("recording", {})
+    eval_modules = recording.get("eval_modules", []) if isinstance(recording, dict) else None
+    if not isinstance(eval_modules, list) or not all(isinstance(name, str) for name in eval_modules):
+        raise ValueError(f"history: {where}: meta['recording'] must be a JSON object naming the modules trained in eval mode, got {recording!r:.200}")
 
 
 def _chunked_trajectory(encoded, chunks, where):

@@ -167,6 +167,25 @@ def write_json(obj, path):
         json.dump(json_safe(obj), f, indent=1, allow_nan=False)
 
 
+def check_classification(model, data, who):
+    """The metrics here are a classifier's (accuracy, cross-entropy losses for membership inference): data must be
+    (X, y) with y integer class labels, one per sample, and the model must map X to class scores [n, classes >= 2]
+    (cross-entropy over one output is 0 for every sample: a regression model would score as "no leakage")."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        raise ValueError(f"{who}: must be a pair (X, y) of tensors, got {type(data).__name__}")
+    X, y = data
+    if len(X) != len(y) or len(y) == 0:
+        raise ValueError(f"{who}: X and y must hold the same number (> 0) of samples, got {len(X)} and {len(y)}")
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"{who}: y must be integer class labels, one per sample (these metrics are a classifier's: accuracy and "
+                         f"cross-entropy membership inference), got {y.dtype} of shape {tuple(y.shape)}")
+    out = _evaluate(model, X[:2], 2, lambda out, s: out)[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{who}: the model must return class scores of shape [samples, classes >= 2] for these metrics (a "
+                         f"classifier's), got {got}")
+
+
 def audit(original, unlearned, retrained, test, forget, heldout, retain=None, poisoned=False, path=None, stats=None):
     """All metrics for one unlearning result; (X, y) pairs for test, forget, held-out and retain data.
 
@@ -177,6 +196,10 @@ def audit(original, unlearned, retrained, test, forget, heldout, retain=None, po
     """
     if stats is not None and not isinstance(stats, Mapping):  # before the metrics, which take a while
         raise TypeError(f"audit: stats must be a dict (the method's result.stats) or None, got {type(stats).__name__}")
+    for name, data in (("test", test), ("forget", forget), ("heldout", heldout), ("retain", retain)):
+        if data is not None:
+            for model in (original, unlearned, retrained):
+                check_classification(model, data, f"audit: {name}")
     report = {}
     for name, model in (("original", original), ("unlearned", unlearned), ("retrained", retrained)):
         f_loss = per_sample_losses(model, *forget)

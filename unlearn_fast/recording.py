@@ -86,6 +86,8 @@ FIRST_STEP_TOLERANCE_CUDA = 1e-3  # (TF32 convolutions and atomics in some backw
 # finish()'s loss-check failures, or warned about where allow= features skip the check that catches them
 LABEL_LIKE_REUSE = 4
 
+PYTHON_CHECKS_MAX = 1024  # record() checks a batch of up to this many indices with Python's builtins, a larger one with numpy
+
 
 class InertWhenCopied:
     """A hook that forwards to a recorder's method. A deep copy of the model or optimizer it is registered on
@@ -204,6 +206,12 @@ class HistoryRecorder:
         self.group_of_param = [next(i for i, g in enumerate(optimizer.param_groups) if any(q is p for q in g["params"])) for p in self.params]
         self._settings = StepSettings(optimizer)
         self.w0 = flat_params(model).clone()
+        lstm = [name for name, m in model.named_modules() if isinstance(m, torch.nn.LSTM)]
+        if self.policy.kind == "minimal" and lstm:  # (refused now, not by finish() after the whole training run)
+            raise ValueError(f"HistoryRecorder: policy kind 'minimal' records for Mini, whose curvature products run the model under "
+                             f"torch.func (forward-mode derivatives inside vmap), which nn.LSTM ({lstm[0]!r}) does not support (torch "
+                             "2.13: no forward-mode derivative of the oneDNN kernel, no batching rule for aten::lstm); record kind='full' "
+                             "for method='retrain', 'rewind' or 'finetune'")
         if self.policy.kind == "minimal":  # a budget too small for the least history (w0, one checkpoint, one vector):
             from .methods.mini import fit_budget  # refused now, not by finish() after the whole training run
 
@@ -217,6 +225,7 @@ class HistoryRecorder:
         self.batches = []  # kind="full" in memory: every step's indices (a streamed recording keeps them on disk)
         self.lrs, self.momenta = [], []  # kind="full" in memory: every step's learning rates and momenta (snapshot() replays them)
         self._trained = torch.zeros(0, dtype=torch.bool)  # which samples were trained on (all a "minimal" history keeps of the batches)
+        self._trained_np = self._trained.numpy()
         self._samples_recorded = 0  # indices record() got, repeats included (finish: _labels_hint)
         self._positions, self._order = np.zeros(0, np.int32), np.zeros(0, np.int32)  # record()'s scratch for finding repeated indices
         self._open = _new_chunk()  # the chunk being filled
@@ -275,9 +284,10 @@ class HistoryRecorder:
             called.register_forward_pre_hook(InertWhenCopied(self._on_forward), with_kwargs=True),
         ]
         # autocast seen where the parameters are used: a wrapper (accelerate's mixed precision) may enter it inside the
-        # model's forward, after the model's own pre-hook ran
+        # model's forward, after the model's own pre-hook ran (on the model itself, if it holds parameters, that
+        # pre-hook already looks: _on_forward)
         self._handles += [m.register_forward_pre_hook(InertWhenCopied(self._on_inner_forward))
-                          for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+                          for m in model.modules() if m is not called and any(p.requires_grad for p in m.parameters(recurse=False))]
         self._handles += [p.register_post_accumulate_grad_hook(InertWhenCopied(functools.partial(self._on_grad, i))) for i, p in enumerate(self.params)]
 
     # -- hooks
@@ -426,9 +436,20 @@ class HistoryRecorder:
             raise ValueError("record: batch_indices is empty")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() != 1:
             raise ValueError(f"record: batch_indices must be a 1-D integer tensor of sample indices into train_set, got {idx.dtype} of shape {tuple(idx.shape)}")
-        idx = idx.to("cpu", torch.int64).clone()
-        values = idx.numpy()  # (numpy: these few checks on a small batch cost a tenth of what torch's dispatch of them does)
-        lo, hi = int(values.min()), int(values.max())
+        if idx.dtype != torch.int64 or idx.device.type != "cpu":
+            idx = idx.to("cpu", torch.int64)
+        values = idx.numpy().copy()  # (the history's own copy: a caller may reuse its index buffer)
+        idx = torch.from_numpy(values)
+        # (a small batch's checks in Python: on a 64-sample batch they cost a third of numpy's, whose every call
+        # costs microseconds; a large one's repeats through a scratch position table, O(batch), where sorting,
+        # as torch.unique does, costs 2-4x a small model's whole step)
+        if len(values) <= PYTHON_CHECKS_MAX:
+            listed = values.tolist()
+            lo, hi = min(listed), max(listed)
+            repeated = len(set(listed)) != len(listed)
+        else:
+            lo, hi = int(values.min()), int(values.max())
+            repeated = None
         if lo < 0:
             raise ValueError(f"record: batch_indices holds negative values {idx[idx < 0][:10].tolist()}; they are positions in train_set")
         if batch_size is not None:
@@ -436,21 +457,22 @@ class HistoryRecorder:
                 raise ValueError(f"record: batch_size must be a positive int, got {batch_size!r}")
             if idx.numel() != batch_size:
                 raise ValueError(f"record: batch_indices has {idx.numel()} indices for a batch of {batch_size} samples")
-        # repeats: each index writes its position into a scratch table, and a repeated one finds another's there (O(batch);
-        # sorting, as torch.unique does, costs 2-4x a small model's whole step)
-        if hi >= len(self._positions):
-            self._positions = np.zeros(max(hi + 1, 2 * len(self._positions)), np.int32)
-        if len(values) > len(self._order):
-            self._order = np.arange(len(values), dtype=np.int32)
-        order = self._order[: len(values)]
-        self._positions[values] = order
-        if "repeated_samples" not in self.allow and (self._positions[values] != order).any():
-            unique, counts = torch.unique(idx, return_counts=True)
-            raise ValueError(
-                f"record: batch_indices repeats {unique[counts > 1][:10].tolist()} within one step; each sample appears once in a "
-                "batch (were labels passed instead of sample indices?). A sampler that draws with replacement (WeightedRandomSampler's "
-                "default) repeats samples: pass allow=('repeated_samples',) (a replay trains on each copy, forgetting removes all)"
-            )
+        if "repeated_samples" not in self.allow:
+            if repeated is None:
+                if hi >= len(self._positions):
+                    self._positions = np.zeros(max(hi + 1, 2 * len(self._positions)), np.int32)
+                if len(values) > len(self._order):
+                    self._order = np.arange(len(values), dtype=np.int32)
+                order = self._order[: len(values)]
+                self._positions[values] = order
+                repeated = bool((self._positions[values] != order).any())
+            if repeated:
+                unique, counts = torch.unique(idx, return_counts=True)
+                raise ValueError(
+                    f"record: batch_indices repeats {unique[counts > 1][:10].tolist()} within one step; each sample appears once in a "
+                    "batch (were labels passed instead of sample indices?). A sampler that draws with replacement (WeightedRandomSampler's "
+                    "default) repeats samples: pass allow=('repeated_samples',) (a replay trains on each copy, forgetting removes all)"
+                )
         return idx, hi
 
     def _scaler_state(self, step):
@@ -752,7 +774,8 @@ class HistoryRecorder:
     def _note_seen(self, idx, top):
         if top >= self._trained.numel():
             self._trained = torch.cat([self._trained, torch.zeros(max(top + 1, 2 * self._trained.numel()) - self._trained.numel(), dtype=torch.bool)])
-        self._trained.numpy()[idx.numpy()] = True
+            self._trained_np = self._trained.numpy()  # (a view: the mask is set through it)
+        self._trained_np[idx.numpy()] = True
         self._samples_recorded += idx.numel()
 
     def _labels_hint(self, n_train):
@@ -881,6 +904,10 @@ class HistoryRecorder:
         mode: no dropout, batch norm's running statistics). A streamed recording (path=) is completed there:
         its chunks stay where they are and the returned history reads its rows from them."""
         self._check_open("finish")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn: finish() needs the training loss, loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+        if isinstance(train_set, torch.Tensor) or not (hasattr(train_set, "__len__") and hasattr(train_set, "__getitem__")):
+            raise ValueError(f"train_set: must be the map-style data set of (x, y) samples the indices point into, got {type(train_set).__name__}")
         if not self.steps:
             raise ValueError("finish: nothing was recorded (call record() every training step)")
         T = self.steps
@@ -1095,6 +1122,15 @@ class HistoryRecorder:
         history = GradientHistory.load(path)
         if history.recording_id is None:
             raise ValueError(f"path: {path!r} holds a finished history; there is no recording to resume")
+        lock = store.hold_recording(path)  # (before anything is truncated: another recorder may still be streaming here)
+        try:
+            return cls._resume(path, called, model, optimizer, allow, grad_scaler, features, history, lock)
+        except BaseException:
+            os.close(lock)
+            raise
+
+    @classmethod
+    def _resume(cls, path, called, model, optimizer, allow, grad_scaler, features, history, lock):
         if grad_scaler is not None:
             # the scales of the steps before the flush were held by the killed recorder until finish(); without them the
             # replay of an fp16 run would not round as training did
@@ -1146,7 +1182,7 @@ class HistoryRecorder:
             rec._seen_features.update(_features_of(store.read_part(path, part, repr(path)), steps, path))
         rec._edits_seen = bool(rec._seen_features["clipped_steps"])
         store.truncate(path, "GradientHistory", history.recording_id, j + 1)
-        rec._writer = _ChunkWriter(path, rec.recording_id)
+        rec._writer = _ChunkWriter(path, rec.recording_id, lock=lock)
         return rec
 
 
@@ -1408,8 +1444,9 @@ class _ChunkWriter:
 
     MAX_WAITING = 2
 
-    def __init__(self, path, recording_id, kind="GradientHistory"):
+    def __init__(self, path, recording_id, kind="GradientHistory", lock=None):
         self.path, self.recording_id, self.kind, self.error = path, recording_id, kind, None
+        self.lock = store.hold_recording(path) if lock is None else lock  # (released by close())
         self.queue = queue.Queue(maxsize=self.MAX_WAITING)
         self.spare = queue.SimpleQueue()  # row buffers of written chunks, for the recorder to fill again
         self.thread = threading.Thread(target=self._run, name="unlearn_fast-history-writer", daemon=True)
@@ -1440,6 +1477,9 @@ class _ChunkWriter:
     def close(self):
         self.queue.put(None)
         self.thread.join()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 try:  # private: which stage of a step a GradScaler is in (READY, UNSCALED, STEPPED); checked when a scaler is given

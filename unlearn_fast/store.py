@@ -52,6 +52,7 @@ FORMAT = "unlearn_fast.store"
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)  # version 2 had no chunks; 4 names new objects by XXH3-128 instead of sha256
 CURRENT, LOCK, OBJECTS, TMP = "CURRENT", "LOCK", "objects", "tmp"
+RECORDER = "RECORDER"  # flock()ed by the one recorder streaming to the history (hold_recording)
 OBJECT_NAME = re.compile(r"[0-9a-f]{32}|[0-9a-f]{64}")
 READ_ATTEMPTS = 20  # a reader whose version is replaced mid-read starts over at most this often
 SAFETENSORS_DTYPES = {
@@ -177,6 +178,24 @@ def _as_dir(path):
 
 
 # ----------------------------------------------------------------------------- writing
+def hold_recording(path):
+    """A file descriptor holding `path`'s RECORDER lock (flock, not waiting) for as long as a recorder streams to it:
+    a second recorder on the same history (a resume while the first one still records, in this process or another)
+    is refused rather than interleaving its chunks with the first one's. Closing the descriptor, or the process
+    ending, releases it."""
+    try:
+        fd = os.open(os.path.join(path, RECORDER), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise ValueError(f"path: cannot lock {path!r} for recording ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"path: another recorder is still streaming to {path!r} (in this process or another); finish() or close() "
+                         "it, or end its process, before resuming the recording") from None
+    return fd
+
+
 @contextlib.contextmanager
 def _writer(path):
     """Hold `path`'s LOCK, with objects/ and tmp/ present and tmp/ emptied of crashed writers' files."""
@@ -198,9 +217,11 @@ def _writer(path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         for sub in (OBJECTS, TMP):
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
             if os.path.islink(os.path.join(path, sub)):
                 raise ValueError(f"path: {path!r}/{sub} is a link; refusing to write a history through it")
+            if os.path.lexists(os.path.join(path, sub)) and not os.path.isdir(os.path.join(path, sub)):
+                raise ValueError(f"path: {path!r}/{sub} is not a directory; refusing to write a history into {path!r}")
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
         _fsync_dir(path)
         _remove(os.path.join(path, TMP), keep=())  # only the lock holder writes there: a crashed writer's files
         yield
@@ -557,21 +578,30 @@ def _current(path):
         raise ValueError(f"history: {path!r} holds no history (no manifest: {hint})") from None
 
 
+def _loads(data, what):
+    """JSON from bytes; ValueError naming `what` for anything else (invalid UTF-8 or JSON, nesting past the recursion
+    limit, an integer past Python's digit limit: a plain ValueError of json's that named nothing)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"history: {what} is not readable JSON ({type(err).__name__}: {str(err)[:200]})") from None
+
+
 def _manifest_of(path, raw, kind):
     """(manifest, its file) named by CURRENT's bytes `raw`; FileNotFoundError if the object is gone."""
     body, _, checksum = raw[:-1].rpartition(b"\n")
     if not (raw.endswith(b"\n") and checksum == _sha256(body).encode()):
         raise ValueError(f"history: {path}/{CURRENT} is corrupted (its checksum does not match)")
     try:
-        pointer = json.loads(body)
+        pointer = _loads(body, f"{path}/{CURRENT}")
         if not (isinstance(pointer, dict) and pointer.get("format") == FORMAT and pointer.get("format_version") in READABLE_VERSIONS):
             raise ValueError(f"history: {path}/{CURRENT} is format {pointer!r:.200}, expected {FORMAT} version {FORMAT_VERSION}")
         digest = pointer.get("manifest")
         if not (isinstance(digest, str) and OBJECT_NAME.fullmatch(digest)):
             raise ValueError(f"history: {path}/{CURRENT} names no valid manifest object")
         data, fpath = _read_object(path, digest)
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        manifest = _loads(data, f"the manifest of {path!r}")
+    except UnicodeDecodeError as err:
         raise ValueError(f"history: {path!r} has an unreadable pointer or manifest ({type(err).__name__}: {err})") from None
     _check_manifest(manifest, kind, fpath)
     return manifest, fpath
@@ -650,8 +680,8 @@ def decode(data, expected, where):
         refuse("its header length runs past its end")
     start = 8 + int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:start])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        header = _loads(data[8:start], where)
+    except ValueError as err:
         refuse(f"its header is not JSON: {err}")
     if not isinstance(header, dict):
         refuse("its header is not a JSON object")

@@ -100,7 +100,7 @@ def check_forget(forget, n_train):
         raise ValueError(f"forget: must be a 1-D sequence of integer training-set indices, got {type(forget).__name__} ({err})") from None
     if t.numel() == 0:
         return t.new_empty(0, dtype=torch.int64)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() > 1:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() > 1:
         raise ValueError(f"forget must be a 1-D sequence of integer training-set indices, got {t.dtype} of shape {tuple(t.shape)}")
     t = t.to(torch.int64)
     bad = (t < 0) | (t >= n_train)
@@ -216,6 +216,12 @@ def unlearn(model, history, forget, train_set, loss_fn, method="mini", allow_unr
     """
     run = _method(method)
     check_fallback(fallback, method)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: must be the trained nn.Module, got {type(model).__name__}")
+    if isinstance(train_set, torch.Tensor) or not (hasattr(train_set, "__len__") and hasattr(train_set, "__getitem__")):
+        raise ValueError(f"train_set: must be a map-style data set of (x, y) samples (a TensorDataset(X, y), say), got {type(train_set).__name__}")
+    if method in HISTORY_METHODS + ("newton",) and not callable(loss_fn):
+        raise ValueError(f"loss_fn: method {method!r} needs the training loss, loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     model = eager_module(model)  # (a torch.compile'd model: its eager module is unlearned, and returned)
     if isinstance(forget, str) and method not in TEXT_METHODS:
         raise ValueError(f"forget: a text request works only with methods {TEXT_METHODS}; method {method!r} needs training-set indices")

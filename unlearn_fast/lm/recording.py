@@ -725,15 +725,21 @@ class FirstEpochRecorder:
 
         ValueError naming what does not match: a finished history (path), another model (its parameter names or
         shapes), weights that match no flush point (model), another policy (policy), an epoch before the flush's.
-        The run that streamed to `path` must have stopped (close(), or its process ended): the recording is cut back
+        The run that streamed to `path` must have stopped (close(), or its process ended: a recorder still streaming there
+        is refused): the recording is cut back
         to the mark in place (copy the directory first to keep what followed, as hf.record does per checkpoint)."""
         plan = cls.check_resume(path, model, policy, epoch)
         path = os.fspath(path) if isinstance(path, os.PathLike) else path
         rec = cls(model, optimizer, plan["policy"], chunk_size)
         rec.epoch, rec.lrs, rec.rows = plan["epoch"], plan["lrs"], plan["rows"]
         rec.path, rec.recording_id = path, plan["recording_id"]
-        store.truncate(path, "FirstEpochHistory", rec.recording_id, plan["mark"] + 1)
-        rec._writer = _ChunkWriter(path, rec.recording_id, "FirstEpochHistory")
+        lock = store.hold_recording(path)  # (refused while another recorder still streams here; before anything is truncated)
+        try:
+            store.truncate(path, "FirstEpochHistory", rec.recording_id, plan["mark"] + 1)
+        except BaseException:
+            os.close(lock)
+            raise
+        rec._writer = _ChunkWriter(path, rec.recording_id, "FirstEpochHistory", lock=lock)
         return rec
 
 

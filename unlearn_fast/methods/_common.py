@@ -378,9 +378,12 @@ def check_history(history, model, forget, train_set, method):
             f"train_set: has {len(train_set)} samples, the history was recorded on a training set of {history.n_train}; "
             "pass the same data set (a torch.utils.data.Subset of its first samples if data was appended since)"
         )
-    unseen = forget[~history.seen_mask()[forget]]
+    seen = history.seen_mask()
+    unseen = forget[~seen[forget]]
     if unseen.numel():
         raise ValueError(f"forget: indices {unseen[:10].tolist()} never appear in the recorded history (never trained on)")
+    if forget.numel() and forget.numel() >= int(seen.sum()):  # (a run that trained on part of train_set: all of that part)
+        raise ValueError(f"forget: names every one of the {forget.numel()} samples training used; nothing would remain to learn from")
 
 
 @contextlib.contextmanager

@@ -41,14 +41,14 @@ def check_sgd(history, method):
     """(lambda, Velocity or None, coordinate groups or None) of an SGD history: lambda a float, or a (p,) tensor (each
     coordinate its group's weight decay) where groups decay differently; a Velocity where the run used momentum; each
     coordinate's parameter group (p,) where the groups' learning rates differ at some step (else one rate per step).
-    Else ValueError."""
+    Else UnsupportedTrainingError (a ValueError that uf.unlearn's fallback runs on)."""
     meta = history.meta
     cls = meta["optimizer"]["class"]
     groups = meta["optimizer"]["groups"]
     if cls != "torch.optim.sgd.SGD":
-        raise ValueError(f"{method}: needs torch.optim.SGD (it models the SGD update exactly), history was recorded with {cls}")
+        raise UnsupportedTrainingError(f"{method}: needs torch.optim.SGD (it models the SGD update exactly), history was recorded with {cls}")
     if any(g.get("maximize", False) for g in groups):
-        raise ValueError(f"{method}: SGD with maximize=True is not modelled")
+        raise UnsupportedTrainingError(f"{method}: SGD with maximize=True is not modelled")
     velocity = Velocity.of(history, method)
     lrs = history.schedule["lrs"]
     coord_groups = None if bool((lrs == lrs[:, :1]).all()) else coordinate_groups(meta)
@@ -94,13 +94,13 @@ class Velocity:
 
     @classmethod
     def of(cls, history, method):
-        """The recorded run's velocity, or None for plain SGD; ValueError where parameter groups differ in it."""
+        """The recorded run's velocity, or None for plain SGD; UnsupportedTrainingError where parameter groups differ in it."""
         groups = history.meta["optimizer"]["groups"]
         settings = {(float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0)), bool(g.get("nesterov", False))) for g in groups}
         momenta = history.schedule.get("momenta")
         if len(settings) != 1 or (momenta is not None and bool((momenta != momenta[:, :1]).any())):
-            raise ValueError(f"{method}: needs one momentum, dampening and nesterov for every parameter group, got {sorted(settings)}"
-                             + ("" if momenta is None else " (momenta cycled per group)"))
+            raise UnsupportedTrainingError(f"{method}: needs one momentum, dampening and nesterov for every parameter group, got {sorted(settings)}"
+                                           + ("" if momenta is None else " (momenta cycled per group)"))
         momentum, dampening, nesterov = settings.pop()
         if momenta is None and momentum == 0:
             return None

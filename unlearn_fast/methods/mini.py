@@ -46,6 +46,7 @@ exact gradient at the predicted retrained point w_j + e_j as the source (predict
 a fixed point at the end), at the cost of a few passes over the retained set per checkpoint.
 """
 import collections
+import contextlib
 import hashlib
 import math
 import threading
@@ -64,17 +65,20 @@ from .trajectory import weights_at
 
 
 # ----------------------------------------------------------------------------- recording side
-def math_attention():
-    """Scaled dot-product attention on its math path inside the torch.func transforms: the fused CPU/CUDA kernels
-    (flash, memory-efficient) have no forward-mode AD or batching rules, the math path is plain matmuls and a softmax.
-    A no-op on torch versions without torch.nn.attention.sdpa_kernel."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        import contextlib
+@contextlib.contextmanager
+def transformable_kernels():
+    """Kernels with forward-mode AD and batching rules inside the torch.func transforms: scaled dot-product attention
+    on its math path (the fused CPU/CUDA kernels, flash and memory-efficient, have neither), and nn.MultiheadAttention /
+    TransformerEncoderLayer's fused fast path off (eval mode, where the curvature products run, would take it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def _chunks(n, size):
@@ -248,18 +252,26 @@ def _ggn_matmul(model, loss_fn, batch, w, V, mask=None):
         return fused
     x, y = batch
     outputs = _outputs_fn(model, x)
-    with math_attention():
+    with transformable_kernels():
         out, pullback = vjp(outputs, w)
-        loss_grad = grad(lambda o: outputs.loss(loss_fn, o, y))
+        loss_hvp = _loss_hvp(outputs, loss_fn, out, y)
 
         def one(v):
             _, Jv = jvp(outputs, (w,), (v,))
-            _, HJv = jvp(loss_grad, (out,), (Jv,))
+            HJv = loss_hvp(Jv)
             if mask is not None:
                 HJv = tuple(_masked_rows(t, mask) for t in HJv)
             return pullback(HJv)[0]
 
         return vmap(one)(V)
+
+
+def _loss_hvp(outputs, loss_fn, out, y):
+    """u -> H_out u, the loss's Hessian in the model's outputs (at out) times u: the vector-Jacobian product of the
+    loss's gradient (H_out is symmetric). Reverse over reverse: forward mode through the loss's backward is missing for
+    common losses (mse_loss's gives an immutable zero tangent, huber_loss's has none)."""
+    _, pull = vjp(grad(lambda o: outputs.loss(loss_fn, o, y)), out)
+    return lambda u: pull(u)[0]
 
 
 def _masked_rows(t, mask):
@@ -279,14 +291,13 @@ def _ggn_quadratic(model, loss_fn, batch, w, V):
         return (fused * V).sum(1)
     x, y = batch
     outputs = _outputs_fn(model, x)
-    with math_attention():
+    with transformable_kernels():
         out = outputs(w)
-        loss_grad = grad(lambda o: outputs.loss(loss_fn, o, y))
+        loss_hvp = _loss_hvp(outputs, loss_fn, out, y)
 
         def one(v):
             _, Jv = jvp(outputs, (w,), (v,))
-            _, HJv = jvp(loss_grad, (out,), (Jv,))
-            return _tree_dot(Jv, HJv)
+            return _tree_dot(Jv, loss_hvp(Jv))
 
         return vmap(one)(V)
 
@@ -673,9 +684,43 @@ def _subset(train_set, size, gen):
     return torch.utils.data.Subset(train_set, idx.tolist())
 
 
-def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
-                  power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0,
-                  batch_sizes=None, keep_curvature=False, reserved=0):
+def final_summary(model, *args, **kwargs):
+    """The minimal history at the end of training (_final_summary, which takes the same arguments). It evaluates the
+    model at its checkpoints: the model's parameters and .grad are put back whatever happens (a failure partway left
+    a checkpoint's weights in the caller's trained model), and a model torch.func cannot transform is refused by name."""
+    w = flat_params(model).clone()
+    saved_grads = [q.grad for q in model.parameters()]
+    try:
+        return _final_summary(model, *args, **kwargs)
+    except (RuntimeError, NotImplementedError) as err:
+        refusal = untransformable(err, "mini's summary")
+        if refusal is None:
+            raise
+        raise refusal from err
+    finally:
+        set_flat_params(model, w)
+        for q, g in zip(model.parameters(), saved_grads):
+            q.grad = g
+
+
+TRANSFORM_ERRORS = ("forward AD", "Batching rule not implemented", "vmap:", "ZeroTensors are immutable", "derivative for")
+
+
+def untransformable(err, who):
+    """An UnsupportedTrainingError for an error torch.func raised on the model (an op without forward-mode AD or a
+    batching rule, data-dependent control flow under vmap: Mini's curvature products need both), else None."""
+    text = str(err)
+    if not any(key in text for key in TRANSFORM_ERRORS):
+        return None
+    return UnsupportedTrainingError(
+        f"{who}: Mini's curvature products run the model under torch.func (forward-mode derivatives inside vmap), which "
+        f"this model does not support: {text.splitlines()[0][:300]}. Use method='retrain', 'rewind' or 'finetune' (they need "
+        "a kind='full' history; rewind also reads a minimal one's checkpoints)")
+
+
+def _final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,
+                   power_iterations=None, oversample=8, probes=16, repeats=None, curvature_samples=None, basis_samples=None, seed=0,
+                   batch_sizes=None, keep_curvature=False, reserved=0):
     """The minimal history at the end of training (see the module docstring).
 
     checkpoints: [(step, EncodedRows of w_step)] kept by the recorder while training (parameters before that
@@ -694,7 +739,6 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
     basis_samples = BASIS_SAMPLES if basis_samples is None else basis_samples
     w = flat_params(model).clone()
     p = w.numel()
-    saved_grads = [q.grad for q in model.parameters()]  # the trainer's .grad and parameters are put back afterwards
     k = summary_rank(policy, p, steps)
     checkpoints = [(s, c) for s, c in checkpoints if s < steps] if sgd is not None and lrs is not None else []
     checkpoints, k = fit_budget(policy, p, w.element_size(), checkpoints, k, reserved)
@@ -791,9 +835,6 @@ def final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=
         if keep_curvature:  # (K + 1) x (k + 1): the per-step responses of the batch term (run(batch_effect)), which needs the
             # batch order: only a kind="full" history (prepare) keeps it (in a minimal summary it would cost 10 % of DeltaGrad's bytes)
             summary["curvature"] = curv.to(store)
-    set_flat_params(model, w)
-    for q, g in zip(model.parameters(), saved_grads):
-        q.grad = g
     return summary
 
 
@@ -983,7 +1024,7 @@ class GradientSums:
         try:
             for (x, y), size in self.batches:
                 outputs = _outputs_fn(self.model, x)
-                with math_attention():
+                with transformable_kernels():
                     total += vmap(grad(lambda flat: outputs.loss(self.loss_fn, outputs(flat), y)))(points) * size
         except RuntimeError:  # a model or loss torch.func cannot batch (e.g. in-place buffer updates): one point at a time
             total = torch.stack([self(w) for w in points])
@@ -1392,7 +1433,9 @@ def loss_is_a_mean(model, loss_fn, train_set, idx, w, samples=4):
     idx = idx[:samples]
     set_flat_params(model, w)
     with torch.enable_grad():
-        _, batched = _per_sample_output_grads(model, loss_fn, *fetch(train_set, idx))
+        leaves, batched = _per_sample_output_grads(model, loss_fn, *fetch(train_set, idx))
+        if any(v.dim() == 0 or v.shape[0] != idx.numel() for v in leaves):  # (an output not one row per sample, e.g. a batch sum)
+            return False
         for i in range(idx.numel()):
             _, alone = _per_sample_output_grads(model, loss_fn, *fetch(train_set, idx[i : i + 1]))
             for b, a in zip(batched, alone):
@@ -1422,8 +1465,12 @@ def weighted_gradient_sum(model, loss_fn, train_set, idx, weights, w, batch_size
             total += flat_grads(model)
             continue
         outputs = _outputs_fn(model, x)
-        with math_attention():
+        with transformable_kernels():
             out, pullback = vjp(outputs, w)
+            if any(v.dim() == 0 or v.shape[0] != part.numel() for v in out):
+                raise UnsupportedTrainingError(f"mini: the batch term takes each sample's loss gradient from the model's outputs, and "
+                                               f"an output of shape {tuple(next(v.shape for v in out if v.dim() == 0 or v.shape[0] != part.numel()))} "
+                                               f"is not one row per sample of the batch of {part.numel()}; pass batch_effect=False")
             delta = vmap(grad(lambda o, t: outputs.loss(loss_fn, tuple(v[None] for v in o), t[None])))(out, y)
         total += pullback(tuple(c.view(-1, *[1] * (d.dim() - 1)) * d for d in delta))[0]
     return total
@@ -1675,7 +1722,55 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
     Every gradient is taken in evaluation mode (no dropout; the summary was computed in it too), the model's modes are
     restored afterwards."""
     with module_mode(model, False):
-        return _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect)
+        try:
+            return _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect)
+        except (RuntimeError, NotImplementedError) as err:
+            refusal = None if isinstance(err, NotUnlearnedError) else untransformable(err, "mini")
+            if refusal is None:
+                raise
+            raise refusal from err
+
+
+def check_summary(s, w0, T):
+    """The summary's parts as _run reads them, shapes, dtypes and values (a crafted file gets a ValueError naming the part,
+    not an IndexError deep inside the replay): w*, g* of the model's p values; k basis vectors of p values and their k
+    curvatures; K checkpoints at distinct rising steps in [0, T), their weights and gradients, and K + 1 rows of response
+    weights and off-span curvatures."""
+    p, dtype = w0.numel(), w0.dtype
+
+    def tensor(key, shape, floating=True):
+        t = s.get(key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.is_floating_point() != floating \
+                or (floating and not bool(torch.isfinite(t).all())):
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"history: summary.{key} must be {'finite floats' if floating else 'integers'} of shape {shape}, got {got}")
+        return t
+
+    if tensor("w_star", (p,)).dtype != dtype:
+        raise ValueError(f"history: summary.w_star is {s['w_star'].dtype}, the recorded weights (schedule.w0) {dtype}")
+    tensor("g_star", (p,))
+    U = s.get("eigvecs")
+    if not isinstance(U, EncodedRows) or U.p != p or not 1 <= len(U) <= p:
+        raise ValueError(f"history: summary.eigvecs must be encoded rows of {p} values (1 to {p} of them), got {type(U).__name__}")
+    k = len(U)
+    tensor("eigvals", (k,))
+    if "rho" in s:
+        tensor("rho", (1,))
+    K = 0
+    if "ckpt_steps" in s:
+        steps = tensor("ckpt_steps", tuple(s["ckpt_steps"].shape) if isinstance(s["ckpt_steps"], torch.Tensor) else (), floating=False)
+        K = steps.numel()
+        if steps.dim() != 1 or not K or int(steps[0]) < 0 or int(steps[-1]) >= T or bool((steps[1:] <= steps[:-1]).any()):
+            raise ValueError(f"history: summary.ckpt_steps must be distinct rising steps in [0, {T}), got {steps.tolist()[:8]}")
+        rows = s.get("ckpt_w")
+        if not isinstance(rows, EncodedRows) or rows.p != p or len(rows) != K:
+            raise ValueError(f"history: summary.ckpt_w must be {K} encoded rows of {p} values, got {type(rows).__name__}")
+        tensor("ckpt_g", (K, p))
+    if "response" in s:
+        W = s["response"]
+        tensor("response", (K + 1, W.shape[1]) if isinstance(W, torch.Tensor) and W.dim() == 2 and W.shape[1] >= k + 1 else (K + 1, k + 1))
+    if "rho_path" in s:
+        tensor("rho_path", (K + 1,))
 
 
 def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect):
@@ -1688,6 +1783,7 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
     s = history.summary
+    check_summary(s, history.schedule["w0"], history.num_steps)
     w_star = s["w_star"]
     dtype = w_star.dtype
     g_star = s["g_star"].to(dtype)
