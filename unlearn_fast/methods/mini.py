@@ -1783,7 +1783,9 @@ def _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, b
         prepare(history, model, train_set, loss_fn)  # a kind="full" history: the summary from its trajectory, once
     history.require("summary", "mini")
     s = history.summary
-    check_summary(s, history.schedule["w0"], history.num_steps)
+    if getattr(history, "_checked_summary", None) is not s:  # (once per summary: a request reads it whole anyway)
+        check_summary(s, history.schedule["w0"], history.num_steps)
+        history._checked_summary = s
     w_star = s["w_star"]
     dtype = w_star.dtype
     g_star = s["g_star"].to(dtype)
