@@ -186,3 +186,33 @@ def test_audit_refuses_a_regression_model_and_outputs_that_are_not_class_scores(
     labels = torch.randint(0, 3, (40,))
     with pytest.raises(ValueError, match=r"test: the model must return class scores .* got a tensor of shape \(2, 1\)"):
         uf.audit(regression, regression, regression, test=(X, labels), forget=(X, labels), heldout=(X, labels))
+
+
+class Bag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag, self.out = torch.nn.EmbeddingBag(50, 8, mode="mean"), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.bag(x))
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.enc(x).mean(1))
+
+
+def test_newton_runs_through_attention_and_refuses_what_has_no_second_derivative_by_name():
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (60,))
+    encoder = torch.utils.data.TensorDataset(torch.randn(60, 4, 8), y)
+    result = uf.unlearn(Encoder(), None, [0, 1], encoder, F.cross_entropy, method="newton", damping=1.0)  # (SDPA's fused backward has no derivative)
+    assert result.stats["residuals"][0] < 1e-5
+    bags = torch.utils.data.TensorDataset(torch.randint(0, 50, (60, 5)), y)
+    with pytest.raises(UnsupportedTrainingError, match="_embedding_bag_backward"):
+        uf.unlearn(Bag(), None, [0, 1], bags, F.cross_entropy, method="newton", damping=1.0)

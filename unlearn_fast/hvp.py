@@ -8,6 +8,7 @@ pushes the k vectors (forward-over-reverse: vmap of jvp of the gradient, where o
 ihvp solves (H + damping I) x_j = v_j for all j with batched conjugate gradients or LiSSA and
 reports how far it got.
 """
+import contextlib
 import dataclasses
 import math
 
@@ -27,6 +28,22 @@ class ConvergenceError(RuntimeError):
     def __init__(self, message, report):
         super().__init__(message)
         self.report = report
+
+
+@contextlib.contextmanager
+def transformable_kernels():
+    """Kernels with forward-mode AD and batching rules inside the torch.func transforms: scaled dot-product attention
+    on its math path (the fused CPU/CUDA kernels, flash and memory-efficient, have neither), and nn.MultiheadAttention /
+    TransformerEncoderLayer's fused fast path off (eval mode, where the curvature products run, would take it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 # ----------------------------------------------------------------------------- parameters and vectors

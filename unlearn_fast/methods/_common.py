@@ -31,6 +31,22 @@ class UnsupportedTrainingError(NotUnlearnedError, ValueError):
         super().__init__(message, {"unlearned": False, "reason": message})
 
 
+TRANSFORM_ERRORS = ("forward AD", "Batching rule not implemented", "vmap:", "ZeroTensors are immutable", "derivative for")
+
+
+def untransformable(err, who):
+    """An UnsupportedTrainingError for an error torch.func raised on the model (an op without forward-mode AD or a
+    batching rule or second derivative, data-dependent control flow under vmap: the curvature products of mini and newton
+    need them), else None."""
+    text = str(err)
+    if not any(key in text for key in TRANSFORM_ERRORS):
+        return None
+    return UnsupportedTrainingError(
+        f"{who}: the method's curvature products run the model under torch.func (forward-mode or second derivatives inside vmap), which "
+        f"this model does not support: {text.splitlines()[0][:300]}. Use method='retrain', 'rewind' or 'finetune' (they need "
+        "a kind='full' history; rewind also reads a minimal one's checkpoints)")
+
+
 def graph_leaves(t):
     """The leaf tensors (parameters) tensor t's autograd graph reaches, each once: what a replay loss that clips
     its own gradient differentiates by (a loss function is not handed the model)."""

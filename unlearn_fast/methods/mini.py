@@ -46,7 +46,6 @@ exact gradient at the predicted retrained point w_j + e_j as the source (predict
 a fixed point at the end), at the cost of a few passes over the retained set per checkpoint.
 """
 import collections
-import contextlib
 import hashlib
 import math
 import threading
@@ -59,28 +58,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
-from ..hvp import call_with, is_softmax_linear, parameter_paths
-from ._common import NotUnlearnedError, UnsupportedTrainingError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups, module_mode
+from ..hvp import call_with, is_softmax_linear, parameter_paths, transformable_kernels
+from ._common import (NotUnlearnedError, UnsupportedTrainingError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups,
+                      module_mode, untransformable)
 from .trajectory import weights_at
 
 
 # ----------------------------------------------------------------------------- recording side
-@contextlib.contextmanager
-def transformable_kernels():
-    """Kernels with forward-mode AD and batching rules inside the torch.func transforms: scaled dot-product attention
-    on its math path (the fused CPU/CUDA kernels, flash and memory-efficient, have neither), and nn.MultiheadAttention /
-    TransformerEncoderLayer's fused fast path off (eval mode, where the curvature products run, would take it)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-
-
 def _chunks(n, size):
     for start in range(0, n, size):
         yield torch.arange(start, min(start + size, n))
@@ -701,21 +685,6 @@ def final_summary(model, *args, **kwargs):
         set_flat_params(model, w)
         for q, g in zip(model.parameters(), saved_grads):
             q.grad = g
-
-
-TRANSFORM_ERRORS = ("forward AD", "Batching rule not implemented", "vmap:", "ZeroTensors are immutable", "derivative for")
-
-
-def untransformable(err, who):
-    """An UnsupportedTrainingError for an error torch.func raised on the model (an op without forward-mode AD or a
-    batching rule, data-dependent control flow under vmap: Mini's curvature products need both), else None."""
-    text = str(err)
-    if not any(key in text for key in TRANSFORM_ERRORS):
-        return None
-    return UnsupportedTrainingError(
-        f"{who}: Mini's curvature products run the model under torch.func (forward-mode derivatives inside vmap), which "
-        f"this model does not support: {text.splitlines()[0][:300]}. Use method='retrain', 'rewind' or 'finetune' (they need "
-        "a kind='full' history; rewind also reads a minimal one's checkpoints)")
 
 
 def _final_summary(model, train_set, loss_fn, policy, steps, checkpoints=(), lrs=None, sgd=None, batch_size=1024,

@@ -12,7 +12,8 @@ noise > 0 adds Gaussian noise N(0, noise^2 I) to the result (certified-removal s
 import torch
 
 from ..history import fetch, set_flat_params
-from ..hvp import ihvp, make_problem, mean_gradient
+from ..hvp import ihvp, make_problem, mean_gradient, transformable_kernels
+from ._common import untransformable
 
 
 def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.0, steps=1, noise=0.0, seed=0,
@@ -25,6 +26,17 @@ def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.
     """
     if steps < 1:
         raise ValueError(f"newton: steps must be >= 1, got {steps}")
+    try:
+        with transformable_kernels():
+            return _run(model, train_set, forget, loss_fn, damping, weight_decay, steps, noise, seed, tol, max_iter, solver, data_chunk_size, mode)
+    except (RuntimeError, NotImplementedError) as err:  # (an op without a second derivative: an EmbeddingBag's backward)
+        refusal = untransformable(err, "newton")
+        if refusal is None:
+            raise
+        raise refusal from err
+
+
+def _run(model, train_set, forget, loss_fn, damping, weight_decay, steps, noise, seed, tol, max_iter, solver, data_chunk_size, mode):
     if damping < 0 or weight_decay < 0 or noise < 0:
         raise ValueError(f"newton: damping, weight_decay and noise must be >= 0, got {damping}, {weight_decay}, {noise}")
     n = len(train_set)
