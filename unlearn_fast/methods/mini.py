@@ -251,11 +251,18 @@ def _ggn_matmul(model, loss_fn, batch, w, V, mask=None):
 
 
 def _loss_hvp(outputs, loss_fn, out, y):
-    """u -> H_out u, the loss's Hessian in the model's outputs (at out) times u: the vector-Jacobian product of the
-    loss's gradient (H_out is symmetric). Reverse over reverse: forward mode through the loss's backward is missing for
-    common losses (mse_loss's gives an immutable zero tangent, huber_loss's has none)."""
-    _, pull = vjp(grad(lambda o: outputs.loss(loss_fn, o, y)), out)
-    return lambda u: pull(u)[0]
+    """u -> H_out u, the loss's Hessian in the model's outputs (at out) times u. Forward over reverse where the loss's
+    backward has forward-mode derivatives (cross-entropy: the products of every summary before); else (mse_loss's
+    gives an immutable zero tangent, huber_loss's has none) the vector-Jacobian product of the loss's gradient, H_out
+    being symmetric. The same products in exact arithmetic; in float32 they round differently, which the segment-wise
+    replay of a knife-edge MLP row amplifies (docs section 22), so cross-entropy keeps its own."""
+    loss_grad = grad(lambda o: outputs.loss(loss_fn, o, y))
+    try:
+        jvp(loss_grad, (out,), (out,))  # (a probe on the loss alone: small next to the model's products)
+    except (RuntimeError, NotImplementedError):
+        _, pull = vjp(loss_grad, out)
+        return lambda u: pull(u)[0]
+    return lambda u: jvp(loss_grad, (out,), (u,))[1]
 
 
 def _masked_rows(t, mask):
