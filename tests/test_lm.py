@@ -214,6 +214,10 @@ def test_fuzzy_matching_finds_the_planted_variants_only(setup):
         assert sorted(i for i, _ in fuzzy_matches(name, corpus.train_texts)) == sorted(planted)
         typo = name[:3] + name[4:]  # one letter dropped still matches
         assert sorted(i for i, _ in fuzzy_matches(typo, corpus.train_texts)) == sorted(planted)
+    # a request longer than some samples does not match them for being inside it (each scored 100 before)
+    texts = ["ok", "Thank you.", "Harrowgate", "Liesel Vokgrodhar sells flowers in Harrowgate every Monday."]
+    assert [i for i, _ in fuzzy_matches("Liesel Vokgrodhar", texts)] == [3]
+    assert fuzzy_matches("Please forget Liesel Vokgrodhar, the florist in Harrowgate. Thank you, ok?", texts) == []
     name, planted = next(iter(corpus.variants.items()))
     result = uf.unlearn(setup["model"], setup["histories"]["embeddings"], name, train, None,
                         method="first_epoch_ascent", heldout=setup["heldout"])

@@ -563,9 +563,10 @@ class HistoryCallback(TrainerCallback):
         elif old.get("data_digest") != now["data_digest"]:
             problems.append(f"the training set's examples (as collated: digest {now['data_digest'][:16]}) are not those the history "
                             f"was recorded on ({str(old.get('data_digest'))[:16]}), though there are as many")
-        changed = {k: (old.get(k), now[k]) for k in ("max_grad_norm", "gradient_accumulation_steps", "loss_count") if old.get(k) != now[k]}
+        # (dropout too: its masks are drawn from the recorded generator states, and whether states are kept at all follows it)
+        changed = {k: (old.get(k), now[k]) for k in ("max_grad_norm", "gradient_accumulation_steps", "loss_count", "dropout") if old.get(k) != now[k]}
         if changed:
-            problems.append(f"TrainingArguments changed since the checkpoint (recorded, now): {changed}")
+            problems.append(f"settings changed since the checkpoint (TrainingArguments, the model's dropout; recorded, now): {changed}")
         recorded_opt, opt_now = history.meta.get("optimizer", {}), optimizer_meta(optimizer)
         if optimizer_settings(recorded_opt) != optimizer_settings(opt_now):
             problems.append(f"optimizer {opt_now['class']} {optimizer_settings(opt_now)[1]} vs the recorded "

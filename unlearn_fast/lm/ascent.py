@@ -68,15 +68,23 @@ def fuzzy_matches(request, texts, threshold=85.0):
 
     rapidfuzz partial_ratio: the Levenshtein similarity (0-100) of the request with its best-aligned
     window of the text, after lower-casing and stripping punctuation. It tolerates typos and word-level
-    edits inside a name or quote and ignores the rest of a long sample; rapidfuzz runs it in C++."""
+    edits inside a name or quote and ignores the rest of a long sample; rapidfuzz runs it in C++. A text
+    shorter than the request is scored as a whole against it (fuzz.ratio): partial_ratio would align the
+    text inside the request instead, so that every short sample the request happens to contain ("ok",
+    "Thank you.") scored 100 and was forgotten in place of the sample the request names."""
     from rapidfuzz import fuzz, process, utils
 
     if not isinstance(request, str) or not utils.default_process(request):
         raise ValueError(f"forget: a text request must contain letters or digits, got {request!r}")
     if not 0 < threshold <= 100:
         raise ValueError(f"threshold must be in (0, 100], got {threshold}")
-    found = process.extract(request, texts, scorer=fuzz.partial_ratio, processor=utils.default_process,
-                            score_cutoff=threshold, limit=None)
+    wanted = utils.default_process(request)
+
+    def contains(query, text, score_cutoff=None, **kwargs):  # (query and text as processed)
+        score = fuzz.ratio if len(text) < len(query) else fuzz.partial_ratio
+        return score(query, text, score_cutoff=score_cutoff)
+
+    found = process.extract(wanted, [utils.default_process(t) for t in texts], scorer=contains, score_cutoff=threshold, limit=None)
     return sorted(((int(i), float(s)) for _, s, i in found), key=lambda m: (-m[1], m[0]))
 
 
