@@ -34,17 +34,21 @@ class UnsupportedTrainingError(NotUnlearnedError, ValueError):
 TRANSFORM_ERRORS = ("forward AD", "Batching rule not implemented", "vmap:", "ZeroTensors are immutable", "derivative for")
 
 
-def untransformable(err, who):
-    """An UnsupportedTrainingError for an error torch.func raised on the model (an op without forward-mode AD or a
-    batching rule or second derivative, data-dependent control flow under vmap: the curvature products of mini and newton
-    need them), else None."""
-    text = str(err)
-    if not any(key in text for key in TRANSFORM_ERRORS):
-        return None
-    return UnsupportedTrainingError(
-        f"{who}: the method's curvature products run the model under torch.func (forward-mode or second derivatives inside vmap), which "
-        f"this model does not support: {text.splitlines()[0][:300]}. Use method='retrain', 'rewind' or 'finetune' (they need "
-        "a kind='full' history; rewind also reads a minimal one's checkpoints)")
+@contextlib.contextmanager
+def refusing_untransformable(who):
+    """Inside the block, an error torch.func raises on the model (an op without forward-mode AD, a batching rule or a
+    second derivative; data-dependent control flow under vmap: the curvature products of mini and newton need them)
+    becomes an UnsupportedTrainingError naming it, so uf.unlearn's fallback runs; any other error passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as err:
+        text = str(err)
+        if isinstance(err, NotUnlearnedError) or not any(key in text for key in TRANSFORM_ERRORS):
+            raise
+        raise UnsupportedTrainingError(
+            f"{who}: the method's curvature products run the model under torch.func (forward-mode or second derivatives inside vmap), which "
+            f"this model does not support: {text.splitlines()[0][:300]}. Use method='retrain', 'rewind' or 'finetune' (they need "
+            "a kind='full' history; rewind also reads a minimal one's checkpoints)") from err
 
 
 def graph_leaves(t):

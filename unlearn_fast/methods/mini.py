@@ -60,7 +60,7 @@ from .. import ops
 from ..history import EncodedRows, checkpoint_steps, fetch, flat_grads, flat_params, set_flat_params
 from ..hvp import call_with, is_softmax_linear, parameter_paths, transformable_kernels
 from ._common import (NotUnlearnedError, UnsupportedTrainingError, batch_loss, check_history, check_scalar_loss, coordinate_decay, coordinate_groups,
-                      module_mode, untransformable)
+                      module_mode, refusing_untransformable)
 from .trajectory import weights_at
 
 
@@ -682,12 +682,8 @@ def final_summary(model, *args, **kwargs):
     w = flat_params(model).clone()
     saved_grads = [q.grad for q in model.parameters()]
     try:
-        return _final_summary(model, *args, **kwargs)
-    except (RuntimeError, NotImplementedError) as err:
-        refusal = untransformable(err, "mini's summary")
-        if refusal is None:
-            raise
-        raise refusal from err
+        with refusing_untransformable("mini's summary"):
+            return _final_summary(model, *args, **kwargs)
     finally:
         set_flat_params(model, w)
         for q, g in zip(model.parameters(), saved_grads):
@@ -1697,14 +1693,8 @@ def run(model, history, forget, train_set, loss_fn, tol=1e-3, max_iter=50, min_r
 
     Every gradient is taken in evaluation mode (no dropout; the summary was computed in it too), the model's modes are
     restored afterwards."""
-    with module_mode(model, False):
-        try:
-            return _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect)
-        except (RuntimeError, NotImplementedError) as err:
-            refusal = None if isinstance(err, NotUnlearnedError) else untransformable(err, "mini")
-            if refusal is None:
-                raise
-            raise refusal from err
+    with module_mode(model, False), refusing_untransformable("mini"):
+        return _run(model, history, forget, train_set, loss_fn, tol, max_iter, min_relax, batch_size, progress, batch_effect)
 
 
 def check_summary(s, w0, T):

@@ -13,7 +13,7 @@ import torch
 
 from ..history import fetch, set_flat_params
 from ..hvp import ihvp, make_problem, mean_gradient, transformable_kernels
-from ._common import untransformable
+from ._common import refusing_untransformable
 
 
 def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.0, steps=1, noise=0.0, seed=0,
@@ -26,14 +26,8 @@ def run(model, history, forget, train_set, loss_fn, damping=0.0, weight_decay=0.
     """
     if steps < 1:
         raise ValueError(f"newton: steps must be >= 1, got {steps}")
-    try:
-        with transformable_kernels():
-            return _run(model, train_set, forget, loss_fn, damping, weight_decay, steps, noise, seed, tol, max_iter, solver, data_chunk_size, mode)
-    except (RuntimeError, NotImplementedError) as err:  # (an op without a second derivative: an EmbeddingBag's backward)
-        refusal = untransformable(err, "newton")
-        if refusal is None:
-            raise
-        raise refusal from err
+    with transformable_kernels(), refusing_untransformable("newton"):  # (an EmbeddingBag's backward has no derivative)
+        return _run(model, train_set, forget, loss_fn, damping, weight_decay, steps, noise, seed, tol, max_iter, solver, data_chunk_size, mode)
 
 
 def _run(model, train_set, forget, loss_fn, damping, weight_decay, steps, noise, seed, tol, max_iter, solver, data_chunk_size, mode):
